@@ -1,0 +1,1 @@
+"""Triton kernels of xception_fast, installed as xception_fast.triton_kernels."""

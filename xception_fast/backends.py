@@ -1,0 +1,196 @@
+"""Which kernel provider runs an op: the registry, `auto`, and the global selection.
+
+Three providers implement the same five functions (see `PROVIDER_FUNCTIONS`):
+``cuda`` (the compiled extension, csrc/), ``triton`` (triton_kernels/) and ``reference``
+(plain PyTorch; on a GPU this is exactly the cuDNN path).
+
+Precedence when an op runs: an explicit ``backend=`` on the module or call, then the innermost
+``use_backend(...)`` context, then the ``XCEPTION_FAST_BACKEND`` environment variable, then
+``auto``. ``auto`` picks ``cuda``, then ``triton``, then ``reference``, by what is available for the
+tensors' device. On the CPU ``auto`` always means ``reference``: the Triton interpreter
+(``TRITON_INTERPRET=1``) is a testing tool and runs only when ``triton`` is asked for by name.
+An explicit request for a provider that cannot run is an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import threading
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable, Iterator
+
+import torch
+
+BACKENDS = ("cuda", "triton", "reference")
+ENV_VAR = "XCEPTION_FAST_BACKEND"
+
+# Every provider module exposes these, with the signatures of `xception_fast.reference`.
+PROVIDER_FUNCTIONS = (
+    "sepconv_bn_infer",
+    "sepconv_bn_infer_backward",
+    "sepconv_bn_train",
+    "bn_backward_reduce",
+    "sepconv_bn_train_backward",
+)
+
+
+@dataclass(frozen=True)
+class Availability:
+    available: bool
+    reason: str  # why not, or what runs when available
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _reference_availability(device: torch.device) -> Availability:
+    return Availability(True, "plain PyTorch (F.conv2d + F.batch_norm math), any device")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module() -> tuple[ModuleType | None, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return None, f"triton is not installed ({exc})"
+    try:
+        module = importlib.import_module("xception_fast.triton_kernels")
+    except ImportError as exc:
+        return None, f"xception_fast.triton_kernels failed to import: {exc}"
+    missing = [name for name in PROVIDER_FUNCTIONS if not hasattr(module, name)]
+    if missing:
+        return None, f"the Triton kernels are not implemented yet (missing {', '.join(missing)})"
+    return module, f"Triton {triton.__version__}"
+
+
+def _triton_availability(device: torch.device) -> Availability:
+    module, reason = _triton_module()
+    if module is None:
+        return Availability(False, reason)
+    if device.type == "cuda":
+        return Availability(True, reason)
+    if device.type == "cpu" and _triton_interpreting():
+        return Availability(True, reason + " interpreter (TRITON_INTERPRET=1)")
+    return Availability(False, f"runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), not {device.type}")
+
+
+def _cuda_availability(device: torch.device) -> Availability:
+    from xception_fast import _extension
+
+    status = _extension.status()
+    if not status.loaded:
+        return Availability(False, status.reason)
+    implemented = set(_extension.ops().implemented_ops())
+    missing = [name for name in PROVIDER_FUNCTIONS if name not in implemented]
+    if missing:
+        return Availability(
+            False, f"extension loaded, but its kernels are not implemented yet (missing {', '.join(missing)})"
+        )
+    if device.type != "cuda":
+        return Availability(False, f"runs on CUDA tensors, not {device.type}")
+    return Availability(True, f"compiled extension {status.path}")
+
+
+def _cuda_module():
+    from xception_fast import _extension
+
+    return _extension.ops()
+
+
+def _reference_module():
+    from xception_fast import reference
+
+    return reference
+
+
+_AVAILABILITY: dict[str, Callable[[torch.device], Availability]] = {
+    "cuda": _cuda_availability,
+    "triton": _triton_availability,
+    "reference": _reference_availability,
+}
+_MODULES: dict[str, Callable[[], object]] = {
+    "cuda": _cuda_module,
+    "triton": lambda: _triton_module()[0],
+    "reference": _reference_module,
+}
+
+
+def _check_name(name: str, what: str) -> str:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"{what} must be 'auto' or one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_local = threading.local()
+
+
+def _context_stack() -> list[str]:
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    return _local.stack
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Select the provider for ops whose own ``backend`` is ``"auto"``, within this block."""
+    stack = _context_stack()
+    stack.append(_check_name(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def requested_backend(backend: str = "auto") -> str:
+    """The provider name asked for, after applying the context and environment defaults."""
+    _check_name(backend, "backend")
+    if backend != "auto":
+        return backend
+    stack = _context_stack()
+    if stack and stack[-1] != "auto":
+        return stack[-1]
+    return _check_name(os.environ.get(ENV_VAR, "auto") or "auto", f"environment variable {ENV_VAR}")
+
+
+def availability(name: str, device: torch.device | str) -> Availability:
+    return _AVAILABILITY[_check_name(name, "backend")](torch.device(device))
+
+
+def resolve(backend: str, device: torch.device | str) -> str:
+    """The provider that will run for tensors on `device`; raises if an explicit one can't."""
+    device = torch.device(device)
+    name = requested_backend(backend)
+    if name == "auto":
+        candidates = BACKENDS if device.type == "cuda" else ("reference",)
+        for candidate in candidates:
+            if availability(candidate, device).available:
+                return candidate
+        raise RuntimeError(f"no xception_fast backend can run on {device}")  # unreachable: reference
+    found = availability(name, device)
+    if not found.available:
+        raise RuntimeError(f"xception_fast backend {name!r} is not available for {device} tensors: {found.reason}")
+    return name
+
+
+def provider(backend: str, device: torch.device | str):
+    """The module-like object whose `PROVIDER_FUNCTIONS` run the op."""
+    return _MODULES[resolve(backend, device)]()
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Providers that can run on `device` (default: CUDA when a GPU is present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return [name for name in BACKENDS if availability(name, device).available]
+
+
+def backend_report(device: torch.device | str | None = None) -> dict[str, Availability]:
+    """Every provider with whether it runs on `device` and why (not)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {name: availability(name, device) for name in BACKENDS}

@@ -1,0 +1,163 @@
+"""Drop-in modules for the fused units.
+
+Their parameters and buffers live in real submodules (`depthwise`, `pointwise`, `bn`), so
+`state_dict` keys are those of `nn.Conv2d(groups=C)` + `nn.Conv2d(1x1)` + `nn.BatchNorm2d`, and
+tools that look for BatchNorm layers (SyncBatchNorm conversion, FSDP wrapping policies) find one.
+The submodules are never called; their tensors feed the fused op.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from xception_fast import backends
+from xception_fast.functional import separable_conv, separable_conv_bn
+
+_pair = nn.modules.utils._pair
+
+
+def same_padding(kernel_size, stride, dilation) -> tuple[int, int]:
+    """The symmetric padding that keeps the spatial size at stride 1 (odd kernels only)."""
+    kernel_size, dilation = _pair(kernel_size), _pair(dilation)
+    if any(k % 2 == 0 for k in kernel_size):
+        raise ValueError(f"padding=None ('same') needs an odd kernel_size, got {kernel_size}; pass padding")
+    return tuple(d * (k - 1) // 2 for k, d in zip(kernel_size, dilation))
+
+
+def _depthwise_and_pointwise(in_channels, out_channels, kernel_size, stride, padding, dilation, bias,
+                             factory) -> tuple[nn.Conv2d, nn.Conv2d]:
+    if padding is None:
+        padding = same_padding(kernel_size, stride, dilation)
+    depthwise = nn.Conv2d(in_channels, in_channels, kernel_size, stride, padding, dilation, groups=in_channels,
+                          bias=False, **factory)
+    pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=bias, **factory)
+    return depthwise, pointwise
+
+
+def _check_separable_pair(depthwise: nn.Conv2d, pointwise: nn.Conv2d) -> None:
+    if not isinstance(depthwise, nn.Conv2d) or not isinstance(pointwise, nn.Conv2d):
+        raise TypeError("depthwise and pointwise must be nn.Conv2d modules")
+    c = depthwise.in_channels
+    if depthwise.groups != c or depthwise.out_channels != c:
+        raise ValueError(f"depthwise must be a depthwise conv (groups = in = out channels), got groups="
+                         f"{depthwise.groups}, in={c}, out={depthwise.out_channels}")
+    if depthwise.bias is not None:
+        raise ValueError("depthwise must have bias=False")
+    if depthwise.padding_mode != "zeros" or isinstance(depthwise.padding, str):
+        raise ValueError(f"depthwise must use numeric zero padding, got padding={depthwise.padding!r}, "
+                         f"padding_mode={depthwise.padding_mode!r}")
+    if pointwise.in_channels != c or pointwise.kernel_size != (1, 1) or pointwise.stride != (1, 1) \
+            or pointwise.groups != 1 or pointwise.padding != (0, 0):
+        raise ValueError(f"pointwise must be a plain 1x1 conv from {c} channels, got {pointwise}")
+
+
+def _conv_args(depthwise: nn.Conv2d) -> dict:
+    return dict(stride=depthwise.stride, padding=depthwise.padding, dilation=depthwise.dilation)
+
+
+class SeparableConvBN2d(nn.Module):
+    """post_relu(BatchNorm(pointwise(depthwise(pre_relu(x))))) + residual, fused.
+
+    Args mirror `nn.Conv2d` and `nn.BatchNorm2d`; ``padding=None`` is "same" at stride 1.
+    ``backend`` is "auto", "cuda", "triton" or "reference" (see `xception_fast.backends`).
+    Inputs of any memory format are accepted; the output is channels_last.
+    Under `nn.SyncBatchNorm` conversion with more than one process, training runs the unfused
+    modules (correct, not fused) until the fused path synchronises its statistics.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=None, dilation=1,
+                 pre_relu: bool = False, post_relu: bool = False, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, backend: str = "auto", device=None,
+                 dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.depthwise, self.pointwise = _depthwise_and_pointwise(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, False, factory)
+        self.bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, **factory)
+        self.pre_relu, self.post_relu = pre_relu, post_relu
+        self.backend = backends._check_name(backend, "backend")
+
+    @classmethod
+    def from_modules(cls, depthwise: nn.Conv2d, pointwise: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm,
+                     pre_relu: bool = False, post_relu: bool = False, backend: str = "auto") -> "SeparableConvBN2d":
+        """Wrap existing layers; the new module shares their parameters and buffers."""
+        _check_separable_pair(depthwise, pointwise)
+        if pointwise.bias is not None:
+            raise ValueError("pointwise must have bias=False when followed by BatchNorm")
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.num_features != pointwise.out_channels:
+            raise ValueError(f"bn must be a BatchNorm over {pointwise.out_channels} channels, got {bn}")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.depthwise, module.pointwise, module.bn = depthwise, pointwise, bn
+        module.pre_relu, module.post_relu = pre_relu, post_relu
+        module.backend = backends._check_name(backend, "backend")
+        return module
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        bn = self.bn
+        if isinstance(bn, nn.SyncBatchNorm) and bn.training and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size(bn.process_group) > 1:
+            return self._forward_unfused(x, residual)
+        # The momentum bookkeeping of nn.modules.batchnorm._BatchNorm.forward, verbatim in effect.
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+        update_running = not bn.training or bn.track_running_stats
+        return separable_conv_bn(
+            x, self.depthwise.weight, self.pointwise.weight,
+            bn.running_mean if update_running else None, bn.running_var if update_running else None,
+            bn.weight, bn.bias, training=use_batch_stats, momentum=factor, eps=bn.eps,
+            pre_relu=self.pre_relu, post_relu=self.post_relu, residual=residual, backend=self.backend,
+            **_conv_args(self.depthwise))
+
+    def _forward_unfused(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        y = self.bn(self.pointwise(self.depthwise(torch.relu(x) if self.pre_relu else x)))
+        if self.post_relu:
+            y = torch.relu(y)
+        return y if residual is None else y + residual
+
+    def extra_repr(self) -> str:
+        return f"pre_relu={self.pre_relu}, post_relu={self.post_relu}, backend={self.backend!r}"
+
+
+class SeparableConv2d(nn.Module):
+    """post_relu(pointwise(depthwise(pre_relu(x)))) + residual, fused, without normalisation.
+
+    Parameters are those of `nn.Conv2d(groups=C)` (no bias) + `nn.Conv2d(1x1, bias=bias)`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=None, dilation=1,
+                 bias: bool = False, pre_relu: bool = False, post_relu: bool = False, backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.depthwise, self.pointwise = _depthwise_and_pointwise(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, bias, factory)
+        self.pre_relu, self.post_relu = pre_relu, post_relu
+        self.backend = backends._check_name(backend, "backend")
+
+    @classmethod
+    def from_modules(cls, depthwise: nn.Conv2d, pointwise: nn.Conv2d, pre_relu: bool = False,
+                     post_relu: bool = False, backend: str = "auto") -> "SeparableConv2d":
+        """Wrap existing layers; the new module shares their parameters."""
+        _check_separable_pair(depthwise, pointwise)
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.depthwise, module.pointwise = depthwise, pointwise
+        module.pre_relu, module.post_relu = pre_relu, post_relu
+        module.backend = backends._check_name(backend, "backend")
+        return module
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        return separable_conv(x, self.depthwise.weight, self.pointwise.weight, self.pointwise.bias,
+                              pre_relu=self.pre_relu, post_relu=self.post_relu, residual=residual,
+                              backend=self.backend, **_conv_args(self.depthwise))
+
+    def extra_repr(self) -> str:
+        return f"pre_relu={self.pre_relu}, post_relu={self.post_relu}, backend={self.backend!r}"
