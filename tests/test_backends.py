@@ -1,0 +1,83 @@
+"""Provider selection: auto, explicit requests, the context manager and the environment variable."""
+
+import pytest
+import torch
+
+import xception_fast
+from xception_fast import backends
+
+
+def test_reference_is_always_available_and_auto_picks_it_on_cpu():
+    assert "reference" in xception_fast.available_backends("cpu")
+    assert backends.resolve("auto", "cpu") == "reference"
+    report = xception_fast.backend_report("cpu")
+    assert set(report) == {"cuda", "triton", "reference"}
+    for name, found in report.items():
+        assert found.reason, f"{name} gives no reason"
+
+
+def test_unavailable_providers_say_why():
+    report = xception_fast.backend_report("cpu")
+    assert not report["cuda"].available  # the cuda provider never runs on CPU tensors
+    for name in ("cuda", "triton"):
+        if not report[name].available:
+            with pytest.raises(RuntimeError, match=f"backend '{name}' is not available for cpu tensors"):
+                backends.resolve(name, "cpu")
+
+
+def test_unknown_names_are_rejected():
+    with pytest.raises(ValueError, match="one of"):
+        backends.resolve("cudnn", "cpu")
+    with pytest.raises(ValueError, match="use_backend"):
+        with xception_fast.use_backend("fast"):
+            pass
+
+
+def test_context_manager_overrides_auto_and_nests(monkeypatch):
+    monkeypatch.setattr(backends, "_AVAILABILITY", {**backends._AVAILABILITY,
+                                                    "triton": lambda d: backends.Availability(True, "test")})
+    with xception_fast.use_backend("triton"):
+        assert backends.requested_backend("auto") == "triton"
+        assert backends.resolve("auto", "cpu") == "triton"
+        with xception_fast.use_backend("reference"):
+            assert backends.requested_backend("auto") == "reference"
+        assert backends.requested_backend("auto") == "triton"
+        assert backends.requested_backend("reference") == "reference"  # explicit beats the context
+    assert backends.requested_backend("auto") == "auto"
+
+
+def test_environment_variable_is_the_default(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    assert backends.requested_backend("auto") == "reference"
+    with xception_fast.use_backend("cuda"):
+        assert backends.requested_backend("auto") == "cuda"  # the context beats the environment
+    monkeypatch.setenv(backends.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match=backends.ENV_VAR):
+        backends.requested_backend("auto")
+
+
+def test_explicit_unavailable_request_is_an_error_not_a_fallback():
+    module = xception_fast.SeparableConvBN2d(3, 4).eval()
+    x = torch.randn(2, 3, 5, 5)
+    module(x)  # auto works
+    with xception_fast.use_backend("cuda"), pytest.raises(RuntimeError, match="'cuda' is not available"):
+        module(x)
+
+
+def test_op_runs_the_selected_provider(monkeypatch):
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            def run(*args):
+                calls.append(name)
+                return getattr(xception_fast.reference, name)(*args)
+            return run
+
+    monkeypatch.setattr(backends, "_AVAILABILITY", {**backends._AVAILABILITY,
+                                                    "triton": lambda d: backends.Availability(True, "spy")})
+    monkeypatch.setattr(backends, "_MODULES", {**backends._MODULES, "triton": Spy})
+    module = xception_fast.SeparableConvBN2d(3, 4, backend="triton").train()
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    module(x).sum().backward()
+    assert calls == ["sepconv_bn_train", "bn_backward_reduce", "sepconv_bn_train_backward"]
