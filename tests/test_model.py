@@ -6,6 +6,7 @@ from torch import nn
 
 import xception_fast
 from xception_fast import SeparableConvBN2d
+from xception_fast.convert import load_timm_weights, our_key_to_timm, timm_key_to_ours, to_timm_state_dict
 from xception_fast.models.xception import UnfusedSeparableConvBN2d
 
 timm = pytest.importorskip("timm")
@@ -41,28 +42,6 @@ def test_output_shapes(size, features):
         assert model.forward_head(feats, pre_logits=True).shape == (2, 2048)
 
 
-def timm_to_ours(timm_state: dict) -> dict:
-    """Rename timm legacy_xception keys to ours (tests only; the layouts differ only in names)."""
-    ours = {}
-    for key, value in timm_state.items():
-        parts = key.split(".")
-        if parts[0].startswith("block") and parts[1] == "rep":
-            block = int(parts[0][5:])
-            index = int(parts[2]) + (1 if block == 1 else 0)  # block1's rep lacks the leading ReLU
-            unit, role = divmod(index, 3)  # [ReLU, SeparableConv2d, BatchNorm2d] per unit
-            if role == 1:
-                sub = {"conv1": "depthwise", "pointwise": "pointwise"}[parts[3]]
-                key = ".".join([parts[0], "rep", str(unit), sub] + parts[4:])
-            else:
-                key = ".".join([parts[0], "rep", str(unit), "bn"] + parts[3:])
-        elif parts[0] in ("conv3", "conv4"):
-            key = ".".join([parts[0], {"conv1": "depthwise", "pointwise": "pointwise"}[parts[1]]] + parts[2:])
-        elif parts[0] in ("bn3", "bn4"):
-            key = ".".join(["conv" + parts[0][2], "bn"] + parts[1:])
-        ours[key] = value
-    return ours
-
-
 def _randomize_bn(model):
     with torch.no_grad():
         for m in model.modules():
@@ -77,9 +56,7 @@ def test_matches_timm_legacy_xception_layer_for_layer():
     reference = timm.create_model("legacy_xception", pretrained=False, num_classes=10)
     _randomize_bn(reference)
     ours = xception_fast.xception(num_classes=10)
-    converted = timm_to_ours(reference.state_dict())
-    assert set(converted) == set(ours.state_dict())
-    ours.load_state_dict(converted)
+    load_timm_weights(ours, reference)  # strict: every key maps
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(x), reference.eval()(x), rtol=1e-5, atol=1e-5)
@@ -92,11 +69,22 @@ def test_matches_timm_legacy_xception_layer_for_layer():
     y_ref.square().sum().backward()
     ours_params = dict(ours.named_parameters())
     for timm_key, param in reference.named_parameters():
-        ours_key = next(iter(timm_to_ours({timm_key: None})))
-        torch.testing.assert_close(ours_params[ours_key].grad, param.grad, rtol=1e-8, atol=1e-10, msg=timm_key)
-    converted = timm_to_ours(reference.state_dict())
-    for key, value in ours.state_dict().items():  # running statistics after one training step
-        torch.testing.assert_close(value, converted[key], rtol=1e-10, atol=1e-10, msg=key)
+        torch.testing.assert_close(ours_params[timm_key_to_ours(timm_key)].grad, param.grad, rtol=1e-8,
+                                   atol=1e-10, msg=timm_key)
+    timm_state = reference.state_dict()
+    for key, value in to_timm_state_dict(ours).items():  # running statistics after one training step
+        torch.testing.assert_close(value, timm_state[key], rtol=1e-10, atol=1e-10, msg=key)
+
+
+def test_weights_go_back_to_timm():
+    ours = xception_fast.xception(num_classes=10)
+    _randomize_bn(ours)
+    reference = timm.create_model("legacy_xception", pretrained=False, num_classes=10)
+    reference.load_state_dict(to_timm_state_dict(ours))  # strict
+    x = torch.randn(1, 3, 80, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), reference.eval()(x), rtol=1e-5, atol=1e-5)
+    assert all(timm_key_to_ours(our_key_to_timm(k)) == k for k in ours.state_dict())
 
 
 def test_no_residual_ablation_removes_every_shortcut():

@@ -87,7 +87,7 @@ def test_compile_fullgraph_matches_eager(train):
     module = SeparableConvBN2d(5, 6, stride=2, pre_relu=True, post_relu=True).train(train)
     compiled_module = SeparableConvBN2d(5, 6, stride=2, pre_relu=True, post_relu=True).train(train)
     compiled_module.load_state_dict(module.state_dict())
-    compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(compiled_module, fullgraph=True)  # inductor, the default
     x = torch.randn(3, 5, 9, 8)
     results = []
     for m in (module, compiled):

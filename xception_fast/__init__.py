@@ -10,7 +10,9 @@ if not (_here / "triton_kernels").is_dir() and (_here.parent / "triton_kernels" 
 
 from xception_fast import ops  # noqa: E402  (registers the torch.ops.xception_fast ops)
 from xception_fast.backends import available_backends, backend_report, use_backend  # noqa: E402
+from xception_fast.convert import load_timm_weights, to_timm_state_dict  # noqa: E402
 from xception_fast.functional import separable_conv, separable_conv_bn  # noqa: E402
+from xception_fast.fuse import FuseReport, fuse_model  # noqa: E402
 from xception_fast.models.xception import Xception, xception  # noqa: E402
 from xception_fast.nn import SeparableConv2d, SeparableConvBN2d  # noqa: E402
 
@@ -19,12 +21,16 @@ __version__ = "0.1.0"
 __all__ = [
     "SeparableConv2d",
     "SeparableConvBN2d",
+    "FuseReport",
     "Xception",
     "available_backends",
     "backend_report",
+    "fuse_model",
+    "load_timm_weights",
     "ops",
     "separable_conv",
     "separable_conv_bn",
+    "to_timm_state_dict",
     "use_backend",
     "xception",
 ]

@@ -26,6 +26,12 @@ def separable_conv_bn(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, running_m
     statistics are folded into a per-channel scale and shift.
     """
     stride, padding, dilation = list(_pair(stride)), list(_pair(padding)), list(_pair(dilation))
+    x, dw_weight, pw_weight, residual, late_residual = _autocast_inputs(x, dw_weight, pw_weight, residual)
+    if late_residual is not None:
+        return separable_conv_bn(x, dw_weight, pw_weight, running_mean, running_var, bn_weight, bn_bias,
+                                 training=training, momentum=momentum, eps=eps, stride=stride, padding=padding,
+                                 dilation=dilation, pre_relu=pre_relu, post_relu=post_relu,
+                                 backend=backend) + late_residual
     if training or running_mean is None or running_var is None:
         if training and x.dim() == 4 and dw_weight.dim() == 4:
             F._verify_batch_size(ops.output_shape(x, dw_weight, pw_weight, stride, padding, dilation))
@@ -44,6 +50,24 @@ def separable_conv_bn(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, running_m
                                 pre_relu, post_relu, backend)
 
 
+def _autocast_inputs(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, residual: Optional[Tensor]):
+    """Under `torch.autocast`, cast as autocast casts the convolutions (float32/16 inputs to the autocast
+    dtype; BatchNorm parameters and statistics stay float32). A residual of another dtype is added
+    after the fused op, as eager's type promotion would: (x, dw, pw, fused residual, late residual)."""
+    device_type = x.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return x, dw_weight, pw_weight, residual, None
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t: Tensor) -> Tensor:
+        return t.to(dtype) if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
+
+    x, dw_weight, pw_weight = cast(x), cast(dw_weight), cast(pw_weight)
+    if residual is not None and residual.dtype != x.dtype:
+        return x, dw_weight, pw_weight, None, residual
+    return x, dw_weight, pw_weight, residual, None
+
+
 def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, z: Tensor,
                           momentum: float) -> None:
     count = z.numel() // z.shape[1]
@@ -59,5 +83,11 @@ def separable_conv(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bias: Option
                    padding=0, dilation=1, pre_relu: bool = False, post_relu: bool = False,
                    residual: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     """post(pw(dw(pre(x))) + bias) + residual in one fused op (no normalisation)."""
+    x, dw_weight, pw_weight, residual, late_residual = _autocast_inputs(x, dw_weight, pw_weight, residual)
+    if bias is not None and torch.is_autocast_enabled(x.device.type):
+        bias = bias.to(x.dtype)  # as autocast's conv2d, which adds the bias in the low precision
+    if late_residual is not None:
+        return separable_conv(x, dw_weight, pw_weight, bias, stride=stride, padding=padding, dilation=dilation,
+                              pre_relu=pre_relu, post_relu=post_relu, backend=backend) + late_residual
     return ops.sepconv_bn_infer(x, dw_weight, pw_weight, None, bias, residual, list(_pair(stride)),
                                 list(_pair(padding)), list(_pair(dilation)), pre_relu, post_relu, backend)
