@@ -26,7 +26,7 @@ def separable_conv_bn(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, running_m
     statistics are folded into a per-channel scale and shift.
     """
     stride, padding, dilation = list(_pair(stride)), list(_pair(padding)), list(_pair(dilation))
-    x, dw_weight, pw_weight, residual, late_residual = _autocast_inputs(x, dw_weight, pw_weight, residual)
+    x, dw_weight, pw_weight, residual, late_residual = autocast_inputs(x, dw_weight, pw_weight, residual)
     if late_residual is not None:
         return separable_conv_bn(x, dw_weight, pw_weight, running_mean, running_var, bn_weight, bn_bias,
                                  training=training, momentum=momentum, eps=eps, stride=stride, padding=padding,
@@ -50,7 +50,7 @@ def separable_conv_bn(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, running_m
                                 pre_relu, post_relu, backend)
 
 
-def _autocast_inputs(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, residual: Optional[Tensor]):
+def autocast_inputs(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, residual: Optional[Tensor]):
     """Under `torch.autocast`, cast as autocast casts the convolutions (float32/16 inputs to the autocast
     dtype; BatchNorm parameters and statistics stay float32). A residual of another dtype is added
     after the fused op, as eager's type promotion would: (x, dw, pw, fused residual, late residual)."""
@@ -83,7 +83,7 @@ def separable_conv(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bias: Option
                    padding=0, dilation=1, pre_relu: bool = False, post_relu: bool = False,
                    residual: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     """post(pw(dw(pre(x))) + bias) + residual in one fused op (no normalisation)."""
-    x, dw_weight, pw_weight, residual, late_residual = _autocast_inputs(x, dw_weight, pw_weight, residual)
+    x, dw_weight, pw_weight, residual, late_residual = autocast_inputs(x, dw_weight, pw_weight, residual)
     if bias is not None and torch.is_autocast_enabled(x.device.type):
         bias = bias.to(x.dtype)  # as autocast's conv2d, which adds the bias in the low precision
     if late_residual is not None:

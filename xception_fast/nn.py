@@ -15,7 +15,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from xception_fast import backends
-from xception_fast.functional import separable_conv, separable_conv_bn
+from xception_fast.distributed import sync_separable_conv_bn
+from xception_fast.functional import autocast_inputs, separable_conv, separable_conv_bn
 
 _pair = nn.modules.utils._pair
 
@@ -65,8 +66,8 @@ class SeparableConvBN2d(nn.Module):
     Args mirror `nn.Conv2d` and `nn.BatchNorm2d`; ``padding=None`` is "same" at stride 1.
     ``backend`` is "auto", "cuda", "triton" or "reference" (see `xception_fast.backends`).
     Inputs of any memory format are accepted; the output is channels_last.
-    Under `nn.SyncBatchNorm` conversion with more than one process, training runs the unfused
-    modules (correct, not fused) until the fused path synchronises its statistics.
+    After `nn.SyncBatchNorm.convert_sync_batchnorm`, training with more than one process
+    synchronises the BatchNorm statistics across processes (see `xception_fast.distributed`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=None, dilation=1,
@@ -99,9 +100,6 @@ class SeparableConvBN2d(nn.Module):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         bn = self.bn
-        if isinstance(bn, nn.SyncBatchNorm) and bn.training and dist.is_available() and dist.is_initialized() \
-                and dist.get_world_size(bn.process_group) > 1:
-            return self._forward_unfused(x, residual)
         # The momentum bookkeeping of nn.modules.batchnorm._BatchNorm.forward, verbatim in effect.
         factor = 0.0 if bn.momentum is None else bn.momentum
         if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -109,18 +107,29 @@ class SeparableConvBN2d(nn.Module):
             factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
         update_running = not bn.training or bn.track_running_stats
+        running_mean = bn.running_mean if update_running else None
+        running_var = bn.running_var if update_running else None
+        if use_batch_stats and self._synchronised(bn):
+            return self._forward_sync(x, residual, running_mean, running_var, factor)
         return separable_conv_bn(
-            x, self.depthwise.weight, self.pointwise.weight,
-            bn.running_mean if update_running else None, bn.running_var if update_running else None,
-            bn.weight, bn.bias, training=use_batch_stats, momentum=factor, eps=bn.eps,
-            pre_relu=self.pre_relu, post_relu=self.post_relu, residual=residual, backend=self.backend,
-            **_conv_args(self.depthwise))
+            x, self.depthwise.weight, self.pointwise.weight, running_mean, running_var, bn.weight, bn.bias,
+            training=use_batch_stats, momentum=factor, eps=bn.eps, pre_relu=self.pre_relu,
+            post_relu=self.post_relu, residual=residual, backend=self.backend, **_conv_args(self.depthwise))
 
-    def _forward_unfused(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
-        y = self.bn(self.pointwise(self.depthwise(torch.relu(x) if self.pre_relu else x)))
-        if self.post_relu:
-            y = torch.relu(y)
-        return y if residual is None else y + residual
+    @staticmethod
+    def _synchronised(bn: nn.Module) -> bool:
+        return (isinstance(bn, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(bn.process_group) > 1)
+
+    def _forward_sync(self, x, residual, running_mean, running_var, factor):
+        x, dw_weight, pw_weight, residual, late_residual = autocast_inputs(
+            x, self.depthwise.weight, self.pointwise.weight, residual)
+        bn = self.bn
+        y = sync_separable_conv_bn(x, dw_weight, pw_weight, bn.weight, bn.bias, running_mean, running_var,
+                                   momentum=factor, eps=bn.eps, pre_relu=self.pre_relu, post_relu=self.post_relu,
+                                   residual=residual, backend=self.backend, group=bn.process_group,
+                                   **_conv_args(self.depthwise))
+        return y if late_residual is None else y + late_residual
 
     def extra_repr(self) -> str:
         return f"pre_relu={self.pre_relu}, post_relu={self.post_relu}, backend={self.backend!r}"

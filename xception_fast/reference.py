@@ -156,8 +156,14 @@ def sepconv_bn_train(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bn_weight:
     else:
         var, mean = torch.var_mean(z.to(acc), dim=_CHANNEL_DIMS, correction=0)
     invstd = torch.rsqrt(var + eps)
+    return bn_act(z, mean, invstd, bn_weight, bn_bias, residual, post_relu), z, mean, var
+
+
+def bn_act(z: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+           residual: Optional[Tensor], post_relu: bool) -> Tensor:
+    """y = post(((z - mean) * invstd) * bn_weight + bn_bias) + residual: the normalisation step."""
     _, y = _normalize(z, mean, invstd, bn_weight, bn_bias)
-    return _finish(y, x.dtype, residual, post_relu), z, mean, var
+    return _finish(y, z.dtype, residual, post_relu)
 
 
 def bn_backward_reduce(grad_y: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
