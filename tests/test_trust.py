@@ -1,0 +1,269 @@
+"""Never silently wrong: bad inputs, edge shapes, numerics, determinism and a seeded shape fuzzer.
+
+Providers are checked against the unfused float64 modules with the rule of
+`xception_fast.testing` (error at most 2x the reference provider's in the same dtype).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import xception_fast
+from xception_fast import SeparableConvBN2d, ops
+from xception_fast.testing import TOLERANCES, check_against_truth, max_error
+
+
+def cpu_providers() -> list[str]:
+    return xception_fast.available_backends("cpu")  # triton too, under TRITON_INTERPRET=1
+
+
+def unfused(module, x, residual=None):
+    y = module.bn(module.pointwise(module.depthwise(torch.relu(x) if module.pre_relu else x)))
+    y = torch.relu(y) if module.post_relu else y
+    return y if residual is None else y + residual
+
+
+def randomize(module):
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + (1 if name == "bn.weight" else 0))
+        if module.bn.running_mean is not None:
+            module.bn.running_mean.normal_()
+            module.bn.running_var.uniform_(0.5, 1.5)
+    return module
+
+
+def _run(module, x, residual, grad_y, fused: bool):
+    m = copy.deepcopy(module)
+    x = x.clone().requires_grad_(True)
+    r = None if residual is None else residual.clone().requires_grad_(True)
+    y = m(x, residual=r) if fused else unfused(m, x, r)
+    y.backward(grad_y.to(y.dtype))
+    grads = {"x": x.grad, **({"residual": r.grad} if r is not None else {}),
+             **{n: p.grad for n, p in m.named_parameters()}}
+    return y, grads, dict(m.named_buffers())
+
+
+# --- 1. bad inputs -------------------------------------------------------------------------------
+
+def test_tensors_on_different_devices_are_rejected_before_any_kernel():
+    x = torch.randn(2, 3, 5, 5)
+    with pytest.raises(ValueError, match="pw_weight is on meta but x is on cpu"):
+        ops.sepconv_bn_infer(x, torch.randn(3, 1, 3, 3), torch.randn(4, 3, 1, 1, device="meta"), None, None, None,
+                             [1, 1], [1, 1], [1, 1], False, False, "reference")
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 5), (1, 2, 3, 5, 5)], ids=["3d", "5d"])
+def test_inputs_of_the_wrong_rank_are_rejected(shape):
+    with pytest.raises(ValueError, match="x must be a 4-D"):
+        SeparableConvBN2d(3, 4, backend="reference").eval()(torch.randn(shape))
+
+
+def test_bn_vector_and_residual_shapes_are_checked():
+    x, dw, pw = torch.randn(2, 3, 5, 5), torch.randn(3, 1, 3, 3), torch.randn(4, 3, 1, 1)
+    conv = ([1, 1], [1, 1], [1, 1], False, False)
+    with pytest.raises(ValueError, match=r"bn_weight must be a \[Cout=4\] vector"):
+        ops.sepconv_bn_train(x, dw, pw, torch.randn(3), None, None, *conv, 1e-5, "reference")
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        ops.sepconv_bn_train(x, dw, pw, None, None, torch.randn(2, 4, 5, 4), *conv, 1e-5, "reference")
+
+
+# --- 2. edge shapes ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("provider", cpu_providers())
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_one_by_one_spatial_and_non_contiguous_inputs(provider, train):
+    module = randomize(SeparableConvBN2d(5, 3, pre_relu=True, backend=provider)).train(train)
+    base = torch.randn(4, 10, 3, 1)
+    x = base[:, ::2]  # a channel slice: non-contiguous in every memory format
+    grad_y = torch.randn(1).expand(4, 3, 3, 1)  # stride-0 grad_output, as from y.sum()
+    y, grads, _ = _run(module, x, None, grad_y, fused=True)
+    y_ref, grads_ref, _ = _run(module, x, None, grad_y, fused=False)
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(y, y_ref, atol=tol.atol, rtol=tol.rtol)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=tol.atol, rtol=tol.rtol, msg=name)
+
+
+def test_empty_batch_leaves_running_statistics_alone():
+    module = randomize(SeparableConvBN2d(4, 6, backend="reference")).train()
+    before = {k: v.clone() for k, v in module.bn.named_buffers()}
+    y = module(torch.randn(0, 4, 5, 5))
+    assert y.shape == (0, 6, 5, 5)
+    assert torch.equal(module.bn.running_mean, before["running_mean"])
+    assert torch.equal(module.bn.running_var, before["running_var"])
+    assert module.bn.num_batches_tracked.item() == 1  # as nn.BatchNorm2d counts an empty batch
+
+
+# --- 3. numerics ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("provider", cpu_providers())
+def test_batchnorm_statistics_are_stable_for_large_means(provider):
+    cin = cout = 4
+    x = 1e4 + 1e-2 * torch.randn(3, cin, 9, 9, dtype=torch.float64)
+    dw = torch.zeros(cin, 1, 3, 3, dtype=torch.float64)
+    dw[:, :, 1, 1] = 1  # identity depthwise: the pre-BN output is x itself
+    pw = torch.eye(cout, dtype=torch.float64).view(cout, cin, 1, 1)
+    args = ([1, 1], [1, 1], [1, 1], False, False, 1e-5, provider)
+    x = x.float()
+    _, _, mean, var = ops.sepconv_bn_train(x, dw.float(), pw.float(), None, None, None, *args)
+    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)  # of the same float32 values
+    assert torch.isfinite(var).all() and (var >= 0).all()
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-7, atol=0)
+    torch.testing.assert_close(var.double(), var64, rtol=1e-3, atol=0)  # a naive E[x^2]-E[x]^2 is off by 1e4x
+
+
+@pytest.mark.parametrize("provider", cpu_providers())
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_nan_and_inf_propagate_as_in_eager(provider, train):
+    module = randomize(SeparableConvBN2d(3, 4, pre_relu=True, post_relu=True, backend=provider)).train(train)
+    x = torch.randn(2, 3, 6, 6)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 0, 4, 4] = float("inf")
+    x[1, 2, 0, 0] = -float("inf")
+    with torch.no_grad():
+        y = copy.deepcopy(module)(x)
+        y_ref = unfused(copy.deepcopy(module), x)
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref))
+    assert max_error(y, y_ref) < 1e-4
+
+
+# --- 4. determinism ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("provider", cpu_providers())
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_bitwise_deterministic_over_20_repeats(provider, train):
+    module = randomize(SeparableConvBN2d(6, 5, stride=2, pre_relu=True, backend=provider)).train(train)
+    x, grad_y = torch.randn(2, 6, 9, 7), torch.randn(2, 5, 5, 4)
+    first = _run(module, x, None, grad_y, fused=True)
+    for _ in range(19):
+        again = _run(module, x, None, grad_y, fused=True)
+        assert torch.equal(again[0], first[0])
+        for name, g in first[1].items():
+            assert torch.equal(again[1][name], g), name
+        for name, b in first[2].items():
+            assert torch.equal(again[2][name], b), name
+
+
+# --- 5. seeded shape fuzzer ----------------------------------------------------------------------
+
+def random_case(rng: random.Random) -> dict:
+    while True:
+        k, stride, dilation = rng.choice([1, 3, 3, 5]), rng.choice([1, 2]), rng.choice([1, 1, 2])
+        case = dict(n=rng.choice([0, 1, 2, 3]), cin=rng.randint(1, 9), cout=rng.randint(1, 9),
+                    h=rng.randint(1, 12), w=rng.randint(1, 12), k=k, stride=stride, dilation=dilation,
+                    padding=rng.randint(0, dilation * (k // 2)), pre_relu=rng.random() < 0.5,
+                    post_relu=rng.random() < 0.5, residual=rng.random() < 0.3, train=rng.random() < 0.5)
+        ho = ops.output_size(case["h"], k, stride, case["padding"], dilation)
+        wo = ops.output_size(case["w"], k, stride, case["padding"], dilation)
+        if ho > 0 and wo > 0 and not (case["train"] and case["n"] * ho * wo == 1):
+            return case
+
+
+def run_case(case: dict, provider: str, dtype: torch.dtype, seed: int) -> None:
+    torch.manual_seed(seed)
+    module = randomize(SeparableConvBN2d(case["cin"], case["cout"], case["k"], case["stride"], case["padding"],
+                                         case["dilation"], case["pre_relu"], case["post_relu"],
+                                         backend=provider)).train(case["train"])
+    x = torch.randn(case["n"], case["cin"], case["h"], case["w"])
+    out_shape = [case["cout"]] + [ops.output_size(size, case["k"], case["stride"], case["padding"],
+                                                  case["dilation"]) for size in (case["h"], case["w"])]
+    residual = torch.randn(case["n"], *out_shape) if case["residual"] else None
+    grad_y = torch.randn(case["n"], *out_shape)
+    cast = (lambda t: None if t is None else t.to(dtype))
+    y, grads, buffers = _run(module.to(dtype), cast(x), cast(residual), grad_y, fused=True)
+    truth = _run(copy.deepcopy(module).double(), x.double(), None if residual is None else residual.double(),
+                 grad_y.double(), fused=False)
+    base_module = copy.deepcopy(module)
+    base_module.backend = "reference"
+    baseline = _run(base_module, cast(x), cast(residual), grad_y, fused=True)
+    check_against_truth("y", y, baseline[0], truth[0], dtype)
+    for name in truth[1]:
+        check_against_truth(f"grad {name}", grads[name], baseline[1][name], truth[1][name], dtype)
+    for name in truth[2]:
+        check_against_truth(f"buffer {name}", buffers[name].to(truth[2][name].dtype), baseline[2][name].to(
+            truth[2][name].dtype), truth[2][name], dtype)
+    if provider == "reference":  # the baseline is itself: hold it to the table directly
+        tol = TOLERANCES[dtype]
+        torch.testing.assert_close(y.double(), truth[0], atol=tol.atol, rtol=tol.rtol)
+
+
+FUZZ_CASES = 40
+
+
+@pytest.mark.parametrize("provider", cpu_providers())
+def test_fuzz_shapes_against_float64(provider):
+    rng = random.Random(20261123)
+    cases = FUZZ_CASES if provider == "reference" else 8  # the Triton interpreter is slow
+    for i in range(cases):
+        case = random_case(rng)
+        try:
+            run_case(case, provider, torch.float32, seed=i)
+        except AssertionError as exc:
+            pytest.fail(f"{exc}\nrepro: run_case({case!r}, {provider!r}, torch.float32, seed={i})")
+
+
+# --- 6. GPU-only ---------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("provider", ["cuda", "triton", "reference"])
+def test_cuda_graph_capture_and_replay(provider):
+    if provider not in xception_fast.available_backends("cuda"):
+        pytest.skip(f"{provider}: {xception_fast.backend_report('cuda')[provider].reason}")
+    module = randomize(SeparableConvBN2d(32, 48, pre_relu=True, backend=provider)).cuda().eval()
+    x = torch.randn(4, 32, 17, 17, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(3):
+            module(x)  # warm-up (Triton compilation, cuDNN autotuning) off the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        y = module(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        torch.testing.assert_close(y, module(x))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("provider", ["cuda", "triton", "reference"])
+def test_compile_reduce_overhead(provider):
+    if provider not in xception_fast.available_backends("cuda"):
+        pytest.skip(f"{provider}: {xception_fast.backend_report('cuda')[provider].reason}")
+    module = randomize(SeparableConvBN2d(16, 24, stride=2, backend=provider)).cuda().eval()
+    compiled = torch.compile(module, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(2, 16, 15, 15, device="cuda")
+    with torch.no_grad():
+        for _ in range(3):
+            y = compiled(x)
+        torch.testing.assert_close(y, module(x))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("provider", ["cuda", "triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fuzz_on_gpu(provider, dtype):
+    if provider not in xception_fast.available_backends("cuda"):
+        pytest.skip(f"{provider}: {xception_fast.backend_report('cuda')[provider].reason}")
+    rng = random.Random(7)
+    for i in range(20):
+        case = random_case(rng)
+        with torch.device("cuda"):
+            try:
+                run_case(case, provider, dtype, seed=i)
+            except AssertionError as exc:
+                pytest.fail(f"{exc}\nrepro: run_case({case!r}, {provider!r}, {dtype}, seed={i})")

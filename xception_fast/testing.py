@@ -1,0 +1,57 @@
+"""Checking a provider against the truth: the tolerance table and the float64 comparison rule.
+
+The truth is the unfused PyTorch modules (`nn.Conv2d(groups=C)`, `nn.Conv2d(1x1)`,
+`nn.BatchNorm2d`) run in float64. A provider in a given dtype passes when its error against that
+truth is at most `ERROR_RATIO` times the error of the `reference` provider in the same dtype, plus a
+floor relative to the values' magnitude (so an exactly-rounded reference does not demand zero).
+Every test uses this table; none invents its own tolerances.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    floor: float  # relative to the largest magnitude of the true values
+    atol: float  # for direct assert_close comparisons in this dtype
+    rtol: float
+
+
+TOLERANCES = {
+    torch.float64: Tolerance(floor=1e-12, atol=1e-10, rtol=1e-9),
+    torch.float32: Tolerance(floor=2e-6, atol=2e-5, rtol=2e-5),
+    torch.float16: Tolerance(floor=2e-3, atol=2e-2, rtol=2e-2),
+    torch.bfloat16: Tolerance(floor=1.6e-2, atol=8e-2, rtol=8e-2),
+}
+ERROR_RATIO = 2.0
+
+
+def max_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
+    """Largest absolute difference, with NaN/Inf required to sit at the same places."""
+    actual, truth = actual.double(), truth.double()
+    finite = torch.isfinite(truth)
+    if not torch.equal(torch.isnan(actual), torch.isnan(truth)) or \
+            not torch.equal(actual[torch.isinf(truth)], truth[torch.isinf(truth)]):
+        return float("inf")
+    if not finite.any():
+        return 0.0
+    return (actual[finite] - truth[finite]).abs().max().item()
+
+
+def check_against_truth(name: str, actual: torch.Tensor, baseline: torch.Tensor, truth: torch.Tensor,
+                        dtype: torch.dtype) -> None:
+    """Raise AssertionError unless `actual`'s error is at most ERROR_RATIO x `baseline`'s plus the floor."""
+    if actual.shape != truth.shape:
+        raise AssertionError(f"{name}: shape {list(actual.shape)} != {list(truth.shape)}")
+    scale = truth.double()[torch.isfinite(truth)].abs().max().item() if truth.numel() and \
+        torch.isfinite(truth).any() else 1.0
+    error, base = max_error(actual, truth), max_error(baseline, truth)
+    allowed = ERROR_RATIO * base + TOLERANCES[dtype].floor * max(scale, 1e-30)
+    if not error <= allowed:
+        raise AssertionError(f"{name}: error {error:.3e} > allowed {allowed:.3e} "
+                             f"(reference provider's error {base:.3e}, magnitude {scale:.3e}, {dtype})")
+
