@@ -1,5 +1,8 @@
 """`python -m xception_fast`: the environment, the providers, and one Xception forward pass checked
-against the reference provider."""
+against the reference provider.
+
+`python -m xception_fast bench --help` runs the benchmarks; `python -m xception_fast report` turns
+result files into the Markdown table and plot."""
 
 from __future__ import annotations
 
@@ -69,6 +72,11 @@ def main_job(batch: int, size: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["bench"], ["report"]):
+        from xception_fast.bench import cli
+
+        return cli.main(argv)
     parser = argparse.ArgumentParser(prog="python -m xception_fast", description=__doc__)
     parser.add_argument("--batch", type=int, default=2, help="batch size of the check (default 2)")
     parser.add_argument("--size", type=int, default=299, help="input height and width (default 299)")

@@ -1,0 +1,149 @@
+"""Model benchmarks: images/s of whole networks at 299x299, inference and a full training step.
+
+Rows (model, provider):
+- ``xception_fast`` with each fused provider (``cuda``, ``triton``, ``reference``): our Xception,
+  `xception_fast.xception(backend=...)`. With ``reference`` on a GPU its units are eager cuDNN calls
+  behind the custom-op boundary: a second eager row.
+- ``legacy_xception`` ``eager`` / ``compile``: timm's Xception, the same architecture with plain
+  PyTorch layers (22,855,952 parameters), eager and under ``torch.compile(mode=compile_mode)``.
+- ``inception_v3`` ``eager`` / ``compile``: torchvision's Inception V3 (no auxiliary classifier,
+  23.8M parameters; the paper's comparison), eager and compiled.
+Every model runs in the row's dtype (parameters and activations; no autocast) and channels_last,
+with cudnn.benchmark on. Inference: eval mode under `torch.inference_mode`. Training step: forward,
+cross-entropy on random labels, backward, SGD (momentum 0.9) step, `zero_grad(set_to_none=True)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xception_fast.bench.common import (COMPILE, EAGER, FUSED_PROVIDERS, BenchSettings, provider_status,
+                                        randomize_batchnorm, random_tensor, torch_dtype)
+
+MODEL_PROVIDERS: dict[str, tuple[str, ...]] = {
+    "xception_fast": FUSED_PROVIDERS,
+    "legacy_xception": (EAGER, COMPILE),
+    "inception_v3": (EAGER, COMPILE),
+}
+MODELS = tuple(MODEL_PROVIDERS)
+BASELINE = ("legacy_xception", EAGER)  # speed-ups in the report are taken against this row
+NUM_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    model: str
+    provider: str
+    mode: str
+    dtype: str
+    batch: int
+    image_size: int = 299
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}-{self.provider}-{self.mode}-{self.dtype}-b{self.batch}"
+
+    def describe(self) -> str:
+        return f"model {self.model}[{self.provider}] {self.mode} {self.dtype} b{self.batch} {self.image_size}px"
+
+    def base_row(self, device) -> dict:
+        return {"kind": "model", "name": self.model, "provider": self.provider, "mode": self.mode,
+                "dtype": self.dtype, "batch": self.batch, "image_size": self.image_size,
+                "device": str(torch.device(device).type)}
+
+
+def model_cases(settings: BenchSettings) -> list[ModelCase]:
+    models = settings.models or MODELS
+    unknown = [m for m in models if m not in MODEL_PROVIDERS]
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; choose from {MODELS}")
+    return [ModelCase(model, provider, mode, dtype, batch, settings.image_size)
+            for dtype in settings.dtypes for mode in settings.modes for batch in settings.batches
+            for model in MODELS if model in models
+            for provider in MODEL_PROVIDERS[model] if settings.wants_provider(provider)]
+
+
+def model_skip_reason(case: ModelCase, device, compile_mode: str) -> Optional[str]:
+    ok, reason = provider_status(case.provider, device, compile_mode)
+    if not ok:
+        return f"{case.provider}: {reason}"
+    try:
+        if case.model == "legacy_xception":
+            import timm
+
+            if not timm.is_model("legacy_xception"):
+                return f"timm {timm.__version__} has no legacy_xception model"
+        elif case.model == "inception_v3":
+            import torchvision  # noqa: F401
+    except ImportError as exc:
+        return f"{case.model} needs a package that is not installed: {exc}"
+    return None
+
+
+def build_model(name: str, provider: str) -> nn.Module:
+    """The network on the CPU in float32, randomly initialised (no weights are downloaded)."""
+    if name == "xception_fast":
+        from xception_fast.models.xception import xception
+
+        return xception(num_classes=NUM_CLASSES, backend=provider)
+    if name == "legacy_xception":
+        import timm
+
+        return timm.create_model("legacy_xception", pretrained=False, num_classes=NUM_CLASSES)
+    if name == "inception_v3":
+        import torchvision
+
+        return torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False,
+                                               num_classes=NUM_CLASSES)
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+
+
+@dataclass
+class PreparedModel:
+    fn: Callable[[], object]
+    model: nn.Module
+    parameters: int
+    compiled: bool
+
+
+def prepare_model(case: ModelCase, device, compile_mode: str = "max-autotune") -> PreparedModel:
+    """Build the model, its inputs (and optimizer) on `device`; `fn()` runs one inference or step."""
+    device = torch.device(device)
+    dtype = torch_dtype(case.dtype)
+    model = build_model(case.model, case.provider)
+    randomize_batchnorm(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    model = model.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    training = case.mode == "train"
+    model.train(training)
+    x = random_tensor((case.batch, 3, case.image_size, case.image_size), dtype, device, channels_last=True)
+    compiled = case.provider == COMPILE
+    call = torch.compile(model, mode=compile_mode) if compiled else model
+    mark_step = getattr(torch.compiler, "cudagraph_mark_step_begin", None) if compiled and device.type == "cuda" \
+        else None
+
+    if not training:
+        def fn():
+            if mark_step is not None:
+                mark_step()
+            with torch.inference_mode():
+                return call(x)
+        return PreparedModel(fn, model, n_params, compiled)
+
+    target = torch.randint(0, NUM_CLASSES, (case.batch,), device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def fn():
+        if mark_step is not None:
+            mark_step()
+        loss = F.cross_entropy(call(x).float(), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return PreparedModel(fn, model, n_params, compiled)
