@@ -7,21 +7,11 @@ import torch
 from torch import nn
 
 import xception_fast
+from xception_fast.testing import randomize_batchnorm_
 from xception_fast import SeparableConvBN2d
 from xception_fast.fuse import fuse_model
 
 timm = pytest.importorskip("timm")
-
-
-def _randomize_bn(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model
 
 
 def _step(model, x, grad):
@@ -33,7 +23,7 @@ def _step(model, x, grad):
 
 @pytest.mark.parametrize("name,expected_fused,size", [("legacy_xception", 32, 71), ("ese_vovnet19b_slim_dw", 14, 64)])
 def test_fuse_timm_models_keeps_outputs_and_gradients(name, expected_fused, size):
-    original = _randomize_bn(timm.create_model(name, pretrained=False, num_classes=4)).double()
+    original = randomize_batchnorm_(timm.create_model(name, pretrained=False, num_classes=4)).double()
     fused, report = fuse_model(copy.deepcopy(original), backend="reference")
     assert len(report.fused) == expected_fused, str(report)
     n_fused = sum(isinstance(m, SeparableConvBN2d) for m in fused.modules())
@@ -65,7 +55,7 @@ def test_fuse_sequential_chains_and_inplace_relu_at_the_start():
                         nn.Conv2d(4, 6, 1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
                         nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False), nn.Conv2d(6, 3, 1, bias=False),
                         nn.BatchNorm2d(3), nn.Conv2d(3, 3, 3, groups=3, bias=False))
-    _randomize_bn(seq)
+    randomize_batchnorm_(seq)
     original = copy.deepcopy(seq)
     fused, report = fuse_model(seq, backend="reference")
     assert report.fused == ["1", "4"]
@@ -81,7 +71,7 @@ def test_fuse_sequential_chains_and_inplace_relu_at_the_start():
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_autocast_computes_in_the_autocast_dtype_like_eager(dtype, train):
     unit = SeparableConvBN2d(6, 8, pre_relu=True, post_relu=True, backend="reference")
-    _randomize_bn(unit).train(train)
+    randomize_batchnorm_(unit).train(train)
     plain = copy.deepcopy(unit)
     x = torch.randn(2, 6, 9, 9)
     residual = torch.randn(2, 8, 9, 9).to(dtype)
@@ -103,7 +93,7 @@ def test_autocast_with_a_float32_residual_promotes_like_eager():
 
 
 def test_contiguous_and_channels_last_inputs_give_the_same_result():
-    unit = _randomize_bn(SeparableConvBN2d(5, 7, stride=2, backend="reference")).eval()
+    unit = randomize_batchnorm_(SeparableConvBN2d(5, 7, stride=2, backend="reference")).eval()
     x = torch.randn(2, 5, 11, 10)
     y1, y2 = unit(x), unit(x.contiguous(memory_format=torch.channels_last))
     assert y1.is_contiguous(memory_format=torch.channels_last) and y2.is_contiguous(memory_format=torch.channels_last)
@@ -128,7 +118,7 @@ class TinyNet(nn.Module):
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_fused_model_compiles_fullgraph_and_matches_eager(train):
     torch._dynamo.reset()
-    eager = _randomize_bn(TinyNet()).train(train)
+    eager = randomize_batchnorm_(TinyNet()).train(train)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True)
     x = torch.randn(3, 4, 9, 9)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import xception_fast
+from xception_fast.testing import randomize_batchnorm_
 from xception_fast import SeparableConvBN2d
 from xception_fast.convert import load_timm_weights, our_key_to_timm, timm_key_to_ours, to_timm_state_dict
 from xception_fast.models.xception import UnfusedSeparableConvBN2d
@@ -42,19 +43,9 @@ def test_output_shapes(size, features):
         assert model.forward_head(feats, pre_logits=True).shape == (2, 2048)
 
 
-def _randomize_bn(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-
-
 def test_matches_timm_legacy_xception_layer_for_layer():
     reference = timm.create_model("legacy_xception", pretrained=False, num_classes=10)
-    _randomize_bn(reference)
+    randomize_batchnorm_(reference)
     ours = xception_fast.xception(num_classes=10)
     load_timm_weights(ours, reference)  # strict: every key maps
     x = torch.randn(2, 3, 96, 96)
@@ -78,7 +69,7 @@ def test_matches_timm_legacy_xception_layer_for_layer():
 
 def test_weights_go_back_to_timm():
     ours = xception_fast.xception(num_classes=10)
-    _randomize_bn(ours)
+    randomize_batchnorm_(ours)
     reference = timm.create_model("legacy_xception", pretrained=False, num_classes=10)
     reference.load_state_dict(to_timm_state_dict(ours))  # strict
     x = torch.randn(1, 3, 80, 80)

@@ -213,12 +213,15 @@ def test_fuzz_shapes_against_float64(provider):
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def require_cuda_provider(provider: str) -> None:
+    require_cuda_provider(provider)
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("provider", ["cuda", "triton", "reference"])
 def test_cuda_graph_capture_and_replay(provider):
-    if provider not in xception_fast.available_backends("cuda"):
-        pytest.skip(f"{provider}: {xception_fast.backend_report('cuda')[provider].reason}")
+    require_cuda_provider(provider)
     module = randomize(SeparableConvBN2d(32, 48, pre_relu=True, backend=provider)).cuda().eval()
     x = torch.randn(4, 32, 17, 17, device="cuda")
     stream = torch.cuda.Stream()
@@ -241,8 +244,7 @@ def test_cuda_graph_capture_and_replay(provider):
 @pytest.mark.gpu
 @pytest.mark.parametrize("provider", ["cuda", "triton", "reference"])
 def test_compile_reduce_overhead(provider):
-    if provider not in xception_fast.available_backends("cuda"):
-        pytest.skip(f"{provider}: {xception_fast.backend_report('cuda')[provider].reason}")
+    require_cuda_provider(provider)
     module = randomize(SeparableConvBN2d(16, 24, stride=2, backend=provider)).cuda().eval()
     compiled = torch.compile(module, mode="reduce-overhead", fullgraph=True)
     x = torch.randn(2, 16, 15, 15, device="cuda")
@@ -257,8 +259,7 @@ def test_compile_reduce_overhead(provider):
 @pytest.mark.parametrize("provider", ["cuda", "triton", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_fuzz_on_gpu(provider, dtype):
-    if provider not in xception_fast.available_backends("cuda"):
-        pytest.skip(f"{provider}: {xception_fast.backend_report('cuda')[provider].reason}")
+    require_cuda_provider(provider)
     rng = random.Random(7)
     for i in range(20):
         case = random_case(rng)

@@ -55,3 +55,17 @@ def check_against_truth(name: str, actual: torch.Tensor, baseline: torch.Tensor,
         raise AssertionError(f"{name}: error {error:.3e} > allowed {allowed:.3e} "
                              f"(reference provider's error {base:.3e}, magnitude {scale:.3e}, {dtype})")
 
+
+
+def randomize_batchnorm_(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial BatchNorm affine parameters and running statistics, so that none can be ignored
+    unnoticed by a comparison."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
