@@ -1,0 +1,153 @@
+// Parameters of the fused separable-conv + BatchNorm kernels, and the launch entry points.
+//
+// Plain C++ (no torch headers): the host side (xception_fast_ops.cpp) checks the tensors and fills
+// these structs; the device side (sepconv_kernels.cu) reads them. Keeping torch out of the .cu keeps
+// nvcc's compile short. All sizes, strides and offsets are 64-bit: activations of a large batch can
+// exceed 2^31 elements.
+//
+// Shapes: x [N, C, H, W], dw_weight [C, 1, kh, kw], pw_weight [Cout, C, 1, 1], per-channel vectors
+// [Cout], residual / grad_y / z / y [N, Cout, Ho, Wo]. Activations are passed with their element
+// strides in NCHW order; the host makes them channels_last (stride_c == 1), the native layout.
+// Weights and vectors are contiguous. Element dtype: `dtype` (float32, float16 or bfloat16) for
+// activations and weights; accumulation and all statistics in float32.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace xception_fast {
+
+enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// A 4-D activation tensor: pointer plus element strides in NCHW order.
+struct Tensor4 {
+  void* ptr = nullptr;  // nullptr: absent (optional inputs)
+  int64_t stride_n = 0, stride_c = 0, stride_h = 0, stride_w = 0;
+};
+
+// A contiguous per-channel vector [Cout].
+struct Vec {
+  void* ptr = nullptr;                // nullptr: absent (optional inputs)
+  DType dtype = DType::kFloat32;      // float32, or the activations' dtype (scale/shift, BN affine)
+};
+
+// Geometry of one unit: x [n, c, h, w] -> depthwise (kh x kw, stride, padding, dilation) ->
+// pointwise c -> c_out, output [n, c_out, h_out, w_out].
+struct ConvGeometry {
+  int64_t n = 0, c = 0, h = 0, w = 0;
+  int64_t c_out = 0, h_out = 0, w_out = 0;
+  int64_t kh = 0, kw = 0;
+  int64_t stride_h = 1, stride_w = 1;
+  int64_t pad_h = 0, pad_w = 0;
+  int64_t dil_h = 1, dil_w = 1;
+};
+
+// y = post(pw(dw(pre(x))) * scale + shift) + residual.
+struct SepConvInferParams {
+  ConvGeometry g;
+  DType dtype = DType::kFloat32;
+  Tensor4 x;
+  void* dw_weight = nullptr;  // [C, kh, kw]
+  void* pw_weight = nullptr;  // [Cout, C]
+  Vec scale, shift;           // optional
+  Tensor4 residual;           // optional, output-shaped
+  Tensor4 y;                  // out: output-shaped, channels_last
+  bool pre_relu = false, post_relu = false;
+};
+
+// Gradients of SepConvInferParams' unit; the depthwise output is recomputed from x.
+struct SepConvInferBackwardParams {
+  ConvGeometry g;
+  DType dtype = DType::kFloat32;
+  Tensor4 grad_y;
+  Tensor4 x;
+  void* dw_weight = nullptr;
+  void* pw_weight = nullptr;
+  Vec scale, shift;            // optional
+  Tensor4 grad_x;              // out: x-shaped, channels_last
+  void* grad_dw_weight = nullptr;  // out: [C, kh, kw]
+  void* grad_pw_weight = nullptr;  // out: [Cout, C]
+  Vec grad_scale, grad_shift;  // out: ptr nullptr when scale/shift are absent (then empty tensors)
+  bool pre_relu = false, post_relu = false;
+};
+
+// Training forward: z = pw(dw(pre(x))), batch mean and biased var of z per channel, and
+// y = post((z - mean) * rsqrt(var + eps) * bn_weight + bn_bias) + residual.
+// An empty batch gives mean 0 and var 1 (as xception_fast.reference).
+struct SepConvTrainParams {
+  ConvGeometry g;
+  DType dtype = DType::kFloat32;
+  Tensor4 x;
+  void* dw_weight = nullptr;
+  void* pw_weight = nullptr;
+  Vec bn_weight, bn_bias;  // optional
+  Tensor4 residual;        // optional
+  Tensor4 y;               // out
+  Tensor4 z;               // out: the pre-BN output, kept for backward
+  float* mean = nullptr;   // out: [Cout]
+  float* var = nullptr;    // out: [Cout], biased
+  double eps = 1e-5;
+  bool pre_relu = false, post_relu = false;
+};
+
+// Per-channel reductions of the BatchNorm backward over z [n, c, h, w] (c = Cout of the unit):
+// sum_dy = sum(g), sum_dy_xhat = sum(g * xhat), g = grad_y masked by the post-ReLU.
+struct BnBackwardReduceParams {
+  int64_t n = 0, c = 0, h = 0, w = 0;
+  DType dtype = DType::kFloat32;
+  Tensor4 grad_y;
+  Tensor4 z;
+  const float* mean = nullptr;    // [c]
+  const float* invstd = nullptr;  // [c]
+  Vec bn_weight, bn_bias;         // optional
+  float* sum_dy = nullptr;        // out: [c]
+  float* sum_dy_xhat = nullptr;   // out: [c]
+  bool post_relu = false;
+};
+
+// Gradients of x and the weights through the BatchNorm (batch statistics), given the reductions of
+// BnBackwardReduceParams divided by the count per channel (mean_dy, mean_dy_xhat).
+struct SepConvTrainBackwardParams {
+  ConvGeometry g;
+  DType dtype = DType::kFloat32;
+  Tensor4 grad_y;
+  Tensor4 x;
+  Tensor4 z;
+  void* dw_weight = nullptr;
+  void* pw_weight = nullptr;
+  const float* mean = nullptr;
+  const float* invstd = nullptr;
+  Vec bn_weight, bn_bias;  // optional
+  const float* mean_dy = nullptr;
+  const float* mean_dy_xhat = nullptr;
+  Tensor4 grad_x;          // out
+  void* grad_dw_weight = nullptr;  // out
+  void* grad_pw_weight = nullptr;  // out
+  bool pre_relu = false, post_relu = false;
+};
+
+// The ops, in the order of implemented_ops().
+enum class Op : int32_t {
+  kSepconvBnInfer = 0,
+  kSepconvBnInferBackward,
+  kSepconvBnTrain,
+  kBnBackwardReduce,
+  kSepconvBnTrainBackward,
+  kCount
+};
+
+// Defined in sepconv_kernels.cu.
+// has_kernel: whether `op` has a real kernel; the host refuses to run an op without one.
+bool has_kernel(Op op);
+// The virtual architectures nvcc compiled sepconv_kernels.cu for (__CUDA_ARCH_LIST__), or "".
+const char* compiled_cuda_arch_list();
+// Launchers: enqueue the op's kernels on `stream` and return cudaGetLastError(). They must handle
+// empty tensors (n == 0). Without a kernel they return cudaErrorNotSupported.
+cudaError_t run_sepconv_bn_infer(const SepConvInferParams& params, cudaStream_t stream);
+cudaError_t run_sepconv_bn_infer_backward(const SepConvInferBackwardParams& params, cudaStream_t stream);
+cudaError_t run_sepconv_bn_train(const SepConvTrainParams& params, cudaStream_t stream);
+cudaError_t run_bn_backward_reduce(const BnBackwardReduceParams& params, cudaStream_t stream);
+cudaError_t run_sepconv_bn_train_backward(const SepConvTrainBackwardParams& params, cudaStream_t stream);
+
+}  // namespace xception_fast

@@ -1,0 +1,394 @@
+// Op registration of the xception_fast CUDA provider: library xception_fast_cuda.
+//
+// Loaded from Python with torch.ops.load_library(<path of xception_fast/_C*.so>) by
+// xception_fast/_extension.py (no PYBIND11_MODULE). The ops have the signatures of
+// xception_fast.reference; xception_fast.ops wraps them with fake kernels and autograd.
+//
+// Each CUDA implementation: checks its inputs (checks.h), guards x's device, refuses an op that has
+// no kernel yet, makes the inputs channels_last / contiguous, allocates the outputs, fills the
+// params struct (sepconv_params.h) and calls the launcher in sepconv_kernels.cu on the current stream.
+// The CPU registrations only raise a clear error instead of PyTorch's "Could not run ... 'CPU'".
+
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include "checks.h"
+#include "sepconv_params.h"
+
+#define XF_STRINGIFY_(...) #__VA_ARGS__
+#define XF_STRINGIFY(...) XF_STRINGIFY_(__VA_ARGS__)
+
+#ifndef XCEPTION_FAST_CUDA_ARCHS
+#define XCEPTION_FAST_CUDA_ARCHS unknown
+#endif
+
+namespace xception_fast {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+constexpr const char* kOpNames[static_cast<int>(Op::kCount)] = {
+    "sepconv_bn_infer", "sepconv_bn_infer_backward", "sepconv_bn_train", "bn_backward_reduce",
+    "sepconv_bn_train_backward",
+};
+
+const char* op_name(Op op) { return kOpNames[static_cast<int>(op)]; }
+
+void require_kernel(Op op) {
+  TORCH_CHECK(has_kernel(op), "xception_fast: the fused CUDA kernel '", op_name(op), "' is not implemented yet");
+}
+
+void check_launch(cudaError_t err, Op op) {
+  TORCH_CHECK(err == cudaSuccess, "xception_fast: launching '", op_name(op), "' failed: ", cudaGetErrorString(err));
+}
+
+// --- params from tensors -----------------------------------------------------------------------------
+
+Tensor channels_last(const Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
+
+Tensor4 tensor4(const Tensor& t) {
+  Tensor4 r;
+  r.ptr = t.data_ptr();
+  r.stride_n = t.stride(0);
+  r.stride_c = t.stride(1);
+  r.stride_h = t.stride(2);
+  r.stride_w = t.stride(3);
+  return r;
+}
+
+// Optional activations and vectors: the contiguous copy (kept alive by the caller) and its view.
+Tensor optional_channels_last(const OptTensor& t) {
+  return t.has_value() && t->defined() ? channels_last(*t) : Tensor();
+}
+
+Tensor optional_contiguous(const OptTensor& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : Tensor();
+}
+
+Tensor4 optional_tensor4(const Tensor& t) { return t.defined() ? tensor4(t) : Tensor4{}; }
+
+Vec vec(const Tensor& t) {
+  Vec v;
+  if (t.defined()) {
+    v.ptr = t.data_ptr();
+    v.dtype = to_dtype(t.scalar_type());
+  }
+  return v;
+}
+
+Tensor empty_channels_last(at::IntArrayRef sizes, const Tensor& like) {
+  return at::empty(sizes, like.options(), at::MemoryFormat::ChannelsLast);
+}
+
+Tensor empty_vector(int64_t n, const Tensor& like, at::ScalarType dtype) {
+  return at::empty({n}, like.options().dtype(dtype));
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// --- CUDA implementations ----------------------------------------------------------------------------
+
+Tensor sepconv_bn_infer_cuda(const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight,
+                             const OptTensor& scale, const OptTensor& shift, const OptTensor& residual,
+                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                             bool pre_relu, bool post_relu) {
+  const ConvGeometry g = check_unit(x, dw_weight, pw_weight, stride, padding, dilation);
+  check_optional_vector(scale, "scale", x, g.c_out, x.scalar_type());
+  check_optional_vector(shift, "shift", x, g.c_out, x.scalar_type());
+  if (residual.has_value() && residual->defined()) check_output_like(*residual, "residual", x, g);
+  c10::cuda::CUDAGuard device_guard(x.device());
+  require_kernel(Op::kSepconvBnInfer);
+
+  const Tensor xc = channels_last(x), dwc = dw_weight.contiguous(), pwc = pw_weight.contiguous();
+  const Tensor scale_c = optional_contiguous(scale), shift_c = optional_contiguous(shift);
+  const Tensor residual_c = optional_channels_last(residual);
+  Tensor y = empty_channels_last({g.n, g.c_out, g.h_out, g.w_out}, x);
+
+  SepConvInferParams p;
+  p.g = g;
+  p.dtype = to_dtype(x.scalar_type());
+  p.x = tensor4(xc);
+  p.dw_weight = dwc.data_ptr();
+  p.pw_weight = pwc.data_ptr();
+  p.scale = vec(scale_c);
+  p.shift = vec(shift_c);
+  p.residual = optional_tensor4(residual_c);
+  p.y = tensor4(y);
+  p.pre_relu = pre_relu;
+  p.post_relu = post_relu;
+  check_launch(run_sepconv_bn_infer(p, current_stream()), Op::kSepconvBnInfer);
+  return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sepconv_bn_infer_backward_cuda(
+    const Tensor& grad_y, const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight,
+    const OptTensor& scale, const OptTensor& shift, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, bool pre_relu, bool post_relu) {
+  const ConvGeometry g = check_unit(x, dw_weight, pw_weight, stride, padding, dilation);
+  check_output_like(grad_y, "grad_y", x, g);
+  check_optional_vector(scale, "scale", x, g.c_out, x.scalar_type());
+  check_optional_vector(shift, "shift", x, g.c_out, x.scalar_type());
+  c10::cuda::CUDAGuard device_guard(x.device());
+  require_kernel(Op::kSepconvBnInferBackward);
+
+  const Tensor gyc = channels_last(grad_y), xc = channels_last(x);
+  const Tensor dwc = dw_weight.contiguous(), pwc = pw_weight.contiguous();
+  const Tensor scale_c = optional_contiguous(scale), shift_c = optional_contiguous(shift);
+  Tensor grad_x = empty_channels_last(x.sizes(), x);
+  Tensor grad_dw = at::empty(dw_weight.sizes(), dw_weight.options());
+  Tensor grad_pw = at::empty(pw_weight.sizes(), pw_weight.options());
+  // Absent scale/shift: empty gradients in x's dtype (as xception_fast.reference).
+  Tensor grad_scale = scale_c.defined() ? at::empty_like(scale_c) : empty_vector(0, x, x.scalar_type());
+  Tensor grad_shift = shift_c.defined() ? at::empty_like(shift_c) : empty_vector(0, x, x.scalar_type());
+
+  SepConvInferBackwardParams p;
+  p.g = g;
+  p.dtype = to_dtype(x.scalar_type());
+  p.grad_y = tensor4(gyc);
+  p.x = tensor4(xc);
+  p.dw_weight = dwc.data_ptr();
+  p.pw_weight = pwc.data_ptr();
+  p.scale = vec(scale_c);
+  p.shift = vec(shift_c);
+  p.grad_x = tensor4(grad_x);
+  p.grad_dw_weight = grad_dw.data_ptr();
+  p.grad_pw_weight = grad_pw.data_ptr();
+  p.grad_scale = scale_c.defined() ? vec(grad_scale) : Vec{};
+  p.grad_shift = shift_c.defined() ? vec(grad_shift) : Vec{};
+  p.pre_relu = pre_relu;
+  p.post_relu = post_relu;
+  check_launch(run_sepconv_bn_infer_backward(p, current_stream()), Op::kSepconvBnInferBackward);
+  return {grad_x, grad_dw, grad_pw, grad_scale, grad_shift};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> sepconv_bn_train_cuda(
+    const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight, const OptTensor& bn_weight,
+    const OptTensor& bn_bias, const OptTensor& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, bool pre_relu, bool post_relu, double eps) {
+  const ConvGeometry g = check_unit(x, dw_weight, pw_weight, stride, padding, dilation);
+  check_optional_vector(bn_weight, "bn_weight", x, g.c_out, x.scalar_type());
+  check_optional_vector(bn_bias, "bn_bias", x, g.c_out, x.scalar_type());
+  if (residual.has_value() && residual->defined()) check_output_like(*residual, "residual", x, g);
+  TORCH_CHECK(eps >= 0, "xception_fast: eps must be >= 0, got ", eps);
+  c10::cuda::CUDAGuard device_guard(x.device());
+  require_kernel(Op::kSepconvBnTrain);
+
+  const Tensor xc = channels_last(x), dwc = dw_weight.contiguous(), pwc = pw_weight.contiguous();
+  const Tensor weight_c = optional_contiguous(bn_weight), bias_c = optional_contiguous(bn_bias);
+  const Tensor residual_c = optional_channels_last(residual);
+  Tensor y = empty_channels_last({g.n, g.c_out, g.h_out, g.w_out}, x);
+  Tensor z = empty_channels_last({g.n, g.c_out, g.h_out, g.w_out}, x);
+  Tensor mean = empty_vector(g.c_out, x, at::kFloat);
+  Tensor var = empty_vector(g.c_out, x, at::kFloat);
+
+  SepConvTrainParams p;
+  p.g = g;
+  p.dtype = to_dtype(x.scalar_type());
+  p.x = tensor4(xc);
+  p.dw_weight = dwc.data_ptr();
+  p.pw_weight = pwc.data_ptr();
+  p.bn_weight = vec(weight_c);
+  p.bn_bias = vec(bias_c);
+  p.residual = optional_tensor4(residual_c);
+  p.y = tensor4(y);
+  p.z = tensor4(z);
+  p.mean = mean.data_ptr<float>();
+  p.var = var.data_ptr<float>();
+  p.eps = eps;
+  p.pre_relu = pre_relu;
+  p.post_relu = post_relu;
+  check_launch(run_sepconv_bn_train(p, current_stream()), Op::kSepconvBnTrain);
+  return {y, z, mean, var};
+}
+
+std::tuple<Tensor, Tensor> bn_backward_reduce_cuda(const Tensor& grad_y, const Tensor& z, const Tensor& mean,
+                                                   const Tensor& invstd, const OptTensor& bn_weight,
+                                                   const OptTensor& bn_bias, bool post_relu) {
+  // z plays x's part here: it fixes the device, the dtype and the shape [N, Cout, Ho, Wo].
+  check_device(z, "z");
+  check_rank(z, "z", 4, "[N, Cout, Ho, Wo]");
+  check_float_dtype(z, "z");
+  check_same_device(grad_y, "grad_y", z);
+  check_rank(grad_y, "grad_y", 4, "[N, Cout, Ho, Wo]");
+  check_shape(grad_y, "grad_y", z.sizes(), "z's shape");
+  check_dtype(grad_y, "grad_y", z.scalar_type(), "z's");
+  const int64_t c = z.size(1);
+  CHECK_STATISTIC(mean, z, c);
+  CHECK_STATISTIC(invstd, z, c);
+  check_optional_vector(bn_weight, "bn_weight", z, c, z.scalar_type());
+  check_optional_vector(bn_bias, "bn_bias", z, c, z.scalar_type());
+  c10::cuda::CUDAGuard device_guard(z.device());
+  require_kernel(Op::kBnBackwardReduce);
+
+  const Tensor gyc = channels_last(grad_y), zc = channels_last(z);
+  const Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
+  const Tensor weight_c = optional_contiguous(bn_weight), bias_c = optional_contiguous(bn_bias);
+  Tensor sum_dy = empty_vector(c, z, at::kFloat);
+  Tensor sum_dy_xhat = empty_vector(c, z, at::kFloat);
+
+  BnBackwardReduceParams p;
+  p.n = z.size(0);
+  p.c = c;
+  p.h = z.size(2);
+  p.w = z.size(3);
+  p.dtype = to_dtype(z.scalar_type());
+  p.grad_y = tensor4(gyc);
+  p.z = tensor4(zc);
+  p.mean = mean_c.data_ptr<float>();
+  p.invstd = invstd_c.data_ptr<float>();
+  p.bn_weight = vec(weight_c);
+  p.bn_bias = vec(bias_c);
+  p.sum_dy = sum_dy.data_ptr<float>();
+  p.sum_dy_xhat = sum_dy_xhat.data_ptr<float>();
+  p.post_relu = post_relu;
+  check_launch(run_bn_backward_reduce(p, current_stream()), Op::kBnBackwardReduce);
+  return {sum_dy, sum_dy_xhat};
+}
+
+std::tuple<Tensor, Tensor, Tensor> sepconv_bn_train_backward_cuda(
+    const Tensor& grad_y, const Tensor& x, const Tensor& z, const Tensor& dw_weight, const Tensor& pw_weight,
+    const Tensor& mean, const Tensor& invstd, const OptTensor& bn_weight, const OptTensor& bn_bias,
+    const Tensor& mean_dy, const Tensor& mean_dy_xhat, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, bool pre_relu, bool post_relu) {
+  const ConvGeometry g = check_unit(x, dw_weight, pw_weight, stride, padding, dilation);
+  check_output_like(grad_y, "grad_y", x, g);
+  check_output_like(z, "z", x, g);
+  CHECK_STATISTIC(mean, x, g.c_out);
+  CHECK_STATISTIC(invstd, x, g.c_out);
+  CHECK_STATISTIC(mean_dy, x, g.c_out);
+  CHECK_STATISTIC(mean_dy_xhat, x, g.c_out);
+  check_optional_vector(bn_weight, "bn_weight", x, g.c_out, x.scalar_type());
+  check_optional_vector(bn_bias, "bn_bias", x, g.c_out, x.scalar_type());
+  c10::cuda::CUDAGuard device_guard(x.device());
+  require_kernel(Op::kSepconvBnTrainBackward);
+
+  const Tensor gyc = channels_last(grad_y), xc = channels_last(x), zc = channels_last(z);
+  const Tensor dwc = dw_weight.contiguous(), pwc = pw_weight.contiguous();
+  const Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
+  const Tensor mean_dy_c = mean_dy.contiguous(), mean_dy_xhat_c = mean_dy_xhat.contiguous();
+  const Tensor weight_c = optional_contiguous(bn_weight), bias_c = optional_contiguous(bn_bias);
+  Tensor grad_x = empty_channels_last(x.sizes(), x);
+  Tensor grad_dw = at::empty(dw_weight.sizes(), dw_weight.options());
+  Tensor grad_pw = at::empty(pw_weight.sizes(), pw_weight.options());
+
+  SepConvTrainBackwardParams p;
+  p.g = g;
+  p.dtype = to_dtype(x.scalar_type());
+  p.grad_y = tensor4(gyc);
+  p.x = tensor4(xc);
+  p.z = tensor4(zc);
+  p.dw_weight = dwc.data_ptr();
+  p.pw_weight = pwc.data_ptr();
+  p.mean = mean_c.data_ptr<float>();
+  p.invstd = invstd_c.data_ptr<float>();
+  p.bn_weight = vec(weight_c);
+  p.bn_bias = vec(bias_c);
+  p.mean_dy = mean_dy_c.data_ptr<float>();
+  p.mean_dy_xhat = mean_dy_xhat_c.data_ptr<float>();
+  p.grad_x = tensor4(grad_x);
+  p.grad_dw_weight = grad_dw.data_ptr();
+  p.grad_pw_weight = grad_pw.data_ptr();
+  p.pre_relu = pre_relu;
+  p.post_relu = post_relu;
+  check_launch(run_sepconv_bn_train_backward(p, current_stream()), Op::kSepconvBnTrainBackward);
+  return {grad_x, grad_dw, grad_pw};
+}
+
+// --- CPU: a clear error instead of "Could not run ... from the 'CPU' backend" -------------------------
+
+// One boxed kernel for the five tensor ops: names the first tensor argument that is not on CUDA.
+void cpu_error(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  const auto& arguments = schema.arguments();
+  const size_t n = arguments.size();
+  std::string name = "x";
+  std::string device = "cpu";
+  if (stack->size() >= n) {
+    for (size_t i = 0; i < n; ++i) {
+      const c10::IValue& value = (*stack)[stack->size() - n + i];
+      if (value.isTensor() && value.toTensor().defined() && !value.toTensor().is_cuda()) {
+        name = arguments[i].name();
+        device = value.toTensor().device().str();
+        break;
+      }
+    }
+  }
+  TORCH_CHECK(false, "xception_fast cuda provider: ", name, " must be a CUDA tensor, got a tensor on ", device,
+              "; use backend='reference' for CPU tensors (or backend='triton' with TRITON_INTERPRET=1) [",
+              schema.name(), "]");
+}
+
+// --- ops without tensors --------------------------------------------------------------------------
+
+std::vector<std::string> implemented_ops() {
+  std::vector<std::string> names;
+  for (int i = 0; i < static_cast<int>(Op::kCount); ++i) {
+    if (has_kernel(static_cast<Op>(i))) names.emplace_back(kOpNames[i]);
+  }
+  return names;
+}
+
+std::string build_info() {
+  int runtime = 0;
+  if (cudaRuntimeGetVersion(&runtime) != cudaSuccess) runtime = 0;
+  std::ostringstream s;
+  s << "{\"torch_version\": \"" << TORCH_VERSION << "\""
+    << ", \"cuda_version\": \"" << CUDART_VERSION / 1000 << "." << (CUDART_VERSION % 1000) / 10 << "\""
+    << ", \"cuda_runtime_version\": \"" << runtime / 1000 << "." << (runtime % 1000) / 10 << "\""
+    << ", \"cuda_archs\": \"" << XF_STRINGIFY(XCEPTION_FAST_CUDA_ARCHS) << "\""
+    << ", \"cuda_arch_list\": \"" << compiled_cuda_arch_list() << "\""
+    << ", \"implemented_ops\": [";
+  const std::vector<std::string> names = implemented_ops();
+  for (size_t i = 0; i < names.size(); ++i) s << (i ? ", " : "") << "\"" << names[i] << "\"";
+  s << "]}";
+  return s.str();
+}
+
+}  // namespace
+}  // namespace xception_fast
+
+TORCH_LIBRARY(xception_fast_cuda, m) {
+  m.def("sepconv_bn_infer(Tensor x, Tensor dw_weight, Tensor pw_weight, Tensor? scale, Tensor? shift, "
+        "Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, bool pre_relu, bool post_relu) -> Tensor");
+  m.def("sepconv_bn_infer_backward(Tensor grad_y, Tensor x, Tensor dw_weight, Tensor pw_weight, Tensor? scale, "
+        "Tensor? shift, int[2] stride, int[2] padding, int[2] dilation, bool pre_relu, bool post_relu) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("sepconv_bn_train(Tensor x, Tensor dw_weight, Tensor pw_weight, Tensor? bn_weight, Tensor? bn_bias, "
+        "Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, bool pre_relu, bool post_relu, "
+        "float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("bn_backward_reduce(Tensor grad_y, Tensor z, Tensor mean, Tensor invstd, Tensor? bn_weight, "
+        "Tensor? bn_bias, bool post_relu) -> (Tensor, Tensor)");
+  m.def("sepconv_bn_train_backward(Tensor grad_y, Tensor x, Tensor z, Tensor dw_weight, Tensor pw_weight, "
+        "Tensor mean, Tensor invstd, Tensor? bn_weight, Tensor? bn_bias, Tensor mean_dy, Tensor mean_dy_xhat, "
+        "int[2] stride, int[2] padding, int[2] dilation, bool pre_relu, bool post_relu) -> (Tensor, Tensor, Tensor)");
+  m.def("implemented_ops() -> str[]", &xception_fast::implemented_ops);
+  m.def("build_info() -> str", &xception_fast::build_info);
+}
+
+TORCH_LIBRARY_IMPL(xception_fast_cuda, CUDA, m) {
+  m.impl("sepconv_bn_infer", &xception_fast::sepconv_bn_infer_cuda);
+  m.impl("sepconv_bn_infer_backward", &xception_fast::sepconv_bn_infer_backward_cuda);
+  m.impl("sepconv_bn_train", &xception_fast::sepconv_bn_train_cuda);
+  m.impl("bn_backward_reduce", &xception_fast::bn_backward_reduce_cuda);
+  m.impl("sepconv_bn_train_backward", &xception_fast::sepconv_bn_train_backward_cuda);
+}
+
+TORCH_LIBRARY_IMPL(xception_fast_cuda, CPU, m) {
+  for (const char* name : {"sepconv_bn_infer", "sepconv_bn_infer_backward", "sepconv_bn_train",
+                           "bn_backward_reduce", "sepconv_bn_train_backward"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&xception_fast::cpu_error>());
+  }
+}
