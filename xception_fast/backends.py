@@ -27,6 +27,10 @@ import torch
 
 BACKENDS = ("cuda", "triton", "reference")
 ENV_VAR = "XCEPTION_FAST_BACKEND"
+# The CUDA kernels have been compiled but never run on a GPU: until tests/test_cuda_provider.py has
+# passed on one, the provider runs only for those who opt in to test it.
+CUDA_KERNELS_VERIFIED = False
+UNVERIFIED_CUDA_ENV_VAR = "XCEPTION_FAST_UNVERIFIED_CUDA"
 
 # Every provider module exposes these, with the signatures of `xception_fast.reference`.
 PROVIDER_FUNCTIONS = (
@@ -91,6 +95,9 @@ def _cuda_availability(device: torch.device) -> Availability:
         return Availability(
             False, f"extension loaded, but its kernels are not implemented yet (missing {', '.join(missing)})"
         )
+    if not CUDA_KERNELS_VERIFIED and os.environ.get(UNVERIFIED_CUDA_ENV_VAR, "0") in ("", "0"):
+        return Availability(False, f"the CUDA kernels have not yet been verified on a GPU; set "
+                                   f"{UNVERIFIED_CUDA_ENV_VAR}=1 to run them anyway (for testing)")
     if device.type != "cuda":
         return Availability(False, f"runs on CUDA tensors, not {device.type}")
     return Availability(True, f"compiled extension {status.path}")
