@@ -6,6 +6,8 @@ import sys
 
 import torch
 
+import xception_fast
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from workers.sync_bn_model import batch, build  # noqa: E402
 
@@ -13,7 +15,10 @@ WORKER = os.path.join(os.path.dirname(__file__), "workers", "sync_bn_worker.py")
 
 
 def test_sync_batchnorm_two_processes_match_one_process_on_the_whole_batch(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The workers import the same xception_fast as this process, installed or from a checkout.
+    package_root = os.path.dirname(os.path.dirname(xception_fast.__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           WORKER, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

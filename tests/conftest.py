@@ -1,0 +1,23 @@
+"""Test-session set-up shared by every test module."""
+
+import os
+import sys
+
+import torch
+
+# Triton's CPU interpreter must be on when triton itself is first imported (its standard library is
+# decorated then), and timm imports triton while test modules are collected. Without a GPU, import
+# triton here with the interpreter on, then restore the environment: other tests see what they were
+# started with, and test_triton_provider.py sets TRITON_INTERPRET again around its own tests.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    _saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if _saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = _saved

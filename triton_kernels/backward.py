@@ -1,0 +1,285 @@
+"""Backward of the fused unit: pointwise and depthwise gradients, with the depthwise output recomputed.
+
+With g_z = grad of z [P, Cout] (positions x output channels), d = dw(pre(x)) [P, C]:
+- grad_pw = g_z^T @ d           `_pw_weight_grad_kernel`: d recomputed from x in registers, a
+                                  split-K reduction over positions ([S, Cout, C] fp32 partials).
+- grad_d  = g_z @ W_pw          `_dw_output_grad_kernel`: a tl.dot over Cout; the same kernel
+                                  reduces grad_dw = sum_p grad_d * x_tap while grad_d is in
+                                  registers ([S, C, KH*KW] partials) and stores grad_d once.
+- grad_x  = dw^T(grad_d) * [x > 0 if pre-ReLU]   `_dw_input_grad_kernel`: the transposed depthwise
+                                  conv as a gather over the taps (no atomics).
+g_z is never stored in training: both consumers compute it from grad_y and z on the fly
+(`batchnorm._grad_z_tile`). In the inference backward only x is saved, so one pass recomputes z and
+stores g_z (`depthwise_pointwise._sepconv_grad_z_kernel`), unless g_z is grad_y itself.
+
+grad_d is the one intermediate that goes to memory: grad_x needs it under the whole k x k
+neighbourhood of each input position, i.e. across program tiles (the unfused path stores it too).
+All reductions are deterministic: fixed splits over positions, then `batchnorm.sum_rows`.
+Rounding follows the reference: g_z and grad_d in the input dtype, weight grads accumulated in fp32
+and stored in the weight dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import batchnorm
+from .autotune import dw_input_grad_configs, dw_output_grad_configs, position_split, pw_weight_grad_configs
+from .batchnorm import _grad_z_tile
+from .depthwise_pointwise import (Geometry, _depthwise_tile, _input_tap, _mma, _output_positions, _prepare,
+                                  recompute_grad_z)
+from .utils import channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
+
+
+@triton.autotune(configs=pw_weight_grad_configs(), key=["C", "Cout", "P", "KH", "KW"])
+@triton.jit
+def _pw_weight_grad_kernel(
+    # pointers
+    x_ptr,  # [N, H, W, C] input (channels_last)
+    dw_ptr,  # [C, KH * KW] depthwise weight
+    gz_ptr,  # [P, Cout] grad of z (read unless GZ_FROM_BN)
+    gy_ptr,  # [P, Cout] grad of y (GZ_FROM_BN)
+    z_ptr,  # [P, Cout] pre-BN output (GZ_FROM_BN)
+    mean_ptr, invstd_ptr, w_ptr, b_ptr, mdy_ptr, mdyx_ptr,  # [Cout] fp32 each (GZ_FROM_BN)
+    part_ptr,  # [S, Cout, C] fp32 out: per split, sum over its positions of g_z^T d
+    # sizes
+    P, chunk, H, W, C, Ho, Wo, Cout,
+    # convolution
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    # meta-parameters
+    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, POST_RELU: tl.constexpr,
+    GZ_FROM_BN: tl.constexpr, C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+):
+    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
+    Cout = Cout // COUT_ALIGN * COUT_ALIGN
+    # Weight tiles of one split are neighbours in launch order (they share its x and g_z).
+    co_tiles = tl.cdiv(Cout, BLOCK_CO)
+    ci_tiles = tl.cdiv(C, BLOCK_CI)
+    pid = tl.program_id(0)
+    s, tile = pid // (co_tiles * ci_tiles), pid % (co_tiles * ci_tiles)
+    co = (tile // ci_tiles) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    ci = (tile % ci_tiles) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    co_mask = co < Cout
+    ci_mask = ci < C
+    p_end = tl.minimum(s * chunk + chunk, P)
+    acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
+    for p0 in range(s * chunk, p_end, BLOCK_P):
+        p, p_mask, n, oh, ow = _output_positions(p0, p_end, Ho, Wo, BLOCK_P)
+        gz = _grad_z_tile(gz_ptr, gy_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, mdy_ptr, mdyx_ptr,
+                          p, p_mask, co, co_mask, Cout, GZ_FROM_BN, POST_RELU)
+        # d recomputed rather than saved: 2 * KH * KW flops per element on the CUDA cores.
+        d = _depthwise_tile(x_ptr, dw_ptr, n, oh, ow, p_mask, ci, ci_mask, H, W, C,
+                            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, BLOCK_P, BLOCK_CI)
+        acc = _mma(tl.trans(gz.to(x_ptr.dtype.element_ty)), d.to(x_ptr.dtype.element_ty), acc)
+    offs = s.to(tl.int64) * Cout * C + co[:, None] * C + ci[None, :]
+    tl.store(part_ptr + offs, acc, mask=co_mask[:, None] & ci_mask[None, :])
+
+
+@triton.autotune(configs=dw_output_grad_configs(), key=["C", "Cout", "P", "KH", "KW"])
+@triton.jit
+def _dw_output_grad_kernel(
+    # pointers
+    x_ptr,  # [N, H, W, C] input (channels_last)
+    pw_ptr,  # [Cout, C] pointwise weight
+    gz_ptr,  # [P, Cout] grad of z (read unless GZ_FROM_BN)
+    gy_ptr,  # [P, Cout] grad of y (GZ_FROM_BN)
+    z_ptr,  # [P, Cout] pre-BN output (GZ_FROM_BN)
+    mean_ptr, invstd_ptr, w_ptr, b_ptr, mdy_ptr, mdyx_ptr,  # [Cout] fp32 each (GZ_FROM_BN)
+    gd_ptr,  # [P, C] out: grad of the depthwise output, input dtype
+    part_ptr,  # [S, C, KH * KW] fp32 out: per split, grad of the depthwise weight
+    # sizes
+    P, chunk, H, W, C, Ho, Wo, Cout,
+    # convolution
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    # meta-parameters
+    KH: tl.constexpr, KW: tl.constexpr, KK_PAD: tl.constexpr, PRE_RELU: tl.constexpr, POST_RELU: tl.constexpr,
+    GZ_FROM_BN: tl.constexpr, C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+):
+    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
+    Cout = Cout // COUT_ALIGN * COUT_ALIGN
+    ci_tiles = tl.cdiv(C, BLOCK_CI)
+    pid = tl.program_id(0)
+    s, pid_ci = pid // ci_tiles, pid % ci_tiles
+    ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    ci_mask = ci < C
+    p_end = tl.minimum(s * chunk + chunk, P)
+    taps = tl.arange(0, KK_PAD)
+    grad_dw = tl.zeros((KK_PAD, BLOCK_CI), dtype=tl.float32)  # row t: tap t = i * KW + j
+    for p0 in range(s * chunk, p_end, BLOCK_P):
+        p, p_mask, n, oh, ow = _output_positions(p0, p_end, Ho, Wo, BLOCK_P)
+        gd = tl.zeros((BLOCK_P, BLOCK_CI), dtype=tl.float32)
+        for co0 in range(0, Cout, BLOCK_CO):
+            co = co0 + tl.arange(0, BLOCK_CO)
+            co_mask = co < Cout
+            gz = _grad_z_tile(gz_ptr, gy_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, mdy_ptr, mdyx_ptr,
+                              p, p_mask, co, co_mask, Cout, GZ_FROM_BN, POST_RELU)
+            wt = tl.load(pw_ptr + co[:, None] * C + ci[None, :], mask=co_mask[:, None] & ci_mask[None, :], other=0.0)
+            gd = _mma(gz.to(x_ptr.dtype.element_ty), wt, gd)
+        gd_low = gd.to(gd_ptr.dtype.element_ty)  # stored, and used below, in the input dtype
+        tl.store(gd_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], gd_low,
+                 mask=p_mask[:, None] & ci_mask[None, :])
+        gdf = gd_low.to(tl.float32)
+        for i in tl.static_range(KH):
+            for j in tl.static_range(KW):
+                xv = _input_tap(x_ptr, n, oh, ow, p_mask, ci, ci_mask, H, W, C, i, j,
+                                stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, PRE_RELU)
+                contrib = tl.sum(gdf * xv, axis=0)
+                grad_dw = tl.where(taps[:, None] == i * KW + j, grad_dw + contrib[None, :], grad_dw)
+    offs = s.to(tl.int64) * C * (KH * KW) + ci[None, :] * (KH * KW) + taps[:, None]
+    tl.store(part_ptr + offs, grad_dw, mask=(taps < KH * KW)[:, None] & ci_mask[None, :])
+
+
+@triton.autotune(configs=dw_input_grad_configs(), key=["C", "Q", "KH", "KW"])
+@triton.jit
+def _dw_input_grad_kernel(
+    # pointers
+    gd_ptr,  # [N, Ho, Wo, C] grad of the depthwise output
+    dw_ptr,  # [C, KH * KW] depthwise weight
+    x_ptr,  # [N, H, W, C] input (read only if PRE_RELU, for its mask)
+    gx_ptr,  # [N, H, W, C] out: grad of x
+    # sizes
+    Q, H, W, C, Ho, Wo,
+    # convolution
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    # meta-parameters
+    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, C_ALIGN: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
+    # Each input position gathers from the outputs whose window covers it: oh * stride - pad + i * dil
+    # = ih, for each tap (i, j). Written as a gather so that no two programs write one element.
+    c_tiles = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    pid_q, pid_c = pid // c_tiles, pid % c_tiles
+    q = pid_q * BLOCK_P + tl.arange(0, BLOCK_P)
+    q_mask = q < Q
+    n = (q // (H * W)).to(tl.int64)
+    r = q % (H * W)
+    ih = r // W
+    iw = r % W
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for i in tl.static_range(KH):
+        th = ih + pad_h - i * dil_h
+        th_c = tl.maximum(th, 0)  # non-negative before // and %, whose sign rules differ by backend
+        oh = th_c // stride_h
+        ok_h = (th >= 0) & (th_c - oh * stride_h == 0) & (oh < Ho)
+        for j in tl.static_range(KW):
+            tw = iw + pad_w - j * dil_w
+            tw_c = tl.maximum(tw, 0)
+            ow = tw_c // stride_w
+            ok = q_mask & ok_h & (tw >= 0) & (tw_c - ow * stride_w == 0) & (ow < Wo)
+            row = (n * Ho + oh) * Wo + ow
+            g = tl.load(gd_ptr + row[:, None] * C + c[None, :], mask=ok[:, None] & c_mask[None, :], other=0.0)
+            wv = tl.load(dw_ptr + c * (KH * KW) + (i * KW + j), mask=c_mask, other=0.0).to(tl.float32)
+            acc += g.to(tl.float32) * wv[None, :]
+    offs = q.to(tl.int64)[:, None] * C + c[None, :]
+    mask = q_mask[:, None] & c_mask[None, :]
+    if PRE_RELU:
+        xv = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        acc = tl.where(xv > 0, acc, 0.0)
+    tl.store(gx_ptr + offs, acc.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+# --- host side ------------------------------------------------------------------------------------------
+
+def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight: Tensor, pw_weight: Tensor,
+                    pre_relu: bool, post_relu: bool, grad_z: Optional[Tensor] = None,
+                    bn: Optional[tuple[Tensor, ...]] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_dw_weight, grad_pw_weight) from g_z, given either stored (`grad_z` [P, Cout]) or as
+    `bn` = (grad_y, z, mean, invstd, weight, bias, mean_dy, mean_dy_xhat) to compute it on the fly."""
+    device = x.device
+    grad_x = empty_nhwc((geo.N, geo.C, geo.H, geo.W), x.dtype, device)
+    kk = geo.KH * geo.KW
+    if geo.P == 0 or geo.C == 0 or geo.Cout == 0:
+        return (grad_x.zero_(), torch.zeros_like(dw_weight, memory_format=torch.contiguous_format),
+                torch.zeros_like(pw_weight, memory_format=torch.contiguous_format))
+    from_bn = bn is not None
+    gz_args = (grad_z, grad_z, grad_z, *([grad_z] * 6)) if not from_bn else (bn[0], *bn)  # gz_ptr unused with bn
+    conv = geo.conv_args()
+    common = dict(KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu), POST_RELU=bool(post_relu) and from_bn,
+                  GZ_FROM_BN=from_bn, **geo.align())
+
+    splits, chunk = position_split(geo.P, triton.cdiv(geo.Cout, 64) * triton.cdiv(geo.C, 64), device)
+    part_pw = new_empty((splits, geo.Cout, geo.C), torch.float32, device)
+
+    def grid_pw(meta):
+        return (splits * triton.cdiv(geo.Cout, meta["BLOCK_CO"]) * triton.cdiv(geo.C, meta["BLOCK_CI"]),)
+
+    _pw_weight_grad_kernel[grid_pw](x, dw, *gz_args, part_pw, geo.P, chunk, geo.H, geo.W, geo.C, geo.Ho, geo.Wo,
+                                    geo.Cout, *conv, **common)
+    grad_pw = batchnorm.sum_rows(part_pw.view(splits, -1), pw_weight.dtype).view(pw_weight.shape)
+
+    grad_d = empty_nhwc((geo.N, geo.C, geo.Ho, geo.Wo), x.dtype, device)
+    splits, chunk = position_split(geo.P, triton.cdiv(geo.C, 64), device)
+    part_dw = new_empty((splits, geo.C, kk), torch.float32, device)
+
+    def grid_d(meta):
+        return (splits * triton.cdiv(geo.C, meta["BLOCK_CI"]),)
+
+    _dw_output_grad_kernel[grid_d](x, pw, *gz_args, grad_d, part_dw, geo.P, chunk, geo.H, geo.W, geo.C, geo.Ho,
+                                   geo.Wo, geo.Cout, *conv, KK_PAD=triton.next_power_of_2(kk), **common)
+    grad_dw = batchnorm.sum_rows(part_dw.view(splits, -1), dw_weight.dtype).view(dw_weight.shape)
+
+    q = geo.N * geo.H * geo.W
+
+    def grid_x(meta):
+        return (triton.cdiv(q, meta["BLOCK_P"]) * triton.cdiv(geo.C, meta["BLOCK_C"]),)
+
+    _dw_input_grad_kernel[grid_x](grad_d, dw, x, grad_x, q, geo.H, geo.W, geo.C, geo.Ho, geo.Wo, *conv,
+                                  KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu), C_ALIGN=channel_align(geo.C))
+    return grad_x, grad_dw, grad_pw
+
+
+def sepconv_bn_train_backward(grad_y: Tensor, x: Tensor, z: Tensor, dw_weight: Tensor, pw_weight: Tensor,
+                              mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                              mean_dy: Tensor, mean_dy_xhat: Tensor, stride: Sequence[int], padding: Sequence[int],
+                              dilation: Sequence[int], pre_relu: bool,
+                              post_relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_dw_weight, grad_pw_weight); g_z computed on the fly from grad_y and z, never stored."""
+    geo, xc, dw, pw = _prepare(x, dw_weight, pw_weight, stride, padding, dilation)
+    check_dtype(z)
+    c = geo.Cout
+    vec = [vector_f32(v, c, fill, x.device) for v, fill in
+           ((mean, 0.0), (invstd, 1.0), (bn_weight, 1.0), (bn_bias, 0.0), (mean_dy, 0.0), (mean_dy_xhat, 0.0))]
+    bn = (nhwc(grad_y), nhwc(z.to(x.dtype)), *vec)
+    return _backward_convs(geo, xc, dw, pw, dw_weight, pw_weight, pre_relu, post_relu, bn=bn)
+
+
+def sepconv_bn_infer_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, pw_weight: Tensor,
+                              scale: Optional[Tensor], shift: Optional[Tensor], stride: Sequence[int],
+                              padding: Sequence[int], dilation: Sequence[int], pre_relu: bool,
+                              post_relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_dw_weight, grad_pw_weight, grad_scale, grad_shift); absent scale/shift give empty
+    [0] gradients. Only x is saved by the forward, so z is recomputed when the mask or grad_scale need it."""
+    geo, xc, dw, pw = _prepare(x, dw_weight, pw_weight, stride, padding, dilation)
+    device, c = x.device, geo.Cout
+    gy = nhwc(grad_y)
+    scale32, shift32 = vector_f32(scale, c, 1.0, device), vector_f32(shift, c, 0.0, device)
+    if geo.P == 0 or c == 0:
+        sums = torch.zeros((2, c), dtype=torch.float32, device=device)
+        grad_z = None
+    elif post_relu or scale is not None:
+        grad_z, sums = recompute_grad_z(gy, xc, dw, pw, geo, scale32, shift32, pre_relu, post_relu)
+    else:  # g_z = grad_y: nothing to recompute; grad_shift (if wanted) is a plain sum of grad_y
+        grad_z = nhwc(gy.to(x.dtype))
+        if shift is not None:
+            ones = torch.ones((c,), dtype=torch.float32, device=device)
+            zeros = torch.zeros((c,), dtype=torch.float32, device=device)
+            sums = torch.stack(batchnorm.dy_sums(gy, gy, zeros, ones, ones, zeros, False))
+        else:
+            sums = None
+    grad_x, grad_dw, grad_pw = _backward_convs(geo, xc, dw, pw, dw_weight, pw_weight, pre_relu, post_relu,
+                                               grad_z=grad_z)
+    empty = x.new_empty((0,))
+    grad_scale = sums[1].to(scale.dtype, copy=True) if scale is not None else empty
+    grad_shift = sums[0].to(shift.dtype, copy=True) if shift is not None else empty
+    return grad_x, grad_dw, grad_pw, grad_scale, grad_shift

@@ -1,0 +1,261 @@
+"""BatchNorm pieces of the Triton provider: statistics merge, normalisation, backward reductions.
+
+Every reduction is deterministic: programs write partial rows ([S, M] buffers, S fixed by the shape
+on the host) and a second kernel sums or merges them in a fixed order. No atomics.
+
+Formulas follow `xception_fast.reference` in float32: x_hat = (z - mean) * invstd,
+y = post(x_hat * weight + bias) + residual, the post-ReLU's mask taken on the fp32 value before
+it is rounded, dy reductions sum_dy = sum(g), sum_dy_xhat = sum(g * x_hat) with g the masked grad.
+Absent weight/bias are passed as 1/0 vectors (exact: x * 1.0 and x + 0.0 change no bit).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .autotune import SUM_BLOCK_M, SUM_BLOCK_S, elementwise_configs, position_split
+from .utils import channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
+
+
+# --- device helpers used by the backward kernels ---------------------------------------------------------
+
+@triton.jit
+def _grad_z_tile(gz_ptr, gy_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, mdy_ptr, mdyx_ptr,
+                 p, p_mask, co, co_mask, Cout, GZ_FROM_BN: tl.constexpr, POST_RELU: tl.constexpr):
+    """grad_z for BLOCK_P positions x BLOCK_CO channels in fp32, zero outside the masks.
+
+    GZ_FROM_BN: computed on the fly from grad_y [P, Cout] and z [P, Cout] (BatchNorm backward with
+    batch statistics, never stored): (g - mean_dy - x_hat * mean_dy_xhat) * invstd * weight.
+    Otherwise read from gz_ptr [P, Cout] (the inference backward stores it once).
+    """
+    offs = p.to(tl.int64)[:, None] * Cout + co[None, :]
+    mask = p_mask[:, None] & co_mask[None, :]
+    if GZ_FROM_BN:
+        g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + co, mask=co_mask, other=0.0)
+        invstd = tl.load(invstd_ptr + co, mask=co_mask, other=0.0)
+        w = tl.load(w_ptr + co, mask=co_mask, other=0.0)
+        xhat = (z - mean[None, :]) * invstd[None, :]
+        if POST_RELU:
+            b = tl.load(b_ptr + co, mask=co_mask, other=0.0)
+            g = tl.where(xhat * w[None, :] + b[None, :] > 0, g, 0.0)
+        mdy = tl.load(mdy_ptr + co, mask=co_mask, other=0.0)
+        mdyx = tl.load(mdyx_ptr + co, mask=co_mask, other=0.0)
+        gz = (g - mdy[None, :] - xhat * mdyx[None, :]) * (invstd * w)[None, :]
+        gz = tl.where(mask, gz, 0.0)  # masked rows would otherwise carry -mean_dy terms into the dots
+    else:
+        gz = tl.load(gz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return gz
+
+
+# --- kernels --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _merge_stats_kernel(
+    stats_ptr,  # [3, S, C] fp32 per split: reference value, mean minus it, M2
+    mean_ptr,  # [C] fp32 out
+    var_ptr,  # [C] fp32 out: biased variance
+    S, C, P, chunk,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Chan et al.'s parallel merge, BLOCK_S splits at a time, all means taken about split 0's
+    # reference value so that a large common mean costs no precision.
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    ref0 = tl.load(stats_ptr + c, mask=c_mask, other=0.0)
+    count = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        s_mask = s < S
+        # Split s holds min(chunk, P - s * chunk) positions (0 past the end).
+        n_s = tl.minimum(tl.maximum(P - s.to(tl.int64) * chunk, 0), chunk).to(tl.float32)
+        mask = s_mask[:, None] & c_mask[None, :]
+        offs = s[:, None] * C + c[None, :]
+        ref = tl.load(stats_ptr + offs, mask=mask, other=0.0)
+        m = tl.load(stats_ptr + S * C + offs, mask=mask, other=0.0)
+        q = tl.load(stats_ptr + 2 * S * C + offs, mask=mask, other=0.0)
+        m = tl.where(mask, (ref - ref0[None, :]) + m, 0.0)
+        nb = tl.sum(n_s, axis=0)  # > 0: split s0 is never empty
+        mb = tl.sum(n_s[:, None] * m, axis=0) / nb
+        dev = tl.where(mask, m - mb[None, :], 0.0)
+        qb = tl.sum(q + n_s[:, None] * dev * dev, axis=0)
+        new_count = count + nb
+        delta = mb - mean
+        mean += delta * (nb / new_count)
+        m2 += qb + delta * delta * (count * nb / new_count)
+        count = new_count
+    tl.store(mean_ptr + c, ref0 + mean, mask=c_mask)
+    tl.store(var_ptr + c, tl.maximum(m2 / count, 0.0), mask=c_mask)
+
+
+@triton.autotune(configs=elementwise_configs(), key=["C"])
+@triton.jit
+def _bn_apply_kernel(
+    z_ptr,  # [P, C] pre-BN output (channels_last)
+    mean_ptr,  # [C] fp32
+    invstd_ptr,  # [C] fp32
+    w_ptr,  # [C] fp32 (1 where absent)
+    b_ptr,  # [C] fp32 (0 where absent)
+    res_ptr,  # [P, C] residual (read only if HAS_RESIDUAL)
+    y_ptr,  # [P, C] out
+    P, C,
+    POST_RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, C_ALIGN: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mask = (p < P)[:, None] & c_mask[None, :]
+    offs = p.to(tl.int64)[:, None] * C + c[None, :]
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+    w = tl.load(w_ptr + c, mask=c_mask, other=0.0)
+    b = tl.load(b_ptr + c, mask=c_mask, other=0.0)
+    y = ((z - mean[None, :]) * invstd[None, :]) * w[None, :] + b[None, :]
+    if POST_RELU:
+        y = tl.maximum(y, 0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + r
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=elementwise_configs(), key=["C"])
+@triton.jit
+def _bn_backward_reduce_kernel(
+    gy_ptr,  # [P, C] grad of y (channels_last)
+    z_ptr,  # [P, C] pre-BN output (channels_last)
+    mean_ptr,  # [C] fp32 (0 for a plain sum)
+    invstd_ptr,  # [C] fp32 (1 for a plain sum)
+    w_ptr,  # [C] fp32
+    b_ptr,  # [C] fp32
+    part_ptr,  # [S, 2, C] fp32 out: per split, sum of g and sum of g * x_hat
+    P, C, chunk,
+    POST_RELU: tl.constexpr, C_ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
+    c_tiles = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    s, pid_c = pid // c_tiles, pid % c_tiles
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+    w = tl.load(w_ptr + c, mask=c_mask, other=0.0)
+    b = tl.load(b_ptr + c, mask=c_mask, other=0.0)
+    p_end = tl.minimum(s * chunk + chunk, P)
+    sum_dy = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    sum_dy_xhat = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for p0 in range(s * chunk, p_end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = (p < p_end)[:, None] & c_mask[None, :]
+        offs = p.to(tl.int64)[:, None] * C + c[None, :]
+        g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # 0 where masked
+        xhat = (tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean[None, :]) * invstd[None, :]
+        if POST_RELU:
+            g = tl.where(xhat * w[None, :] + b[None, :] > 0, g, 0.0)
+        sum_dy += g
+        sum_dy_xhat += g * xhat
+    out = part_ptr + s * 2 * C + c
+    tl.store(out, tl.sum(sum_dy, axis=0), mask=c_mask)
+    tl.store(out + C, tl.sum(sum_dy_xhat, axis=0), mask=c_mask)
+
+
+@triton.jit
+def _sum_rows_kernel(
+    part_ptr,  # [S, M] fp32 partial sums
+    out_ptr,  # [M] out, any float dtype
+    S, M,
+    BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = m < M
+    acc = tl.zeros((BLOCK_S, BLOCK_M), dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < S)[:, None] & m_mask[None, :]
+        acc += tl.load(part_ptr + s.to(tl.int64)[:, None] * M + m[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + m, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=m_mask)
+
+
+# --- host side ------------------------------------------------------------------------------------------
+
+def sum_rows(part: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """part [S, M] fp32 (contiguous) summed over S in a fixed order -> [M] in `dtype`."""
+    s, m = part.shape
+    out = new_empty((m,), dtype, part.device)
+    if m == 0:
+        return out
+    if s == 0:
+        return out.zero_()
+    _sum_rows_kernel[(triton.cdiv(m, SUM_BLOCK_M),)](part, out, s, m, BLOCK_S=SUM_BLOCK_S, BLOCK_M=SUM_BLOCK_M)
+    return out
+
+
+def merge_statistics(stats: Tensor, positions: int, chunk: int) -> tuple[Tensor, Tensor]:
+    """stats [3, S, C] from the training forward -> (mean, biased var), fp32 [C]."""
+    _, s, c = stats.shape
+    mean = new_empty((c,), torch.float32, stats.device)
+    var = new_empty((c,), torch.float32, stats.device)
+    _merge_stats_kernel[(triton.cdiv(c, SUM_BLOCK_M),)](stats, mean, var, s, c, positions, chunk,
+                                                        BLOCK_S=SUM_BLOCK_S, BLOCK_C=SUM_BLOCK_M)
+    return mean, var
+
+
+def normalize(z: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+              residual: Optional[Tensor], post_relu: bool) -> Tensor:
+    """y = post(((z - mean) * invstd) * weight + bias) + residual; z channels_last [N, C, H, W]."""
+    n, c, h, w = z.shape
+    y = empty_nhwc(z.shape, z.dtype, z.device)
+    p = n * h * w
+    if y.numel() == 0:
+        return y
+    weight = vector_f32(bn_weight, c, 1.0, z.device)
+    bias = vector_f32(bn_bias, c, 0.0, z.device)
+    res = nhwc(residual.to(z.dtype)) if residual is not None else y
+
+    def grid(meta):
+        return (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))
+
+    _bn_apply_kernel[grid](z, mean, invstd, weight, bias, res, y, p, c,
+                           POST_RELU=bool(post_relu), HAS_RESIDUAL=residual is not None, C_ALIGN=channel_align(c))
+    return y
+
+
+def dy_sums(grad_y: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor,
+            post_relu: bool) -> tuple[Tensor, Tensor]:
+    """(sum g, sum g * x_hat) per channel, fp32; grad_y and z channels_last [N, C, H, W], vectors fp32."""
+    n, c, h, w = z.shape
+    p = n * h * w
+    if p == 0 or c == 0:
+        zeros = torch.zeros((c,), dtype=torch.float32, device=z.device)
+        return zeros, zeros.clone()
+    splits, chunk = position_split(p, triton.cdiv(c, 64), z.device)
+    part = new_empty((splits, 2, c), torch.float32, z.device)
+
+    def grid(meta):
+        return (splits * triton.cdiv(c, meta["BLOCK_C"]),)
+
+    _bn_backward_reduce_kernel[grid](grad_y, z, mean, invstd, weight, bias, part, p, c, chunk,
+                                     POST_RELU=bool(post_relu), C_ALIGN=channel_align(c))
+    sums = sum_rows(part.view(splits, 2 * c)).view(2, c)
+    return sums[0].clone(), sums[1].clone()  # two separate tensors: op outputs must not alias
+
+
+def bn_backward_reduce(grad_y: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
+                       bn_bias: Optional[Tensor], post_relu: bool) -> tuple[Tensor, Tensor]:
+    """(sum_dy, sum_dy_xhat) per channel in fp32, dy masked by the post-ReLU recomputed from z."""
+    check_dtype(z)
+    c = z.shape[1]
+    return dy_sums(nhwc(grad_y), nhwc(z), vector_f32(mean, c, 0.0, z.device), vector_f32(invstd, c, 1.0, z.device),
+                   vector_f32(bn_weight, c, 1.0, z.device), vector_f32(bn_bias, c, 0.0, z.device), post_relu)
