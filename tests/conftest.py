@@ -7,13 +7,15 @@ import torch
 
 # Triton's CPU interpreter must be on when triton itself is first imported (its standard library is
 # decorated then), and timm imports triton while test modules are collected. Without a GPU, import
-# triton here with the interpreter on, then restore the environment: other tests see what they were
+# triton and our kernels here with the interpreter on, then restore the environment: other tests see what they were
 # started with, and test_triton_provider.py sets TRITON_INTERPRET again around its own tests.
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     _saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         import triton.language  # noqa: F401
+
+        import xception_fast.triton_kernels  # noqa: F401  (its @triton.jit kernels, interpreted)
     except ImportError:
         pass
     finally:

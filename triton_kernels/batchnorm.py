@@ -123,7 +123,7 @@ def _bn_apply_kernel(
     b = tl.load(b_ptr + c, mask=c_mask, other=0.0)
     y = ((z - mean[None, :]) * invstd[None, :]) * w[None, :] + b[None, :]
     if POST_RELU:
-        y = tl.maximum(y, 0.0)
+        y = tl.where(y < 0.0, 0.0, y)  # not tl.maximum: NaN must pass, as in torch.relu
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + r

@@ -74,7 +74,7 @@ def _input_tap(x_ptr, n, oh, ow, p_mask, ci, ci_mask, H, W, C, i, j,
     xv = tl.load(x_ptr + row[:, None] * C + ci[None, :], mask=ok[:, None] & ci_mask[None, :], other=0.0)
     xv = xv.to(tl.float32)
     if PRE_RELU:
-        xv = tl.maximum(xv, 0.0)
+        xv = tl.where(xv < 0.0, 0.0, xv)  # not tl.maximum: NaN must pass, as in torch.relu
     return xv
 
 
@@ -154,7 +154,7 @@ def _sepconv_infer_kernel(
     shift = tl.load(shift_ptr + co, mask=co_mask, other=0.0)
     y = z * scale[None, :] + shift[None, :]
     if POST_RELU:
-        y = tl.maximum(y, 0.0)
+        y = tl.where(y < 0.0, 0.0, y)  # not tl.maximum: NaN must pass, as in torch.relu
     offs = p.to(tl.int64)[:, None] * Cout + co[None, :]
     mask = p_mask[:, None] & co_mask[None, :]
     if HAS_RESIDUAL:
