@@ -1,9 +1,14 @@
 // Parameters of the fused separable-conv + BatchNorm kernels, and the launch entry points.
 //
 // Plain C++ (no torch headers): the host side (xception_fast_ops.cpp) checks the tensors and fills
-// these structs; the device side (sepconv_kernels.cu) reads them. Keeping torch out of the .cu keeps
-// nvcc's compile short. All sizes, strides and offsets are 64-bit: activations of a large batch can
-// exceed 2^31 elements.
+// these structs; the device side (sepconv_forward.cu, sepconv_backward.cu) reads them. Keeping torch
+// out of the .cu files keeps nvcc's compile short. All sizes, strides and offsets are 64-bit:
+// activations of a large batch can exceed 2^31 elements.
+//
+// Scratch memory: each op may need a device workspace (partial reductions, the fp32 gradient of the
+// depthwise output, ...). The host asks `workspace_size(params)` for its size in bytes, allocates it
+// with PyTorch's caching allocator on the current stream and sets `workspace` / `workspace_bytes`;
+// the launcher carves it up the same way (the layout depends on the geometry only).
 //
 // Shapes: x [N, C, H, W], dw_weight [C, 1, kh, kw], pw_weight [Cout, C, 1, 1], per-channel vectors
 // [Cout], residual / grad_y / z / y [N, Cout, Ho, Wo]. Activations are passed with their element
@@ -12,6 +17,7 @@
 // activations and weights; accumulation and all statistics in float32.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include <cuda_runtime_api.h>
@@ -54,6 +60,8 @@ struct SepConvInferParams {
   Tensor4 residual;           // optional, output-shaped
   Tensor4 y;                  // out: output-shaped, channels_last
   bool pre_relu = false, post_relu = false;
+  void* workspace = nullptr;  // scratch, workspace_size(*this) bytes (see the top of this file)
+  size_t workspace_bytes = 0;
 };
 
 // Gradients of SepConvInferParams' unit; the depthwise output is recomputed from x.
@@ -70,6 +78,8 @@ struct SepConvInferBackwardParams {
   void* grad_pw_weight = nullptr;  // out: [Cout, C]
   Vec grad_scale, grad_shift;  // out: ptr nullptr when scale/shift are absent (then empty tensors)
   bool pre_relu = false, post_relu = false;
+  void* workspace = nullptr;  // scratch, workspace_size(*this) bytes (see the top of this file)
+  size_t workspace_bytes = 0;
 };
 
 // Training forward: z = pw(dw(pre(x))), batch mean and biased var of z per channel, and
@@ -89,6 +99,8 @@ struct SepConvTrainParams {
   float* var = nullptr;    // out: [Cout], biased
   double eps = 1e-5;
   bool pre_relu = false, post_relu = false;
+  void* workspace = nullptr;  // scratch, workspace_size(*this) bytes (see the top of this file)
+  size_t workspace_bytes = 0;
 };
 
 // Per-channel reductions of the BatchNorm backward over z [n, c, h, w] (c = Cout of the unit):
@@ -104,6 +116,8 @@ struct BnBackwardReduceParams {
   float* sum_dy = nullptr;        // out: [c]
   float* sum_dy_xhat = nullptr;   // out: [c]
   bool post_relu = false;
+  void* workspace = nullptr;  // scratch, workspace_size(*this) bytes
+  size_t workspace_bytes = 0;
 };
 
 // Gradients of x and the weights through the BatchNorm (batch statistics), given the reductions of
@@ -125,6 +139,8 @@ struct SepConvTrainBackwardParams {
   void* grad_dw_weight = nullptr;  // out
   void* grad_pw_weight = nullptr;  // out
   bool pre_relu = false, post_relu = false;
+  void* workspace = nullptr;  // scratch, workspace_size(*this) bytes (see the top of this file)
+  size_t workspace_bytes = 0;
 };
 
 // The ops, in the order of implemented_ops().
@@ -137,13 +153,20 @@ enum class Op : int32_t {
   kCount
 };
 
-// Defined in sepconv_kernels.cu.
+// Defined in sepconv_forward.cu.
 // has_kernel: whether `op` has a real kernel; the host refuses to run an op without one.
 bool has_kernel(Op op);
-// The virtual architectures nvcc compiled sepconv_kernels.cu for (__CUDA_ARCH_LIST__), or "".
+// The virtual architectures nvcc compiled sepconv_forward.cu for (__CUDA_ARCH_LIST__), or "".
 const char* compiled_cuda_arch_list();
-// Launchers: enqueue the op's kernels on `stream` and return cudaGetLastError(). They must handle
-// empty tensors (n == 0). Without a kernel they return cudaErrorNotSupported.
+// Bytes of device scratch memory each launcher needs (0 allowed). sepconv_forward.cu: the first two;
+// sepconv_backward.cu: the rest.
+size_t workspace_size(const SepConvInferParams& params);
+size_t workspace_size(const SepConvTrainParams& params);
+size_t workspace_size(const SepConvInferBackwardParams& params);
+size_t workspace_size(const BnBackwardReduceParams& params);
+size_t workspace_size(const SepConvTrainBackwardParams& params);
+// Launchers: enqueue the op's kernels on `stream` and return cudaGetLastError(). They handle empty
+// tensors (n == 0). cudaErrorInvalidValue: a layout or workspace the kernels do not accept.
 cudaError_t run_sepconv_bn_infer(const SepConvInferParams& params, cudaStream_t stream);
 cudaError_t run_sepconv_bn_infer_backward(const SepConvInferBackwardParams& params, cudaStream_t stream);
 cudaError_t run_sepconv_bn_train(const SepConvTrainParams& params, cudaStream_t stream);

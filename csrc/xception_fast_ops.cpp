@@ -5,10 +5,17 @@
 // xception_fast.reference; xception_fast.ops wraps them with fake kernels and autograd.
 //
 // Each CUDA implementation: checks its inputs (checks.h), guards x's device, refuses an op that has
-// no kernel yet, makes the inputs channels_last / contiguous, allocates the outputs, fills the
-// params struct (sepconv_params.h) and calls the launcher in sepconv_kernels.cu on the current stream.
+// no kernel yet, makes the inputs channels_last / contiguous, allocates the outputs and the kernels'
+// scratch workspace, fills the params struct (sepconv_params.h) and calls the launcher
+// (sepconv_forward.cu, sepconv_backward.cu) on the current stream.
 // The CPU registrations only raise a clear error instead of PyTorch's "Could not run ... 'CPU'".
+//
+// Debugging: XCEPTION_FAST_POISON_OUTPUTS=1 (read at every call) fills freshly allocated outputs
+// with NaN and the workspace with 0xFF bytes (NaN in every float type) before the kernels run, so an
+// element a kernel forgets to write shows up as NaN. The tests set it.
 
+#include <cstdlib>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -99,6 +106,25 @@ Tensor empty_vector(int64_t n, const Tensor& like, at::ScalarType dtype) {
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+bool poison_outputs() {
+  const char* value = std::getenv("XCEPTION_FAST_POISON_OUTPUTS");
+  return value != nullptr && value[0] != '\0' && std::string(value) != "0";
+}
+
+// A freshly allocated output, NaN-filled under XCEPTION_FAST_POISON_OUTPUTS.
+Tensor fresh(Tensor t) {
+  if (poison_outputs() && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+// The kernels' scratch memory (bytes), from PyTorch's caching allocator: stream-ordered, so it may be
+// released when the caller returns, before the kernels have run.
+Tensor workspace(size_t bytes, const Tensor& like) {
+  Tensor w = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+  if (poison_outputs() && bytes > 0) w.fill_(255);
+  return w;
+}
+
 // --- CUDA implementations ----------------------------------------------------------------------------
 
 Tensor sepconv_bn_infer_cuda(const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight,
@@ -115,7 +141,7 @@ Tensor sepconv_bn_infer_cuda(const Tensor& x, const Tensor& dw_weight, const Ten
   const Tensor xc = channels_last(x), dwc = dw_weight.contiguous(), pwc = pw_weight.contiguous();
   const Tensor scale_c = optional_contiguous(scale), shift_c = optional_contiguous(shift);
   const Tensor residual_c = optional_channels_last(residual);
-  Tensor y = empty_channels_last({g.n, g.c_out, g.h_out, g.w_out}, x);
+  Tensor y = fresh(empty_channels_last({g.n, g.c_out, g.h_out, g.w_out}, x));
 
   SepConvInferParams p;
   p.g = g;
@@ -129,6 +155,9 @@ Tensor sepconv_bn_infer_cuda(const Tensor& x, const Tensor& dw_weight, const Ten
   p.y = tensor4(y);
   p.pre_relu = pre_relu;
   p.post_relu = post_relu;
+  const Tensor ws = workspace(workspace_size(p), x);
+  p.workspace = ws.data_ptr();
+  p.workspace_bytes = static_cast<size_t>(ws.numel());
   check_launch(run_sepconv_bn_infer(p, current_stream()), Op::kSepconvBnInfer);
   return y;
 }
@@ -147,12 +176,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sepconv_bn_infer_backward_cud
   const Tensor gyc = channels_last(grad_y), xc = channels_last(x);
   const Tensor dwc = dw_weight.contiguous(), pwc = pw_weight.contiguous();
   const Tensor scale_c = optional_contiguous(scale), shift_c = optional_contiguous(shift);
-  Tensor grad_x = empty_channels_last(x.sizes(), x);
-  Tensor grad_dw = at::empty(dw_weight.sizes(), dw_weight.options());
-  Tensor grad_pw = at::empty(pw_weight.sizes(), pw_weight.options());
+  Tensor grad_x = fresh(empty_channels_last(x.sizes(), x));
+  Tensor grad_dw = fresh(at::empty(dw_weight.sizes(), dw_weight.options()));
+  Tensor grad_pw = fresh(at::empty(pw_weight.sizes(), pw_weight.options()));
   // Absent scale/shift: empty gradients in x's dtype (as xception_fast.reference).
-  Tensor grad_scale = scale_c.defined() ? at::empty_like(scale_c) : empty_vector(0, x, x.scalar_type());
-  Tensor grad_shift = shift_c.defined() ? at::empty_like(shift_c) : empty_vector(0, x, x.scalar_type());
+  Tensor grad_scale = fresh(scale_c.defined() ? at::empty_like(scale_c) : empty_vector(0, x, x.scalar_type()));
+  Tensor grad_shift = fresh(shift_c.defined() ? at::empty_like(shift_c) : empty_vector(0, x, x.scalar_type()));
 
   SepConvInferBackwardParams p;
   p.g = g;
@@ -170,6 +199,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sepconv_bn_infer_backward_cud
   p.grad_shift = shift_c.defined() ? vec(grad_shift) : Vec{};
   p.pre_relu = pre_relu;
   p.post_relu = post_relu;
+  const Tensor ws = workspace(workspace_size(p), x);
+  p.workspace = ws.data_ptr();
+  p.workspace_bytes = static_cast<size_t>(ws.numel());
   check_launch(run_sepconv_bn_infer_backward(p, current_stream()), Op::kSepconvBnInferBackward);
   return {grad_x, grad_dw, grad_pw, grad_scale, grad_shift};
 }
@@ -189,10 +221,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sepconv_bn_train_cuda(
   const Tensor xc = channels_last(x), dwc = dw_weight.contiguous(), pwc = pw_weight.contiguous();
   const Tensor weight_c = optional_contiguous(bn_weight), bias_c = optional_contiguous(bn_bias);
   const Tensor residual_c = optional_channels_last(residual);
-  Tensor y = empty_channels_last({g.n, g.c_out, g.h_out, g.w_out}, x);
-  Tensor z = empty_channels_last({g.n, g.c_out, g.h_out, g.w_out}, x);
-  Tensor mean = empty_vector(g.c_out, x, at::kFloat);
-  Tensor var = empty_vector(g.c_out, x, at::kFloat);
+  Tensor y = fresh(empty_channels_last({g.n, g.c_out, g.h_out, g.w_out}, x));
+  Tensor z = fresh(empty_channels_last({g.n, g.c_out, g.h_out, g.w_out}, x));
+  Tensor mean = fresh(empty_vector(g.c_out, x, at::kFloat));
+  Tensor var = fresh(empty_vector(g.c_out, x, at::kFloat));
 
   SepConvTrainParams p;
   p.g = g;
@@ -210,6 +242,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sepconv_bn_train_cuda(
   p.eps = eps;
   p.pre_relu = pre_relu;
   p.post_relu = post_relu;
+  const Tensor ws = workspace(workspace_size(p), x);
+  p.workspace = ws.data_ptr();
+  p.workspace_bytes = static_cast<size_t>(ws.numel());
   check_launch(run_sepconv_bn_train(p, current_stream()), Op::kSepconvBnTrain);
   return {y, z, mean, var};
 }
@@ -236,8 +271,8 @@ std::tuple<Tensor, Tensor> bn_backward_reduce_cuda(const Tensor& grad_y, const T
   const Tensor gyc = channels_last(grad_y), zc = channels_last(z);
   const Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
   const Tensor weight_c = optional_contiguous(bn_weight), bias_c = optional_contiguous(bn_bias);
-  Tensor sum_dy = empty_vector(c, z, at::kFloat);
-  Tensor sum_dy_xhat = empty_vector(c, z, at::kFloat);
+  Tensor sum_dy = fresh(empty_vector(c, z, at::kFloat));
+  Tensor sum_dy_xhat = fresh(empty_vector(c, z, at::kFloat));
 
   BnBackwardReduceParams p;
   p.n = z.size(0);
@@ -254,6 +289,9 @@ std::tuple<Tensor, Tensor> bn_backward_reduce_cuda(const Tensor& grad_y, const T
   p.sum_dy = sum_dy.data_ptr<float>();
   p.sum_dy_xhat = sum_dy_xhat.data_ptr<float>();
   p.post_relu = post_relu;
+  const Tensor ws = workspace(workspace_size(p), z);
+  p.workspace = ws.data_ptr();
+  p.workspace_bytes = static_cast<size_t>(ws.numel());
   check_launch(run_bn_backward_reduce(p, current_stream()), Op::kBnBackwardReduce);
   return {sum_dy, sum_dy_xhat};
 }
@@ -280,9 +318,9 @@ std::tuple<Tensor, Tensor, Tensor> sepconv_bn_train_backward_cuda(
   const Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
   const Tensor mean_dy_c = mean_dy.contiguous(), mean_dy_xhat_c = mean_dy_xhat.contiguous();
   const Tensor weight_c = optional_contiguous(bn_weight), bias_c = optional_contiguous(bn_bias);
-  Tensor grad_x = empty_channels_last(x.sizes(), x);
-  Tensor grad_dw = at::empty(dw_weight.sizes(), dw_weight.options());
-  Tensor grad_pw = at::empty(pw_weight.sizes(), pw_weight.options());
+  Tensor grad_x = fresh(empty_channels_last(x.sizes(), x));
+  Tensor grad_dw = fresh(at::empty(dw_weight.sizes(), dw_weight.options()));
+  Tensor grad_pw = fresh(at::empty(pw_weight.sizes(), pw_weight.options()));
 
   SepConvTrainBackwardParams p;
   p.g = g;
@@ -303,6 +341,9 @@ std::tuple<Tensor, Tensor, Tensor> sepconv_bn_train_backward_cuda(
   p.grad_pw_weight = grad_pw.data_ptr();
   p.pre_relu = pre_relu;
   p.post_relu = post_relu;
+  const Tensor ws = workspace(workspace_size(p), x);
+  p.workspace = ws.data_ptr();
+  p.workspace_bytes = static_cast<size_t>(ws.numel());
   check_launch(run_sepconv_bn_train_backward(p, current_stream()), Op::kSepconvBnTrainBackward);
   return {grad_x, grad_dw, grad_pw};
 }

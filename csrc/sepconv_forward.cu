@@ -1,0 +1,309 @@
+// Forward kernels of the xception_fast CUDA provider (inference and training), the kernel registry
+// (kHasKernel) and the launchers run_sepconv_bn_infer / run_sepconv_bn_train.
+//
+// STATUS: compiled for sm_80 and sm_90a with nvcc 13.0; NOT YET RUN ON A GPU. Nothing here has been
+// checked numerically: tests/test_cuda_provider.py is the check, to be run on a GPU (with
+// XCEPTION_FAST_UNVERIFIED_CUDA=1) before xception_fast.backends.CUDA_KERNELS_VERIFIED is set.
+//
+// Design (sepconv_device.cuh holds the shared pieces):
+// - sepconv_infer_kernel<T>: one block per (64 output positions) x (64 output channels) tile, 128
+//   threads. For each chunk of 32 input channels: the depthwise result (pre-ReLU, fp32 accumulation,
+//   rounded to T as the unfused depthwise conv stores it) for 64 positions x 32 channels goes to
+//   shared memory as the A tile, the pointwise weight tile (32 x 64) as the B tile, and the block
+//   multiplies them (fp16/bf16: tensor cores via nvcuda::wmma, fp32 accumulators; fp32: FMA on CUDA
+//   cores). The epilogue goes through shared memory: z rounded to T, * scale + shift (each optional,
+//   fp32), rounded to T, post-ReLU, + residual (in T, after the ReLU), coalesced stores along Cout.
+//   The depthwise output never touches device memory; it is recomputed once per 64-channel output
+//   tile (Cout / 64 times in all), which costs CUDA-core FLOPs but no memory traffic.
+// - Training: sepconv_train_kernel<T> runs the same main loop; its epilogue stores z (rounded to T)
+//   and per-block, per-channel statistics of the rounded z to a partial buffer: a pivot K (the
+//   block's first z), mu = mean(z - K) and M2 = sum((z - K - mu)^2), centred within the block.
+//   bn_stats_merge_kernel merges the blocks per channel with Chan's formula, carrying the pivot so
+//   that differences of large means are taken between exact values (stable for mean 1e4, std 1e-2),
+//   and writes mean, the biased var (0 and 1 for an empty batch) and invstd = 1 / sqrt(var + eps).
+//   bn_apply_kernel<T> then computes y = post(((z - mean) * invstd) * w + b) + residual.
+// - Deterministic: no atomics; every reduction has a fixed order.
+// - Grid: a 1-D grid of m_tiles * n_tiles blocks, the n tiles of one m tile adjacent (they read the
+//   same input rows, which then come from L2).
+//
+// Not verified yet (check first on the GPU): the wmma fragment layouts (col-major B here), the
+// bank-conflict-free-ness and speed of anything, and the statistics merge's numerics.
+
+#include <cstdint>
+
+#include "sepconv_device.cuh"
+#include "sepconv_params.h"
+
+#define XF_STRINGIFY_(...) #__VA_ARGS__
+#define XF_STRINGIFY(...) XF_STRINGIFY_(__VA_ARGS__)
+
+namespace xception_fast {
+
+namespace {
+
+constexpr bool kHasKernel[static_cast<int>(Op::kCount)] = {
+    true,  // sepconv_bn_infer
+    true,  // sepconv_bn_infer_backward
+    true,  // sepconv_bn_train
+    true,  // bn_backward_reduce
+    true,  // sepconv_bn_train_backward
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Inference
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) sepconv_infer_kernel(const SepConvInferParams p, int64_t n_tiles) {
+  __shared__ ForwardSmem<T> s;
+  const ConvGeometry& g = p.g;
+  const int64_t tile = blockIdx.x;
+  const int64_t m0 = (tile / n_tiles) * kBM;
+  const int64_t n0 = (tile % n_tiles) * kBN;
+  fused_forward_tile<T>(g, static_cast<const T*>(p.x.ptr), static_cast<const T*>(p.dw_weight),
+                        static_cast<const T*>(p.pw_weight), p.pre_relu, m0, n0, s);
+
+  const int64_t positions = g.n * g.h_out * g.w_out;
+  const T* residual = static_cast<const T*>(p.residual.ptr);
+  T* y = static_cast<T*>(p.y.ptr);
+  for (int idx = threadIdx.x; idx < kBM * kBN; idx += kThreads) {
+    const int m = idx / kBN;
+    const int n = idx % kBN;  // consecutive threads: consecutive channels of one position
+    const int64_t pos = m0 + m;
+    const int64_t co = n0 + n;
+    if (pos >= positions || co >= g.c_out) continue;
+    float v = round_to<T>(s.c[m * kLdC + n]);  // z as the unfused pointwise conv stores it
+    if (p.scale.ptr != nullptr) v = v * load_vec(p.scale, co);
+    if (p.shift.ptr != nullptr) v = v + load_vec(p.shift, co);
+    v = round_to<T>(v);
+    if (p.post_relu) v = relu(v);
+    const int64_t out = pos * g.c_out + co;
+    if (residual != nullptr) v = v + to_float(residual[out]);  // added in T: rounded once, below
+    y[out] = from_float<T>(v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Training: main loop + statistics epilogue, merge, normalisation
+
+// Partial statistics layout: partial[(m_tile * 3 + k) * Cout + co], k = 0: pivot, 1: mu, 2: M2.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    sepconv_train_kernel(const SepConvTrainParams p, int64_t n_tiles, float* __restrict__ partial) {
+  __shared__ ForwardSmem<T> s;
+  const ConvGeometry& g = p.g;
+  const int64_t tile = blockIdx.x;
+  const int64_t m_tile = tile / n_tiles;
+  const int64_t m0 = m_tile * kBM;
+  const int64_t n0 = (tile % n_tiles) * kBN;
+  fused_forward_tile<T>(g, static_cast<const T*>(p.x.ptr), static_cast<const T*>(p.dw_weight),
+                        static_cast<const T*>(p.pw_weight), p.pre_relu, m0, n0, s);
+
+  const int64_t positions = g.n * g.h_out * g.w_out;
+  T* z = static_cast<T*>(p.z.ptr);
+  // z rounded to T: stored, and kept in s.c for the statistics (which are those of the stored z).
+  for (int idx = threadIdx.x; idx < kBM * kBN; idx += kThreads) {
+    const int m = idx / kBN;
+    const int n = idx % kBN;
+    const int64_t pos = m0 + m;
+    const int64_t co = n0 + n;
+    const float v = round_to<T>(s.c[m * kLdC + n]);
+    s.c[m * kLdC + n] = v;
+    if (pos < positions && co < g.c_out) z[pos * g.c_out + co] = from_float<T>(v);
+  }
+  __syncthreads();
+
+  // One thread per channel of the tile, two passes over the tile's valid rows (row 0 always is).
+  const int rows = static_cast<int>(positions - m0 < kBM ? positions - m0 : kBM);
+  const int n = threadIdx.x;
+  const int64_t co = n0 + n;
+  if (n < kBN && co < g.c_out) {
+    const float pivot = s.c[n];
+    float sum = 0.f;
+    for (int m = 0; m < rows; ++m) sum += s.c[m * kLdC + n] - pivot;
+    const float mu = sum / static_cast<float>(rows);
+    float m2 = 0.f;
+    for (int m = 0; m < rows; ++m) {
+      const float d = (s.c[m * kLdC + n] - pivot) - mu;
+      m2 = fmaf(d, d, m2);
+    }
+    partial[(m_tile * 3 + 0) * g.c_out + co] = pivot;
+    partial[(m_tile * 3 + 1) * g.c_out + co] = mu;
+    partial[(m_tile * 3 + 2) * g.c_out + co] = m2;
+  }
+}
+
+// Running statistics of one channel: count, pivot, mean offset from the pivot, centred sum of squares.
+struct Moments {
+  int64_t count;
+  float pivot, mu, m2;
+};
+
+// Chan et al.'s parallel merge of b into a. The difference of the two means is formed as
+// (pivot_b - pivot_a) + (mu_b - mu_a): the pivots are exact data values and the mu's are small, so
+// no large, rounded means are subtracted from each other.
+__device__ __forceinline__ void merge_moments(Moments& a, const Moments& b) {
+  if (b.count == 0) return;
+  if (a.count == 0) {
+    a = b;
+    return;
+  }
+  const int64_t total = a.count + b.count;
+  const float delta = (b.pivot - a.pivot) + (b.mu - a.mu);
+  const float frac_b = static_cast<float>(static_cast<double>(b.count) / static_cast<double>(total));
+  a.mu = a.mu + delta * frac_b;
+  a.m2 = a.m2 + b.m2 + delta * delta * (static_cast<float>(a.count) * frac_b);
+  a.count = total;
+}
+
+// Block: 32 channels x 8 lanes; lane l merges tiles l, l + 8, ... in order, lane 0 then merges the
+// lanes in order. Writes mean, var (biased) and invstd. No tiles (empty batch): mean 0, var 1.
+__global__ void __launch_bounds__(kRedCols* kRedLanes)
+    bn_stats_merge_kernel(const float* __restrict__ partial, int64_t m_tiles, int64_t positions, int64_t c_out,
+                          float eps, float* __restrict__ mean, float* __restrict__ var, float* __restrict__ invstd) {
+  __shared__ Moments lane_moments[kRedLanes][kRedCols];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t co = static_cast<int64_t>(blockIdx.x) * kRedCols + tx;
+  Moments acc{0, 0.f, 0.f, 0.f};
+  if (co < c_out) {
+    for (int64_t t = ty; t < m_tiles; t += kRedLanes) {
+      const int64_t rows = positions - t * kBM < kBM ? positions - t * kBM : kBM;
+      const Moments tile{rows, partial[(t * 3 + 0) * c_out + co], partial[(t * 3 + 1) * c_out + co],
+                         partial[(t * 3 + 2) * c_out + co]};
+      merge_moments(acc, tile);
+    }
+  }
+  lane_moments[ty][tx] = acc;
+  __syncthreads();
+  if (ty == 0 && co < c_out) {
+    for (int l = 1; l < kRedLanes; ++l) merge_moments(acc, lane_moments[l][tx]);
+    float m = 0.f, v = 1.f;
+    if (acc.count > 0) {
+      m = acc.pivot + acc.mu;
+      v = acc.m2 / static_cast<float>(acc.count);
+    }
+    mean[co] = m;
+    var[co] = v;
+    invstd[co] = 1.f / sqrtf(v + eps);  // correctly rounded sqrt and division (no fast-math)
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256)
+    bn_apply_kernel(const SepConvTrainParams p, const float* __restrict__ invstd, int64_t total) {
+  const int64_t c_out = p.g.c_out;
+  const T* z = static_cast<const T*>(p.z.ptr);
+  const T* residual = static_cast<const T*>(p.residual.ptr);
+  T* y = static_cast<T*>(p.y.ptr);
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t co = idx % c_out;
+    float v = (to_float(z[idx]) - p.mean[co]) * invstd[co];
+    if (p.bn_weight.ptr != nullptr) v = v * load_vec(p.bn_weight, co);
+    if (p.bn_bias.ptr != nullptr) v = v + load_vec(p.bn_bias, co);
+    v = round_to<T>(v);
+    if (p.post_relu) v = relu(v);
+    if (residual != nullptr) v = v + to_float(residual[idx]);
+    y[idx] = from_float<T>(v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Launchers
+
+int64_t positions_out(const ConvGeometry& g) { return g.n * g.h_out * g.w_out; }
+
+struct TrainPlan {
+  int64_t m_tiles, n_tiles;
+  float* partial;  // [m_tiles][3][Cout]
+  float* invstd;   // [Cout]
+};
+
+TrainPlan plan_train(const ConvGeometry& g, Workspace& ws) {
+  TrainPlan plan;
+  plan.m_tiles = ceil_div(positions_out(g), kBM);
+  plan.n_tiles = ceil_div(g.c_out, kBN);
+  plan.partial = ws.take<float>(plan.m_tiles * 3 * g.c_out);
+  plan.invstd = ws.take<float>(g.c_out);
+  return plan;
+}
+
+template <typename T>
+cudaError_t launch_infer(const SepConvInferParams& p, cudaStream_t stream) {
+  const ConvGeometry& g = p.g;
+  const int64_t m_tiles = ceil_div(positions_out(g), kBM);
+  const int64_t n_tiles = ceil_div(g.c_out, kBN);
+  const int64_t blocks = m_tiles * n_tiles;
+  if (blocks == 0) return cudaSuccess;
+  if (!fits_grid_x(blocks)) return cudaErrorInvalidConfiguration;
+  sepconv_infer_kernel<T><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p, n_tiles);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_train(const SepConvTrainParams& p, cudaStream_t stream) {
+  const ConvGeometry& g = p.g;
+  Workspace ws(p.workspace);
+  const TrainPlan plan = plan_train(g, ws);
+  if (ws.bytes() > p.workspace_bytes) return cudaErrorInvalidValue;
+  if (g.c_out == 0) return cudaSuccess;
+  const int64_t positions = positions_out(g);
+  const int64_t blocks = plan.m_tiles * plan.n_tiles;
+  if (!fits_grid_x(blocks)) return cudaErrorInvalidConfiguration;
+  if (blocks > 0) {
+    sepconv_train_kernel<T><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p, plan.n_tiles,
+                                                                                       plan.partial);
+  }
+  bn_stats_merge_kernel<<<static_cast<unsigned int>(ceil_div(g.c_out, kRedCols)), dim3(kRedCols, kRedLanes), 0,
+                          stream>>>(plan.partial, plan.m_tiles, positions, g.c_out, static_cast<float>(p.eps),
+                                    p.mean, p.var, plan.invstd);
+  const int64_t total = positions * g.c_out;
+  if (total > 0) bn_apply_kernel<T><<<elementwise_blocks(total), 256, 0, stream>>>(p, plan.invstd, total);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool has_kernel(Op op) {
+  const int i = static_cast<int>(op);
+  return i >= 0 && i < static_cast<int>(Op::kCount) && kHasKernel[i];
+}
+
+const char* compiled_cuda_arch_list() {
+#ifdef __CUDA_ARCH_LIST__
+  return XF_STRINGIFY(__CUDA_ARCH_LIST__);
+#else
+  return "";
+#endif
+}
+
+size_t workspace_size(const SepConvInferParams& params) {
+  (void)params;
+  return 0;
+}
+
+size_t workspace_size(const SepConvTrainParams& params) {
+  Workspace ws(nullptr);
+  plan_train(params.g, ws);
+  return ws.bytes();
+}
+
+cudaError_t run_sepconv_bn_infer(const SepConvInferParams& p, cudaStream_t stream) {
+  const ConvGeometry& g = p.g;
+  if (!is_nhwc(p.x, g.n, g.c, g.h, g.w) || !is_nhwc(p.y, g.n, g.c_out, g.h_out, g.w_out) ||
+      (p.residual.ptr != nullptr && !is_nhwc(p.residual, g.n, g.c_out, g.h_out, g.w_out))) {
+    return cudaErrorInvalidValue;
+  }
+  return XF_DTYPE_SWITCH(p.dtype, T, [&] { return launch_infer<T>(p, stream); });
+}
+
+cudaError_t run_sepconv_bn_train(const SepConvTrainParams& p, cudaStream_t stream) {
+  const ConvGeometry& g = p.g;
+  if (!is_nhwc(p.x, g.n, g.c, g.h, g.w) || !is_nhwc(p.y, g.n, g.c_out, g.h_out, g.w_out) ||
+      !is_nhwc(p.z, g.n, g.c_out, g.h_out, g.w_out) ||
+      (p.residual.ptr != nullptr && !is_nhwc(p.residual, g.n, g.c_out, g.h_out, g.w_out))) {
+    return cudaErrorInvalidValue;
+  }
+  return XF_DTYPE_SWITCH(p.dtype, T, [&] { return launch_train<T>(p, stream); });
+}
+
+}  // namespace xception_fast
