@@ -7,7 +7,7 @@
 #   env            nvidia-smi, versions, which providers are available          -> OUTDIR/env.log
 #   install        pip install --no-build-isolation --no-deps . (MAX_JOBS=16)   -> OUTDIR/install.log
 #   tests          pytest -m gpu, then the whole test suite                      -> OUTDIR/tests.log
-#   sanitize       compute-sanitizer memcheck + racecheck over a small forward/backward
+#   sanitize       compute-sanitizer memcheck, racecheck, initcheck over a small forward/backward
 #                  (xception_fast.bench.sanitize) for each available fused provider
 #                  with PYTORCH_NO_CUDA_MEMORY_CACHING=1                         -> OUTDIR/sanitize.log
 #   bench-pytest   pytest benchmarks --benchmark-only, quick settings (no compile rows, batch 256):
@@ -43,7 +43,7 @@ BENCH_BUDGET=${BENCH_BUDGET:-420}
 DTYPE=${DTYPE:-bf16}
 BENCH_ARGS=${BENCH_ARGS:-}
 SANITIZE_BACKENDS=${SANITIZE_BACKENDS:-cuda triton}
-SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck racecheck}
+SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck racecheck initcheck}
 SANITIZE_DTYPES=${SANITIZE_DTYPES:-fp32 bf16}
 SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-250}
 export MAX_JOBS=${MAX_JOBS:-16}

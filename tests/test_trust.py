@@ -280,3 +280,51 @@ def test_fuzz_on_gpu(provider, dtype):
                 run_case(case, provider, dtype, seed=i)
             except AssertionError as exc:
                 pytest.fail(f"{exc}\nrepro: run_case({case!r}, {provider!r}, {dtype}, seed={i})")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "initcheck"])
+@pytest.mark.parametrize("provider", ["cuda", "triton"])
+def test_compute_sanitizer_is_clean(provider, tool):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    require_cuda_provider(provider)
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer is not on PATH")
+    env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+    run = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "86", "--print-limit", "20", sys.executable,
+                          "-m", "xception_fast.bench.sanitize", "--backend", provider, "--dtypes", "fp32", "bf16"],
+                         env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("provider", ["cuda", "triton", "reference"])
+def test_more_than_2_31_elements_is_right_or_a_clear_error(provider):
+    """64-bit indexing: an input of 2^31 + elements (4.3 GB in bf16) gives the right values at its far
+    end, checked against the reference on the last rows alone, or raises; never garbage."""
+    require_cuda_provider(provider)
+    module = randomize(SeparableConvBN2d(64, 64, backend=provider)).cuda().to(torch.bfloat16).eval()
+    x = torch.randn(1, 64, 5800, 5800, device="cuda", dtype=torch.bfloat16)
+    assert x.numel() > 2**31
+    try:
+        with torch.no_grad():
+            y = module(x)
+    except (RuntimeError, ValueError) as exc:  # a clear refusal is acceptable
+        assert "2^" in str(exc) or "large" in str(exc) or "elements" in str(exc) or "positions" in str(exc), exc
+        return
+    tail = x[:, :, -4:, :]
+    reference_module = copy.deepcopy(module)
+    reference_module.backend = "reference"
+    with torch.no_grad():
+        expected = reference_module(tail)[:, :, 1:, :]  # its top row saw zero padding instead of row -5
+    tol = TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(y[:, :, -3:, :], expected, atol=tol.atol, rtol=tol.rtol)
