@@ -131,3 +131,21 @@ def test_fused_model_compiles_fullgraph_and_matches_eager(train):
                                    g, rtol=1e-4, atol=1e-5, msg=name)
     for (name, b_e), b_c in zip(eager.named_buffers(), compiled_model.buffers()):
         torch.testing.assert_close(b_c, b_e, msg=name)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_whole_xception_captures_in_one_graph(train):
+    """fullgraph=True on the whole fused model: no graph breaks anywhere (aot_eager: the capture and
+    the autograd graphs are what this checks; inductor's code generation is checked on TinyNet)."""
+    torch._dynamo.reset()
+    eager = randomize_batchnorm_(xception_fast.xception(num_classes=5)).train(train)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 71, 71)
+    y_e, gx_e, _ = _step(eager, x, torch.ones(2, 5))
+    y_c, gx_c, _ = _step(compiled, x, torch.ones(2, 5))
+    torch.testing.assert_close(y_c, y_e)
+    torch.testing.assert_close(gx_c, gx_e)
+    torch.testing.assert_close(compiled_model.conv1.weight.grad, eager.conv1.weight.grad)
+    for (name, b_e), b_c in zip(eager.named_buffers(), compiled_model.buffers()):
+        torch.testing.assert_close(b_c, b_e, msg=name)
