@@ -6,6 +6,8 @@
 # Stages (default: all, in this order):
 #   env            nvidia-smi, versions, which providers are available          -> OUTDIR/env.log
 #   install        pip install --no-build-isolation --no-deps . (MAX_JOBS=16)   -> OUTDIR/install.log
+#   gpu-tests      the provider correctness suites on the GPU (cuda, triton, extension, trust):
+#                  the stage to run first when device time is short              -> OUTDIR/gpu-tests.log
 #   tests          pytest -m gpu, then the whole test suite                      -> OUTDIR/tests.log
 #   sanitize       compute-sanitizer memcheck, racecheck, initcheck over a small forward/backward
 #                  (xception_fast.bench.sanitize) for each available fused provider
@@ -123,6 +125,11 @@ stage_tests() {
     return $rc
 }
 
+stage_gpu_tests() {
+    "$PY" -m pytest -q -rs -p no:cacheprovider --durations=15 tests/test_cuda_provider.py \
+        tests/test_triton_provider.py tests/test_extension.py tests/test_trust.py
+}
+
 stage_sanitize() {
     local rc=0 backend tool any=0
     if ! command -v compute-sanitizer >/dev/null; then
@@ -162,12 +169,13 @@ bench_cli() {
         "$@" $BENCH_ARGS
 }
 
-export -f provider_available stage_env stage_install stage_tests stage_sanitize stage_bench_pytest bench_cli
+export -f provider_available stage_env stage_install stage_gpu_tests stage_tests stage_sanitize stage_bench_pytest bench_cli
 
 for stage in $STAGES; do
     case $stage in
         env) run_stage env stage_env ;;
         install) run_stage install stage_install ;;
+        gpu-tests) run_stage gpu-tests stage_gpu_tests ;;
         tests) run_stage tests stage_tests ;;
         sanitize) run_stage sanitize stage_sanitize ;;
         bench-pytest) run_stage bench-pytest stage_bench_pytest ;;
