@@ -16,6 +16,19 @@ def test_reference_is_always_available_and_auto_picks_it_on_cpu():
         assert found.reason, f"{name} gives no reason"
 
 
+@pytest.mark.parametrize("cuda_ok, triton_ok, expected", [(True, True, "cuda"), (False, True, "triton"),
+                                                          (False, False, "reference")])
+def test_auto_order_for_gpu_tensors(monkeypatch, cuda_ok, triton_ok, expected):
+    """On CUDA tensors `auto` takes cuda, then triton, then reference, by availability (faked here:
+    no GPU is needed to resolve a name)."""
+    fake = {"cuda": lambda d: backends.Availability(cuda_ok, "test"),
+            "triton": lambda d: backends.Availability(triton_ok, "test"),
+            "reference": lambda d: backends.Availability(True, "test")}
+    monkeypatch.setattr(backends, "_AVAILABILITY", fake)
+    assert backends.resolve("auto", "cuda") == expected
+    assert backends.resolve("auto", "cpu") == "reference"  # the interpreter is never picked by auto
+
+
 def test_unavailable_providers_say_why():
     report = xception_fast.backend_report("cpu")
     assert not report["cuda"].available  # the cuda provider never runs on CPU tensors
