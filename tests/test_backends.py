@@ -26,7 +26,23 @@ def test_auto_order_for_gpu_tensors(monkeypatch, cuda_ok, triton_ok, expected):
             "reference": lambda d: backends.Availability(True, "test")}
     monkeypatch.setattr(backends, "_AVAILABILITY", fake)
     assert backends.resolve("auto", "cuda") == expected
+    assert backends.resolve("auto", "cuda", torch.bfloat16) == expected
+    assert backends.resolve("auto", "cuda", torch.float64) == "reference"  # no fused float64 kernels
     assert backends.resolve("auto", "cpu") == "reference"  # the interpreter is never picked by auto
+
+
+def test_ops_resolve_with_the_input_dtype(monkeypatch):
+    seen = []
+    resolve = backends.resolve
+
+    def spy(backend, device, dtype=None):
+        seen.append(dtype)
+        return resolve(backend, device, dtype)
+
+    monkeypatch.setattr(backends, "resolve", spy)
+    module = xception_fast.SeparableConvBN2d(3, 4).double().train()
+    module(torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)).sum().backward()
+    assert seen and all(dtype == torch.float64 for dtype in seen)
 
 
 def test_unavailable_providers_say_why():

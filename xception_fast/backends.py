@@ -7,7 +7,8 @@ Three providers implement the same five functions (see `PROVIDER_FUNCTIONS`):
 Precedence when an op runs: an explicit ``backend=`` on the module or call, then the innermost
 ``use_backend(...)`` context, then the ``XCEPTION_FAST_BACKEND`` environment variable, then
 ``auto``. ``auto`` picks ``cuda``, then ``triton``, then ``reference``, by what is available for the
-tensors' device. On the CPU ``auto`` always means ``reference``: the Triton interpreter
+tensors' device; tensors in a dtype the fused providers do not compute in (float64) go to
+``reference``. On the CPU ``auto`` always means ``reference``: the Triton interpreter
 (``TRITON_INTERPRET=1``) is a testing tool and runs only when ``triton`` is asked for by name.
 An explicit request for a provider that cannot run is an error, never a silent fallback.
 """
@@ -26,6 +27,8 @@ from typing import Callable, Iterator
 import torch
 
 BACKENDS = ("cuda", "triton", "reference")
+# What the fused providers compute in; `auto` gives any other dtype (float64) to `reference`.
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ENV_VAR = "XCEPTION_FAST_BACKEND"
 # The CUDA kernels have been compiled but never run on a GPU: until tests/test_cuda_provider.py has
 # passed on one, the provider runs only for those who opt in to test it.
@@ -168,12 +171,15 @@ def availability(name: str, device: torch.device | str) -> Availability:
     return _AVAILABILITY[_check_name(name, "backend")](torch.device(device))
 
 
-def resolve(backend: str, device: torch.device | str) -> str:
-    """The provider that will run for tensors on `device`; raises if an explicit one can't."""
+def resolve(backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The provider that will run for tensors on `device` (of `dtype`, when given); raises if an
+    explicit one can't run on that device. An explicit fused provider given a dtype it does not
+    compute in raises its own error when called; `auto` picks `reference` for such dtypes."""
     device = torch.device(device)
     name = requested_backend(backend)
     if name == "auto":
-        candidates = BACKENDS if device.type == "cuda" else ("reference",)
+        fused_ok = device.type == "cuda" and (dtype is None or dtype in FUSED_DTYPES)
+        candidates = BACKENDS if fused_ok else ("reference",)
         for candidate in candidates:
             if availability(candidate, device).available:
                 return candidate
@@ -184,9 +190,9 @@ def resolve(backend: str, device: torch.device | str) -> str:
     return name
 
 
-def provider(backend: str, device: torch.device | str):
+def provider(backend: str, device: torch.device | str, dtype: torch.dtype | None = None):
     """The module-like object whose `PROVIDER_FUNCTIONS` run the op."""
-    return _MODULES[resolve(backend, device)]()
+    return _MODULES[resolve(backend, device, dtype)]()
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:

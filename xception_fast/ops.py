@@ -104,7 +104,7 @@ def sepconv_bn_infer(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, scale: Opt
                      padding: Sequence[int], dilation: Sequence[int], pre_relu: bool, post_relu: bool,
                      backend: str) -> Tensor:
     check_inputs(x, dw_weight, pw_weight, {"scale": scale, "shift": shift}, residual, stride, padding, dilation)
-    return backends.provider(backend, x.device).sepconv_bn_infer(
+    return backends.provider(backend, x.device, x.dtype).sepconv_bn_infer(
         x, dw_weight, pw_weight, scale, shift, residual, stride, padding, dilation, pre_relu, post_relu)
 
 
@@ -120,7 +120,7 @@ def sepconv_bn_infer_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, pw_w
                               scale: Optional[Tensor], shift: Optional[Tensor], stride: Sequence[int],
                               padding: Sequence[int], dilation: Sequence[int], pre_relu: bool, post_relu: bool,
                               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return backends.provider(backend, x.device).sepconv_bn_infer_backward(
+    return backends.provider(backend, x.device, x.dtype).sepconv_bn_infer_backward(
         grad_y, x, dw_weight, pw_weight, scale, shift, stride, padding, dilation, pre_relu, post_relu)
 
 
@@ -161,7 +161,7 @@ def sepconv_bn_train(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bn_weight:
                      eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_inputs(x, dw_weight, pw_weight, {"bn_weight": bn_weight, "bn_bias": bn_bias}, residual, stride, padding,
                  dilation)
-    return backends.provider(backend, x.device).sepconv_bn_train(
+    return backends.provider(backend, x.device, x.dtype).sepconv_bn_train(
         x, dw_weight, pw_weight, bn_weight, bn_bias, residual, stride, padding, dilation, pre_relu, post_relu, eps)
 
 
@@ -177,7 +177,7 @@ def _(x, dw_weight, pw_weight, bn_weight, bn_bias, residual, stride, padding, di
 @torch.library.custom_op("xception_fast::bn_backward_reduce", mutates_args=())
 def bn_backward_reduce(grad_y: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
                        bn_bias: Optional[Tensor], post_relu: bool, backend: str) -> tuple[Tensor, Tensor]:
-    return backends.provider(backend, z.device).bn_backward_reduce(
+    return backends.provider(backend, z.device, z.dtype).bn_backward_reduce(
         grad_y, z, mean, invstd, bn_weight, bn_bias, post_relu)
 
 
@@ -192,7 +192,7 @@ def sepconv_bn_train_backward(grad_y: Tensor, x: Tensor, z: Tensor, dw_weight: T
                               mean_dy: Tensor, mean_dy_xhat: Tensor, stride: Sequence[int],
                               padding: Sequence[int], dilation: Sequence[int], pre_relu: bool, post_relu: bool,
                               backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return backends.provider(backend, x.device).sepconv_bn_train_backward(
+    return backends.provider(backend, x.device, x.dtype).sepconv_bn_train_backward(
         grad_y, x, z, dw_weight, pw_weight, mean, invstd, bn_weight, bn_bias, mean_dy, mean_dy_xhat, stride,
         padding, dilation, pre_relu, post_relu)
 
