@@ -14,15 +14,15 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from xception_fast.backends import FUSED_DTYPES
 from xception_fast.reference import to_channels_last, to_contiguous
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Positions are int32 in the kernels, and a split's end (s + 1) * chunk may reach 1.5 x the count.
 MAX_POSITIONS = 2**30
 
 
 def check_dtype(x: Tensor) -> None:
-    if x.dtype not in KERNEL_DTYPES:
+    if x.dtype not in FUSED_DTYPES:
         raise TypeError(f"the triton provider runs float32, float16 and bfloat16, got {x.dtype}; "
                         f"use backend='reference' for {x.dtype}")
 

@@ -27,7 +27,8 @@ from typing import Callable, Iterator
 import torch
 
 BACKENDS = ("cuda", "triton", "reference")
-# What the fused providers compute in; `auto` gives any other dtype (float64) to `reference`.
+# What the fused providers compute in (the Triton provider checks against this too); `auto` gives
+# any other dtype (float64) to `reference`.
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ENV_VAR = "XCEPTION_FAST_BACKEND"
 # The CUDA kernels have been compiled but never run on a GPU: until tests/test_cuda_provider.py has
