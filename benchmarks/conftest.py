@@ -1,9 +1,12 @@
-"""Fixtures of the benchmark suite: ``pytest benchmarks --benchmark-only``.
+"""Fixtures of the benchmark suite: ``pytest --benchmark`` from the repository root (an option of the
+root conftest.py: this folder with pytest-benchmark's --benchmark-only), or ``pytest benchmarks
+--benchmark-only``.
 
 With a GPU, every layer and model row of the grid runs (`xception_fast.bench.common.BenchSettings`:
 bf16, both modes, layers at batch 256, models at batch 1, 32 and 256, 299x299; narrow it with the
-XCEPTION_FAST_BENCH_{DTYPES,MODES,BATCHES,LAYER_BATCH,IMAGE_SIZE,MODELS,PROVIDERS,SHAPES,
-COMPILE_MODE,TIMING} environment variables, comma-separated). Each row is timed with CUDA events
+root conftest's --bench-* options or the XCEPTION_FAST_BENCH_{DTYPES,MODES,BATCHES,LAYER_BATCH,
+IMAGE_SIZE,MODELS,PROVIDERS,SHAPES,COMPILE_MODE,TIMING} environment variables they set,
+comma-separated). Each row is timed with CUDA events
 (`xception_fast.bench.timing`: warm-up and first call/compilation excluded, medians) and that
 figure, with TFLOP/s, GB/s, roofline fraction, images/s and peak memory, goes into
 ``benchmark.extra_info``. pytest-benchmark's own columns time the same callable followed by
@@ -105,6 +108,7 @@ def measure(benchmark):
     return run
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own table: the comparison comes last
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for runner in config.stash.get(_RUNNERS, []):
         if not runner.rows:

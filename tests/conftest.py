@@ -3,6 +3,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 # Triton's CPU interpreter must be on when triton itself is first imported (its standard library is
@@ -24,7 +25,15 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
         else:
             os.environ["TRITON_INTERPRET"] = _saved
 
-# On a GPU, float32 convolutions and matmuls default to TF32 in cuDNN/cuBLAS; the reference provider
-# is held to exact float32 here, so that the float32 comparisons of the fused kernels are not lenient.
-torch.backends.cudnn.allow_tf32 = False
-torch.backends.cuda.matmul.allow_tf32 = False
+
+@pytest.fixture(scope="session", autouse=True)
+def exact_float32():
+    """On a GPU, float32 convolutions and matmuls default to TF32 in cuDNN/cuBLAS; the reference
+    provider is held to exact float32 in the tests, so that the float32 comparisons of the fused
+    kernels are not lenient. A fixture, not an import-time setting: `pytest --benchmark` loads this
+    file too (testpaths), and the benchmarks must run with torch's defaults, as the bench CLI does."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
