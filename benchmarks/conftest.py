@@ -121,4 +121,4 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             runner.save(runner.autosave)
             terminalreporter.write_line(f"results written to {runner.autosave}")
         elif runner.device.type != "cuda":
-            terminalreporter.write_line(f"CPU smoke rows not saved (set {RESULTS_ENV}=DIR to keep them)")
+            terminalreporter.write_line(f"CPU smoke rows not saved (--bench-out DIR or {RESULTS_ENV}=DIR keeps them)")
