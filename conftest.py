@@ -5,6 +5,8 @@
                                              --benchmark-only), the comparison table at the end
     pytest --benchmark --bench-mode infer --bench-dtype bf16,fp16 --bench-batch 256
                                              the GPU grid narrowed like `python -m xception_fast bench`
+    pytest --benchmark --static              the static cost model's rows only (benchmarks/test_bench_static.py),
+                                             a usage error where that file is absent
 
 It lives at the repository root because pytest loads a rootdir conftest on every run from here,
 whatever the paths: `pytest --benchmark` names no path, and `pytest --help` must list the options.
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent / "benchmarks"
+STATIC_ROWS = BENCHMARKS_DIR / "test_bench_static.py"  # the static cost model's rows, where it is present
 ENV_PREFIX = "XCEPTION_FAST_BENCH_"  # as xception_fast.bench.common.ENV_PREFIX (not imported: no torch for --help)
 
 # (option, XCEPTION_FAST_BENCH_* variable, help): the options of `python -m xception_fast bench` that
@@ -53,8 +56,8 @@ def pytest_addoption(parser):
                     help="run the benchmark suite (benchmarks/, benchmark mode) instead of the tests and "
                          "print the comparison table; GPU rows skip with the reason without a GPU")
     group.addoption("--static", action="store_true", dest="static_rows",
-                    help="with --benchmark: also the static cost model rows (static estimate, sm_90 model; "
-                         "not in this version yet: says so and stops)")
+                    help="benchmark mode, the static cost model rows only (static estimate, sm_90 model; "
+                         "no GPU needed); an error where this version has none")
     for option, variable, text in BENCH_OPTIONS:
         group.addoption(option, default=None, metavar="VALUE",
                         help=f"benchmarks: {text}; comma-separated, as {ENV_PREFIX}{variable}")
@@ -73,9 +76,9 @@ def _requested_env(config) -> dict[str, str]:
 
 
 def pytest_configure(config):
-    if config.getoption("static_rows"):
-        # The static cost model's rows (`python -m xception_fast bench --static`) join the suite here;
-        # until they exist, say so instead of running measured rows under its name.
+    static = config.getoption("static_rows")
+    if static and not STATIC_ROWS.exists():
+        # Say so rather than run measured rows under the static model's name.
         raise pytest.UsageError(STATIC_UNAVAILABLE)
     env = _requested_env(config)
     config.stash[_SAVED_ENV] = {name: os.environ.get(name) for name in env}
@@ -87,15 +90,15 @@ def pytest_configure(config):
             BenchSettings.from_env("cuda")  # the GPU grid's settings, checked before collection
         except ValueError as exc:
             raise pytest.UsageError(f"--bench-* options: {exc}") from exc
-    if not config.getoption("run_benchmarks"):
+    if not (config.getoption("run_benchmarks") or static):
         return
     if not config.pluginmanager.hasplugin("benchmark"):
         raise pytest.UsageError("--benchmark needs pytest-benchmark: pip install '.[test]'")
     # pytest-benchmark reads its options in its own (trylast) pytest_configure, after this one.
     config.option.benchmark_only = True
     if config.args_source == pytest.Config.ArgsSource.TESTPATHS:
-        # No path given: benchmarks/ instead of the testpaths (tests/).
-        config.args = [str(BENCHMARKS_DIR)]
+        # No path given: benchmarks/ (or its static rows) instead of the testpaths (tests/).
+        config.args = [str(STATIC_ROWS if static else BENCHMARKS_DIR)]
         config.args_source = pytest.Config.ArgsSource.ARGS
 
 
@@ -108,6 +111,6 @@ def pytest_unconfigure(config):
 
 
 def pytest_report_header(config):
-    if config.getoption("run_benchmarks"):
+    if config.getoption("run_benchmarks") or config.getoption("static_rows"):
         return "xception_fast: --benchmark (benchmark mode: tests that use the benchmark fixture only)"
     return None
