@@ -13,6 +13,7 @@ from xception_fast.backends import available_backends, backend_report, use_backe
 from xception_fast.convert import load_timm_weights, to_timm_state_dict  # noqa: E402
 from xception_fast.functional import separable_conv, separable_conv_bn  # noqa: E402
 from xception_fast.fuse import FuseReport, fuse_model  # noqa: E402
+from xception_fast.keras_weights import load_keras_weights, save_keras_weights, to_keras_weights  # noqa: E402
 from xception_fast.models.xception import Xception, xception  # noqa: E402
 from xception_fast.nn import SeparableConv2d, SeparableConvBN2d  # noqa: E402
 
@@ -26,10 +27,13 @@ __all__ = [
     "available_backends",
     "backend_report",
     "fuse_model",
+    "load_keras_weights",
     "load_timm_weights",
     "ops",
+    "save_keras_weights",
     "separable_conv",
     "separable_conv_bn",
+    "to_keras_weights",
     "to_timm_state_dict",
     "use_backend",
     "xception",

@@ -101,16 +101,21 @@ def _read_h5(f) -> list[tuple[str, list[np.ndarray]]]:
     raise ValueError("not a Keras weights file: no 'layer_names' attribute, 'model_weights' or 'layers' group")
 
 
+def _h5py():
+    try:
+        import h5py
+    except ImportError as e:
+        raise ImportError("Keras weight files need h5py: pip install h5py (or xception_fast[keras])") from e
+    return h5py
+
+
 def read_keras_weights(source: Any) -> list[tuple[str, list[np.ndarray]]]:
     """(layer name, [arrays in Keras's order]) for every layer with weights, in layer order, from a
     `.h5`/`.weights.h5`/`.keras` path or a live Keras model."""
     if hasattr(source, "layers") and hasattr(source, "get_weights"):
         return [(layer.name, [np.asarray(w) for w in layer.get_weights()]) for layer in source.layers
                 if layer.weights]
-    try:
-        import h5py
-    except ImportError as e:
-        raise ImportError("reading Keras weight files needs h5py: pip install h5py") from e
+    h5py = _h5py()
     path = os.fspath(source)
     if zipfile.is_zipfile(path):  # .keras: a zip with model.weights.h5 inside
         with zipfile.ZipFile(path) as archive:
@@ -209,8 +214,7 @@ def to_keras_weights(model: nn.Module) -> list[tuple[str, list[np.ndarray]]]:
 def save_keras_weights(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Write our weights as a Keras HDF5 weights file, the layout of the published ImageNet files:
     `keras.applications.Xception(weights=path)` (or `load_weights(path)`) reads it."""
-    import h5py
-
+    h5py = _h5py()
     layers = _to_keras(model)
     with h5py.File(path, "w") as f:
         f.attrs["layer_names"] = [name.encode() for name, _, _ in layers]
