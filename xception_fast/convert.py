@@ -6,7 +6,8 @@ triples (block1's lacks the first ReLU), and the exit flow's separable convs `co
 their BatchNorms `bn3`/`bn4` beside them. Here each triple is one `SeparableConvBN2d` at `rep.<unit>`
 holding `depthwise`, `pointwise` and `bn`. Everything else (stem, shortcuts, classifier) has the
 same name. timm's weights were ported from Keras, whose BatchNorm eps is 1e-3; timm (and this model)
-use 1e-5, so outputs match timm's, not Keras's, to the last digit.
+use 1e-5, so outputs match timm's, not Keras's, to the last digit (`xception(keras_compat=True)` and
+`xception_fast.keras_weights` for Keras's).
 """
 
 from __future__ import annotations
