@@ -193,3 +193,30 @@ def test_tf_same_max_pool(h, w):
     except ImportError:
         return
     torch.testing.assert_close(pooled, TimmMaxPool2dSame(3, 2)(x), rtol=0, atol=0)
+
+
+def test_grad_checkpointing_compiles_without_graph_breaks():
+    from xception_fast.models.layers import checkpoint_module
+
+    class Checkpointed(nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x):
+            return checkpoint_module(self.block, x)
+
+    torch.manual_seed(0)
+    eager = randomize_batchnorm_(Block(8, 16, 2, 2, backend="reference")).train()
+    compiled_block = copy.deepcopy(eager)
+    # aot_eager: the graph capture and the partitioner's recomputation, without a C++ toolchain
+    compiled = torch.compile(Checkpointed(compiled_block), backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 8, 9, 10)
+    y_eager, y = eager(x), compiled(x)
+    y_eager.square().sum().backward()
+    y.square().sum().backward()
+    torch.testing.assert_close(y, y_eager)
+    for (name, p), q in zip(eager.named_parameters(), compiled_block.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    for (name, a), b in zip(eager.named_buffers(), compiled_block.buffers()):  # updated once, not twice
+        torch.testing.assert_close(b, a, msg=name)

@@ -51,6 +51,10 @@ def checkpoint_module(module: nn.Module, x: Tensor) -> Tensor:
     recomputed activations and the gradients, are exact either way; the buffers are restored after
     the recomputation so the running statistics are those of plain training too.
     """
+    if torch.compiler.is_compiling():
+        # Compiled, the recomputation is the partitioner's: it replays only the ops that backward
+        # needs, never the running-statistics updates, and the call counter below cannot be traced.
+        return checkpoint(module, x, use_reentrant=False)
     calls = 0
 
     def run(inp: Tensor) -> Tensor:
