@@ -88,7 +88,8 @@ def _read_h5(f) -> list[tuple[str, list[np.ndarray]]]:
             group = f[name]
             layers.append((name, [np.asarray(group[w]) for w in _decode(group.attrs["weight_names"])]))
         return layers
-    if "layers" in f:  # Keras 3 layout: groups named by class and creation count, in layer order
+    if "layers" in f:  # Keras 3 layout: groups named <class>_<count>, the count following the layer
+        # order within a class; sorted by class, then count (all that matching by order needs)
         layers = []
         for key in sorted(f["layers"], key=_natural_key):
             if "vars" not in f["layers"][key]:
