@@ -312,9 +312,10 @@ def _extensions() -> tuple[list, dict]:
     # The toolkit's own headers first; the wheels' include dirs only fill in what it lacks (cusparse.h,
     # cublas_v2.h), so a wheel of another CUDA minor version never shadows the compiler's runtime headers.
     include_dirs = [str(ROOT / "csrc"), os.path.join(PLAN["cuda_home"], "include")] + nvidia_wheel_include_dirs()
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
-    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
-    depends = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.h"))
+    files = sorted(p.relative_to(ROOT) for p in (ROOT / "csrc").iterdir() if p.is_file())
+    sources = [str(p) for p in files if p.suffix in (".cpp", ".cu")]
+    # Everything else in csrc/ (.h, .cuh) is a header: a rebuild input, and part of the sdist.
+    depends = [str(p) for p in files if p.suffix not in (".cpp", ".cu")]
     PLAN["message"] = (f"building {EXTENSION} with nvcc {PLAN['nvcc_version']} ({PLAN['cuda_home']}) against "
                        f"torch {PLAN['torch_version']} (CUDA {PLAN['torch_cuda_version']}), archs "
                        f"{';'.join(archs)}, MAX_JOBS={os.environ['MAX_JOBS']}{', DEBUG' if debug else ''}")

@@ -22,8 +22,8 @@ if not torch.cuda.is_available():
     pytest.skip("the cuda provider tests need a CUDA GPU (torch.cuda.is_available() is False)",
                 allow_module_level=True)
 
-from xception_fast import _extension, backends, ops, reference  # noqa: E402
-from xception_fast.testing import check_against_truth  # noqa: E402
+from xception_fast import _extension, ops, reference  # noqa: E402
+from xception_fast.testing import check_against_truth, require_provider  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -33,11 +33,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.fixture(autouse=True)
 def _cuda_provider(monkeypatch):
-    monkeypatch.setenv(backends.UNVERIFIED_CUDA_ENV_VAR, "1")
-    monkeypatch.setenv("XCEPTION_FAST_POISON_OUTPUTS", "1")
-    found = backends.availability("cuda", DEVICE)
-    if not found.available:
-        pytest.skip(f"the cuda provider cannot run: {found.reason}")
+    require_provider("cuda", DEVICE, monkeypatch)
 
 
 @pytest.fixture

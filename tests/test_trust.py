@@ -16,7 +16,7 @@ from torch import nn
 
 import xception_fast
 from xception_fast import SeparableConvBN2d, ops
-from xception_fast.testing import TOLERANCES, check_against_truth, max_error
+from xception_fast.testing import TOLERANCES, check_against_truth, max_error, require_provider
 
 
 def cpu_providers() -> list[str]:
@@ -232,15 +232,11 @@ def test_fuzz_shapes_against_float64(provider):
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def require_cuda_provider(provider: str) -> None:
-    require_cuda_provider(provider)
-
-
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("provider", ["cuda", "triton", "reference"])
-def test_cuda_graph_capture_and_replay(provider):
-    require_cuda_provider(provider)
+def test_cuda_graph_capture_and_replay(provider, monkeypatch):
+    require_provider(provider, "cuda", monkeypatch)
     module = randomize(SeparableConvBN2d(32, 48, pre_relu=True, backend=provider)).cuda().eval()
     x = torch.randn(4, 32, 17, 17, device="cuda")
     stream = torch.cuda.Stream()
@@ -262,8 +258,8 @@ def test_cuda_graph_capture_and_replay(provider):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("provider", ["cuda", "triton", "reference"])
-def test_compile_reduce_overhead(provider):
-    require_cuda_provider(provider)
+def test_compile_reduce_overhead(provider, monkeypatch):
+    require_provider(provider, "cuda", monkeypatch)
     module = randomize(SeparableConvBN2d(16, 24, stride=2, backend=provider)).cuda().eval()
     compiled = torch.compile(module, mode="reduce-overhead", fullgraph=True)
     x = torch.randn(2, 16, 15, 15, device="cuda")
@@ -277,8 +273,8 @@ def test_compile_reduce_overhead(provider):
 @pytest.mark.gpu
 @pytest.mark.parametrize("provider", ["cuda", "triton", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_fuzz_on_gpu(provider, dtype):
-    require_cuda_provider(provider)
+def test_fuzz_on_gpu(provider, dtype, monkeypatch):
+    require_provider(provider, "cuda", monkeypatch)
     rng = random.Random(7)
     for i in range(20):
         case = random_case(rng)
@@ -294,13 +290,13 @@ def test_fuzz_on_gpu(provider, dtype):
 @pytest.mark.slow
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck", "initcheck"])
 @pytest.mark.parametrize("provider", ["cuda", "triton"])
-def test_compute_sanitizer_is_clean(provider, tool):
+def test_compute_sanitizer_is_clean(provider, tool, monkeypatch):
     import os
     import shutil
     import subprocess
     import sys
 
-    require_cuda_provider(provider)
+    require_provider(provider, "cuda", monkeypatch)
     sanitizer = shutil.which("compute-sanitizer")
     if sanitizer is None:
         pytest.skip("compute-sanitizer is not on PATH")
@@ -315,10 +311,10 @@ def test_compute_sanitizer_is_clean(provider, tool):
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("provider", ["cuda", "triton", "reference"])
-def test_more_than_2_31_elements_is_right_or_a_clear_error(provider):
+def test_more_than_2_31_elements_is_right_or_a_clear_error(provider, monkeypatch):
     """64-bit indexing: an input of 2^31 + elements (4.3 GB in bf16) gives the right values at its far
     end, checked against the reference on the last rows alone, or raises; never garbage."""
-    require_cuda_provider(provider)
+    require_provider(provider, "cuda", monkeypatch)
     module = randomize(SeparableConvBN2d(64, 64, backend=provider)).cuda().to(torch.bfloat16).eval()
     x = torch.randn(1, 64, 5800, 5800, device="cuda", dtype=torch.bfloat16)
     assert x.numel() > 2**31

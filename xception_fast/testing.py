@@ -69,3 +69,34 @@ def randomize_batchnorm_(model: torch.nn.Module) -> torch.nn.Module:
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
     return model
+
+
+# --- running a provider in a test --------------------------------------------------------------------
+
+def provider_skip_reason(name: str, device: torch.device | str) -> str | None:
+    """Why the tests of provider `name` cannot run on `device` here, or None when they can."""
+    from xception_fast import backends
+
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    found = backends.availability(name, device)
+    return None if found.available else f"the {name} provider cannot run on {device.type} tensors: {found.reason}"
+
+
+def require_provider(name: str, device: torch.device | str, monkeypatch=None) -> None:
+    """Skip the calling test (with the reason) unless provider `name` runs on `device`.
+
+    With pytest's `monkeypatch`, first opt in for the test's duration to what a provider test wants:
+    the not-yet-verified CUDA kernels and NaN-filled fresh outputs, so an element no kernel writes
+    fails the comparison."""
+    import pytest
+
+    from xception_fast import backends
+
+    if monkeypatch is not None:
+        monkeypatch.setenv(backends.UNVERIFIED_CUDA_ENV_VAR, "1")
+        monkeypatch.setenv("XCEPTION_FAST_POISON_OUTPUTS", "1")
+    reason = provider_skip_reason(name, device)
+    if reason is not None:
+        pytest.skip(reason)
