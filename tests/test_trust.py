@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import xception_fast
-from xception_fast import SeparableConvBN2d, ops
+from xception_fast import SeparableConvBN2d, backends, ops
 from xception_fast.testing import TOLERANCES, check_against_truth, max_error, require_provider
 
 
@@ -234,7 +234,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("provider", ["cuda", "triton", "reference"])
+@pytest.mark.parametrize("provider", backends.provider_names())
 def test_cuda_graph_capture_and_replay(provider, monkeypatch):
     require_provider(provider, "cuda", monkeypatch)
     module = randomize(SeparableConvBN2d(32, 48, pre_relu=True, backend=provider)).cuda().eval()
@@ -257,7 +257,7 @@ def test_cuda_graph_capture_and_replay(provider, monkeypatch):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("provider", ["cuda", "triton", "reference"])
+@pytest.mark.parametrize("provider", backends.provider_names())
 def test_compile_reduce_overhead(provider, monkeypatch):
     require_provider(provider, "cuda", monkeypatch)
     module = randomize(SeparableConvBN2d(16, 24, stride=2, backend=provider)).cuda().eval()
@@ -271,7 +271,7 @@ def test_compile_reduce_overhead(provider, monkeypatch):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("provider", ["cuda", "triton", "reference"])
+@pytest.mark.parametrize("provider", backends.provider_names())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_fuzz_on_gpu(provider, dtype, monkeypatch):
     require_provider(provider, "cuda", monkeypatch)
@@ -289,7 +289,7 @@ def test_fuzz_on_gpu(provider, dtype, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck", "initcheck"])
-@pytest.mark.parametrize("provider", ["cuda", "triton"])
+@pytest.mark.parametrize("provider", backends.provider_names(fused_only=True))
 def test_compute_sanitizer_is_clean(provider, tool, monkeypatch):
     import os
     import shutil
@@ -310,7 +310,7 @@ def test_compute_sanitizer_is_clean(provider, tool, monkeypatch):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.parametrize("provider", ["cuda", "triton", "reference"])
+@pytest.mark.parametrize("provider", backends.provider_names())
 def test_more_than_2_31_elements_is_right_or_a_clear_error(provider, monkeypatch):
     """64-bit indexing: an input of 2^31 + elements (4.3 GB in bf16) gives the right values at its far
     end, checked against the reference on the last rows alone, or raises; never garbage."""

@@ -35,7 +35,6 @@ BUILD_INFO_FILE = "_build_info.json"
 REBUILD = "rebuild with `pip install --no-build-isolation --no-deps .` (or `pip install .`)"
 TENSOR_OPS = ("sepconv_bn_infer", "sepconv_bn_infer_backward", "sepconv_bn_train", "bn_backward_reduce",
               "sepconv_bn_train_backward")
-OPS = TENSOR_OPS + ("implemented_ops", "build_info")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,3 +176,10 @@ def ops():
     if not current.loaded:
         raise RuntimeError(f"xception_fast: the CUDA extension is not available: {current.reason}")
     return getattr(torch.ops, NAMESPACE)
+
+
+def __getattr__(name: str):
+    """The cuda provider's functions (`backends.PROVIDER_FUNCTIONS`) are the library's ops."""
+    if name in TENSOR_OPS:
+        return getattr(ops(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

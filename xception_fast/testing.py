@@ -28,6 +28,8 @@ TOLERANCES = {
     torch.bfloat16: Tolerance(floor=1.6e-2, atol=8e-2, rtol=8e-2),
 }
 ERROR_RATIO = 2.0
+# Set, the providers fill freshly allocated outputs with NaN (a debugging aid that the tests turn on).
+POISON_ENV_VAR = "XCEPTION_FAST_POISON_OUTPUTS"
 
 
 def max_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
@@ -87,16 +89,31 @@ def provider_skip_reason(name: str, device: torch.device | str) -> str | None:
 def require_provider(name: str, device: torch.device | str, monkeypatch=None) -> None:
     """Skip the calling test (with the reason) unless provider `name` runs on `device`.
 
-    With pytest's `monkeypatch`, first opt in for the test's duration to what a provider test wants:
-    the not-yet-verified CUDA kernels and NaN-filled fresh outputs, so an element no kernel writes
-    fails the comparison."""
+    With pytest's `monkeypatch`, first set up for the test's duration what a provider test wants:
+    the provider's CPU test environment (Triton's interpreter) on CPU tensors, the not-yet-verified
+    CUDA kernels, and NaN-filled fresh outputs, so an element no kernel writes fails the comparison."""
     import pytest
 
     from xception_fast import backends
 
     if monkeypatch is not None:
         monkeypatch.setenv(backends.UNVERIFIED_CUDA_ENV_VAR, "1")
-        monkeypatch.setenv("XCEPTION_FAST_POISON_OUTPUTS", "1")
+        monkeypatch.setenv(POISON_ENV_VAR, "1")
+        entry = backends.PROVIDERS.get(name)
+        if torch.device(device).type == "cpu" and entry is not None:
+            for key, value in (entry.cpu_test_env or {}).items():
+                monkeypatch.setenv(key, value)
     reason = provider_skip_reason(name, device)
     if reason is not None:
         pytest.skip(reason)
+
+
+def conformance_cases() -> list[tuple[str, str]]:
+    """(provider, device) for each fused provider in the registry: on the GPU when there is one or
+    when the provider has no CPU test environment (then the test skips with the reason), else on CPU
+    tensors."""
+    from xception_fast import backends
+
+    gpu = torch.cuda.is_available()
+    return [(name, "cuda" if gpu or entry.cpu_test_env is None else "cpu")
+            for name, entry in backends.PROVIDERS.items() if entry.fused]

@@ -10,13 +10,15 @@ from typing import Optional, Sequence
 
 import torch
 
+from xception_fast import backends
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32",
                   "f32": "fp32", "f16": "fp16"}
 MODES = ("infer", "train")
 
 # Fused providers of xception_fast (see xception_fast.backends), then the plain-PyTorch competitors.
-FUSED_PROVIDERS = ("cuda", "triton", "reference")
+FUSED_PROVIDERS = backends.provider_names()
 EAGER = "eager"      # plain nn.Conv2d/BatchNorm2d modules, channels_last, cudnn.benchmark=True
 COMPILE = "compile"  # the same plain modules under torch.compile(mode=<compile_mode>)
 LAYER_PROVIDERS = FUSED_PROVIDERS + (EAGER, COMPILE)
@@ -68,8 +70,6 @@ def free_memory(device) -> None:
 def fused_provider_status(name: str, device) -> tuple[bool, str]:
     """(available, reason) of an xception_fast provider on `device`, never raising: a provider
     that fails its own availability check is reported as unavailable with the error."""
-    from xception_fast import backends
-
     try:
         found = backends.availability(name, torch.device(device))
     except Exception as exc:  # a provider still being written must not take the suite down
@@ -93,9 +93,9 @@ def compile_status(device) -> tuple[bool, str]:
 
 def provider_status(provider: str, device, compile_mode: str = "max-autotune") -> tuple[bool, str]:
     """(available, reason) for any competitor name: a fused provider, "eager" or "compile"."""
-    if provider == "triton" and torch.device(device).type == "cpu":
-        # Under TRITON_INTERPRET=1 the provider "runs" on the CPU, in numpy, for tests: not a benchmark.
-        return False, "the Triton provider is benchmarked on GPUs only (on the CPU it is the test interpreter)"
+    if provider in backends.PROVIDERS and backends.PROVIDERS[provider].fused and torch.device(device).type == "cpu":
+        # On the CPU a fused provider runs, if at all, for tests (Triton's interpreter): not a benchmark.
+        return False, f"the {provider} provider is benchmarked on GPUs only"
     if provider in FUSED_PROVIDERS:
         return fused_provider_status(provider, device)
     if provider == EAGER:

@@ -15,13 +15,14 @@ from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Optional
 
+from xception_fast import backends
 from xception_fast.bench.common import COMPILE, EAGER, MODES
 from xception_fast.bench.models import BASELINE, MODEL_PROVIDERS
 
 PLOT_HINT = "the PNG plot needs matplotlib: pip install matplotlib"
 _DTYPE_ORDER = ("bf16", "fp16", "fp32")
 # Reading order: the baselines first, then the fused providers.
-_PROVIDER_ORDER = (EAGER, COMPILE, "reference", "triton", "cuda")
+_PROVIDER_ORDER = (EAGER, COMPILE) + tuple(reversed(backends.provider_names()))
 _MODEL_ORDER = ("legacy_xception", "xception_fast", "inception_v3")
 
 

@@ -20,6 +20,8 @@ import sys
 
 import torch
 
+from xception_fast import backends
+
 # (N, C, Cout, H, W, stride, dilation, pre_relu, post_relu, residual)
 CASES = [
     (1, 24, 40, 13, 11, 1, 1, True, False, False),
@@ -58,7 +60,7 @@ def _run_unit(backend: str, case, dtype: torch.dtype, training: bool, device) ->
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", required=True, choices=("cuda", "triton", "reference"))
+    parser.add_argument("--backend", required=True, choices=backends.provider_names())
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "fp16", "bf16"])
     parser.add_argument("--no-compare", action="store_true", help="skip the comparison with the reference provider")
     args = parser.parse_args(argv)
