@@ -22,6 +22,8 @@ import os
 import subprocess
 import sys
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -101,6 +103,7 @@ def test_interpreter_suite_in_a_subprocess():
 
 
 from xception_fast import SeparableConvBN2d, ops, reference  # noqa: E402
+from xception_fast.spec import UnitSpec  # noqa: E402
 from xception_fast.triton_kernels import utils as provider_utils  # noqa: E402
 
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
@@ -201,7 +204,8 @@ def test_infer_op_forward_and_gradients(shape, flags, dtype, seed):
     shape_out = ops.output_shape(x, dw, pw, stride, padding, dilation)
     residual = torch.randn(shape_out, dtype=torch.float64, device=DEVICE) if with_residual else None
     conv = (stride, padding, dilation, pre, post)
-    pre_act = reference.sepconv_bn_infer(x, dw, pw, scale, shift, None, stride, padding, dilation, pre, False)
+    pre_act = reference.sepconv_bn_infer(x, dw, pw, scale, shift, None, UnitSpec.of(dw, stride, padding, dilation, pre,
+                                                                                   False))
     grad_y = away_from_kink(torch.randn(shape_out, dtype=torch.float64, device=DEVICE), pre_act, post)
 
     tensors = [x, dw, pw, scale, shift, residual]
@@ -234,8 +238,8 @@ def test_train_op_forward_statistics_and_gradients(shape, flags, dtype, seed):
     shape_out = ops.output_shape(x, dw, pw, stride, padding, dilation)
     residual = torch.randn(shape_out, dtype=torch.float64, device=DEVICE) if with_residual else None
     rest = (stride, padding, dilation, pre, post, 1e-5)
-    pre_act = reference.sepconv_bn_train(x, dw, pw, weight, bias, None, stride, padding, dilation, pre, False,
-                                         1e-5)[0]
+    pre_act = reference.sepconv_bn_train(x, dw, pw, weight, bias, None, UnitSpec.of(dw, stride, padding, dilation,
+                                                                                    pre, False), 1e-5)[0]
     grad_y = away_from_kink(torch.randn(shape_out, dtype=torch.float64, device=DEVICE), pre_act, post)
 
     tensors = [x, dw, pw, weight, bias, residual]
@@ -288,8 +292,7 @@ def test_statistics_are_stable_for_a_large_mean(seed):
     x = (1e4 + 1e-2 * torch.randn(n, c, h, w, device=DEVICE)).float()
     dw = torch.ones(c, 1, 1, 1, device=DEVICE)
     pw = torch.eye(c, device=DEVICE).view(c, c, 1, 1)
-    y, z, mean, var = provider.sepconv_bn_train(x, dw, pw, None, None, None, [1, 1], [0, 0], [1, 1], False, False,
-                                                1e-5)
+    y, z, mean, var = provider.sepconv_bn_train(x, dw, pw, None, None, None, UnitSpec((1, 1)), 1e-5)
     torch.testing.assert_close(z, x, atol=0, rtol=0)
     exact_var, exact_mean = torch.var_mean(z.double(), dim=(0, 2, 3), correction=0)
     assert torch.isfinite(var).all() and (var >= 0).all(), f"seed {seed}"
@@ -306,9 +309,9 @@ def test_backward_functions_match_reference_outputs_and_layouts(seed):
     float32, values as the reference's in float64 (the float32 reference on a GPU is TF32)."""
     x, dw, pw = unit(7, 9, 3, 2, 8, 7, torch.float32)
     x = x.contiguous(memory_format=torch.channels_last).transpose(2, 3)  # neither NCHW nor NHWC
-    conv = ([1, 2], [1, 1], [1, 1])
+    spec = UnitSpec((3, 3), (1, 2), (1, 1), pre_relu=True, post_relu=True)
     weight = (torch.rand(9, device=DEVICE) + 0.5).half()
-    y, z, mean, var = reference.sepconv_bn_train(x, dw, pw, weight, None, None, *conv, True, True, 1e-5)
+    y, z, mean, var = reference.sepconv_bn_train(x, dw, pw, weight, None, None, spec, 1e-5)
     grad_y = torch.randn(y.shape, device=DEVICE)  # NCHW
     invstd = torch.rsqrt(var + 1e-5)
     count = z.numel() // z.shape[1]
@@ -325,21 +328,21 @@ def test_backward_functions_match_reference_outputs_and_layouts(seed):
     sums = reference.bn_backward_reduce(grad_y, z, mean, invstd, weight, None, True)
     compare("bn_backward_reduce", (grad_y, z, mean, invstd, weight, None, True))
     compare("sepconv_bn_train_backward", (grad_y, x, z, dw, pw, mean, invstd, weight, None, sums[0] / count,
-                                          sums[1] / count, *conv, True, True))
+                                          sums[1] / count, spec))
     for scale, shift in ((weight, None), (None, None)):
-        compare("sepconv_bn_infer_backward", (grad_y, x, dw, pw, scale, shift, *conv, False, True))
+        compare("sepconv_bn_infer_backward", (grad_y, x, dw, pw, scale, shift, replace(spec, pre_relu=False)))
 
 
 def test_results_are_deterministic(seed):
     x, dw, pw = unit(19, 7, 3, 2, 9, 8, torch.float32)
-    args = (x, dw, pw, torch.rand(7, device=DEVICE) + 0.5, torch.randn(7, device=DEVICE), None, [1, 1], [1, 1],
-            [1, 1], True, True, 1e-5)
+    spec = UnitSpec((3, 3), padding=(1, 1), pre_relu=True, post_relu=True)
+    args = (x, dw, pw, torch.rand(7, device=DEVICE) + 0.5, torch.randn(7, device=DEVICE), None, spec, 1e-5)
     first = provider.sepconv_bn_train(*args)
     grad_y = torch.randn_like(first[0])
     sums = provider.bn_backward_reduce(grad_y, first[1], first[2], torch.rsqrt(first[3] + 1e-5), args[3], args[4],
                                        True)
     bwd = (grad_y, x, first[1], dw, pw, first[2], torch.rsqrt(first[3] + 1e-5), args[3], args[4], sums[0] / 144,
-           sums[1] / 144, [1, 1], [1, 1], [1, 1], True, True)
+           sums[1] / 144, spec)
     for a, b in zip((*first, *provider.sepconv_bn_train_backward(*bwd)),
                     (*provider.sepconv_bn_train(*args), *provider.sepconv_bn_train_backward(*bwd))):
         assert torch.equal(a, b)
@@ -363,7 +366,7 @@ def test_kernels_compile_for_a_gpu_without_one():
 def test_float64_is_a_clear_type_error():
     x, dw, pw = unit(3, 4, 3, 1, 5, 5, torch.float64)
     with pytest.raises(TypeError, match="float64"):
-        provider.sepconv_bn_infer(x, dw, pw, None, None, None, [1, 1], [1, 1], [1, 1], False, False)
+        provider.sepconv_bn_infer(x, dw, pw, None, None, None, UnitSpec((3, 3), padding=(1, 1)))
 
 
 # --- the module -----------------------------------------------------------------------------------------

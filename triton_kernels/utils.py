@@ -82,8 +82,3 @@ def channel_align(channels: int) -> int:
         align *= 2
     return align
 
-
-def output_hw(h: int, w: int, kh: int, kw: int, stride, padding, dilation) -> tuple[int, int]:
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return ho, wo

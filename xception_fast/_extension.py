@@ -178,8 +178,26 @@ def ops():
     return getattr(torch.ops, NAMESPACE)
 
 
-def __getattr__(name: str):
-    """The cuda provider's functions (`backends.PROVIDER_FUNCTIONS`) are the library's ops."""
-    if name in TENSOR_OPS:
-        return getattr(ops(), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+# --- the cuda provider: the functions of `xception_fast.reference`, run by the library's ops --------------
+
+def sepconv_bn_infer(x, dw_weight, pw_weight, scale, shift, residual, spec):
+    return ops().sepconv_bn_infer(x, dw_weight, pw_weight, scale, shift, residual, *spec.op_args())
+
+
+def sepconv_bn_infer_backward(grad_y, x, dw_weight, pw_weight, scale, shift, spec):
+    return ops().sepconv_bn_infer_backward(grad_y, x, dw_weight, pw_weight, scale, shift, *spec.op_args())
+
+
+def sepconv_bn_train(x, dw_weight, pw_weight, bn_weight, bn_bias, residual, spec, eps):
+    return ops().sepconv_bn_train(x, dw_weight, pw_weight, bn_weight, bn_bias, residual, *spec.op_args(), eps)
+
+
+def bn_backward_reduce(grad_y, z, mean, invstd, bn_weight, bn_bias, post_relu):
+    return ops().bn_backward_reduce(grad_y, z, mean, invstd, bn_weight, bn_bias, post_relu)
+
+
+def sepconv_bn_train_backward(grad_y, x, z, dw_weight, pw_weight, mean, invstd, bn_weight, bn_bias, mean_dy,
+                              mean_dy_xhat, spec):
+    return ops().sepconv_bn_train_backward(grad_y, x, z, dw_weight, pw_weight, mean, invstd, bn_weight, bn_bias,
+                                           mean_dy, mean_dy_xhat, *spec.op_args())
