@@ -49,7 +49,7 @@ SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck racecheck initcheck}
 SANITIZE_DTYPES=${SANITIZE_DTYPES:-fp32 bf16}
 SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-250}
 export MAX_JOBS=${MAX_JOBS:-16}
-# This run is what verifies the CUDA kernels (tests/test_cuda_provider.py, the sanitizer): let the
+# This run is what verifies the CUDA kernels (tests/test_providers.py, the sanitizer): let the
 # cuda provider run although xception_fast.backends.CUDA_KERNELS_VERIFIED is still False.
 export XCEPTION_FAST_UNVERIFIED_CUDA=${XCEPTION_FAST_UNVERIFIED_CUDA:-1}
 if [ "${USE_SOURCE:-0}" = 1 ]; then
@@ -126,8 +126,8 @@ stage_tests() {
 }
 
 stage_gpu_tests() {
-    "$PY" -m pytest -q -rs -p no:cacheprovider --durations=15 tests/test_cuda_provider.py \
-        tests/test_triton_provider.py tests/test_extension.py tests/test_trust.py
+    "$PY" -m pytest -q -rs -p no:cacheprovider --durations=15 tests/test_providers.py \
+        tests/test_extension.py tests/test_trust.py
 }
 
 stage_sanitize() {

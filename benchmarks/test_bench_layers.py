@@ -17,7 +17,7 @@ CPU_CASES = layer_cases(BenchSettings.cpu_smoke())
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda case: case.id)
 def test_layer(case, gpu_runner, measure):
     row = measure(gpu_runner, case)
-    assert row["median_ms"] > 0 and row["method"] == "cuda_events"
+    assert row["median_ms"] > 0 and row["method"] == "do_bench"
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda case: case.id)

@@ -103,6 +103,12 @@ def _triton_availability(device: torch.device) -> Availability:
     if device.type == "cuda":
         return Availability(True, reason)
     if device.type == "cpu" and _triton_interpreting():
+        import triton.language as tl
+
+        # The interpreter replaces triton's functions when triton is first imported: too late now?
+        if type(tl.cdiv).__name__ != "InterpretedFunction":
+            return Availability(False, "TRITON_INTERPRET=1 was set after triton was imported in this process; "
+                                       "set it before the first import")
         return Availability(True, reason + " interpreter (TRITON_INTERPRET=1)")
     return Availability(False, f"runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), not {device.type}")
 

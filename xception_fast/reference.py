@@ -8,8 +8,9 @@ pointwise outputs in the input dtype, the normalised output computed in float32 
 input dtype, the residual added in the input dtype.
 
 Every function takes the unit's `UnitSpec` (xception_fast.spec) but `bn_backward_reduce`, which
-needs only its post-ReLU flag. Shapes: x [N, C, H, W], dw_weight [C, 1, kh, kw], pw_weight [Cout, C, 1, 1], per-channel vectors
-[Cout], residual / grad_y / z [N, Cout, Ho, Wo]. Outputs are channels_last.
+needs only its post-ReLU flag. Shapes: x [N, C, H, W], dw_weight [C, 1, kh, kw], pw_weight
+[Cout, C, 1, 1], per-channel vectors [Cout], residual / grad_y / z [N, Cout, Ho, Wo]. Outputs are
+channels_last.
 """
 
 from __future__ import annotations

@@ -118,19 +118,6 @@ def random_tensor(shape: Sequence[int], dtype, device, channels_last: bool = Fal
     return t.requires_grad_(requires_grad)
 
 
-def randomize_batchnorm(module: torch.nn.Module) -> None:
-    """Non-trivial BatchNorm statistics and affine parameters (defaults are 0/1: too kind)."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                if m.running_mean is not None:
-                    m.running_mean.uniform_(-0.2, 0.2)
-                    m.running_var.uniform_(0.5, 1.5)
-                if m.weight is not None:
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.uniform_(-0.2, 0.2)
-
-
 def configure_torch(device) -> dict:
     """Set the flags every competitor runs under (cuDNN autotuning on) and return them for the record."""
     flags = {}

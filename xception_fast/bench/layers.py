@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from xception_fast.bench.common import (COMPILE, EAGER, FUSED_PROVIDERS, LAYER_PROVIDERS, BenchSettings,
-                                        randomize_batchnorm, random_tensor, torch_dtype)
+from xception_fast.bench.common import (COMPILE, EAGER, FUSED_PROVIDERS, LAYER_PROVIDERS, BenchSettings, random_tensor,
+                                        torch_dtype)
 from xception_fast.bench.roofline import Rates, roofline_metrics, unit_bytes, unit_flops
 from xception_fast.bench.shapes import UnitShape, select_shapes, unit_shapes
+from xception_fast.testing import randomize_batchnorm_, unfused_unit
 
 
 class PlainUnit(nn.Module):
@@ -43,12 +43,7 @@ class PlainUnit(nn.Module):
         self.pre_relu, self.post_relu = shape.pre_relu, shape.post_relu
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.pre_relu:
-            x = F.relu(x)
-        y = self.bn(self.pointwise(self.depthwise(x)))
-        if self.post_relu:
-            y = F.relu(y)
-        return y if residual is None else y + residual
+        return unfused_unit(self, x, residual)
 
 
 @dataclass(frozen=True)
@@ -103,7 +98,7 @@ def prepare_layer(case: LayerCase, device, compile_mode: str = "max-autotune") -
 
     fused = SeparableConvBN2d(shape.in_channels, shape.out_channels, shape.kernel_size, shape.stride, shape.padding,
                               shape.dilation, pre_relu=shape.pre_relu, post_relu=shape.post_relu, backend=backend)
-    randomize_batchnorm(fused)
+    randomize_batchnorm_(fused)
     if case.provider in FUSED_PROVIDERS:
         module: nn.Module = fused
     elif case.provider in (EAGER, COMPILE):

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xception_fast.bench.common import (COMPILE, EAGER, FUSED_PROVIDERS, BenchSettings, provider_status,
-                                        randomize_batchnorm, random_tensor, torch_dtype)
+from xception_fast.bench.common import (COMPILE, EAGER, FUSED_PROVIDERS, BenchSettings, provider_status, random_tensor,
+                                        torch_dtype)
+from xception_fast.testing import randomize_batchnorm_
 
 MODEL_PROVIDERS: dict[str, tuple[str, ...]] = {
     "xception_fast": FUSED_PROVIDERS,
@@ -116,7 +117,7 @@ def prepare_model(case: ModelCase, device, compile_mode: str = "max-autotune") -
     device = torch.device(device)
     dtype = torch_dtype(case.dtype)
     model = build_model(case.model, case.provider)
-    randomize_batchnorm(model)
+    randomize_batchnorm_(model)
     n_params = sum(p.numel() for p in model.parameters())
     model = model.to(device=device, dtype=dtype, memory_format=torch.channels_last)
     training = case.mode == "train"
