@@ -54,7 +54,7 @@ struct ConvGeometry {
 };
 
 // What every op on one unit reads: the unit itself (xception_fast.spec.UnitSpec on the Python side),
-// its input and weights, and the scratch memory. The host fills it in one place (fill_unit).
+// its input and weights, and the scratch memory. The host fills it in one place (unit_params).
 struct UnitParams {
   ConvGeometry g;
   DType dtype = DType::kFloat32;
@@ -96,18 +96,23 @@ struct SepConvTrainParams : UnitParams {
   double eps = 1e-5;
 };
 
-// Per-channel reductions of the BatchNorm backward over z [n, c, h, w] (c = Cout of the unit):
-// sum_dy = sum(g), sum_dy_xhat = sum(g * xhat), g = grad_y masked by the post-ReLU.
-struct BnBackwardReduceParams {
-  int64_t n = 0, c = 0, h = 0, w = 0;
-  DType dtype = DType::kFloat32;
+// What both BatchNorm-backward ops read: grad_y and z [N, Cout, Ho, Wo], the batch statistics and
+// the affine parameters (filled in one place on the host: bn_backward_inputs).
+struct BnBackwardInputs {
   Tensor4 grad_y;
   Tensor4 z;
-  const float* mean = nullptr;    // [c]
-  const float* invstd = nullptr;  // [c]
+  const float* mean = nullptr;    // [Cout]
+  const float* invstd = nullptr;  // [Cout]
   Vec bn_weight, bn_bias;         // optional
-  float* sum_dy = nullptr;        // out: [c]
-  float* sum_dy_xhat = nullptr;   // out: [c]
+};
+
+// Per-channel reductions of the BatchNorm backward over z [n, c, h, w] (c = Cout of the unit):
+// sum_dy = sum(g), sum_dy_xhat = sum(g * xhat), g = grad_y masked by the post-ReLU.
+struct BnBackwardReduceParams : BnBackwardInputs {
+  int64_t n = 0, c = 0, h = 0, w = 0;
+  DType dtype = DType::kFloat32;
+  float* sum_dy = nullptr;       // out: [c]
+  float* sum_dy_xhat = nullptr;  // out: [c]
   bool post_relu = false;
   void* workspace = nullptr;  // scratch, workspace_size(*this) bytes
   size_t workspace_bytes = 0;
@@ -115,20 +120,16 @@ struct BnBackwardReduceParams {
 
 // Gradients of x and the weights through the BatchNorm (batch statistics), given the reductions of
 // BnBackwardReduceParams divided by the count per channel (mean_dy, mean_dy_xhat).
-struct SepConvTrainBackwardParams : UnitParams {
-  Tensor4 grad_y;
-  Tensor4 z;
-  const float* mean = nullptr;
-  const float* invstd = nullptr;
-  Vec bn_weight, bn_bias;  // optional
+struct SepConvTrainBackwardParams : UnitParams, BnBackwardInputs {
   const float* mean_dy = nullptr;
   const float* mean_dy_xhat = nullptr;
-  Tensor4 grad_x;          // out
+  Tensor4 grad_x;                  // out
   void* grad_dw_weight = nullptr;  // out
   void* grad_pw_weight = nullptr;  // out
 };
 
-// Defined in sepconv_forward.cu: the virtual architectures nvcc compiled sepconv_forward.cu for (__CUDA_ARCH_LIST__), or "".
+// Defined in sepconv_forward.cu: the virtual architectures nvcc compiled it for (__CUDA_ARCH_LIST__),
+// or "".
 const char* compiled_cuda_arch_list();
 // Bytes of device scratch memory each launcher needs (0 allowed). sepconv_forward.cu: the first two;
 // sepconv_backward.cu: the rest.

@@ -6,7 +6,7 @@
 //
 // Each CUDA implementation: checks its inputs (checks.h), guards x's device, makes the inputs
 // channels_last / contiguous, allocates the outputs and the kernels' scratch workspace, fills the
-// params struct (sepconv_params.h; the unit's part in fill_unit) and calls the launcher
+// params struct (sepconv_params.h; the unit's part in unit_params) and calls the launcher
 // (sepconv_forward.cu, sepconv_backward.cu) on the current stream.
 // The CPU registrations only raise a clear error instead of PyTorch's "Could not run ... 'CPU'".
 //
@@ -115,11 +115,27 @@ Tensor attach_workspace(Params& p, const Tensor& like) {
   return w;
 }
 
-// The unit's part of every op's params, from the checked geometry and the laid-out x and weights.
-void fill_unit(UnitParams& p, const ConvGeometry& g, const Tensor& xc, const Tensor& dwc, const Tensor& pwc,
-               bool pre_relu, bool post_relu) {
+// The unit's part of every op's params, from the checked geometry and the laid-out x and weights
+// (the workspace is attached last, by attach_workspace). Each op's params struct is then one
+// aggregate: this, then its own members in declaration order (sepconv_params.h).
+UnitParams unit_params(const ConvGeometry& g, const Tensor& xc, const Tensor& dwc, const Tensor& pwc, bool pre_relu,
+                       bool post_relu) {
+  UnitParams p;
   p.g = g;
   p.dtype = to_dtype(xc.scalar_type());
+  p.x = tensor4(xc);
+  p.dw_weight = dwc.data_ptr();
+  p.pw_weight = pwc.data_ptr();
+  p.pre_relu = pre_relu;
+  p.post_relu = post_relu;
+  return p;
+}
+
+// The BatchNorm backward's part of its two ops' params, from the laid-out tensors.
+BnBackwardInputs bn_backward_inputs(const Tensor& gyc, const Tensor& zc, const Tensor& mean_c,
+                                    const Tensor& invstd_c, const Tensor& weight_c, const Tensor& bias_c) {
+  return {tensor4(gyc), tensor4(zc), mean_c.data_ptr<float>(), invstd_c.data_ptr<float>(), vec(weight_c),
+          vec(bias_c)};
 }
 
 // --- CUDA implementations ----------------------------------------------------------------------------
@@ -139,12 +155,8 @@ Tensor sepconv_bn_infer_cuda(const Tensor& x, const Tensor& dw_weight, const Ten
   const Tensor residual_c = optional_channels_last(residual);
   Tensor y = fresh(empty_channels_last({g.n, g.c_out, g.h_out, g.w_out}, x));
 
-  SepConvInferParams p;
-  fill_unit(p, g, xc, dwc, pwc, pre_relu, post_relu);
-  p.scale = vec(scale_c);
-  p.shift = vec(shift_c);
-  p.residual = optional_tensor4(residual_c);
-  p.y = tensor4(y);
+  SepConvInferParams p{unit_params(g, xc, dwc, pwc, pre_relu, post_relu), vec(scale_c), vec(shift_c),
+                       optional_tensor4(residual_c), tensor4(y)};
   const Tensor ws = attach_workspace(p, x);
   check_launch(run_sepconv_bn_infer(p, current_stream()), "sepconv_bn_infer");
   return y;
@@ -170,16 +182,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sepconv_bn_infer_backward_cud
   Tensor grad_scale = fresh(scale_c.defined() ? at::empty_like(scale_c) : empty_vector(0, x, x.scalar_type()));
   Tensor grad_shift = fresh(shift_c.defined() ? at::empty_like(shift_c) : empty_vector(0, x, x.scalar_type()));
 
-  SepConvInferBackwardParams p;
-  fill_unit(p, g, xc, dwc, pwc, pre_relu, post_relu);
-  p.grad_y = tensor4(gyc);
-  p.scale = vec(scale_c);
-  p.shift = vec(shift_c);
-  p.grad_x = tensor4(grad_x);
-  p.grad_dw_weight = grad_dw.data_ptr();
-  p.grad_pw_weight = grad_pw.data_ptr();
-  p.grad_scale = scale_c.defined() ? vec(grad_scale) : Vec{};
-  p.grad_shift = shift_c.defined() ? vec(grad_shift) : Vec{};
+  // Absent scale/shift: no gradient to write (the empty tensors above are returned).
+  SepConvInferBackwardParams p{unit_params(g, xc, dwc, pwc, pre_relu, post_relu), tensor4(gyc), vec(scale_c),
+                               vec(shift_c), tensor4(grad_x), grad_dw.data_ptr(), grad_pw.data_ptr(),
+                               scale_c.defined() ? vec(grad_scale) : Vec{},
+                               shift_c.defined() ? vec(grad_shift) : Vec{}};
   const Tensor ws = attach_workspace(p, x);
   check_launch(run_sepconv_bn_infer_backward(p, current_stream()), "sepconv_bn_infer_backward");
   return {grad_x, grad_dw, grad_pw, grad_scale, grad_shift};
@@ -204,16 +211,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sepconv_bn_train_cuda(
   Tensor mean = fresh(empty_vector(g.c_out, x, at::kFloat));
   Tensor var = fresh(empty_vector(g.c_out, x, at::kFloat));
 
-  SepConvTrainParams p;
-  fill_unit(p, g, xc, dwc, pwc, pre_relu, post_relu);
-  p.bn_weight = vec(weight_c);
-  p.bn_bias = vec(bias_c);
-  p.residual = optional_tensor4(residual_c);
-  p.y = tensor4(y);
-  p.z = tensor4(z);
-  p.mean = mean.data_ptr<float>();
-  p.var = var.data_ptr<float>();
-  p.eps = eps;
+  SepConvTrainParams p{unit_params(g, xc, dwc, pwc, pre_relu, post_relu), vec(weight_c), vec(bias_c),
+                       optional_tensor4(residual_c), tensor4(y), tensor4(z), mean.data_ptr<float>(),
+                       var.data_ptr<float>(), eps};
   const Tensor ws = attach_workspace(p, x);
   check_launch(run_sepconv_bn_train(p, current_stream()), "sepconv_bn_train");
   return {y, z, mean, var};
@@ -243,21 +243,9 @@ std::tuple<Tensor, Tensor> bn_backward_reduce_cuda(const Tensor& grad_y, const T
   Tensor sum_dy = fresh(empty_vector(c, z, at::kFloat));
   Tensor sum_dy_xhat = fresh(empty_vector(c, z, at::kFloat));
 
-  BnBackwardReduceParams p;
-  p.n = z.size(0);
-  p.c = c;
-  p.h = z.size(2);
-  p.w = z.size(3);
-  p.dtype = to_dtype(z.scalar_type());
-  p.grad_y = tensor4(gyc);
-  p.z = tensor4(zc);
-  p.mean = mean_c.data_ptr<float>();
-  p.invstd = invstd_c.data_ptr<float>();
-  p.bn_weight = vec(weight_c);
-  p.bn_bias = vec(bias_c);
-  p.sum_dy = sum_dy.data_ptr<float>();
-  p.sum_dy_xhat = sum_dy_xhat.data_ptr<float>();
-  p.post_relu = post_relu;
+  BnBackwardReduceParams p{bn_backward_inputs(gyc, zc, mean_c, invstd_c, weight_c, bias_c), z.size(0), c, z.size(2),
+                           z.size(3), to_dtype(z.scalar_type()), sum_dy.data_ptr<float>(),
+                           sum_dy_xhat.data_ptr<float>(), post_relu};
   const Tensor ws = attach_workspace(p, z);
   check_launch(run_bn_backward_reduce(p, current_stream()), "bn_backward_reduce");
   return {sum_dy, sum_dy_xhat};
@@ -288,19 +276,10 @@ std::tuple<Tensor, Tensor, Tensor> sepconv_bn_train_backward_cuda(
   Tensor grad_dw = fresh(at::empty(dw_weight.sizes(), dw_weight.options()));
   Tensor grad_pw = fresh(at::empty(pw_weight.sizes(), pw_weight.options()));
 
-  SepConvTrainBackwardParams p;
-  fill_unit(p, g, xc, dwc, pwc, pre_relu, post_relu);
-  p.grad_y = tensor4(gyc);
-  p.z = tensor4(zc);
-  p.mean = mean_c.data_ptr<float>();
-  p.invstd = invstd_c.data_ptr<float>();
-  p.bn_weight = vec(weight_c);
-  p.bn_bias = vec(bias_c);
-  p.mean_dy = mean_dy_c.data_ptr<float>();
-  p.mean_dy_xhat = mean_dy_xhat_c.data_ptr<float>();
-  p.grad_x = tensor4(grad_x);
-  p.grad_dw_weight = grad_dw.data_ptr();
-  p.grad_pw_weight = grad_pw.data_ptr();
+  SepConvTrainBackwardParams p{unit_params(g, xc, dwc, pwc, pre_relu, post_relu),
+                               bn_backward_inputs(gyc, zc, mean_c, invstd_c, weight_c, bias_c),
+                               mean_dy_c.data_ptr<float>(), mean_dy_xhat_c.data_ptr<float>(), tensor4(grad_x),
+                               grad_dw.data_ptr(), grad_pw.data_ptr()};
   const Tensor ws = attach_workspace(p, x);
   check_launch(run_sepconv_bn_train_backward(p, current_stream()), "sepconv_bn_train_backward");
   return {grad_x, grad_dw, grad_pw};

@@ -134,9 +134,9 @@ def test_plain_unit_matches_the_fused_module():
     shape = UnitShape(8, 16, 6, 6, residual=True, post_relu=True)
     for mode in ("infer", "train"):
         torch.manual_seed(0)
-        fused = prepare_layer(LayerCase(shape, "reference", mode, "fp32", 2), "cpu")
+        fused = prepare_layer(LayerCase("reference", mode, "fp32", 2, shape), "cpu")
         torch.manual_seed(0)
-        plain = prepare_layer(LayerCase(shape, "eager", mode, "fp32", 2), "cpu")
+        plain = prepare_layer(LayerCase("eager", mode, "fp32", 2, shape), "cpu")
         assert isinstance(plain.module, PlainUnit)
         for a, b in zip(fused.module.state_dict().values(), plain.module.state_dict().values()):
             torch.testing.assert_close(a, b)

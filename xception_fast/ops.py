@@ -4,7 +4,8 @@ Each op is defined once here; its implementation validates the inputs and hands 
 chosen by `backends.resolve` (cuda, triton or reference, all with the signatures of
 `xception_fast.reference`), with the unit described once as a `UnitSpec`; the schemas take the
 spec's fields (`UnitSpec.op_args`), which callers pass as ``*spec.op_args()``. Fake (meta) kernels
-let `torch.compile` trace the ops without graph breaks, and the backward formulas are themselves ops so compiled backward graphs see them too.
+let `torch.compile` trace the ops without graph breaks, and the backward formulas are themselves ops
+so compiled backward graphs see them too.
 
 Forward ops:
 - ``sepconv_bn_infer``: y = post(z * scale + shift) + residual, z = pw(dw(pre(x))). Used for

@@ -6,7 +6,7 @@ import gc
 import os
 import warnings
 from dataclasses import asdict, dataclass, replace
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
 
@@ -28,6 +28,37 @@ CPU_COMPILE_REASON = ("torch.compile rows run on a GPU only: the CPU smoke skips
                       "and needs no C++ compiler")
 
 ENV_PREFIX = "XCEPTION_FAST_BENCH_"
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """What every benchmark row is run for (layers and models add what they time)."""
+
+    kind: ClassVar[str]  # "layer" or "model"
+    provider: str
+    mode: str
+    dtype: str
+    batch: int
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}-{self.mode}-{self.dtype}-b{self.batch}-{self.provider}"
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.name} {self.mode} {self.dtype} b{self.batch} {self.provider}"
+
+    def row_fields(self) -> dict:
+        return {}
+
+    def base_row(self, device) -> dict:
+        """The row's description, before anything is measured."""
+        return {"kind": self.kind, "name": self.name, "provider": self.provider, "mode": self.mode,
+                "dtype": self.dtype, "batch": self.batch, "device": str(torch.device(device).type),
+                **self.row_fields()}
 
 
 def dtype_name(dtype) -> str:

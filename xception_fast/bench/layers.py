@@ -16,13 +16,13 @@ fixed random upstream gradient, input and parameter gradients dropped before eac
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 from torch import nn
 
-from xception_fast.bench.common import (COMPILE, EAGER, FUSED_PROVIDERS, LAYER_PROVIDERS, BenchSettings, random_tensor,
-                                        torch_dtype)
+from xception_fast.bench.common import (COMPILE, EAGER, FUSED_PROVIDERS, LAYER_PROVIDERS, BenchCase, BenchSettings,
+                                        random_tensor, torch_dtype)
 from xception_fast.bench.roofline import Rates, roofline_metrics, unit_bytes, unit_flops
 from xception_fast.bench.shapes import UnitShape, select_shapes, unit_shapes
 from xception_fast.testing import randomize_batchnorm_, unfused_unit
@@ -47,28 +47,20 @@ class PlainUnit(nn.Module):
 
 
 @dataclass(frozen=True)
-class LayerCase:
+class LayerCase(BenchCase):
+    kind: ClassVar[str] = "layer"
     shape: UnitShape
-    provider: str
-    mode: str
-    dtype: str
-    batch: int
 
     @property
-    def id(self) -> str:
-        return f"{self.shape.slug}-{self.mode}-{self.dtype}-b{self.batch}-{self.provider}"
+    def name(self) -> str:
+        return self.shape.slug
 
-    def describe(self) -> str:
-        return f"layer {self.shape.slug} {self.mode} {self.dtype} b{self.batch} {self.provider}"
-
-    def base_row(self, device) -> dict:
+    def row_fields(self) -> dict:
         s = self.shape
-        return {"kind": "layer", "name": s.slug, "label": s.label, "provider": self.provider, "mode": self.mode,
-                "dtype": self.dtype, "batch": self.batch, "device": str(torch.device(device).type),
-                "in_channels": s.in_channels, "out_channels": s.out_channels, "height": s.height, "width": s.width,
-                "kernel_size": s.kernel_size, "stride": s.stride, "padding": s.padding, "dilation": s.dilation,
-                "pre_relu": s.pre_relu, "post_relu": s.post_relu, "residual": s.residual, "count": s.count,
-                "flow": s.flow, "first_module": s.first_module}
+        return {"label": s.label, "in_channels": s.in_channels, "out_channels": s.out_channels, "height": s.height,
+                "width": s.width, "kernel_size": s.kernel_size, "stride": s.stride, "padding": s.padding,
+                "dilation": s.dilation, "pre_relu": s.pre_relu, "post_relu": s.post_relu, "residual": s.residual,
+                "count": s.count, "flow": s.flow, "first_module": s.first_module}
 
 
 def layer_cases(settings: BenchSettings, shapes: Optional[list[UnitShape]] = None) -> list[LayerCase]:
@@ -77,7 +69,7 @@ def layer_cases(settings: BenchSettings, shapes: Optional[list[UnitShape]] = Non
         shapes = unit_shapes(settings.layer_image_size)
     shapes = select_shapes(shapes, settings.shapes)
     providers = [p for p in LAYER_PROVIDERS if settings.wants_provider(p)]
-    return [LayerCase(shape, provider, mode, dtype, settings.layer_batch)
+    return [LayerCase(provider, mode, dtype, settings.layer_batch, shape)
             for dtype in settings.dtypes for mode in settings.modes for shape in shapes for provider in providers]
 
 

@@ -181,42 +181,32 @@ class Runner:
         free_memory(self.device)
 
     def _measure_layer(self, case: LayerCase, on_ready: Optional[OnReady]) -> dict:
-        self._configure()
-        rates = self.rates_for(case.dtype)
-        config = config_for("layer", self.device, self.settings.timing)
-        baseline = self._baseline_memory()
-        prepared = prepare_layer(case, self.device, self.settings.compile_mode)
-        try:
-            first = first_call_seconds(prepared.fn, self.device)
-            peak = self._peak_of_one_call(prepared.fn, baseline)
-            timing = time_fn(prepared.fn, self.device, config, prepared.grad_to_none)
-            out = {**timing.as_dict(), "first_call_s": first, **layer_metrics(case, timing.median_ms, rates),
-                   "peak_mem_bytes": peak}
-            if prepared.compiled:
-                out.update(compile_s=first, compile_mode=self.settings.compile_mode)
-            if on_ready is not None:
-                on_ready(synchronized(prepared.fn, self.device), prepared.grad_to_none, out)
-            return out
-        finally:
-            compiled = prepared.compiled
-            del prepared
-            self._cleanup(compiled)
+        rates = self.rates_for(case.dtype)  # measured before the row's baseline memory
+        return self._measure("layer", lambda: prepare_layer(case, self.device, self.settings.compile_mode),
+                             lambda timing, _: layer_metrics(case, timing.median_ms, rates), on_ready)
 
     def _measure_model(self, case: ModelCase, on_ready: Optional[OnReady]) -> dict:
+        return self._measure("model", lambda: prepare_model(case, self.device, self.settings.compile_mode),
+                             lambda timing, prepared: {"images_per_s": case.batch / (timing.median_ms * 1e-3),
+                                                       "parameters": prepared.parameters}, on_ready)
+
+    def _measure(self, kind: str, prepare: Callable, metrics: Callable, on_ready: Optional[OnReady]) -> dict:
+        """Build the row's callable, time its first call, its peak memory and its median, then add
+        `metrics(timing, prepared)`; compiled state and memory are released afterwards."""
         self._configure()
-        config = config_for("model", self.device, self.settings.timing)
+        config = config_for(kind, self.device, self.settings.timing)
         baseline = self._baseline_memory()
-        prepared = prepare_model(case, self.device, self.settings.compile_mode)
+        prepared = prepare()
         try:
+            grad_to_none = list(getattr(prepared, "grad_to_none", []))
             first = first_call_seconds(prepared.fn, self.device)
             peak = self._peak_of_one_call(prepared.fn, baseline)
-            timing = time_fn(prepared.fn, self.device, config)
-            out = {**timing.as_dict(), "images_per_s": case.batch / (timing.median_ms * 1e-3),
-                   "first_call_s": first, "parameters": prepared.parameters, "peak_mem_bytes": peak}
+            timing = time_fn(prepared.fn, self.device, config, grad_to_none)
+            out = {**timing.as_dict(), "first_call_s": first, **metrics(timing, prepared), "peak_mem_bytes": peak}
             if prepared.compiled:
                 out.update(compile_s=first, compile_mode=self.settings.compile_mode)
             if on_ready is not None:
-                on_ready(synchronized(prepared.fn, self.device), [], out)
+                on_ready(synchronized(prepared.fn, self.device), grad_to_none, out)
             return out
         finally:
             compiled = prepared.compiled
