@@ -7,32 +7,30 @@ Providers are checked against the unfused float64 modules with the rule of
 from __future__ import annotations
 
 import copy
-import importlib.util
 import random
 
 import pytest
 import torch
 from torch import nn
 
-import xception_fast
 from xception_fast import SeparableConvBN2d, backends, ops
 from xception_fast.testing import (TOLERANCES, check_against_truth, max_error, randomize_batchnorm_,
                                    require_provider, unfused_unit)
 
 
 def cpu_providers() -> list[str]:
-    """Providers tested on CPU tensors: triton runs there in its interpreter (see conftest.py)."""
-    return ["reference"] + (["triton"] if importlib.util.find_spec("triton") else [])
+    """Providers tested on CPU tensors: those with a CPU test environment in the registry (Triton's
+    interpreter for triton)."""
+    return [name for name, entry in backends.PROVIDERS.items() if entry.cpu_test_env is not None]
 
 
 @pytest.fixture(autouse=True)
-def _triton_interpreter(request, monkeypatch):
+def _cpu_provider(request, monkeypatch):
+    """CPU runs of a provider: its test environment set, or a skip with the reason it cannot run."""
     params = getattr(request.node, "callspec", None)
-    if params is not None and params.params.get("provider") == "triton" and not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        found = xception_fast.backend_report("cpu")["triton"]
-        if not found.available:
-            pytest.skip(f"triton on CPU tensors: {found.reason}")
+    provider = params.params.get("provider") if params is not None else None
+    if provider is not None and "gpu" not in request.keywords and not torch.cuda.is_available():
+        require_provider(provider, "cpu", monkeypatch)
 
 
 def _run(module, x, residual, grad_y, fused: bool):

@@ -219,14 +219,6 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(sections).rstrip() + "\n"
 
 
-def matplotlib_available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _pick_dtype(rows: list[dict]) -> Optional[str]:
     dtypes = {r["dtype"] for r in rows if r.get("status") == "ok"}
     for d in _DTYPE_ORDER:
