@@ -10,6 +10,7 @@ import torch
 
 import xception_fast
 from xception_fast import backends
+from xception_fast.spec import UnitSpec
 
 
 def fake_availability(monkeypatch, **available: bool) -> None:
@@ -140,6 +141,7 @@ for _name in backends.PROVIDER_FUNCTIONS:
 TOY_CHECK = '''
 import torch
 from xception_fast import backends
+from xception_fast.spec import UnitSpec
 
 # The registry entry: the whole of adding a provider, with its folder (toy_provider/).
 backends.PROVIDERS["toy"] = backends.Provider("toy", "toy_provider", lambda d: backends.Availability(True, "toy"),
@@ -176,3 +178,19 @@ def test_adding_a_provider_is_a_registry_entry_plus_its_folder(tmp_path):
     done = subprocess.run([sys.executable, str(tmp_path / "check.py")], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert done.returncode == 0 and "toy provider ok" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_auto_passes_over_a_provider_without_the_units_variant(monkeypatch):
+    """`auto` passes over the providers that do not compute a unit's variant (a mid-activation, which
+    only a reference that declares it would take); asking one for it by name is an error naming it."""
+    fake_availability(monkeypatch, cuda=True, triton=True)
+    mid = UnitSpec((3, 3), pre_relu=True, mid="relu").variants()
+    assert mid == {"pre_relu", "mid_relu"}
+    assert backends.resolve("auto", "cuda", torch.float32, UnitSpec((3, 3), pre_relu=True).variants()) == "cuda"
+    with pytest.raises(RuntimeError, match=r"no xception_fast backend computes a unit with \['mid_relu', 'pre_relu'\]"):
+        backends.resolve("auto", "cuda", torch.float32, mid)
+    with pytest.raises(NotImplementedError, match="mid_relu"):
+        backends.resolve("triton", "cuda", torch.float32, mid)
+    reference = backends.PROVIDERS["reference"]
+    monkeypatch.setitem(backends.PROVIDERS, "reference", replace(reference, variants=reference.variants | {"mid_relu"}))
+    assert backends.resolve("auto", "cuda", torch.float32, mid) == "reference"

@@ -197,7 +197,8 @@ def resolve(backend: str, device: torch.device | str, dtype: torch.dtype | None 
                 continue
             if candidate.availability(device).available:
                 return candidate.name
-        raise RuntimeError(f"no xception_fast backend can run on {device}")  # unreachable: reference
+        raise RuntimeError(f"no xception_fast backend computes a unit with {sorted(variants)} on {device} tensors "
+                           f"of {dtype}")
     found = availability(name, device)
     if not found.available:
         raise RuntimeError(f"xception_fast backend {name!r} is not available for {device} tensors: {found.reason}")
