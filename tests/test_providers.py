@@ -80,15 +80,20 @@ def run_op(op, tensors, rest, backend, dtype, grad_y):
     return list(outs), [None if t is None else t.grad for t in leaves]
 
 
-def compare_runs(names, results, provider, dtype, seed):
+def compare_runs(names, results, provider, dtype, seed, zero=frozenset()):
+    """Every output by `check_output`, but those in `zero`: exactly zero in exact arithmetic, so their
+    values are rounding noise on both sides; for those, the layout and finiteness only."""
     got, low, exact = (results[key][0] + results[key][1] for key in
                        ((provider, dtype), ("reference", dtype), ("reference", torch.float64)))
     assert len(got) == len(names)
     for name, g, lo, ex in zip(names, got, low, exact):
         if ex is None:
             assert g is None and lo is None, name
-            continue
-        check_output(f"{name} (seed {seed})", g, lo, ex, dtype)
+        elif name in zero:
+            assert g.dtype == lo.dtype and g.shape == lo.shape and g.stride() == lo.stride(), name
+            assert torch.isfinite(g).all(), f"{name} (seed {seed}): not finite"
+        else:
+            check_output(f"{name} (seed {seed})", g, lo, ex, dtype)
 
 
 # --- the public ops, every output and gradient ---------------------------------------------------------
@@ -139,8 +144,12 @@ def _train_case(target, spec_tuple, flags, dtype, seed):
     y, z, mean, var = results[provider, dtype][0]
     assert y.stride() == z.stride() == reference.channels_last_strides(shape_out)
     assert mean.dtype == var.dtype == torch.float32
+    # BatchNorm makes y invariant to scaling z per channel. With one input channel every z channel is
+    # a multiple of the same depthwise output, so grad_pw is exactly zero, and so is grad_dw when the
+    # depthwise kernel is a single weight: both are rounding noise here.
+    zero = ({"grad_pw"} | ({"grad_dw"} if dw[0].numel() == 1 else set())) if cin == 1 else set()
     compare_runs(["y", "z", "mean", "var", "grad_x", "grad_dw", "grad_pw", "grad_weight", "grad_bias",
-                  "grad_residual"], results, provider, dtype, seed)
+                  "grad_residual"], results, provider, dtype, seed, zero)
 
 
 def _skip_unless_runnable(target, dtype, shape=None):
