@@ -181,6 +181,21 @@ def default_max_jobs() -> int:
     return max(1, cores)
 
 
+def installed_torch_version() -> str | None:
+    """The torch version of the environment being installed into, or None when it has none yet.
+
+    Under pip's build isolation, this process imports the torch of the isolated build environment
+    (pyproject's build requirement); a fresh interpreter without pip's PYTHONPATH sees the target's."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    code = ("import importlib.util\n"
+            "if importlib.util.find_spec('torch'):\n    import torch\n    print(torch.__version__)")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def plan_cuda_build() -> dict:
     """Decide whether to build the extension. Returns the build plan; sets CUDA_HOME."""
     mode = os.environ.get("XCEPTION_FAST_BUILD_CUDA", "auto").strip().lower() or "auto"
@@ -219,6 +234,16 @@ def plan_cuda_build() -> dict:
     if version.split(".")[0] != torch.version.cuda.split(".")[0]:
         return skip(f"nvcc {version} ({cuda_home}) and torch's CUDA {torch.version.cuda} differ in major "
                     f"version")
+    installed = installed_torch_version()
+    if installed is not None and installed != str(torch.__version__):
+        # An extension built against this torch would not load into the installed one: the cuda
+        # provider would be silently missing. Say so now, with the way out.
+        raise SystemExit(f"xception_fast setup: the CUDA extension would be built against torch {torch.__version__} "
+                         f"(pip's isolated build environment), but this environment has torch {installed}, which "
+                         f"cannot load it. Build against the installed torch with `pip install "
+                         f"--no-build-isolation --no-deps .` (needs setuptools, wheel and ninja), or install "
+                         f"torch=={torch.__version__} first, or set XCEPTION_FAST_BUILD_CUDA=0 for the package "
+                         f"without the cuda provider.")
     # torch.utils.cpp_extension reads CUDA_HOME when it is first imported: set it before that.
     os.environ["CUDA_HOME"] = cuda_home
     cpp_extension = sys.modules.get("torch.utils.cpp_extension")
@@ -312,9 +337,10 @@ def _extensions() -> tuple[list, dict]:
     # The toolkit's own headers first; the wheels' include dirs only fill in what it lacks (cusparse.h,
     # cublas_v2.h), so a wheel of another CUDA minor version never shadows the compiler's runtime headers.
     include_dirs = [str(ROOT / "csrc"), os.path.join(PLAN["cuda_home"], "include")] + nvidia_wheel_include_dirs()
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
-    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
-    depends = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.h"))
+    files = sorted(p.relative_to(ROOT) for p in (ROOT / "csrc").iterdir() if p.is_file())
+    sources = [str(p) for p in files if p.suffix in (".cpp", ".cu")]
+    # Everything else in csrc/ (.h, .cuh) is a header: a rebuild input, and part of the sdist.
+    depends = [str(p) for p in files if p.suffix not in (".cpp", ".cu")]
     PLAN["message"] = (f"building {EXTENSION} with nvcc {PLAN['nvcc_version']} ({PLAN['cuda_home']}) against "
                        f"torch {PLAN['torch_version']} (CUDA {PLAN['torch_cuda_version']}), archs "
                        f"{';'.join(archs)}, MAX_JOBS={os.environ['MAX_JOBS']}{', DEBUG' if debug else ''}")

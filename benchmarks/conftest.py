@@ -6,7 +6,7 @@ With a GPU, every layer and model row of the grid runs (`xception_fast.bench.com
 bf16, both modes, layers at batch 256, models at batch 1, 32 and 256, 299x299; narrow it with the
 root conftest's --bench-* options or the XCEPTION_FAST_BENCH_{DTYPES,MODES,BATCHES,LAYER_BATCH,
 IMAGE_SIZE,MODELS,PROVIDERS,SHAPES,COMPILE_MODE,TIMING} environment variables they set,
-comma-separated). Each row is timed with CUDA events
+comma-separated). Each row is timed with `do_bench`
 (`xception_fast.bench.timing`: warm-up and first call/compilation excluded, medians) and that
 figure, with TFLOP/s, GB/s, roofline fraction, images/s and peak memory, goes into
 ``benchmark.extra_info``. pytest-benchmark's own columns time the same callable followed by

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# One script for a lent GPU machine: build, GPU tests, compute-sanitizer, benchmarks, report.
+# One script for a GPU machine: build, GPU tests, compute-sanitizer, benchmarks, report.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [STAGE ...]
 #
 # Stages (default: all, in this order):
 #   env            nvidia-smi, versions, which providers are available          -> OUTDIR/env.log
 #   install        pip install --no-build-isolation --no-deps . (MAX_JOBS=16)   -> OUTDIR/install.log
-#   gpu-tests      the provider correctness suites on the GPU (cuda, triton, extension, trust):
+#   gpu-tests      the provider conformance suite, extension and trust tests on the GPU:
 #                  the stage to run first when device time is short              -> OUTDIR/gpu-tests.log
 #   tests          pytest -m gpu, then the whole test suite                      -> OUTDIR/tests.log
 #   sanitize       compute-sanitizer memcheck, racecheck, initcheck over a small forward/backward
@@ -23,11 +23,12 @@
 # Every stage logs into OUTDIR/<stage>.log and appends "stage rc seconds" to OUTDIR/summary.txt;
 # a failing stage does not stop the next. Results JSON files go to OUTDIR/results/ (copy them into
 # benchmarks/results/ to keep them). Each stage runs under `timeout` (STAGE_TIMEOUT, default 540 s,
-# so one stage fits a 10-minute command) and benchmark stages stop starting rows after BENCH_BUDGET
+# so one stage fits a 10-minute limit) and benchmark stages stop starting rows after BENCH_BUDGET
 # seconds (default 420) so their results files are complete. Knobs: PYTHON, MAX_JOBS, DTYPE (bf16),
 # BENCH_ARGS (extra CLI arguments), SANITIZE_BACKENDS ("cuda triton"), SANITIZE_TOOLS
 # ("memcheck racecheck"), SANITIZE_DTYPES ("fp32 bf16"), SANITIZER_TIMEOUT (per run, 250 s),
-# USE_SOURCE=1 (import the source tree, e.g. after `python setup.py build_ext --inplace`).
+# USE_SOURCE=1 (import the source tree: after an editable install, `pip install --no-build-isolation
+# --no-deps -e .`, which also maps triton_kernels/ to xception_fast.triton_kernels).
 set -u
 
 if [ $# -lt 1 ]; then
@@ -49,11 +50,11 @@ SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck racecheck initcheck}
 SANITIZE_DTYPES=${SANITIZE_DTYPES:-fp32 bf16}
 SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-250}
 export MAX_JOBS=${MAX_JOBS:-16}
-# This run is what verifies the CUDA kernels (tests/test_cuda_provider.py, the sanitizer): let the
+# This run is what verifies the CUDA kernels (tests/test_providers.py, the sanitizer): let the
 # cuda provider run although xception_fast.backends.CUDA_KERNELS_VERIFIED is still False.
 export XCEPTION_FAST_UNVERIFIED_CUDA=${XCEPTION_FAST_UNVERIFIED_CUDA:-1}
 if [ "${USE_SOURCE:-0}" = 1 ]; then
-    # An in-place build (python setup.py build_ext --inplace): import the source tree.
+    # An editable install: import the source tree.
     export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 else
     # Tests and benchmarks import the installed package, not the source tree (python -m would put
@@ -126,8 +127,8 @@ stage_tests() {
 }
 
 stage_gpu_tests() {
-    "$PY" -m pytest -q -rs -p no:cacheprovider --durations=15 tests/test_cuda_provider.py \
-        tests/test_triton_provider.py tests/test_extension.py tests/test_trust.py
+    "$PY" -m pytest -q -rs -p no:cacheprovider --durations=15 tests/test_providers.py \
+        tests/test_extension.py tests/test_trust.py
 }
 
 stage_sanitize() {

@@ -1,8 +1,8 @@
-// Forward kernels of the xception_fast CUDA provider (inference and training), the kernel registry
-// (kHasKernel) and the launchers run_sepconv_bn_infer / run_sepconv_bn_train.
+// Forward kernels of the xception_fast CUDA provider (inference and training) and the launchers
+// run_sepconv_bn_infer / run_sepconv_bn_train.
 //
 // STATUS: compiled for sm_80 and sm_90a with nvcc 13.0; NOT YET RUN ON A GPU. Nothing here has been
-// checked numerically: tests/test_cuda_provider.py is the check, to be run on a GPU (with
+// checked numerically: tests/test_providers.py is the check, to be run on a GPU (with
 // XCEPTION_FAST_UNVERIFIED_CUDA=1) before xception_fast.backends.CUDA_KERNELS_VERIFIED is set.
 //
 // Design (sepconv_device.cuh holds the shared pieces):
@@ -34,20 +34,9 @@
 #include "sepconv_device.cuh"
 #include "sepconv_params.h"
 
-#define XF_STRINGIFY_(...) #__VA_ARGS__
-#define XF_STRINGIFY(...) XF_STRINGIFY_(__VA_ARGS__)
-
 namespace xception_fast {
 
 namespace {
-
-constexpr bool kHasKernel[static_cast<int>(Op::kCount)] = {
-    true,  // sepconv_bn_infer
-    true,  // sepconv_bn_infer_backward
-    true,  // sepconv_bn_train
-    true,  // bn_backward_reduce
-    true,  // sepconv_bn_train_backward
-};
 
 // ---------------------------------------------------------------------------------------------------
 // Inference
@@ -262,11 +251,6 @@ cudaError_t launch_train(const SepConvTrainParams& p, cudaStream_t stream) {
 }
 
 }  // namespace
-
-bool has_kernel(Op op) {
-  const int i = static_cast<int>(op);
-  return i >= 0 && i < static_cast<int>(Op::kCount) && kHasKernel[i];
-}
 
 const char* compiled_cuda_arch_list() {
 #ifdef __CUDA_ARCH_LIST__

@@ -22,6 +22,10 @@
 
 #include <cuda_runtime_api.h>
 
+// A macro's value as a string literal (the build's architecture lists).
+#define XF_STRINGIFY_(...) #__VA_ARGS__
+#define XF_STRINGIFY(...) XF_STRINGIFY_(__VA_ARGS__)
+
 namespace xception_fast {
 
 enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -49,48 +53,40 @@ struct ConvGeometry {
   int64_t dil_h = 1, dil_w = 1;
 };
 
-// y = post(pw(dw(pre(x))) * scale + shift) + residual.
-struct SepConvInferParams {
+// What every op on one unit reads: the unit itself (xception_fast.spec.UnitSpec on the Python side),
+// its input and weights, and the scratch memory. The host fills it in one place (unit_params).
+struct UnitParams {
   ConvGeometry g;
   DType dtype = DType::kFloat32;
   Tensor4 x;
   void* dw_weight = nullptr;  // [C, kh, kw]
   void* pw_weight = nullptr;  // [Cout, C]
-  Vec scale, shift;           // optional
-  Tensor4 residual;           // optional, output-shaped
-  Tensor4 y;                  // out: output-shaped, channels_last
   bool pre_relu = false, post_relu = false;
   void* workspace = nullptr;  // scratch, workspace_size(*this) bytes (see the top of this file)
   size_t workspace_bytes = 0;
 };
 
+// y = post(pw(dw(pre(x))) * scale + shift) + residual.
+struct SepConvInferParams : UnitParams {
+  Vec scale, shift;  // optional
+  Tensor4 residual;  // optional, output-shaped
+  Tensor4 y;         // out: output-shaped, channels_last
+};
+
 // Gradients of SepConvInferParams' unit; the depthwise output is recomputed from x.
-struct SepConvInferBackwardParams {
-  ConvGeometry g;
-  DType dtype = DType::kFloat32;
+struct SepConvInferBackwardParams : UnitParams {
   Tensor4 grad_y;
-  Tensor4 x;
-  void* dw_weight = nullptr;
-  void* pw_weight = nullptr;
-  Vec scale, shift;            // optional
-  Tensor4 grad_x;              // out: x-shaped, channels_last
+  Vec scale, shift;                // optional
+  Tensor4 grad_x;                  // out: x-shaped, channels_last
   void* grad_dw_weight = nullptr;  // out: [C, kh, kw]
   void* grad_pw_weight = nullptr;  // out: [Cout, C]
-  Vec grad_scale, grad_shift;  // out: ptr nullptr when scale/shift are absent (then empty tensors)
-  bool pre_relu = false, post_relu = false;
-  void* workspace = nullptr;  // scratch, workspace_size(*this) bytes (see the top of this file)
-  size_t workspace_bytes = 0;
+  Vec grad_scale, grad_shift;      // out: ptr nullptr when scale/shift are absent (then empty tensors)
 };
 
 // Training forward: z = pw(dw(pre(x))), batch mean and biased var of z per channel, and
 // y = post((z - mean) * rsqrt(var + eps) * bn_weight + bn_bias) + residual.
 // An empty batch gives mean 0 and var 1 (as xception_fast.reference).
-struct SepConvTrainParams {
-  ConvGeometry g;
-  DType dtype = DType::kFloat32;
-  Tensor4 x;
-  void* dw_weight = nullptr;
-  void* pw_weight = nullptr;
+struct SepConvTrainParams : UnitParams {
   Vec bn_weight, bn_bias;  // optional
   Tensor4 residual;        // optional
   Tensor4 y;               // out
@@ -98,23 +94,25 @@ struct SepConvTrainParams {
   float* mean = nullptr;   // out: [Cout]
   float* var = nullptr;    // out: [Cout], biased
   double eps = 1e-5;
-  bool pre_relu = false, post_relu = false;
-  void* workspace = nullptr;  // scratch, workspace_size(*this) bytes (see the top of this file)
-  size_t workspace_bytes = 0;
+};
+
+// What both BatchNorm-backward ops read: grad_y and z [N, Cout, Ho, Wo], the batch statistics and
+// the affine parameters (filled in one place on the host: bn_backward_inputs).
+struct BnBackwardInputs {
+  Tensor4 grad_y;
+  Tensor4 z;
+  const float* mean = nullptr;    // [Cout]
+  const float* invstd = nullptr;  // [Cout]
+  Vec bn_weight, bn_bias;         // optional
 };
 
 // Per-channel reductions of the BatchNorm backward over z [n, c, h, w] (c = Cout of the unit):
 // sum_dy = sum(g), sum_dy_xhat = sum(g * xhat), g = grad_y masked by the post-ReLU.
-struct BnBackwardReduceParams {
+struct BnBackwardReduceParams : BnBackwardInputs {
   int64_t n = 0, c = 0, h = 0, w = 0;
   DType dtype = DType::kFloat32;
-  Tensor4 grad_y;
-  Tensor4 z;
-  const float* mean = nullptr;    // [c]
-  const float* invstd = nullptr;  // [c]
-  Vec bn_weight, bn_bias;         // optional
-  float* sum_dy = nullptr;        // out: [c]
-  float* sum_dy_xhat = nullptr;   // out: [c]
+  float* sum_dy = nullptr;       // out: [c]
+  float* sum_dy_xhat = nullptr;  // out: [c]
   bool post_relu = false;
   void* workspace = nullptr;  // scratch, workspace_size(*this) bytes
   size_t workspace_bytes = 0;
@@ -122,41 +120,16 @@ struct BnBackwardReduceParams {
 
 // Gradients of x and the weights through the BatchNorm (batch statistics), given the reductions of
 // BnBackwardReduceParams divided by the count per channel (mean_dy, mean_dy_xhat).
-struct SepConvTrainBackwardParams {
-  ConvGeometry g;
-  DType dtype = DType::kFloat32;
-  Tensor4 grad_y;
-  Tensor4 x;
-  Tensor4 z;
-  void* dw_weight = nullptr;
-  void* pw_weight = nullptr;
-  const float* mean = nullptr;
-  const float* invstd = nullptr;
-  Vec bn_weight, bn_bias;  // optional
+struct SepConvTrainBackwardParams : UnitParams, BnBackwardInputs {
   const float* mean_dy = nullptr;
   const float* mean_dy_xhat = nullptr;
-  Tensor4 grad_x;          // out
+  Tensor4 grad_x;                  // out
   void* grad_dw_weight = nullptr;  // out
   void* grad_pw_weight = nullptr;  // out
-  bool pre_relu = false, post_relu = false;
-  void* workspace = nullptr;  // scratch, workspace_size(*this) bytes (see the top of this file)
-  size_t workspace_bytes = 0;
 };
 
-// The ops, in the order of implemented_ops().
-enum class Op : int32_t {
-  kSepconvBnInfer = 0,
-  kSepconvBnInferBackward,
-  kSepconvBnTrain,
-  kBnBackwardReduce,
-  kSepconvBnTrainBackward,
-  kCount
-};
-
-// Defined in sepconv_forward.cu.
-// has_kernel: whether `op` has a real kernel; the host refuses to run an op without one.
-bool has_kernel(Op op);
-// The virtual architectures nvcc compiled sepconv_forward.cu for (__CUDA_ARCH_LIST__), or "".
+// Defined in sepconv_forward.cu: the virtual architectures nvcc compiled it for (__CUDA_ARCH_LIST__),
+// or "".
 const char* compiled_cuda_arch_list();
 // Bytes of device scratch memory each launcher needs (0 allowed). sepconv_forward.cu: the first two;
 // sepconv_backward.cu: the rest.

@@ -4,9 +4,9 @@
 // xception_fast/_extension.py (no PYBIND11_MODULE). The ops have the signatures of
 // xception_fast.reference; xception_fast.ops wraps them with fake kernels and autograd.
 //
-// Each CUDA implementation: checks its inputs (checks.h), guards x's device, refuses an op that has
-// no kernel yet, makes the inputs channels_last / contiguous, allocates the outputs and the kernels'
-// scratch workspace, fills the params struct (sepconv_params.h) and calls the launcher
+// Each CUDA implementation: checks its inputs (checks.h), guards x's device, makes the inputs
+// channels_last / contiguous, allocates the outputs and the kernels' scratch workspace, fills the
+// params struct (sepconv_params.h; the unit's part in unit_params) and calls the launcher
 // (sepconv_forward.cu, sepconv_backward.cu) on the current stream.
 // The CPU registrations only raise a clear error instead of PyTorch's "Could not run ... 'CPU'".
 //
@@ -34,9 +34,6 @@
 #include "checks.h"
 #include "sepconv_params.h"
 
-#define XF_STRINGIFY_(...) #__VA_ARGS__
-#define XF_STRINGIFY(...) XF_STRINGIFY_(__VA_ARGS__)
-
 #ifndef XCEPTION_FAST_CUDA_ARCHS
 #define XCEPTION_FAST_CUDA_ARCHS unknown
 #endif
@@ -47,19 +44,8 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-constexpr const char* kOpNames[static_cast<int>(Op::kCount)] = {
-    "sepconv_bn_infer", "sepconv_bn_infer_backward", "sepconv_bn_train", "bn_backward_reduce",
-    "sepconv_bn_train_backward",
-};
-
-const char* op_name(Op op) { return kOpNames[static_cast<int>(op)]; }
-
-void require_kernel(Op op) {
-  TORCH_CHECK(has_kernel(op), "xception_fast: the fused CUDA kernel '", op_name(op), "' is not implemented yet");
-}
-
-void check_launch(cudaError_t err, Op op) {
-  TORCH_CHECK(err == cudaSuccess, "xception_fast: launching '", op_name(op), "' failed: ", cudaGetErrorString(err));
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "xception_fast: launching '", op, "' failed: ", cudaGetErrorString(err));
 }
 
 // --- params from tensors -----------------------------------------------------------------------------
@@ -117,12 +103,39 @@ Tensor fresh(Tensor t) {
   return t;
 }
 
-// The kernels' scratch memory (bytes), from PyTorch's caching allocator: stream-ordered, so it may be
-// released when the caller returns, before the kernels have run.
-Tensor workspace(size_t bytes, const Tensor& like) {
+// The kernels' scratch memory (workspace_size(p) bytes), from PyTorch's caching allocator, set in p:
+// stream-ordered, so it may be released when the caller returns, before the kernels have run.
+template <typename Params>
+Tensor attach_workspace(Params& p, const Tensor& like) {
+  const size_t bytes = workspace_size(p);
   Tensor w = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
   if (poison_outputs() && bytes > 0) w.fill_(255);
+  p.workspace = w.data_ptr();
+  p.workspace_bytes = bytes;
   return w;
+}
+
+// The unit's part of every op's params, from the checked geometry and the laid-out x and weights
+// (the workspace is attached last, by attach_workspace). Each op's params struct is then one
+// aggregate: this, then its own members in declaration order (sepconv_params.h).
+UnitParams unit_params(const ConvGeometry& g, const Tensor& xc, const Tensor& dwc, const Tensor& pwc, bool pre_relu,
+                       bool post_relu) {
+  UnitParams p;
+  p.g = g;
+  p.dtype = to_dtype(xc.scalar_type());
+  p.x = tensor4(xc);
+  p.dw_weight = dwc.data_ptr();
+  p.pw_weight = pwc.data_ptr();
+  p.pre_relu = pre_relu;
+  p.post_relu = post_relu;
+  return p;
+}
+
+// The BatchNorm backward's part of its two ops' params, from the laid-out tensors.
+BnBackwardInputs bn_backward_inputs(const Tensor& gyc, const Tensor& zc, const Tensor& mean_c,
+                                    const Tensor& invstd_c, const Tensor& weight_c, const Tensor& bias_c) {
+  return {tensor4(gyc), tensor4(zc), mean_c.data_ptr<float>(), invstd_c.data_ptr<float>(), vec(weight_c),
+          vec(bias_c)};
 }
 
 // --- CUDA implementations ----------------------------------------------------------------------------
@@ -136,29 +149,16 @@ Tensor sepconv_bn_infer_cuda(const Tensor& x, const Tensor& dw_weight, const Ten
   check_optional_vector(shift, "shift", x, g.c_out, x.scalar_type());
   if (residual.has_value() && residual->defined()) check_output_like(*residual, "residual", x, g);
   c10::cuda::CUDAGuard device_guard(x.device());
-  require_kernel(Op::kSepconvBnInfer);
 
   const Tensor xc = channels_last(x), dwc = dw_weight.contiguous(), pwc = pw_weight.contiguous();
   const Tensor scale_c = optional_contiguous(scale), shift_c = optional_contiguous(shift);
   const Tensor residual_c = optional_channels_last(residual);
   Tensor y = fresh(empty_channels_last({g.n, g.c_out, g.h_out, g.w_out}, x));
 
-  SepConvInferParams p;
-  p.g = g;
-  p.dtype = to_dtype(x.scalar_type());
-  p.x = tensor4(xc);
-  p.dw_weight = dwc.data_ptr();
-  p.pw_weight = pwc.data_ptr();
-  p.scale = vec(scale_c);
-  p.shift = vec(shift_c);
-  p.residual = optional_tensor4(residual_c);
-  p.y = tensor4(y);
-  p.pre_relu = pre_relu;
-  p.post_relu = post_relu;
-  const Tensor ws = workspace(workspace_size(p), x);
-  p.workspace = ws.data_ptr();
-  p.workspace_bytes = static_cast<size_t>(ws.numel());
-  check_launch(run_sepconv_bn_infer(p, current_stream()), Op::kSepconvBnInfer);
+  SepConvInferParams p{unit_params(g, xc, dwc, pwc, pre_relu, post_relu), vec(scale_c), vec(shift_c),
+                       optional_tensor4(residual_c), tensor4(y)};
+  const Tensor ws = attach_workspace(p, x);
+  check_launch(run_sepconv_bn_infer(p, current_stream()), "sepconv_bn_infer");
   return y;
 }
 
@@ -171,7 +171,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sepconv_bn_infer_backward_cud
   check_optional_vector(scale, "scale", x, g.c_out, x.scalar_type());
   check_optional_vector(shift, "shift", x, g.c_out, x.scalar_type());
   c10::cuda::CUDAGuard device_guard(x.device());
-  require_kernel(Op::kSepconvBnInferBackward);
 
   const Tensor gyc = channels_last(grad_y), xc = channels_last(x);
   const Tensor dwc = dw_weight.contiguous(), pwc = pw_weight.contiguous();
@@ -183,26 +182,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sepconv_bn_infer_backward_cud
   Tensor grad_scale = fresh(scale_c.defined() ? at::empty_like(scale_c) : empty_vector(0, x, x.scalar_type()));
   Tensor grad_shift = fresh(shift_c.defined() ? at::empty_like(shift_c) : empty_vector(0, x, x.scalar_type()));
 
-  SepConvInferBackwardParams p;
-  p.g = g;
-  p.dtype = to_dtype(x.scalar_type());
-  p.grad_y = tensor4(gyc);
-  p.x = tensor4(xc);
-  p.dw_weight = dwc.data_ptr();
-  p.pw_weight = pwc.data_ptr();
-  p.scale = vec(scale_c);
-  p.shift = vec(shift_c);
-  p.grad_x = tensor4(grad_x);
-  p.grad_dw_weight = grad_dw.data_ptr();
-  p.grad_pw_weight = grad_pw.data_ptr();
-  p.grad_scale = scale_c.defined() ? vec(grad_scale) : Vec{};
-  p.grad_shift = shift_c.defined() ? vec(grad_shift) : Vec{};
-  p.pre_relu = pre_relu;
-  p.post_relu = post_relu;
-  const Tensor ws = workspace(workspace_size(p), x);
-  p.workspace = ws.data_ptr();
-  p.workspace_bytes = static_cast<size_t>(ws.numel());
-  check_launch(run_sepconv_bn_infer_backward(p, current_stream()), Op::kSepconvBnInferBackward);
+  // Absent scale/shift: no gradient to write (the empty tensors above are returned).
+  SepConvInferBackwardParams p{unit_params(g, xc, dwc, pwc, pre_relu, post_relu), tensor4(gyc), vec(scale_c),
+                               vec(shift_c), tensor4(grad_x), grad_dw.data_ptr(), grad_pw.data_ptr(),
+                               scale_c.defined() ? vec(grad_scale) : Vec{},
+                               shift_c.defined() ? vec(grad_shift) : Vec{}};
+  const Tensor ws = attach_workspace(p, x);
+  check_launch(run_sepconv_bn_infer_backward(p, current_stream()), "sepconv_bn_infer_backward");
   return {grad_x, grad_dw, grad_pw, grad_scale, grad_shift};
 }
 
@@ -216,7 +202,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sepconv_bn_train_cuda(
   if (residual.has_value() && residual->defined()) check_output_like(*residual, "residual", x, g);
   TORCH_CHECK(eps >= 0, "xception_fast: eps must be >= 0, got ", eps);
   c10::cuda::CUDAGuard device_guard(x.device());
-  require_kernel(Op::kSepconvBnTrain);
 
   const Tensor xc = channels_last(x), dwc = dw_weight.contiguous(), pwc = pw_weight.contiguous();
   const Tensor weight_c = optional_contiguous(bn_weight), bias_c = optional_contiguous(bn_bias);
@@ -226,26 +211,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sepconv_bn_train_cuda(
   Tensor mean = fresh(empty_vector(g.c_out, x, at::kFloat));
   Tensor var = fresh(empty_vector(g.c_out, x, at::kFloat));
 
-  SepConvTrainParams p;
-  p.g = g;
-  p.dtype = to_dtype(x.scalar_type());
-  p.x = tensor4(xc);
-  p.dw_weight = dwc.data_ptr();
-  p.pw_weight = pwc.data_ptr();
-  p.bn_weight = vec(weight_c);
-  p.bn_bias = vec(bias_c);
-  p.residual = optional_tensor4(residual_c);
-  p.y = tensor4(y);
-  p.z = tensor4(z);
-  p.mean = mean.data_ptr<float>();
-  p.var = var.data_ptr<float>();
-  p.eps = eps;
-  p.pre_relu = pre_relu;
-  p.post_relu = post_relu;
-  const Tensor ws = workspace(workspace_size(p), x);
-  p.workspace = ws.data_ptr();
-  p.workspace_bytes = static_cast<size_t>(ws.numel());
-  check_launch(run_sepconv_bn_train(p, current_stream()), Op::kSepconvBnTrain);
+  SepConvTrainParams p{unit_params(g, xc, dwc, pwc, pre_relu, post_relu), vec(weight_c), vec(bias_c),
+                       optional_tensor4(residual_c), tensor4(y), tensor4(z), mean.data_ptr<float>(),
+                       var.data_ptr<float>(), eps};
+  const Tensor ws = attach_workspace(p, x);
+  check_launch(run_sepconv_bn_train(p, current_stream()), "sepconv_bn_train");
   return {y, z, mean, var};
 }
 
@@ -266,7 +236,6 @@ std::tuple<Tensor, Tensor> bn_backward_reduce_cuda(const Tensor& grad_y, const T
   check_optional_vector(bn_weight, "bn_weight", z, c, z.scalar_type());
   check_optional_vector(bn_bias, "bn_bias", z, c, z.scalar_type());
   c10::cuda::CUDAGuard device_guard(z.device());
-  require_kernel(Op::kBnBackwardReduce);
 
   const Tensor gyc = channels_last(grad_y), zc = channels_last(z);
   const Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
@@ -274,25 +243,11 @@ std::tuple<Tensor, Tensor> bn_backward_reduce_cuda(const Tensor& grad_y, const T
   Tensor sum_dy = fresh(empty_vector(c, z, at::kFloat));
   Tensor sum_dy_xhat = fresh(empty_vector(c, z, at::kFloat));
 
-  BnBackwardReduceParams p;
-  p.n = z.size(0);
-  p.c = c;
-  p.h = z.size(2);
-  p.w = z.size(3);
-  p.dtype = to_dtype(z.scalar_type());
-  p.grad_y = tensor4(gyc);
-  p.z = tensor4(zc);
-  p.mean = mean_c.data_ptr<float>();
-  p.invstd = invstd_c.data_ptr<float>();
-  p.bn_weight = vec(weight_c);
-  p.bn_bias = vec(bias_c);
-  p.sum_dy = sum_dy.data_ptr<float>();
-  p.sum_dy_xhat = sum_dy_xhat.data_ptr<float>();
-  p.post_relu = post_relu;
-  const Tensor ws = workspace(workspace_size(p), z);
-  p.workspace = ws.data_ptr();
-  p.workspace_bytes = static_cast<size_t>(ws.numel());
-  check_launch(run_bn_backward_reduce(p, current_stream()), Op::kBnBackwardReduce);
+  BnBackwardReduceParams p{bn_backward_inputs(gyc, zc, mean_c, invstd_c, weight_c, bias_c), z.size(0), c, z.size(2),
+                           z.size(3), to_dtype(z.scalar_type()), sum_dy.data_ptr<float>(),
+                           sum_dy_xhat.data_ptr<float>(), post_relu};
+  const Tensor ws = attach_workspace(p, z);
+  check_launch(run_bn_backward_reduce(p, current_stream()), "bn_backward_reduce");
   return {sum_dy, sum_dy_xhat};
 }
 
@@ -311,7 +266,6 @@ std::tuple<Tensor, Tensor, Tensor> sepconv_bn_train_backward_cuda(
   check_optional_vector(bn_weight, "bn_weight", x, g.c_out, x.scalar_type());
   check_optional_vector(bn_bias, "bn_bias", x, g.c_out, x.scalar_type());
   c10::cuda::CUDAGuard device_guard(x.device());
-  require_kernel(Op::kSepconvBnTrainBackward);
 
   const Tensor gyc = channels_last(grad_y), xc = channels_last(x), zc = channels_last(z);
   const Tensor dwc = dw_weight.contiguous(), pwc = pw_weight.contiguous();
@@ -322,29 +276,12 @@ std::tuple<Tensor, Tensor, Tensor> sepconv_bn_train_backward_cuda(
   Tensor grad_dw = fresh(at::empty(dw_weight.sizes(), dw_weight.options()));
   Tensor grad_pw = fresh(at::empty(pw_weight.sizes(), pw_weight.options()));
 
-  SepConvTrainBackwardParams p;
-  p.g = g;
-  p.dtype = to_dtype(x.scalar_type());
-  p.grad_y = tensor4(gyc);
-  p.x = tensor4(xc);
-  p.z = tensor4(zc);
-  p.dw_weight = dwc.data_ptr();
-  p.pw_weight = pwc.data_ptr();
-  p.mean = mean_c.data_ptr<float>();
-  p.invstd = invstd_c.data_ptr<float>();
-  p.bn_weight = vec(weight_c);
-  p.bn_bias = vec(bias_c);
-  p.mean_dy = mean_dy_c.data_ptr<float>();
-  p.mean_dy_xhat = mean_dy_xhat_c.data_ptr<float>();
-  p.grad_x = tensor4(grad_x);
-  p.grad_dw_weight = grad_dw.data_ptr();
-  p.grad_pw_weight = grad_pw.data_ptr();
-  p.pre_relu = pre_relu;
-  p.post_relu = post_relu;
-  const Tensor ws = workspace(workspace_size(p), x);
-  p.workspace = ws.data_ptr();
-  p.workspace_bytes = static_cast<size_t>(ws.numel());
-  check_launch(run_sepconv_bn_train_backward(p, current_stream()), Op::kSepconvBnTrainBackward);
+  SepConvTrainBackwardParams p{unit_params(g, xc, dwc, pwc, pre_relu, post_relu),
+                               bn_backward_inputs(gyc, zc, mean_c, invstd_c, weight_c, bias_c),
+                               mean_dy_c.data_ptr<float>(), mean_dy_xhat_c.data_ptr<float>(), tensor4(grad_x),
+                               grad_dw.data_ptr(), grad_pw.data_ptr()};
+  const Tensor ws = attach_workspace(p, x);
+  check_launch(run_sepconv_bn_train_backward(p, current_stream()), "sepconv_bn_train_backward");
   return {grad_x, grad_dw, grad_pw};
 }
 
@@ -374,14 +311,6 @@ void cpu_error(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 
 // --- ops without tensors --------------------------------------------------------------------------
 
-std::vector<std::string> implemented_ops() {
-  std::vector<std::string> names;
-  for (int i = 0; i < static_cast<int>(Op::kCount); ++i) {
-    if (has_kernel(static_cast<Op>(i))) names.emplace_back(kOpNames[i]);
-  }
-  return names;
-}
-
 std::string build_info() {
   int runtime = 0;
   if (cudaRuntimeGetVersion(&runtime) != cudaSuccess) runtime = 0;
@@ -390,11 +319,7 @@ std::string build_info() {
     << ", \"cuda_version\": \"" << CUDART_VERSION / 1000 << "." << (CUDART_VERSION % 1000) / 10 << "\""
     << ", \"cuda_runtime_version\": \"" << runtime / 1000 << "." << (runtime % 1000) / 10 << "\""
     << ", \"cuda_archs\": \"" << XF_STRINGIFY(XCEPTION_FAST_CUDA_ARCHS) << "\""
-    << ", \"cuda_arch_list\": \"" << compiled_cuda_arch_list() << "\""
-    << ", \"implemented_ops\": [";
-  const std::vector<std::string> names = implemented_ops();
-  for (size_t i = 0; i < names.size(); ++i) s << (i ? ", " : "") << "\"" << names[i] << "\"";
-  s << "]}";
+    << ", \"cuda_arch_list\": \"" << compiled_cuda_arch_list() << "\"}";
   return s.str();
 }
 
@@ -415,7 +340,6 @@ TORCH_LIBRARY(xception_fast_cuda, m) {
   m.def("sepconv_bn_train_backward(Tensor grad_y, Tensor x, Tensor z, Tensor dw_weight, Tensor pw_weight, "
         "Tensor mean, Tensor invstd, Tensor? bn_weight, Tensor? bn_bias, Tensor mean_dy, Tensor mean_dy_xhat, "
         "int[2] stride, int[2] padding, int[2] dilation, bool pre_relu, bool post_relu) -> (Tensor, Tensor, Tensor)");
-  m.def("implemented_ops() -> str[]", &xception_fast::implemented_ops);
   m.def("build_info() -> str", &xception_fast::build_info);
 }
 

@@ -9,7 +9,7 @@ import torch
 # Triton's CPU interpreter must be on when triton itself is first imported (its standard library is
 # decorated then), and timm imports triton while test modules are collected. Without a GPU, import
 # triton and our kernels here with the interpreter on, then restore the environment: other tests see what they were
-# started with, and test_triton_provider.py sets TRITON_INTERPRET again around its own tests.
+# started with, and the conformance suite (test_providers.py) sets TRITON_INTERPRET again around its tests.
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     _saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"

@@ -1,17 +1,30 @@
 """Provider selection: auto, explicit requests, the context manager and the environment variable."""
 
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
 import pytest
 import torch
 
 import xception_fast
 from xception_fast import backends
+from xception_fast.spec import UnitSpec
+
+
+def fake_availability(monkeypatch, **available: bool) -> None:
+    """Registry entries whose availability is faked (no GPU is needed to resolve a name)."""
+    for name, ok in available.items():
+        entry = replace(backends.PROVIDERS[name], availability=lambda d, ok=ok: backends.Availability(ok, "test"))
+        monkeypatch.setitem(backends.PROVIDERS, name, entry)
 
 
 def test_reference_is_always_available_and_auto_picks_it_on_cpu():
     assert "reference" in xception_fast.available_backends("cpu")
     assert backends.resolve("auto", "cpu") == "reference"
     report = xception_fast.backend_report("cpu")
-    assert set(report) == {"cuda", "triton", "reference"}
+    assert tuple(report) == backends.provider_names() == ("cuda", "triton", "reference")
     for name, found in report.items():
         assert found.reason, f"{name} gives no reason"
 
@@ -21,10 +34,7 @@ def test_reference_is_always_available_and_auto_picks_it_on_cpu():
 def test_auto_order_for_gpu_tensors(monkeypatch, cuda_ok, triton_ok, expected):
     """On CUDA tensors `auto` takes cuda, then triton, then reference, by availability (faked here:
     no GPU is needed to resolve a name)."""
-    fake = {"cuda": lambda d: backends.Availability(cuda_ok, "test"),
-            "triton": lambda d: backends.Availability(triton_ok, "test"),
-            "reference": lambda d: backends.Availability(True, "test")}
-    monkeypatch.setattr(backends, "_AVAILABILITY", fake)
+    fake_availability(monkeypatch, cuda=cuda_ok, triton=triton_ok)
     assert backends.resolve("auto", "cuda") == expected
     assert backends.resolve("auto", "cuda", torch.bfloat16) == expected
     assert backends.resolve("auto", "cuda", torch.float64) == "reference"  # no fused float64 kernels
@@ -35,9 +45,9 @@ def test_ops_resolve_with_the_input_dtype(monkeypatch):
     seen = []
     resolve = backends.resolve
 
-    def spy(backend, device, dtype=None):
+    def spy(backend, device, dtype=None, *rest):
         seen.append(dtype)
-        return resolve(backend, device, dtype)
+        return resolve(backend, device, dtype, *rest)
 
     monkeypatch.setattr(backends, "resolve", spy)
     module = xception_fast.SeparableConvBN2d(3, 4).double().train()
@@ -63,8 +73,7 @@ def test_unknown_names_are_rejected():
 
 
 def test_context_manager_overrides_auto_and_nests(monkeypatch):
-    monkeypatch.setattr(backends, "_AVAILABILITY", {**backends._AVAILABILITY,
-                                                    "triton": lambda d: backends.Availability(True, "test")})
+    fake_availability(monkeypatch, triton=True)
     with xception_fast.use_backend("triton"):
         assert backends.requested_backend("auto") == "triton"
         assert backends.resolve("auto", "cpu") == "triton"
@@ -103,10 +112,85 @@ def test_op_runs_the_selected_provider(monkeypatch):
                 return getattr(xception_fast.reference, name)(*args)
             return run
 
-    monkeypatch.setattr(backends, "_AVAILABILITY", {**backends._AVAILABILITY,
-                                                    "triton": lambda d: backends.Availability(True, "spy")})
-    monkeypatch.setattr(backends, "_MODULES", {**backends._MODULES, "triton": Spy})
+    monkeypatch.setitem(sys.modules, "spy_provider", Spy())
+    fake_availability(monkeypatch, triton=True)
+    monkeypatch.setitem(backends.PROVIDERS, "triton", replace(backends.PROVIDERS["triton"], module="spy_provider"))
     module = xception_fast.SeparableConvBN2d(3, 4, backend="triton").train()
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
     module(x).sum().backward()
     assert calls == ["sepconv_bn_train", "bn_backward_reduce", "sepconv_bn_train_backward"]
+
+
+TOY_PROVIDER = '''"""A toy provider: the reference's functions, counted."""
+from xception_fast import backends, reference
+
+CALLS = []
+
+
+def _counted(name):
+    def run(*args):
+        CALLS.append(name)
+        return getattr(reference, name)(*args)
+    return run
+
+
+for _name in backends.PROVIDER_FUNCTIONS:
+    globals()[_name] = _counted(_name)
+'''
+
+TOY_CHECK = '''
+import torch
+from xception_fast import backends
+from xception_fast.spec import UnitSpec
+
+# The registry entry: the whole of adding a provider, with its folder (toy_provider/).
+backends.PROVIDERS["toy"] = backends.Provider("toy", "toy_provider", lambda d: backends.Availability(True, "toy"),
+                                              cpu_test_env={})
+
+import toy_provider
+import xception_fast
+from xception_fast import testing, train
+from xception_fast.bench import cli, common, report, sanitize
+
+assert train.parse_args(["--backend", "toy"]).backend == "toy"
+assert cli.build_parser().parse_args(["bench", "--providers", "toy"]).providers == ["toy"]
+assert "toy" in common.FUSED_PROVIDERS and common.provider_status("toy", "cuda")[0]
+assert report._PROVIDER_ORDER.index("toy") < report._PROVIDER_ORDER.index("reference")
+assert "toy" in xception_fast.available_backends("cpu") and "toy" in xception_fast.backend_report("cpu")
+assert ("toy", "cpu") in testing.conformance_cases()
+module = xception_fast.SeparableConvBN2d(3, 4, backend="toy").train()
+module(torch.randn(2, 3, 5, 5, requires_grad=True)).sum().backward()
+with xception_fast.use_backend("toy"):
+    xception_fast.SeparableConvBN2d(3, 4).eval()(torch.randn(1, 3, 5, 5))
+assert toy_provider.CALLS == ["sepconv_bn_train", "bn_backward_reduce", "sepconv_bn_train_backward",
+                              "sepconv_bn_infer"], toy_provider.CALLS
+print("toy provider ok")
+'''
+
+
+def test_adding_a_provider_is_a_registry_entry_plus_its_folder(tmp_path):
+    """A toy provider registered before the rest of the package is imported (as an entry in
+    `backends.PROVIDERS` would be) appears in every list of providers (train and bench CLIs, the
+    bench's providers and report order, the conformance suite's cases) and runs the ops."""
+    (tmp_path / "toy_provider").mkdir()
+    (tmp_path / "toy_provider" / "__init__.py").write_text(TOY_PROVIDER)
+    (tmp_path / "check.py").write_text(TOY_CHECK)
+    done = subprocess.run([sys.executable, str(tmp_path / "check.py")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0 and "toy provider ok" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_auto_passes_over_a_provider_without_the_units_variant(monkeypatch):
+    """`auto` passes over the providers that do not compute a unit's variant (a mid-activation, which
+    only a reference that declares it would take); asking one for it by name is an error naming it."""
+    fake_availability(monkeypatch, cuda=True, triton=True)
+    mid = UnitSpec((3, 3), pre_relu=True, mid="relu").variants()
+    assert mid == {"pre_relu", "mid_relu"}
+    assert backends.resolve("auto", "cuda", torch.float32, UnitSpec((3, 3), pre_relu=True).variants()) == "cuda"
+    with pytest.raises(RuntimeError, match=r"no xception_fast backend computes a unit with \['mid_relu', 'pre_relu'\]"):
+        backends.resolve("auto", "cuda", torch.float32, mid)
+    with pytest.raises(NotImplementedError, match="mid_relu"):
+        backends.resolve("triton", "cuda", torch.float32, mid)
+    reference = backends.PROVIDERS["reference"]
+    monkeypatch.setitem(backends.PROVIDERS, "reference", replace(reference, variants=reference.variants | {"mid_relu"}))
+    assert backends.resolve("auto", "cuda", torch.float32, mid) == "reference"

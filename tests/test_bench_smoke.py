@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import xception_fast
+from xception_fast import backends
 from xception_fast.bench import cli, report, results
 from xception_fast.bench.common import NO_GPU_REASON, BenchSettings, dtype_name, fused_provider_status
 from xception_fast.bench.layers import LayerCase, PlainUnit, layer_cases, prepare_layer
@@ -17,7 +18,7 @@ from xception_fast.bench.models import BASELINE, model_cases
 from xception_fast.bench.roofline import Rates, roofline_metrics, unit_bytes, unit_flops
 from xception_fast.bench.runner import Runner
 from xception_fast.bench.shapes import UnitShape, unit_shapes
-from xception_fast.bench.timing import quantile, time_fn
+from xception_fast.bench.timing import time_fn
 
 # (in, out, input size, pre_relu, post_relu, residual, count): Xception at 299x299 (paper Fig. 5).
 XCEPTION_299 = [
@@ -89,10 +90,8 @@ def test_roofline_metrics():
 def test_cpu_timing_and_quantiles():
     calls = []
     t = time_fn(lambda: calls.append(sum(range(2000))), "cpu")
-    assert t.method == "perf_counter" and t.median_ms > 0 and t.min_ms <= t.median_ms
-    assert t.p20_ms <= t.median_ms <= t.p80_ms and 2 <= t.reps <= 3 and len(calls) == t.reps + t.warmup_reps
-    assert quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
-    assert quantile([0.0, 10.0], 0.2) == pytest.approx(2.0)
+    assert t.method == "torch.utils.benchmark" and 0 < t.min_ms <= t.p20_ms <= t.median_ms <= t.p80_ms
+    assert len(calls) >= 2  # a warm-up call, then the timed blocks
 
 
 def test_dtype_names_and_settings(monkeypatch):
@@ -125,7 +124,7 @@ def test_gpu_grid_is_the_issues_grid():
 
 
 def test_provider_status_never_raises():
-    for name in ("cuda", "triton", "reference"):
+    for name in backends.provider_names():
         ok, reason = fused_provider_status(name, "cpu")
         assert isinstance(ok, bool) and isinstance(reason, str) and reason
     assert fused_provider_status("reference", "cpu")[0]
@@ -135,9 +134,9 @@ def test_plain_unit_matches_the_fused_module():
     shape = UnitShape(8, 16, 6, 6, residual=True, post_relu=True)
     for mode in ("infer", "train"):
         torch.manual_seed(0)
-        fused = prepare_layer(LayerCase(shape, "reference", mode, "fp32", 2), "cpu")
+        fused = prepare_layer(LayerCase("reference", mode, "fp32", 2, shape), "cpu")
         torch.manual_seed(0)
-        plain = prepare_layer(LayerCase(shape, "eager", mode, "fp32", 2), "cpu")
+        plain = prepare_layer(LayerCase("eager", mode, "fp32", 2, shape), "cpu")
         assert isinstance(plain.module, PlainUnit)
         for a, b in zip(fused.module.state_dict().values(), plain.module.state_dict().values()):
             torch.testing.assert_close(a, b)
@@ -164,7 +163,7 @@ def _synthetic_results() -> dict:
         for provider, ms in (("eager", eager_ms), ("cuda", eager_ms / 2), ("compile", eager_ms / 1.25)):
             rows.append({"kind": "layer", "name": name, "label": label, "count": count, "provider": provider,
                          "mode": "infer", "dtype": "bf16", "batch": 256, "status": "ok", "median_ms": ms,
-                         "roofline_fraction": 0.25, "method": "cuda_events"})
+                         "roofline_fraction": 0.25, "method": "do_bench"})
         rows.append({"kind": "layer", "name": name, "label": label, "count": count, "provider": "triton",
                      "mode": "infer", "dtype": "bf16", "batch": 256, "status": "skipped",
                      "reason": "triton: not implemented yet"})
@@ -173,7 +172,7 @@ def _synthetic_results() -> dict:
         rows.append({"kind": "model", "name": model, "provider": provider, "mode": "train", "dtype": "bf16",
                      "batch": 256, "image_size": 299, "status": "ok", "images_per_s": ips, "median_ms": 256e3 / ips,
                      "peak_mem_bytes": 3 * 2 ** 30, "compile_s": 61.0 if provider == "compile" else None,
-                     "method": "cuda_events"})
+                     "method": "do_bench"})
     return results.make_results("cpu", {"compile_mode": "max-autotune"}, {"cudnn_benchmark": True},
                                 {"bf16": {"matmul_tflops": 800.0, "copy_gbps": 3000.0}}, rows, env=env)
 
@@ -193,7 +192,7 @@ def test_results_round_trip(tmp_path):
 def test_environment_records_versions_and_commit():
     env = results.environment("cpu")
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["gpu_name"] is None
-    assert set(env["backends"]) == {"cuda", "triton", "reference"} and env["backends"]["reference"]["available"]
+    assert set(env["backends"]) == set(backends.provider_names()) and env["backends"]["reference"]["available"]
     assert "commit" in env and "triton" in env and "torch_cuda" in env
 
 

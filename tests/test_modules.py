@@ -13,27 +13,7 @@ import torch
 from torch import nn
 
 from xception_fast import SeparableConv2d, SeparableConvBN2d
-
-
-def unfused(module: SeparableConvBN2d, x, residual=None):
-    y = module.pointwise(module.depthwise(torch.relu(x) if module.pre_relu else x))
-    if hasattr(module, "bn"):
-        y = module.bn(y)
-    if module.post_relu:
-        y = torch.relu(y)
-    return y if residual is None else y + residual
-
-
-def randomize(module: nn.Module) -> nn.Module:
-    """Non-trivial BN affine parameters and running statistics, so none can be ignored unnoticed."""
-    with torch.no_grad():
-        for name, t in module.named_parameters():
-            t.copy_(torch.randn_like(t) * (0.5 if "weight" in name else 0.2) + (1.0 if "bn.weight" in name else 0))
-        bn = getattr(module, "bn", None)
-        if bn is not None and bn.running_mean is not None:
-            bn.running_mean.copy_(torch.randn_like(bn.running_mean))
-            bn.running_var.copy_(torch.rand_like(bn.running_var) + 0.5)
-    return module
+from xception_fast.testing import randomize_batchnorm_, unfused_unit
 
 
 def run_both(fused, x, residual, steps=3):
@@ -41,7 +21,7 @@ def run_both(fused, x, residual, steps=3):
     plain = copy.deepcopy(fused)
     for _ in range(steps):
         outs, grads, grad_y = [], [], None
-        for module, fn in ((fused, lambda m, a, r: m(a, residual=r)), (plain, unfused)):
+        for module, fn in ((fused, lambda m, a, r: m(a, residual=r)), (plain, unfused_unit)):
             a = x.clone().requires_grad_(True)
             r = None if residual is None else residual.clone().requires_grad_(True)
             module.zero_grad(set_to_none=True)
@@ -80,10 +60,10 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
 def test_sepconv_bn_matches_unfused_modules(case, train):
     cin, cout, k, stride, dilation, padding, pre, post, with_residual = case
-    fused = randomize(SeparableConvBN2d(cin, cout, k, stride, padding, dilation, pre_relu=pre, post_relu=post,
-                                        backend="reference").double()).train(train)
+    fused = randomize_batchnorm_(SeparableConvBN2d(cin, cout, k, stride, padding, dilation, pre_relu=pre,
+                                                   post_relu=post, backend="reference").double()).train(train)
     x = torch.randn(3, cin, 11, 9, dtype=torch.float64)
-    y_shape = unfused(fused, x).shape
+    y_shape = unfused_unit(fused, x).shape
     residual = torch.randn(y_shape, dtype=torch.float64) if with_residual else None
     for step in run_both(fused, x, residual):
         assert_close_all(*step, atol=1e-10, rtol=1e-9)
@@ -94,7 +74,8 @@ def test_sepconv_bn_matches_unfused_modules(case, train):
 ], ids=["momentum_none", "no_running_stats", "no_affine", "momentum_eps"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_batchnorm_options_match_nn_batchnorm(config, train):
-    fused = randomize(SeparableConvBN2d(6, 5, pre_relu=True, backend="reference", **config).double()).train(train)
+    fused = SeparableConvBN2d(6, 5, pre_relu=True, backend="reference", **config).double()
+    fused = randomize_batchnorm_(fused).train(train)
     x = torch.randn(2, 6, 7, 8, dtype=torch.float64)
     for step in run_both(fused, x, None, steps=4):
         assert_close_all(*step, atol=1e-10, rtol=1e-9)
@@ -106,7 +87,7 @@ def test_batchnorm_options_match_nn_batchnorm(config, train):
 def _fused_and_plain_results(module, x, grad_y):
     """(outputs, input grad and parameter grads) of the fused module and of its unfused copy."""
     results = []
-    for fn in (lambda m, a: m(a), unfused):
+    for fn in (lambda m, a: m(a), unfused_unit):
         m = copy.deepcopy(module)
         a = x.clone().requires_grad_(True)
         y = fn(m, a)
@@ -119,13 +100,13 @@ def _fused_and_plain_results(module, x, grad_y):
 def test_low_precision_error_at_most_twice_the_unfused_error(dtype):
     """In low precision the fused and unfused paths round differently; both are compared with the
     float64 result, and the fused error may be at most twice the unfused one (plus a tiny floor)."""
-    module = randomize(SeparableConvBN2d(8, 12, pre_relu=True, post_relu=True, backend="reference")).train()
+    module = randomize_batchnorm_(SeparableConvBN2d(8, 12, pre_relu=True, post_relu=True, backend="reference")).train()
     x = torch.randn(2, 8, 10, 13).contiguous(memory_format=torch.channels_last)
     grad_y = torch.randn(2, 12, 10, 13)
     # Near the post-ReLU's kink the two roundings may take different sides, which changes a
     # gradient by its full size in either path; no gradient flows from there, so neither can.
     with torch.no_grad():
-        y_exact = unfused(copy.deepcopy(module).double(), x.double())
+        y_exact = unfused_unit(copy.deepcopy(module).double(), x.double())
     grad_y = grad_y * (y_exact > 0.1).float()
     exact = _fused_and_plain_results(module.double(), x.double(), grad_y.double())[1]
     fused, plain = _fused_and_plain_results(module.to(dtype), x.to(dtype), grad_y)
@@ -138,7 +119,7 @@ def test_low_precision_error_at_most_twice_the_unfused_error(dtype):
 
 
 def test_training_mode_updates_running_statistics_like_nn():
-    fused = randomize(SeparableConvBN2d(4, 6, backend="reference").double())
+    fused = randomize_batchnorm_(SeparableConvBN2d(4, 6, backend="reference").double())
     before = fused.bn.running_var.clone()
     for step in run_both(fused.train(), torch.randn(5, 4, 6, 6, dtype=torch.float64), None, steps=1):
         assert_close_all(*step, atol=1e-10, rtol=1e-9)
@@ -146,7 +127,7 @@ def test_training_mode_updates_running_statistics_like_nn():
 
 
 def test_empty_batch():
-    fused = randomize(SeparableConvBN2d(4, 6, stride=2, padding=1, backend="reference"))
+    fused = randomize_batchnorm_(SeparableConvBN2d(4, 6, stride=2, padding=1, backend="reference"))
     for train in (True, False):
         for step in run_both(fused.train(train), torch.randn(0, 4, 9, 9), None, steps=1):
             outs, grads, _, _ = step
@@ -162,11 +143,11 @@ def test_one_value_per_channel_in_training_raises_pytorch_message():
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_separable_conv_matches_unfused(bias, train):
-    fused = randomize(SeparableConv2d(5, 7, stride=2, bias=bias, pre_relu=True, post_relu=True,
+def test_separable_conv_matches_unfused_unit(bias, train):
+    fused = randomize_batchnorm_(SeparableConv2d(5, 7, stride=2, bias=bias, pre_relu=True, post_relu=True,
                                       backend="reference").double()).train(train)
     x = torch.randn(2, 5, 9, 10, dtype=torch.float64)
-    residual = torch.randn(unfused(fused, x).shape, dtype=torch.float64)
+    residual = torch.randn(unfused_unit(fused, x).shape, dtype=torch.float64)
     for step in run_both(fused, x, residual, steps=1):
         assert_close_all(*step, atol=1e-10, rtol=1e-9)
 
@@ -176,7 +157,7 @@ def test_state_dict_keys_are_the_plain_modules_keys():
     plain = nn.ModuleDict({"depthwise": nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False),
                            "pointwise": nn.Conv2d(4, 8, 1, bias=False), "bn": nn.BatchNorm2d(8)})
     assert list(module.state_dict()) == list(plain.state_dict())
-    randomize(plain)
+    randomize_batchnorm_(plain)
     module.load_state_dict(plain.state_dict())
     assert torch.equal(module.bn.running_mean, plain.bn.running_mean)
 

@@ -7,54 +7,37 @@ Providers are checked against the unfused float64 modules with the rule of
 from __future__ import annotations
 
 import copy
-import importlib.util
 import random
 
 import pytest
 import torch
 from torch import nn
 
-import xception_fast
-from xception_fast import SeparableConvBN2d, ops
-from xception_fast.testing import TOLERANCES, check_against_truth, max_error
+from xception_fast import SeparableConvBN2d, backends, ops
+from xception_fast.testing import (TOLERANCES, check_against_truth, max_error, randomize_batchnorm_,
+                                   require_provider, unfused_unit)
 
 
 def cpu_providers() -> list[str]:
-    """Providers tested on CPU tensors: triton runs there in its interpreter (see conftest.py)."""
-    return ["reference"] + (["triton"] if importlib.util.find_spec("triton") else [])
+    """Providers tested on CPU tensors: those with a CPU test environment in the registry (Triton's
+    interpreter for triton)."""
+    return [name for name, entry in backends.PROVIDERS.items() if entry.cpu_test_env is not None]
 
 
 @pytest.fixture(autouse=True)
-def _triton_interpreter(request, monkeypatch):
+def _cpu_provider(request, monkeypatch):
+    """CPU runs of a provider: its test environment set, or a skip with the reason it cannot run."""
     params = getattr(request.node, "callspec", None)
-    if params is not None and params.params.get("provider") == "triton" and not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        found = xception_fast.backend_report("cpu")["triton"]
-        if not found.available:
-            pytest.skip(f"triton on CPU tensors: {found.reason}")
-
-
-def unfused(module, x, residual=None):
-    y = module.bn(module.pointwise(module.depthwise(torch.relu(x) if module.pre_relu else x)))
-    y = torch.relu(y) if module.post_relu else y
-    return y if residual is None else y + residual
-
-
-def randomize(module):
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.5 + (1 if name == "bn.weight" else 0))
-        if module.bn.running_mean is not None:
-            module.bn.running_mean.normal_()
-            module.bn.running_var.uniform_(0.5, 1.5)
-    return module
+    provider = params.params.get("provider") if params is not None else None
+    if provider is not None and "gpu" not in request.keywords and not torch.cuda.is_available():
+        require_provider(provider, "cpu", monkeypatch)
 
 
 def _run(module, x, residual, grad_y, fused: bool):
     m = copy.deepcopy(module)
     x = x.clone().requires_grad_(True)
     r = None if residual is None else residual.clone().requires_grad_(True)
-    y = m(x, residual=r) if fused else unfused(m, x, r)
+    y = m(x, residual=r) if fused else unfused_unit(m, x, r)
     y.backward(grad_y.to(y.dtype))
     grads = {"x": x.grad, **({"residual": r.grad} if r is not None else {}),
              **{n: p.grad for n, p in m.named_parameters()}}
@@ -90,7 +73,7 @@ def test_bn_vector_and_residual_shapes_are_checked():
 @pytest.mark.parametrize("provider", cpu_providers())
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_one_by_one_spatial_and_non_contiguous_inputs(provider, train):
-    module = randomize(SeparableConvBN2d(5, 3, pre_relu=True, backend=provider)).train(train)
+    module = randomize_batchnorm_(SeparableConvBN2d(5, 3, pre_relu=True, backend=provider)).train(train)
     base = torch.randn(4, 10, 3, 1)
     x = base[:, ::2]  # a channel slice: non-contiguous in every memory format
     grad_y = torch.randn(1).expand(4, 3, 3, 1)  # stride-0 grad_output, as from y.sum()
@@ -103,7 +86,7 @@ def test_one_by_one_spatial_and_non_contiguous_inputs(provider, train):
 
 
 def test_empty_batch_leaves_running_statistics_alone():
-    module = randomize(SeparableConvBN2d(4, 6, backend="reference")).train()
+    module = randomize_batchnorm_(SeparableConvBN2d(4, 6, backend="reference")).train()
     before = {k: v.clone() for k, v in module.bn.named_buffers()}
     y = module(torch.randn(0, 4, 5, 5))
     assert y.shape == (0, 6, 5, 5)
@@ -133,14 +116,14 @@ def test_batchnorm_statistics_are_stable_for_large_means(provider):
 @pytest.mark.parametrize("provider", cpu_providers())
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_nan_and_inf_propagate_as_in_eager(provider, train):
-    module = randomize(SeparableConvBN2d(3, 4, pre_relu=True, post_relu=True, backend=provider)).train(train)
+    module = randomize_batchnorm_(SeparableConvBN2d(3, 4, pre_relu=True, post_relu=True, backend=provider)).train(train)
     x = torch.randn(2, 3, 6, 6)
     x[0, 1, 2, 3] = float("nan")
     x[1, 0, 4, 4] = float("inf")
     x[1, 2, 0, 0] = -float("inf")
     with torch.no_grad():
         y = copy.deepcopy(module)(x)
-        y_ref = unfused(copy.deepcopy(module), x)
+        y_ref = unfused_unit(copy.deepcopy(module), x)
     assert torch.equal(torch.isnan(y), torch.isnan(y_ref))
     assert max_error(y, y_ref) < 1e-4
 
@@ -150,7 +133,7 @@ def test_nan_and_inf_propagate_as_in_eager(provider, train):
 @pytest.mark.parametrize("provider", cpu_providers())
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_bitwise_deterministic_over_20_repeats(provider, train):
-    module = randomize(SeparableConvBN2d(6, 5, stride=2, pre_relu=True, backend=provider)).train(train)
+    module = randomize_batchnorm_(SeparableConvBN2d(6, 5, stride=2, pre_relu=True, backend=provider)).train(train)
     x, grad_y = torch.randn(2, 6, 9, 7), torch.randn(2, 5, 5, 4)
     first = _run(module, x, None, grad_y, fused=True)
     for _ in range(19):
@@ -179,9 +162,9 @@ def random_case(rng: random.Random) -> dict:
 
 def run_case(case: dict, provider: str, dtype: torch.dtype, seed: int) -> None:
     torch.manual_seed(seed)
-    module = randomize(SeparableConvBN2d(case["cin"], case["cout"], case["k"], case["stride"], case["padding"],
-                                         case["dilation"], case["pre_relu"], case["post_relu"],
-                                         backend=provider)).train(case["train"])
+    module = SeparableConvBN2d(case["cin"], case["cout"], case["k"], case["stride"], case["padding"], case["dilation"],
+                               case["pre_relu"], case["post_relu"], backend=provider)
+    module = randomize_batchnorm_(module).train(case["train"])
     x = torch.randn(case["n"], case["cin"], case["h"], case["w"])
     out_shape = [case["cout"]] + [ops.output_size(size, case["k"], case["stride"], case["padding"],
                                                   case["dilation"]) for size in (case["h"], case["w"])]
@@ -191,7 +174,7 @@ def run_case(case: dict, provider: str, dtype: torch.dtype, seed: int) -> None:
         # Near the ReLU's kink a low-precision path may round to the other side than the float64
         # truth, changing a gradient by its full size; keep gradients away from it.
         with torch.no_grad():
-            pre_activation = unfused(copy.deepcopy(module).double(), x.double(),
+            pre_activation = unfused_unit(copy.deepcopy(module).double(), x.double(),
                                      None if residual is None else torch.zeros_like(residual, dtype=torch.float64))
         grad_y = grad_y * (pre_activation > 0.1)
     cast = (lambda t: None if t is None else t.to(dtype))
@@ -232,16 +215,12 @@ def test_fuzz_shapes_against_float64(provider):
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def require_cuda_provider(provider: str) -> None:
-    require_cuda_provider(provider)
-
-
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("provider", ["cuda", "triton", "reference"])
-def test_cuda_graph_capture_and_replay(provider):
-    require_cuda_provider(provider)
-    module = randomize(SeparableConvBN2d(32, 48, pre_relu=True, backend=provider)).cuda().eval()
+@pytest.mark.parametrize("provider", backends.provider_names())
+def test_cuda_graph_capture_and_replay(provider, monkeypatch):
+    require_provider(provider, "cuda", monkeypatch)
+    module = randomize_batchnorm_(SeparableConvBN2d(32, 48, pre_relu=True, backend=provider)).cuda().eval()
     x = torch.randn(4, 32, 17, 17, device="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -261,10 +240,10 @@ def test_cuda_graph_capture_and_replay(provider):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("provider", ["cuda", "triton", "reference"])
-def test_compile_reduce_overhead(provider):
-    require_cuda_provider(provider)
-    module = randomize(SeparableConvBN2d(16, 24, stride=2, backend=provider)).cuda().eval()
+@pytest.mark.parametrize("provider", backends.provider_names())
+def test_compile_reduce_overhead(provider, monkeypatch):
+    require_provider(provider, "cuda", monkeypatch)
+    module = randomize_batchnorm_(SeparableConvBN2d(16, 24, stride=2, backend=provider)).cuda().eval()
     compiled = torch.compile(module, mode="reduce-overhead", fullgraph=True)
     x = torch.randn(2, 16, 15, 15, device="cuda")
     with torch.no_grad():
@@ -275,10 +254,10 @@ def test_compile_reduce_overhead(provider):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("provider", ["cuda", "triton", "reference"])
+@pytest.mark.parametrize("provider", backends.provider_names())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_fuzz_on_gpu(provider, dtype):
-    require_cuda_provider(provider)
+def test_fuzz_on_gpu(provider, dtype, monkeypatch):
+    require_provider(provider, "cuda", monkeypatch)
     rng = random.Random(7)
     for i in range(20):
         case = random_case(rng)
@@ -293,14 +272,14 @@ def test_fuzz_on_gpu(provider, dtype):
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck", "initcheck"])
-@pytest.mark.parametrize("provider", ["cuda", "triton"])
-def test_compute_sanitizer_is_clean(provider, tool):
+@pytest.mark.parametrize("provider", backends.provider_names(fused_only=True))
+def test_compute_sanitizer_is_clean(provider, tool, monkeypatch):
     import os
     import shutil
     import subprocess
     import sys
 
-    require_cuda_provider(provider)
+    require_provider(provider, "cuda", monkeypatch)
     sanitizer = shutil.which("compute-sanitizer")
     if sanitizer is None:
         pytest.skip("compute-sanitizer is not on PATH")
@@ -314,12 +293,12 @@ def test_compute_sanitizer_is_clean(provider, tool):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.parametrize("provider", ["cuda", "triton", "reference"])
-def test_more_than_2_31_elements_is_right_or_a_clear_error(provider):
+@pytest.mark.parametrize("provider", backends.provider_names())
+def test_more_than_2_31_elements_is_right_or_a_clear_error(provider, monkeypatch):
     """64-bit indexing: an input of 2^31 + elements (4.3 GB in bf16) gives the right values at its far
     end, checked against the reference on the last rows alone, or raises; never garbage."""
-    require_cuda_provider(provider)
-    module = randomize(SeparableConvBN2d(64, 64, backend=provider)).cuda().to(torch.bfloat16).eval()
+    require_provider(provider, "cuda", monkeypatch)
+    module = randomize_batchnorm_(SeparableConvBN2d(64, 64, backend=provider)).cuda().to(torch.bfloat16).eval()
     x = torch.randn(1, 64, 5800, 5800, device="cuda", dtype=torch.bfloat16)
     assert x.numel() > 2**31
     try:

@@ -3,7 +3,7 @@
 The CPU interpreter checks indexing, masking and arithmetic, but not what only the GPU compiler
 enforces (tl.dot operand shapes and dtypes, static control flow on constexprs, layouts, shared
 memory). Triton's CUDA backend ships its own ptxas, so kernels compile to cubins on a machine with
-no GPU. `test_triton_provider.test_kernels_compile_for_a_gpu_without_one` runs this file in a fresh
+no GPU. `test_triton_static.test_kernels_compile_for_a_gpu_without_one` runs this file in a fresh
 process (the interpreter, once on in a process, cannot be switched off there).
 
     python tests/triton_helpers.py [ARCH=90] [DTYPE=bf16] [all]

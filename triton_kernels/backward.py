@@ -21,12 +21,14 @@ and stored in the weight dtype.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from xception_fast.spec import UnitSpec
 
 from . import batchnorm
 from .autotune import dw_input_grad_configs, dw_output_grad_configs, position_split, pw_weight_grad_configs
@@ -241,26 +243,24 @@ def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight:
 
 def sepconv_bn_train_backward(grad_y: Tensor, x: Tensor, z: Tensor, dw_weight: Tensor, pw_weight: Tensor,
                               mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                              mean_dy: Tensor, mean_dy_xhat: Tensor, stride: Sequence[int], padding: Sequence[int],
-                              dilation: Sequence[int], pre_relu: bool,
-                              post_relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+                              mean_dy: Tensor, mean_dy_xhat: Tensor, spec: UnitSpec) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_dw_weight, grad_pw_weight); g_z computed on the fly from grad_y and z, never stored."""
-    geo, xc, dw, pw = _prepare(x, dw_weight, pw_weight, stride, padding, dilation)
+    geo, xc, dw, pw = _prepare(x, dw_weight, pw_weight, spec)
     check_dtype(z)
     c = geo.Cout
     vec = [vector_f32(v, c, fill, x.device) for v, fill in
            ((mean, 0.0), (invstd, 1.0), (bn_weight, 1.0), (bn_bias, 0.0), (mean_dy, 0.0), (mean_dy_xhat, 0.0))]
     bn = (nhwc(grad_y), nhwc(z.to(x.dtype)), *vec)
-    return _backward_convs(geo, xc, dw, pw, dw_weight, pw_weight, pre_relu, post_relu, bn=bn)
+    return _backward_convs(geo, xc, dw, pw, dw_weight, pw_weight, spec.pre_relu, spec.post_relu, bn=bn)
 
 
 def sepconv_bn_infer_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, pw_weight: Tensor,
-                              scale: Optional[Tensor], shift: Optional[Tensor], stride: Sequence[int],
-                              padding: Sequence[int], dilation: Sequence[int], pre_relu: bool,
-                              post_relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                              scale: Optional[Tensor], shift: Optional[Tensor],
+                              spec: UnitSpec) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_dw_weight, grad_pw_weight, grad_scale, grad_shift); absent scale/shift give empty
     [0] gradients. Only x is saved by the forward, so z is recomputed when the mask or grad_scale need it."""
-    geo, xc, dw, pw = _prepare(x, dw_weight, pw_weight, stride, padding, dilation)
+    geo, xc, dw, pw = _prepare(x, dw_weight, pw_weight, spec)
+    pre_relu, post_relu = spec.pre_relu, spec.post_relu
     device, c = x.device, geo.Cout
     gy = nhwc(grad_y)
     scale32, shift32 = vector_f32(scale, c, 1.0, device), vector_f32(shift, c, 0.0, device)

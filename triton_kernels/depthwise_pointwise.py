@@ -24,16 +24,18 @@ offsets are int64, so activations may exceed 2^31 elements.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from xception_fast.spec import UnitSpec
+
 from . import batchnorm
 from .autotune import position_split, sepconv_forward_configs, sepconv_split_configs
-from .utils import (channel_align, check_dtype, check_positions, empty_nhwc, matrix, new_empty, nhwc, output_hw,
+from .utils import (channel_align, check_dtype, check_positions, empty_nhwc, matrix, new_empty, nhwc,
                     vector_f32)
 
 
@@ -289,13 +291,12 @@ def _sepconv_grad_z_kernel(
 class Geometry:
     """Sizes of one fused unit, from x [N, C, H, W], dw_weight [C, 1, KH, KW], pw_weight [Cout, C, 1, 1]."""
 
-    def __init__(self, x: Tensor, dw_weight: Tensor, pw_weight: Tensor, stride: Sequence[int],
-                 padding: Sequence[int], dilation: Sequence[int]):
+    def __init__(self, x: Tensor, dw_weight: Tensor, pw_weight: Tensor, spec: UnitSpec):
         self.N, self.C, self.H, self.W = x.shape
-        self.KH, self.KW = dw_weight.shape[2:]
+        self.KH, self.KW = spec.kernel_size
         self.Cout = pw_weight.shape[0]
-        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
-        self.Ho, self.Wo = output_hw(self.H, self.W, self.KH, self.KW, stride, padding, dilation)
+        self.stride, self.padding, self.dilation = spec.stride, spec.padding, spec.dilation
+        self.Ho, self.Wo = spec.output_hw(self.H, self.W)
         self.P = self.N * self.Ho * self.Wo
         check_positions(self.P, self.N * self.H * self.W)
 
@@ -311,17 +312,16 @@ class Geometry:
         return sh, sw, ph, pw, dh, dw
 
 
-def _prepare(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, stride, padding, dilation):
+def _prepare(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, spec: UnitSpec):
     check_dtype(x)
-    geo = Geometry(x, dw_weight, pw_weight, stride, padding, dilation)
+    geo = Geometry(x, dw_weight, pw_weight, spec)
     return geo, nhwc(x), matrix(dw_weight, x.dtype), matrix(pw_weight, x.dtype)
 
 
 def sepconv_bn_infer(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, scale: Optional[Tensor],
-                     shift: Optional[Tensor], residual: Optional[Tensor], stride: Sequence[int],
-                     padding: Sequence[int], dilation: Sequence[int], pre_relu: bool, post_relu: bool) -> Tensor:
+                     shift: Optional[Tensor], residual: Optional[Tensor], spec: UnitSpec) -> Tensor:
     """y = post(z * scale + shift) + residual, z = pw(dw(pre(x))): one kernel launch."""
-    geo, x, dw, pw = _prepare(x, dw_weight, pw_weight, stride, padding, dilation)
+    geo, x, dw, pw = _prepare(x, dw_weight, pw_weight, spec)
     y = empty_nhwc(geo.out_shape, x.dtype, x.device)
     if y.numel() == 0:
         return y
@@ -335,17 +335,16 @@ def sepconv_bn_infer(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, scale: Opt
     _sepconv_infer_kernel[grid](
         x, dw, pw, scale, shift, res, y,
         geo.P, geo.H, geo.W, geo.C, geo.Ho, geo.Wo, geo.Cout, *geo.conv_args(),
-        KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu), POST_RELU=bool(post_relu),
+        KH=geo.KH, KW=geo.KW, PRE_RELU=spec.pre_relu, POST_RELU=spec.post_relu,
         HAS_RESIDUAL=residual is not None, **geo.align())
     return y
 
 
 def sepconv_bn_train(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bn_weight: Optional[Tensor],
-                     bn_bias: Optional[Tensor], residual: Optional[Tensor], stride: Sequence[int],
-                     padding: Sequence[int], dilation: Sequence[int], pre_relu: bool, post_relu: bool,
+                     bn_bias: Optional[Tensor], residual: Optional[Tensor], spec: UnitSpec,
                      eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, z, mean, biased var): main loop + statistics epilogue, statistics merge, normalisation."""
-    geo, x, dw, pw = _prepare(x, dw_weight, pw_weight, stride, padding, dilation)
+    geo, x, dw, pw = _prepare(x, dw_weight, pw_weight, spec)
     z = empty_nhwc(geo.out_shape, x.dtype, x.device)
     if geo.P == 0 or geo.Cout == 0:  # as the reference: mean 0, var 1 for an empty batch
         mean = torch.zeros(geo.Cout, dtype=torch.float32, device=x.device)
@@ -360,10 +359,10 @@ def sepconv_bn_train(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bn_weight:
     _sepconv_train_kernel[grid](
         x, dw, pw, z, stats,
         geo.P, chunk, geo.H, geo.W, geo.C, geo.Ho, geo.Wo, geo.Cout, splits, *geo.conv_args(),
-        KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu), **geo.align())
+        KH=geo.KH, KW=geo.KW, PRE_RELU=spec.pre_relu, **geo.align())
     mean, var = batchnorm.merge_statistics(stats, geo.P, chunk)
     invstd = torch.rsqrt(var + eps)  # as the reference (and ops.py's backward) compute it
-    y = batchnorm.normalize(z, mean, invstd, bn_weight, bn_bias, residual, post_relu)
+    y = batchnorm.normalize(z, mean, invstd, bn_weight, bn_bias, residual, spec.post_relu)
     return y, z, mean, var
 
 

@@ -54,18 +54,18 @@ def vector_f32(v: Optional[Tensor], length: int, fill: float, device: torch.devi
     return v.detach().to(torch.float32).contiguous()
 
 
-# Debugging aid (and what the tests switch on): every buffer a kernel is meant to fill completely
-# starts as NaN, so an element no program writes shows up in the result instead of hiding as
-# whatever the allocator left there.
-POISON = os.environ.get("XCEPTION_FAST_TRITON_POISON", "0") not in ("", "0")
+# Debugging aid (and what the tests switch on), read at every call as the CUDA provider reads it:
+# every buffer a kernel is meant to fill completely starts as NaN, so an element no program writes
+# shows up in the result instead of hiding as whatever the allocator left there.
+POISON_ENV_VAR = "XCEPTION_FAST_POISON_OUTPUTS"
 
 
 def new_empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device, channels_last: bool = False) -> Tensor:
-    """torch.empty for kernel outputs (NaN-filled when POISON). channels_last gives exactly
-    `channels_last_strides`, the layout the kernels write."""
+    """torch.empty for kernel outputs (NaN-filled under XCEPTION_FAST_POISON_OUTPUTS=1). channels_last
+    gives exactly `channels_last_strides`, the layout the kernels write."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty(tuple(shape), dtype=dtype, device=device, memory_format=fmt)
-    return out.fill_(float("nan")) if POISON else out
+    return out.fill_(float("nan")) if os.environ.get(POISON_ENV_VAR, "0") not in ("", "0") else out
 
 
 def empty_nhwc(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -82,8 +82,3 @@ def channel_align(channels: int) -> int:
         align *= 2
     return align
 
-
-def output_hw(h: int, w: int, kh: int, kw: int, stride, padding, dilation) -> tuple[int, int]:
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return ho, wo

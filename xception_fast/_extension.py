@@ -35,7 +35,6 @@ BUILD_INFO_FILE = "_build_info.json"
 REBUILD = "rebuild with `pip install --no-build-isolation --no-deps .` (or `pip install .`)"
 TENSOR_OPS = ("sepconv_bn_infer", "sepconv_bn_infer_backward", "sepconv_bn_train", "bn_backward_reduce",
               "sepconv_bn_train_backward")
-OPS = TENSOR_OPS + ("implemented_ops", "build_info")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,3 +176,28 @@ def ops():
     if not current.loaded:
         raise RuntimeError(f"xception_fast: the CUDA extension is not available: {current.reason}")
     return getattr(torch.ops, NAMESPACE)
+
+
+
+# --- the cuda provider: the functions of `xception_fast.reference`, run by the library's ops --------------
+
+def sepconv_bn_infer(x, dw_weight, pw_weight, scale, shift, residual, spec):
+    return ops().sepconv_bn_infer(x, dw_weight, pw_weight, scale, shift, residual, *spec.op_args())
+
+
+def sepconv_bn_infer_backward(grad_y, x, dw_weight, pw_weight, scale, shift, spec):
+    return ops().sepconv_bn_infer_backward(grad_y, x, dw_weight, pw_weight, scale, shift, *spec.op_args())
+
+
+def sepconv_bn_train(x, dw_weight, pw_weight, bn_weight, bn_bias, residual, spec, eps):
+    return ops().sepconv_bn_train(x, dw_weight, pw_weight, bn_weight, bn_bias, residual, *spec.op_args(), eps)
+
+
+def bn_backward_reduce(grad_y, z, mean, invstd, bn_weight, bn_bias, post_relu):
+    return ops().bn_backward_reduce(grad_y, z, mean, invstd, bn_weight, bn_bias, post_relu)
+
+
+def sepconv_bn_train_backward(grad_y, x, z, dw_weight, pw_weight, mean, invstd, bn_weight, bn_bias, mean_dy,
+                              mean_dy_xhat, spec):
+    return ops().sepconv_bn_train_backward(grad_y, x, z, dw_weight, pw_weight, mean, invstd, bn_weight, bn_bias,
+                                           mean_dy, mean_dy_xhat, *spec.op_args())

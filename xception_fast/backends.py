@@ -1,14 +1,15 @@
 """Which kernel provider runs an op: the registry, `auto`, and the global selection.
 
-Three providers implement the same five functions (see `PROVIDER_FUNCTIONS`):
-``cuda`` (the compiled extension, csrc/), ``triton`` (triton_kernels/) and ``reference``
-(plain PyTorch; on a GPU this is exactly the cuDNN path).
+`PROVIDERS` is the registry: each `Provider` names the module implementing the same five functions
+(see `PROVIDER_FUNCTIONS`), its availability, dtypes and unit variants; every other list of
+providers in the package is derived from it. Today: ``cuda`` (the compiled extension, csrc/),
+``triton`` (triton_kernels/) and ``reference`` (plain PyTorch; on a GPU exactly the cuDNN path).
 
 Precedence when an op runs: an explicit ``backend=`` on the module or call, then the innermost
 ``use_backend(...)`` context, then the ``XCEPTION_FAST_BACKEND`` environment variable, then
-``auto``. ``auto`` picks ``cuda``, then ``triton``, then ``reference``, by what is available for the
-tensors' device; tensors in a dtype the fused providers do not compute in (float64) go to
-``reference``. On the CPU ``auto`` always means ``reference``: the Triton interpreter
+``auto``. ``auto`` takes the first provider in registry order (``cuda``, ``triton``,
+``reference``) that is available for the tensors' device and computes their dtype (float64 goes to
+``reference``) and the unit's variants. On the CPU ``auto`` always means ``reference``: the Triton interpreter
 (``TRITON_INTERPRET=1``) is a testing tool and runs only when ``triton`` is asked for by name.
 An explicit request for a provider that cannot run is an error, never a silent fallback.
 """
@@ -22,17 +23,17 @@ import os
 import threading
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
-BACKENDS = ("cuda", "triton", "reference")
 # What the fused providers compute in (the Triton provider checks against this too); `auto` gives
 # any other dtype (float64) to `reference`.
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ALL_DTYPES = FUSED_DTYPES + (torch.float64,)
 ENV_VAR = "XCEPTION_FAST_BACKEND"
-# The CUDA kernels have been compiled but never run on a GPU: until tests/test_cuda_provider.py has
-# passed on one, the provider runs only for those who opt in to test it.
+# The CUDA kernels have been compiled but never run on a GPU: until the conformance suite
+# (tests/test_providers.py) has passed on one, the provider runs only for those who opt in to test it.
 CUDA_KERNELS_VERIFIED = False
 UNVERIFIED_CUDA_ENV_VAR = "XCEPTION_FAST_UNVERIFIED_CUDA"
 
@@ -44,12 +45,34 @@ PROVIDER_FUNCTIONS = (
     "bn_backward_reduce",
     "sepconv_bn_train_backward",
 )
+# The features of a unit beyond depthwise -> pointwise -> BN (`UnitSpec.variants()`); a provider
+# lists those it computes, and `auto` passes over one that lacks a unit's.
+BASE_VARIANTS = frozenset({"pre_relu", "post_relu", "residual"})
 
 
 @dataclass(frozen=True)
 class Availability:
     available: bool
     reason: str  # why not, or what runs when available
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One kernel provider: everything the rest of the package (ops, `auto`, the CLIs, the
+    benchmarks, the report, the tests) knows about it. Adding a provider is one entry in
+    `PROVIDERS` plus the module named here."""
+
+    name: str
+    module: str  # import path of the module exposing PROVIDER_FUNCTIONS
+    availability: Callable[[torch.device], Availability]
+    dtypes: tuple[torch.dtype, ...] = FUSED_DTYPES
+    variants: frozenset[str] = BASE_VARIANTS
+    fused: bool = True  # `auto` considers fused providers on CUDA tensors only
+    # Environment under which the tests run it on CPU tensors (None: GPU only).
+    cpu_test_env: Optional[dict[str, str]] = None
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(self.module)
 
 
 def _triton_interpreting() -> bool:
@@ -70,9 +93,6 @@ def _triton_module() -> tuple[ModuleType | None, str]:
         module = importlib.import_module("xception_fast.triton_kernels")
     except ImportError as exc:
         return None, f"xception_fast.triton_kernels failed to import: {exc}"
-    missing = [name for name in PROVIDER_FUNCTIONS if not hasattr(module, name)]
-    if missing:
-        return None, f"the Triton kernels are not implemented yet (missing {', '.join(missing)})"
     return module, f"Triton {triton.__version__}"
 
 
@@ -83,6 +103,12 @@ def _triton_availability(device: torch.device) -> Availability:
     if device.type == "cuda":
         return Availability(True, reason)
     if device.type == "cpu" and _triton_interpreting():
+        import triton.language as tl
+
+        # The interpreter replaces triton's functions when triton is first imported: too late now?
+        if type(tl.cdiv).__name__ != "InterpretedFunction":
+            return Availability(False, "TRITON_INTERPRET=1 was set after triton was imported in this process; "
+                                       "set it before the first import")
         return Availability(True, reason + " interpreter (TRITON_INTERPRET=1)")
     return Availability(False, f"runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), not {device.type}")
 
@@ -93,12 +119,6 @@ def _cuda_availability(device: torch.device) -> Availability:
     status = _extension.status()
     if not status.loaded:
         return Availability(False, status.reason)
-    implemented = set(_extension.ops().implemented_ops())
-    missing = [name for name in PROVIDER_FUNCTIONS if name not in implemented]
-    if missing:
-        return Availability(
-            False, f"extension loaded, but its kernels are not implemented yet (missing {', '.join(missing)})"
-        )
     if not CUDA_KERNELS_VERIFIED and os.environ.get(UNVERIFIED_CUDA_ENV_VAR, "0") in ("", "0"):
         return Availability(False, f"the CUDA kernels have not yet been verified on a GPU; set "
                                    f"{UNVERIFIED_CUDA_ENV_VAR}=1 to run them anyway (for testing)")
@@ -107,33 +127,24 @@ def _cuda_availability(device: torch.device) -> Availability:
     return Availability(True, f"compiled extension {status.path}")
 
 
-def _cuda_module():
-    from xception_fast import _extension
-
-    return _extension.ops()
-
-
-def _reference_module():
-    from xception_fast import reference
-
-    return reference
+# In `auto`'s order of preference.
+PROVIDERS: dict[str, Provider] = {p.name: p for p in (
+    Provider("cuda", "xception_fast._extension", _cuda_availability),
+    Provider("triton", "xception_fast.triton_kernels", _triton_availability,
+             cpu_test_env={"TRITON_INTERPRET": "1"}),
+    Provider("reference", "xception_fast.reference", _reference_availability, dtypes=ALL_DTYPES, fused=False,
+             cpu_test_env={}),
+)}
 
 
-_AVAILABILITY: dict[str, Callable[[torch.device], Availability]] = {
-    "cuda": _cuda_availability,
-    "triton": _triton_availability,
-    "reference": _reference_availability,
-}
-_MODULES: dict[str, Callable[[], object]] = {
-    "cuda": _cuda_module,
-    "triton": lambda: _triton_module()[0],
-    "reference": _reference_module,
-}
+def provider_names(fused_only: bool = False) -> tuple[str, ...]:
+    """The registered providers, in `auto`'s order of preference."""
+    return tuple(name for name, p in PROVIDERS.items() if p.fused or not fused_only)
 
 
 def _check_name(name: str, what: str) -> str:
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"{what} must be 'auto' or one of {BACKENDS}, got {name!r}")
+    if name != "auto" and name not in PROVIDERS:
+        raise ValueError(f"{what} must be 'auto' or one of {provider_names()}, got {name!r}")
     return name
 
 
@@ -169,42 +180,49 @@ def requested_backend(backend: str = "auto") -> str:
 
 
 def availability(name: str, device: torch.device | str) -> Availability:
-    return _AVAILABILITY[_check_name(name, "backend")](torch.device(device))
+    return PROVIDERS[_check_name(name, "backend")].availability(torch.device(device))
 
 
-def resolve(backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
-    """The provider that will run for tensors on `device` (of `dtype`, when given); raises if an
-    explicit one can't run on that device. An explicit fused provider given a dtype it does not
-    compute in raises its own error when called; `auto` picks `reference` for such dtypes."""
+def resolve(backend: str, device: torch.device | str, dtype: torch.dtype | None = None,
+            variants: frozenset[str] = frozenset()) -> str:
+    """The provider that will run for tensors on `device` (of `dtype`, for a unit using `variants`,
+    when given); raises if an explicit one can't run on that device. An explicit provider given a
+    dtype it does not compute in raises its own error when called; `auto` passes over it."""
     device = torch.device(device)
     name = requested_backend(backend)
     if name == "auto":
-        fused_ok = device.type == "cuda" and (dtype is None or dtype in FUSED_DTYPES)
-        candidates = BACKENDS if fused_ok else ("reference",)
-        for candidate in candidates:
-            if availability(candidate, device).available:
-                return candidate
-        raise RuntimeError(f"no xception_fast backend can run on {device}")  # unreachable: reference
+        for candidate in PROVIDERS.values():
+            if (candidate.fused and device.type != "cuda") or (dtype is not None and dtype not in candidate.dtypes) \
+                    or not variants <= candidate.variants:
+                continue
+            if candidate.availability(device).available:
+                return candidate.name
+        raise RuntimeError(f"no xception_fast backend computes a unit with {sorted(variants)} on {device} tensors "
+                           f"of {dtype}")
     found = availability(name, device)
     if not found.available:
         raise RuntimeError(f"xception_fast backend {name!r} is not available for {device} tensors: {found.reason}")
+    missing = variants - PROVIDERS[name].variants
+    if missing:
+        raise NotImplementedError(f"xception_fast backend {name!r} does not compute {sorted(missing)}")
     return name
 
 
-def provider(backend: str, device: torch.device | str, dtype: torch.dtype | None = None):
-    """The module-like object whose `PROVIDER_FUNCTIONS` run the op."""
-    return _MODULES[resolve(backend, device, dtype)]()
+def provider(backend: str, device: torch.device | str, dtype: torch.dtype | None = None,
+             variants: frozenset[str] = frozenset()):
+    """The module whose `PROVIDER_FUNCTIONS` run the op."""
+    return PROVIDERS[resolve(backend, device, dtype, variants)].load()
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
     """Providers that can run on `device` (default: CUDA when a GPU is present, else CPU)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return [name for name in BACKENDS if availability(name, device).available]
+    return [name for name in PROVIDERS if availability(name, device).available]
 
 
 def backend_report(device: torch.device | str | None = None) -> dict[str, Availability]:
     """Every provider with whether it runs on `device` and why (not)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return {name: availability(name, device) for name in BACKENDS}
+    return {name: availability(name, device) for name in PROVIDERS}

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from xception_fast import ops, reference
+from xception_fast.spec import UnitSpec
 
 
 def merge_statistics(counts: Tensor, means: Tensor, variances: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -35,10 +36,9 @@ def merge_statistics(counts: Tensor, means: Tensor, variances: Tensor) -> tuple[
 class _SyncSeparableConvBN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dw_weight, pw_weight, bn_weight, bn_bias, residual, running_mean, running_var, momentum,
-                eps, conv, pre_relu, post_relu, backend, group):
-        stride, padding, dilation = conv
-        _, z, mean, var = ops.sepconv_bn_train(x, dw_weight, pw_weight, bn_weight, bn_bias, None, stride, padding,
-                                               dilation, pre_relu, post_relu, eps, backend)
+                eps, spec, backend, group):
+        _, z, mean, var = ops.sepconv_bn_train(x, dw_weight, pw_weight, bn_weight, bn_bias, None, *spec.op_args(), eps,
+                                               backend)
         count = torch.full((1,), z.numel() // z.shape[1], dtype=mean.dtype, device=mean.device)
         local = torch.cat([count, mean, var]).unsqueeze(0)
         gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
@@ -51,34 +51,33 @@ class _SyncSeparableConvBN(torch.autograd.Function):
             running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)
             running_var.copy_(momentum * unbiased + (1 - momentum) * running_var)
         invstd = torch.rsqrt(var + eps)
-        y = reference.bn_act(z, mean, invstd, bn_weight, bn_bias, residual, post_relu)
+        y = reference.bn_act(z, mean, invstd, bn_weight, bn_bias, residual, spec.post_relu)
         ctx.save_for_backward(x, z, dw_weight, pw_weight, bn_weight, bn_bias, mean, invstd)
-        ctx.args = (conv, pre_relu, post_relu, backend, group, total, residual is not None)
+        ctx.args = (spec, backend, group, total, residual is not None)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, z, dw_weight, pw_weight, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
-        (stride, padding, dilation), pre_relu, post_relu, backend, group, total, has_residual = ctx.args
-        sum_dy, sum_dy_xhat = ops.bn_backward_reduce(grad_y, z, mean, invstd, bn_weight, bn_bias, post_relu,
+        spec, backend, group, total, has_residual = ctx.args
+        sum_dy, sum_dy_xhat = ops.bn_backward_reduce(grad_y, z, mean, invstd, bn_weight, bn_bias, spec.post_relu,
                                                      backend)
         combined = torch.cat([sum_dy, sum_dy_xhat])
         dist.all_reduce(combined, group=group)
         mean_dy, mean_dy_xhat = (combined / total.clamp_min(1)).split(sum_dy.shape[0])
         grad_x, grad_dw, grad_pw = ops.sepconv_bn_train_backward(
-            grad_y, x, z, dw_weight, pw_weight, mean, invstd, bn_weight, bn_bias, mean_dy, mean_dy_xhat, stride,
-            padding, dilation, pre_relu, post_relu, backend)
+            grad_y, x, z, dw_weight, pw_weight, mean, invstd, bn_weight, bn_bias, mean_dy, mean_dy_xhat,
+            *spec.op_args(), backend)
         return (grad_x, grad_dw, grad_pw,
                 sum_dy_xhat.to(bn_weight.dtype) if bn_weight is not None else None,
                 sum_dy.to(bn_bias.dtype) if bn_bias is not None else None,
-                grad_y if has_residual else None) + (None,) * 9
+                grad_y if has_residual else None) + (None,) * 7
 
 
 def sync_separable_conv_bn(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bn_weight: Optional[Tensor],
                            bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                           *, momentum: float, eps: float, stride, padding, dilation, pre_relu: bool,
-                           post_relu: bool, residual: Optional[Tensor], backend: str, group=None) -> Tensor:
-    """Training forward of the fused unit with statistics synchronised over `group`."""
-    conv = (list(stride), list(padding), list(dilation))
+                           *, momentum: float, eps: float, spec: UnitSpec, residual: Optional[Tensor], backend: str,
+                           group=None) -> Tensor:
+    """Training forward of the fused unit `spec` with statistics synchronised over `group`."""
     return _SyncSeparableConvBN.apply(x, dw_weight, pw_weight, bn_weight, bn_bias, residual, running_mean,
-                                      running_var, momentum, eps, conv, pre_relu, post_relu, backend, group)
+                                      running_var, momentum, eps, spec, backend, group)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xception_fast import ops
+from xception_fast.spec import UnitSpec
 
 _pair = torch.nn.modules.utils._pair
 
@@ -25,18 +26,20 @@ def separable_conv_bn(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, running_m
     updated in place with `momentum` and the unbiased batch variance; otherwise the running
     statistics are folded into a per-channel scale and shift.
     """
-    stride, padding, dilation = list(_pair(stride)), list(_pair(padding)), list(_pair(dilation))
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     x, dw_weight, pw_weight, residual, late_residual = autocast_inputs(x, dw_weight, pw_weight, residual)
     if late_residual is not None:
         return separable_conv_bn(x, dw_weight, pw_weight, running_mean, running_var, bn_weight, bn_bias,
                                  training=training, momentum=momentum, eps=eps, stride=stride, padding=padding,
                                  dilation=dilation, pre_relu=pre_relu, post_relu=post_relu,
                                  backend=backend) + late_residual
+    spec = UnitSpec.of(dw_weight, stride, padding, dilation, pre_relu, post_relu, residual is not None)
+    args = spec.op_args()
     if training or running_mean is None or running_var is None:
         if training and x.dim() == 4 and dw_weight.dim() == 4:
-            F._verify_batch_size(ops.output_shape(x, dw_weight, pw_weight, stride, padding, dilation))
-        y, z, mean, var = ops.sepconv_bn_train(x, dw_weight, pw_weight, bn_weight, bn_bias, residual, stride,
-                                               padding, dilation, pre_relu, post_relu, eps, backend)
+            F._verify_batch_size(spec.output_shape(x, pw_weight.shape[0]))
+        y, z, mean, var = ops.sepconv_bn_train(x, dw_weight, pw_weight, bn_weight, bn_bias, residual, *args, eps,
+                                               backend)
         if training and running_mean is not None and running_var is not None:
             _update_running_stats(running_mean, running_var, mean, var, z, momentum)
         return y
@@ -46,8 +49,7 @@ def separable_conv_bn(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, running_m
     shift = -running_mean * scale
     if bn_bias is not None:
         shift = shift + bn_bias
-    return ops.sepconv_bn_infer(x, dw_weight, pw_weight, scale, shift, residual, stride, padding, dilation,
-                                pre_relu, post_relu, backend)
+    return ops.sepconv_bn_infer(x, dw_weight, pw_weight, scale, shift, residual, *args, backend)
 
 
 def autocast_inputs(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, residual: Optional[Tensor]):
@@ -89,5 +91,6 @@ def separable_conv(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bias: Option
     if late_residual is not None:
         return separable_conv(x, dw_weight, pw_weight, bias, stride=stride, padding=padding, dilation=dilation,
                               pre_relu=pre_relu, post_relu=post_relu, backend=backend) + late_residual
-    return ops.sepconv_bn_infer(x, dw_weight, pw_weight, None, bias, residual, list(_pair(stride)),
-                                list(_pair(padding)), list(_pair(dilation)), pre_relu, post_relu, backend)
+    spec = UnitSpec.of(dw_weight, _pair(stride), _pair(padding), _pair(dilation), pre_relu, post_relu,
+                       residual is not None)
+    return ops.sepconv_bn_infer(x, dw_weight, pw_weight, None, bias, residual, *spec.op_args(), backend)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from xception_fast import backends
 from xception_fast.distributed import sync_separable_conv_bn
 from xception_fast.functional import autocast_inputs, separable_conv, separable_conv_bn
+from xception_fast.spec import UnitSpec
 
 _pair = nn.modules.utils._pair
 
@@ -60,7 +61,32 @@ def _conv_args(depthwise: nn.Conv2d) -> dict:
     return dict(stride=depthwise.stride, padding=depthwise.padding, dilation=depthwise.dilation)
 
 
-class SeparableConvBN2d(nn.Module):
+class _SeparableUnit(nn.Module):
+    """What both fused modules share: the flags, the provider, the unit's `UnitSpec`."""
+
+    def _set_unit(self, pre_relu: bool, post_relu: bool, backend: str) -> None:
+        self.pre_relu, self.post_relu = pre_relu, post_relu
+        self.backend = backends._check_name(backend, "backend")
+
+    @classmethod
+    def _wrap(cls, pre_relu: bool, post_relu: bool, backend: str, **modules: nn.Module):
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        for name, child in modules.items():
+            setattr(module, name, child)
+        module._set_unit(pre_relu, post_relu, backend)
+        return module
+
+    @property
+    def spec(self) -> UnitSpec:
+        dw = self.depthwise
+        return UnitSpec.of(dw.weight, dw.stride, dw.padding, dw.dilation, self.pre_relu, self.post_relu)
+
+    def extra_repr(self) -> str:
+        return f"pre_relu={self.pre_relu}, post_relu={self.post_relu}, backend={self.backend!r}"
+
+
+class SeparableConvBN2d(_SeparableUnit):
     """post_relu(BatchNorm(pointwise(depthwise(pre_relu(x))))) + residual, fused.
 
     Args mirror `nn.Conv2d` and `nn.BatchNorm2d`; ``padding=None`` is "same" at stride 1.
@@ -79,8 +105,7 @@ class SeparableConvBN2d(nn.Module):
         self.depthwise, self.pointwise = _depthwise_and_pointwise(
             in_channels, out_channels, kernel_size, stride, padding, dilation, False, factory)
         self.bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, **factory)
-        self.pre_relu, self.post_relu = pre_relu, post_relu
-        self.backend = backends._check_name(backend, "backend")
+        self._set_unit(pre_relu, post_relu, backend)
 
     @classmethod
     def from_modules(cls, depthwise: nn.Conv2d, pointwise: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm,
@@ -91,12 +116,7 @@ class SeparableConvBN2d(nn.Module):
             raise ValueError("pointwise must have bias=False when followed by BatchNorm")
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.num_features != pointwise.out_channels:
             raise ValueError(f"bn must be a BatchNorm over {pointwise.out_channels} channels, got {bn}")
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.depthwise, module.pointwise, module.bn = depthwise, pointwise, bn
-        module.pre_relu, module.post_relu = pre_relu, post_relu
-        module.backend = backends._check_name(backend, "backend")
-        return module
+        return cls._wrap(pre_relu, post_relu, backend, depthwise=depthwise, pointwise=pointwise, bn=bn)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         bn = self.bn
@@ -126,16 +146,13 @@ class SeparableConvBN2d(nn.Module):
             x, self.depthwise.weight, self.pointwise.weight, residual)
         bn = self.bn
         y = sync_separable_conv_bn(x, dw_weight, pw_weight, bn.weight, bn.bias, running_mean, running_var,
-                                   momentum=factor, eps=bn.eps, pre_relu=self.pre_relu, post_relu=self.post_relu,
-                                   residual=residual, backend=self.backend, group=bn.process_group,
-                                   **_conv_args(self.depthwise))
+                                   momentum=factor, eps=bn.eps, spec=self.spec, residual=residual,
+                                   backend=self.backend, group=bn.process_group)
         return y if late_residual is None else y + late_residual
 
-    def extra_repr(self) -> str:
-        return f"pre_relu={self.pre_relu}, post_relu={self.post_relu}, backend={self.backend!r}"
 
 
-class SeparableConv2d(nn.Module):
+class SeparableConv2d(_SeparableUnit):
     """post_relu(pointwise(depthwise(pre_relu(x)))) + residual, fused, without normalisation.
 
     Parameters are those of `nn.Conv2d(groups=C)` (no bias) + `nn.Conv2d(1x1, bias=bias)`.
@@ -148,25 +165,16 @@ class SeparableConv2d(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.depthwise, self.pointwise = _depthwise_and_pointwise(
             in_channels, out_channels, kernel_size, stride, padding, dilation, bias, factory)
-        self.pre_relu, self.post_relu = pre_relu, post_relu
-        self.backend = backends._check_name(backend, "backend")
+        self._set_unit(pre_relu, post_relu, backend)
 
     @classmethod
     def from_modules(cls, depthwise: nn.Conv2d, pointwise: nn.Conv2d, pre_relu: bool = False,
                      post_relu: bool = False, backend: str = "auto") -> "SeparableConv2d":
         """Wrap existing layers; the new module shares their parameters."""
         _check_separable_pair(depthwise, pointwise)
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.depthwise, module.pointwise = depthwise, pointwise
-        module.pre_relu, module.post_relu = pre_relu, post_relu
-        module.backend = backends._check_name(backend, "backend")
-        return module
+        return cls._wrap(pre_relu, post_relu, backend, depthwise=depthwise, pointwise=pointwise)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         return separable_conv(x, self.depthwise.weight, self.pointwise.weight, self.pointwise.bias,
                               pre_relu=self.pre_relu, post_relu=self.post_relu, residual=residual,
                               backend=self.backend, **_conv_args(self.depthwise))
-
-    def extra_repr(self) -> str:
-        return f"pre_relu={self.pre_relu}, post_relu={self.post_relu}, backend={self.backend!r}"

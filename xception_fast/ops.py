@@ -2,8 +2,10 @@
 
 Each op is defined once here; its implementation validates the inputs and hands them to the provider
 chosen by `backends.resolve` (cuda, triton or reference, all with the signatures of
-`xception_fast.reference`). Fake (meta) kernels let `torch.compile` trace the ops without graph
-breaks, and the backward formulas are themselves ops so compiled backward graphs see them too.
+`xception_fast.reference`), with the unit described once as a `UnitSpec`; the schemas take the
+spec's fields (`UnitSpec.op_args`), which callers pass as ``*spec.op_args()``. Fake (meta) kernels
+let `torch.compile` trace the ops without graph breaks, and the backward formulas are themselves ops
+so compiled backward graphs see them too.
 
 Forward ops:
 - ``sepconv_bn_infer``: y = post(z * scale + shift) + residual, z = pw(dw(pre(x))). Used for
@@ -23,19 +25,17 @@ from torch import Tensor
 
 from xception_fast import backends
 from xception_fast.reference import accumulation_dtype
+from xception_fast.spec import UnitSpec, output_size  # noqa: F401  (output_size: part of this module's API)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
 def output_shape(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, stride, padding, dilation) -> list[int]:
-    n, _, h, w = x.shape
-    kh, kw = dw_weight.shape[2:]
-    return [n, pw_weight.shape[0], output_size(h, kh, stride[0], padding[0], dilation[0]),
-            output_size(w, kw, stride[1], padding[1], dilation[1])]
+    return UnitSpec.of(dw_weight, stride, padding, dilation, False, False).output_shape(x, pw_weight.shape[0])
+
+
+def _provider(backend: str, x: Tensor, spec: UnitSpec):
+    return backends.provider(backend, x.device, x.dtype, spec.variants())
 
 
 def _empty_cl(shape, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -104,8 +104,8 @@ def sepconv_bn_infer(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, scale: Opt
                      padding: Sequence[int], dilation: Sequence[int], pre_relu: bool, post_relu: bool,
                      backend: str) -> Tensor:
     check_inputs(x, dw_weight, pw_weight, {"scale": scale, "shift": shift}, residual, stride, padding, dilation)
-    return backends.provider(backend, x.device, x.dtype).sepconv_bn_infer(
-        x, dw_weight, pw_weight, scale, shift, residual, stride, padding, dilation, pre_relu, post_relu)
+    spec = UnitSpec.of(dw_weight, stride, padding, dilation, pre_relu, post_relu, residual is not None)
+    return _provider(backend, x, spec).sepconv_bn_infer(x, dw_weight, pw_weight, scale, shift, residual, spec)
 
 
 @sepconv_bn_infer.register_fake
@@ -120,8 +120,8 @@ def sepconv_bn_infer_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, pw_w
                               scale: Optional[Tensor], shift: Optional[Tensor], stride: Sequence[int],
                               padding: Sequence[int], dilation: Sequence[int], pre_relu: bool, post_relu: bool,
                               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return backends.provider(backend, x.device, x.dtype).sepconv_bn_infer_backward(
-        grad_y, x, dw_weight, pw_weight, scale, shift, stride, padding, dilation, pre_relu, post_relu)
+    spec = UnitSpec.of(dw_weight, stride, padding, dilation, pre_relu, post_relu)
+    return _provider(backend, x, spec).sepconv_bn_infer_backward(grad_y, x, dw_weight, pw_weight, scale, shift, spec)
 
 
 @sepconv_bn_infer_backward.register_fake
@@ -135,15 +135,14 @@ def _(grad_y, x, dw_weight, pw_weight, scale, shift, stride, padding, dilation, 
 def _infer_setup_context(ctx, inputs, output):
     x, dw_weight, pw_weight, scale, shift, residual, stride, padding, dilation, pre_relu, post_relu, backend = inputs
     ctx.save_for_backward(x, dw_weight, pw_weight, scale, shift)
-    ctx.args = (stride, padding, dilation, pre_relu, post_relu, backend)
+    ctx.spec, ctx.backend = UnitSpec.of(dw_weight, stride, padding, dilation, pre_relu, post_relu), backend
     ctx.has_residual = residual is not None
 
 
 def _infer_backward(ctx, grad_y):
     x, dw_weight, pw_weight, scale, shift = ctx.saved_tensors
-    stride, padding, dilation, pre_relu, post_relu, backend = ctx.args
     grad_x, grad_dw, grad_pw, grad_scale, grad_shift = sepconv_bn_infer_backward(
-        grad_y, x, dw_weight, pw_weight, scale, shift, stride, padding, dilation, pre_relu, post_relu, backend)
+        grad_y, x, dw_weight, pw_weight, scale, shift, *ctx.spec.op_args(), ctx.backend)
     return (grad_x, grad_dw, grad_pw, grad_scale if scale is not None else None,
             grad_shift if shift is not None else None, grad_y if ctx.has_residual else None,
             None, None, None, None, None, None)
@@ -161,8 +160,9 @@ def sepconv_bn_train(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bn_weight:
                      eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_inputs(x, dw_weight, pw_weight, {"bn_weight": bn_weight, "bn_bias": bn_bias}, residual, stride, padding,
                  dilation)
-    return backends.provider(backend, x.device, x.dtype).sepconv_bn_train(
-        x, dw_weight, pw_weight, bn_weight, bn_bias, residual, stride, padding, dilation, pre_relu, post_relu, eps)
+    spec = UnitSpec.of(dw_weight, stride, padding, dilation, pre_relu, post_relu, residual is not None)
+    return _provider(backend, x, spec).sepconv_bn_train(x, dw_weight, pw_weight, bn_weight, bn_bias, residual, spec,
+                                                        eps)
 
 
 @sepconv_bn_train.register_fake
@@ -192,9 +192,9 @@ def sepconv_bn_train_backward(grad_y: Tensor, x: Tensor, z: Tensor, dw_weight: T
                               mean_dy: Tensor, mean_dy_xhat: Tensor, stride: Sequence[int],
                               padding: Sequence[int], dilation: Sequence[int], pre_relu: bool, post_relu: bool,
                               backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return backends.provider(backend, x.device, x.dtype).sepconv_bn_train_backward(
-        grad_y, x, z, dw_weight, pw_weight, mean, invstd, bn_weight, bn_bias, mean_dy, mean_dy_xhat, stride,
-        padding, dilation, pre_relu, post_relu)
+    spec = UnitSpec.of(dw_weight, stride, padding, dilation, pre_relu, post_relu)
+    return _provider(backend, x, spec).sepconv_bn_train_backward(
+        grad_y, x, z, dw_weight, pw_weight, mean, invstd, bn_weight, bn_bias, mean_dy, mean_dy_xhat, spec)
 
 
 @sepconv_bn_train_backward.register_fake
@@ -210,19 +210,20 @@ def _train_setup_context(ctx, inputs, output):
     _, z, mean, var = output
     ctx.mark_non_differentiable(z, mean, var)
     ctx.save_for_backward(x, z, dw_weight, pw_weight, bn_weight, bn_bias, mean, var)
-    ctx.args = (stride, padding, dilation, pre_relu, post_relu, eps, backend)
+    ctx.spec = UnitSpec.of(dw_weight, stride, padding, dilation, pre_relu, post_relu)
+    ctx.eps, ctx.backend = eps, backend
     ctx.has_residual = residual is not None
 
 
 def _train_backward(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
     x, z, dw_weight, pw_weight, bn_weight, bn_bias, mean, var = ctx.saved_tensors
-    stride, padding, dilation, pre_relu, post_relu, eps, backend = ctx.args
-    invstd = torch.rsqrt(var + eps)
-    sum_dy, sum_dy_xhat = bn_backward_reduce(grad_y, z, mean, invstd, bn_weight, bn_bias, post_relu, backend)
+    invstd = torch.rsqrt(var + ctx.eps)
+    sum_dy, sum_dy_xhat = bn_backward_reduce(grad_y, z, mean, invstd, bn_weight, bn_bias, ctx.spec.post_relu,
+                                             ctx.backend)
     count = max(z.numel() // max(z.shape[1], 1), 1)
     grad_x, grad_dw, grad_pw = sepconv_bn_train_backward(
         grad_y, x, z, dw_weight, pw_weight, mean, invstd, bn_weight, bn_bias, sum_dy / count, sum_dy_xhat / count,
-        stride, padding, dilation, pre_relu, post_relu, backend)
+        *ctx.spec.op_args(), ctx.backend)
     return (grad_x, grad_dw, grad_pw,
             sum_dy_xhat.to(bn_weight.dtype) if bn_weight is not None else None,
             sum_dy.to(bn_bias.dtype) if bn_bias is not None else None,

@@ -7,8 +7,10 @@ Low-precision inputs are rounded where the unfused modules would store them: the
 pointwise outputs in the input dtype, the normalised output computed in float32 and stored in the
 input dtype, the residual added in the input dtype.
 
-Shapes: x [N, C, H, W], dw_weight [C, 1, kh, kw], pw_weight [Cout, C, 1, 1], per-channel vectors
-[Cout], residual / grad_y / z [N, Cout, Ho, Wo]. Outputs are channels_last.
+Every function takes the unit's `UnitSpec` (xception_fast.spec) but `bn_backward_reduce`, which
+needs only its post-ReLU flag. Shapes: x [N, C, H, W], dw_weight [C, 1, kh, kw], pw_weight
+[Cout, C, 1, 1], per-channel vectors [Cout], residual / grad_y / z [N, Cout, Ho, Wo]. Outputs are
+channels_last.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from xception_fast.spec import UnitSpec
 
 _CHANNEL_DIMS = (0, 2, 3)
 
@@ -61,9 +65,9 @@ def _per_channel(v: Tensor, dtype: torch.dtype) -> Tensor:
     return v.to(dtype).view(1, -1, 1, 1)
 
 
-def _depthwise(x: Tensor, dw_weight: Tensor, stride, padding, dilation, pre_relu: bool) -> tuple[Tensor, Tensor]:
-    xr = torch.relu(x) if pre_relu else x
-    return xr, F.conv2d(xr, dw_weight, None, stride, padding, dilation, groups=x.shape[1])
+def _depthwise(x: Tensor, dw_weight: Tensor, spec: UnitSpec) -> tuple[Tensor, Tensor]:
+    xr = torch.relu(x) if spec.pre_relu else x
+    return xr, F.conv2d(xr, dw_weight, None, spec.stride, spec.padding, spec.dilation, groups=x.shape[1])
 
 
 def _affine(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor]) -> Tensor:
@@ -85,16 +89,16 @@ def _finish(y_acc: Tensor, dtype: torch.dtype, residual: Optional[Tensor], post_
     return to_channels_last(y)
 
 
-def _backward_convs(grad_z: Tensor, x: Tensor, dw_weight: Tensor, pw_weight: Tensor, stride, padding, dilation,
-                    pre_relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_convs(grad_z: Tensor, x: Tensor, dw_weight: Tensor, pw_weight: Tensor,
+                    spec: UnitSpec) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of x, the depthwise and the pointwise weights, recomputing the depthwise output."""
-    xr, d = _depthwise(x, dw_weight, stride, padding, dilation, pre_relu)
+    xr, d = _depthwise(x, dw_weight, spec)
     grad_d, grad_pw, _ = torch.ops.aten.convolution_backward(
         grad_z, d, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
     grad_xr, grad_dw, _ = torch.ops.aten.convolution_backward(
-        grad_d, xr, dw_weight, None, list(stride), list(padding), list(dilation), False, [0, 0], x.shape[1],
-        [True, True, False])
-    grad_x = torch.where(x > 0, grad_xr, 0) if pre_relu else grad_xr
+        grad_d, xr, dw_weight, None, list(spec.stride), list(spec.padding), list(spec.dilation), False, [0, 0],
+        x.shape[1], [True, True, False])
+    grad_x = torch.where(x > 0, grad_xr, 0) if spec.pre_relu else grad_xr
     return to_channels_last(grad_x), to_contiguous(grad_dw), to_contiguous(grad_pw)
 
 
@@ -108,28 +112,26 @@ def _empty_vector(like: Tensor) -> Tensor:
 
 
 def sepconv_bn_infer(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, scale: Optional[Tensor],
-                     shift: Optional[Tensor], residual: Optional[Tensor], stride: Sequence[int],
-                     padding: Sequence[int], dilation: Sequence[int], pre_relu: bool, post_relu: bool) -> Tensor:
+                     shift: Optional[Tensor], residual: Optional[Tensor], spec: UnitSpec) -> Tensor:
     """y = post(z * scale + shift) + residual, z = pw(dw(pre(x))): BatchNorm folded (inference)."""
-    _, d = _depthwise(x, dw_weight, stride, padding, dilation, pre_relu)
+    _, d = _depthwise(x, dw_weight, spec)
     z = F.conv2d(d, pw_weight)
-    return _finish(_affine(z, scale, shift), x.dtype, residual, post_relu)
+    return _finish(_affine(z, scale, shift), x.dtype, residual, spec.post_relu)
 
 
 def sepconv_bn_infer_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, pw_weight: Tensor,
-                              scale: Optional[Tensor], shift: Optional[Tensor], stride: Sequence[int],
-                              padding: Sequence[int], dilation: Sequence[int], pre_relu: bool,
-                              post_relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                              scale: Optional[Tensor], shift: Optional[Tensor],
+                              spec: UnitSpec) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_dw_weight, grad_pw_weight, grad_scale, grad_shift); absent scale/shift give
     empty gradients. The forward is recomputed: nothing but x is saved."""
-    _, d = _depthwise(x, dw_weight, stride, padding, dilation, pre_relu)
+    _, d = _depthwise(x, dw_weight, spec)
     z = F.conv2d(d, pw_weight)
-    g = _relu_mask(grad_y, _affine(z, scale, shift), post_relu)
+    g = _relu_mask(grad_y, _affine(z, scale, shift), spec.post_relu)
     acc = g.dtype
     grad_scale = (g * z.to(acc)).sum(_CHANNEL_DIMS).to(scale.dtype) if scale is not None else _empty_vector(x)
     grad_shift = g.sum(_CHANNEL_DIMS).to(shift.dtype) if shift is not None else _empty_vector(x)
     grad_z = (g * _per_channel(scale, acc) if scale is not None else g).to(x.dtype)
-    grad_x, grad_dw, grad_pw = _backward_convs(grad_z, x, dw_weight, pw_weight, stride, padding, dilation, pre_relu)
+    grad_x, grad_dw, grad_pw = _backward_convs(grad_z, x, dw_weight, pw_weight, spec)
     return grad_x, grad_dw, grad_pw, grad_scale, grad_shift
 
 
@@ -142,12 +144,11 @@ def _normalize(z: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tens
 
 
 def sepconv_bn_train(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bn_weight: Optional[Tensor],
-                     bn_bias: Optional[Tensor], residual: Optional[Tensor], stride: Sequence[int],
-                     padding: Sequence[int], dilation: Sequence[int], pre_relu: bool, post_relu: bool,
+                     bn_bias: Optional[Tensor], residual: Optional[Tensor], spec: UnitSpec,
                      eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, z, mean, var): BatchNorm with batch statistics. z = pw(dw(pre(x))) is the pre-BN output,
     kept for backward; mean and the biased var are per output channel, float32 (float64 for float64)."""
-    _, d = _depthwise(x, dw_weight, stride, padding, dilation, pre_relu)
+    _, d = _depthwise(x, dw_weight, spec)
     z = to_channels_last(F.conv2d(d, pw_weight))
     acc = accumulation_dtype(z.dtype)
     if z.numel() == 0:
@@ -156,7 +157,7 @@ def sepconv_bn_train(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bn_weight:
     else:
         var, mean = torch.var_mean(z.to(acc), dim=_CHANNEL_DIMS, correction=0)
     invstd = torch.rsqrt(var + eps)
-    return bn_act(z, mean, invstd, bn_weight, bn_bias, residual, post_relu), z, mean, var
+    return bn_act(z, mean, invstd, bn_weight, bn_bias, residual, spec.post_relu), z, mean, var
 
 
 def bn_act(z: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
@@ -177,16 +178,14 @@ def bn_backward_reduce(grad_y: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, 
 
 def sepconv_bn_train_backward(grad_y: Tensor, x: Tensor, z: Tensor, dw_weight: Tensor, pw_weight: Tensor,
                               mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                              mean_dy: Tensor, mean_dy_xhat: Tensor, stride: Sequence[int], padding: Sequence[int],
-                              dilation: Sequence[int], pre_relu: bool,
-                              post_relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+                              mean_dy: Tensor, mean_dy_xhat: Tensor, spec: UnitSpec) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_dw_weight, grad_pw_weight). mean_dy and mean_dy_xhat are the reductions of
     `bn_backward_reduce` divided by the number of values per channel (all ranks' under SyncBN)."""
     xhat, y = _normalize(z, mean, invstd, bn_weight, bn_bias)
-    g = _relu_mask(grad_y, y, post_relu)
+    g = _relu_mask(grad_y, y, spec.post_relu)
     acc = g.dtype
     gain = _per_channel(invstd, acc)
     if bn_weight is not None:
         gain = gain * _per_channel(bn_weight, acc)
     grad_z = ((g - _per_channel(mean_dy, acc) - xhat * _per_channel(mean_dy_xhat, acc)) * gain).to(x.dtype)
-    return _backward_convs(grad_z, x, dw_weight, pw_weight, stride, padding, dilation, pre_relu)
+    return _backward_convs(grad_z, x, dw_weight, pw_weight, spec)

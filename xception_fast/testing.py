@@ -28,6 +28,11 @@ TOLERANCES = {
     torch.bfloat16: Tolerance(floor=1.6e-2, atol=8e-2, rtol=8e-2),
 }
 ERROR_RATIO = 2.0
+# BatchNorm statistics of a mean-1e4, std-1e-2 input against their float64 values (a naive float32
+# sum of squares is off by 1e4x there): relative tolerances of the algorithm, not of a dtype.
+STATISTICS_RTOL = {"mean": 2e-7, "var": 1e-4}
+# Set, the providers fill freshly allocated outputs with NaN (a debugging aid that the tests turn on).
+POISON_ENV_VAR = "XCEPTION_FAST_POISON_OUTPUTS"
 
 
 def max_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
@@ -58,8 +63,9 @@ def check_against_truth(name: str, actual: torch.Tensor, baseline: torch.Tensor,
 
 
 def randomize_batchnorm_(model: torch.nn.Module) -> torch.nn.Module:
-    """Non-trivial BatchNorm affine parameters and running statistics, so that none can be ignored
-    unnoticed by a comparison."""
+    """Non-trivial BatchNorm affine parameters and running statistics (the defaults, 0 and 1, are too
+    kind), so that none can be ignored unnoticed by a comparison. The one randomiser of the tests and
+    benchmarks."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
@@ -69,3 +75,97 @@ def randomize_batchnorm_(model: torch.nn.Module) -> torch.nn.Module:
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
     return model
+
+
+# --- running a provider in a test --------------------------------------------------------------------
+
+def provider_skip_reason(name: str, device: torch.device | str) -> str | None:
+    """Why the tests of provider `name` cannot run on `device` here, or None when they can."""
+    from xception_fast import backends
+
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    found = backends.availability(name, device)
+    return None if found.available else f"the {name} provider cannot run on {device.type} tensors: {found.reason}"
+
+
+def require_provider(name: str, device: torch.device | str, monkeypatch=None) -> None:
+    """Skip the calling test (with the reason) unless provider `name` runs on `device`.
+
+    With pytest's `monkeypatch`, first set up for the test's duration what a provider test wants:
+    the provider's CPU test environment (Triton's interpreter) on CPU tensors, the not-yet-verified
+    CUDA kernels, and NaN-filled fresh outputs, so an element no kernel writes fails the comparison."""
+    import pytest
+
+    from xception_fast import backends
+
+    if monkeypatch is not None:
+        monkeypatch.setenv(backends.UNVERIFIED_CUDA_ENV_VAR, "1")
+        monkeypatch.setenv(POISON_ENV_VAR, "1")
+        entry = backends.PROVIDERS.get(name)
+        if torch.device(device).type == "cpu" and entry is not None:
+            for key, value in (entry.cpu_test_env or {}).items():
+                monkeypatch.setenv(key, value)
+    reason = provider_skip_reason(name, device)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def conformance_cases() -> list[tuple[str, str]]:
+    """(provider, device) for each fused provider in the registry: on the GPU when there is one or
+    when the provider has no CPU test environment (then the test skips with the reason), else on CPU
+    tensors."""
+    from xception_fast import backends
+
+    gpu = torch.cuda.is_available()
+    return [(name, "cuda" if gpu or entry.cpu_test_env is None else "cpu")
+            for name, entry in backends.PROVIDERS.items() if entry.fused]
+
+
+# --- the fused unit as plain modules, and random inputs ----------------------------------------------
+
+def unfused_unit(module: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """post(bn(pointwise(depthwise(pre(x))))) + residual run by the plain modules a fused module holds
+    (`depthwise`, `pointwise`, `bn` when it has one, `pre_relu`, `post_relu`): the truth it is held to."""
+    y = module.pointwise(module.depthwise(torch.relu(x) if module.pre_relu else x))
+    if getattr(module, "bn", None) is not None:
+        y = module.bn(y)
+    if module.post_relu:
+        y = torch.relu(y)
+    return y if residual is None else y + residual
+
+
+def rounded(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """`t` rounded to `dtype`, back in float64: the common input of every run (None stays None)."""
+    return None if t is None else t.to(dtype).double()
+
+
+def unit_tensors(cin: int, cout: int, k, n: int, h: int, w: int, device) -> tuple[torch.Tensor, ...]:
+    """x [n, cin, h, w], dw_weight [cin, 1, kh, kw], pw_weight [cout, cin, 1, 1], float64, scaled so
+    that outputs stay of order one."""
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(n, cin, h, w, dtype=torch.float64, device=device)
+    dw = torch.randn(cin, 1, kh, kw, dtype=torch.float64, device=device) / (kh * kw) ** 0.5
+    pw = torch.randn(cout, cin, 1, 1, dtype=torch.float64, device=device) / max(cin, 1) ** 0.5
+    return x, dw, pw
+
+
+def away_from_kink(grad_y: torch.Tensor, pre_activation: torch.Tensor, post_relu: bool) -> torch.Tensor:
+    """grad_y, zero where the post-ReLU input is within rounding distance of 0: there the float64 and
+    the low-precision paths may disagree on the ReLU's mask, and a zero gradient makes that moot."""
+    if not post_relu:
+        return grad_y
+    band = 0.02 * pre_activation.abs().max()
+    return torch.where(pre_activation.abs() > band, grad_y, torch.zeros_like(grad_y))
+
+
+def check_output(name: str, got: torch.Tensor, low: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> None:
+    """A provider's output `got` against the reference provider's in the same dtype (`low`: same dtype,
+    shape, device and strides) and in float64 (`exact`: values, by `check_against_truth`)."""
+    assert got.dtype == low.dtype and got.shape == low.shape, \
+        f"{name}: {got.dtype}{list(got.shape)} vs {low.dtype}{list(low.shape)}"
+    assert got.device == low.device, f"{name}: on {got.device}, the reference's on {low.device}"
+    assert got.stride() == low.stride() or got.numel() <= 1, f"{name}: strides {got.stride()} vs {low.stride()}"
+    if got.numel():
+        check_against_truth(name, got.detach(), low.detach(), exact.detach(), dtype)

@@ -29,6 +29,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
 import xception_fast
+from xception_fast import backends
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -241,7 +242,7 @@ def parse_args(argv=None):
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--amp", choices=sorted(AMP_DTYPES), default="none")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--backend", default="auto", choices=("auto", "cuda", "triton", "reference"))
+    parser.add_argument("--backend", default="auto", choices=("auto",) + backends.provider_names())
     parser.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--workers", type=int, default=0)

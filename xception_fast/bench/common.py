@@ -6,9 +6,11 @@ import gc
 import os
 import warnings
 from dataclasses import asdict, dataclass, replace
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
+
+from xception_fast import backends
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32",
@@ -16,7 +18,7 @@ _DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float3
 MODES = ("infer", "train")
 
 # Fused providers of xception_fast (see xception_fast.backends), then the plain-PyTorch competitors.
-FUSED_PROVIDERS = ("cuda", "triton", "reference")
+FUSED_PROVIDERS = backends.provider_names()
 EAGER = "eager"      # plain nn.Conv2d/BatchNorm2d modules, channels_last, cudnn.benchmark=True
 COMPILE = "compile"  # the same plain modules under torch.compile(mode=<compile_mode>)
 LAYER_PROVIDERS = FUSED_PROVIDERS + (EAGER, COMPILE)
@@ -26,6 +28,37 @@ CPU_COMPILE_REASON = ("torch.compile rows run on a GPU only: the CPU smoke skips
                       "and needs no C++ compiler")
 
 ENV_PREFIX = "XCEPTION_FAST_BENCH_"
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """What every benchmark row is run for (layers and models add what they time)."""
+
+    kind: ClassVar[str]  # "layer" or "model"
+    provider: str
+    mode: str
+    dtype: str
+    batch: int
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}-{self.mode}-{self.dtype}-b{self.batch}-{self.provider}"
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.name} {self.mode} {self.dtype} b{self.batch} {self.provider}"
+
+    def row_fields(self) -> dict:
+        return {}
+
+    def base_row(self, device) -> dict:
+        """The row's description, before anything is measured."""
+        return {"kind": self.kind, "name": self.name, "provider": self.provider, "mode": self.mode,
+                "dtype": self.dtype, "batch": self.batch, "device": str(torch.device(device).type),
+                **self.row_fields()}
 
 
 def dtype_name(dtype) -> str:
@@ -68,8 +101,6 @@ def free_memory(device) -> None:
 def fused_provider_status(name: str, device) -> tuple[bool, str]:
     """(available, reason) of an xception_fast provider on `device`, never raising: a provider
     that fails its own availability check is reported as unavailable with the error."""
-    from xception_fast import backends
-
     try:
         found = backends.availability(name, torch.device(device))
     except Exception as exc:  # a provider still being written must not take the suite down
@@ -93,9 +124,9 @@ def compile_status(device) -> tuple[bool, str]:
 
 def provider_status(provider: str, device, compile_mode: str = "max-autotune") -> tuple[bool, str]:
     """(available, reason) for any competitor name: a fused provider, "eager" or "compile"."""
-    if provider == "triton" and torch.device(device).type == "cpu":
-        # Under TRITON_INTERPRET=1 the provider "runs" on the CPU, in numpy, for tests: not a benchmark.
-        return False, "the Triton provider is benchmarked on GPUs only (on the CPU it is the test interpreter)"
+    if provider in backends.PROVIDERS and backends.PROVIDERS[provider].fused and torch.device(device).type == "cpu":
+        # On the CPU a fused provider runs, if at all, for tests (Triton's interpreter): not a benchmark.
+        return False, f"the {provider} provider is benchmarked on GPUs only"
     if provider in FUSED_PROVIDERS:
         return fused_provider_status(provider, device)
     if provider == EAGER:
@@ -116,19 +147,6 @@ def random_tensor(shape: Sequence[int], dtype, device, channels_last: bool = Fal
     if channels_last and t.dim() == 4:
         t = t.contiguous(memory_format=torch.channels_last)
     return t.requires_grad_(requires_grad)
-
-
-def randomize_batchnorm(module: torch.nn.Module) -> None:
-    """Non-trivial BatchNorm statistics and affine parameters (defaults are 0/1: too kind)."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                if m.running_mean is not None:
-                    m.running_mean.uniform_(-0.2, 0.2)
-                    m.running_var.uniform_(0.5, 1.5)
-                if m.weight is not None:
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.uniform_(-0.2, 0.2)
 
 
 def configure_torch(device) -> dict:

@@ -16,16 +16,16 @@ fixed random upstream gradient, input and parameter gradients dropped before eac
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from xception_fast.bench.common import (COMPILE, EAGER, FUSED_PROVIDERS, LAYER_PROVIDERS, BenchSettings,
-                                        randomize_batchnorm, random_tensor, torch_dtype)
+from xception_fast.bench.common import (COMPILE, EAGER, FUSED_PROVIDERS, LAYER_PROVIDERS, BenchCase, BenchSettings,
+                                        random_tensor, torch_dtype)
 from xception_fast.bench.roofline import Rates, roofline_metrics, unit_bytes, unit_flops
 from xception_fast.bench.shapes import UnitShape, select_shapes, unit_shapes
+from xception_fast.testing import randomize_batchnorm_, unfused_unit
 
 
 class PlainUnit(nn.Module):
@@ -43,37 +43,24 @@ class PlainUnit(nn.Module):
         self.pre_relu, self.post_relu = shape.pre_relu, shape.post_relu
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.pre_relu:
-            x = F.relu(x)
-        y = self.bn(self.pointwise(self.depthwise(x)))
-        if self.post_relu:
-            y = F.relu(y)
-        return y if residual is None else y + residual
+        return unfused_unit(self, x, residual)
 
 
 @dataclass(frozen=True)
-class LayerCase:
+class LayerCase(BenchCase):
+    kind: ClassVar[str] = "layer"
     shape: UnitShape
-    provider: str
-    mode: str
-    dtype: str
-    batch: int
 
     @property
-    def id(self) -> str:
-        return f"{self.shape.slug}-{self.mode}-{self.dtype}-b{self.batch}-{self.provider}"
+    def name(self) -> str:
+        return self.shape.slug
 
-    def describe(self) -> str:
-        return f"layer {self.shape.slug} {self.mode} {self.dtype} b{self.batch} {self.provider}"
-
-    def base_row(self, device) -> dict:
+    def row_fields(self) -> dict:
         s = self.shape
-        return {"kind": "layer", "name": s.slug, "label": s.label, "provider": self.provider, "mode": self.mode,
-                "dtype": self.dtype, "batch": self.batch, "device": str(torch.device(device).type),
-                "in_channels": s.in_channels, "out_channels": s.out_channels, "height": s.height, "width": s.width,
-                "kernel_size": s.kernel_size, "stride": s.stride, "padding": s.padding, "dilation": s.dilation,
-                "pre_relu": s.pre_relu, "post_relu": s.post_relu, "residual": s.residual, "count": s.count,
-                "flow": s.flow, "first_module": s.first_module}
+        return {"label": s.label, "in_channels": s.in_channels, "out_channels": s.out_channels, "height": s.height,
+                "width": s.width, "kernel_size": s.kernel_size, "stride": s.stride, "padding": s.padding,
+                "dilation": s.dilation, "pre_relu": s.pre_relu, "post_relu": s.post_relu, "residual": s.residual,
+                "count": s.count, "flow": s.flow, "first_module": s.first_module}
 
 
 def layer_cases(settings: BenchSettings, shapes: Optional[list[UnitShape]] = None) -> list[LayerCase]:
@@ -82,7 +69,7 @@ def layer_cases(settings: BenchSettings, shapes: Optional[list[UnitShape]] = Non
         shapes = unit_shapes(settings.layer_image_size)
     shapes = select_shapes(shapes, settings.shapes)
     providers = [p for p in LAYER_PROVIDERS if settings.wants_provider(p)]
-    return [LayerCase(shape, provider, mode, dtype, settings.layer_batch)
+    return [LayerCase(provider, mode, dtype, settings.layer_batch, shape)
             for dtype in settings.dtypes for mode in settings.modes for shape in shapes for provider in providers]
 
 
@@ -103,7 +90,7 @@ def prepare_layer(case: LayerCase, device, compile_mode: str = "max-autotune") -
 
     fused = SeparableConvBN2d(shape.in_channels, shape.out_channels, shape.kernel_size, shape.stride, shape.padding,
                               shape.dilation, pre_relu=shape.pre_relu, post_relu=shape.post_relu, backend=backend)
-    randomize_batchnorm(fused)
+    randomize_batchnorm_(fused)
     if case.provider in FUSED_PROVIDERS:
         module: nn.Module = fused
     elif case.provider in (EAGER, COMPILE):

@@ -16,14 +16,15 @@ cross-entropy on random labels, backward, SGD (momentum 0.9) step, `zero_grad(se
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xception_fast.bench.common import (COMPILE, EAGER, FUSED_PROVIDERS, BenchSettings, provider_status,
-                                        randomize_batchnorm, random_tensor, torch_dtype)
+from xception_fast.bench.common import (COMPILE, EAGER, FUSED_PROVIDERS, BenchCase, BenchSettings, provider_status,
+                                        random_tensor, torch_dtype)
+from xception_fast.testing import randomize_batchnorm_
 
 MODEL_PROVIDERS: dict[str, tuple[str, ...]] = {
     "xception_fast": FUSED_PROVIDERS,
@@ -36,25 +37,17 @@ NUM_CLASSES = 1000
 
 
 @dataclass(frozen=True)
-class ModelCase:
+class ModelCase(BenchCase):
+    kind: ClassVar[str] = "model"
     model: str
-    provider: str
-    mode: str
-    dtype: str
-    batch: int
     image_size: int = 299
 
     @property
-    def id(self) -> str:
-        return f"{self.model}-{self.provider}-{self.mode}-{self.dtype}-b{self.batch}"
+    def name(self) -> str:
+        return self.model
 
-    def describe(self) -> str:
-        return f"model {self.model}[{self.provider}] {self.mode} {self.dtype} b{self.batch} {self.image_size}px"
-
-    def base_row(self, device) -> dict:
-        return {"kind": "model", "name": self.model, "provider": self.provider, "mode": self.mode,
-                "dtype": self.dtype, "batch": self.batch, "image_size": self.image_size,
-                "device": str(torch.device(device).type)}
+    def row_fields(self) -> dict:
+        return {"image_size": self.image_size}
 
 
 def model_cases(settings: BenchSettings) -> list[ModelCase]:
@@ -62,7 +55,7 @@ def model_cases(settings: BenchSettings) -> list[ModelCase]:
     unknown = [m for m in models if m not in MODEL_PROVIDERS]
     if unknown:
         raise ValueError(f"unknown models {unknown}; choose from {MODELS}")
-    return [ModelCase(model, provider, mode, dtype, batch, settings.image_size)
+    return [ModelCase(provider, mode, dtype, batch, model, settings.image_size)
             for dtype in settings.dtypes for mode in settings.modes for batch in settings.batches
             for model in MODELS if model in models
             for provider in MODEL_PROVIDERS[model] if settings.wants_provider(provider)]
@@ -116,7 +109,7 @@ def prepare_model(case: ModelCase, device, compile_mode: str = "max-autotune") -
     device = torch.device(device)
     dtype = torch_dtype(case.dtype)
     model = build_model(case.model, case.provider)
-    randomize_batchnorm(model)
+    randomize_batchnorm_(model)
     n_params = sum(p.numel() for p in model.parameters())
     model = model.to(device=device, dtype=dtype, memory_format=torch.channels_last)
     training = case.mode == "train"

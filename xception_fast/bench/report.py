@@ -15,13 +15,14 @@ from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Optional
 
+from xception_fast import backends
 from xception_fast.bench.common import COMPILE, EAGER, MODES
 from xception_fast.bench.models import BASELINE, MODEL_PROVIDERS
 
 PLOT_HINT = "the PNG plot needs matplotlib: pip install matplotlib"
 _DTYPE_ORDER = ("bf16", "fp16", "fp32")
 # Reading order: the baselines first, then the fused providers.
-_PROVIDER_ORDER = (EAGER, COMPILE, "reference", "triton", "cuda")
+_PROVIDER_ORDER = (EAGER, COMPILE) + tuple(reversed(backends.provider_names()))
 _MODEL_ORDER = ("legacy_xception", "xception_fast", "inception_v3")
 
 
@@ -216,14 +217,6 @@ def markdown(results: list[dict]) -> str:
     for data in results:
         sections.append(markdown_section(data))
     return "\n".join(sections).rstrip() + "\n"
-
-
-def matplotlib_available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _pick_dtype(rows: list[dict]) -> Optional[str]:

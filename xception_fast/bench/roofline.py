@@ -79,8 +79,8 @@ class Rates:
         return asdict(self)
 
 
-_RATE_TIMING_GPU = TimingConfig(warmup_ms=50.0, rep_ms=300.0, min_warmup=3, min_reps=10, max_reps=200, flush_l2=False)
-_RATE_TIMING_CPU = TimingConfig(warmup_ms=0.0, rep_ms=20.0, min_warmup=1, min_reps=3, max_reps=5, flush_l2=False)
+_RATE_TIMING_GPU = TimingConfig(warmup_ms=50.0, rep_ms=300.0)
+_RATE_TIMING_CPU = TimingConfig(warmup_ms=0.0, rep_ms=20.0)
 
 
 def _rate_timing(device: torch.device) -> TimingConfig:

@@ -3,10 +3,10 @@
 Both the CLI and the pytest suite go through `Runner`, so a row means the same thing in either.
 A row is a flat dict: the case (kind, name, provider, mode, dtype, batch, ...), ``status`` ("ok",
 "skipped" or "error") with ``reason`` when not ok, and for ok rows the timing (``median_ms``,
-``p20_ms``, ``p80_ms``, ``min_ms``, ``mean_ms``, ``reps``, ``method``), ``first_call_s`` (the
+``p20_ms``, ``p80_ms``, ``min_ms``, ``method``), ``first_call_s`` (the
 untimed first call; ``compile_s`` for compiled rows), ``peak_mem_bytes`` (GPU only: the peak of
-`torch.cuda.max_memory_allocated` during the timed repetitions minus what was allocated before the
-row built anything), and for layers the roofline metrics, for models ``images_per_s``.
+`torch.cuda.max_memory_allocated` during one warm call minus what was allocated before the row built
+anything), and for layers the roofline metrics, for models ``images_per_s``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from xception_fast.bench.common import NO_GPU_REASON, BenchSettings, configure_t
 from xception_fast.bench.layers import LayerCase, layer_cases, layer_metrics, prepare_layer
 from xception_fast.bench.models import ModelCase, model_cases, model_skip_reason, prepare_model
 from xception_fast.bench.roofline import Rates, measure_copy_gbps, measure_rates
-from xception_fast.bench.timing import _flush_buffer, config_for, first_call_seconds, synchronized, time_fn
+from xception_fast.bench.timing import config_for, first_call_seconds, synchronized, time_fn
 
 # on_ready(fn, grad_to_none, measured): called after the timing with the warm, synchronised callable
 # (for a second timer such as pytest-benchmark) and what was measured so far.
@@ -161,22 +161,19 @@ class Runner:
         return self._run(case.base_row(self.device), skip, lambda: self._measure_model(case, on_ready),
                          case.describe(), index, raise_errors)
 
-    def _baseline_memory(self, flush_l2: bool) -> int:
+    def _baseline_memory(self) -> int:
         free_memory(self.device)
-        if self.device.type != "cuda":
-            return 0
-        if flush_l2:
-            _flush_buffer(torch.device("cuda", torch.cuda.current_device()))  # allocated before the baseline
-        return torch.cuda.memory_allocated()
+        return torch.cuda.memory_allocated() if self.device.type == "cuda" else 0
 
-    def _peak_memory(self, baseline: int) -> Optional[int]:
+    def _peak_of_one_call(self, fn: Callable[[], object], baseline: int) -> Optional[int]:
+        """Peak GPU memory of one warm call above `baseline` (outside the timing, whose L2-flush
+        buffer is not the workload's)."""
         if self.device.type != "cuda":
             return None
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated() - baseline)
-
-    def _reset_peak(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
 
     def _cleanup(self, compiled: bool) -> None:
         if compiled:
@@ -184,43 +181,32 @@ class Runner:
         free_memory(self.device)
 
     def _measure_layer(self, case: LayerCase, on_ready: Optional[OnReady]) -> dict:
-        self._configure()
-        rates = self.rates_for(case.dtype)
-        config = config_for("layer", self.device, self.settings.timing)
-        baseline = self._baseline_memory(config.flush_l2)
-        prepared = prepare_layer(case, self.device, self.settings.compile_mode)
-        try:
-            first = first_call_seconds(prepared.fn, self.device)
-            self._reset_peak()
-            timing = time_fn(prepared.fn, self.device, config, prepared.grad_to_none)
-            out = {**timing.as_dict(), "first_call_s": first, **layer_metrics(case, timing.median_ms, rates),
-                   "peak_mem_bytes": self._peak_memory(baseline)}
-            if prepared.compiled:
-                out.update(compile_s=first, compile_mode=self.settings.compile_mode)
-            if on_ready is not None:
-                on_ready(synchronized(prepared.fn, self.device), prepared.grad_to_none, out)
-            return out
-        finally:
-            compiled = prepared.compiled
-            del prepared
-            self._cleanup(compiled)
+        rates = self.rates_for(case.dtype)  # measured before the row's baseline memory
+        return self._measure("layer", lambda: prepare_layer(case, self.device, self.settings.compile_mode),
+                             lambda timing, _: layer_metrics(case, timing.median_ms, rates), on_ready)
 
     def _measure_model(self, case: ModelCase, on_ready: Optional[OnReady]) -> dict:
+        return self._measure("model", lambda: prepare_model(case, self.device, self.settings.compile_mode),
+                             lambda timing, prepared: {"images_per_s": case.batch / (timing.median_ms * 1e-3),
+                                                       "parameters": prepared.parameters}, on_ready)
+
+    def _measure(self, kind: str, prepare: Callable, metrics: Callable, on_ready: Optional[OnReady]) -> dict:
+        """Build the row's callable, time its first call, its peak memory and its median, then add
+        `metrics(timing, prepared)`; compiled state and memory are released afterwards."""
         self._configure()
-        config = config_for("model", self.device, self.settings.timing)
-        baseline = self._baseline_memory(config.flush_l2)
-        prepared = prepare_model(case, self.device, self.settings.compile_mode)
+        config = config_for(kind, self.device, self.settings.timing)
+        baseline = self._baseline_memory()
+        prepared = prepare()
         try:
+            grad_to_none = list(getattr(prepared, "grad_to_none", []))
             first = first_call_seconds(prepared.fn, self.device)
-            self._reset_peak()
-            timing = time_fn(prepared.fn, self.device, config)
-            out = {**timing.as_dict(), "images_per_s": case.batch / (timing.median_ms * 1e-3),
-                   "first_call_s": first, "parameters": prepared.parameters,
-                   "peak_mem_bytes": self._peak_memory(baseline)}
+            peak = self._peak_of_one_call(prepared.fn, baseline)
+            timing = time_fn(prepared.fn, self.device, config, grad_to_none)
+            out = {**timing.as_dict(), "first_call_s": first, **metrics(timing, prepared), "peak_mem_bytes": peak}
             if prepared.compiled:
                 out.update(compile_s=first, compile_mode=self.settings.compile_mode)
             if on_ready is not None:
-                on_ready(synchronized(prepared.fn, self.device), [], out)
+                on_ready(synchronized(prepared.fn, self.device), grad_to_none, out)
             return out
         finally:
             compiled = prepared.compiled

@@ -20,6 +20,8 @@ import sys
 
 import torch
 
+from xception_fast import backends
+
 # (N, C, Cout, H, W, stride, dilation, pre_relu, post_relu, residual)
 CASES = [
     (1, 24, 40, 13, 11, 1, 1, True, False, False),
@@ -33,20 +35,16 @@ TOLERANCE = {torch.float32: 2e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 
 def _run_unit(backend: str, case, dtype: torch.dtype, training: bool, device) -> dict:
     from xception_fast import SeparableConvBN2d
+    from xception_fast.testing import randomize_batchnorm_
 
     n, c, cout, h, w, stride, dilation, pre, post, res = case
     torch.manual_seed(0)
     module = SeparableConvBN2d(c, cout, 3, stride, None if stride == 1 else 1, dilation, pre_relu=pre,
                                post_relu=post, backend=backend).to(device=device, dtype=dtype)
-    with torch.no_grad():
-        module.bn.running_mean.uniform_(-0.2, 0.2)
-        module.bn.running_var.uniform_(0.5, 1.5)
-    module.train(training)
+    randomize_batchnorm_(module).train(training)
     x = torch.randn(n, c, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
-    dw = module.depthwise
-    ho = (h + 2 * dw.padding[0] - dilation * 2 - 1) // stride + 1
-    wo = (w + 2 * dw.padding[1] - dilation * 2 - 1) // stride + 1
+    ho, wo = module.spec.output_hw(h, w)
     residual = torch.randn(n, cout, ho, wo, device=device, dtype=dtype) if res else None
     y = module(x, residual)
     grad = torch.randn_like(y)
@@ -58,7 +56,7 @@ def _run_unit(backend: str, case, dtype: torch.dtype, training: bool, device) ->
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", required=True, choices=("cuda", "triton", "reference"))
+    parser.add_argument("--backend", required=True, choices=backends.provider_names())
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "fp16", "bf16"])
     parser.add_argument("--no-compare", action="store_true", help="skip the comparison with the reference provider")
     args = parser.parse_args(argv)

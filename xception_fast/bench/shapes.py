@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from xception_fast.spec import output_size
+
 # Xception's three flows (paper Fig. 5) by the module that holds the unit.
 _ENTRY = {"block1", "block2", "block3"}
 _MIDDLE = {f"block{i}" for i in range(4, 12)}
@@ -50,11 +52,11 @@ class UnitShape:
 
     @property
     def out_height(self) -> int:
-        return _out(self.height, self.kernel_size, self.stride, self.padding, self.dilation)
+        return output_size(self.height, self.kernel_size, self.stride, self.padding, self.dilation)
 
     @property
     def out_width(self) -> int:
-        return _out(self.width, self.kernel_size, self.stride, self.padding, self.dilation)
+        return output_size(self.width, self.kernel_size, self.stride, self.padding, self.dilation)
 
     @property
     def slug(self) -> str:
@@ -94,10 +96,6 @@ class UnitShape:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _out(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def _single(value) -> int:
