@@ -41,7 +41,7 @@ class PlanMismatch(sass.SassError):
     """The SASS loop structure of a kernel is not the one its launch plan declares."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoopPlan:
     """One loop of a kernel as its plan declares it, in SASS order (outer before inner).
 
@@ -54,6 +54,9 @@ class LoopPlan:
     what: str
     trips: float
     pipelined: bool = False
+    # Instructions per iteration the plan assumes, by opcode base (inner loops excluded): pins an
+    # unroll factor, checked against the SASS.
+    expect: Optional[dict] = None
 
 
 @dataclass
@@ -160,6 +163,17 @@ def check_loops(kernel: str, function: sass.Function, found: Sequence[sass.Loop]
             f"{kernel}: the launch plan declares {len(plan)} loop(s) ({', '.join(p.what for p in plan) or 'none'}) "
             f"but the SASS of {function.name} has {len(found)}: {describe(found)}. The kernel changed: update its "
             f"plan in the provider's plan module (see xception_fast.bench.static).")
+    for i, (loop, p) in enumerate(zip(found, plan)):
+        if not p.expect:
+            continue
+        body = sass.loop_body(function, loop, loops=found)
+        for base, n in p.expect.items():
+            got = sum(1 for ins in body if ins.base == base)
+            if got != n:
+                raise PlanMismatch(
+                    f"{kernel}: loop {i} ({p.what}) at [{loop.start:#x}-{loop.end:#x}] has {got} {base} per "
+                    f"iteration in the SASS of {function.name}, the plan assumes {n} (an unroll factor or the loop "
+                    f"body changed): update its plan in the provider's plan module.")
 
 
 def _peeled(function: sass.Function, loops: Sequence[sass.Loop], index: int) -> int:
