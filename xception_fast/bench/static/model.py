@@ -31,7 +31,8 @@ from xception_fast.bench.static import sass
 from xception_fast.bench.static.machine import Machine
 
 _HGMMA_SHAPE = re.compile(r"HGMMA\.(\d+)x(\d+)x(\d+)")
-_HMMA_SHAPE = re.compile(r"HMMA\.(\d)(\d)(\d+)")  # HMMA.16816 = m16 n8 k16, HMMA.1688 = m16 n8 k8
+_HMMA_SHAPE = re.compile(r"HMMA\.(\d+)")
+_HMMA_MNK = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4)}  # mma.sync shapes
 _WAIT = re.compile(r"gsb0,\s*0x([0-9a-f]+)")
 # The tensor-instruction class of a SASS opcode, by its base.
 TENSOR_OPS = ("HGMMA", "HMMA")
@@ -147,7 +148,9 @@ def _mma_flops(opcode: str) -> float:
         return 2.0 * m * n * k / 4
     found = _HMMA_SHAPE.match(opcode)
     if found:
-        m, n, k = map(int, found.groups())
+        if found.group(1) not in _HMMA_MNK:
+            raise sass.SassError(f"unknown HMMA shape in {opcode}")
+        m, n, k = _HMMA_MNK[found.group(1)]
         return 2.0 * m * n * k
     return 0.0
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterable, Optional, Sequence
 
-from xception_fast.bench.shapes import UnitShape, select_shapes, unit_shapes
+from xception_fast.bench.shapes import UnitShape, unit_shapes
 from xception_fast.bench.static import model, triton_plans
 from xception_fast.bench.static.geometry import Unit
 from xception_fast.bench.static.machine import Machine, machine as machine_for
@@ -34,6 +34,18 @@ def layer_name(shape: UnitShape) -> str:
     if shape.slug == "middle-728x728-19-res":
         return "middle_residual"
     return shape.first_module or shape.slug
+
+
+def select_layers(shapes: Sequence[UnitShape], patterns: Optional[Iterable[str]]) -> list[UnitShape]:
+    """Shapes named by `patterns`: a layer name or slug exactly ("middle" is the 728->728 unit without
+    the residual), else every shape whose slug or name contains the pattern."""
+    if not patterns:
+        return list(shapes)
+    chosen = set()
+    for p in patterns:
+        exact = [s for s in shapes if p in (layer_name(s), s.slug)]
+        chosen.update(s.slug for s in exact or [s for s in shapes if p in s.slug or p in layer_name(s)])
+    return [s for s in shapes if s.slug in chosen]
 
 
 def plan_modules() -> dict:
@@ -122,7 +134,7 @@ def static_records(arch: int = 90, dtypes: Sequence[str] = ("bf16",), layers: Op
     A provider whose plans cannot be made here (e.g. no nvcc for the CUDA provider) raises."""
     m = machine_for(arch)
     all_shapes = unit_shapes(image_size)
-    shapes = [s for s in all_shapes if not layers or any(p in s.slug or p == layer_name(s) for p in layers)]
+    shapes = select_layers(all_shapes, layers)
     if not shapes:
         raise ValueError(f"no layer matches {list(layers or [])}: layers are "
                          + ", ".join(f"{layer_name(s)} ({s.slug})" for s in all_shapes))

@@ -108,3 +108,21 @@ def _compile(kernel, config_key, arch, dtype, constexprs, ints, pointer_types):
         raise ValueError(f"{jit.__name__}: no value for constexpr {missing}")
     source = ASTSource(jit, signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def compiler(kernel, config=None, arch: int = 90, dtype: str = "bf16", constexprs: Optional[Mapping] = None,
+             ints: Optional[Mapping[str, int]] = None, pointer_types: Optional[Mapping[str, str]] = None):
+    """A function that compiles the kernel (as `compile_kernel`) and returns the model's `Compiled`."""
+    def build():
+        from xception_fast.bench.static import sass
+        from xception_fast.bench.static.model import Compiled
+
+        compiled = compile_kernel(kernel, config, arch, dtype, constexprs, ints, pointer_types)
+        name = compiled.metadata.name
+        res = sass.resources(compiled.asm["cubin"]).get(name, {})
+        stages = config.num_stages if config is not None else compiled.metadata.num_stages
+        warps = config.num_warps if config is not None else compiled.metadata.num_warps
+        return Compiled(cubin=compiled.asm["cubin"], function=name, regs=res.get("regs", 0),
+                        spill_bytes=res.get("stack", 0), smem_bytes=compiled.metadata.shared + res.get("shared", 0),
+                        num_warps=warps, num_stages=stages, operand="tf32" if DTYPES[dtype] == "fp32" else DTYPES[dtype])
+    return build

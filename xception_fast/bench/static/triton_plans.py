@@ -41,19 +41,8 @@ def _channel_align(channels: int) -> int:
 
 
 def _compiler(kernel, config, arch: int, dtype: str, constexprs: dict, ints: dict) -> Callable[[], Compiled]:
-    def build() -> Compiled:
-        from xception_fast.bench.static import sass
-        from xception_fast.bench.static.triton_compile import compile_kernel, jit_function
-
-        compiled = compile_kernel(kernel, config, arch, dtype, constexprs, ints)
-        name = compiled.metadata.name
-        res = sass.resources(compiled.asm["cubin"]).get(name, {})
-        stages = config.num_stages if config is not None else 3  # Triton's default num_stages
-        warps = config.num_warps if config is not None else compiled.metadata.num_warps
-        return Compiled(cubin=compiled.asm["cubin"], function=name, regs=res.get("regs", 0),
-                        spill_bytes=res.get("stack", 0), smem_bytes=compiled.metadata.shared + res.get("shared", 0),
-                        num_warps=warps, num_stages=stages, operand="tf32" if dtype == "fp32" else dtype)
-    return build
+    from xception_fast.bench.static.triton_compile import compiler
+    return compiler(kernel, config, arch, dtype, constexprs, ints)
 
 
 def _label(config) -> str:

@@ -1,0 +1,114 @@
+"""The static cost model (xception_fast.bench.static) on kernels whose answer is known, on the CPU.
+
+The kernels are compiled for sm_90 with no GPU (Triton's bundled ptxas) and disassembled with
+Triton's cuobjdump, in a worker process (workers/static_model_checks.py: this session runs Triton's
+interpreter, which builds no GPU code). Figures are static estimates (sm_90 model), never measurements.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from xception_fast.bench.static import sass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "workers", "static_model_checks.py")
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(sass.__file__)).rsplit(os.sep, 2)[0])
+
+
+def _worker(*which: str, **env) -> dict:
+    environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environ["PYTHONPATH"] = os.pathsep.join([PACKAGE_PARENT] + ([environ["PYTHONPATH"]] if environ.get("PYTHONPATH")
+                                                                else []))
+    done = subprocess.run([sys.executable, WORKER, *which], env={**environ, **env}, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def known():
+    return _worker("known")
+
+
+@pytest.mark.parametrize("stages", ["s1", "s3"])
+def test_tutorial_matmul_is_mma_bound_near_peak(known, stages):
+    """4096^3 bf16, 128x256x64 tiles: at the wgmma peak (139 us) within 1.3x, with and without
+    software pipelining (num_stages=3 moves loads out of the loop)."""
+    r = known[f"matmul_{stages}"]
+    assert r["tensor_op"] == "HGMMA"
+    assert r["mma_flops"] == 2 * 4096 ** 3  # every K step's wgmma counted exactly once
+    assert r["bound"] == "mma", r
+    assert r["peak_us"] <= r["estimate_us"] <= 1.3 * r["peak_us"], r
+
+
+def test_vector_add_is_memory_bound(known):
+    r = known["vector_add"]
+    assert r["bound"] == "dram" and r["tensor_op"] == "none"
+    assert r["estimate_us"] == pytest.approx(3 * 2 ** 28 * 4 / 3.35e12 * 1e6)  # 961 us
+    assert r["issue_us"] < 0.5 * r["dram_us"]
+
+
+def test_known_trip_counts_give_the_exact_dynamic_count(known):
+    r = known["nested"]
+    assert r["depths"] == [0, 1]
+    assert r["mma_flops"] == r["expected_flops"]  # 7 x 5 tile products of 64^3, each counted once
+    assert r["total"] == r["independent"]  # against a count from cuobjdump's text alone
+    assert r["per_cta"] == r["total"] * r["warps"]
+
+
+def test_a_plan_that_does_not_match_the_sass_fails_naming_the_kernel(known):
+    count, unroll, unrolled_by_compiler = known["nested"]["mismatch_errors"]
+    assert count is not None and "nested_loops_kernel" in count and "declares 1 loop" in count
+    assert unroll is not None and "nested_loops_kernel: loop 1" in unroll and "4 HGMMA" in unroll
+    # The compiler's own unrolling (main loop + remainder loops) is caught too.
+    assert unrolled_by_compiler is not None and "unrolled_loop_kernel" in unrolled_by_compiler
+    assert "declares 2 loop(s)" in unrolled_by_compiler
+
+
+def test_loop_finding_on_handwritten_sass():
+    text = """
+        Function : k
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   FFMA R2, R2, R3, R4 ;
+        /*0020*/                   IADD3 R5, R5, 0x1, RZ ;
+        /*0030*/              @P0 BRA 0x10 ;
+        /*0040*/                   FFMA R2, R2, R3, R4 ;
+        /*0050*/              @!P1 BRA 0x0 ;
+        /*0060*/                   EXIT ;
+        /*0070*/                   BRA 0x70;
+    """
+    function = sass.parse(text)["k"]
+    loops = sass.find_loops(function)
+    assert [(l.start, l.end, l.depth, l.size) for l in loops] == [(0x0, 0x50, 0, 6), (0x10, 0x30, 1, 3)]
+    counts = sass.dynamic_counts(function, loops, [2, 3])
+    assert counts["FFMA"] == 2 * 3 + 2
+    assert counts[""] == 2 * (1 + 3 * 3 + 2) + 2  # outer x (MOV, inner x 3, FFMA + BRA); EXIT; padding
+
+
+def test_the_published_finding_on_todays_triton_inference_kernel():
+    """Middle-flow unit (N=256, 19x19, 728->728, bf16): the Triton inference kernel cannot beat about
+    1 ms, issue-bound (PERFORMANCE.md), against a roofline floor near 0.1 ms."""
+    records = _worker("triton")["triton"]["records"]
+    total = {r["provider"]: r for r in records if r["kernel"] == "unit_total"}
+    assert total["triton"]["estimate_us"] >= 1000
+    assert total["triton"]["issue_us"] == total["triton"]["estimate_us"]
+    assert 90 <= total["roofline"]["estimate_us"] <= 110
+    kernel = next(r for r in records if r["provider"] == "triton" and r["kernel"] != "unit_total")
+    assert kernel["tensor_op"] == "HGMMA" and kernel["bound"] == "issue"
+    assert kernel["mma_wait"] == 0 and kernel["bar_per_iter"] >= 10
+    assert all(r["label"] == "static estimate (sm_90 model)" for r in records)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),
+                    reason="no nvcc: the CUDA provider's cubins cannot be built")
+def test_the_published_finding_on_todays_cuda_inference_kernel(tmp_path):
+    records = _worker("cuda", XCEPTION_FAST_STATIC_CACHE=str(tmp_path))["cuda"]["records"]
+    kernel = next(r for r in records if r["provider"] == "cuda" and r["kernel"] != "unit_total")
+    assert kernel["tensor_op"] == "HMMA" and kernel["bound"] == "issue"
+    assert 8000 <= kernel["estimate_us"] <= 15000  # about 11 ms
+    assert list(tmp_path.glob("*.cubin"))  # cached by source hash
