@@ -112,3 +112,38 @@ def test_the_published_finding_on_todays_cuda_inference_kernel(tmp_path):
     assert kernel["tensor_op"] == "HMMA" and kernel["bound"] == "issue"
     assert 8000 <= kernel["estimate_us"] <= 15000  # about 11 ms
     assert list(tmp_path.glob("*.cubin"))  # cached by source hash
+
+
+def _record(provider, kernel, layer="middle", mode="infer", estimate=100.0, **extra):
+    base = dict(provider=provider, kernel=kernel, layer=layer, mode=mode, dtype="bf16", arch=90, batch=256,
+                label="static estimate (sm_90 model)", machine="H100 SXM", count=17, issue_us=estimate,
+                mma_us=1.0, dram_us=2.0, estimate_us=estimate, floor_us=None, regs=None, spill_bytes=None,
+                smem_bytes=None, ctas_per_sm=None, tensor_op=None)
+    return {**base, **extra}
+
+
+def test_report_labels_the_model_and_sets_it_beside_measurements():
+    from xception_fast.bench.static import report
+
+    records = [_record("roofline", "unit_total", estimate=100.0),
+               _record("triton", "_sepconv_infer_kernel", estimate=1117.0, regs=213, spill_bytes=0, smem_bytes=17408,
+                       ctas_per_sm=1, tensor_op="HGMMA", config="64x256x16 w8 s1", bound="issue", waves=32.8,
+                       dw_dup=2.0, bar_per_iter=20.0, mma_wait=0),
+               _record("triton", "unit_total", estimate=1117.0)]
+    text = report.markdown(records)
+    assert "static estimate (sm_90 model)" in text
+    assert "| middle | 17 | 100 | 1,117 |" in text
+    assert "depthwise FMAs x2.0, 20 BAR/iter, wgmma wait 0" in text
+    measured = [{"environment": {"gpu_name": "NVIDIA H100"}, "rows": [
+        {"kind": "layer", "status": "ok", "name": "middle-728x728-19", "provider": "triton", "mode": "infer",
+         "dtype": "bf16", "batch": 256, "median_ms": 2.234}]}]
+    side = report.versus_measured(records, measured)
+    assert "| middle-728x728-19 | triton | infer | bf16 | 256 | 1,117 | 2,234 | 2.00 | NVIDIA H100 |" in side
+    assert report.versus_measured(records, [{"rows": []}]) == ""
+
+
+def test_cli_has_the_static_flags():
+    from xception_fast.bench.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--static", "--arch", "80", "--dtype", "bf16", "--layers", "middle"])
+    assert args.static and args.arch == 80 and args.layers == ["middle"] and args.dtype == ["bf16"]

@@ -19,7 +19,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def static_main(args: argparse.Namespace) -> int:
-    from xception_fast.bench.common import LAYER_PROVIDERS  # noqa: F401  (the providers' names)
     from xception_fast.bench.static import report, run
 
     dtypes = tuple(args.dtype) if args.dtype else ("bf16",)
