@@ -116,17 +116,21 @@ def _compiler(source: str, kernel: str, arch: int, dtype: str, dynamic_smem: int
 def infer(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     """sepconv_infer_kernel: 64 positions x 64 output channels per 128-thread block, 32-channel chunks."""
     per_thread = BM // (THREADS // BK)  # depthwise rows per thread (depthwise_tile's kPerThread)
+    fp32 = unit.dtype == "fp32"
     loops = [
         # fill_rows: rows r = tid, tid + 128, ... < 64: warps 0-1 one iteration, warps 2-3 none.
         LoopPlan("fill_rows (row table)", 0.5, expect={"STS": 6}),
-        LoopPlan("input-channel chunks of 32", cdiv(unit.C, BK), expect={"HMMA": 16}),
+        # 16-bit types: 2 x 2 wmma 16x16x16 fragments per warp and 16-wide k step (HMMA.16816 x 16).
+        LoopPlan("input-channel chunks of 32", cdiv(unit.C, BK), expect=None if fp32 else {"HMMA": 16}),
         LoopPlan("depthwise taps i (run-time kh)", unit.K),
         LoopPlan("depthwise taps j (run-time kw)", unit.K, expect={"FFMA": per_thread}),
         # pw tile staging: 64 x 32 elements / 128 threads = 16 per thread, unrolled x4 by nvcc.
         LoopPlan("pointwise weight tile staging (x4 unrolled)", BN * BK // THREADS / 4, expect={"LDG": 4}),
-        # epilogue: 64 x 64 / 128 = 32 per thread, unrolled x2.
-        LoopPlan("epilogue (x2 unrolled)", BM * BN // THREADS / 2, expect={"STG": 2}),
     ]
+    if fp32:  # BlockMma<float>: k = 0..31, `#pragma unroll 4`, an 8 x 4 FMA micro-tile per k
+        loops.append(LoopPlan("fp32 block product over k (x4 unrolled)", BK / 4, expect={"FFMA": 128}))
+    # epilogue: 64 x 64 / 128 = 32 per thread, unrolled x2.
+    loops.append(LoopPlan("epilogue (x2 unrolled)", BM * BN // THREADS / 2, expect={"STG": 2}))
     grid = cdiv(unit.P, BM) * cdiv(unit.Cout, BN)
     nbytes = unit.x_bytes() + unit.weight_bytes() + unit.y_bytes() * (2 if unit.shape.residual else 1)
     return [[Launch(kernel="sepconv_infer_kernel", config=f"{BM}x{BN}x{BK} t{THREADS}",

@@ -235,12 +235,13 @@ def estimate(launch: Launch, machine: Machine) -> Estimate:
                  if ins.opcode.startswith("WARPGROUP.DEPBAR") for m in [_WAIT.search(ins.operands)] if m]
         wait = min(waits) if waits else None
     if not flops and ffma:  # no tensor instruction: the products run as FFMA (fp32 `tl.dot(ieee)`)
-        mma_us = per_sm * 2 * ffma / launch.grid / (machine.mma_rate("FFMA", "*") / machine.sms) * 1e6
+        mma_us = per_sm * 2 * ffma / (machine.mma_rate("FFMA", "*") / machine.sms) * 1e6
     return Estimate(
         kernel=launch.kernel, config=launch.config, grid=launch.grid, issue_us=issue_us, mma_us=mma_us,
         dram_us=dram_us, tensor_op=tensor_op if flops else ("FFMA" if ffma else "none"), regs=compiled.regs,
         spill_bytes=compiled.spill_bytes, smem_bytes=compiled.smem_bytes, ctas_per_sm=ctas,
         waves=launch.grid / max(machine.sms * max(ctas, 1), 1), warp_instr_per_cta=per_cta,
         dram_bytes=launch.dram_bytes, mma_flops=flops * launch.grid,
-        dw_dup=(ffma / launch.useful_ffma) if launch.useful_ffma else None, bar_per_iter=bar, mma_wait=wait,
+        # Without tensor instructions the products are FFMAs too: the ratio would not be the depthwise's.
+        dw_dup=(ffma / launch.useful_ffma) if launch.useful_ffma and flops else None, bar_per_iter=bar, mma_wait=wait,
         loop_trips=trips)
