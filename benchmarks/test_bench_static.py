@@ -22,12 +22,7 @@ SCRIPT = """
 import json, sys
 from xception_fast.bench.static import report, run
 layers = None if sys.argv[1] == "all" else sys.argv[1].split(",")
-providers = tuple(sys.argv[3].split(","))
-records = []
-for provider in providers:
-    modes = ("infer", "train") if provider == "triton" else ("infer",)
-    records += [r for r in run.static_records(90, sys.argv[2].split(","), layers, modes, (provider,))
-                if r["provider"] == provider or provider == providers[0]]
+records = run.static_records(90, sys.argv[2].split(","), layers, ("infer", "train"), tuple(sys.argv[3].split(",")))
 print(report.markdown(records))
 print(json.dumps(records))
 """

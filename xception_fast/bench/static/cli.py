@@ -31,21 +31,23 @@ def static_main(args: argparse.Namespace) -> int:
     say(f"static estimates (sm_{args.arch} model) for {', '.join(providers)}; {'/'.join(dtypes)}; "
         f"{'/'.join(modes)}; batch {batch} at {size}x{size}; layers: {' '.join(layers) if layers else 'all'}")
     start = time.time()
-    records = []
-    failed = 0
-    for provider in providers:
-        try:
-            records += [r for r in run.static_records(args.arch, dtypes, layers, modes, (provider,), batch, size, say)
-                        if r["provider"] == provider or provider == providers[0]]
-        except Exception as exc:  # noqa: BLE001  (report the provider that failed and go on)
-            failed += 1
-            print(f"error: {provider}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    errors: list[str] = []
+    try:
+        records = run.static_records(args.arch, dtypes, layers, modes, providers, batch, size, say, errors)
+    except ValueError as exc:  # no such layer
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
+    failed = len(errors)
     text = report.markdown(records)
     if records:
         text += "\n" + report.versus_measured(records, _measured(args))
     print(text)
     complete = not layers and set(modes) == set(run.MODES) and batch == run.DEFAULT_BATCH and size == run.DEFAULT_IMAGE
-    if records and not args.no_save and (args.out or complete):
+    if failed and not args.no_save and (args.out or complete):
+        say("nothing saved: some kernels could not be modelled (errors above)")
+    elif records and not args.no_save and (args.out or complete):
         home = Path(args.out) if args.out else report.DEFAULT_DIR
         for dtype in dtypes:
             path = home if home.suffix == ".json" else home / f"sm{args.arch}-{dtype}.json"

@@ -127,11 +127,14 @@ def unfused_kernels(unit: Unit, mode: str, m: Machine) -> list[tuple[str, float,
 
 def static_records(arch: int = 90, dtypes: Sequence[str] = ("bf16",), layers: Optional[Iterable[str]] = None,
                    modes: Sequence[str] = MODES, providers: Sequence[str] = PROVIDERS, batch: int = DEFAULT_BATCH,
-                   image_size: int = DEFAULT_IMAGE, progress: Optional[Callable[[str], None]] = None) -> list[dict]:
+                   image_size: int = DEFAULT_IMAGE, progress: Optional[Callable[[str], None]] = None,
+                   errors: Optional[list] = None) -> list[dict]:
     """Records for every (provider, kernel, layer, mode, dtype) asked for; see the module docstring.
 
     `layers`: substrings of a layer's name or slug (e.g. "middle", "block1", "exit-1024"); all when None.
-    A provider whose plans cannot be made here (e.g. no nvcc for the CUDA provider) raises."""
+    A provider whose plans fail (no nvcc for the CUDA provider, a plan that no longer matches its
+    kernel) raises, unless `errors` is a list: then each failure is appended to it as a message, and
+    that (provider, layer, mode) has no records (nor a model total)."""
     m = machine_for(arch)
     all_shapes = unit_shapes(image_size)
     shapes = select_layers(all_shapes, layers)
@@ -168,10 +171,17 @@ def static_records(arch: int = 90, dtypes: Sequence[str] = ("bf16",), layers: Op
                         continue
                     start = time.time()
                     rows = []
-                    for candidates in plans[provider].MODES[mode](unit, arch, m.sms):
-                        est, n = best_launch(candidates, m)
-                        rows.append(kernel_record(est, _base(provider, est.kernel, layer, mode, dtype, m, shape,
-                                                             batch), n))
+                    try:
+                        for candidates in plans[provider].MODES[mode](unit, arch, m.sms):
+                            est, n = best_launch(candidates, m)
+                            rows.append(kernel_record(est, _base(provider, est.kernel, layer, mode, dtype, m, shape,
+                                                                 batch), n))
+                    except Exception as exc:  # noqa: BLE001  (recorded for the caller, see the docstring)
+                        if errors is None:
+                            raise
+                        errors.append(f"{provider} {mode} {dtype} {layer}: {type(exc).__name__}: {exc}")
+                        say(errors[-1])
+                        continue
                     total = _total(rows, _base(provider, "unit_total", layer, mode, dtype, m, shape, batch), floor)
                     records += rows + [total]
                     unit_totals.setdefault(provider, []).append(total)
@@ -179,6 +189,8 @@ def static_records(arch: int = 90, dtypes: Sequence[str] = ("bf16",), layers: Op
                         f"({len(rows)} kernels, {time.time() - start:.0f} s)")
             if len(shapes) == len(all_shapes):
                 for provider, totals in unit_totals.items():
+                    if len(totals) != len(shapes):
+                        continue  # a layer failed: no model total
                     out = {**_base(provider, "model_total", "all", mode, dtype, m, shapes[0], batch),
                            "unit": "all", "count": sum(t["count"] for t in totals),
                            "regs": None, "spill_bytes": None, "smem_bytes": None, "ctas_per_sm": None,

@@ -97,9 +97,11 @@ def _sum_rows(unit: Unit, arch: int, rows: int, cols: int, out_bytes: int) -> li
 
     fixed = dict(BLOCK_S=SUM_BLOCK_S, BLOCK_M=SUM_BLOCK_M)
 
+    # One partial row is a JIT constant (an int argument equal to 1): the loop over rows compiles away.
+    loops = [LoopPlan("partial rows", cdiv(rows, SUM_BLOCK_S))] if rows != 1 else []
+
     def plan(m):
-        return (cdiv(cols, SUM_BLOCK_M), [LoopPlan("partial rows", cdiv(rows, SUM_BLOCK_S))],
-                4 * rows * cols + out_bytes * cols, 0.0)
+        return cdiv(cols, SUM_BLOCK_M), loops, 4 * rows * cols + out_bytes * cols, 0.0
 
     return _launches(bn._sum_rows_kernel, unit, arch, fixed, dict(S=rows, M=cols), plan)
 
@@ -131,7 +133,8 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
                              _sizes(unit, chunk=chunk, S=splits), fwd))
     fixed = dict(BLOCK_S=SUM_BLOCK_S, BLOCK_C=SUM_BLOCK_M)
     kernels.append(_launches(bn._merge_stats_kernel, unit, arch, fixed, dict(S=splits, C=Cout, P=P, chunk=chunk),
-                             lambda m: (cdiv(Cout, SUM_BLOCK_M), [LoopPlan("splits", cdiv(splits, SUM_BLOCK_S))],
+                             lambda m: (cdiv(Cout, SUM_BLOCK_M),
+                                        [LoopPlan("splits", cdiv(splits, SUM_BLOCK_S))] if splits != 1 else [],
                                         12 * splits * Cout + 8 * Cout, 0.0)))
     kernels.append(_launches(
         bn._bn_apply_kernel, unit, arch, dict(POST_RELU=unit.shape.post_relu, HAS_RESIDUAL=unit.shape.residual,
