@@ -147,3 +147,19 @@ def test_cli_has_the_static_flags():
 
     args = build_parser().parse_args(["bench", "--static", "--arch", "80", "--dtype", "bf16", "--layers", "middle"])
     assert args.static and args.arch == 80 and args.layers == ["middle"] and args.dtype == ["bf16"]
+
+
+def test_report_command_sets_the_static_table_beside_gpu_results(tmp_path, capsys):
+    from xception_fast.bench.cli import main
+    from xception_fast.bench.static import report
+
+    static = [_record("triton", "unit_total", layer="middle", estimate=1117.0)]
+    report.write_json(static, tmp_path / "static" / "sm90-bf16.json")
+    measured = {"schema": "xception_fast.bench/1", "environment": {"gpu_name": "NVIDIA H100"}, "rows": [
+        {"kind": "layer", "status": "ok", "name": "middle-728x728-19", "provider": "triton", "mode": "infer",
+         "dtype": "bf16", "batch": 256, "median_ms": 2.234, "label": "middle", "count": 17}]}
+    (tmp_path / "run.json").write_text(json.dumps(measured))
+    assert main(["report", str(tmp_path), "--markdown", "-", "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "Model vs measurement" in out and "| 1,117 | 2,234 | 2.00 |" in out
+    assert out.index("Model vs measurement") > out.index("NVIDIA H100")
