@@ -29,7 +29,11 @@ print(json.dumps(records))
 
 
 def _providers() -> str:
-    return "triton,cuda" if shutil.which("nvcc") or os.environ.get("CUDA_HOME") else "triton"
+    """The CUDA provider too where its cubins can be built (nvcc and the csrc/ sources)."""
+    from xception_fast.bench.static.cuda_plans import csrc_dir
+
+    nvcc = shutil.which("nvcc") or os.environ.get("CUDA_HOME")
+    return "triton,cuda" if nvcc and csrc_dir() is not None else "triton"
 
 
 def test_static_estimates(benchmark, tmp_path):

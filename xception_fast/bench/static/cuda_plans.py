@@ -10,14 +10,13 @@ backward kernels have no plan yet (`MODES` lacks "train"): the CUDA provider's t
 missing, not zero.
 
 Cubins: `nvcc -cubin -gencode arch=compute_90a,code=sm_90a` (sm_80 for arch 80) of each csrc/*.cu,
-with the include directories setup.py uses, cached under `cache_dir()` by a hash of the sources,
-flags and nvcc version.
+with csrc/ as include directory, cached under `cache_dir()` by a hash of the sources, flags and nvcc
+version.
 """
 
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
 import os
 import shutil
@@ -29,7 +28,7 @@ from xception_fast.bench.static.model import Compiled, Launch, LoopPlan
 from xception_fast.bench.static.sass import SassError, disassemble, resources
 
 PROVIDER = "cuda"
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[3]  # the source checkout, in an editable install
 # csrc/sepconv_device.cuh
 THREADS, BM, BN, BK = 128, 64, 64, 32
 TYPE_TAG = {"bf16": "I13__nv_bfloat16E", "fp16": "I6__halfE", "fp32": "IfE"}
@@ -55,35 +54,34 @@ def _nvcc() -> str:
     return found
 
 
-def _include_dirs(nvcc: str) -> list[str]:
-    """csrc/, the toolkit's include (of the real nvcc, behind any wrapper script) and the nvidia-*
-    wheels' include dirs, as setup.py has them (torch's headers are not needed by the kernel files)."""
-    try:
-        out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
-        tops = [line.split("=", 1)[1].strip() for line in out.stderr.splitlines() if "#$ TOP=" in line]
-    except (OSError, subprocess.SubprocessError):
-        tops = []
-    dirs = [str(ROOT / "csrc")] + [os.path.join(t, "include") for t in tops]
-    try:
-        import nvidia
-        for base in nvidia.__path__:
-            dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
-    except ImportError:
-        pass
-    return dirs
+def csrc_dir() -> Path | None:
+    """The CUDA sources: $XCEPTION_FAST_CSRC, the checkout of an editable install, or ./csrc (a
+    regular install has no csrc/; run from the source checkout)."""
+    for candidate in (os.environ.get("XCEPTION_FAST_CSRC"), ROOT / "csrc", Path.cwd() / "csrc"):
+        if candidate and (Path(candidate) / "sepconv_device.cuh").is_file():
+            return Path(candidate)
+    return None
+
+
+def _include_dirs() -> list[str]:
+    """csrc/ only: the kernel files include nothing of torch, and nvcc adds its own toolkit headers
+    (setup.py's extra nvidia-* wheel directories are for torch's headers, and could shadow them)."""
+    return [str(csrc_dir())]
 
 
 @functools.lru_cache(maxsize=8)
 def cubin(source: str, arch: int) -> bytes:
     """The cubin of csrc/`source` for sm_`arch` (90 -> sm_90a), built once per source hash."""
-    path = ROOT / "csrc" / source
-    if not path.is_file():
-        raise CudaUnavailable(f"no {path}: the CUDA sources are not in this install (a source checkout has them)")
+    csrc = csrc_dir()
+    if csrc is None or not (csrc / source).is_file():
+        raise CudaUnavailable(f"no csrc/{source}: the CUDA sources are not in this install; run from the source "
+                              "checkout or set XCEPTION_FAST_CSRC")
+    path = csrc / source
     nvcc = _nvcc()
     target = f"{arch}a" if arch >= 90 else str(arch)
     flags = ["-cubin", "-O3", "-std=c++17", f"-gencode=arch=compute_{target},code=sm_{target}"]
     digest = hashlib.sha256()
-    for f in sorted((ROOT / "csrc").glob("*")):
+    for f in sorted(csrc.glob("*")):
         if f.suffix in (".cu", ".cuh", ".h"):
             digest.update(f.name.encode() + f.read_bytes())
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
@@ -92,7 +90,7 @@ def cubin(source: str, arch: int) -> bytes:
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [nvcc, *flags, *[f"-I{d}" for d in _include_dirs(nvcc)], "-o", str(tmp), str(path)]
+        cmd = [nvcc, *flags, *[f"-I{d}" for d in _include_dirs()], "-o", str(tmp), str(path)]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0:
             raise SassError(f"nvcc failed on {source}:\n{run.stderr[-2000:]}")
