@@ -16,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--arch", type=int, choices=(90, 80), default=90, help="--static: target architecture (90)")
     g.add_argument("--layers", nargs="+", default=None, metavar="NAME",
                    help="--static: layers by name or slug substring (middle, block1.rep.0, exit-1024); default all")
+    g.add_argument("--all-configs", action="store_true",
+                   help="--static: a record for every autotune config, not only the one the model picks")
 
 
 def static_main(args: argparse.Namespace) -> int:
@@ -33,7 +35,8 @@ def static_main(args: argparse.Namespace) -> int:
     start = time.time()
     errors: list[str] = []
     try:
-        records = run.static_records(args.arch, dtypes, layers, modes, providers, batch, size, say, errors)
+        records = run.static_records(args.arch, dtypes, layers, modes, providers, batch, size, say, errors,
+                                     all_configs=args.all_configs)
     except ValueError as exc:  # no such layer
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -95,7 +95,7 @@ def markdown(records: list[dict]) -> str:
             lines.append(f"| {name} | {count} | " + " | ".join(cells) + " |")
         lines.append("")
         kernels = [r for r in rows if r["provider"] in ("triton", "cuda") and r["kernel"] not in
-                   ("unit_total", "model_total")]
+                   ("unit_total", "model_total") and r.get("chosen", True)]
         if kernels:
             lines += [f"### Kernels, {what}, {dtype} ({label(arch)})", "",
                       "| provider | layer | kernel | config | issue | MMA | DRAM | estimate | bound | op | regs | "

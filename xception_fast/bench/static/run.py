@@ -69,12 +69,12 @@ def kernel_record(est: model.Estimate, base: dict, candidates: int) -> dict:
             "mma_wait": est.mma_wait, "loop_trips": est.loop_trips}
 
 
-def best_launch(candidates: Sequence[model.Launch], m: Machine) -> tuple[model.Estimate, int]:
-    """The candidate (autotune config) with the smallest estimate; configs that do not fit the SM
-    (shared memory) are left out, as the autotuner would drop them."""
+def best_launch(candidates: Sequence[model.Launch], m: Machine) -> tuple[model.Estimate, list[model.Estimate]]:
+    """(the candidate (autotune config) with the smallest estimate, every candidate's estimate);
+    configs that do not fit the SM (shared memory) are left out, as the autotuner would drop them."""
     estimates = [model.estimate(c, m) for c in candidates]
     fitting = [e for e in estimates if e.ctas_per_sm > 0] or estimates
-    return min(fitting, key=lambda e: e.estimate_us), len(estimates)
+    return min(fitting, key=lambda e: e.estimate_us), estimates
 
 
 def _total(records: list[dict], base: dict, floor_us: Optional[float]) -> dict:
@@ -128,9 +128,11 @@ def unfused_kernels(unit: Unit, mode: str, m: Machine) -> list[tuple[str, float,
 def static_records(arch: int = 90, dtypes: Sequence[str] = ("bf16",), layers: Optional[Iterable[str]] = None,
                    modes: Sequence[str] = MODES, providers: Sequence[str] = PROVIDERS, batch: int = DEFAULT_BATCH,
                    image_size: int = DEFAULT_IMAGE, progress: Optional[Callable[[str], None]] = None,
-                   errors: Optional[list] = None) -> list[dict]:
+                   errors: Optional[list] = None, all_configs: bool = False) -> list[dict]:
     """Records for every (provider, kernel, layer, mode, dtype) asked for; see the module docstring.
 
+    `all_configs`: also a record for every other autotune config of each kernel (`"chosen": false`;
+    the chosen one has `"chosen": true`; totals use the chosen ones).
     `layers`: substrings of a layer's name or slug (e.g. "middle", "block1", "exit-1024"); all when None.
     A provider whose plans fail (no nvcc for the CUDA provider, a plan that no longer matches its
     kernel) raises, unless `errors` is a list: then each failure is appended to it as a message, and
@@ -170,12 +172,15 @@ def static_records(arch: int = 90, dtypes: Sequence[str] = ("bf16",), layers: Op
                         say(f"{provider} {mode}: no launch plan yet (not modelled)")
                         continue
                     start = time.time()
-                    rows = []
+                    rows, others = [], []
                     try:
                         for candidates in plans[provider].MODES[mode](unit, arch, m.sms):
-                            est, n = best_launch(candidates, m)
-                            rows.append(kernel_record(est, _base(provider, est.kernel, layer, mode, dtype, m, shape,
-                                                                 batch), n))
+                            est, every = best_launch(candidates, m)
+                            base = _base(provider, est.kernel, layer, mode, dtype, m, shape, batch)
+                            rows.append({**kernel_record(est, base, len(every)), "chosen": True})
+                            if all_configs:  # the other configs, beside the totals (which use the chosen one)
+                                others += [{**kernel_record(e, base, len(every)), "chosen": False}
+                                           for e in every if e is not est]
                     except Exception as exc:  # noqa: BLE001  (recorded for the caller, see the docstring)
                         if errors is None:
                             raise
@@ -183,7 +188,7 @@ def static_records(arch: int = 90, dtypes: Sequence[str] = ("bf16",), layers: Op
                         say(errors[-1])
                         continue
                     total = _total(rows, _base(provider, "unit_total", layer, mode, dtype, m, shape, batch), floor)
-                    records += rows + [total]
+                    records += rows + others + [total]
                     unit_totals.setdefault(provider, []).append(total)
                     say(f"{provider} {mode} {dtype} {layer}: {total['estimate_us']:.0f} us "
                         f"({len(rows)} kernels, {time.time() - start:.0f} s)")
