@@ -174,7 +174,11 @@ def static_records(arch: int = 90, dtypes: Sequence[str] = ("bf16",), layers: Op
                     start = time.time()
                     rows, others = [], []
                     try:
-                        for candidates in plans[provider].MODES[mode](unit, arch, m.sms):
+                        launches = plans[provider].MODES[mode](unit, arch, m.sms)
+                        if launches is None:  # the plan module has no plan for this dtype
+                            say(f"{provider} {mode} {dtype}: no launch plan for this dtype (not modelled)")
+                            continue
+                        for candidates in launches:
                             est, every = best_launch(candidates, m)
                             base = _base(provider, est.kernel, layer, mode, dtype, m, shape, batch)
                             rows.append({**kernel_record(est, base, len(every)), "chosen": True})
