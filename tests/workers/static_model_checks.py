@@ -170,8 +170,8 @@ def nested(rows: int = ROWS, steps: int = STEPS) -> dict:
     return out
 
 
-def finding(provider: str) -> dict:
-    records = run.static_records(90, ["bf16"], ["middle"], ("infer",), (provider,))
+def finding(provider: str, modes=("infer",)) -> dict:
+    records = run.static_records(90, ["bf16"], ["middle"], modes, (provider,))
     return dict(records=records)
 
 
@@ -185,7 +185,7 @@ def main(which: list[str]) -> dict:
     if "triton" in which:
         out["triton"] = finding("triton")
     if "cuda" in which:
-        out["cuda"] = finding("cuda")
+        out["cuda"] = finding("cuda", ("infer", "train"))
     return out
 
 
