@@ -1,9 +1,9 @@
-"""The static cost model in the benchmark suite: ``pytest benchmarks --benchmark-only``.
+"""The static cost model in the benchmark suite: ``pytest --benchmark`` (``--static``: these rows only).
 
 No GPU needed. CI's quick mode: the middle-flow unit (728 -> 728 at 19x19, batch 256), bf16,
-inference and training, the Triton provider, and the CUDA provider's inference kernel when nvcc is
-present; XCEPTION_FAST_STATIC_LAYERS (comma-separated, "all" for every layer) and
-XCEPTION_FAST_STATIC_DTYPES widen it. Every figure is a static estimate (sm_90 model), not a
+inference and training, the Triton provider, and the CUDA provider when nvcc and csrc/ are present.
+Wider: ``--bench-shapes`` / ``--bench-dtype`` (XCEPTION_FAST_BENCH_SHAPES / _DTYPES), or
+XCEPTION_FAST_STATIC_LAYERS ("all" for every layer) / XCEPTION_FAST_STATIC_DTYPES, comma-separated. Every figure is a static estimate (sm_90 model), not a
 measurement; the unit totals go into ``benchmark.extra_info`` and the Markdown table is printed.
 The compilation runs in a worker process: the test session may have Triton's interpreter on.
 """
@@ -14,10 +14,11 @@ import shutil
 import subprocess
 import sys
 
-import pytest
+from xception_fast.bench.common import dtype_name
 
-LAYERS = os.environ.get("XCEPTION_FAST_STATIC_LAYERS", "middle")
-DTYPES = os.environ.get("XCEPTION_FAST_STATIC_DTYPES", "bf16")
+LAYERS = os.environ.get("XCEPTION_FAST_STATIC_LAYERS") or os.environ.get("XCEPTION_FAST_BENCH_SHAPES") or "middle"
+DTYPES = ",".join(dtype_name(d) for d in (os.environ.get("XCEPTION_FAST_STATIC_DTYPES")
+                                           or os.environ.get("XCEPTION_FAST_BENCH_DTYPES") or "bf16").split(","))
 SCRIPT = """
 import json, sys
 from xception_fast.bench.static import report, run
