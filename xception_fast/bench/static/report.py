@@ -29,7 +29,8 @@ def write_json(records: list[dict], path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(records, indent=1) + "\n")
+    # A JSON list, one record per line: small, and diffs of a re-run read record by record.
+    tmp.write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")
     tmp.replace(path)
     return path
 
