@@ -9,8 +9,10 @@ process (the interpreter, once on in a process, cannot be switched off there).
     python tests/triton_helpers.py [ARCH=90] [DTYPE=bf16] [all]
 
 compiles the first autotune config of each kernel (or all configs) and prints, per kernel, its
-registers and stack (spills) per thread, the shared memory it needs and the compile time. Exit status 1 if any kernel needs more shared memory
-than the architecture has.
+registers and stack (spills) per thread, the shared memory it needs and the compile time. Exit status
+1 if any kernel needs more shared memory than the architecture has. The compile is the static cost
+model's (`xception_fast.bench.static.triton_compile`); `python -m xception_fast bench --static` goes
+on from there to time estimates.
 """
 
 from __future__ import annotations

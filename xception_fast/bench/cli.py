@@ -169,7 +169,6 @@ def bench_main(args: argparse.Namespace) -> int:
 
 def report_main(args: argparse.Namespace) -> int:
     from xception_fast.bench import report, results
-
     from xception_fast.bench.static import report as static_report
 
     files = results.result_files(args.paths)
