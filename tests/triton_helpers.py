@@ -9,8 +9,10 @@ process (the interpreter, once on in a process, cannot be switched off there).
     python tests/triton_helpers.py [ARCH=90] [DTYPE=bf16] [all]
 
 compiles the first autotune config of each kernel (or all configs) and prints, per kernel, its
-registers and stack (spills) per thread, the shared memory it needs and the compile time. Exit status 1 if any kernel needs more shared memory
-than the architecture has.
+registers and stack (spills) per thread, the shared memory it needs and the compile time. Exit status
+1 if any kernel needs more shared memory than the architecture has. The compile is the static cost
+model's (`xception_fast.bench.static.triton_compile`); `python -m xception_fast bench --static` goes
+on from there to time estimates.
 """
 
 from __future__ import annotations
@@ -21,14 +23,6 @@ import time
 
 # Shared memory per block (opt-in maximum): sm_80 163 KB, sm_90 227 KB.
 MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-
-# Pointer arguments holding fp32 vectors or partial sums; every other pointer has the activation dtype.
-FP32_POINTERS = {"scale_ptr", "shift_ptr", "stats_ptr", "sums_ptr", "mean_ptr", "var_ptr", "invstd_ptr", "w_ptr",
-                 "b_ptr", "mdy_ptr", "mdyx_ptr", "part_ptr"}
-# Constexpr flags: the most demanding variant (every optional input present, 3x3, channels 8-aligned:
-# the 728-channel case).
-FLAGS = dict(KH=3, KW=3, KK_PAD=16, PRE_RELU=True, POST_RELU=True, HAS_RESIDUAL=True, GZ_FROM_BN=True,
-             C_ALIGN=8, COUT_ALIGN=8)
 
 
 def kernels():
@@ -51,48 +45,18 @@ def kernels():
 
 
 def compile_kernel(kernel, extra: dict, config, arch: int, dtype: str):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """The kernel compiled for sm_`arch` (the static model's compile, `DEFAULT_FLAGS` for the flags)."""
+    from xception_fast.bench.static.triton_compile import compile_kernel as compile_for
 
-    jit = kernel.fn if hasattr(kernel, "configs") else kernel
-    constants = {**extra, **(config.kwargs if config is not None else {})}
-    signature, attrs = {}, {}
-    for index, param in enumerate(jit.params):
-        name = param.name
-        if param.is_constexpr:
-            signature[name] = "constexpr"
-            constants.setdefault(name, FLAGS.get(name))
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + ("fp32" if name in FP32_POINTERS else dtype)
-            attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
-        else:
-            signature[name] = "i32"
-    constants = {k: v for k, v in constants.items() if k in jit.arg_names}
-    missing = [k for k, v in constants.items() if v is None]
-    assert not missing, f"{jit.__name__}: no value for constexpr {missing}"
-    options = dict(num_warps=config.num_warps, num_stages=config.num_stages) if config is not None else {}
-    source = ASTSource(jit, signature, constexprs=constants, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return compile_for(kernel, config, arch, dtype, extra)
 
 
 def resource_usage(compiled) -> str:
-    """Registers and stack (spills) per thread, from the cubin, with the cuobjdump Triton ships."""
-    import re
-    import subprocess
-    import tempfile
+    """Registers and stack (spills) per thread, from the cubin (the static model's `sass.resources`)."""
+    from xception_fast.bench.static import sass
 
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        return ""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
-    return f"regs={found.group(1)} stack={found.group(2)} " if found else ""
+    found = sass.resources(compiled.asm["cubin"]).get(compiled.metadata.name)
+    return f"regs={found['regs']} stack={found['stack']} " if found else ""
 
 
 def main(argv: list[str]) -> int:

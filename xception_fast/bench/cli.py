@@ -1,6 +1,7 @@
 """Command line of the benchmark suite: ``bench`` (measure, save, print the table) and ``report``.
 
     python -m xception_fast bench [--mode infer train] [--dtype bf16] [--batch 1 32 256] [--models ...]
+    python -m xception_fast bench --static [--arch 90] [--dtype bf16] [--layers middle ...]  (no GPU needed)
     python -m xception_fast report [benchmarks/results ...] [--markdown FILE] [--plot FILE]
 
 `main(argv)` takes the arguments after ``python -m xception_fast`` (the first being ``bench`` or
@@ -62,6 +63,9 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-save", action="store_true", help="do not write a results file")
     p.add_argument("--markdown", default=None, metavar="FILE", help="also write the final table to FILE")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    from xception_fast.bench.static.cli import add_arguments as add_static_arguments
+
+    add_static_arguments(p)
 
 
 def _add_report_arguments(p: argparse.ArgumentParser) -> None:
@@ -120,6 +124,10 @@ def bench_main(args: argparse.Namespace) -> int:
     from xception_fast.bench import report, results
     from xception_fast.bench.runner import Runner, stderr_progress
 
+    if args.static:
+        from xception_fast.bench.static.cli import static_main
+
+        return static_main(args)
     settings = settings_from_args(args)
     device = torch.device(settings.device)
     say = (lambda message: None) if args.quiet else stderr_progress
@@ -161,14 +169,19 @@ def bench_main(args: argparse.Namespace) -> int:
 
 def report_main(args: argparse.Namespace) -> int:
     from xception_fast.bench import report, results
+    from xception_fast.bench.static import report as static_report
 
     files = results.result_files(args.paths)
+    static = static_report.load([Path(p) / "static" for p in args.paths if Path(p).is_dir()])
     loaded = []
     for f in files:
         try:
             loaded.append(results.load_results(f))
         except (ValueError, OSError) as exc:
             print(f"warning: skipping {f}: {exc}", file=sys.stderr)
+    if not loaded and static:
+        print(static_report.markdown(static))
+        return 0
     if not loaded:
         print(f"no results files in {' '.join(map(str, args.paths))}: run `python -m xception_fast bench` on a GPU "
               "machine first", file=sys.stderr)
@@ -176,6 +189,8 @@ def report_main(args: argparse.Namespace) -> int:
     if args.latest:
         loaded = loaded[-1:]
     text = report.markdown(loaded)
+    if static:  # the model beside the measurements, never mixed into their tables
+        text += "\n" + static_report.versus_measured(static, loaded) + "\n" + static_report.markdown(static)
     if not args.quiet:
         print(text)
     first = Path(args.paths[0]) if args.paths else DEFAULT_RESULTS_DIR

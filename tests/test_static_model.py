@@ -1,0 +1,178 @@
+"""The static cost model (xception_fast.bench.static) on kernels whose answer is known, on the CPU.
+
+The kernels are compiled for sm_90 with no GPU (Triton's bundled ptxas) and disassembled with
+Triton's cuobjdump, in a worker process (workers/static_model_checks.py: this session runs Triton's
+interpreter, which builds no GPU code). Figures are static estimates (sm_90 model), never measurements.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from xception_fast.bench.static import sass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "workers", "static_model_checks.py")
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(sass.__file__)).rsplit(os.sep, 2)[0])
+
+
+def _worker(*which: str, **env) -> dict:
+    environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environ["PYTHONPATH"] = os.pathsep.join([PACKAGE_PARENT] + ([environ["PYTHONPATH"]] if environ.get("PYTHONPATH")
+                                                                else []))
+    done = subprocess.run([sys.executable, WORKER, *which], env={**environ, **env}, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def known():
+    return _worker("known")
+
+
+@pytest.mark.parametrize("stages", ["s1", "s3"])
+def test_tutorial_matmul_is_mma_bound_near_peak(known, stages):
+    """4096^3 bf16, 128x256x64 tiles: at the wgmma peak (139 us) within 1.3x, with and without
+    software pipelining (num_stages=3 moves loads out of the loop)."""
+    r = known[f"matmul_{stages}"]
+    assert r["tensor_op"] == "HGMMA"
+    assert r["mma_flops"] == 2 * 4096 ** 3  # every K step's wgmma counted exactly once
+    assert r["bound"] == "mma", r
+    assert r["peak_us"] <= r["estimate_us"] <= 1.3 * r["peak_us"], r
+
+
+def test_vector_add_is_memory_bound(known):
+    r = known["vector_add"]
+    assert r["bound"] == "dram" and r["tensor_op"] == "none"
+    assert r["estimate_us"] == pytest.approx(3 * 2 ** 28 * 4 / 3.35e12 * 1e6)  # 961 us
+    assert r["issue_us"] < 0.5 * r["dram_us"]
+
+
+def test_known_trip_counts_give_the_exact_dynamic_count(known):
+    r = known["nested"]
+    assert r["depths"] == [0, 1]
+    assert r["mma_flops"] == r["expected_flops"]  # 7 x 5 tile products of 64^3, each counted once
+    assert r["total"] == r["independent"]  # against a count from cuobjdump's text alone
+    assert r["per_cta"] == r["total"] * r["warps"]
+
+
+def test_a_plan_that_does_not_match_the_sass_fails_naming_the_kernel(known):
+    count, unroll, unrolled_by_compiler = known["nested"]["mismatch_errors"]
+    assert count is not None and "nested_loops_kernel" in count and "declares 1 loop" in count
+    assert unroll is not None and "nested_loops_kernel: loop 1" in unroll and "4 HGMMA" in unroll
+    # The compiler's own unrolling (main loop + remainder loops) is caught too.
+    assert unrolled_by_compiler is not None and "unrolled_loop_kernel" in unrolled_by_compiler
+    assert "declares 2 loop(s)" in unrolled_by_compiler
+
+
+def test_loop_finding_on_handwritten_sass():
+    text = """
+        Function : k
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   FFMA R2, R2, R3, R4 ;
+        /*0020*/                   IADD3 R5, R5, 0x1, RZ ;
+        /*0030*/              @P0 BRA 0x10 ;
+        /*0040*/                   FFMA R2, R2, R3, R4 ;
+        /*0050*/              @!P1 BRA 0x0 ;
+        /*0060*/                   EXIT ;
+        /*0070*/                   BRA 0x70;
+    """
+    function = sass.parse(text)["k"]
+    loops = sass.find_loops(function)
+    assert [(l.start, l.end, l.depth, l.size) for l in loops] == [(0x0, 0x50, 0, 6), (0x10, 0x30, 1, 3)]
+    counts = sass.dynamic_counts(function, loops, [2, 3])
+    assert counts["FFMA"] == 2 * 3 + 2
+    assert counts[""] == 2 * (1 + 3 * 3 + 2) + 2  # outer x (MOV, inner x 3, FFMA + BRA); EXIT; padding
+
+
+def test_the_published_finding_on_todays_triton_inference_kernel():
+    """Middle-flow unit (N=256, 19x19, 728->728, bf16): the Triton inference kernel cannot beat about
+    1 ms, issue-bound (PERFORMANCE.md), against a roofline floor near 0.1 ms."""
+    records = _worker("triton")["triton"]["records"]
+    total = {r["provider"]: r for r in records if r["kernel"] == "unit_total"}
+    assert total["triton"]["estimate_us"] >= 1000
+    assert total["triton"]["issue_us"] == total["triton"]["estimate_us"]
+    assert 90 <= total["roofline"]["estimate_us"] <= 110
+    kernel = next(r for r in records if r["provider"] == "triton" and r["kernel"] != "unit_total")
+    assert kernel["tensor_op"] == "HGMMA" and kernel["bound"] == "issue"
+    assert kernel["mma_wait"] == 0 and kernel["bar_per_iter"] >= 10
+    assert all(r["label"] == "static estimate (sm_90 model)" for r in records)
+
+
+def _no_cuda_build() -> str:
+    from xception_fast.bench.static import cuda_plans
+
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        return "no nvcc: the CUDA provider's cubins cannot be built"
+    if cuda_plans.csrc_dir() is None:
+        return "no csrc/ here (a regular install without the source checkout)"
+    return ""
+
+
+@pytest.mark.skipif(bool(_no_cuda_build()), reason=_no_cuda_build() or "-")
+def test_the_published_finding_on_todays_cuda_inference_kernel(tmp_path):
+    """The CUDA provider: about 11 ms inference, 35-40 ms training for the middle-flow unit (PERFORMANCE.md)."""
+    records = _worker("cuda", XCEPTION_FAST_STATIC_CACHE=str(tmp_path))["cuda"]["records"]
+    kernel = next(r for r in records if r["provider"] == "cuda" and r["mode"] == "infer" and r["kernel"] != "unit_total")
+    assert kernel["tensor_op"] == "HMMA" and kernel["bound"] == "issue"
+    assert 8000 <= kernel["estimate_us"] <= 15000  # about 11 ms
+    train = next(r for r in records if r["provider"] == "cuda" and r["mode"] == "train" and r["kernel"] == "unit_total")
+    assert 30000 <= train["estimate_us"] <= 45000
+    assert train["kernels"] == 12
+    assert list(tmp_path.glob("*.cubin"))  # cached by source hash
+
+
+def _record(provider, kernel, layer="middle", mode="infer", estimate=100.0, **extra):
+    base = dict(provider=provider, kernel=kernel, layer=layer, mode=mode, dtype="bf16", arch=90, batch=256,
+                label="static estimate (sm_90 model)", machine="H100 SXM", count=17, issue_us=estimate,
+                mma_us=1.0, dram_us=2.0, estimate_us=estimate, floor_us=None, regs=None, spill_bytes=None,
+                smem_bytes=None, ctas_per_sm=None, tensor_op=None)
+    return {**base, **extra}
+
+
+def test_report_labels_the_model_and_sets_it_beside_measurements():
+    from xception_fast.bench.static import report
+
+    records = [_record("roofline", "unit_total", estimate=100.0),
+               _record("triton", "_sepconv_infer_kernel", estimate=1117.0, regs=213, spill_bytes=0, smem_bytes=17408,
+                       ctas_per_sm=1, tensor_op="HGMMA", config="64x256x16 w8 s1", bound="issue", waves=32.8,
+                       dw_dup=2.0, bar_per_iter=20.0, mma_wait=0),
+               _record("triton", "unit_total", estimate=1117.0)]
+    text = report.markdown(records)
+    assert "static estimate (sm_90 model)" in text
+    assert "| middle | 17 | 100 | 1,117 |" in text
+    assert "depthwise FMAs x2.0, 20 BAR/iter, wgmma wait 0" in text
+    measured = [{"environment": {"gpu_name": "NVIDIA H100"}, "rows": [
+        {"kind": "layer", "status": "ok", "name": "middle-728x728-19", "provider": "triton", "mode": "infer",
+         "dtype": "bf16", "batch": 256, "median_ms": 2.234}]}]
+    side = report.versus_measured(records, measured)
+    assert "| middle-728x728-19 | triton | infer | bf16 | 256 | 1,117 | 2,234 | 2.00 | NVIDIA H100 |" in side
+    assert report.versus_measured(records, [{"rows": []}]) == ""
+
+
+def test_cli_has_the_static_flags():
+    from xception_fast.bench.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--static", "--arch", "80", "--dtype", "bf16", "--layers", "middle"])
+    assert args.static and args.arch == 80 and args.layers == ["middle"] and args.dtype == ["bf16"]
+
+
+def test_report_command_sets_the_static_table_beside_gpu_results(tmp_path, capsys):
+    from xception_fast.bench.cli import main
+    from xception_fast.bench.static import report
+
+    static = [_record("triton", "unit_total", layer="middle", estimate=1117.0)]
+    report.write_json(static, tmp_path / "static" / "sm90-bf16.json")
+    measured = {"schema": "xception_fast.bench/1", "environment": {"gpu_name": "NVIDIA H100"}, "rows": [
+        {"kind": "layer", "status": "ok", "name": "middle-728x728-19", "provider": "triton", "mode": "infer",
+         "dtype": "bf16", "batch": 256, "median_ms": 2.234, "label": "middle", "count": 17}]}
+    (tmp_path / "run.json").write_text(json.dumps(measured))
+    assert main(["report", str(tmp_path), "--markdown", "-", "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "Model vs measurement" in out and "| 1,117 | 2,234 | 2.00 |" in out
+    assert out.index("Model vs measurement") > out.index("NVIDIA H100")

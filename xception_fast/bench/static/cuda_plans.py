@@ -1,0 +1,339 @@
+"""Launch plans of the CUDA provider (csrc/), and the nvcc build of its cubins.
+
+This is the only module that knows the CUDA kernels' loop structure. nvcc unrolls some loops
+partially; a plan gives the trip count of the loop as compiled and pins the unroll factor it assumed
+with `expect` (instructions per iteration, inner loops excluded), so a compiler or source change
+that alters it fails loudly instead of skewing the estimate.
+
+Modelled: inference (`sepconv_infer_kernel`) in every dtype; training (forward: main loop with the
+statistics epilogue, merge, normalisation; backward: the dy reduction, grad_d, grad_pw, grad_x,
+grad_dw and their column sums) in bf16/fp16. fp32 training has no plan (its FMA block products add
+loops): `train` returns None and the unit is reported as not modelled. Where nvcc versioned a loop
+on a run-time flag (post_relu, pre_relu), the plan gives the version the layer runs its trips and
+the others 0; which SASS copy is which version is read from the instruction counts (`expect`).
+
+Cubins: `nvcc -cubin -gencode arch=compute_90a,code=sm_90a` (sm_80 for arch 80) of each csrc/*.cu,
+with csrc/ as include directory, cached under `cache_dir()` by a hash of the sources, flags and nvcc
+version.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from xception_fast.bench.static.geometry import Unit, cdiv
+from xception_fast.bench.static.model import Compiled, Launch, LoopPlan
+from xception_fast.bench.static.sass import SassError, disassemble, resources
+
+PROVIDER = "cuda"
+ROOT = Path(__file__).resolve().parents[3]  # the source checkout, in an editable install
+# csrc/sepconv_device.cuh
+THREADS, BM, BN, BK = 128, 64, 64, 32
+TYPE_TAG = {"bf16": "I13__nv_bfloat16E", "fp16": "I6__halfE", "fp32": "IfE"}
+
+
+class CudaUnavailable(SassError):
+    """No nvcc or no csrc/ here: the CUDA provider cannot be modelled."""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XCEPTION_FAST_STATIC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "xception_fast", "static")
+    return Path(base)
+
+
+def _nvcc() -> str:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and os.access(os.path.join(home, "bin", "nvcc"), os.X_OK):
+            return os.path.join(home, "bin", "nvcc")
+    found = shutil.which("nvcc")
+    if not found:
+        raise CudaUnavailable("no nvcc on PATH (and CUDA_HOME unset): the CUDA provider's cubins cannot be built")
+    return found
+
+
+def csrc_dir() -> Path | None:
+    """The CUDA sources: $XCEPTION_FAST_CSRC, the checkout of an editable install, or ./csrc (a
+    regular install has no csrc/; run from the source checkout)."""
+    for candidate in (os.environ.get("XCEPTION_FAST_CSRC"), ROOT / "csrc", Path.cwd() / "csrc"):
+        if candidate and (Path(candidate) / "sepconv_device.cuh").is_file():
+            return Path(candidate)
+    return None
+
+
+def _include_dirs() -> list[str]:
+    """csrc/ only: the kernel files include nothing of torch, and nvcc adds its own toolkit headers
+    (setup.py's extra nvidia-* wheel directories are for torch's headers, and could shadow them)."""
+    return [str(csrc_dir())]
+
+
+@functools.lru_cache(maxsize=8)
+def cubin(source: str, arch: int) -> bytes:
+    """The cubin of csrc/`source` for sm_`arch` (90 -> sm_90a), built once per source hash."""
+    csrc = csrc_dir()
+    if csrc is None or not (csrc / source).is_file():
+        raise CudaUnavailable(f"no csrc/{source}: the CUDA sources are not in this install; run from the source "
+                              "checkout or set XCEPTION_FAST_CSRC")
+    path = csrc / source
+    nvcc = _nvcc()
+    target = f"{arch}a" if arch >= 90 else str(arch)
+    flags = ["-cubin", "-O3", "-std=c++17", f"-gencode=arch=compute_{target},code=sm_{target}"]
+    digest = hashlib.sha256()
+    for f in sorted(csrc.glob("*")):
+        if f.suffix in (".cu", ".cuh", ".h"):
+            digest.update(f.name.encode() + f.read_bytes())
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    digest.update(" ".join(flags).encode() + version.encode())
+    out = cache_dir() / f"{path.stem}-sm_{target}-{digest.hexdigest()[:16]}.cubin"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [nvcc, *flags, *[f"-I{d}" for d in _include_dirs()], "-o", str(tmp), str(path)]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise SassError(f"nvcc failed on {source}:\n{run.stderr[-2000:]}")
+        os.replace(tmp, out)
+    return out.read_bytes()
+
+
+def _instance(mangled: str, kernel: str, tag: str) -> bool:
+    """Whether a mangled name is `kernel` (a plain function: its name then "E") or its template
+    instance `tag` (e.g. "I13__nv_bfloat16Lb1E")."""
+    found = re.search(rf"\d{kernel}([IE])", mangled)
+    return bool(found) and (found.group(1) == "E" or mangled[found.start(1):].startswith(tag))
+
+
+def _compiler(source: str, kernel: str, arch: int, dtype: str, dynamic_smem: int = 0, train: bool = False):
+    """Builds `kernel`'s Compiled from `source`'s cubin: the instance for `dtype` (templates), the
+    training one (`kTrain` = true) where `train`."""
+    tag = TYPE_TAG[dtype]
+    tag = tag[:-1] + "Lb1E" if train else tag
+
+    def build() -> Compiled:
+        data = cubin(source, arch)
+        names = [n for n in disassemble(data) if _instance(n, kernel, tag)]
+        if len(names) != 1:
+            raise SassError(f"{kernel}<{dtype}>: {len(names)} matching functions in {source}'s cubin")
+        res = resources(data)[names[0]]
+        return Compiled(cubin=data, function=names[0], regs=res["regs"], spill_bytes=res["stack"],
+                        smem_bytes=res["shared"] + dynamic_smem, num_warps=THREADS // 32, num_stages=1,
+                        operand="tf32" if dtype == "fp32" else dtype)
+    return build
+
+
+def infer(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
+    """sepconv_infer_kernel: 64 positions x 64 output channels per 128-thread block, 32-channel chunks."""
+    per_thread = BM // (THREADS // BK)  # depthwise rows per thread (depthwise_tile's kPerThread)
+    fp32 = unit.dtype == "fp32"
+    loops = [
+        # fill_rows: rows r = tid, tid + 128, ... < 64: warps 0-1 one iteration, warps 2-3 none.
+        LoopPlan("fill_rows (row table)", 0.5, expect={"STS": 6}),
+        # 16-bit types: 2 x 2 wmma 16x16x16 fragments per warp and 16-wide k step (HMMA.16816 x 16).
+        LoopPlan("input-channel chunks of 32", cdiv(unit.C, BK), expect=None if fp32 else {"HMMA": 16}),
+        LoopPlan("depthwise taps i (run-time kh)", unit.K),
+        LoopPlan("depthwise taps j (run-time kw)", unit.K, expect={"FFMA": per_thread}),
+        # pw tile staging: 64 x 32 elements / 128 threads = 16 per thread, unrolled x4 by nvcc.
+        LoopPlan("pointwise weight tile staging (x4 unrolled)", BN * BK // THREADS / 4, expect={"LDG": 4}),
+    ]
+    if fp32:  # BlockMma<float>: k = 0..31, `#pragma unroll 4`, an 8 x 4 FMA micro-tile per k
+        loops.append(LoopPlan("fp32 block product over k (x4 unrolled)", BK / 4, expect={"FFMA": 128}))
+    # epilogue: 64 x 64 / 128 = 32 per thread, unrolled x2.
+    loops.append(LoopPlan("epilogue (x2 unrolled)", BM * BN // THREADS / 2, expect={"STG": 2}))
+    grid = cdiv(unit.P, BM) * cdiv(unit.Cout, BN)
+    nbytes = unit.x_bytes() + unit.weight_bytes() + unit.y_bytes() * (2 if unit.shape.residual else 1)
+    return [[Launch(kernel="sepconv_infer_kernel", config=f"{BM}x{BN}x{BK} t{THREADS}",
+                    compile=_compiler("sepconv_forward.cu", "sepconv_infer_kernel", arch, unit.dtype),
+                    grid=grid, loops=loops, dram_bytes=nbytes, threads=THREADS,
+                    useful_ffma=BM * cdiv(unit.C, BK) * BK * unit.K * unit.K)]]
+
+
+# --- training -------------------------------------------------------------------------------------------
+
+RED_COLS, RED_LANES = 32, 8  # kRedCols x kRedLanes blocks of the reductions
+TARGET_BLOCKS, MIN_ROWS, MAX_ROW_CHUNKS, MAX_PARTIAL = 1024, 256, 1024, 256 << 20  # sepconv_backward.cu
+
+
+def unrolled(n: int, factors: tuple) -> list:
+    """Trips of the SASS loops nvcc made of one n-iteration loop unrolled by `factors` (in SASS
+    order, e.g. (16, 4, 1) or (1, 4) for a remainder loop placed first): the largest factor takes
+    n // f, the next what remains, and so on."""
+    trips, left = {}, n
+    for f in sorted(factors, reverse=True):
+        trips[f], left = left // f, left % f
+    return [trips[f] for f in factors]
+
+
+def _per_lane_group(total: int, lanes: int, factors: tuple) -> list:
+    """Average, over `lanes` warps w, of `unrolled(ceil((total - w) / lanes))`: a loop `for (r = w;
+    r < total; r += lanes)` with one warp per w (the 32 x 8 reduction blocks)."""
+    rows = [unrolled(max(0, cdiv(total - w, lanes)), factors) for w in range(lanes)]
+    return [sum(r[i] for r in rows) / lanes for i in range(len(factors))]
+
+
+def _rows_per_chunk(rows: int, cols: int) -> int:
+    per = max(cdiv(rows, MAX_ROW_CHUNKS), MIN_ROWS)
+    max_chunks = MAX_PARTIAL // (cols * 4) if cols > 0 else MAX_ROW_CHUNKS
+    if max_chunks >= 1 and cdiv(rows, per) > max_chunks:
+        per = cdiv(rows, max_chunks)
+    return per
+
+
+def _column_sum(unit: Unit, arch: int, rows: int, cols: int, out_bytes: int) -> list[Launch]:
+    # for (r = ty; r < rows; r += 8): a remainder loop first, then x16.
+    trips = _per_lane_group(rows, RED_LANES, (1, 16))
+    loops = [LoopPlan("partial rows (remainder)", trips[0], expect={"LDG": 1}),
+             LoopPlan("partial rows (x16 unrolled)", trips[1], expect={"LDG": 16})]
+    return [Launch(kernel="column_sum_kernel", config="32x8", threads=RED_COLS * RED_LANES,
+                   compile=_compiler("sepconv_backward.cu", "column_sum_kernel", arch, unit.dtype),
+                   grid=cdiv(cols, RED_COLS), loops=loops, dram_bytes=4 * rows * cols + out_bytes * cols)]
+
+
+def _stats_warps(c_out: int) -> float:
+    """Average warps (of 4) that run the statistics epilogue (threads n < 64 with a channel)."""
+    tiles = cdiv(c_out, BN)
+    return sum(min(2, cdiv(min(BN, c_out - t * BN), 32)) for t in range(tiles)) / tiles / (THREADS // 32)
+
+
+def train(unit: Unit, arch: int, sms: int):
+    """Forward + backward of a training step, as ops.py runs them through the CUDA provider."""
+    if unit.dtype == "fp32":
+        return None
+    e, C, Cout, P, K = unit.e, unit.C, unit.Cout, unit.P, unit.K
+    taps = K * K
+    s = unit.shape
+    per_thread = BM // (THREADS // BK)
+    m_tiles, n_tiles = cdiv(P, BM), cdiv(Cout, BN)
+    kernels: list[list[Launch]] = []
+
+    # Forward main loop + statistics epilogue (two passes over the tile's rows, x16/x4/x1 unrolled).
+    rows = [BM] * (m_tiles - 1) + [P - BM * (m_tiles - 1)]
+    stat = [sum(unrolled(r, (16, 4, 1))[i] for r in rows) / m_tiles * _stats_warps(Cout) for i in range(3)]
+    loops = [
+        LoopPlan("fill_rows (row table)", 0.5, expect={"STS": 6}),
+        LoopPlan("input-channel chunks of 32", cdiv(C, BK), expect={"HMMA": 16}),
+        LoopPlan("depthwise taps i (run-time kh)", K),
+        LoopPlan("depthwise taps j (run-time kw)", K, expect={"FFMA": per_thread}),
+        LoopPlan("pointwise weight tile staging (x4 unrolled)", BN * BK // THREADS / 4, expect={"LDG": 4}),
+        *[LoopPlan(f"z store ({w})", t, expect={"STG": n}) for w, t, n in
+          zip(("remainder", "x4 unrolled"), unrolled(BM * BN // THREADS, (1, 4)), (1, 4))],
+        *[LoopPlan(f"statistics sum ({w})", t, expect={"LDS": n}) for w, t, n in
+          zip(("x16", "x4", "x1"), stat, (16, 4, 1))],
+        *[LoopPlan(f"statistics M2 ({w})", t, expect={"FFMA": n}) for w, t, n in
+          zip(("x16", "x4", "x1"), stat, (16, 4, 1))],
+    ]
+    kernels.append([Launch(kernel="sepconv_train_kernel", config=f"{BM}x{BN}x{BK} t{THREADS}", threads=THREADS,
+                           compile=_compiler("sepconv_forward.cu", "sepconv_train_kernel", arch, unit.dtype),
+                           grid=m_tiles * n_tiles, loops=loops,
+                           dram_bytes=unit.x_bytes() + unit.weight_bytes() + unit.y_bytes() + 12 * m_tiles * Cout,
+                           useful_ffma=BM * cdiv(C, BK) * BK * taps)])
+    merge = _per_lane_group(m_tiles, RED_LANES, (4, 1))
+    kernels.append([Launch(kernel="bn_stats_merge_kernel", config="32x8", threads=RED_COLS * RED_LANES,
+                           compile=_compiler("sepconv_forward.cu", "bn_stats_merge_kernel", arch, unit.dtype),
+                           grid=cdiv(Cout, RED_COLS), dram_bytes=12 * m_tiles * Cout + 12 * Cout,
+                           loops=[LoopPlan("row tiles (x4 unrolled)", merge[0], expect={"LDG": 12}),
+                                  LoopPlan("row tiles (remainder)", merge[1], expect={"LDG": 3})])])
+    total = P * Cout
+    blocks = min(cdiv(total, 256), 1 << 20)  # elementwise_blocks
+    kernels.append([Launch(kernel="bn_apply_kernel", config="256", threads=256,
+                           compile=_compiler("sepconv_forward.cu", "bn_apply_kernel", arch, unit.dtype),
+                           grid=blocks, loops=[LoopPlan("grid-stride elements", total / (blocks * 256),
+                                                        expect={"STG": 1})],
+                           dram_bytes=unit.y_bytes() * (3 if s.residual else 2))])
+
+    # Backward: per-channel dy sums (a loop version per (post_relu, weight, bias); affine BN here).
+    per = _rows_per_chunk(P, 2 * Cout)
+    blocks = cdiv(P, per)
+    rows = [per] * (blocks - 1) + [P - per * (blocks - 1)]
+    group = [sum(x) / blocks for x in zip(*[_per_lane_group(r, RED_LANES, (1, 4)) for r in rows])]
+    group16 = [sum(x) / blocks for x in zip(*[_per_lane_group(r, RED_LANES, (1, 16)) for r in rows])]
+    versions = []
+    for ffma in ((1, 4), (1, 4), (1, 4), (2, 8)):  # post_relu with weight and/or bias, then with both
+        versions.append((ffma, group if s.post_relu and ffma == (2, 8) else [0, 0]))
+    loops = []
+    for (f1, f4), (t1, t4) in versions:
+        loops += [LoopPlan("rows (remainder)", t1, expect={"LDG": 2, "FFMA": f1}),
+                  LoopPlan("rows (x4 unrolled)", t4, expect={"LDG": 8, "FFMA": f4})]
+    t1, t16 = group16 if not s.post_relu else (0, 0)
+    loops += [LoopPlan("rows, no post-ReLU (remainder)", t1, expect={"LDG": 2, "FFMA": 1}),
+              LoopPlan("rows, no post-ReLU (x16 unrolled)", t16, expect={"LDG": 32, "FFMA": 16})]
+    kernels.append([Launch(kernel="bn_backward_partial_kernel", config="32x8", threads=RED_COLS * RED_LANES,
+                           compile=_compiler("sepconv_backward.cu", "bn_backward_partial_kernel", arch, unit.dtype),
+                           grid=blocks * cdiv(Cout, RED_COLS), loops=loops,
+                           dram_bytes=2 * unit.y_bytes() + 8 * blocks * Cout)])
+    kernels.append(_column_sum(unit, arch, blocks, Cout, 4))
+    kernels.append(_column_sum(unit, arch, blocks, Cout, 4))
+
+    # grad_d = grad_z @ pw (grad_z formed on the fly, a staging loop version per post_relu), fp32 out.
+    c_tiles, co_tiles = cdiv(C, BN), cdiv(Cout, BM)
+    staging = BM * BK // THREADS / 2
+    loops = [LoopPlan("output-channel chunks of 32", cdiv(Cout, BK), expect={"HMMA": 16}),
+             LoopPlan("grad_z tile, post-ReLU (x2 unrolled)", staging if s.post_relu else 0, expect={"STS": 2}),
+             LoopPlan("grad_z tile (x2 unrolled)", 0 if s.post_relu else staging, expect={"STS": 2}),
+             LoopPlan("pointwise weight tile staging (x4 unrolled)", BK * BN // THREADS / 4, expect={"LDG": 4}),
+             *[LoopPlan(f"grad_d store ({w})", t, expect={"STG": n}) for w, t, n in
+               zip(("remainder", "x4 unrolled"), unrolled(BM * BN // THREADS, (1, 4)), (1, 4))]]
+    kernels.append([Launch(kernel="grad_d_kernel", config=f"{BM}x{BN}x{BK} t{THREADS}", threads=THREADS,
+                           compile=_compiler("sepconv_backward.cu", "grad_d_kernel", arch, unit.dtype, train=True),
+                           grid=m_tiles * c_tiles, loops=loops,
+                           dram_bytes=2 * unit.y_bytes() + unit.weight_bytes() + 4 * P * C)])
+
+    # grad_pw = grad_z^T @ d, d recomputed, split over positions (a depthwise version per pre_relu).
+    k_chunks = cdiv(P, BK)
+    splits = min(cdiv(TARGET_BLOCKS, co_tiles * c_tiles), k_chunks)
+    max_splits = MAX_PARTIAL // (Cout * C * 4)
+    if splits > max_splits:
+        splits = max(max_splits, 1)
+    per_split = cdiv(k_chunks, splits)
+    splits = cdiv(k_chunks, per_split)
+    chunks = k_chunks / splits  # average chunks per split
+    loops = [LoopPlan("position chunks of 32 in the split", chunks, expect={"HMMA": 16}),
+             LoopPlan("fill_rows (32-row table)", 0.25, expect={"STS": 6}),
+             LoopPlan("grad_z tile, post-ReLU (x2 unrolled)", staging if s.post_relu else 0, expect={"STS": 2}),
+             LoopPlan("grad_z tile (x2 unrolled)", 0 if s.post_relu else staging, expect={"STS": 2}),
+             LoopPlan("depthwise taps i (run-time kh)", K),
+             LoopPlan("depthwise taps j, pre-ReLU", K if s.pre_relu else 0, expect={"FFMA": 16}),
+             LoopPlan("depthwise taps j", 0 if s.pre_relu else K, expect={"FFMA": 16}),
+             *[LoopPlan(f"partial store ({w})", t, expect={"STG": n}) for w, t, n in
+               zip(("remainder", "x4 unrolled"), unrolled(BM * BN // THREADS, (1, 4)), (1, 4))]]
+    kernels.append([Launch(kernel="grad_pw_kernel", config=f"{BM}x{BN}x{BK} t{THREADS}", threads=THREADS,
+                           compile=_compiler("sepconv_backward.cu", "grad_pw_kernel", arch, unit.dtype, train=True),
+                           grid=splits * co_tiles * c_tiles, loops=loops,
+                           dram_bytes=unit.x_bytes() + 2 * unit.y_bytes() + 4 * splits * Cout * C,
+                           useful_ffma=BK * chunks * BN * taps)])
+    kernels.append(_column_sum(unit, arch, splits, Cout * C, e))
+
+    # grad_x: grid-stride over x's elements; the tap loop j unrolled x4 with its remainder before it.
+    x_total = unit.Q * C
+    blocks = min(cdiv(x_total, 256), 1 << 20)
+    kernels.append([Launch(kernel="grad_x_kernel", config="256", threads=256,
+                           compile=_compiler("sepconv_backward.cu", "grad_x_kernel", arch, unit.dtype),
+                           grid=blocks, dram_bytes=4 * P * C + 2 * unit.x_bytes(),
+                           loops=[LoopPlan("grid-stride elements", x_total / (blocks * 256), expect={"STG": 1}),
+                                  LoopPlan("taps i (remainder of j inside)", K, expect={"FFMA": 3}),
+                                  LoopPlan("taps j (x4 unrolled)", K // 4, expect={"FFMA": 4})])])
+
+    # grad_dw partials: one block per (position chunk, 32 channels, tap); a version per pre_relu.
+    per = _rows_per_chunk(P, C * taps)
+    chunks_dw = cdiv(P, per)
+    rows = [per] * (chunks_dw - 1) + [P - per * (chunks_dw - 1)]
+    group = [sum(x) / chunks_dw for x in zip(*[_per_lane_group(r, RED_LANES, (1, 4)) for r in rows])]
+    on, off = (group, [0, 0]) if s.pre_relu else ([0, 0], group)
+    loops = [LoopPlan("positions, pre-ReLU (remainder)", on[0], expect={"FFMA": 1}),
+             LoopPlan("positions, pre-ReLU (x4 unrolled)", on[1], expect={"FFMA": 4}),
+             LoopPlan("positions (remainder)", off[0], expect={"FFMA": 1}),
+             LoopPlan("positions (x4 unrolled)", off[1], expect={"FFMA": 4})]
+    kernels.append([Launch(kernel="grad_dw_partial_kernel", config="32x8", threads=RED_COLS * RED_LANES,
+                           compile=_compiler("sepconv_backward.cu", "grad_dw_partial_kernel", arch, unit.dtype),
+                           grid=chunks_dw * cdiv(C, RED_COLS) * taps, loops=loops,
+                           dram_bytes=4 * P * C + unit.x_bytes() + 4 * chunks_dw * C * taps)])
+    kernels.append(_column_sum(unit, arch, chunks_dw, C * taps, e))
+    return kernels
+
+
+MODES = {"infer": infer, "train": train}

@@ -1,0 +1,197 @@
+"""SASS of a cubin: disassembly with the cuobjdump Triton ships, loops, dynamic instruction counts.
+
+`disassemble(cubin)` returns each function's instructions in address order. A loop is the range
+[target, branch] of a backward branch (a `BRA` whose target is at or before it); loops nest by
+address range, and `find_loops` lists them in SASS order (by start address, an outer loop before
+the loops inside it). `dynamic_counts(function, loops, trips)` multiplies each instruction by the
+trip counts of the loops around it: the number of times one warp issues it, per CTA.
+
+Straight-line code outside loops is counted once, both sides of a forward branch included: a
+slight over-count of the code around the loops (a kernel's prologue and epilogue), never of a loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+_FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)")
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);")
+_BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
+
+
+class SassError(RuntimeError):
+    """The SASS could not be produced or does not have the structure a launch plan declares."""
+
+
+@dataclass(frozen=True)
+class Instr:
+    addr: int
+    opcode: str  # with its modifiers, e.g. "HGMMA.64x128x16.F32.BF16"
+    operands: str
+    predicate: str = ""
+
+    @property
+    def base(self) -> str:
+        """The opcode without modifiers: "HGMMA", "FFMA", "BAR"."""
+        return self.opcode.split(".", 1)[0]
+
+    def branch_target(self) -> Optional[int]:
+        if self.base not in ("BRA", "BRX"):
+            return None
+        found = _BRANCH_TARGET.search(self.operands)
+        return int(found.group(1), 16) if found else None
+
+
+@dataclass
+class Loop:
+    start: int  # address of the first instruction of the body (the backward branch's target)
+    end: int  # address of the backward branch
+    depth: int = 0  # 0 for an outermost loop
+    parent: Optional[int] = None  # index of the enclosing loop in the `find_loops` list
+    size: int = 0  # instructions in the body, inner loops included
+
+    def contains(self, addr: int) -> bool:
+        return self.start <= addr <= self.end
+
+
+@dataclass
+class Function:
+    name: str
+    instrs: list[Instr] = field(default_factory=list)
+
+
+def tool(name: str) -> str:
+    """Path of `cuobjdump` / `nvdisasm`: the copy Triton ships (any CUDA toolkit's otherwise)."""
+    try:
+        import triton
+        bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+        if os.access(bundled, os.X_OK):
+            return bundled
+    except ImportError:
+        pass
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and os.access(os.path.join(home, "bin", name), os.X_OK):
+            return os.path.join(home, "bin", name)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise SassError(f"no {name}: install triton (it ships {name} in triton/backends/nvidia/bin) or a CUDA toolkit")
+
+
+def parse(text: str) -> dict[str, Function]:
+    """cuobjdump -sass output -> {function name: Function}."""
+    functions: dict[str, Function] = {}
+    current: Optional[Function] = None
+    for line in text.splitlines():
+        head = _FUNCTION.match(line)
+        if head:
+            current = functions.setdefault(head.group(1), Function(head.group(1)))
+            continue
+        found = _INSTR.match(line)
+        if found and current is not None:
+            addr, pred, opcode, operands = found.groups()
+            current.instrs.append(Instr(int(addr, 16), opcode, operands.strip(), (pred or "").strip()))
+    return functions
+
+
+@functools.lru_cache(maxsize=256)
+def disassemble(cubin: bytes) -> dict[str, Function]:
+    """Every function of a cubin, disassembled with cuobjdump."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        run = subprocess.run([tool("cuobjdump"), "-sass", path], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SassError(f"cuobjdump -sass failed: {run.stderr.strip()}")
+    functions = parse(run.stdout)
+    if not functions:
+        raise SassError("cuobjdump printed no function")
+    return functions
+
+
+def find_loops(function: Function) -> list[Loop]:
+    """The loops of a function (backward branches), in SASS order, with their nesting."""
+    loops = []
+    ends = set()
+    for ins in function.instrs:
+        target = ins.branch_target()
+        # `BRA self` after the last EXIT is padding, not a loop.
+        if target is not None and target < ins.addr and ins.addr not in ends:
+            loops.append(Loop(start=target, end=ins.addr))
+            ends.add(ins.addr)
+    # Two back edges to one target (a `continue`) make one loop: keep the outermost range.
+    merged: dict[int, Loop] = {}
+    for loop in loops:
+        if loop.start not in merged or loop.end > merged[loop.start].end:
+            merged[loop.start] = loop
+    loops = sorted(merged.values(), key=lambda l: (l.start, -l.end))
+    for i, loop in enumerate(loops):
+        for j in range(i - 1, -1, -1):
+            outer = loops[j]
+            if outer.contains(loop.start) and outer.contains(loop.end):
+                loop.parent, loop.depth = j, outer.depth + 1
+                break
+            if outer.contains(loop.start) != outer.contains(loop.end):
+                raise SassError(f"{function.name}: loops at {outer.start:#x}-{outer.end:#x} and "
+                                f"{loop.start:#x}-{loop.end:#x} overlap without nesting (irreducible)")
+        loop.size = sum(1 for ins in function.instrs if loop.contains(ins.addr))
+    return loops
+
+
+def multipliers(function: Function, loops: Sequence[Loop], trips: Sequence[float]) -> list[float]:
+    """Per instruction, how many times a warp executes it: the product of the trip counts of the
+    loops around it (`trips[i]`: iterations of loop i each time it is entered)."""
+    if len(trips) != len(loops):
+        raise ValueError(f"{len(trips)} trip counts for {len(loops)} loops")
+    out = []
+    for ins in function.instrs:
+        m = 1.0
+        for loop, trip in zip(loops, trips):
+            if loop.contains(ins.addr):
+                m *= trip
+        out.append(m)
+    return out
+
+
+def dynamic_counts(function: Function, loops: Sequence[Loop], trips: Sequence[float]) -> Counter:
+    """{opcode with modifiers: dynamic count per warp}; the key "" holds the total."""
+    counts: Counter = Counter()
+    for ins, m in zip(function.instrs, multipliers(function, loops, trips)):
+        counts[ins.opcode] += m
+        counts[""] += m
+    return counts
+
+
+def loop_body(function: Function, loop: Loop, exclude_inner: bool = True,
+              loops: Sequence[Loop] = ()) -> list[Instr]:
+    """The instructions of one iteration of `loop` (without those of its inner loops by default)."""
+    inner = [l for l in loops if l is not loop and loop.contains(l.start)] if exclude_inner else []
+    return [ins for ins in function.instrs
+            if loop.contains(ins.addr) and not any(l.contains(ins.addr) for l in inner)]
+
+
+_RESOURCES = re.compile(r"Function\s+(\S+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)")
+
+
+@functools.lru_cache(maxsize=256)
+def resources(cubin: bytes) -> dict[str, dict[str, int]]:
+    """{function: {"regs", "stack", "shared"}} from `cuobjdump -res-usage` (stack: bytes per thread of
+    local memory, i.e. spills; shared: static shared memory)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        run = subprocess.run([tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SassError(f"cuobjdump -res-usage failed: {run.stderr.strip()}")
+    return {m.group(1): {"regs": int(m.group(2)), "stack": int(m.group(3)), "shared": int(m.group(4))}
+            for m in _RESOURCES.finditer(run.stdout)}

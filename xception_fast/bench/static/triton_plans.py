@@ -1,0 +1,193 @@
+"""Launch plans of the Triton provider: which kernels run for a unit, their grids, loops and bytes.
+
+This is the only module that knows the Triton kernels' structure. For each mode it lists, in launch
+order, the kernels the host code (`triton_kernels/*.py`) launches for one unit; for an autotuned
+kernel, one `Launch` per autotune config (the model keeps the one it estimates fastest, standing in
+for the autotuner). Each `Launch` declares:
+- `grid`: the CTAs the host launches (as the host's grid lambda computes it);
+- `loops`: every run-time loop of the kernel, in the order the SASS shows them (outer before inner;
+  `tl.static_range` loops are unrolled and are not loops), each with its trip count per entry;
+  the loop holding the `tl.dot` is `pipelined` (num_stages > 1 may peel iterations);
+- `dram_bytes`: what the kernel must move to or from DRAM (each tensor it reads or writes once;
+  re-reads are assumed to hit L2);
+- `useful_ffma`: the thread-FMAs of the depthwise per CTA, where the kernel computes one (for the
+  duplication flag).
+If a kernel is rewritten so that its SASS loops differ from its plan, `model.estimate` fails with an
+error naming the kernel: update the plan here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from xception_fast.bench.static.geometry import Unit, cdiv
+from xception_fast.bench.static.model import Compiled, Launch, LoopPlan
+
+PROVIDER = "triton"
+POSITION_ALIGN = 128  # triton_kernels.autotune.POSITION_ALIGN on a GPU
+SUM_BLOCK_S, SUM_BLOCK_M = 32, 128  # triton_kernels.autotune.SUM_BLOCK_S/M on a GPU
+
+
+def position_split(positions: int, other_programs: int, sms: int) -> tuple[int, int]:
+    """`triton_kernels.autotune.position_split` on a GPU with `sms` SMs (4 programs per SM)."""
+    want = max(1, 4 * sms // max(other_programs, 1))
+    chunk = max(cdiv(cdiv(positions, want), POSITION_ALIGN) * POSITION_ALIGN, POSITION_ALIGN)
+    return cdiv(positions, chunk), chunk
+
+
+def _channel_align(channels: int) -> int:
+    from xception_fast.triton_kernels.utils import channel_align
+    return channel_align(channels)
+
+
+def _compiler(kernel, config, arch: int, dtype: str, constexprs: dict, ints: dict) -> Callable[[], Compiled]:
+    from xception_fast.bench.static.triton_compile import compiler
+    return compiler(kernel, config, arch, dtype, constexprs, ints)
+
+
+def _label(config) -> str:
+    blocks = "x".join(str(v) for v in config.kwargs.values())
+    return f"{blocks} w{config.num_warps} s{config.num_stages}"
+
+
+def _launches(kernel, unit: Unit, arch: int, constexprs: dict, ints: dict, plan) -> list[Launch]:
+    """One Launch per autotune config (or one for a plain kernel); `plan(meta)` -> (grid, loops, bytes, ffma)."""
+    configs = getattr(kernel, "configs", None) or [None]
+    out = []
+    for config in configs:
+        meta = dict(config.kwargs) if config is not None else dict(constexprs)
+        grid, loops, nbytes, ffma = plan(meta)
+        name = (kernel.fn if config is not None else kernel).__name__
+        out.append(Launch(kernel=name, config=_label(config) if config is not None else "fixed",
+                          compile=_compiler(kernel, config, arch, unit.dtype, constexprs, ints),
+                          grid=grid, loops=loops, dram_bytes=nbytes, useful_ffma=ffma))
+    return out
+
+
+def _flags(unit: Unit, **extra) -> dict:
+    s = unit.shape
+    return dict(KH=unit.K, KW=unit.K, PRE_RELU=s.pre_relu, POST_RELU=s.post_relu, HAS_RESIDUAL=s.residual,
+                C_ALIGN=_channel_align(unit.C), COUT_ALIGN=_channel_align(unit.Cout), **extra)
+
+
+def _sizes(unit: Unit, **extra) -> dict:
+    return dict(P=unit.P, H=unit.H, W=unit.W, C=unit.C, Ho=unit.Ho, Wo=unit.Wo, Cout=unit.Cout,
+                **unit.conv_ints(), **extra)
+
+
+def _dw_ffma(unit: Unit, block_p: int, block_ci: int, steps: float) -> float:
+    return block_p * block_ci * unit.K * unit.K * steps
+
+
+def infer(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
+    from xception_fast.triton_kernels import depthwise_pointwise as dp
+
+    def plan(m):
+        k_steps = cdiv(unit.C, m["BLOCK_CI"])
+        grid = cdiv(unit.P, m["BLOCK_P"]) * cdiv(unit.Cout, m["BLOCK_CO"])
+        nbytes = unit.x_bytes() + unit.weight_bytes() + unit.y_bytes() * (2 if unit.shape.residual else 1)
+        return (grid, [LoopPlan("input-channel blocks (depthwise + tl.dot)", k_steps, pipelined=True)], nbytes,
+                _dw_ffma(unit, m["BLOCK_P"], m["BLOCK_CI"], k_steps))
+
+    return [_launches(dp._sepconv_infer_kernel, unit, arch, _flags(unit), _sizes(unit), plan)]
+
+
+def _sum_rows(unit: Unit, arch: int, rows: int, cols: int, out_bytes: int) -> list[Launch]:
+    from xception_fast.triton_kernels import batchnorm as bn
+
+    fixed = dict(BLOCK_S=SUM_BLOCK_S, BLOCK_M=SUM_BLOCK_M)
+
+    # One partial row is a JIT constant (an int argument equal to 1): the loop over rows compiles away.
+    loops = [LoopPlan("partial rows", cdiv(rows, SUM_BLOCK_S))] if rows != 1 else []
+
+    def plan(m):
+        return cdiv(cols, SUM_BLOCK_M), loops, 4 * rows * cols + out_bytes * cols, 0.0
+
+    return _launches(bn._sum_rows_kernel, unit, arch, fixed, dict(S=rows, M=cols), plan)
+
+
+def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
+    """Training forward (main loop + statistics, merge, normalise) and backward (dy sums, grad_pw,
+    grad_d + grad_dw, grad_x), as `ops.py` runs them through the Triton provider."""
+    from xception_fast.triton_kernels import backward as bw
+    from xception_fast.triton_kernels import batchnorm as bn
+    from xception_fast.triton_kernels import depthwise_pointwise as dp
+
+    e, C, Cout, P = unit.e, unit.C, unit.Cout, unit.P
+    kk = unit.K * unit.K
+    kernels: list[list[Launch]] = []
+
+    # Forward: the main loop with the statistics epilogue, over fixed position splits.
+    splits, chunk = position_split(P, cdiv(Cout, 128), sms)
+
+    def fwd(m):
+        trips = unit.split_trips(splits, chunk, m["BLOCK_P"])
+        k_steps = cdiv(C, m["BLOCK_CI"])
+        return (splits * cdiv(Cout, m["BLOCK_CO"]),
+                [LoopPlan("position tiles of the split", trips),
+                 LoopPlan("input-channel blocks (depthwise + tl.dot)", k_steps, pipelined=True)],
+                unit.x_bytes() + unit.weight_bytes() + unit.y_bytes() + 12 * splits * Cout,
+                _dw_ffma(unit, m["BLOCK_P"], m["BLOCK_CI"], k_steps * trips))
+
+    kernels.append(_launches(dp._sepconv_train_kernel, unit, arch, _flags(unit),
+                             _sizes(unit, chunk=chunk, S=splits), fwd))
+    fixed = dict(BLOCK_S=SUM_BLOCK_S, BLOCK_C=SUM_BLOCK_M)
+    kernels.append(_launches(bn._merge_stats_kernel, unit, arch, fixed, dict(S=splits, C=Cout, P=P, chunk=chunk),
+                             lambda m: (cdiv(Cout, SUM_BLOCK_M),
+                                        [LoopPlan("splits", cdiv(splits, SUM_BLOCK_S))] if splits != 1 else [],
+                                        12 * splits * Cout + 8 * Cout, 0.0)))
+    kernels.append(_launches(
+        bn._bn_apply_kernel, unit, arch, dict(POST_RELU=unit.shape.post_relu, HAS_RESIDUAL=unit.shape.residual,
+                                              C_ALIGN=_channel_align(Cout)), dict(P=P, C=Cout),
+        lambda m: (cdiv(P, m["BLOCK_P"]) * cdiv(Cout, m["BLOCK_C"]), [],
+                   unit.y_bytes() * (3 if unit.shape.residual else 2), 0.0)))
+
+    # Backward: sum_dy and sum_dy_xhat per channel.
+    splits, chunk = position_split(P, cdiv(Cout, 64), sms)
+    kernels.append(_launches(
+        bn._bn_backward_reduce_kernel, unit, arch, dict(POST_RELU=unit.shape.post_relu, C_ALIGN=_channel_align(Cout)),
+        dict(P=P, C=Cout, chunk=chunk),
+        lambda m: (splits * cdiv(Cout, m["BLOCK_C"]), [LoopPlan("position tiles of the split",
+                                                                  unit.split_trips(splits, chunk, m["BLOCK_P"]))],
+                   2 * unit.y_bytes() + 8 * splits * Cout, 0.0)))
+    kernels.append(_sum_rows(unit, arch, splits, 2 * Cout, 4))
+
+    bwd_flags = _flags(unit, GZ_FROM_BN=True, KK_PAD=1 << (kk - 1).bit_length())
+    # grad of the pointwise weight: split-K over positions, d recomputed, g_z from grad_y and z.
+    splits, chunk = position_split(P, cdiv(Cout, 64) * cdiv(C, 64), sms)
+
+    def pw(m):
+        trips = unit.split_trips(splits, chunk, m["BLOCK_P"])
+        return (splits * cdiv(Cout, m["BLOCK_CO"]) * cdiv(C, m["BLOCK_CI"]),
+                [LoopPlan("position tiles of the split (depthwise + tl.dot)", trips, pipelined=True)],
+                unit.x_bytes() + 2 * unit.y_bytes() + 4 * splits * Cout * C,
+                _dw_ffma(unit, m["BLOCK_P"], m["BLOCK_CI"], trips))
+
+    kernels.append(_launches(bw._pw_weight_grad_kernel, unit, arch, bwd_flags, _sizes(unit, chunk=chunk), pw))
+    kernels.append(_sum_rows(unit, arch, splits, Cout * C, e))
+
+    # grad of the depthwise output (stored) and of the depthwise weight.
+    splits, chunk = position_split(P, cdiv(C, 64), sms)
+
+    def dwo(m):
+        return (splits * cdiv(C, m["BLOCK_CI"]),
+                [LoopPlan("position tiles of the split", unit.split_trips(splits, chunk, m["BLOCK_P"])),
+                 LoopPlan("output-channel blocks (tl.dot)", cdiv(Cout, m["BLOCK_CO"]), pipelined=True)],
+                2 * unit.y_bytes() + unit.x_bytes() + unit.d_bytes() + 4 * splits * C * kk, 0.0)
+
+    kernels.append(_launches(bw._dw_output_grad_kernel, unit, arch, bwd_flags, _sizes(unit, chunk=chunk), dwo))
+    kernels.append(_sum_rows(unit, arch, splits, C * kk, e))
+
+    # grad of the input: the transposed depthwise as a gather.
+    def dwi(m):
+        return (cdiv(unit.Q, m["BLOCK_P"]) * cdiv(C, m["BLOCK_C"]), [],
+                unit.d_bytes() + 2 * unit.x_bytes(), 0.0)
+
+    kernels.append(_launches(bw._dw_input_grad_kernel, unit, arch,
+                             dict(KH=unit.K, KW=unit.K, PRE_RELU=unit.shape.pre_relu, C_ALIGN=_channel_align(C)),
+                             dict(Q=unit.Q, H=unit.H, W=unit.W, C=C, Ho=unit.Ho, Wo=unit.Wo, **unit.conv_ints()),
+                             dwi))
+    return kernels
+
+
+MODES = {"infer": infer, "train": train}
