@@ -1,0 +1,631 @@
+// The inference forward of the CUDA provider: y = post(pw(dw(pre(x))) * scale + shift) + residual,
+// one kernel, the depthwise computed once per (position tile, channel chunk) and reused as the A
+// operand of every Cout tile. The design and all its index math are in sepconv_infer_tiling.h
+// (checked on the CPU by tests/cpp/test_infer_tiling.cpp); this file holds the device code that
+// moves data (cp.async, ldmatrix, mma.sync) and the launcher.
+//
+// STATUS: compiled for sm_80 and sm_90a with nvcc 13.0; NOT YET RUN ON A GPU (tests/test_cuda_provider.py
+// is the check, run on a GPU with XCEPTION_FAST_UNVERIFIED_CUDA=1).
+//
+// Per CTA (kThreads = 256, one tile of bm output positions):
+// 1. The pixel table of the tile's halo box (source offsets, -1 for padding), then for each chunk
+//    of kBK channels, double-buffered: the halo box staged with 16-byte cp.async (zero-filled where
+//    it is padding or past C), the pre-ReLU applied once per staged element by the thread that
+//    copied it, a barrier, and the depthwise of the tile's rows for that chunk (fp32 accumulation,
+//    rounded to T as the unfused depthwise conv stores it) into the resident d tile.
+// 2. For every Cout tile and K chunk, the packed pointwise weights through a kStages-deep cp.async
+//    ring (one barrier per stage, the ring running on across Cout tiles); fp16/bf16: ldmatrix +
+//    mma.sync.m16n8k16 with fp32 accumulators (portable to sm_80; Hopper wgmma is later work);
+//    fp32: FFMA on exact fp32 products (no TF32). After the last K chunk of a Cout tile, the
+//    epilogue straight from the accumulators: z rounded to T, * scale, + shift (fp32, no fused
+//    multiply-add, as the reference's two ops), rounded to T, post-ReLU, + residual, stored.
+// A pack kernel first writes the weights zero-padded into the workspace ([cout_pad][kp] or
+// [kp][cout_pad] pointwise, fp32 [taps][kp] depthwise), so the main kernel needs no weight masks.
+//
+// Cases routed to the int64 kernel of sepconv_forward.cu (the launcher returns *launched = false):
+// a d tile that does not fit in shared memory at the smallest tile (about C > 1,500 in 16-bit on a
+// Hopper GPU), and tensors whose per-image or per-tile offsets do not fit in int32.
+
+#include <cstdint>
+#include <cstring>
+
+#include "sepconv_device.cuh"
+#include "sepconv_infer.h"
+#include "sepconv_infer_tiling.h"
+#include "sepconv_params.h"
+
+namespace xception_fast {
+namespace infer {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------
+// Inline PTX (all sm_80+)
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; src_bytes 0 writes 16 zero bytes and reads nothing.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 16-byte vectors of T <-> float[kVec], and the ReLU of a staged vector
+
+template <typename T>
+struct Vec16;
+
+template <>
+struct Vec16<float> {
+  static constexpr int kVec = 4;
+  static __device__ __forceinline__ void unpack(const uint4& u, float (&f)[4]) {
+    f[0] = __uint_as_float(u.x), f[1] = __uint_as_float(u.y), f[2] = __uint_as_float(u.z), f[3] = __uint_as_float(u.w);
+  }
+  static __device__ __forceinline__ uint4 pack(const float (&f)[4]) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+  }
+  static __device__ __forceinline__ uint4 relu(uint4 u) {  // NaN stays NaN (as torch.relu)
+    float f[4];
+    unpack(u, f);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) f[e] = f[e] < 0.f ? 0.f : f[e];
+    return pack(f);
+  }
+};
+
+template <typename T, typename T2>
+struct Vec16Half {
+  static constexpr int kVec = 8;
+  static __device__ __forceinline__ T2 as2(uint32_t w) {
+    T2 v;
+    memcpy(&v, &w, 4);
+    return v;
+  }
+  static __device__ __forceinline__ uint32_t as32(T2 v) {
+    uint32_t w;
+    memcpy(&w, &v, 4);
+    return w;
+  }
+  static __device__ __forceinline__ float2 to2(T2 v);
+  static __device__ __forceinline__ T2 from2(float a, float b);
+  static __device__ __forceinline__ void unpack(const uint4& u, float (&f)[8]) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 v = to2(as2(w[i]));
+      f[2 * i] = v.x, f[2 * i + 1] = v.y;
+    }
+  }
+  static __device__ __forceinline__ uint4 pack(const float (&f)[8]) {
+    return make_uint4(as32(from2(f[0], f[1])), as32(from2(f[2], f[3])), as32(from2(f[4], f[5])),
+                      as32(from2(f[6], f[7])));
+  }
+  static __device__ __forceinline__ uint4 relu(uint4 u) {  // packed max that keeps NaN
+    const T2 zero = from2(0.f, 0.f);
+    return make_uint4(as32(__hmax2_nan(as2(u.x), zero)), as32(__hmax2_nan(as2(u.y), zero)),
+                      as32(__hmax2_nan(as2(u.z), zero)), as32(__hmax2_nan(as2(u.w), zero)));
+  }
+};
+template <>
+__device__ __forceinline__ float2 Vec16Half<__half, __half2>::to2(__half2 v) { return __half22float2(v); }
+template <>
+__device__ __forceinline__ __half2 Vec16Half<__half, __half2>::from2(float a, float b) {
+  return __floats2half2_rn(a, b);
+}
+template <>
+__device__ __forceinline__ float2 Vec16Half<__nv_bfloat16, __nv_bfloat162>::to2(__nv_bfloat162 v) {
+  return __bfloat1622float2(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat162 Vec16Half<__nv_bfloat16, __nv_bfloat162>::from2(float a, float b) {
+  return __floats2bfloat162_rn(a, b);
+}
+template <>
+struct Vec16<__half> : Vec16Half<__half, __half2> {};
+template <>
+struct Vec16<__nv_bfloat16> : Vec16Half<__nv_bfloat16, __nv_bfloat162> {};
+
+// ---------------------------------------------------------------------------------------------------
+// Kernel arguments besides the plan
+
+template <typename T>
+struct Args {
+  const T* x;            // [N, H, W, C]
+  const float* dw;       // packed [taps][kp]
+  const T* pw;           // packed, see packed_pw_offset
+  Vec scale, shift;      // optional [Cout]
+  const T* residual;     // optional [N, Ho, Wo, Cout]
+  T* y;                  // [N, Ho, Wo, Cout]
+  bool pre_relu, post_relu;
+  bool x_vectors;        // C % vec == 0 and x 16-byte aligned: the halo moves as 16-byte cp.async
+  bool pairs;            // Cout even and y / residual aligned for 2-element stores
+};
+
+// Weights zero-padded into the workspace (see packed_pw_offset / packed_dw_offset).
+template <typename T>
+__global__ void __launch_bounds__(256) pack_weights_kernel(const Plan p, const T* __restrict__ dw,
+                                                           const T* __restrict__ pw, float* __restrict__ dwp,
+                                                           T* __restrict__ pwp) {
+  const int pw_elems = packed_pw_elems(p), total = pw_elems + packed_dw_elems(p);
+  const int taps = p.kh * p.kw;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int idx = static_cast<int>(i);
+    if (idx < pw_elems) {
+      const int co = idx / p.kp, ci = idx - co * p.kp;
+      const bool real = co < p.c_out && ci < p.c;
+      pwp[packed_pw_offset(p, co, ci, sizeof(T))] = real ? pw[co * p.c + ci] : from_float<T>(0.f);
+    } else {
+      const int j = idx - pw_elems, tap = j / p.kp, ci = j - tap * p.kp;
+      dwp[packed_dw_offset(p, tap, ci)] = ci < p.c ? to_float(dw[ci * taps + tap]) : 0.f;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Phase 1: the d tile
+
+template <typename T, int BM, int KH, int KW>
+__device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a, const SmemLayout& L,
+                                                unsigned char* smem, const TileRange& t, const HaloBox& b) {
+  using V = Vec16<T>;
+  constexpr int kVec = V::kVec, kVP = kBK / kVec, kSlots = kThreads / kVP, kPos = BM / kSlots;
+  static_assert(kPos * kSlots == BM, "tile rows must split evenly over the depthwise slots");
+  const int tid = threadIdx.x;
+  T* d = reinterpret_cast<T*>(smem);
+  int* table = reinterpret_cast<int*>(smem + L.table);
+  // Selected, not indexed: an indexed pointer array would live in local memory.
+  const auto halo = [&](int buf) { return reinterpret_cast<T*>(smem + (buf ? L.halo[1] : L.halo[0])); };
+  const T* x_img = a.x + static_cast<int64_t>(t.img) * p.h * p.w * p.c;
+  const int pixels = b.rows * b.cols;
+
+  for (int q = tid; q < pixels; q += kThreads) table[q] = halo_source_offset(p, b, q);
+  const int cv = dw_cv(tid, sizeof(T));
+  int base[kPos];
+#pragma unroll
+  for (int q = 0; q < kPos; ++q) base[q] = halo_base_pixel(p, t, b, dw_row(tid, q, sizeof(T)));
+  __syncthreads();  // the table
+
+  // Chunk `ck` of channels into halo buffer `buf`: 16-byte cp.async (the ReLU follows once it has
+  // landed), or element by element with the ReLU applied here when x does not allow 16-byte loads.
+  auto stage = [&](int ck, int buf) {
+    const int c0 = ck * kBK;
+    T* dst = halo(buf);
+    if (a.x_vectors) {
+      for (int idx = tid; idx < pixels * kVP; idx += kThreads) {
+        const int pixel = idx / kVP, vc = idx - pixel * kVP;
+        const int off = table[pixel], c = c0 + vc * kVec;
+        const bool real = off >= 0 && c < p.c;
+        cp_async16(dst + pixel * kBK + vc * kVec, real ? x_img + off + c : x_img, real ? 16 : 0);
+      }
+    } else {
+      for (int idx = tid; idx < pixels * kBK; idx += kThreads) {
+        const int pixel = idx / kBK, ch = idx - pixel * kBK;
+        const int off = table[pixel], c = c0 + ch;
+        float v = off >= 0 && c < p.c ? to_float(x_img[off + c]) : 0.f;
+        if (a.pre_relu) v = relu(v);
+        dst[idx] = from_float<T>(v);
+      }
+    }
+  };
+
+  const int chunks = p.kp / kBK;
+  stage(0, 0);
+  cp_async_commit();
+  for (int ck = 0; ck < chunks; ++ck) {
+    const int buf = ck & 1, c0 = ck * kBK;
+    if (ck + 1 < chunks) stage(ck + 1, buf ^ 1);  // that buffer was last read before the previous barrier
+    cp_async_commit();
+    cp_async_wait<1>();  // this thread's copies of chunk ck have landed
+    if (a.x_vectors && a.pre_relu) {
+      uint4* own = reinterpret_cast<uint4*>(halo(buf));
+      for (int idx = tid; idx < pixels * kVP; idx += kThreads) own[idx] = V::relu(own[idx]);
+    }
+    __syncthreads();  // chunk ck staged (and ReLU'd) by every thread
+
+    float acc[kPos][kVec];
+#pragma unroll
+    for (int q = 0; q < kPos; ++q)
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc[q][e] = 0.f;
+    const T* src = halo(buf) + cv * kVec;
+    const float* wsrc = a.dw + c0 + cv * kVec;
+    depthwise_rows<KH, KW, kPos, kVec>(
+        p, b, base,
+        [&](int pixel, float(&xv)[kVec]) { V::unpack(*reinterpret_cast<const uint4*>(src + pixel * kBK), xv); },
+        [&](int tap, float(&wv)[kVec]) {
+          const float4* w4 = reinterpret_cast<const float4*>(wsrc + tap * p.kp);
+#pragma unroll
+          for (int e = 0; e < kVec / 4; ++e) {
+            const float4 w = __ldg(w4 + e);
+            wv[4 * e] = w.x, wv[4 * e + 1] = w.y, wv[4 * e + 2] = w.z, wv[4 * e + 3] = w.w;
+          }
+        },
+        acc);
+#pragma unroll
+    for (int q = 0; q < kPos; ++q) {
+      *reinterpret_cast<uint4*>(d + dw_row(tid, q, sizeof(T)) * L.d_ld + c0 + cv * kVec) = V::pack(acc[q]);
+    }
+    __syncthreads();  // buffer `buf` free for chunk ck + 2; after the last chunk, d complete
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Epilogue of one output element pair (columns co, co + 1 of tile row r)
+
+template <typename T>
+struct Epilogue {
+  const Plan& p;
+  const Args<T>& a;
+  T* y;                // the tile's first output row
+  const T* residual;   // the tile's first residual row, or null
+  int count;
+
+  __device__ __forceinline__ float finish(float acc, float scale, float shift, bool has_scale,
+                                          bool has_shift) const {
+    float v = round_to<T>(acc);                   // z as the unfused pointwise conv stores it
+    if (has_scale) v = __fmul_rn(v, scale);       // two separately rounded fp32 ops, as the reference
+    if (has_shift) v = __fadd_rn(v, shift);
+    v = round_to<T>(v);
+    return a.post_relu ? relu(v) : v;
+  }
+
+  // acc0, acc1: columns co, co + 1 (co even); sc/sh: their scale and shift.
+  __device__ __forceinline__ void store_pair(int r, int co, float acc0, float acc1, const float (&sc)[2],
+                                             const float (&sh)[2]) const {
+    if (r >= count || co >= p.c_out) return;
+    const bool has_scale = a.scale.ptr != nullptr, has_shift = a.shift.ptr != nullptr;
+    float v0 = finish(acc0, sc[0], sh[0], has_scale, has_shift);
+    float v1 = finish(acc1, sc[1], sh[1], has_scale, has_shift);
+    const int off = r * p.c_out + co;
+    if (a.pairs && co + 1 < p.c_out) {
+      if (residual != nullptr) {
+        v0 += to_float(residual[off]);  // added in fp32, rounded once below (as torch's T + T)
+        v1 += to_float(residual[off + 1]);
+      }
+      y[off] = from_float<T>(v0);
+      y[off + 1] = from_float<T>(v1);
+    } else {
+      if (residual != nullptr) v0 += to_float(residual[off]);
+      y[off] = from_float<T>(v0);
+      if (co + 1 < p.c_out) {
+        if (residual != nullptr) v1 += to_float(residual[off + 1]);
+        y[off + 1] = from_float<T>(v1);
+      }
+    }
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ void load_affine(const Plan& p, const Args<T>& a, int co, float (&sc)[2], float (&sh)[2]) {
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const bool in = co + e < p.c_out;
+    sc[e] = a.scale.ptr != nullptr && in ? load_vec(a.scale, co + e) : 1.f;
+    sh[e] = a.shift.ptr != nullptr && in ? load_vec(a.shift, co + e) : 0.f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Phase 2: the pointwise over every Cout tile
+
+// The weight ring: stage `it` of the flattened (Cout tile, K chunk) sequence into slot it % kStages.
+template <typename T>
+__device__ __forceinline__ void load_ring_stage(const Plan& p, const Args<T>& a, T* ring, int ring_tile_elems,
+                                                int ring_ld, int it, int total) {
+  if (it < total) {
+    const int kc_count = p.kp / kBK;
+    const int nt = it / kc_count, kc = it - nt * kc_count;
+    T* slot = ring + (it % kStages) * ring_tile_elems;
+    for (int v = threadIdx.x; v < ring_vectors(sizeof(T)); v += kThreads) {
+      cp_async16(slot + ring_vec_row(v, sizeof(T)) * ring_ld + ring_vec_col(v, sizeof(T)),
+                 a.pw + ring_vec_source(p, v, nt * kBN, kc * kBK, sizeof(T)), 16);
+    }
+  }
+  cp_async_commit();  // always one group per stage, empty at the end: wait_group counts stay simple
+}
+
+template <typename T, int BM>
+__device__ __forceinline__ void pointwise_phase_mma(const Plan& p, const Args<T>& a, const SmemLayout& L,
+                                                    unsigned char* smem, const Epilogue<T>& ep) {
+  constexpr int kMF = BM / 32;  // m16 fragments per warp
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int row0 = warp_row0(warp, BM), col0 = warp_col0(warp);
+  const T* d = reinterpret_cast<const T*>(smem);
+  T* ring = reinterpret_cast<T*>(smem + L.ring);
+  const int kc_count = p.kp / kBK, total = p.cout_tiles * kc_count;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) load_ring_stage(p, a, ring, L.ring_tile_elems, L.ring_ld, s, total);
+
+  float acc[kMF][4][4];
+#pragma unroll
+  for (int i = 0; i < kMF; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+  // Per-lane ldmatrix addresses, advanced by k in the loop.
+  const T* a_base = d + (row0 + ldsm_a_row(lane)) * L.d_ld + ldsm_a_col(lane);
+  const int b_lane = (col0 + ldsm_b_n(lane)) * L.ring_ld + ldsm_b_k(lane);
+
+  for (int it = 0; it < total; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage `it` visible to all; slot (it - 1) % kStages free again
+    load_ring_stage(p, a, ring, L.ring_tile_elems, L.ring_ld, it + kStages - 1, total);
+    const int nt = it / kc_count, kc = it - nt * kc_count;
+    const T* b_slot = ring + (it % kStages) * L.ring_tile_elems + b_lane;
+#pragma unroll
+    for (int ks = 0; ks < kBK; ks += 16) {
+      uint32_t af[kMF][4], bf[2][4];
+#pragma unroll
+      for (int i = 0; i < kMF; ++i) ldmatrix_x4(af[i], a_base + i * 16 * L.d_ld + kc * kBK + ks);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) ldmatrix_x4(bf[j], b_slot + j * 16 * L.ring_ld + ks);
+#pragma unroll
+      for (int i = 0; i < kMF; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma_16816<T>(acc[i][j], af[i], bf[j / 2][(j % 2) * 2], bf[j / 2][(j % 2) * 2 + 1]);
+    }
+    if (kc == kc_count - 1) {  // the Cout tile is complete: epilogue from the registers
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int co = nt * kBN + col0 + j * 8 + acc_col(lane, 0);
+        float sc[2], sh[2];
+        load_affine(p, a, co, sc, sh);
+#pragma unroll
+        for (int i = 0; i < kMF; ++i)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            ep.store_pair(row0 + i * 16 + acc_row(lane, 2 * h), co, acc[i][j][2 * h], acc[i][j][2 * h + 1], sc, sh);
+            acc[i][j][2 * h] = 0.f;
+            acc[i][j][2 * h + 1] = 0.f;
+          }
+      }
+    }
+  }
+}
+
+template <int BM>
+__device__ __forceinline__ void pointwise_phase_ffma(const Plan& p, const Args<float>& a, const SmemLayout& L,
+                                                     unsigned char* smem, const Epilogue<float>& ep) {
+  constexpr int kRows = BM / 8;
+  const int tid = threadIdx.x;
+  const float* d = reinterpret_cast<const float*>(smem);
+  float* ring = reinterpret_cast<float*>(smem + L.ring);
+  const int kc_count = p.kp / kBK, total = p.cout_tiles * kc_count;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) load_ring_stage(p, a, ring, L.ring_tile_elems, L.ring_ld, s, total);
+
+  float acc[kRows][4];
+#pragma unroll
+  for (int i = 0; i < kRows; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+
+  for (int it = 0; it < total; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    load_ring_stage(p, a, ring, L.ring_tile_elems, L.ring_ld, it + kStages - 1, total);
+    const int nt = it / kc_count, kc = it - nt * kc_count;
+    const float* b_slot = ring + (it % kStages) * L.ring_tile_elems + ffma_col(tid, 0);
+#pragma unroll
+    for (int k = 0; k < kBK; k += 4) {
+      float4 av[kRows], bv[4];
+#pragma unroll
+      for (int i = 0; i < kRows; ++i)  // one row per warp: a broadcast
+        av[i] = *reinterpret_cast<const float4*>(d + ffma_row(tid, i) * L.d_ld + kc * kBK + k);
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) bv[kk] = *reinterpret_cast<const float4*>(b_slot + (k + kk) * L.ring_ld);
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const float ak[4] = {av[i].x, av[i].y, av[i].z, av[i].w};
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          acc[i][0] = fmaf(ak[kk], bv[kk].x, acc[i][0]);
+          acc[i][1] = fmaf(ak[kk], bv[kk].y, acc[i][1]);
+          acc[i][2] = fmaf(ak[kk], bv[kk].z, acc[i][2]);
+          acc[i][3] = fmaf(ak[kk], bv[kk].w, acc[i][3]);
+        }
+      }
+    }
+    if (kc == kc_count - 1) {
+#pragma unroll
+      for (int jp = 0; jp < 4; jp += 2) {
+        const int co = nt * kBN + ffma_col(tid, jp);
+        float sc[2], sh[2];
+        load_affine(p, a, co, sc, sh);
+#pragma unroll
+        for (int i = 0; i < kRows; ++i) {
+          ep.store_pair(ffma_row(tid, i), co, acc[i][jp], acc[i][jp + 1], sc, sh);
+          acc[i][jp] = 0.f;
+          acc[i][jp + 1] = 0.f;
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The kernel: one CTA per position tile
+
+template <typename T, int BM, int KH, int KW>
+__global__ void __launch_bounds__(kThreads, 1) sepconv_infer_tiled_kernel(const Plan p, const Args<T> a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const SmemLayout L = smem_layout(p, sizeof(T));
+  const TileRange t = tile_range(p, blockIdx.x);
+  const HaloBox b = halo_box(p, t);
+  depthwise_phase<T, BM, KH, KW>(p, a, L, smem, t, b);
+
+  const int64_t first = static_cast<int64_t>(t.img) * p.h_out * p.w_out + t.q0;  // the tile's first position
+  const Epilogue<T> ep{p, a, a.y + first * p.c_out, a.residual != nullptr ? a.residual + first * p.c_out : nullptr,
+                       t.count};
+  if constexpr (sizeof(T) == 2) {
+    pointwise_phase_mma<T, BM>(p, a, L, smem, ep);
+  } else {
+    pointwise_phase_ffma<BM>(p, a, L, smem, ep);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Launcher
+
+constexpr int64_t kInt32Max = 0x7fffffff;
+
+// Whether the plan's int32 offsets cannot overflow (the kernel uses int32 inside an image, a tile,
+// the packed weights and shared memory; image and tile bases are int64).
+bool fits_int32(const ConvGeometry& g) {
+  const int64_t kp = (g.c + kBK) / kBK * kBK, cout_pad = (g.c_out + kBN) / kBN * kBN;
+  return g.n <= kInt32Max && g.h * g.w * g.c < kInt32Max && g.h_out * g.w_out < kInt32Max &&
+         g.n * g.h_out * g.w_out < kInt32Max && kp * cout_pad < kInt32Max && g.kh * g.kw * kp < kInt32Max &&
+         256 * g.c_out < kInt32Max && g.h + 2 * g.pad_h < kInt32Max && g.w + 2 * g.pad_w < kInt32Max;
+}
+
+Plan plan_for(const ConvGeometry& g, int bm) {
+  const auto i = [](int64_t v) { return static_cast<int>(v); };
+  return make_plan(i(g.n), i(g.c), i(g.h), i(g.w), i(g.c_out), i(g.kh), i(g.kw), i(g.stride_h), i(g.stride_w),
+                   i(g.pad_h), i(g.pad_w), i(g.dil_h), i(g.dil_w), bm);
+}
+
+// Packed weights in the workspace (the layout depends on the geometry only).
+template <typename T>
+struct Packed {
+  T* pw;
+  float* dw;
+};
+
+template <typename T>
+Packed<T> carve(const Plan& p, Workspace& ws) {
+  Packed<T> r;
+  r.pw = ws.take<T>(packed_pw_elems(p));
+  r.dw = ws.take<float>(packed_dw_elems(p));
+  return r;
+}
+
+template <typename T, int BM, int KH, int KW>
+cudaError_t launch(const Plan& plan, const Args<T>& args, int smem_bytes, cudaStream_t stream) {
+  const auto kernel = sepconv_infer_tiled_kernel<T, BM, KH, KW>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<num_tiles(plan), kThreads, smem_bytes, stream>>>(plan, args);
+  return cudaGetLastError();
+}
+
+template <typename T, int BM>
+cudaError_t launch_k(const Plan& plan, const Args<T>& args, int smem_bytes, cudaStream_t stream) {
+  // 3x3 (every Xception unit) with the taps unrolled at compile time; any other size at run time.
+  if (plan.kh == 3 && plan.kw == 3) return launch<T, BM, 3, 3>(plan, args, smem_bytes, stream);
+  return launch<T, BM, 0, 0>(plan, args, smem_bytes, stream);
+}
+
+bool aligned(const void* ptr, int bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+template <typename T>
+cudaError_t run(const SepConvInferParams& prm, cudaStream_t stream, bool* launched) {
+  const ConvGeometry& g = prm.g;
+  int device = 0, max_smem = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+
+  // The largest tile whose d tile fits; fp32 (4-byte d, FFMA) uses 32-row tiles.
+  constexpr int kCandidates[2] = {sizeof(T) == 2 ? 128 : 32, sizeof(T) == 2 ? 64 : 0};
+  int bm = 0, smem_bytes = 0;
+  Plan plan{};
+  for (int candidate : kCandidates) {
+    if (candidate == 0) continue;
+    plan = plan_for(g, candidate);
+    smem_bytes = smem_layout(plan, sizeof(T)).total;
+    if (smem_bytes <= max_smem) {
+      bm = candidate;
+      break;
+    }
+  }
+  if (bm == 0) return cudaSuccess;  // *launched stays false: the int64 kernel takes it
+
+  Workspace ws(prm.workspace);
+  const Packed<T> packed = carve<T>(plan, ws);
+  if (ws.bytes() > prm.workspace_bytes) return cudaErrorInvalidValue;
+  *launched = true;
+  if (num_tiles(plan) == 0 || g.c_out == 0) return cudaSuccess;
+
+  const int pack_total = packed_pw_elems(plan) + packed_dw_elems(plan);
+  pack_weights_kernel<T><<<elementwise_blocks(pack_total), 256, 0, stream>>>(
+      plan, static_cast<const T*>(prm.dw_weight), static_cast<const T*>(prm.pw_weight), packed.dw, packed.pw);
+
+  Args<T> args;
+  args.x = static_cast<const T*>(prm.x.ptr);
+  args.dw = packed.dw;
+  args.pw = packed.pw;
+  args.scale = prm.scale;
+  args.shift = prm.shift;
+  args.residual = static_cast<const T*>(prm.residual.ptr);
+  args.y = static_cast<T*>(prm.y.ptr);
+  args.pre_relu = prm.pre_relu;
+  args.post_relu = prm.post_relu;
+  args.x_vectors = g.c % vec_elems(sizeof(T)) == 0 && aligned(args.x, 16);
+  args.pairs = g.c_out % 2 == 0 && aligned(args.y, 2 * sizeof(T)) &&
+               (args.residual == nullptr || aligned(args.residual, 2 * sizeof(T)));
+  if constexpr (sizeof(T) == 2) {
+    return bm == 128 ? launch_k<T, 128>(plan, args, smem_bytes, stream)
+                     : launch_k<T, 64>(plan, args, smem_bytes, stream);
+  } else {
+    return launch_k<T, 32>(plan, args, smem_bytes, stream);
+  }
+}
+
+}  // namespace
+}  // namespace infer
+
+size_t infer_tiled_workspace_size(const SepConvInferParams& params) {
+  if (!infer::fits_int32(params.g)) return 0;
+  const infer::Plan plan = infer::plan_for(params.g, 64);  // the packed sizes do not depend on bm
+  Workspace ws(nullptr);
+  switch (params.dtype) {
+    case DType::kFloat32: infer::carve<float>(plan, ws); break;
+    default: infer::carve<__half>(plan, ws); break;  // 2 bytes, as bfloat16
+  }
+  return ws.bytes();
+}
+
+cudaError_t run_sepconv_bn_infer_tiled(const SepConvInferParams& params, cudaStream_t stream, bool* launched) {
+  *launched = false;
+  if (!infer::fits_int32(params.g)) return cudaSuccess;
+  return XF_DTYPE_SWITCH(params.dtype, T, [&] { return infer::run<T>(params, stream, launched); });
+}
+
+}  // namespace xception_fast
