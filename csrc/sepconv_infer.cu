@@ -34,6 +34,16 @@
 #include "sepconv_infer_tiling.h"
 #include "sepconv_params.h"
 
+// Static instruction counting (benchmarks/NOTES.md) compiles one path at a time: with XF_STATIC_COUNT
+// defined, the run-time flags below become the constants given (full tiles, 16-byte halo loads,
+// pre-ReLU on, residual and post-ReLU from XF_STATIC_COUNT_RESIDUAL / XF_STATIC_COUNT_POST_RELU), so
+// the loop bodies in the SASS are the path a middle-flow unit runs. Never defined in a build.
+#ifdef XF_STATIC_COUNT
+#define XF_FLAG(runtime, counted) (counted)
+#else
+#define XF_FLAG(runtime, counted) (runtime)
+#endif
+
 namespace xception_fast {
 namespace infer {
 namespace {
@@ -55,10 +65,11 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+// addr: a shared-memory byte address (smem_addr).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
+               : "r"(addr));
 }
 
 template <typename T>
@@ -82,80 +93,103 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t 
 }
 
 // ---------------------------------------------------------------------------------------------------
-// 16-byte vectors of T <-> float[kVec], and the ReLU of a staged vector
+// Element pairs (one 32-bit word of a 16-bit type, a float2 for fp32) and 16-byte vectors
 
 template <typename T>
-struct Vec16;
+struct Pair;
 
 template <>
-struct Vec16<float> {
-  static constexpr int kVec = 4;
-  static __device__ __forceinline__ void unpack(const uint4& u, float (&f)[4]) {
-    f[0] = __uint_as_float(u.x), f[1] = __uint_as_float(u.y), f[2] = __uint_as_float(u.z), f[3] = __uint_as_float(u.w);
+struct Pair<__nv_bfloat16> {
+  using Raw = uint32_t;
+  // bf16 -> fp32 is a shift or a mask: one instruction per element.
+  static __device__ __forceinline__ float2 unpack(Raw w) {
+    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
   }
-  static __device__ __forceinline__ uint4 pack(const float (&f)[4]) {
-    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
-  }
-  static __device__ __forceinline__ uint4 relu(uint4 u) {  // NaN stays NaN (as torch.relu)
-    float f[4];
-    unpack(u, f);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) f[e] = f[e] < 0.f ? 0.f : f[e];
-    return pack(f);
-  }
-};
-
-template <typename T, typename T2>
-struct Vec16Half {
-  static constexpr int kVec = 8;
-  static __device__ __forceinline__ T2 as2(uint32_t w) {
-    T2 v;
-    memcpy(&v, &w, 4);
-    return v;
-  }
-  static __device__ __forceinline__ uint32_t as32(T2 v) {
-    uint32_t w;
+  static __device__ __forceinline__ Raw pack(float a, float b) {  // round to nearest even, both at once
+    const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    Raw w;
     memcpy(&w, &v, 4);
     return w;
   }
-  static __device__ __forceinline__ float2 to2(T2 v);
-  static __device__ __forceinline__ T2 from2(float a, float b);
-  static __device__ __forceinline__ void unpack(const uint4& u, float (&f)[8]) {
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 v = to2(as2(w[i]));
-      f[2 * i] = v.x, f[2 * i + 1] = v.y;
-    }
-  }
-  static __device__ __forceinline__ uint4 pack(const float (&f)[8]) {
-    return make_uint4(as32(from2(f[0], f[1])), as32(from2(f[2], f[3])), as32(from2(f[4], f[5])),
-                      as32(from2(f[6], f[7])));
-  }
-  static __device__ __forceinline__ uint4 relu(uint4 u) {  // packed max that keeps NaN
-    const T2 zero = from2(0.f, 0.f);
-    return make_uint4(as32(__hmax2_nan(as2(u.x), zero)), as32(__hmax2_nan(as2(u.y), zero)),
-                      as32(__hmax2_nan(as2(u.z), zero)), as32(__hmax2_nan(as2(u.w), zero)));
+  static __device__ __forceinline__ Raw relu(Raw w) {  // packed max that keeps NaN (as torch.relu)
+    __nv_bfloat162 v;
+    memcpy(&v, &w, 4);
+    v = __hmax2_nan(v, __floats2bfloat162_rn(0.f, 0.f));
+    memcpy(&w, &v, 4);
+    return w;
   }
 };
+
 template <>
-__device__ __forceinline__ float2 Vec16Half<__half, __half2>::to2(__half2 v) { return __half22float2(v); }
+struct Pair<__half> {
+  using Raw = uint32_t;
+  static __device__ __forceinline__ float2 unpack(Raw w) {
+    __half2 v;
+    memcpy(&v, &w, 4);
+    return __half22float2(v);
+  }
+  static __device__ __forceinline__ Raw pack(float a, float b) {
+    const __half2 v = __floats2half2_rn(a, b);
+    Raw w;
+    memcpy(&w, &v, 4);
+    return w;
+  }
+  static __device__ __forceinline__ Raw relu(Raw w) {
+    __half2 v;
+    memcpy(&v, &w, 4);
+    v = __hmax2_nan(v, __floats2half2_rn(0.f, 0.f));
+    memcpy(&w, &v, 4);
+    return w;
+  }
+};
+
 template <>
-__device__ __forceinline__ __half2 Vec16Half<__half, __half2>::from2(float a, float b) {
-  return __floats2half2_rn(a, b);
-}
-template <>
-__device__ __forceinline__ float2 Vec16Half<__nv_bfloat16, __nv_bfloat162>::to2(__nv_bfloat162 v) {
-  return __bfloat1622float2(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat162 Vec16Half<__nv_bfloat16, __nv_bfloat162>::from2(float a, float b) {
-  return __floats2bfloat162_rn(a, b);
-}
-template <>
-struct Vec16<__half> : Vec16Half<__half, __half2> {};
-template <>
-struct Vec16<__nv_bfloat16> : Vec16Half<__nv_bfloat16, __nv_bfloat162> {};
+struct Pair<float> {
+  using Raw = float2;
+  static __device__ __forceinline__ float2 unpack(Raw w) { return w; }
+  static __device__ __forceinline__ Raw pack(float a, float b) { return make_float2(a, b); }
+  static __device__ __forceinline__ Raw relu(Raw w) {  // NaN < 0 is false: NaN stays NaN
+    return make_float2(w.x < 0.f ? 0.f : w.x, w.y < 0.f ? 0.f : w.y);
+  }
+};
+
+// A 16-byte vector of T as kVec floats and back: 4 pairs of a 16-bit type or 4 floats.
+template <typename T>
+struct Vec16 {
+  static constexpr int kVec = 16 / sizeof(T);
+  static __device__ __forceinline__ void unpack(const uint4& u, float (&f)[kVec]) {
+    if constexpr (sizeof(T) == 2) {
+      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 v = Pair<T>::unpack(w[i]);
+        f[2 * i] = v.x, f[2 * i + 1] = v.y;
+      }
+    } else {
+      f[0] = __uint_as_float(u.x), f[1] = __uint_as_float(u.y);
+      f[2] = __uint_as_float(u.z), f[3] = __uint_as_float(u.w);
+    }
+  }
+  static __device__ __forceinline__ uint4 pack(const float (&f)[kVec]) {
+    if constexpr (sizeof(T) == 2) {
+      return make_uint4(Pair<T>::pack(f[0], f[1]), Pair<T>::pack(f[2], f[3]), Pair<T>::pack(f[4], f[5]),
+                        Pair<T>::pack(f[6], f[7]));
+    } else {
+      return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+    }
+  }
+  static __device__ __forceinline__ uint4 relu(uint4 u) {
+    if constexpr (sizeof(T) == 2) {
+      return make_uint4(Pair<T>::relu(u.x), Pair<T>::relu(u.y), Pair<T>::relu(u.z), Pair<T>::relu(u.w));
+    } else {
+      float f[4];
+      unpack(u, f);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) f[e] = f[e] < 0.f ? 0.f : f[e];
+      return pack(f);
+    }
+  }
+};
 
 // ---------------------------------------------------------------------------------------------------
 // Kernel arguments besides the plan
@@ -165,20 +199,23 @@ struct Args {
   const T* x;            // [N, H, W, C]
   const float* dw;       // packed [taps][kp]
   const T* pw;           // packed, see packed_pw_offset
-  Vec scale, shift;      // optional [Cout]
+  const float* scale;    // packed [cout_pad] (1 where absent)
+  const float* shift;    // packed [cout_pad] (-0 where absent)
   const T* residual;     // optional [N, Ho, Wo, Cout]
   T* y;                  // [N, Ho, Wo, Cout]
   bool pre_relu, post_relu;
   bool x_vectors;        // C % vec == 0 and x 16-byte aligned: the halo moves as 16-byte cp.async
-  bool pairs;            // Cout even and y / residual aligned for 2-element stores
+  bool pairs;            // Cout even and y / residual aligned for whole-pair stores
 };
 
-// Weights zero-padded into the workspace (see packed_pw_offset / packed_dw_offset).
+// Weights and the affine vectors, padded into the workspace (see packed_pw_offset).
 template <typename T>
-__global__ void __launch_bounds__(256) pack_weights_kernel(const Plan p, const T* __restrict__ dw,
-                                                           const T* __restrict__ pw, float* __restrict__ dwp,
-                                                           T* __restrict__ pwp) {
-  const int pw_elems = packed_pw_elems(p), total = pw_elems + packed_dw_elems(p);
+__global__ void __launch_bounds__(256)
+    pack_weights_kernel(const Plan p, const T* __restrict__ dw, const T* __restrict__ pw, Vec scale, Vec shift,
+                        float* __restrict__ dwp, T* __restrict__ pwp, float* __restrict__ scalep,
+                        float* __restrict__ shiftp) {
+  const int pw_elems = packed_pw_elems(p), dw_elems = packed_dw_elems(p);
+  const int total = pw_elems + dw_elems + p.cout_pad;
   const int taps = p.kh * p.kw;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -187,9 +224,14 @@ __global__ void __launch_bounds__(256) pack_weights_kernel(const Plan p, const T
       const int co = idx / p.kp, ci = idx - co * p.kp;
       const bool real = co < p.c_out && ci < p.c;
       pwp[packed_pw_offset(p, co, ci, sizeof(T))] = real ? pw[co * p.c + ci] : from_float<T>(0.f);
-    } else {
+    } else if (idx < pw_elems + dw_elems) {
       const int j = idx - pw_elems, tap = j / p.kp, ci = j - tap * p.kp;
       dwp[packed_dw_offset(p, tap, ci)] = ci < p.c ? to_float(dw[ci * taps + tap]) : 0.f;
+    } else {
+      const int co = idx - pw_elems - dw_elems;
+      const bool real = co < p.c_out;
+      scalep[co] = real && scale.ptr != nullptr ? load_vec(scale, co) : 1.f;
+      shiftp[co] = real && shift.ptr != nullptr ? load_vec(shift, co) : -0.f;
     }
   }
 }
@@ -208,29 +250,37 @@ __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a,
   int* table = reinterpret_cast<int*>(smem + L.table);
   // Selected, not indexed: an indexed pointer array would live in local memory.
   const auto halo = [&](int buf) { return reinterpret_cast<T*>(smem + (buf ? L.halo[1] : L.halo[0])); };
+  const auto wts = [&](int buf) { return reinterpret_cast<float*>(smem + (buf ? L.wts[1] : L.wts[0])); };
   const T* x_img = a.x + static_cast<int64_t>(t.img) * p.h * p.w * p.c;
   const int pixels = b.rows * b.cols;
 
+  // The data-dependent loops of this phase are kept rolled (unroll 1): they issue copies, not math.
+#pragma unroll 1
   for (int q = tid; q < pixels; q += kThreads) table[q] = halo_source_offset(p, b, q);
-  const int cv = dw_cv(tid, sizeof(T));
+  const int cv = dw_cv(tid, sizeof(T)), slot0 = dw_row(tid, 0, sizeof(T));
   int base[kPos];
 #pragma unroll
   for (int q = 0; q < kPos; ++q) base[q] = halo_base_pixel(p, t, b, dw_row(tid, q, sizeof(T)));
   __syncthreads();  // the table
 
-  // Chunk `ck` of channels into halo buffer `buf`: 16-byte cp.async (the ReLU follows once it has
-  // landed), or element by element with the ReLU applied here when x does not allow 16-byte loads.
+  // Chunk `ck` of channels into buffer `buf`: the halo with 16-byte cp.async (the ReLU follows once it
+  // has landed), or element by element with the ReLU applied here when x does not allow 16-byte
+  // loads; the chunk's depthwise weights with cp.async.
   auto stage = [&](int ck, int buf) {
     const int c0 = ck * kBK;
-    T* dst = halo(buf);
-    if (a.x_vectors) {
-      for (int idx = tid; idx < pixels * kVP; idx += kThreads) {
-        const int pixel = idx / kVP, vc = idx - pixel * kVP;
-        const int off = table[pixel], c = c0 + vc * kVec;
-        const bool real = off >= 0 && c < p.c;
-        cp_async16(dst + pixel * kBK + vc * kVec, real ? x_img + off + c : x_img, real ? 16 : 0);
+    if (XF_FLAG(a.x_vectors, true)) {
+      const int c = c0 + cv * kVec;
+      const bool channels = c < p.c;  // whole vectors: C is a multiple of kVec here
+      const T* src = x_img + c;
+      T* dst = halo(buf) + cv * kVec;
+#pragma unroll 1
+      for (int pixel = slot0; pixel < pixels; pixel += kSlots) {
+        const int off = table[pixel];
+        const bool real = channels && off >= 0;
+        cp_async16(dst + pixel * kBK, real ? src + off : x_img, real ? 16 : 0);
       }
     } else {
+      T* dst = halo(buf);
       for (int idx = tid; idx < pixels * kBK; idx += kThreads) {
         const int pixel = idx / kBK, ch = idx - pixel * kBK;
         const int off = table[pixel], c = c0 + ch;
@@ -239,9 +289,15 @@ __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a,
         dst[idx] = from_float<T>(v);
       }
     }
+    float* w = wts(buf);
+#pragma unroll 1
+    for (int u = tid; u < wts_vectors(p); u += kThreads) {
+      const int tap = u / (kBK / 4), part = u - tap * (kBK / 4);
+      cp_async16(w + tap * kBK + part * 4, a.dw + packed_dw_offset(p, tap, c0 + part * 4), 16);
+    }
   };
 
-  const int chunks = p.kp / kBK;
+  const int chunks = k_chunks(p);
   stage(0, 0);
   cp_async_commit();
   for (int ck = 0; ck < chunks; ++ck) {
@@ -249,9 +305,12 @@ __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a,
     if (ck + 1 < chunks) stage(ck + 1, buf ^ 1);  // that buffer was last read before the previous barrier
     cp_async_commit();
     cp_async_wait<1>();  // this thread's copies of chunk ck have landed
-    if (a.x_vectors && a.pre_relu) {
-      uint4* own = reinterpret_cast<uint4*>(halo(buf));
-      for (int idx = tid; idx < pixels * kVP; idx += kThreads) own[idx] = V::relu(own[idx]);
+    if (XF_FLAG(a.x_vectors && a.pre_relu, true)) {
+      uint4* own = reinterpret_cast<uint4*>(halo(buf) + cv * kVec);
+#pragma unroll 1
+      for (int pixel = slot0; pixel < pixels; pixel += kSlots) {
+        own[pixel * kVP] = V::relu(own[pixel * kVP]);
+      }
     }
     __syncthreads();  // chunk ck staged (and ReLU'd) by every thread
 
@@ -261,15 +320,14 @@ __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a,
 #pragma unroll
       for (int e = 0; e < kVec; ++e) acc[q][e] = 0.f;
     const T* src = halo(buf) + cv * kVec;
-    const float* wsrc = a.dw + c0 + cv * kVec;
+    const float* wsrc = wts(buf) + cv * kVec;
     depthwise_rows<KH, KW, kPos, kVec>(
         p, b, base,
         [&](int pixel, float(&xv)[kVec]) { V::unpack(*reinterpret_cast<const uint4*>(src + pixel * kBK), xv); },
         [&](int tap, float(&wv)[kVec]) {
-          const float4* w4 = reinterpret_cast<const float4*>(wsrc + tap * p.kp);
 #pragma unroll
           for (int e = 0; e < kVec / 4; ++e) {
-            const float4 w = __ldg(w4 + e);
+            const float4 w = *reinterpret_cast<const float4*>(wsrc + tap * kBK + 4 * e);
             wv[4 * e] = w.x, wv[4 * e + 1] = w.y, wv[4 * e + 2] = w.z, wv[4 * e + 3] = w.w;
           }
         },
@@ -283,7 +341,7 @@ __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a,
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Epilogue of one output element pair (columns co, co + 1 of tile row r)
+// Epilogue: the accumulators of one Cout tile to y, as element pairs (columns co, co + 1, co even)
 
 template <typename T>
 struct Epilogue {
@@ -291,84 +349,83 @@ struct Epilogue {
   const Args<T>& a;
   T* y;                // the tile's first output row
   const T* residual;   // the tile's first residual row, or null
-  int count;
+  int count;           // valid rows
 
-  __device__ __forceinline__ float finish(float acc, float scale, float shift, bool has_scale,
-                                          bool has_shift) const {
-    float v = round_to<T>(acc);                   // z as the unfused pointwise conv stores it
-    if (has_scale) v = __fmul_rn(v, scale);       // two separately rounded fp32 ops, as the reference
-    if (has_shift) v = __fadd_rn(v, shift);
-    v = round_to<T>(v);
-    return a.post_relu ? relu(v) : v;
+  __device__ __forceinline__ bool has_residual() const {
+    return XF_FLAG(residual != nullptr, XF_STATIC_COUNT_RESIDUAL);
   }
 
-  // acc0, acc1: columns co, co + 1 (co even); sc/sh: their scale and shift.
-  __device__ __forceinline__ void store_pair(int r, int co, float acc0, float acc1, const float (&sc)[2],
-                                             const float (&sh)[2]) const {
-    if (r >= count || co >= p.c_out) return;
-    const bool has_scale = a.scale.ptr != nullptr, has_shift = a.shift.ptr != nullptr;
-    float v0 = finish(acc0, sc[0], sh[0], has_scale, has_shift);
-    float v1 = finish(acc1, sc[1], sh[1], has_scale, has_shift);
-    const int off = r * p.c_out + co;
-    if (a.pairs && co + 1 < p.c_out) {
-      if (residual != nullptr) {
-        v0 += to_float(residual[off]);  // added in fp32, rounded once below (as torch's T + T)
-        v1 += to_float(residual[off + 1]);
-      }
-      y[off] = from_float<T>(v0);
-      y[off + 1] = from_float<T>(v1);
-    } else {
-      if (residual != nullptr) v0 += to_float(residual[off]);
-      y[off] = from_float<T>(v0);
-      if (co + 1 < p.c_out) {
-        if (residual != nullptr) v1 += to_float(residual[off + 1]);
-        y[off + 1] = from_float<T>(v1);
-      }
+  // z rounded to T, * scale, + shift (two separately rounded fp32 ops, as the reference), rounded to
+  // T, post-ReLU: the pair in T.
+  __device__ __forceinline__ typename Pair<T>::Raw finish(float acc0, float acc1, float2 sc, float2 sh) const {
+    const float2 z = Pair<T>::unpack(Pair<T>::pack(acc0, acc1));
+    const typename Pair<T>::Raw v =
+        Pair<T>::pack(__fadd_rn(__fmul_rn(z.x, sc.x), sh.x), __fadd_rn(__fmul_rn(z.y, sc.y), sh.y));
+    return XF_FLAG(a.post_relu, XF_STATIC_COUNT_POST_RELU) ? Pair<T>::relu(v) : v;
+  }
+
+  // Whole pair, no masks (full_tile and a.pairs): yp / rp point at the pair in y / the residual.
+  __device__ __forceinline__ void store_full(T* yp, const T* rp, float acc0, float acc1, float2 sc, float2 sh) const {
+    typename Pair<T>::Raw v = finish(acc0, acc1, sc, sh);
+    if (has_residual()) {  // added in fp32, rounded once (as torch's T + T)
+      const float2 f = Pair<T>::unpack(v);
+      const float2 res = Pair<T>::unpack(*reinterpret_cast<const typename Pair<T>::Raw*>(rp));
+      v = Pair<T>::pack(f.x + res.x, f.y + res.y);
     }
+    *reinterpret_cast<typename Pair<T>::Raw*>(yp) = v;
+  }
+
+  // Masked, element by element: rows past count, columns past c_out, unaligned pairs.
+  __device__ __forceinline__ void store_masked(int r, int co, float acc0, float acc1, float2 sc, float2 sh) const {
+    if (r >= count) return;
+    const float2 f = Pair<T>::unpack(finish(acc0, acc1, sc, sh));
+    const int off = r * p.c_out + co;
+    if (co < p.c_out) y[off] = from_float<T>(residual != nullptr ? f.x + to_float(residual[off]) : f.x);
+    if (co + 1 < p.c_out) y[off + 1] = from_float<T>(residual != nullptr ? f.y + to_float(residual[off + 1]) : f.y);
   }
 };
 
-template <typename T>
-__device__ __forceinline__ void load_affine(const Plan& p, const Args<T>& a, int co, float (&sc)[2], float (&sh)[2]) {
-#pragma unroll
-  for (int e = 0; e < 2; ++e) {
-    const bool in = co + e < p.c_out;
-    sc[e] = a.scale.ptr != nullptr && in ? load_vec(a.scale, co + e) : 1.f;
-    sh[e] = a.shift.ptr != nullptr && in ? load_vec(a.shift, co + e) : 0.f;
-  }
-}
-
 // ---------------------------------------------------------------------------------------------------
-// Phase 2: the pointwise over every Cout tile
+// Phase 2: the pointwise over every Cout tile, the weights through a cp.async ring
 
-// The weight ring: stage `it` of the flattened (Cout tile, K chunk) sequence into slot it % kStages.
+// Stage `it` of the weights into ring slot `slot` (one commit group per call, empty past the end,
+// so the wait_group counts stay fixed).
 template <typename T>
-__device__ __forceinline__ void load_ring_stage(const Plan& p, const Args<T>& a, T* ring, int ring_tile_elems,
-                                                int ring_ld, int it, int total) {
+__device__ __forceinline__ void load_ring_stage(const Args<T>& a, T* ring, int ring_tile_elems, int ring_ld,
+                                                int it, int slot, int total) {
   if (it < total) {
-    const int kc_count = p.kp / kBK;
-    const int nt = it / kc_count, kc = it - nt * kc_count;
-    T* slot = ring + (it % kStages) * ring_tile_elems;
-    for (int v = threadIdx.x; v < ring_vectors(sizeof(T)); v += kThreads) {
-      cp_async16(slot + ring_vec_row(v, sizeof(T)) * ring_ld + ring_vec_col(v, sizeof(T)),
-                 a.pw + ring_vec_source(p, v, nt * kBN, kc * kBK, sizeof(T)), 16);
+    T* dst = ring + slot * ring_tile_elems;
+#pragma unroll
+    for (int k = 0; k < ring_vectors(sizeof(T)) / kThreads; ++k) {
+      const int v = threadIdx.x + k * kThreads;
+      cp_async16(dst + ring_vec_row(v, sizeof(T)) * ring_ld + ring_vec_col(v, sizeof(T)),
+                 a.pw + ring_vec_source(v, it, sizeof(T)), 16);
     }
   }
-  cp_async_commit();  // always one group per stage, empty at the end: wait_group counts stay simple
+  cp_async_commit();
 }
+
+__device__ __forceinline__ int next_slot(int slot) { return slot + 1 == kStages ? 0 : slot + 1; }
 
 template <typename T, int BM>
 __device__ __forceinline__ void pointwise_phase_mma(const Plan& p, const Args<T>& a, const SmemLayout& L,
-                                                    unsigned char* smem, const Epilogue<T>& ep) {
-  constexpr int kMF = BM / 32;  // m16 fragments per warp
+                                                    unsigned char* smem, const TileRange& t,
+                                                    const Epilogue<T>& ep) {
+  constexpr int kMF = BM / 32;           // m16 fragments per warp
+  constexpr int kRingLd = kBK + 8;       // == L.ring_ld, as a constant: B offsets become immediates
+  constexpr int kTileBytes = kBN * kRingLd * 2;
+  static_assert(kBN * kBK / 8 % kThreads == 0, "ring vectors must split evenly over the threads");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int row0 = warp_row0(warp, BM), col0 = warp_col0(warp);
-  const T* d = reinterpret_cast<const T*>(smem);
   T* ring = reinterpret_cast<T*>(smem + L.ring);
-  const int kc_count = p.kp / kBK, total = p.cout_tiles * kc_count;
+  const int kc_count = k_chunks(p), total = num_stages(p);
 
+  int load_slot = 0;
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) load_ring_stage(p, a, ring, L.ring_tile_elems, L.ring_ld, s, total);
+  for (int s = 0; s < kStages - 1; ++s) {
+    load_ring_stage(a, ring, kTileBytes / 2, kRingLd, s, load_slot, total);
+    load_slot = next_slot(load_slot);
+  }
 
   float acc[kMF][4][4];
 #pragma unroll
@@ -378,58 +435,84 @@ __device__ __forceinline__ void pointwise_phase_mma(const Plan& p, const Args<T>
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
-  // Per-lane ldmatrix addresses, advanced by k in the loop.
-  const T* a_base = d + (row0 + ldsm_a_row(lane)) * L.d_ld + ldsm_a_col(lane);
-  const int b_lane = (col0 + ldsm_b_n(lane)) * L.ring_ld + ldsm_b_k(lane);
+  // Shared-memory byte addresses of this lane's ldmatrix rows, advanced by k in the loop.
+  const uint32_t a_lane = smem_addr(smem) + ((row0 + ldsm_a_row(lane)) * L.d_ld + ldsm_a_col(lane)) * 2;
+  const uint32_t a_frag_step = 16 * L.d_ld * 2;
+  const uint32_t b_lane = smem_addr(ring) + ((col0 + ldsm_b_n(lane)) * kRingLd + ldsm_b_k(lane)) * 2;
 
+  int kc = 0, nt = 0, slot = 0;
   for (int it = 0; it < total; ++it) {
     cp_async_wait<kStages - 2>();
-    __syncthreads();  // stage `it` visible to all; slot (it - 1) % kStages free again
-    load_ring_stage(p, a, ring, L.ring_tile_elems, L.ring_ld, it + kStages - 1, total);
-    const int nt = it / kc_count, kc = it - nt * kc_count;
-    const T* b_slot = ring + (it % kStages) * L.ring_tile_elems + b_lane;
+    __syncthreads();  // stage `it` visible to all; the slot read in iteration it - 1 free again
+    load_ring_stage(a, ring, kTileBytes / 2, kRingLd, it + kStages - 1, load_slot, total);
+    load_slot = next_slot(load_slot);
+    const uint32_t a_k = a_lane + kc * kBK * 2;
+    const uint32_t b_s = b_lane + slot * kTileBytes;
 #pragma unroll
     for (int ks = 0; ks < kBK; ks += 16) {
       uint32_t af[kMF][4], bf[2][4];
 #pragma unroll
-      for (int i = 0; i < kMF; ++i) ldmatrix_x4(af[i], a_base + i * 16 * L.d_ld + kc * kBK + ks);
+      for (int i = 0; i < kMF; ++i) ldmatrix_x4(af[i], a_k + i * a_frag_step + ks * 2);
 #pragma unroll
-      for (int j = 0; j < 2; ++j) ldmatrix_x4(bf[j], b_slot + j * 16 * L.ring_ld + ks);
+      for (int j = 0; j < 2; ++j) ldmatrix_x4(bf[j], b_s + (j * 16 * kRingLd + ks) * 2);
 #pragma unroll
       for (int i = 0; i < kMF; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) mma_16816<T>(acc[i][j], af[i], bf[j / 2][(j % 2) * 2], bf[j / 2][(j % 2) * 2 + 1]);
     }
-    if (kc == kc_count - 1) {  // the Cout tile is complete: epilogue from the registers
+    slot = next_slot(slot);
+    if (++kc == kc_count) {  // the Cout tile is complete: epilogue from the registers
+      const bool full = XF_FLAG(full_tile(p, t, nt) && a.pairs, true);
+      const int co0 = nt * kBN + col0 + acc_col(lane, 0);  // column of pair j: co0 + 8 j
+      float2 sc[4], sh[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int co = nt * kBN + col0 + j * 8 + acc_col(lane, 0);
-        float sc[2], sh[2];
-        load_affine(p, a, co, sc, sh);
-#pragma unroll
-        for (int i = 0; i < kMF; ++i)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            ep.store_pair(row0 + i * 16 + acc_row(lane, 2 * h), co, acc[i][j][2 * h], acc[i][j][2 * h + 1], sc, sh);
-            acc[i][j][2 * h] = 0.f;
-            acc[i][j][2 * h + 1] = 0.f;
-          }
+        sc[j] = *reinterpret_cast<const float2*>(a.scale + co0 + 8 * j);
+        sh[j] = *reinterpret_cast<const float2*>(a.shift + co0 + 8 * j);
       }
+#pragma unroll
+      for (int i = 0; i < kMF; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = row0 + i * 16 + acc_row(lane, 2 * h);
+          if (full) {  // one row pointer, the 4 pairs at immediate offsets
+            T* yr = ep.y + r * p.c_out + co0;
+            const T* rr = ep.has_residual() ? ep.residual + r * p.c_out + co0 : yr;  // yr: never read
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+              ep.store_full(yr + 8 * j, rr + 8 * j, acc[i][j][2 * h], acc[i][j][2 * h + 1], sc[j], sh[j]);
+          } else {
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+              ep.store_masked(r, co0 + 8 * j, acc[i][j][2 * h], acc[i][j][2 * h + 1], sc[j], sh[j]);
+          }
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j][2 * h] = acc[i][j][2 * h + 1] = 0.f;
+        }
+      kc = 0;
+      ++nt;
     }
   }
 }
 
 template <int BM>
 __device__ __forceinline__ void pointwise_phase_ffma(const Plan& p, const Args<float>& a, const SmemLayout& L,
-                                                     unsigned char* smem, const Epilogue<float>& ep) {
+                                                     unsigned char* smem, const TileRange& t,
+                                                     const Epilogue<float>& ep) {
   constexpr int kRows = BM / 8;
+  constexpr int kTileElems = kBK * kBN;  // == L.ring_tile_elems, ring_ld == kBN
+  static_assert(kBN * kBK / 4 % kThreads == 0, "ring vectors must split evenly over the threads");
   const int tid = threadIdx.x;
   const float* d = reinterpret_cast<const float*>(smem);
   float* ring = reinterpret_cast<float*>(smem + L.ring);
-  const int kc_count = p.kp / kBK, total = p.cout_tiles * kc_count;
+  const int kc_count = k_chunks(p), total = num_stages(p);
 
+  int load_slot = 0;
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) load_ring_stage(p, a, ring, L.ring_tile_elems, L.ring_ld, s, total);
+  for (int s = 0; s < kStages - 1; ++s) {
+    load_ring_stage(a, ring, kTileElems, kBN, s, load_slot, total);
+    load_slot = next_slot(load_slot);
+  }
 
   float acc[kRows][4];
 #pragma unroll
@@ -437,20 +520,23 @@ __device__ __forceinline__ void pointwise_phase_ffma(const Plan& p, const Args<f
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
 
+  const float* a_row = d + ffma_row(tid, 0) * L.d_ld;
+  const int a_step = 8 * L.d_ld;  // ffma_row(tid, i + 1) - ffma_row(tid, i)
+  int kc = 0, nt = 0, slot = 0;
   for (int it = 0; it < total; ++it) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
-    load_ring_stage(p, a, ring, L.ring_tile_elems, L.ring_ld, it + kStages - 1, total);
-    const int nt = it / kc_count, kc = it - nt * kc_count;
-    const float* b_slot = ring + (it % kStages) * L.ring_tile_elems + ffma_col(tid, 0);
+    load_ring_stage(a, ring, kTileElems, kBN, it + kStages - 1, load_slot, total);
+    load_slot = next_slot(load_slot);
+    const float* a_k = a_row + kc * kBK;
+    const float* b_s = ring + slot * kTileElems + ffma_col(tid, 0);
 #pragma unroll
     for (int k = 0; k < kBK; k += 4) {
       float4 av[kRows], bv[4];
 #pragma unroll
-      for (int i = 0; i < kRows; ++i)  // one row per warp: a broadcast
-        av[i] = *reinterpret_cast<const float4*>(d + ffma_row(tid, i) * L.d_ld + kc * kBK + k);
+      for (int i = 0; i < kRows; ++i) av[i] = *reinterpret_cast<const float4*>(a_k + i * a_step + k);  // broadcast
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) bv[kk] = *reinterpret_cast<const float4*>(b_slot + (k + kk) * L.ring_ld);
+      for (int kk = 0; kk < 4; ++kk) bv[kk] = *reinterpret_cast<const float4*>(b_s + (k + kk) * kBN);
 #pragma unroll
       for (int i = 0; i < kRows; ++i) {
         const float ak[4] = {av[i].x, av[i].y, av[i].z, av[i].w};
@@ -463,19 +549,29 @@ __device__ __forceinline__ void pointwise_phase_ffma(const Plan& p, const Args<f
         }
       }
     }
-    if (kc == kc_count - 1) {
+    slot = next_slot(slot);
+    if (++kc == kc_count) {
+      const bool full = XF_FLAG(full_tile(p, t, nt) && a.pairs, true);
+      const int co0 = nt * kBN + ffma_col(tid, 0);  // columns co0 .. co0 + 3: pairs at co0 and co0 + 2
+      const float4 sc = *reinterpret_cast<const float4*>(a.scale + co0);
+      const float4 sh = *reinterpret_cast<const float4*>(a.shift + co0);
 #pragma unroll
-      for (int jp = 0; jp < 4; jp += 2) {
-        const int co = nt * kBN + ffma_col(tid, jp);
-        float sc[2], sh[2];
-        load_affine(p, a, co, sc, sh);
-#pragma unroll
-        for (int i = 0; i < kRows; ++i) {
-          ep.store_pair(ffma_row(tid, i), co, acc[i][jp], acc[i][jp + 1], sc, sh);
-          acc[i][jp] = 0.f;
-          acc[i][jp + 1] = 0.f;
+      for (int i = 0; i < kRows; ++i) {
+        const int r = ffma_row(tid, i);
+        if (full) {
+          float* yr = ep.y + r * p.c_out + co0;
+          const float* rr = ep.has_residual() ? ep.residual + r * p.c_out + co0 : yr;  // yr: never read
+          ep.store_full(yr, rr, acc[i][0], acc[i][1], make_float2(sc.x, sc.y), make_float2(sh.x, sh.y));
+          ep.store_full(yr + 2, rr + 2, acc[i][2], acc[i][3], make_float2(sc.z, sc.w), make_float2(sh.z, sh.w));
+        } else {
+          ep.store_masked(r, co0, acc[i][0], acc[i][1], make_float2(sc.x, sc.y), make_float2(sh.x, sh.y));
+          ep.store_masked(r, co0 + 2, acc[i][2], acc[i][3], make_float2(sc.z, sc.w), make_float2(sh.z, sh.w));
         }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
       }
+      kc = 0;
+      ++nt;
     }
   }
 }
@@ -495,9 +591,9 @@ __global__ void __launch_bounds__(kThreads, 1) sepconv_infer_tiled_kernel(const 
   const Epilogue<T> ep{p, a, a.y + first * p.c_out, a.residual != nullptr ? a.residual + first * p.c_out : nullptr,
                        t.count};
   if constexpr (sizeof(T) == 2) {
-    pointwise_phase_mma<T, BM>(p, a, L, smem, ep);
+    pointwise_phase_mma<T, BM>(p, a, L, smem, t, ep);
   } else {
-    pointwise_phase_ffma<BM>(p, a, L, smem, ep);
+    pointwise_phase_ffma<BM>(p, a, L, smem, t, ep);
   }
 }
 
@@ -511,7 +607,7 @@ constexpr int64_t kInt32Max = 0x7fffffff;
 bool fits_int32(const ConvGeometry& g) {
   const int64_t kp = (g.c + kBK) / kBK * kBK, cout_pad = (g.c_out + kBN) / kBN * kBN;
   return g.n <= kInt32Max && g.h * g.w * g.c < kInt32Max && g.h_out * g.w_out < kInt32Max &&
-         g.n * g.h_out * g.w_out < kInt32Max && kp * cout_pad < kInt32Max && g.kh * g.kw * kp < kInt32Max &&
+         g.n * g.h_out * g.w_out < kInt32Max && kp * cout_pad + (g.kh * g.kw + 2) * kp + 2 * cout_pad < kInt32Max &&
          256 * g.c_out < kInt32Max && g.h + 2 * g.pad_h < kInt32Max && g.w + 2 * g.pad_w < kInt32Max;
 }
 
@@ -525,7 +621,7 @@ Plan plan_for(const ConvGeometry& g, int bm) {
 template <typename T>
 struct Packed {
   T* pw;
-  float* dw;
+  float *dw, *scale, *shift;
 };
 
 template <typename T>
@@ -533,6 +629,8 @@ Packed<T> carve(const Plan& p, Workspace& ws) {
   Packed<T> r;
   r.pw = ws.take<T>(packed_pw_elems(p));
   r.dw = ws.take<float>(packed_dw_elems(p));
+  r.scale = ws.take<float>(p.cout_pad);
+  r.shift = ws.take<float>(p.cout_pad);
   return r;
 }
 
@@ -583,16 +681,17 @@ cudaError_t run(const SepConvInferParams& prm, cudaStream_t stream, bool* launch
   *launched = true;
   if (num_tiles(plan) == 0 || g.c_out == 0) return cudaSuccess;
 
-  const int pack_total = packed_pw_elems(plan) + packed_dw_elems(plan);
+  const int pack_total = packed_pw_elems(plan) + packed_dw_elems(plan) + plan.cout_pad;
   pack_weights_kernel<T><<<elementwise_blocks(pack_total), 256, 0, stream>>>(
-      plan, static_cast<const T*>(prm.dw_weight), static_cast<const T*>(prm.pw_weight), packed.dw, packed.pw);
+      plan, static_cast<const T*>(prm.dw_weight), static_cast<const T*>(prm.pw_weight), prm.scale, prm.shift,
+      packed.dw, packed.pw, packed.scale, packed.shift);
 
   Args<T> args;
   args.x = static_cast<const T*>(prm.x.ptr);
   args.dw = packed.dw;
   args.pw = packed.pw;
-  args.scale = prm.scale;
-  args.shift = prm.shift;
+  args.scale = packed.scale;
+  args.shift = packed.shift;
   args.residual = static_cast<const T*>(prm.residual.ptr);
   args.y = static_cast<T*>(prm.y.ptr);
   args.pre_relu = prm.pre_relu;

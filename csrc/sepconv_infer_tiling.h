@@ -178,6 +178,7 @@ XF_HD int halo_source_offset(const Plan& p, const HaloBox& b, int pixel) {
 //   in 8 different bank groups (no conflicts).
 // - halo buffers (2, double-buffered by channel chunk): [box pixels][kBK] elements; element (pixel,
 //   ch) at pixel * kBK + ch; sized for the largest box (halo_rows x halo_cols).
+// - depthwise weight buffers (2, staged with their chunk): fp32 [taps][kBK].
 // - pixel table: the halo_source_offset of every box pixel of the current tile (int32).
 // - weight ring, kStages tiles. 16-bit (mma.sync): B tile [kBN][kBK + 8] (n rows, k contiguous; odd
 //   16-byte pitch again). fp32 (FFMA): [kBK][kBN] (k rows, n contiguous).
@@ -185,7 +186,7 @@ struct SmemLayout {
   int d_ld, d_bytes;
   int region;                       // byte offset of the shared phase region
   int halo_elems;                   // elements of one halo buffer
-  int halo[2], table;               // byte offsets (phase 1)
+  int halo[2], wts[2], table;       // byte offsets (phase 1)
   int ring_ld, ring_tile_elems;     // ring tile pitch and size in elements
   int ring;                         // byte offset (phase 2)
   int total;                        // bytes of dynamic shared memory
@@ -198,9 +199,12 @@ XF_HD SmemLayout smem_layout(const Plan& p, int elem_bytes) {
   s.d_bytes = p.bm * s.d_ld * elem_bytes;
   s.region = align_up(s.d_bytes, 128);
   s.halo_elems = p.halo_rows * p.halo_cols * kBK;
+  const int wts_bytes = p.kh * p.kw * kBK * 4;
   s.halo[0] = s.region;
   s.halo[1] = align_up(s.halo[0] + s.halo_elems * elem_bytes, 128);
-  s.table = align_up(s.halo[1] + s.halo_elems * elem_bytes, 128);
+  s.wts[0] = align_up(s.halo[1] + s.halo_elems * elem_bytes, 128);
+  s.wts[1] = align_up(s.wts[0] + wts_bytes, 128);
+  s.table = align_up(s.wts[1] + wts_bytes, 128);
   const int phase1_end = s.table + p.halo_rows * p.halo_cols * 4;
   if (elem_bytes == 2) {
     s.ring_ld = kBK + v;
@@ -216,9 +220,9 @@ XF_HD SmemLayout smem_layout(const Plan& p, int elem_bytes) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Phase 1 thread mapping: the halo of a chunk is staged as [pixels][kBK / vec] 16-byte vectors,
-// vector index idx = tid + k * kThreads; the depthwise then gives each thread one channel vector cv
-// (vec consecutive channels) of positions r = slot + q * slots.
+// Phase 1 thread mapping. A thread always handles the same channel vector cv = tid % (kBK / vec)
+// (vec consecutive channels of the chunk) and the "slots" tid / (kBK / vec) + k * slots: when staging,
+// the halo pixels of those indices; in the depthwise, the tile rows of those indices.
 
 XF_HD int vectors_per_pixel(int elem_bytes) { return kBK / vec_elems(elem_bytes); }
 XF_HD int dw_slots(int elem_bytes) { return kThreads / vectors_per_pixel(elem_bytes); }
@@ -226,6 +230,10 @@ XF_HD int dw_cv(int tid, int elem_bytes) { return tid % vectors_per_pixel(elem_b
 XF_HD int dw_row(int tid, int q, int elem_bytes) {
   return tid / vectors_per_pixel(elem_bytes) + q * dw_slots(elem_bytes);
 }
+
+// The depthwise weights of a chunk: 16-byte vector u of the [taps][kBK] fp32 buffer comes from the
+// packed weight at packed_dw_offset(tap, c0 + part * 4): tap = u / (kBK / 4), part = u % (kBK / 4).
+XF_HD int wts_vectors(const Plan& p) { return p.kh * p.kw * (kBK / 4); }
 
 // The depthwise of kPos tile rows for one channel vector, accumulated in fp32 over the taps in
 // row-major tap order (i outer, j inner) with one fma per element-tap:
@@ -285,8 +293,9 @@ XF_HD int ffma_row(int tid, int i) { return tid / 32 + 8 * i; }
 XF_HD int ffma_col(int tid, int j) { return (tid % 32) * 4 + j; }
 
 // ---------------------------------------------------------------------------------------------------
-// Weight ring: vector v (v = tid + k * kThreads) of a ring tile, as (row, element column) in the tile
-// and the element offset of its source in the packed weight (see packed_pw_offset).
+// Weight ring: vector v (v = tid + k * kThreads) of a ring tile, as (row, element column) in the tile.
+// The packed weights are stored stage by stage (see packed_pw_offset), so stage `it` is one contiguous
+// block and vector v of it comes from element it * kBN * kBK + v * vec.
 XF_HD int ring_vectors(int elem_bytes) { return kBN * kBK / vec_elems(elem_bytes); }
 XF_HD int ring_vec_row(int v, int elem_bytes) {
   return elem_bytes == 2 ? v / (kBK / 8) : v / (kBN / 4);
@@ -294,21 +303,30 @@ XF_HD int ring_vec_row(int v, int elem_bytes) {
 XF_HD int ring_vec_col(int v, int elem_bytes) {
   return elem_bytes == 2 ? (v % (kBK / 8)) * 8 : (v % (kBN / 4)) * 4;
 }
-// Source of ring vector v for Cout tile n0 (first column) and K chunk k0 (first channel).
-XF_HD int ring_vec_source(const Plan& p, int v, int n0, int k0, int elem_bytes) {
-  const int row = ring_vec_row(v, elem_bytes), col = ring_vec_col(v, elem_bytes);
-  return elem_bytes == 2 ? (n0 + row) * p.kp + k0 + col : (k0 + row) * p.cout_pad + n0 + col;
-}
+XF_HD int ring_vec_source(int v, int it, int elem_bytes) { return it * kBN * kBK + v * vec_elems(elem_bytes); }
+
+// Stages of the pointwise: it = cout_tile * k_chunks + k_chunk.
+XF_HD int k_chunks(const Plan& p) { return p.kp / kBK; }
+XF_HD int num_stages(const Plan& p) { return p.cout_tiles * k_chunks(p); }
 
 // Packed weights (workspace, written by the launcher's pack kernel, zero outside the real ones, so
-// the kernel needs no masks): pw for 16-bit types as [cout_pad][kp] (the mma B operand, k
-// contiguous), for fp32 as [kp][cout_pad] (n contiguous for the FFMA tile); dw as fp32 [taps][kp].
+// the kernel needs no masks). pw: stage-major, stage it = (co / kBN) * k_chunks + ci / kBK holding
+// its kBN x kBK block as the ring tile wants it: [n][k] for 16-bit types (the mma B operand, k
+// contiguous), [k][n] for fp32 (n contiguous for the FFMA tile). dw: fp32 [taps][kp]. scale and
+// shift: fp32 [cout_pad], 1 and -0 where absent (x * 1 and x + -0 are exact for every x).
 XF_HD int packed_pw_offset(const Plan& p, int co, int ci, int elem_bytes) {
-  return elem_bytes == 2 ? co * p.kp + ci : ci * p.cout_pad + co;
+  const int it = (co / kBN) * k_chunks(p) + ci / kBK;
+  const int n = co % kBN, k = ci % kBK;
+  return it * kBN * kBK + (elem_bytes == 2 ? n * kBK + k : k * kBN + n);
 }
 XF_HD int packed_pw_elems(const Plan& p) { return p.cout_pad * p.kp; }
 XF_HD int packed_dw_offset(const Plan& p, int tap, int ci) { return tap * p.kp + ci; }
 XF_HD int packed_dw_elems(const Plan& p) { return p.kh * p.kw * p.kp; }
+
+// Whether the epilogue of Cout tile nt of tile t stores whole element pairs with no masks.
+XF_HD bool full_tile(const Plan& p, const TileRange& t, int nt) {
+  return t.count == p.bm && (nt + 1) * kBN <= p.c_out;
+}
 
 }  // namespace infer
 }  // namespace xception_fast

@@ -94,15 +94,19 @@ static void check_smem(const Plan& p, int eb) {
   const long halo_bytes = static_cast<long>(p.halo_rows) * p.halo_cols * kBK * eb;
   const Range h0{s.halo[0], s.halo[0] + halo_bytes}, h1{s.halo[1], s.halo[1] + halo_bytes};
   const Range table{s.table, s.table + 4L * p.halo_rows * p.halo_cols};
+  const long wts_bytes = 4L * p.kh * p.kw * kBK;
+  const Range w0{s.wts[0], s.wts[0] + wts_bytes}, w1{s.wts[1], s.wts[1] + wts_bytes};
   const Range ring{s.ring, s.ring + static_cast<long>(kStages) * s.ring_tile_elems * eb};
   EXPECT(s.d_bytes == d.end);
   EXPECT(s.d_ld >= p.kp && s.d_ld % v == 0);
-  for (Range r : {h0, h1, table, ring}) EXPECT(r.begin >= 0 && r.end <= s.total);
-  EXPECT(disjoint(d, h0) && disjoint(d, h1) && disjoint(d, table) && disjoint(h0, h1) && disjoint(h0, table) &&
-         disjoint(h1, table));
+  for (Range r : {h0, h1, w0, w1, table, ring}) EXPECT(r.begin >= s.region && r.end <= s.total);
+  const Range phase1[] = {d, h0, h1, w0, w1, table};
+  for (int i = 0; i < 6; ++i)
+    for (int j = i + 1; j < 6; ++j) EXPECT(disjoint(phase1[i], phase1[j]));
+  EXPECT(s.region >= d.end);
   EXPECT(disjoint(d, ring));
-  for (long off : {static_cast<long>(s.halo[0]), static_cast<long>(s.halo[1]), static_cast<long>(s.table),
-                   static_cast<long>(s.ring)})
+  for (long off : {static_cast<long>(s.halo[0]), static_cast<long>(s.halo[1]), static_cast<long>(s.wts[0]),
+                   static_cast<long>(s.wts[1]), static_cast<long>(s.table), static_cast<long>(s.ring)})
     EXPECT(off % 128 == 0);
   EXPECT(s.total % 128 == 0);
   EXPECT((s.ring_ld * eb) % 16 == 0);
@@ -130,15 +134,17 @@ static void check_thread_maps(const Plan& p, int eb) {
     }
   for (int x : seen) EXPECT(x == 1);
 
-  // Weight ring: every element of a tile once; sources = the packed layout.
+  // Weight ring: every element of a tile once; sources = the packed layout (last stage of the layer).
   const SmemLayout s = smem_layout(p, eb);
   const int rows = eb == 2 ? kBN : kBK;
   std::vector<int> ring(rows * s.ring_ld, 0);
-  const int n0 = (p.cout_tiles - 1) * kBN, k0 = p.kp - kBK;
+  const int it = num_stages(p) > 0 ? num_stages(p) - 1 : 0;
+  const int n0 = (it / k_chunks(p)) * kBN, k0 = (it % k_chunks(p)) * kBK;
+  EXPECT(num_stages(p) == p.cout_tiles * (p.kp / kBK));
   for (int vi = 0; vi < ring_vectors(eb); ++vi) {
     const int row = ring_vec_row(vi, eb), col = ring_vec_col(vi, eb);
     EXPECT(row >= 0 && row < rows && col >= 0 && col + v <= (eb == 2 ? kBK : kBN) && col % v == 0);
-    const int src = ring_vec_source(p, vi, n0, k0, eb);
+    const int src = ring_vec_source(vi, it, eb);
     for (int e = 0; e < v; ++e) {
       if (row >= 0 && row < rows && col >= 0 && col + v <= s.ring_ld) ring[row * s.ring_ld + col + e]++;
       const int n = eb == 2 ? n0 + row : n0 + col + e, k = eb == 2 ? k0 + col + e : k0 + row;
@@ -146,8 +152,25 @@ static void check_thread_maps(const Plan& p, int eb) {
     }
     EXPECT(src % v == 0);  // 16-byte aligned source
   }
+  EXPECT(ring_vectors(eb) % kThreads == 0);  // the kernel's ring loop has a fixed trip count
   for (int r = 0; r < rows; ++r)
     for (int c = 0; c < (eb == 2 ? kBK : kBN); ++c) EXPECT(ring[r * s.ring_ld + c] == 1);
+
+  // Halo staging: for any box size, every (pixel, channel vector) staged by exactly one thread.
+  for (int pixels : {1, 63, 64, 65, 210, p.halo_rows * p.halo_cols}) {
+    std::vector<int> staged(pixels * vp, 0);
+    for (int tid = 0; tid < kThreads; ++tid)
+      for (int pixel = dw_row(tid, 0, eb); pixel < pixels; pixel += slots) staged[pixel * vp + dw_cv(tid, eb)]++;
+    for (int x : staged) EXPECT(x == 1);
+  }
+  // Depthwise weights of a chunk: every [tap][kBK] float once, from the chunk's packed weights.
+  std::vector<int> wts(p.kh * p.kw * kBK, 0);
+  for (int u = 0; u < wts_vectors(p); ++u) {
+    const int tap = u / (kBK / 4), part = u % (kBK / 4);
+    for (int e = 0; e < 4; ++e) wts.at(tap * kBK + part * 4 + e)++;
+    EXPECT(packed_dw_offset(p, tap, k0 + part * 4) % 4 == 0);
+  }
+  for (int x : wts) EXPECT(x == 1);
 
   // Packed weights: a bijection onto [0, elems).
   if (static_cast<long>(p.cout_pad) * p.kp <= 4'000'000) {
@@ -366,7 +389,9 @@ static void check_outputs(const Plan& p, int eb) {
     const TileRange t = tile_range(p, tile);
     const long first = static_cast<long>(t.img) * p.h_out * p.w_out + t.q0;
     for (int nt = 0; nt < p.cout_tiles; ++nt) {
+      const bool full = full_tile(p, t, nt);
       auto store = [&](int r, int co) {
+        if (full) EXPECT(r < t.count && co < p.c_out);  // the unmasked path stores with no masks
         if (r < t.count && co < p.c_out) seen[(first + r) * p.c_out + co]++;
       };
       if (eb == 2) {
