@@ -667,6 +667,9 @@ cudaError_t run(const SepConvInferParams& prm, cudaStream_t stream, bool* launch
   for (int candidate : kCandidates) {
     if (candidate == 0) continue;
     plan = plan_for(g, candidate);
+    // Two halo buffers larger than shared memory (huge images with big windows): no tile fits, and
+    // the int32 layout arithmetic below must not see them.
+    if (2 * static_cast<int64_t>(plan.halo_rows) * plan.halo_cols * kBK * sizeof(T) > max_smem) continue;
     smem_bytes = smem_layout(plan, sizeof(T)).total;
     if (smem_bytes <= max_smem) {
       bm = candidate;
@@ -696,7 +699,7 @@ cudaError_t run(const SepConvInferParams& prm, cudaStream_t stream, bool* launch
   args.y = static_cast<T*>(prm.y.ptr);
   args.pre_relu = prm.pre_relu;
   args.post_relu = prm.post_relu;
-  args.x_vectors = g.c % vec_elems(sizeof(T)) == 0 && aligned(args.x, 16);
+  args.x_vectors = g.c > 0 && g.c % vec_elems(sizeof(T)) == 0 && aligned(args.x, 16);  // C = 0: no x to read
   args.pairs = g.c_out % 2 == 0 && aligned(args.y, 2 * sizeof(T)) &&
                (args.residual == nullptr || aligned(args.residual, 2 * sizeof(T)));
   if constexpr (sizeof(T) == 2) {
