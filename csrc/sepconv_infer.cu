@@ -19,12 +19,12 @@
 //    fp32: FFMA on exact fp32 products (no TF32). After the last K chunk of a Cout tile, the
 //    epilogue straight from the accumulators: z rounded to T, * scale, + shift (fp32, no fused
 //    multiply-add, as the reference's two ops), rounded to T, post-ReLU, + residual, stored.
-// A pack kernel first writes the weights zero-padded into the workspace ([cout_pad][kp] or
-// [kp][cout_pad] pointwise, fp32 [taps][kp] depthwise), so the main kernel needs no weight masks.
+// A pack kernel first writes the weights zero-padded into the workspace (the pointwise stage by stage
+// in the ring's layout, the depthwise and scale / shift in fp32), so the main kernel needs no masks.
 //
 // Cases routed to the int64 kernel of sepconv_forward.cu (the launcher returns *launched = false):
-// a d tile that does not fit in shared memory at the smallest tile (about C > 1,500 in 16-bit on a
-// Hopper GPU), and tensors whose per-image or per-tile offsets do not fit in int32.
+// a d tile that does not fit in shared memory at the smallest tile (C above about 3,000 in 16-bit,
+// 1,400 in fp32 on a Hopper GPU), and tensors whose per-image or per-tile offsets do not fit in int32.
 
 #include <cstdint>
 #include <cstring>
@@ -239,12 +239,40 @@ __global__ void __launch_bounds__(256)
 // ---------------------------------------------------------------------------------------------------
 // Phase 1: the d tile
 
+// The depthwise of one chunk for this thread's rows (see depthwise_rows): src / wsrc point at the
+// thread's channel vector in the staged halo / weights, dst at its first d element, rows dst_step apart.
+template <typename T, int KH, int KW, int kPos>
+__device__ __forceinline__ void depthwise_chunk(const Plan& p, const HaloBox& b, const int (&base)[kPos], const T* src,
+                                                const float* wsrc, T* dst, int dst_step) {
+  using V = Vec16<T>;
+  constexpr int kVec = V::kVec;
+  float acc[kPos][kVec];
+#pragma unroll
+  for (int q = 0; q < kPos; ++q)
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) acc[q][e] = 0.f;
+  depthwise_rows<KH, KW, kPos, kVec>(
+      p, b, base,
+      [&](int pixel, float(&xv)[kVec]) { V::unpack(*reinterpret_cast<const uint4*>(src + pixel * kBK), xv); },
+      [&](int tap, float(&wv)[kVec]) {
+#pragma unroll
+        for (int e = 0; e < kVec / 4; ++e) {
+          const float4 w = *reinterpret_cast<const float4*>(wsrc + tap * kBK + 4 * e);
+          wv[4 * e] = w.x, wv[4 * e + 1] = w.y, wv[4 * e + 2] = w.z, wv[4 * e + 3] = w.w;
+        }
+      },
+      acc);
+#pragma unroll
+  for (int q = 0; q < kPos; ++q) *reinterpret_cast<uint4*>(dst + q * dst_step) = V::pack(acc[q]);
+}
+
 template <typename T, int BM, int KH, int KW>
 __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a, const SmemLayout& L,
                                                 unsigned char* smem, const TileRange& t, const HaloBox& b) {
   using V = Vec16<T>;
-  constexpr int kVec = V::kVec, kVP = kBK / kVec, kSlots = kThreads / kVP, kPos = BM / kSlots;
-  static_assert(kPos * kSlots == BM, "tile rows must split evenly over the depthwise slots");
+  constexpr int kVec = V::kVec, kVP = kBK / kVec, kSlots = kThreads / kVP;
+  constexpr int kPos = dw_rows_per_thread(BM, sizeof(T));
+  static_assert(BM >= kSlots ? kPos * kSlots == BM : kSlots % BM == 0, "tile rows must split evenly");
   const int tid = threadIdx.x;
   T* d = reinterpret_cast<T*>(smem);
   int* table = reinterpret_cast<int*>(smem + L.table);
@@ -258,6 +286,7 @@ __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a,
 #pragma unroll 1
   for (int q = tid; q < pixels; q += kThreads) table[q] = halo_source_offset(p, b, q);
   const int cv = dw_cv(tid, sizeof(T)), slot0 = dw_row(tid, 0, sizeof(T));
+  const bool active = dw_active(tid, BM, sizeof(T));
   int base[kPos];
 #pragma unroll
   for (int q = 0; q < kPos; ++q) base[q] = halo_base_pixel(p, t, b, dw_row(tid, q, sizeof(T)));
@@ -314,27 +343,9 @@ __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a,
     }
     __syncthreads();  // chunk ck staged (and ReLU'd) by every thread
 
-    float acc[kPos][kVec];
-#pragma unroll
-    for (int q = 0; q < kPos; ++q)
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) acc[q][e] = 0.f;
-    const T* src = halo(buf) + cv * kVec;
-    const float* wsrc = wts(buf) + cv * kVec;
-    depthwise_rows<KH, KW, kPos, kVec>(
-        p, b, base,
-        [&](int pixel, float(&xv)[kVec]) { V::unpack(*reinterpret_cast<const uint4*>(src + pixel * kBK), xv); },
-        [&](int tap, float(&wv)[kVec]) {
-#pragma unroll
-          for (int e = 0; e < kVec / 4; ++e) {
-            const float4 w = *reinterpret_cast<const float4*>(wsrc + tap * kBK + 4 * e);
-            wv[4 * e] = w.x, wv[4 * e + 1] = w.y, wv[4 * e + 2] = w.z, wv[4 * e + 3] = w.w;
-          }
-        },
-        acc);
-#pragma unroll
-    for (int q = 0; q < kPos; ++q) {
-      *reinterpret_cast<uint4*>(d + dw_row(tid, q, sizeof(T)) * L.d_ld + c0 + cv * kVec) = V::pack(acc[q]);
+    if (active) {
+      depthwise_chunk<T, KH, KW, kPos>(p, b, base, halo(buf) + cv * kVec, wts(buf) + cv * kVec,
+                                       d + slot0 * L.d_ld + c0 + cv * kVec, kSlots * L.d_ld);
     }
     __syncthreads();  // buffer `buf` free for chunk ck + 2; after the last chunk, d complete
   }
@@ -660,19 +671,15 @@ cudaError_t run(const SepConvInferParams& prm, cudaStream_t stream, bool* launch
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return err;
 
-  // The largest tile whose d tile fits; fp32 (4-byte d, FFMA) uses 32-row tiles.
-  constexpr int kCandidates[2] = {sizeof(T) == 2 ? 128 : 32, sizeof(T) == 2 ? 64 : 0};
+  // The largest tile whose shared memory fits (16-bit on a Hopper GPU: 128 rows for C up to about
+  // 750, 64 up to about 1,500, 32 beyond).
   int bm = 0, smem_bytes = 0;
   Plan plan{};
-  for (int candidate : kCandidates) {
-    if (candidate == 0) continue;
-    plan = plan_for(g, candidate);
-    // Two halo buffers larger than shared memory (huge images with big windows): no tile fits, and
-    // the int32 layout arithmetic below must not see them.
-    if (2 * static_cast<int64_t>(plan.halo_rows) * plan.halo_cols * kBK * sizeof(T) > max_smem) continue;
-    smem_bytes = smem_layout(plan, sizeof(T)).total;
-    if (smem_bytes <= max_smem) {
-      bm = candidate;
+  for (int i = 0; tile_rows_candidate(i, sizeof(T)) > 0; ++i) {
+    plan = plan_for(g, tile_rows_candidate(i, sizeof(T)));
+    if (fits_smem(plan, sizeof(T), max_smem)) {
+      bm = plan.bm;
+      smem_bytes = smem_layout(plan, sizeof(T)).total;
       break;
     }
   }
@@ -703,8 +710,9 @@ cudaError_t run(const SepConvInferParams& prm, cudaStream_t stream, bool* launch
   args.pairs = g.c_out % 2 == 0 && aligned(args.y, 2 * sizeof(T)) &&
                (args.residual == nullptr || aligned(args.residual, 2 * sizeof(T)));
   if constexpr (sizeof(T) == 2) {
-    return bm == 128 ? launch_k<T, 128>(plan, args, smem_bytes, stream)
-                     : launch_k<T, 64>(plan, args, smem_bytes, stream);
+    if (bm == 128) return launch_k<T, 128>(plan, args, smem_bytes, stream);
+    if (bm == 64) return launch_k<T, 64>(plan, args, smem_bytes, stream);
+    return launch_k<T, 32>(plan, args, smem_bytes, stream);
   } else {
     return launch_k<T, 32>(plan, args, smem_bytes, stream);
   }

@@ -219,6 +219,19 @@ XF_HD SmemLayout smem_layout(const Plan& p, int elem_bytes) {
   return s;
 }
 
+// Whether plan p's shared memory fits max_smem bytes. The halo bound is checked in 64-bit first: on
+// huge images with big windows it would overflow the int32 layout arithmetic.
+XF_HD bool fits_smem(const Plan& p, int elem_bytes, int max_smem) {
+  if (2 * static_cast<int64_t>(p.halo_rows) * p.halo_cols * kBK * elem_bytes > max_smem) return false;
+  return smem_layout(p, elem_bytes).total <= max_smem;
+}
+
+// Tile sizes the launcher tries, largest first (the first whose shared memory fits wins). fp32 has
+// a d tile twice as large and an FFMA product: 32 rows only.
+XF_HD int tile_rows_candidate(int i, int elem_bytes) {
+  return elem_bytes == 2 ? (i < 3 ? 128 >> i : 0) : (i == 0 ? 32 : 0);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Phase 1 thread mapping. A thread always handles the same channel vector cv = tid % (kBK / vec)
 // (vec consecutive channels of the chunk) and the "slots" tid / (kBK / vec) + k * slots: when staging,
@@ -230,6 +243,12 @@ XF_HD int dw_cv(int tid, int elem_bytes) { return tid % vectors_per_pixel(elem_b
 XF_HD int dw_row(int tid, int q, int elem_bytes) {
   return tid / vectors_per_pixel(elem_bytes) + q * dw_slots(elem_bytes);
 }
+// Tile rows per thread in the depthwise; tiles with fewer rows than slots (bm = 32 in 16-bit) leave
+// the threads whose first row is past the tile idle there (whole warps: slots are warp-contiguous).
+XF_HD constexpr int dw_rows_per_thread(int bm, int elem_bytes) {
+  return bm >= kThreads / (kBK / (16 / elem_bytes)) ? bm / (kThreads / (kBK / (16 / elem_bytes))) : 1;
+}
+XF_HD bool dw_active(int tid, int bm, int elem_bytes) { return dw_row(tid, 0, elem_bytes) < bm; }
 
 // The depthwise weights of a chunk: 16-byte vector u of the [taps][kBK] fp32 buffer comes from the
 // packed weight at packed_dw_offset(tap, c0 + part * 4): tap = u / (kBK / 4), part = u % (kBK / 4).

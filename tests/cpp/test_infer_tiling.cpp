@@ -123,15 +123,20 @@ static void check_smem(const Plan& p, int eb) {
 // --- thread mappings ----------------------------------------------------------------------------------
 
 static void check_thread_maps(const Plan& p, int eb) {
-  const int v = vec_elems(eb), vp = vectors_per_pixel(eb), slots = dw_slots(eb), pos = p.bm / slots;
-  EXPECT(vp * v == kBK && slots * vp == kThreads && pos * slots == p.bm);
+  const int v = vec_elems(eb), vp = vectors_per_pixel(eb), slots = dw_slots(eb);
+  const int pos = dw_rows_per_thread(p.bm, eb);
+  EXPECT(vp * v == kBK && slots * vp == kThreads && (pos * slots == p.bm || (pos == 1 && slots % p.bm == 0)));
   std::vector<int> seen(p.bm * vp, 0);
-  for (int tid = 0; tid < kThreads; ++tid)
+  for (int tid = 0; tid < kThreads; ++tid) {
+    // Idle threads are whole warps (no divergence in the depthwise).
+    EXPECT(dw_active(tid, p.bm, eb) == dw_active(tid - tid % 32, p.bm, eb));
+    if (!dw_active(tid, p.bm, eb)) continue;
     for (int q = 0; q < pos; ++q) {
       const int r = dw_row(tid, q, eb), cv = dw_cv(tid, eb);
       EXPECT(r >= 0 && r < p.bm && cv >= 0 && cv < vp);
       if (r >= 0 && r < p.bm && cv >= 0 && cv < vp) seen[r * vp + cv]++;
     }
+  }
   for (int x : seen) EXPECT(x == 1);
 
   // Weight ring: every element of a tile once; sources = the packed layout (last stage of the layer).
@@ -220,6 +225,7 @@ static void depthwise_tile(const Plan& p, const std::vector<float>& x, const std
       }
     }
     for (int tid = 0; tid < kThreads; ++tid) {
+      if (!dw_active(tid, p.bm, eb)) continue;
       const int cv = dw_cv(tid, eb);
       int base[kPos];
       for (int q = 0; q < kPos; ++q) base[q] = halo_base_pixel(p, t, b, dw_row(tid, q, eb));
@@ -430,6 +436,7 @@ int main() {
       {2, 728, 19, 19, 728, 3, 3, 1, 1, 1, 1, 1, 1},    // Xception middle flow
       {1, 64, 147, 147, 128, 3, 3, 1, 1, 1, 1, 1, 1},   // entry flow: output rows wider than a tile
       {2, 1024, 10, 10, 1536, 3, 3, 1, 1, 1, 1, 1, 1},  // exit flow
+      {1, 1536, 10, 10, 2048, 3, 3, 1, 1, 1, 1, 1, 1},  // exit flow, conv4 (32-row tiles in 16-bit)
       {2, 5, 7, 9, 7, 3, 3, 1, 1, 1, 1, 1, 1},
       {1, 19, 11, 10, 19, 3, 3, 2, 1, 1, 2, 1, 2},
       {2, 33, 9, 8, 19, 5, 5, 2, 2, 3, 3, 2, 2},
@@ -450,7 +457,7 @@ int main() {
   int checked = 0;
   for (const Geometry& g : geometries) {
     for (int eb : {2, 4}) {
-      for (int bm : eb == 2 ? std::vector<int>{128, 64} : std::vector<int>{32}) {
+      for (int bm : eb == 2 ? std::vector<int>{128, 64, 32} : std::vector<int>{32}) {
         const Plan p = make_plan(g.n, g.c, g.h, g.w, g.c_out, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, bm);
         where = "n" + std::to_string(g.n) + " c" + std::to_string(g.c) + " " + std::to_string(g.h) + "x" +
                 std::to_string(g.w) + " cout" + std::to_string(g.c_out) + " k" + std::to_string(g.kh) + "x" +
@@ -460,21 +467,42 @@ int main() {
         check_thread_maps(p, eb);
         if (eb == 2) {
           check_mma_mapping(p);
-          if (bm == 128) check_depthwise_all<2, 8>(p);
-          else check_depthwise_all<1, 8>(p);
+          if (bm == 128) check_depthwise_all<dw_rows_per_thread(128, 2), 8>(p);
+          else check_depthwise_all<dw_rows_per_thread(64, 2), 8>(p);  // 64 and 32: one row per thread
         } else {
           check_ffma_mapping(p);
-          check_depthwise_all<1, 4>(p);
+          check_depthwise_all<dw_rows_per_thread(32, 4), 4>(p);
         }
         check_outputs(p, eb);
         ++checked;
       }
     }
   }
-  // The middle-flow plan the kernel uses on an H100 (bf16, 128-row tiles) fits 227 KB of shared memory.
+  // The launcher's tile choice for Xception's units (bf16 and fp32; batch 256 at 299 x 299) with the
+  // opt-in shared memory of an H100 (227 KB) and an A100 (163 KB): 0 = routed to the int64 kernel.
+  struct Unit {
+    int c, hw, c_out, h100_bf16, a100_bf16, h100_fp32;
+  };
+  const Unit units[] = {{64, 147, 128, 128, 128, 32},   {128, 147, 128, 128, 128, 32}, {128, 74, 256, 128, 128, 32},
+                        {256, 74, 256, 128, 128, 32},   {256, 37, 728, 128, 128, 32},  {728, 37, 728, 128, 64, 32},
+                        {728, 19, 728, 128, 64, 32},    {728, 19, 1024, 128, 64, 32},  {1024, 10, 1536, 64, 64, 32},
+                        {1536, 10, 2048, 64, 32, 0}};
+  for (const Unit& u : units) {
+    for (int eb : {2, 4}) {
+      for (int smem : {227 * 1024, 163 * 1024}) {
+        if (eb == 4 && smem != 227 * 1024) continue;
+        int bm = 0;
+        for (int i = 0; tile_rows_candidate(i, eb) > 0 && bm == 0; ++i) {
+          const Plan p = make_plan(256, u.c, u.hw, u.hw, u.c_out, 3, 3, 1, 1, 1, 1, 1, 1, tile_rows_candidate(i, eb));
+          if (fits_smem(p, eb, smem)) bm = p.bm;
+        }
+        where = "tile choice c" + std::to_string(u.c) + " " + std::to_string(u.hw) + " " + std::to_string(eb) +
+                "B smem " + std::to_string(smem);
+        EXPECT(bm == (eb == 4 ? u.h100_fp32 : smem == 227 * 1024 ? u.h100_bf16 : u.a100_bf16));
+      }
+    }
+  }
   const Plan middle = make_plan(256, 728, 19, 19, 728, 3, 3, 1, 1, 1, 1, 1, 1, 128);
-  where = "middle flow smem";
-  EXPECT(smem_layout(middle, 2).total <= 227 * 1024);
   std::printf("middle flow, bf16, bm 128: %d tiles, %d bytes of shared memory, halo box <= %d x %d\n",
               num_tiles(middle), smem_layout(middle, 2).total, middle.halo_rows, middle.halo_cols);
   std::printf("%d plans checked, %d failures\n", checked, failures);
