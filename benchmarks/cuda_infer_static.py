@@ -108,9 +108,10 @@ def inner(span, all_loops):
 
 
 class Layer:
-    """One unit: the same tiling as csrc/sepconv_infer_tiling.h (stride 1, 3x3, padding 1)."""
+    """One unit: the same tiling as csrc/sepconv_infer_tiling.h (stride 1, 3x3, padding 1): tiles and
+    the pixel count of each tile's halo box."""
 
-    def __init__(self, n, c, h, w, c_out, bm, elem_bytes):
+    def __init__(self, n, c, h, w, c_out, bm, elem_bytes, segments):
         self.n, self.c, self.h, self.w, self.c_out, self.bm = n, c, h, w, c_out, bm
         self.kp = max(1, math.ceil(c / BK)) * BK
         self.cout_pad = math.ceil(c_out / BN) * BN
@@ -118,7 +119,7 @@ class Layer:
         self.slots = THREADS // self.vp
         hw = h * w
         self.tiles = []  # (count, box pixels)
-        if w >= bm:
+        if segments and w >= bm:
             for _ in range(h):
                 for wo0 in range(0, w, bm):
                     count = min(bm, w - wo0)
@@ -181,13 +182,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--bm", type=int, default=0, help="tile rows (default: 128 for 16-bit, 32 for fp32)")
     parser.add_argument("--shape", default="256,728,19,19,728", help="N,C,H,W,Cout (3x3, stride 1, padding 1)")
+    parser.add_argument("--segments", action="store_true",
+                        help="row-segment tiles (the launcher's choice only where full-width halo boxes do not fit;"
+                             " never for Xception's units)")
     parser.add_argument("--residual", action="store_true")
     parser.add_argument("--post-relu", action="store_true")
     args = parser.parse_args()
     elem = 4 if args.dtype == "fp32" else 2
     bm = args.bm or (32 if elem == 4 else 128)
     n, c, h, w, c_out = (int(v) for v in args.shape.split(","))
-    layer = Layer(n, c, h, w, c_out, bm, elem)
+    layer = Layer(n, c, h, w, c_out, bm, elem, args.segments)
 
     sass, report = compile_sass(args.arch, args.residual, args.post_relu)
     name = kernel_name(args.dtype, bm, True)

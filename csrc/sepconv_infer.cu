@@ -622,10 +622,10 @@ bool fits_int32(const ConvGeometry& g) {
          256 * g.c_out < kInt32Max && g.h + 2 * g.pad_h < kInt32Max && g.w + 2 * g.pad_w < kInt32Max;
 }
 
-Plan plan_for(const ConvGeometry& g, int bm) {
+Plan plan_for(const ConvGeometry& g, TileChoice choice) {
   const auto i = [](int64_t v) { return static_cast<int>(v); };
   return make_plan(i(g.n), i(g.c), i(g.h), i(g.w), i(g.c_out), i(g.kh), i(g.kw), i(g.stride_h), i(g.stride_w),
-                   i(g.pad_h), i(g.pad_w), i(g.dil_h), i(g.dil_w), bm);
+                   i(g.pad_h), i(g.pad_w), i(g.dil_h), i(g.dil_w), choice.bm, choice.row_segments);
 }
 
 // Packed weights in the workspace (the layout depends on the geometry only).
@@ -671,12 +671,12 @@ cudaError_t run(const SepConvInferParams& prm, cudaStream_t stream, bool* launch
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return err;
 
-  // The largest tile whose shared memory fits (16-bit on a Hopper GPU: 128 rows for C up to about
-  // 750, 64 up to about 1,500, 32 beyond).
+  // The first candidate whose shared memory fits (16-bit on a Hopper GPU: 128 rows for C up to about
+  // 750, 64 up to about 1,500, 32 beyond; image ranges unless the full-width halo is too large).
   int bm = 0, smem_bytes = 0;
   Plan plan{};
-  for (int i = 0; tile_rows_candidate(i, sizeof(T)) > 0; ++i) {
-    plan = plan_for(g, tile_rows_candidate(i, sizeof(T)));
+  for (int i = 0; tile_candidate(i, sizeof(T)).bm > 0; ++i) {
+    plan = plan_for(g, tile_candidate(i, sizeof(T)));
     if (fits_smem(plan, sizeof(T), max_smem)) {
       bm = plan.bm;
       smem_bytes = smem_layout(plan, sizeof(T)).total;
@@ -723,7 +723,7 @@ cudaError_t run(const SepConvInferParams& prm, cudaStream_t stream, bool* launch
 
 size_t infer_tiled_workspace_size(const SepConvInferParams& params) {
   if (!infer::fits_int32(params.g)) return 0;
-  const infer::Plan plan = infer::plan_for(params.g, 64);  // the packed sizes do not depend on bm
+  const infer::Plan plan = infer::plan_for(params.g, {64, 0});  // the packed sizes do not depend on the tiles
   Workspace ws(nullptr);
   switch (params.dtype) {
     case DType::kFloat32: infer::carve<float>(plan, ws); break;

@@ -59,7 +59,7 @@ struct Plan {
   int n, c, h, w, c_out, h_out, w_out;
   int kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   int bm;               // output positions per tile (rows of the MMA tile)
-  int row_segments;     // 1: a tile is a segment of one output row (w_out >= bm); 0: a range of an image
+  int row_segments;     // 1: a tile is a segment of one output row; 0: a range of an image
   int segs_per_row;     // row_segments: tiles per output row
   int tiles_per_image;
   int kp;               // C rounded up to kBK (at least kBK): K of the d tile and the packed weights
@@ -68,8 +68,11 @@ struct Plan {
   int halo_rows, halo_cols;  // upper bounds of every tile's halo box (shared-memory sizing)
 };
 
+// row_segments: 1 asks for row-segment tiles (a small halo box on wide images), 0 for ranges of an
+// image (every tile full but the last of each image; full-width boxes). Rows narrower than bm always
+// get ranges: a segment would then be a partial row.
 XF_HD Plan make_plan(int n, int c, int h, int w, int c_out, int kh, int kw, int stride_h, int stride_w, int pad_h,
-                     int pad_w, int dil_h, int dil_w, int bm) {
+                     int pad_w, int dil_h, int dil_w, int bm, int row_segments) {
   Plan p{};
   p.n = n, p.c = c, p.h = h, p.w = w, p.c_out = c_out;
   p.kh = kh, p.kw = kw, p.stride_h = stride_h, p.stride_w = stride_w;
@@ -77,7 +80,7 @@ XF_HD Plan make_plan(int n, int c, int h, int w, int c_out, int kh, int kw, int 
   p.h_out = (h + 2 * pad_h - dil_h * (kh - 1) - 1) / stride_h + 1;
   p.w_out = (w + 2 * pad_w - dil_w * (kw - 1) - 1) / stride_w + 1;
   p.bm = bm;
-  p.row_segments = p.w_out >= bm ? 1 : 0;
+  p.row_segments = row_segments && p.w_out >= bm ? 1 : 0;
   const int window_rows = (kh - 1) * dil_h + 1, window_cols = (kw - 1) * dil_w + 1;
   if (p.row_segments) {
     p.segs_per_row = ceil_div(p.w_out, bm);
@@ -231,6 +234,13 @@ XF_HD bool fits_smem(const Plan& p, int elem_bytes, int max_smem) {
 XF_HD int tile_rows_candidate(int i, int elem_bytes) {
   return elem_bytes == 2 ? (i < 3 ? 128 >> i : 0) : (i == 0 ? 32 : 0);
 }
+
+// Candidate i of the launcher's search: for each tile size (largest first), ranges of an image, then
+// row segments. bm == 0: no candidates left.
+struct TileChoice {
+  int bm, row_segments;
+};
+XF_HD TileChoice tile_candidate(int i, int elem_bytes) { return {tile_rows_candidate(i / 2, elem_bytes), i % 2}; }
 
 // ---------------------------------------------------------------------------------------------------
 // Phase 1 thread mapping. A thread always handles the same channel vector cv = tid % (kBK / vec)
