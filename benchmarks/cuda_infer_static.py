@@ -176,29 +176,12 @@ def count(ins, layer: Layer, mma: bool):
     return dw_total * layer.n, pw_total * layer.n, per
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="90a")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--bm", type=int, default=0, help="tile rows (default: 128 for 16-bit, 32 for fp32)")
-    parser.add_argument("--shape", default="256,728,19,19,728", help="N,C,H,W,Cout (3x3, stride 1, padding 1)")
-    parser.add_argument("--segments", action="store_true",
-                        help="row-segment tiles (the launcher's choice only where full-width halo boxes do not fit;"
-                             " never for Xception's units)")
-    parser.add_argument("--residual", action="store_true")
-    parser.add_argument("--post-relu", action="store_true")
-    args = parser.parse_args()
+def estimate(layer: Layer, sass: str, report: str, args, name: str, verbose: bool) -> None:
     elem = 4 if args.dtype == "fp32" else 2
-    bm = args.bm or (32 if elem == 4 else 128)
-    n, c, h, w, c_out = (int(v) for v in args.shape.split(","))
-    layer = Layer(n, c, h, w, c_out, bm, elem, args.segments)
-
-    sass, report = compile_sass(args.arch, args.residual, args.post_relu)
-    name = kernel_name(args.dtype, bm, True)
     ins = instructions(sass, name)
     dw_warp, pw_warp, per = count(ins, layer, elem == 2)
-
     rate = SMS * SCHEDULERS * CLOCK
+    n, c, h, w, c_out, bm = layer.n, layer.c, layer.h, layer.w, layer.c_out, layer.bm
     tiles = len(layer.tiles) * n
     flops = 2 * tiles * bm * layer.cout_pad * layer.kp
     mma_time = flops / (MMA_PEAK * MMA_FRACTION if elem == 2 else FFMA_PEAK)
@@ -206,6 +189,13 @@ def main() -> None:
     bytes_moved = p * c * elem + p * c_out * elem * (2 if args.residual else 1)
     t_dw, t_pw, t_dram = dw_warp / rate, pw_warp / rate, bytes_moved / DRAM
     element_taps = p * c * 9
+    overlapped = max(t_dw + t_pw, mma_time, t_dram)
+    serial = max(t_dw + max(t_pw, mma_time), t_dram)
+    if not verbose:
+        print(f"| {c} -> {c_out} @ {h}x{w} | {bm} | {dw_warp * 32 / element_taps:.2f} | {1e3 * t_dw:.3f} | "
+              f"{1e3 * t_pw:.3f} | {1e3 * mma_time:.3f} | {1e3 * t_dram:.3f} | {1e3 * overlapped:.3f} | "
+              f"{1e3 * serial:.3f} |")
+        return
     print(f"{name} on sm_{args.arch}: {ptxas_line(report, name)}")
     print(f"layer N={n} C={c} {h}x{w} Cout={c_out} {args.dtype}, residual={args.residual}, "
           f"post_relu={args.post_relu}: {tiles} tiles of {bm} rows, {math.ceil(tiles / SMS)} waves of {SMS}")
@@ -217,9 +207,37 @@ def main() -> None:
     print("static estimate (sm_90 model):")
     print(f"  issue {1e3 * (t_dw + t_pw):.3f} ms (depthwise {1e3 * t_dw:.3f} + pointwise {1e3 * t_pw:.3f}), "
           f"MMA {1e3 * mma_time:.3f} ms ({flops / 1e9:.0f} padded GFLOP), DRAM {1e3 * t_dram:.3f} ms")
-    overlapped = max(t_dw + t_pw, mma_time, t_dram)
-    serial = max(t_dw + max(t_pw, mma_time), t_dram)
     print(f"  largest of the three: {1e3 * overlapped:.3f} ms; phases in sequence: {1e3 * serial:.3f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="90a")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--bm", type=int, default=0, help="tile rows (default: 128 for 16-bit, 32 for fp32)")
+    parser.add_argument("--shape", nargs="+", default=["256,728,19,19,728"],
+                        help="N,C,H,W,Cout (3x3, stride 1, padding 1); several: one table row each; "
+                             "N,C,H,W,Cout,bm sets the tile rows of that shape")
+    parser.add_argument("--segments", action="store_true",
+                        help="row-segment tiles (the launcher's choice only where full-width halo boxes do not fit;"
+                             " never for Xception's units)")
+    parser.add_argument("--residual", action="store_true")
+    parser.add_argument("--post-relu", action="store_true")
+    args = parser.parse_args()
+    elem = 4 if args.dtype == "fp32" else 2
+    sass, report = compile_sass(args.arch, args.residual, args.post_relu)
+    verbose = len(args.shape) == 1
+    if not verbose:
+        print(f"static estimate (sm_90 model), {args.dtype}, sm_{args.arch}, residual={args.residual}; times in ms")
+        print("| unit | bm | instr / element-tap (dw phase) | dw issue | pw issue | MMA | DRAM | largest | "
+              "phases in sequence |")
+        print("|---|---|---|---|---|---|---|---|---|")
+    for shape in args.shape:
+        values = [int(v) for v in shape.split(",")]
+        n, c, h, w, c_out = values[:5]
+        bm = values[5] if len(values) > 5 else args.bm or (32 if elem == 4 else 128)
+        layer = Layer(n, c, h, w, c_out, bm, elem, args.segments)
+        estimate(layer, sass, report, args, kernel_name(args.dtype, bm, True), verbose)
 
 
 if __name__ == "__main__":
