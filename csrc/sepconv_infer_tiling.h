@@ -4,12 +4,14 @@
 // tests/cpp/test_infer_tiling.cpp compiles this header with g++ and checks every function against
 // brute force (tile coverage, halo boxes, staging layout, the depthwise of a tile bit-exact against
 // a direct loop, the ldmatrix / mma.sync fragment mapping, every output written exactly once). The
-// kernel does no index arithmetic of its own beyond calling these functions, so those checks cover
-// what cannot run without a GPU. No CUDA headers are included here on purpose.
+// kernel's index arithmetic is these functions and their direct composition (base + row * pitch +
+// column), which the test repeats, so those checks cover what cannot run without a GPU. No CUDA
+// headers are included here on purpose.
 //
 // The kernel, in one paragraph: one CTA of kThreads threads owns a tile of `bm` consecutive output
-// positions of one image (a "position tile": a segment of one output row when the row is at least
-// `bm` wide, else `bm` consecutive positions of the image, spanning several rows). It computes the
+// positions of one image (a "position tile": `bm` consecutive positions of the image, spanning
+// several output rows, with a 2-D halo box of full-width input rows; or, where such boxes would not
+// fit in shared memory, a segment of one output row). It computes the
 // depthwise output d of the tile for ALL input channels, chunk by chunk (kBK channels: the halo box
 // of the tile staged in shared memory, pre-ReLU applied once per staged element), into a resident
 // shared-memory tile [bm][kp] in the input dtype. Then it loops over every Cout tile (kBN wide) and
