@@ -459,17 +459,23 @@ __device__ __forceinline__ void pointwise_phase_mma(const Plan& p, const Args<T>
     load_slot = next_slot(load_slot);
     const uint32_t a_k = a_lane + kc * kBK * 2;
     const uint32_t b_s = b_lane + slot * kTileBytes;
+    // A warp whose 32 columns all lie past Cout (the last Cout tile of 728 channels: 736..767) skips
+    // its products: warp-uniform, and its accumulators are never stored.
+    const bool live = nt * kBN + col0 < p.c_out;
+    if (live) {
 #pragma unroll
-    for (int ks = 0; ks < kBK; ks += 16) {
-      uint32_t af[kMF][4], bf[2][4];
+      for (int ks = 0; ks < kBK; ks += 16) {
+        uint32_t af[kMF][4], bf[2][4];
 #pragma unroll
-      for (int i = 0; i < kMF; ++i) ldmatrix_x4(af[i], a_k + i * a_frag_step + ks * 2);
+        for (int i = 0; i < kMF; ++i) ldmatrix_x4(af[i], a_k + i * a_frag_step + ks * 2);
 #pragma unroll
-      for (int j = 0; j < 2; ++j) ldmatrix_x4(bf[j], b_s + (j * 16 * kRingLd + ks) * 2);
+        for (int j = 0; j < 2; ++j) ldmatrix_x4(bf[j], b_s + (j * 16 * kRingLd + ks) * 2);
 #pragma unroll
-      for (int i = 0; i < kMF; ++i)
+        for (int i = 0; i < kMF; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) mma_16816<T>(acc[i][j], af[i], bf[j / 2][(j % 2) * 2], bf[j / 2][(j % 2) * 2 + 1]);
+          for (int j = 0; j < 4; ++j)
+            mma_16816<T>(acc[i][j], af[i], bf[j / 2][(j % 2) * 2], bf[j / 2][(j % 2) * 2 + 1]);
+      }
     }
     slot = next_slot(slot);
     if (++kc == kc_count) {  // the Cout tile is complete: epilogue from the registers
