@@ -183,7 +183,9 @@ def estimate(layer: Layer, sass: str, report: str, args, name: str, verbose: boo
     rate = SMS * SCHEDULERS * CLOCK
     n, c, h, w, c_out, bm = layer.n, layer.c, layer.h, layer.w, layer.c_out, layer.bm
     tiles = len(layer.tiles) * n
-    flops = 2 * tiles * bm * math.ceil(c_out / 32) * 32 * layer.kp  # warps past Cout skip their products
+    # mma.sync: warps whose 32 columns lie past Cout skip their products; FFMA: all of the padded tile.
+    columns = math.ceil(c_out / 32) * 32 if elem == 2 else layer.cout_pad
+    flops = 2 * tiles * bm * columns * layer.kp
     mma_time = flops / (MMA_PEAK * MMA_FRACTION if elem == 2 else FFMA_PEAK)
     p = n * h * w
     bytes_moved = p * c * elem + p * c_out * elem * (2 if args.residual else 1)
