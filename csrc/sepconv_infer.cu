@@ -59,6 +59,9 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
 }
+__device__ __forceinline__ void cp_async16(uint32_t dst_addr, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_addr), "l"(src), "r"(src_bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
@@ -300,13 +303,19 @@ __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a,
     if (XF_FLAG(a.x_vectors, true)) {
       const int c = c0 + cv * kVec;
       const bool channels = c < p.c;  // whole vectors: C is a multiple of kVec here
-      const T* src = x_img + c;
-      T* dst = halo(buf) + cv * kVec;
+      const char* x_bytes = reinterpret_cast<const char*>(x_img);
+      uint32_t dst = smem_addr(halo(buf) + slot0 * kBK + cv * kVec);
+      const int* src_off = table + slot0;
+      // Pointers advance by one slot stride per pixel: no index arithmetic in the loop.
 #pragma unroll 1
       for (int pixel = slot0; pixel < pixels; pixel += kSlots) {
-        const int off = table[pixel];
+        const int off = *src_off;
         const bool real = channels && off >= 0;
-        cp_async16(dst + pixel * kBK, real ? src + off : x_img, real ? 16 : 0);
+        // Padding: 16 zero bytes, nothing read (the image's first element stands in as the address).
+        const uint32_t bytes = real ? static_cast<uint32_t>(off + c) * sizeof(T) : 0u;
+        cp_async16(dst, x_bytes + bytes, real ? 16 : 0);
+        src_off += kSlots;
+        dst += kSlots * kBK * sizeof(T);
       }
     } else {
       T* dst = halo(buf);
@@ -321,7 +330,7 @@ __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a,
     float* w = wts(buf);
 #pragma unroll 1
     for (int u = tid; u < wts_vectors(p); u += kThreads) {
-      const int tap = u / (kBK / 4), part = u - tap * (kBK / 4);
+      const int tap = static_cast<unsigned>(u) / (kBK / 4), part = static_cast<unsigned>(u) % (kBK / 4);
       cp_async16(w + tap * kBK + part * 4, a.dw + packed_dw_offset(p, tap, c0 + part * 4), 16);
     }
   };
