@@ -4,7 +4,7 @@
 // (checked on the CPU by tests/cpp/test_infer_tiling.cpp); this file holds the device code that
 // moves data (cp.async, ldmatrix, mma.sync) and the launcher.
 //
-// STATUS: compiled for sm_80 and sm_90a with nvcc 13.0; NOT YET RUN ON A GPU (tests/test_cuda_provider.py
+// STATUS: compiled for sm_80 and sm_90a with nvcc 13.0; NOT YET RUN ON A GPU (tests/test_providers.py
 // is the check, run on a GPU with XCEPTION_FAST_UNVERIFIED_CUDA=1).
 //
 // Per CTA (kThreads = 256, one tile of bm output positions):
