@@ -6,7 +6,9 @@
 // XCEPTION_FAST_UNVERIFIED_CUDA=1) before xception_fast.backends.CUDA_KERNELS_VERIFIED is set.
 //
 // Design (sepconv_device.cuh holds the shared pieces):
-// - sepconv_infer_kernel<T>: one block per (64 output positions) x (64 output channels) tile, 128
+// - Inference runs the tiled kernel of sepconv_infer.cu; sepconv_infer_kernel<T> below is its
+//   int64 fallback for what that kernel declines (a d tile too large for shared memory, offsets past
+//   int32): one block per (64 output positions) x (64 output channels) tile, 128
 //   threads. For each chunk of 32 input channels: the depthwise result (pre-ReLU, fp32 accumulation,
 //   rounded to T as the unfused depthwise conv stores it) for 64 positions x 32 channels goes to
 //   shared memory as the A tile, the pointwise weight tile (32 x 64) as the B tile, and the block
@@ -32,6 +34,7 @@
 #include <cstdint>
 
 #include "sepconv_device.cuh"
+#include "sepconv_infer.h"
 #include "sepconv_params.h"
 
 namespace xception_fast {
@@ -260,10 +263,7 @@ const char* compiled_cuda_arch_list() {
 #endif
 }
 
-size_t workspace_size(const SepConvInferParams& params) {
-  (void)params;
-  return 0;
-}
+size_t workspace_size(const SepConvInferParams& params) { return infer_tiled_workspace_size(params); }
 
 size_t workspace_size(const SepConvTrainParams& params) {
   Workspace ws(nullptr);
@@ -277,6 +277,10 @@ cudaError_t run_sepconv_bn_infer(const SepConvInferParams& p, cudaStream_t strea
       (p.residual.ptr != nullptr && !is_nhwc(p.residual, g.n, g.c_out, g.h_out, g.w_out))) {
     return cudaErrorInvalidValue;
   }
+  // The tiled kernel (sepconv_infer.cu) first; it declines what it does not cover (see there).
+  bool launched = false;
+  const cudaError_t err = run_sepconv_bn_infer_tiled(p, stream, &launched);
+  if (launched || err != cudaSuccess) return err;
   return XF_DTYPE_SWITCH(p.dtype, T, [&] { return launch_infer<T>(p, stream); });
 }
 

@@ -36,13 +36,19 @@ SHAPES = {
     "c19to33_k2x4": (19, 33, (2, 4), (1, 1), (0, 1), (1, 1), 2, 5, 6),
     "c70to130_k3": (70, 130, 3, (1, 1), (1, 1), (1, 1), 3, 13, 11),
     "c1to5_k1_s2": (1, 5, 1, (2, 2), (0, 0), (1, 1), 2, 7, 7),
+    # The CUDA tiled inference kernel's other paths: C a multiple of 8 (16-byte halo loads), tiles
+    # spanning two output rows of a wide image, several Cout tiles of 128 with a partial last one,
+    # full tiles with whole-pair stores; a row so wide (stride 2, 300 outputs) that full-width halo
+    # boxes do not fit in shared memory and the tiles are row segments (a partial last one).
+    "c24to264_w150": (24, 264, 3, (1, 1), (1, 1), (1, 1), 2, 3, 150),
+    "c16to40_s2_w600": (16, 40, 3, (2, 2), (1, 1), (1, 1), 1, 5, 600),
 }
-LARGE = {"c70to130_k3"}  # GPU only: an interpreter spends minutes on it
+LARGE = {"c70to130_k3", "c24to264_w150", "c16to40_s2_w600"}  # GPU only: an interpreter spends minutes on them
 FLAGS = {"pre_post_res": (True, True, True), "plain": (False, False, False), "pre_only": (True, False, False),
          "post_res": (False, True, True)}
 CASES = [("c5to7_k3", "pre_post_res"), ("c19_s21_d12_n1", "pre_only"), ("c33to19_k5_s2_d2", "post_res"),
          ("c19to33_k2x4", "plain"), ("c70to130_k3", "pre_post_res"), ("c1to5_k1_s2", "post_res"),
-         ("c19_s21_d12_n1", "pre_post_res")]
+         ("c19_s21_d12_n1", "pre_post_res"), ("c24to264_w150", "pre_post_res"), ("c16to40_s2_w600", "pre_only")]
 
 
 @pytest.fixture(params=conformance_cases(), ids=lambda case: f"{case[0]}-{case[1]}")

@@ -1,0 +1,19 @@
+// The tiled inference kernel (sepconv_infer.cu): entry points used by sepconv_forward.cu.
+#pragma once
+
+#include <cstddef>
+
+#include <cuda_runtime_api.h>
+
+#include "sepconv_params.h"
+
+namespace xception_fast {
+
+// Bytes of workspace the tiled kernel needs (its packed weights); 0 when it never takes `params`.
+size_t infer_tiled_workspace_size(const SepConvInferParams& params);
+
+// Launches the tiled kernel when it covers `params` and sets *launched; otherwise leaves *launched
+// false and returns cudaSuccess, and the caller runs the int64 kernel (sepconv_forward.cu).
+cudaError_t run_sepconv_bn_infer_tiled(const SepConvInferParams& params, cudaStream_t stream, bool* launched);
+
+}  // namespace xception_fast

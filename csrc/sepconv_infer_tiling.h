@@ -1,0 +1,363 @@
+// Index and tiling math of the tiled inference kernel (sepconv_infer.cu), as plain C++ functions.
+//
+// Everything here is `__host__ __device__` under nvcc and ordinary inline C++ under a host compiler:
+// tests/cpp/test_infer_tiling.cpp compiles this header with g++ and checks every function against
+// brute force (tile coverage, halo boxes, staging layout, the depthwise of a tile bit-exact against
+// a direct loop, the ldmatrix / mma.sync fragment mapping, every output written exactly once). The
+// kernel's index arithmetic is these functions and their direct composition (base + row * pitch +
+// column), which the test repeats, so those checks cover what cannot run without a GPU. No CUDA
+// headers are included here on purpose.
+//
+// The kernel, in one paragraph: one CTA of kThreads threads owns a tile of `bm` consecutive output
+// positions of one image (a "position tile": `bm` consecutive positions of the image, spanning
+// several output rows, with a 2-D halo box of full-width input rows; or, where such boxes would not
+// fit in shared memory, a segment of one output row). It computes the
+// depthwise output d of the tile for ALL input channels, chunk by chunk (kBK channels: the halo box
+// of the tile staged in shared memory, pre-ReLU applied once per staged element), into a resident
+// shared-memory tile [bm][kp] in the input dtype. Then it loops over every Cout tile (kBN wide) and
+// every K chunk (kBK), the pointwise weights streaming through a kStages-deep cp.async ring, with d
+// as the A operand of every Cout tile; the epilogue applies scale, shift, post-ReLU and residual from
+// the accumulator registers. All offsets inside an image, a tile or shared memory are int32; the
+// launcher routes geometries where they would overflow to the int64 kernel (sepconv_forward.cu).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define XF_HD __host__ __device__ __forceinline__
+#else
+#define XF_HD inline
+#endif
+
+#if defined(__CUDA_ARCH__)
+#define XF_UNROLL _Pragma("unroll")
+#else
+#define XF_UNROLL
+#endif
+
+namespace xception_fast {
+namespace infer {
+
+constexpr int kThreads = 256;  // 8 warps
+constexpr int kBN = 128;       // Cout tile (columns of one accumulator tile)
+constexpr int kBK = 32;        // K chunk: channels per depthwise chunk and per weight-ring stage
+constexpr int kStages = 3;     // depth of the weight ring
+
+XF_HD int ceil_div(int a, int b) { return (a + b - 1) / b; }
+XF_HD int round_up(int a, int b) { return ceil_div(a, b) * b; }
+XF_HD int imin(int a, int b) { return a < b ? a : b; }
+XF_HD int imax(int a, int b) { return a > b ? a : b; }
+XF_HD int align_up(int bytes, int alignment) { return round_up(bytes, alignment); }
+
+// Elements of one 16-byte vector (one cp.async, one LDS.128): 8 for 16-bit types, 4 for fp32.
+XF_HD int vec_elems(int elem_bytes) { return 16 / elem_bytes; }
+
+// ---------------------------------------------------------------------------------------------------
+// The plan of one launch: geometry, tile size, padded sizes. Built on the host (make_plan), passed to
+// the kernel by value.
+
+struct Plan {
+  int n, c, h, w, c_out, h_out, w_out;
+  int kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int bm;               // output positions per tile (rows of the MMA tile)
+  int row_segments;     // 1: a tile is a segment of one output row; 0: a range of an image
+  int segs_per_row;     // row_segments: tiles per output row
+  int tiles_per_image;
+  int kp;               // C rounded up to kBK (at least kBK): K of the d tile and the packed weights
+  int cout_tiles;       // ceil(c_out / kBN)
+  int cout_pad;         // cout_tiles * kBN: rows (16-bit) or columns (fp32) of the packed pw weight
+  int halo_rows, halo_cols;  // upper bounds of every tile's halo box (shared-memory sizing)
+};
+
+// row_segments: 1 asks for row-segment tiles (a small halo box on wide images), 0 for ranges of an
+// image (every tile full but the last of each image; full-width boxes). Rows narrower than bm always
+// get ranges: a segment would then be a partial row.
+XF_HD Plan make_plan(int n, int c, int h, int w, int c_out, int kh, int kw, int stride_h, int stride_w, int pad_h,
+                     int pad_w, int dil_h, int dil_w, int bm, int row_segments) {
+  Plan p{};
+  p.n = n, p.c = c, p.h = h, p.w = w, p.c_out = c_out;
+  p.kh = kh, p.kw = kw, p.stride_h = stride_h, p.stride_w = stride_w;
+  p.pad_h = pad_h, p.pad_w = pad_w, p.dil_h = dil_h, p.dil_w = dil_w;
+  p.h_out = (h + 2 * pad_h - dil_h * (kh - 1) - 1) / stride_h + 1;
+  p.w_out = (w + 2 * pad_w - dil_w * (kw - 1) - 1) / stride_w + 1;
+  p.bm = bm;
+  p.row_segments = row_segments && p.w_out >= bm ? 1 : 0;
+  const int window_rows = (kh - 1) * dil_h + 1, window_cols = (kw - 1) * dil_w + 1;
+  if (p.row_segments) {
+    p.segs_per_row = ceil_div(p.w_out, bm);
+    p.tiles_per_image = p.h_out * p.segs_per_row;
+    p.halo_rows = window_rows;
+    p.halo_cols = (bm - 1) * stride_w + window_cols;
+  } else {
+    p.segs_per_row = 1;
+    p.tiles_per_image = ceil_div(p.h_out * p.w_out, bm);
+    // bm consecutive positions starting anywhere in a row span at most this many output rows.
+    const int span = imin(p.h_out, (p.w_out - 1 + bm - 1) / p.w_out + 1);
+    p.halo_rows = (span - 1) * stride_h + window_rows;
+    p.halo_cols = (p.w_out - 1) * stride_w + window_cols;
+  }
+  p.kp = round_up(imax(c, 1), kBK);
+  p.cout_tiles = ceil_div(c_out, kBN);
+  p.cout_pad = p.cout_tiles * kBN;
+  return p;
+}
+
+XF_HD int num_tiles(const Plan& p) { return p.n * p.tiles_per_image; }
+
+// ---------------------------------------------------------------------------------------------------
+// Position tiles. Output positions of one image are numbered q = ho * w_out + wo; a tile is the
+// range [q0, q0 + count) of image `img`, so its rows are consecutive in the NHWC output too:
+// global position (img * h_out * w_out + q0 + r) for tile row r.
+
+struct TileRange {
+  int img, q0, count;
+};
+
+XF_HD TileRange tile_range(const Plan& p, int tile) {
+  TileRange t;
+  t.img = tile / p.tiles_per_image;
+  const int rem = tile - t.img * p.tiles_per_image;
+  if (p.row_segments) {
+    const int ho = rem / p.segs_per_row;
+    const int wo0 = (rem - ho * p.segs_per_row) * p.bm;
+    t.q0 = ho * p.w_out + wo0;
+    t.count = imin(p.bm, p.w_out - wo0);
+  } else {
+    t.q0 = rem * p.bm;
+    t.count = imin(p.bm, p.h_out * p.w_out - t.q0);
+  }
+  return t;
+}
+
+// The input box read by a tile's windows: rows h0 .. h0 + rows - 1, columns w0 .. w0 + cols - 1
+// (may reach into the zero padding). A tile inside one output row reads a partial-width box; a tile
+// spanning several rows reads full rows.
+struct HaloBox {
+  int h0, w0, rows, cols;
+};
+
+XF_HD HaloBox halo_box(const Plan& p, const TileRange& t) {
+  const int ho_first = t.q0 / p.w_out, ho_last = (t.q0 + t.count - 1) / p.w_out;
+  HaloBox b;
+  b.h0 = ho_first * p.stride_h - p.pad_h;
+  b.rows = (ho_last - ho_first) * p.stride_h + (p.kh - 1) * p.dil_h + 1;
+  if (ho_first == ho_last) {
+    const int wo_first = t.q0 - ho_first * p.w_out;
+    b.w0 = wo_first * p.stride_w - p.pad_w;
+    b.cols = (t.count - 1) * p.stride_w + (p.kw - 1) * p.dil_w + 1;
+  } else {
+    b.w0 = -p.pad_w;
+    b.cols = (p.w_out - 1) * p.stride_w + (p.kw - 1) * p.dil_w + 1;
+  }
+  return b;
+}
+
+// Halo pixel (index into the box, row-major) of tap (0, 0) of tile row r. Rows past the tile's count
+// (padding rows of the MMA tile) reuse the last position: their results are never stored.
+XF_HD int halo_base_pixel(const Plan& p, const TileRange& t, const HaloBox& b, int r) {
+  const int q = t.q0 + imin(r, t.count - 1);
+  const int ho = q / p.w_out, wo = q - ho * p.w_out;
+  return (ho * p.stride_h - p.pad_h - b.h0) * b.cols + (wo * p.stride_w - p.pad_w - b.w0);
+}
+
+// Offset in halo pixels of tap (i, j) from tap (0, 0).
+XF_HD int halo_tap_offset(const Plan& p, const HaloBox& b, int i, int j) {
+  return i * p.dil_h * b.cols + j * p.dil_w;
+}
+
+// Element offset in the image (NHWC, channel 0) of halo pixel `pixel`, or -1 where it is padding.
+XF_HD int halo_source_offset(const Plan& p, const HaloBox& b, int pixel) {
+  const int hr = pixel / b.cols;
+  const int hi = b.h0 + hr, wi = b.w0 + (pixel - hr * b.cols);
+  if (hi < 0 || hi >= p.h || wi < 0 || wi >= p.w) return -1;
+  return (hi * p.w + wi) * p.c;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Shared memory. The d tile is resident for the whole CTA; the halo buffers (phase 1) and the weight
+// ring (phase 2) share one region, since the phases never overlap (a barrier separates them).
+//
+// - d tile: bm rows x d_ld elements, d(r, k) at r * d_ld + k. d_ld = kp + one 16-byte vector of
+//   padding: the row pitch in 16-byte units is then odd, so the 8 row addresses of an ldmatrix land
+//   in 8 different bank groups (no conflicts).
+// - halo buffers (2, double-buffered by channel chunk): [box pixels][kBK] elements; element (pixel,
+//   ch) at pixel * kBK + ch; sized for the largest box (halo_rows x halo_cols).
+// - depthwise weight buffers (2, staged with their chunk): fp32 [taps][kBK].
+// - pixel table: the halo_source_offset of every box pixel of the current tile (int32).
+// - weight ring, kStages tiles. 16-bit (mma.sync): B tile [kBN][kBK + 8] (n rows, k contiguous; odd
+//   16-byte pitch again). fp32 (FFMA): [kBK][kBN] (k rows, n contiguous).
+struct SmemLayout {
+  int d_ld, d_bytes;
+  int region;                       // byte offset of the shared phase region
+  int halo_elems;                   // elements of one halo buffer
+  int halo[2], wts[2], table;       // byte offsets (phase 1)
+  int ring_ld, ring_tile_elems;     // ring tile pitch and size in elements
+  int ring;                         // byte offset (phase 2)
+  int total;                        // bytes of dynamic shared memory
+};
+
+XF_HD SmemLayout smem_layout(const Plan& p, int elem_bytes) {
+  SmemLayout s;
+  const int v = vec_elems(elem_bytes);
+  s.d_ld = p.kp + v;
+  s.d_bytes = p.bm * s.d_ld * elem_bytes;
+  s.region = align_up(s.d_bytes, 128);
+  s.halo_elems = p.halo_rows * p.halo_cols * kBK;
+  const int wts_bytes = p.kh * p.kw * kBK * 4;
+  s.halo[0] = s.region;
+  s.halo[1] = align_up(s.halo[0] + s.halo_elems * elem_bytes, 128);
+  s.wts[0] = align_up(s.halo[1] + s.halo_elems * elem_bytes, 128);
+  s.wts[1] = align_up(s.wts[0] + wts_bytes, 128);
+  s.table = align_up(s.wts[1] + wts_bytes, 128);
+  const int phase1_end = s.table + p.halo_rows * p.halo_cols * 4;
+  if (elem_bytes == 2) {
+    s.ring_ld = kBK + v;
+    s.ring_tile_elems = kBN * s.ring_ld;
+  } else {
+    s.ring_ld = kBN;
+    s.ring_tile_elems = kBK * kBN;
+  }
+  s.ring = s.region;
+  const int phase2_end = s.ring + kStages * s.ring_tile_elems * elem_bytes;
+  s.total = align_up(imax(phase1_end, phase2_end), 128);
+  return s;
+}
+
+// Whether plan p's shared memory fits max_smem bytes. The halo bound is checked in 64-bit first: on
+// huge images with big windows it would overflow the int32 layout arithmetic.
+XF_HD bool fits_smem(const Plan& p, int elem_bytes, int max_smem) {
+  if (2 * static_cast<int64_t>(p.halo_rows) * p.halo_cols * kBK * elem_bytes > max_smem) return false;
+  return smem_layout(p, elem_bytes).total <= max_smem;
+}
+
+// Tile sizes the launcher tries, largest first (the first whose shared memory fits wins). fp32 has
+// a d tile twice as large and an FFMA product: 32 rows only.
+XF_HD int tile_rows_candidate(int i, int elem_bytes) {
+  return elem_bytes == 2 ? (i < 3 ? 128 >> i : 0) : (i == 0 ? 32 : 0);
+}
+
+// Candidate i of the launcher's search: for each tile size (largest first), ranges of an image, then
+// row segments. bm == 0: no candidates left.
+struct TileChoice {
+  int bm, row_segments;
+};
+XF_HD TileChoice tile_candidate(int i, int elem_bytes) { return {tile_rows_candidate(i / 2, elem_bytes), i % 2}; }
+
+// ---------------------------------------------------------------------------------------------------
+// Phase 1 thread mapping. A thread always handles the same channel vector cv = tid % (kBK / vec)
+// (vec consecutive channels of the chunk) and the "slots" tid / (kBK / vec) + k * slots: when staging,
+// the halo pixels of those indices; in the depthwise, the tile rows of those indices.
+
+XF_HD int vectors_per_pixel(int elem_bytes) { return kBK / vec_elems(elem_bytes); }
+XF_HD int dw_slots(int elem_bytes) { return kThreads / vectors_per_pixel(elem_bytes); }
+XF_HD int dw_cv(int tid, int elem_bytes) { return tid % vectors_per_pixel(elem_bytes); }
+XF_HD int dw_row(int tid, int q, int elem_bytes) {
+  return tid / vectors_per_pixel(elem_bytes) + q * dw_slots(elem_bytes);
+}
+// Tile rows per thread in the depthwise; tiles with fewer rows than slots (bm = 32 in 16-bit) leave
+// the threads whose first row is past the tile idle there (whole warps: slots are warp-contiguous).
+XF_HD constexpr int dw_rows_per_thread(int bm, int elem_bytes) {
+  return bm >= kThreads / (kBK / (16 / elem_bytes)) ? bm / (kThreads / (kBK / (16 / elem_bytes))) : 1;
+}
+XF_HD bool dw_active(int tid, int bm, int elem_bytes) { return dw_row(tid, 0, elem_bytes) < bm; }
+
+// The depthwise weights of a chunk: 16-byte vector u of the [taps][kBK] fp32 buffer comes from the
+// packed weight at packed_dw_offset(tap, c0 + part * 4): tap = u / (kBK / 4), part = u % (kBK / 4).
+XF_HD int wts_vectors(const Plan& p) { return p.kh * p.kw * (kBK / 4); }
+
+// The depthwise of kPos tile rows for one channel vector, accumulated in fp32 over the taps in
+// row-major tap order (i outer, j inner) with one fma per element-tap:
+//   acc[q][e] = fma(x(base[q] + tap(i, j), e), w(i, j, e), acc[q][e]).
+// KH, KW > 0: compile-time kernel size (fully unrolled); 0: the run-time size in p.
+// load_x(pixel, float[vec]) reads a staged (pre-ReLU'd) vector; load_w(tap, float[vec]) the weights.
+template <int KH, int KW, int kPos, int kVec, class LoadX, class LoadW>
+XF_HD void depthwise_rows(const Plan& p, const HaloBox& b, const int (&base)[kPos], LoadX&& load_x,
+                          LoadW&& load_w, float (&acc)[kPos][kVec]) {
+  const int kh = KH > 0 ? KH : p.kh, kw = KW > 0 ? KW : p.kw;
+  const int row_step = p.dil_h * b.cols;
+  XF_UNROLL
+  for (int i = 0; i < kh; ++i) {
+    XF_UNROLL
+    for (int j = 0; j < kw; ++j) {
+      float wv[kVec];
+      load_w(i * kw + j, wv);
+      const int off = i * row_step + j * p.dil_w;  // == halo_tap_offset(p, b, i, j)
+      XF_UNROLL
+      for (int q = 0; q < kPos; ++q) {
+        float xv[kVec];
+        load_x(base[q] + off, xv);
+        XF_UNROLL
+        for (int e = 0; e < kVec; ++e) acc[q][e] = fmaf(xv[e], wv[e], acc[q][e]);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Phase 2, 16-bit types: mma.sync.m16n8k16 with ldmatrix. 8 warps as 2 (rows) x 4 (columns); a warp
+// owns (bm / 2) x 32 of the bm x kBN accumulator tile: bm / 32 m16 fragments x 4 n8 fragments.
+
+XF_HD int warp_row0(int warp, int bm) { return (warp / 4) * (bm / 2); }
+XF_HD int warp_col0(int warp) { return (warp % 4) * 32; }
+
+// ldmatrix.x4 of an A fragment (16 rows x 16 k): lane l gives the address of row (l % 16), column
+// 8 * (l / 16) of the fragment; matrices 0..3 are then (rows 0-7, k 0-7), (rows 8-15, k 0-7),
+// (rows 0-7, k 8-15), (rows 8-15, k 8-15) = registers a0a1, a2a3, a4a5, a6a7 of mma.m16n8k16.
+XF_HD int ldsm_a_row(int lane) { return lane % 16; }
+XF_HD int ldsm_a_col(int lane) { return (lane / 16) * 8; }
+
+// ldmatrix.x4 of two B fragments (n8 tiles 2j and 2j + 1, k16) from the [n][k] ring tile: lane l
+// gives the address of n = (l % 8) + 8 * (l / 16), k = 8 * ((l / 8) % 2); registers 0, 1 are b0b1,
+// b2b3 of tile 2j, registers 2, 3 those of tile 2j + 1.
+XF_HD int ldsm_b_n(int lane) { return lane % 8 + (lane / 16) * 8; }
+XF_HD int ldsm_b_k(int lane) { return ((lane / 8) % 2) * 8; }
+
+// Accumulator register i (0..3) of an m16n8 fragment: row and column within the fragment.
+XF_HD int acc_row(int lane, int i) { return lane / 4 + 8 * (i / 2); }
+XF_HD int acc_col(int lane, int i) { return (lane % 4) * 2 + (i % 2); }
+
+// ---------------------------------------------------------------------------------------------------
+// Phase 2, fp32: FFMA on exact fp32 products. A thread owns rows ty + 8 i (i < bm / 8) and the 4
+// consecutive columns 4 tx .. 4 tx + 3 (tx = tid % 32, ty = tid / 32).
+XF_HD int ffma_row(int tid, int i) { return tid / 32 + 8 * i; }
+XF_HD int ffma_col(int tid, int j) { return (tid % 32) * 4 + j; }
+
+// ---------------------------------------------------------------------------------------------------
+// Weight ring: vector v (v = tid + k * kThreads) of a ring tile, as (row, element column) in the tile.
+// The packed weights are stored stage by stage (see packed_pw_offset), so stage `it` is one contiguous
+// block and vector v of it comes from element it * kBN * kBK + v * vec.
+XF_HD int ring_vectors(int elem_bytes) { return kBN * kBK / vec_elems(elem_bytes); }
+XF_HD int ring_vec_row(int v, int elem_bytes) {
+  return elem_bytes == 2 ? v / (kBK / 8) : v / (kBN / 4);
+}
+XF_HD int ring_vec_col(int v, int elem_bytes) {
+  return elem_bytes == 2 ? (v % (kBK / 8)) * 8 : (v % (kBN / 4)) * 4;
+}
+XF_HD int ring_vec_source(int v, int it, int elem_bytes) { return it * kBN * kBK + v * vec_elems(elem_bytes); }
+
+// Stages of the pointwise: it = cout_tile * k_chunks + k_chunk.
+XF_HD int k_chunks(const Plan& p) { return p.kp / kBK; }
+XF_HD int num_stages(const Plan& p) { return p.cout_tiles * k_chunks(p); }
+
+// Packed weights (workspace, written by the launcher's pack kernel, zero outside the real ones, so
+// the kernel needs no masks). pw: stage-major, stage it = (co / kBN) * k_chunks + ci / kBK holding
+// its kBN x kBK block as the ring tile wants it: [n][k] for 16-bit types (the mma B operand, k
+// contiguous), [k][n] for fp32 (n contiguous for the FFMA tile). dw: fp32 [taps][kp]. scale and
+// shift: fp32 [cout_pad], 1 and -0 where absent (x * 1 and x + -0 are exact for every x).
+XF_HD int packed_pw_offset(const Plan& p, int co, int ci, int elem_bytes) {
+  const int it = (co / kBN) * k_chunks(p) + ci / kBK;
+  const int n = co % kBN, k = ci % kBK;
+  return it * kBN * kBK + (elem_bytes == 2 ? n * kBK + k : k * kBN + n);
+}
+XF_HD int packed_pw_elems(const Plan& p) { return p.cout_pad * p.kp; }
+XF_HD int packed_dw_offset(const Plan& p, int tap, int ci) { return tap * p.kp + ci; }
+XF_HD int packed_dw_elems(const Plan& p) { return p.kh * p.kw * p.kp; }
+
+// Whether the epilogue of Cout tile nt of tile t stores whole element pairs with no masks.
+XF_HD bool full_tile(const Plan& p, const TileRange& t, int nt) {
+  return t.count == p.bm && (nt + 1) * kBN <= p.c_out;
+}
+
+}  // namespace infer
+}  // namespace xception_fast
