@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from xception_fast.bench.shapes import UnitShape
 
@@ -18,38 +18,23 @@ class Unit:
     shape: UnitShape
     batch: int
     dtype: str
+    # The short names the plans' formulas use, from the shape and the dtype (element bytes e, channels
+    # C -> Cout, input H x W, output Ho x Wo, kernel K).
+    e: int = field(init=False)
+    C: int = field(init=False)
+    Cout: int = field(init=False)
+    H: int = field(init=False)
+    W: int = field(init=False)
+    Ho: int = field(init=False)
+    Wo: int = field(init=False)
+    K: int = field(init=False)
 
-    @property
-    def e(self) -> int:
-        return ELEMENT_BYTES[self.dtype]
-
-    @property
-    def C(self) -> int:
-        return self.shape.in_channels
-
-    @property
-    def Cout(self) -> int:
-        return self.shape.out_channels
-
-    @property
-    def H(self) -> int:
-        return self.shape.height
-
-    @property
-    def W(self) -> int:
-        return self.shape.width
-
-    @property
-    def Ho(self) -> int:
-        return self.shape.out_height
-
-    @property
-    def Wo(self) -> int:
-        return self.shape.out_width
-
-    @property
-    def K(self) -> int:
-        return self.shape.kernel_size
+    def __post_init__(self):
+        s = self.shape
+        names = dict(e=ELEMENT_BYTES[self.dtype], C=s.in_channels, Cout=s.out_channels, H=s.height, W=s.width,
+                     Ho=s.out_height, Wo=s.out_width, K=s.kernel_size)
+        for name, value in names.items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
 
     @property
     def P(self) -> int:

@@ -105,14 +105,7 @@ def parse(text: str) -> dict[str, Function]:
 @functools.lru_cache(maxsize=256)
 def disassemble(cubin: bytes) -> dict[str, Function]:
     """Every function of a cubin, disassembled with cuobjdump."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        run = subprocess.run([tool("cuobjdump"), "-sass", path], capture_output=True, text=True)
-    if run.returncode != 0:
-        raise SassError(f"cuobjdump -sass failed: {run.stderr.strip()}")
-    functions = parse(run.stdout)
+    functions = parse(_cuobjdump(cubin, "-sass"))
     if not functions:
         raise SassError("cuobjdump printed no function")
     return functions
@@ -186,12 +179,17 @@ _RESOURCES = re.compile(r"Function\s+(\S+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s+SHA
 def resources(cubin: bytes) -> dict[str, dict[str, int]]:
     """{function: {"regs", "stack", "shared"}} from `cuobjdump -res-usage` (stack: bytes per thread of
     local memory, i.e. spills; shared: static shared memory)."""
+    return {m.group(1): {"regs": int(m.group(2)), "stack": int(m.group(3)), "shared": int(m.group(4))}
+            for m in _RESOURCES.finditer(_cuobjdump(cubin, "-res-usage"))}
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """`cuobjdump <flag>` of a cubin (it reads files only): its output, or SassError."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        run = subprocess.run([tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True)
+        run = subprocess.run([tool("cuobjdump"), flag, path], capture_output=True, text=True)
     if run.returncode != 0:
-        raise SassError(f"cuobjdump -res-usage failed: {run.stderr.strip()}")
-    return {m.group(1): {"regs": int(m.group(2)), "stack": int(m.group(3)), "shared": int(m.group(4))}
-            for m in _RESOURCES.finditer(run.stdout)}
+        raise SassError(f"cuobjdump {flag} failed: {run.stderr.strip()}")
+    return run.stdout
