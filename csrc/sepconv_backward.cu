@@ -100,12 +100,7 @@ __global__ void __launch_bounds__(kThreads)
                         float* __restrict__ part_scale, float* __restrict__ part_shift) {
   __shared__ ForwardSmem<T> s;
   const ConvGeometry& g = p.g;
-  const int64_t tile = blockIdx.x;
-  const int64_t m_tile = tile / n_tiles;
-  const int64_t m0 = m_tile * kBM;
-  const int64_t n0 = (tile % n_tiles) * kBN;
-  fused_forward_tile<T>(g, static_cast<const T*>(p.x.ptr), static_cast<const T*>(p.dw_weight),
-                        static_cast<const T*>(p.pw_weight), p.pre_relu, m0, n0, s);
+  const auto [m_tile, m0, n0] = run_forward_tile<T>(p, n_tiles, s);
 
   const int64_t positions = g.n * g.h_out * g.w_out;
   const T* grad_y = static_cast<const T*>(p.grad_y.ptr);

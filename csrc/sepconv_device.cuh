@@ -380,6 +380,22 @@ __device__ void fused_forward_tile(const ConvGeometry& g, const T* __restrict__ 
   __syncthreads();
 }
 
+// Which output tile block blockIdx.x computes, over n_tiles channel tiles: positions from m0 (tile
+// row m_tile), channels from n0.
+struct ForwardTile {
+  int64_t m_tile, m0, n0;
+};
+
+// The prologue of every kernel built on the fused main loop: this block's tile, computed into s.
+template <typename T>
+__device__ ForwardTile run_forward_tile(const UnitParams& p, int64_t n_tiles, ForwardSmem<T>& s) {
+  const int64_t tile = blockIdx.x;
+  const ForwardTile t{tile / n_tiles, (tile / n_tiles) * kBM, (tile % n_tiles) * kBN};
+  fused_forward_tile<T>(p.g, static_cast<const T*>(p.x.ptr), static_cast<const T*>(p.dw_weight),
+                        static_cast<const T*>(p.pw_weight), p.pre_relu, t.m0, t.n0, s);
+  return t;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Deterministic column sums: out[j] = sum over r < rows of partial[r * cols + j], stored as `dtype`.
 // Block: 32 columns x 8 lanes; lane l adds rows l, l + 8, ... in order, then lane 0 adds the 8 lane

@@ -48,11 +48,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) sepconv_infer_kernel(const SepConvInferParams p, int64_t n_tiles) {
   __shared__ ForwardSmem<T> s;
   const ConvGeometry& g = p.g;
-  const int64_t tile = blockIdx.x;
-  const int64_t m0 = (tile / n_tiles) * kBM;
-  const int64_t n0 = (tile % n_tiles) * kBN;
-  fused_forward_tile<T>(g, static_cast<const T*>(p.x.ptr), static_cast<const T*>(p.dw_weight),
-                        static_cast<const T*>(p.pw_weight), p.pre_relu, m0, n0, s);
+  [[maybe_unused]] const auto [m_tile, m0, n0] = run_forward_tile<T>(p, n_tiles, s);
 
   const int64_t positions = g.n * g.h_out * g.w_out;
   const T* residual = static_cast<const T*>(p.residual.ptr);
@@ -83,12 +79,7 @@ __global__ void __launch_bounds__(kThreads)
     sepconv_train_kernel(const SepConvTrainParams p, int64_t n_tiles, float* __restrict__ partial) {
   __shared__ ForwardSmem<T> s;
   const ConvGeometry& g = p.g;
-  const int64_t tile = blockIdx.x;
-  const int64_t m_tile = tile / n_tiles;
-  const int64_t m0 = m_tile * kBM;
-  const int64_t n0 = (tile % n_tiles) * kBN;
-  fused_forward_tile<T>(g, static_cast<const T*>(p.x.ptr), static_cast<const T*>(p.dw_weight),
-                        static_cast<const T*>(p.pw_weight), p.pre_relu, m0, n0, s);
+  const auto [m_tile, m0, n0] = run_forward_tile<T>(p, n_tiles, s);
 
   const int64_t positions = g.n * g.h_out * g.w_out;
   T* z = static_cast<T*>(p.z.ptr);
