@@ -17,6 +17,7 @@ chunks of the split kernels (see `position_split`) never end inside a tile.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -33,6 +34,8 @@ INTERPRET = interpreting()
 # The interpreter's one config per kernel: blocks of 16 channels, 32 positions.
 _PINNED_P, _PINNED_C = 32, 16
 POSITION_ALIGN = _PINNED_P if INTERPRET else 128
+# The two-phase kernels' scratch slots are C rounded up to this many columns (every BLOCK_K divides it).
+SLOT_ALIGN = 64
 
 
 def _configs(gpu: list[tuple], pinned: tuple, names: tuple[str, ...]) -> list[triton.Config]:
@@ -40,47 +43,122 @@ def _configs(gpu: list[tuple], pinned: tuple, names: tuple[str, ...]) -> list[tr
     return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
 
 
-def sepconv_forward_configs() -> list[triton.Config]:
-    """Inference main loop: (BLOCK_P positions, BLOCK_CO out channels, BLOCK_CI in channels).
+def _set_weight_block(nargs: dict) -> None:
+    """Autotune pre-hook: a TMA descriptor's block is the config's weight tile [BLOCK_N, BLOCK_K]."""
+    op = nargs["pw_op"]
+    if not isinstance(op, torch.Tensor):
+        op.block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
-    BLOCK_CO is wide on purpose: the depthwise result of a [BLOCK_P, BLOCK_CI] tile is recomputed by
-    every program along Cout, on the CUDA cores, so Cout / BLOCK_CO is the recompute factor.
-    One pipeline stage mostly: the k x k tap loads feed CUDA-core FMAs, not the dot, and staging
-    them through shared memory (num_stages=3) took 100-240 KB per program on sm_90.
+
+def prune_two_phase(configs: list[triton.Config], element_size: int, arch: int) -> list[triton.Config]:
+    """The configs worth compiling for this element size and architecture (spills and shared memory
+    checked on sm_90 and sm_80 with tests/triton_helpers.py):
+    - fp32 (an IEEE FMA product, no tensor cores: accumulator and operands all in registers) only
+      the small tiles, 16-bit types only the tensor-core ones;
+    - BLOCK_N = 256 only on Hopper (wgmma keeps A and B in shared memory; mma.sync spills);
+    - pipeline buffers, num_stages x (A + B tiles), within 160 KB (sm_80 has 163 KB)."""
+    def fits(c):
+        bp, bn, bk = c.kwargs["BLOCK_P"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if not INTERPRET and (bp * bn <= 64 * 64) != (element_size == 4):
+            return False
+        return (bn < 256 or arch >= 90) and c.num_stages * (bp + bn) * bk * element_size <= 160 * 1024
+
+    kept = [c for c in configs if fits(c)]
+    assert kept, "no two-phase config fits"
+    return kept
+
+
+def _prune_for_device(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    x = named_args["x_ptr"]
+    return prune_two_phase(configs, x.element_size(), device_arch(x.device))
+
+
+def two_phase_configs(two_per_sm: bool = False, wide: bool = True) -> dict:
+    """The two-phase kernels (depthwise_pointwise.py): (BLOCK_P positions, BLOCK_N out channels,
+    BLOCK_K in channels per GEMM K-step, BLOCK_D per depthwise chunk, warps, GEMM pipeline stages).
+
+    128-position tiles: the pointwise GEMM's M side, and the rows of a scratch slot. BLOCK_N 256 is
+    the widest wgmma; 728 channels pad to 768 (3 tiles of 256, 5.5% of the MMA wasted). BLOCK_P
+    divides POSITION_ALIGN (the programs' chunks are multiples of it), BLOCK_K divides SLOT_ALIGN and
+    BLOCK_D divides BLOCK_K. 32-channel depthwise chunks: 64 made the 128 x 256 configs spill on
+    Triton 3.6 (two copies of 9 taps x 32 elements live per thread).
+    The last two rows are for fp32 (see `prune_two_phase`). `two_per_sm` adds a config capped at 128
+    registers (two 8-warp programs per SM: one program's depthwise phase overlaps the other's MMA;
+    the inference kernel spills 64 bytes in its epilogue there, the others far more: the autotuner
+    weighs it on the GPU). Returned as the autotune
+    keyword arguments (configs, the TMA block pre-hook, pruning by dtype and architecture).
+    `wide=False` leaves out BLOCK_N = 256: the statistics epilogue spills there.
     """
     gpu = [
-        (64, 128, 32, 8, 1),
-        (64, 256, 16, 8, 1),
-        (128, 128, 16, 8, 1),
-        (64, 128, 32, 8, 2),
-        (128, 64, 32, 8, 1),
-        (64, 64, 32, 4, 1),
-    ]
-    return _configs(gpu, (_PINNED_P, _PINNED_C, _PINNED_C, 4, 1), ("BLOCK_P", "BLOCK_CO", "BLOCK_CI"))
-
-
-def sepconv_split_configs() -> list[triton.Config]:
-    """Training forward and the inference backward's recompute: the same main loop inside a loop
-    over a chunk of positions, with statistics in registers (more state: fewer, smaller tiles)."""
-    gpu = [
-        (64, 128, 32, 8, 1),
-        (64, 128, 32, 8, 2),
-        (128, 64, 32, 8, 1),
-        (64, 64, 32, 4, 1),
-    ]
-    return _configs(gpu, (_PINNED_P, _PINNED_C, _PINNED_C, 4, 1), ("BLOCK_P", "BLOCK_CO", "BLOCK_CI"))
+        (128, 256, 64, 32, 8, 3),
+        (128, 128, 64, 32, 8, 3),
+        (128, 256, 32, 32, 8, 4),
+        (128, 128, 32, 32, 8, 3),
+        (64, 64, 16, 16, 4, 2),
+        (32, 64, 32, 32, 4, 1),
+    ] + ([(128, 128, 32, 32, 8, 3, 128)] if two_per_sm else [])
+    gpu = [row for row in gpu if wide or row[1] < 256]
+    # The interpreter: depthwise chunks narrower than the K-step, so the tests cover BLOCK_D < BLOCK_K.
+    pinned = [(_PINNED_P, _PINNED_C, _PINNED_C, _PINNED_C // 2, 4, 1)]
+    names = ("BLOCK_P", "BLOCK_N", "BLOCK_K", "BLOCK_D")
+    configs = [triton.Config(dict(zip(names, row[:4])), num_warps=row[4], num_stages=row[5],
+                             maxnreg=row[6] if len(row) > 6 else None, pre_hook=_set_weight_block)
+               for row in (pinned if INTERPRET else gpu)]
+    return dict(configs=configs, prune_configs_by={"early_config_prune": _prune_for_device})
 
 
 def pw_weight_grad_configs() -> list[triton.Config]:
-    """grad of the pointwise weight: a [BLOCK_CO, BLOCK_CI] tile reduced over BLOCK_P positions at a time."""
+    """grad of the pointwise weight: BLOCK_P positions per step of the split-K loop. The weight tile
+    (BLOCK_CO, BLOCK_CI) is the host's (`pw_grad_tile`): the split count depends on it."""
     gpu = [
-        (64, 128, 32, 8, 1),
-        (32, 128, 64, 8, 1),
-        (64, 64, 64, 8, 1),
-        (128, 64, 32, 8, 1),
-        (64, 128, 32, 8, 2),
+        (64, 8, 2),
+        (32, 8, 2),
+        (64, 8, 3),
+        (64, 4, 2),
     ]
-    return _configs(gpu, (_PINNED_P, _PINNED_C, _PINNED_C, 4, 1), ("BLOCK_P", "BLOCK_CO", "BLOCK_CI"))
+    return _configs(gpu, (_PINNED_P, 4, 1), ("BLOCK_P",))
+
+
+def pw_grad_tile(dtype: torch.dtype, arch: int) -> tuple[int, int]:
+    """(BLOCK_CO, BLOCK_CI) of the weight-gradient GEMM: 256 output channels on Hopper (d, on the
+    CUDA cores, is recomputed Cout / BLOCK_CO times) with 64 input channels (each g_z tile serves
+    more of them: 455 instructions per 64 x 32 block of work on sm_90 against 545 at 32); 128 x 32
+    on older GPUs and 32 x 32 in fp32 (an FMA product, every operand in registers): the largest
+    that compiled without spills. 16 x 16 in the interpreter, so that the tests see several tiles."""
+    if INTERPRET:
+        return _PINNED_C, _PINNED_C
+    if dtype == torch.float32:
+        return 32, 32
+    return (256, 64) if arch >= 90 else (128, 32)
+
+
+def device_arch(device: torch.device) -> int:
+    """sm_XY as XY (90 for an H100); 90 off the GPU, where it only picks tile sizes."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def sm_count(device: torch.device) -> int:
+    """The SMs the split kernels spread over; 3 in the interpreter (several programs, few of them)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+
+
+def balanced_split(positions: int, tiles: int, sms: int, max_splits: int = 16) -> tuple[int, int]:
+    """(splits, chunk) for a split-K kernel of `tiles` output tiles: the split count (at most
+    `max_splits`, each split a multiple of POSITION_ALIGN positions) whose splits x tiles programs
+    come closest to whole waves over `sms` SMs (ties: fewer splits, smaller partial buffers). A
+    middle-flow grad_pw (92,416 positions, 36 tiles, 132 SMs): 11 splits, exactly 3 waves."""
+    best = None
+    for want in range(1, max_splits + 1):
+        chunk = max(triton.cdiv(triton.cdiv(positions, want), POSITION_ALIGN) * POSITION_ALIGN, POSITION_ALIGN)
+        splits = triton.cdiv(positions, chunk)
+        waves = splits * tiles / sms
+        score = (waves / math.ceil(waves), -splits)
+        if best is None or score > best[0]:
+            best = (score, splits, chunk)
+    return best[1], best[2]
 
 
 def dw_output_grad_configs() -> list[triton.Config]:
@@ -139,3 +217,21 @@ def position_split(positions: int, other_programs: int, device: torch.device) ->
     chunk = triton.cdiv(triton.cdiv(positions, want), POSITION_ALIGN) * POSITION_ALIGN
     chunk = max(chunk, POSITION_ALIGN)
     return triton.cdiv(positions, chunk), chunk
+
+
+def persistent_split(positions: int, sms: int, per_sm: int = 1) -> tuple[int, int]:
+    """(programs, chunk) of the two-phase kernels: `per_sm` persistent programs per SM (one per
+    `sm_count` in the interpreter: three, so tests see several programs and tiles each), each owning `chunk`
+    consecutive positions (a multiple of POSITION_ALIGN: whole tiles). For a middle-flow unit at batch
+    256 (92,416 positions, 132 SMs, per_sm 1): 121 programs of 768 positions, 6 tiles of 128 each.
+    Fixed by the shape, not by the config, so that the partial-statistics buffers have a known size;
+    a config that fits fewer programs per SM than `per_sm` runs them in waves."""
+    want = sms * per_sm if not INTERPRET else sms
+    chunk = max(triton.cdiv(triton.cdiv(positions, want), POSITION_ALIGN) * POSITION_ALIGN, POSITION_ALIGN)
+    return triton.cdiv(positions, chunk), chunk
+
+
+def position_bucket(positions: int) -> int:
+    """The position count as the autotuners see it: the next power of two, so a new batch size (a last
+    partial batch) re-tunes only when it crosses a power of two."""
+    return triton.next_power_of_2(max(positions, 1))

@@ -8,9 +8,10 @@ With g_z = grad of z [P, Cout] (positions x output channels), d = dw(pre(x)) [P,
                                   registers ([S, C, KH*KW] partials) and stores grad_d once.
 - grad_x  = dw^T(grad_d) * [x > 0 if pre-ReLU]   `_dw_input_grad_kernel`: the transposed depthwise
                                   conv as a gather over the taps (no atomics).
-g_z is never stored in training: both consumers compute it from grad_y and z on the fly
-(`batchnorm._grad_z_tile`). In the inference backward only x is saved, so one pass recomputes z and
-stores g_z (`depthwise_pointwise._sepconv_grad_z_kernel`), unless g_z is grad_y itself.
+g_z is materialised once, in the input dtype, and read by both products: in training by
+`batchnorm.grad_z` (an elementwise pass over grad_y and z), in inference by the two-phase forward
+that recomputes z (`depthwise_pointwise._sepconv_grad_z_kernel`), unless g_z is grad_y itself.
+(Rebuilding it from grad_y and z inside every tile of both products cost 12-23 rebuilds.)
 
 grad_d is the one intermediate that goes to memory: grad_x needs it under the whole k x k
 neighbourhood of each input position, i.e. across program tiles (the unfused path stores it too).
@@ -31,33 +32,66 @@ from torch import Tensor
 from xception_fast.spec import UnitSpec
 
 from . import batchnorm
-from .autotune import dw_input_grad_configs, dw_output_grad_configs, position_split, pw_weight_grad_configs
-from .batchnorm import _grad_z_tile
-from .depthwise_pointwise import (Geometry, _depthwise_tile, _input_tap, _mma, _output_positions, _prepare,
+from .autotune import (balanced_split, device_arch, dw_input_grad_configs, dw_output_grad_configs, position_bucket,
+                       position_split, pw_grad_tile, pw_weight_grad_configs, sm_count)
+from .depthwise_pointwise import (Geometry, _depthwise_chunk, _mma, _prepare, _tap_rows, depthwise_taps,
                                   recompute_grad_z)
-from .utils import channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
+from .utils import INLINE_ASM, channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
 
 
-@triton.autotune(configs=pw_weight_grad_configs(), key=["C", "Cout", "P", "KH", "KW"])
+# --- device helpers: d recomputed per tap from x -----------------------------------------------------------
+
+@triton.jit
+def _output_positions(p_start, p_end, Ho, Wo, BLOCK_P: tl.constexpr):
+    """Positions p_start + [0, BLOCK_P) below p_end, split into (image (int64), row, column)."""
+    p = p_start + tl.arange(0, BLOCK_P)
+    p_mask = p < p_end
+    n = p // (Ho * Wo)
+    r = p - n * (Ho * Wo)
+    oh = r // Wo
+    ow = r - oh * Wo
+    return p, p_mask, n.to(tl.int64), oh, ow
+
+
+@triton.jit
+def _input_tap(x_ptr, n, oh, ow, p_mask, ci, ci_mask, H, W, C, i, j,
+               stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, PRE_RELU: tl.constexpr):
+    """The input under tap (i, j) of each output position, [BLOCK_P, BLOCK_CI] in fp32, zero in the
+    padding, after the optional pre-ReLU."""
+    ih = oh * stride_h - pad_h + i * dil_h
+    iw = ow * stride_w - pad_w + j * dil_w
+    ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    row = (n * H + ih) * W + iw  # int64: n is
+    xv = tl.load(x_ptr + row[:, None] * C + ci[None, :], mask=ok[:, None] & ci_mask[None, :], other=0.0)
+    xv = xv.to(tl.float32)
+    if PRE_RELU:
+        xv = tl.where(xv < 0.0, 0.0, xv)  # not tl.maximum: NaN must pass, as in torch.relu
+    return xv
+
+
+# --- kernels --------------------------------------------------------------------------------------------
+
+@triton.autotune(configs=pw_weight_grad_configs(), key=["C", "Cout", "P_BUCKET", "KH", "KW"])
 @triton.jit
 def _pw_weight_grad_kernel(
     # pointers
     x_ptr,  # [N, H, W, C] input (channels_last)
-    dw_ptr,  # [C, KH * KW] depthwise weight
-    gz_ptr,  # [P, Cout] grad of z (read unless GZ_FROM_BN)
-    gy_ptr,  # [P, Cout] grad of y (GZ_FROM_BN)
-    z_ptr,  # [P, Cout] pre-BN output (GZ_FROM_BN)
-    mean_ptr, invstd_ptr, w_ptr, b_ptr, mdy_ptr, mdyx_ptr,  # [Cout] fp32 each (GZ_FROM_BN)
+    dwt_ptr,  # [KH * KW, K_SLOT] fp32 depthwise taps (`depthwise_pointwise.depthwise_taps`)
+    gz_ptr,  # [P, Cout] grad of z, input dtype
     part_ptr,  # [S, Cout, C] fp32 out: per split, sum over its positions of g_z^T d
     # sizes
-    P, chunk, H, W, C, Ho, Wo, Cout,
+    P, P_BUCKET, chunk, H, W, C, Ho, Wo, Cout, K_SLOT,
     # convolution
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     # meta-parameters
-    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, POST_RELU: tl.constexpr,
-    GZ_FROM_BN: tl.constexpr, C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr, C_ALIGN: tl.constexpr,
+    COUT_ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
 ):
+    # A split-K GEMM over positions: program (s, tile) owns one [BLOCK_CO, BLOCK_CI] block of the
+    # weight gradient and the positions of split s. d is recomputed from x with the forward's
+    # depthwise chunk (cheap: inline-PTX ReLU and widening), Cout / BLOCK_CO times in all; the
+    # host picks BLOCK_CO (256 where wgmma allows) and the split count so that the programs fill
+    # whole waves of the SMs (`autotune.balanced_split`).
     C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
     Cout = Cout // COUT_ALIGN * COUT_ALIGN
     # Weight tiles of one split are neighbours in launch order (they share its x and g_z).
@@ -66,42 +100,40 @@ def _pw_weight_grad_kernel(
     pid = tl.program_id(0)
     s, tile = pid // (co_tiles * ci_tiles), pid % (co_tiles * ci_tiles)
     co = (tile // ci_tiles) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    ci = (tile % ci_tiles) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    ci0 = (tile % ci_tiles) * BLOCK_CI
+    ci = ci0 + tl.arange(0, BLOCK_CI)
     co_mask = co < Cout
-    ci_mask = ci < C
     p_end = tl.minimum(s * chunk + chunk, P)
     acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
     for p0 in range(s * chunk, p_end, BLOCK_P):
-        p, p_mask, n, oh, ow = _output_positions(p0, p_end, Ho, Wo, BLOCK_P)
-        gz = _grad_z_tile(gz_ptr, gy_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, mdy_ptr, mdyx_ptr,
-                          p, p_mask, co, co_mask, Cout, GZ_FROM_BN, POST_RELU)
-        # d recomputed rather than saved: 2 * KH * KW flops per element on the CUDA cores.
-        d = _depthwise_tile(x_ptr, dw_ptr, n, oh, ow, p_mask, ci, ci_mask, H, W, C,
-                            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, BLOCK_P, BLOCK_CI)
-        acc = _mma(tl.trans(gz.to(x_ptr.dtype.element_ty)), d.to(x_ptr.dtype.element_ty), acc)
+        x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
+                                             BLOCK_P)
+        p = p0 + tl.arange(0, BLOCK_P)
+        gz = tl.load(gz_ptr + p.to(tl.int64)[:, None] * Cout + co[None, :],
+                     mask=p_mask[:, None] & co_mask[None, :], other=0.0)
+        d = _depthwise_chunk(x_rows, ih0, iw0, p_mask, dwt_ptr, ci0, C, H, W, K_SLOT, dil_h, dil_w,
+                             KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_CI)
+        acc = _mma(tl.trans(gz), d.to(x_ptr.dtype.element_ty), acc)
     offs = s.to(tl.int64) * Cout * C + co[:, None] * C + ci[None, :]
-    tl.store(part_ptr + offs, acc, mask=co_mask[:, None] & ci_mask[None, :])
+    tl.store(part_ptr + offs, acc, mask=co_mask[:, None] & (ci < C)[None, :])
 
 
-@triton.autotune(configs=dw_output_grad_configs(), key=["C", "Cout", "P", "KH", "KW"])
+@triton.autotune(configs=dw_output_grad_configs(), key=["C", "Cout", "P_BUCKET", "KH", "KW"])
 @triton.jit
 def _dw_output_grad_kernel(
     # pointers
     x_ptr,  # [N, H, W, C] input (channels_last)
     pw_ptr,  # [Cout, C] pointwise weight
-    gz_ptr,  # [P, Cout] grad of z (read unless GZ_FROM_BN)
-    gy_ptr,  # [P, Cout] grad of y (GZ_FROM_BN)
-    z_ptr,  # [P, Cout] pre-BN output (GZ_FROM_BN)
-    mean_ptr, invstd_ptr, w_ptr, b_ptr, mdy_ptr, mdyx_ptr,  # [Cout] fp32 each (GZ_FROM_BN)
+    gz_ptr,  # [P, Cout] grad of z, input dtype
     gd_ptr,  # [P, C] out: grad of the depthwise output, input dtype
     part_ptr,  # [S, C, KH * KW] fp32 out: per split, grad of the depthwise weight
     # sizes
-    P, chunk, H, W, C, Ho, Wo, Cout,
+    P, P_BUCKET, chunk, H, W, C, Ho, Wo, Cout,  # P_BUCKET: the autotuning key only
     # convolution
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     # meta-parameters
-    KH: tl.constexpr, KW: tl.constexpr, KK_PAD: tl.constexpr, PRE_RELU: tl.constexpr, POST_RELU: tl.constexpr,
-    GZ_FROM_BN: tl.constexpr, C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, KK_PAD: tl.constexpr, PRE_RELU: tl.constexpr, C_ALIGN: tl.constexpr,
+    COUT_ALIGN: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
 ):
     C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
@@ -120,10 +152,10 @@ def _dw_output_grad_kernel(
         for co0 in range(0, Cout, BLOCK_CO):
             co = co0 + tl.arange(0, BLOCK_CO)
             co_mask = co < Cout
-            gz = _grad_z_tile(gz_ptr, gy_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, mdy_ptr, mdyx_ptr,
-                              p, p_mask, co, co_mask, Cout, GZ_FROM_BN, POST_RELU)
+            gz = tl.load(gz_ptr + p.to(tl.int64)[:, None] * Cout + co[None, :],
+                         mask=p_mask[:, None] & co_mask[None, :], other=0.0)
             wt = tl.load(pw_ptr + co[:, None] * C + ci[None, :], mask=co_mask[:, None] & ci_mask[None, :], other=0.0)
-            gd = _mma(gz.to(x_ptr.dtype.element_ty), wt, gd)
+            gd = _mma(gz, wt, gd)
         gd_low = gd.to(gd_ptr.dtype.element_ty)  # stored, and used below, in the input dtype
         tl.store(gd_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], gd_low,
                  mask=p_mask[:, None] & ci_mask[None, :])
@@ -138,7 +170,7 @@ def _dw_output_grad_kernel(
     tl.store(part_ptr + offs, grad_dw, mask=(taps < KH * KW)[:, None] & ci_mask[None, :])
 
 
-@triton.autotune(configs=dw_input_grad_configs(), key=["C", "Q", "KH", "KW"])
+@triton.autotune(configs=dw_input_grad_configs(), key=["C", "Q_BUCKET", "KH", "KW"])
 @triton.jit
 def _dw_input_grad_kernel(
     # pointers
@@ -147,7 +179,7 @@ def _dw_input_grad_kernel(
     x_ptr,  # [N, H, W, C] input (read only if PRE_RELU, for its mask)
     gx_ptr,  # [N, H, W, C] out: grad of x
     # sizes
-    Q, H, W, C, Ho, Wo,
+    Q, Q_BUCKET, H, W, C, Ho, Wo,  # Q_BUCKET: the autotuning key only
     # convolution
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     # meta-parameters
@@ -194,30 +226,27 @@ def _dw_input_grad_kernel(
 # --- host side ------------------------------------------------------------------------------------------
 
 def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight: Tensor, pw_weight: Tensor,
-                    pre_relu: bool, post_relu: bool, grad_z: Optional[Tensor] = None,
-                    bn: Optional[tuple[Tensor, ...]] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_x, grad_dw_weight, grad_pw_weight) from g_z, given either stored (`grad_z` [P, Cout]) or as
-    `bn` = (grad_y, z, mean, invstd, weight, bias, mean_dy, mean_dy_xhat) to compute it on the fly."""
+                    pre_relu: bool, grad_z: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_dw_weight, grad_pw_weight) from g_z [N, Cout, Ho, Wo] channels_last in x's dtype."""
     device = x.device
     grad_x = empty_nhwc((geo.N, geo.C, geo.H, geo.W), x.dtype, device)
     kk = geo.KH * geo.KW
     if geo.P == 0 or geo.C == 0 or geo.Cout == 0:
         return (grad_x.zero_(), torch.zeros_like(dw_weight, memory_format=torch.contiguous_format),
                 torch.zeros_like(pw_weight, memory_format=torch.contiguous_format))
-    from_bn = bn is not None
-    gz_args = (grad_z, grad_z, grad_z, *([grad_z] * 6)) if not from_bn else (bn[0], *bn)  # gz_ptr unused with bn
     conv = geo.conv_args()
-    common = dict(KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu), POST_RELU=bool(post_relu) and from_bn,
-                  GZ_FROM_BN=from_bn, **geo.align())
+    common = dict(KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu), **geo.align())
 
-    splits, chunk = position_split(geo.P, triton.cdiv(geo.Cout, 64) * triton.cdiv(geo.C, 64), device)
+    block_co, block_ci = pw_grad_tile(x.dtype, device_arch(device))
+    splits, chunk = balanced_split(geo.P, triton.cdiv(geo.Cout, block_co) * triton.cdiv(geo.C, block_ci),
+                                   sm_count(device))
     part_pw = new_empty((splits, geo.Cout, geo.C), torch.float32, device)
-
-    def grid_pw(meta):
-        return (splits * triton.cdiv(geo.Cout, meta["BLOCK_CO"]) * triton.cdiv(geo.C, meta["BLOCK_CI"]),)
-
-    _pw_weight_grad_kernel[grid_pw](x, dw, *gz_args, part_pw, geo.P, chunk, geo.H, geo.W, geo.C, geo.Ho, geo.Wo,
-                                    geo.Cout, *conv, **common)
+    k_slot = triton.cdiv(geo.C, block_ci) * block_ci
+    grid_pw = (splits * triton.cdiv(geo.Cout, block_co) * triton.cdiv(geo.C, block_ci),)
+    _pw_weight_grad_kernel[grid_pw](x, depthwise_taps(dw, geo, k_slot), grad_z, part_pw, geo.P,
+                                    position_bucket(geo.P), chunk, geo.H, geo.W, geo.C, geo.Ho, geo.Wo, geo.Cout,
+                                    k_slot, *conv, ASM=INLINE_ASM and device.type == "cuda", BLOCK_CO=block_co,
+                                    BLOCK_CI=block_ci, **common)
     grad_pw = batchnorm.sum_rows(part_pw.view(splits, -1), pw_weight.dtype).view(pw_weight.shape)
 
     grad_d = empty_nhwc((geo.N, geo.C, geo.Ho, geo.Wo), x.dtype, device)
@@ -227,8 +256,9 @@ def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight:
     def grid_d(meta):
         return (splits * triton.cdiv(geo.C, meta["BLOCK_CI"]),)
 
-    _dw_output_grad_kernel[grid_d](x, pw, *gz_args, grad_d, part_dw, geo.P, chunk, geo.H, geo.W, geo.C, geo.Ho,
-                                   geo.Wo, geo.Cout, *conv, KK_PAD=triton.next_power_of_2(kk), **common)
+    _dw_output_grad_kernel[grid_d](x, pw, grad_z, grad_d, part_dw, geo.P, position_bucket(geo.P), chunk, geo.H,
+                                   geo.W, geo.C, geo.Ho, geo.Wo, geo.Cout, *conv, KK_PAD=triton.next_power_of_2(kk),
+                                   **common)
     grad_dw = batchnorm.sum_rows(part_dw.view(splits, -1), dw_weight.dtype).view(dw_weight.shape)
 
     q = geo.N * geo.H * geo.W
@@ -236,22 +266,22 @@ def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight:
     def grid_x(meta):
         return (triton.cdiv(q, meta["BLOCK_P"]) * triton.cdiv(geo.C, meta["BLOCK_C"]),)
 
-    _dw_input_grad_kernel[grid_x](grad_d, dw, x, grad_x, q, geo.H, geo.W, geo.C, geo.Ho, geo.Wo, *conv,
-                                  KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu), C_ALIGN=channel_align(geo.C))
+    _dw_input_grad_kernel[grid_x](grad_d, dw, x, grad_x, q, position_bucket(q), geo.H, geo.W, geo.C, geo.Ho, geo.Wo,
+                                  *conv, KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu), C_ALIGN=channel_align(geo.C))
     return grad_x, grad_dw, grad_pw
 
 
 def sepconv_bn_train_backward(grad_y: Tensor, x: Tensor, z: Tensor, dw_weight: Tensor, pw_weight: Tensor,
                               mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                               mean_dy: Tensor, mean_dy_xhat: Tensor, spec: UnitSpec) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_x, grad_dw_weight, grad_pw_weight); g_z computed on the fly from grad_y and z, never stored."""
+    """(grad_x, grad_dw_weight, grad_pw_weight); g_z stored once in the input dtype, then read."""
     geo, xc, dw, pw = _prepare(x, dw_weight, pw_weight, spec)
     check_dtype(z)
     c = geo.Cout
     vec = [vector_f32(v, c, fill, x.device) for v, fill in
            ((mean, 0.0), (invstd, 1.0), (bn_weight, 1.0), (bn_bias, 0.0), (mean_dy, 0.0), (mean_dy_xhat, 0.0))]
-    bn = (nhwc(grad_y), nhwc(z.to(x.dtype)), *vec)
-    return _backward_convs(geo, xc, dw, pw, dw_weight, pw_weight, spec.pre_relu, spec.post_relu, bn=bn)
+    grad_z = batchnorm.grad_z(nhwc(grad_y), nhwc(z.to(x.dtype)), *vec, spec.post_relu)
+    return _backward_convs(geo, xc, dw, pw, dw_weight, pw_weight, spec.pre_relu, grad_z)
 
 
 def sepconv_bn_infer_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, pw_weight: Tensor,
@@ -277,8 +307,7 @@ def sepconv_bn_infer_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, pw_w
             sums = torch.stack(batchnorm.dy_sums(gy, gy, zeros, ones, ones, zeros, False))
         else:
             sums = None
-    grad_x, grad_dw, grad_pw = _backward_convs(geo, xc, dw, pw, dw_weight, pw_weight, pre_relu, post_relu,
-                                               grad_z=grad_z)
+    grad_x, grad_dw, grad_pw = _backward_convs(geo, xc, dw, pw, dw_weight, pw_weight, pre_relu, grad_z)
     empty = x.new_empty((0,))
     grad_scale = sums[1].to(scale.dtype, copy=True) if scale is not None else empty
     grad_shift = sums[0].to(shift.dtype, copy=True) if shift is not None else empty

@@ -22,38 +22,6 @@ from .autotune import SUM_BLOCK_M, SUM_BLOCK_S, elementwise_configs, position_sp
 from .utils import channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
 
 
-# --- device helpers used by the backward kernels ---------------------------------------------------------
-
-@triton.jit
-def _grad_z_tile(gz_ptr, gy_ptr, z_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, mdy_ptr, mdyx_ptr,
-                 p, p_mask, co, co_mask, Cout, GZ_FROM_BN: tl.constexpr, POST_RELU: tl.constexpr):
-    """grad_z for BLOCK_P positions x BLOCK_CO channels in fp32, zero outside the masks.
-
-    GZ_FROM_BN: computed on the fly from grad_y [P, Cout] and z [P, Cout] (BatchNorm backward with
-    batch statistics, never stored): (g - mean_dy - x_hat * mean_dy_xhat) * invstd * weight.
-    Otherwise read from gz_ptr [P, Cout] (the inference backward stores it once).
-    """
-    offs = p.to(tl.int64)[:, None] * Cout + co[None, :]
-    mask = p_mask[:, None] & co_mask[None, :]
-    if GZ_FROM_BN:
-        g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + co, mask=co_mask, other=0.0)
-        invstd = tl.load(invstd_ptr + co, mask=co_mask, other=0.0)
-        w = tl.load(w_ptr + co, mask=co_mask, other=0.0)
-        xhat = (z - mean[None, :]) * invstd[None, :]
-        if POST_RELU:
-            b = tl.load(b_ptr + co, mask=co_mask, other=0.0)
-            g = tl.where(xhat * w[None, :] + b[None, :] > 0, g, 0.0)
-        mdy = tl.load(mdy_ptr + co, mask=co_mask, other=0.0)
-        mdyx = tl.load(mdyx_ptr + co, mask=co_mask, other=0.0)
-        gz = (g - mdy[None, :] - xhat * mdyx[None, :]) * (invstd * w)[None, :]
-        gz = tl.where(mask, gz, 0.0)  # masked rows would otherwise carry -mean_dy terms into the dots
-    else:
-        gz = tl.load(gz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    return gz
-
-
 # --- kernels --------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -128,6 +96,40 @@ def _bn_apply_kernel(
         r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + r
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=elementwise_configs(), key=["C"])
+@triton.jit
+def _bn_grad_z_kernel(
+    gy_ptr,  # [P, C] grad of y (channels_last)
+    z_ptr,  # [P, C] pre-BN output (channels_last)
+    mean_ptr, invstd_ptr, w_ptr, b_ptr, mdy_ptr, mdyx_ptr,  # [C] fp32 each
+    gz_ptr,  # [P, C] out: grad of z, in z's dtype
+    P, C,
+    POST_RELU: tl.constexpr, C_ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # BatchNorm backward with batch statistics, g masked by the post-ReLU recomputed from z:
+    # g_z = (g - mean_dy - x_hat * mean_dy_xhat) * invstd * weight. Stored once, in the input dtype
+    # (where the unfused path rounds it), for both pointwise products of the backward to read.
+    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mask = (p < P)[:, None] & c_mask[None, :]
+    offs = p.to(tl.int64)[:, None] * C + c[None, :]
+    g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+    w = tl.load(w_ptr + c, mask=c_mask, other=0.0)
+    xhat = (z - mean[None, :]) * invstd[None, :]
+    if POST_RELU:
+        b = tl.load(b_ptr + c, mask=c_mask, other=0.0)
+        g = tl.where(xhat * w[None, :] + b[None, :] > 0, g, 0.0)
+    mdy = tl.load(mdy_ptr + c, mask=c_mask, other=0.0)
+    mdyx = tl.load(mdyx_ptr + c, mask=c_mask, other=0.0)
+    gz = (g - mdy[None, :] - xhat * mdyx[None, :]) * (invstd * w)[None, :]
+    tl.store(gz_ptr + offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=elementwise_configs(), key=["C"])
@@ -230,6 +232,23 @@ def normalize(z: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tenso
     _bn_apply_kernel[grid](z, mean, invstd, weight, bias, res, y, p, c,
                            POST_RELU=bool(post_relu), HAS_RESIDUAL=residual is not None, C_ALIGN=channel_align(c))
     return y
+
+
+def grad_z(grad_y: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor, mean_dy: Tensor,
+           mean_dy_xhat: Tensor, post_relu: bool) -> Tensor:
+    """g_z [N, C, H, W] channels_last in z's dtype; grad_y and z channels_last, the vectors fp32 [C]."""
+    n, c, h, w = z.shape
+    p = n * h * w
+    out = empty_nhwc(z.shape, z.dtype, z.device)
+    if out.numel() == 0:
+        return out
+
+    def grid(meta):
+        return (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))
+
+    _bn_grad_z_kernel[grid](grad_y, z, mean, invstd, weight, bias, mean_dy, mean_dy_xhat, out, p, c,
+                            POST_RELU=bool(post_relu), C_ALIGN=channel_align(c))
+    return out
 
 
 def dy_sums(grad_y: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor,

@@ -1,25 +1,42 @@
-"""Fused depthwise k x k + pointwise 1x1 convolution: the forward main loop and its three epilogues.
+"""Fused depthwise k x k + pointwise 1x1 convolution: the two-phase forward and its three epilogues.
 
 Layout: every activation is channels_last, addressed as a row-major [positions, channels] matrix
-(position p = (n * Ho + oh) * Wo + ow). A program owns BLOCK_P output positions x BLOCK_CO output
-channels. For each block of BLOCK_CI input channels it loads the k x k input taps of its positions
-(the tile with its halo, one tap at a time: Triton has no explicit shared memory, so the halo's
-reuse across taps and across neighbouring programs comes from L1/L2), applies the pre-ReLU,
-accumulates the depthwise result in fp32 registers, rounds it to the input dtype (as the unfused
-path stores it) and feeds it as the A operand of `tl.dot` against the [BLOCK_CI, BLOCK_CO] slice
-of the pointwise weight. The depthwise output never goes to memory.
+(position p = (n * Ho + oh) * Wo + ow); weights as contiguous matrices.
 
-Epilogues (one kernel each, same main loop):
+Design (PERFORMANCE.md, "design C"): persistent programs, one or two per SM. Program s owns the
+positions [s * chunk, (s + 1) * chunk) (`autotune.persistent_split`) and a scratch slot
+[BLOCK_P, K_SLOT] in the input dtype (K_SLOT: C rounded up to 64; 132 slots of 128 x 768 bf16 are
+26 MB, so they live in L2; the inference kernel launches two programs per SM, 52 MB of slots, of
+which only the running programs' are live). For each tile of BLOCK_P positions:
+1. depthwise phase: d = dw(pre(x)) for every input channel, BLOCK_D channels at a time, in fp32
+   FMAs, rounded to the input dtype (where the unfused path stores it) and written to the slot.
+   Computed once per position tile and reused by every Cout tile (the previous design recomputed
+   it Cout / BLOCK_CO times and converted each tap to the MMA layout: 10x the instructions).
+2. a barrier: the slot is written and read by different threads of the program.
+3. pointwise phase: for each Cout tile a K loop over the slot, software-pipelined (the config's
+   num_stages), the weight through a TMA tensor descriptor where its rows are 16-byte aligned
+   (W_TMA), then the epilogue.
+4. a barrier: the next tile's depthwise phase overwrites the slot.
+
+Epilogues (one kernel each, same two phases):
 - `_sepconv_infer_kernel`: y = post(z * scale + shift) + residual, stored once.
-- `_sepconv_train_kernel`: stores z and per-split, per-channel statistics (a reference value, the
-  mean's offset from it, M2; the count follows from the split), merged by
-  `batchnorm.merge_statistics` (Chan's formula), then normalised by `batchnorm.normalize`.
+- `_sepconv_train_kernel`: stores z and per-program, per-channel statistics (a reference value,
+  the mean's offset from it, M2; the count follows from the chunk), merged tile by tile with Chan's
+  formula in the program's own row of the buffer, then across programs by
+  `batchnorm.merge_statistics`, then normalised by `batchnorm.normalize`.
 - `_sepconv_grad_z_kernel`: inference backward, which saves nothing but x: recomputes z, applies
-  the post-ReLU mask to grad_y, stores grad_z = g * scale and the partial sums of g and g * z
-  (the gradients of shift and scale).
+  the post-ReLU mask to grad_y, stores grad_z = g * scale and per-program sums of g and g * z.
+
+The slot is read back with ordinary loads, ordered after the stores by `tl.debug_barrier()`
+(bar.sync orders global memory between the threads of a CTA). Reading it through TMA instead
+would need a proxy fence (`fence.proxy.async.global`, inline asm) that the CPU interpreter cannot
+check: not done.
+
+Triton versions: everything here exists in Triton 3.6 (the GPU machines') and 3.8: host-side
+`TensorDescriptor` (3.4+), `tl.range(num_stages=)`, `Config(maxnreg=)`, `tl.inline_asm_elementwise`.
 
 Design limit: positions are int32 (N*H*W and N*Ho*Wo at most 2^30, checked on the host); element
-offsets are int64, so activations may exceed 2^31 elements.
+offsets of the activations are int64.
 """
 
 from __future__ import annotations
@@ -34,24 +51,16 @@ from torch import Tensor
 from xception_fast.spec import UnitSpec
 
 from . import batchnorm
-from .autotune import position_split, sepconv_forward_configs, sepconv_split_configs
-from .utils import (channel_align, check_dtype, check_positions, empty_nhwc, matrix, new_empty, nhwc,
-                    vector_f32)
+from .autotune import POSITION_ALIGN, SLOT_ALIGN, persistent_split, position_bucket, sm_count, two_phase_configs
+from .utils import (INLINE_ASM, channel_align, check_dtype, check_positions, empty_nhwc, matrix, new_empty, nhwc,
+                    vector_f32, weight_operand)
+
+SLOT_ROWS = tl.constexpr(POSITION_ALIGN)  # rows of one program's slot: every BLOCK_P divides it
+SLOT_COLS = tl.constexpr(SLOT_ALIGN)  # K_SLOT is a multiple of it
+KEY = ["C", "Cout", "P_BUCKET", "KH", "KW", "W_TMA"]
 
 
-# --- shared device helpers ----------------------------------------------------------------------------
-
-@triton.jit
-def _output_positions(p_start, p_end, Ho, Wo, BLOCK_P: tl.constexpr):
-    """Positions p_start + [0, BLOCK_P) below p_end, split into (image (int64), row, column)."""
-    p = p_start + tl.arange(0, BLOCK_P)
-    p_mask = p < p_end
-    n = p // (Ho * Wo)
-    r = p - n * (Ho * Wo)
-    oh = r // Wo
-    ow = r - oh * Wo
-    return p, p_mask, n.to(tl.int64), oh, ow
-
+# --- device helpers -------------------------------------------------------------------------------------
 
 @triton.jit
 def _mma(a, b, acc):
@@ -65,92 +74,170 @@ def _mma(a, b, acc):
 
 
 @triton.jit
-def _input_tap(x_ptr, n, oh, ow, p_mask, ci, ci_mask, H, W, C, i, j,
-               stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, PRE_RELU: tl.constexpr):
-    """The input under tap (i, j) of each output position, [BLOCK_P, BLOCK_CI] in fp32, zero in the
-    padding, after the optional pre-ReLU."""
-    ih = oh * stride_h - pad_h + i * dil_h
-    iw = ow * stride_w - pad_w + j * dil_w
-    ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    row = (n * H + ih) * W + iw  # int64: n is
-    xv = tl.load(x_ptr + row[:, None] * C + ci[None, :], mask=ok[:, None] & ci_mask[None, :], other=0.0)
-    xv = xv.to(tl.float32)
-    if PRE_RELU:
-        xv = tl.where(xv < 0.0, 0.0, xv)  # not tl.maximum: NaN must pass, as in torch.relu
-    return xv
+def _pre_f32(xv, PRE_RELU: tl.constexpr, ASM: tl.constexpr):
+    """pre(x) in fp32: the optional ReLU in the input dtype (exact), NaN passing as in torch.relu.
+
+    ASM (GPU only, 16-bit inputs): PTX on pairs of elements, a packed max.NaN then two moves to fp32,
+    1.5 instructions per element; written in triton.language the compiler splits and re-packs the
+    pairs (2.6 per element on sm_90). The interpreter runs the plain path; the two must agree bit
+    for bit (a GPU check)."""
+    # A bf16 is the top half of the fp32 of the same value: one shift or mask per element.
+    if ASM and xv.dtype == tl.bfloat16 and PRE_RELU:
+        xf = tl.inline_asm_elementwise(
+            "{ .reg .b32 t, z; mov.b32 z, 0; max.NaN.bf16x2 t, $2, z; shl.b32 $0, t, 16; and.b32 $1, t, 0xffff0000; }",
+            "=r,=r,r", [xv], dtype=tl.float32, is_pure=True, pack=2)
+    elif ASM and xv.dtype == tl.bfloat16:
+        xf = tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }",
+                                       "=r,=r,r", [xv], dtype=tl.float32, is_pure=True, pack=2)
+    elif ASM and xv.dtype == tl.float16 and PRE_RELU:
+        xf = tl.inline_asm_elementwise(
+            "{ .reg .b32 t, z; .reg .b16 lo, hi; mov.b32 z, 0; max.NaN.f16x2 t, $2, z; mov.b32 {lo, hi}, t; "
+            "cvt.f32.f16 $0, lo; cvt.f32.f16 $1, hi; }",
+            "=r,=r,r", [xv], dtype=tl.float32, is_pure=True, pack=2)
+    else:  # the plain path (the interpreter's; fp32; fp16 without the pre-ReLU)
+        if PRE_RELU:
+            xv = tl.maximum(xv, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        xf = xv.to(tl.float32)
+    return xf
 
 
 @triton.jit
-def _depthwise_tile(x_ptr, dw_ptr, n, oh, ow, p_mask, ci, ci_mask, H, W, C,
-                    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr):
-    """d = dw(pre(x)) for BLOCK_P positions x BLOCK_CI channels, fp32, zero outside the masks."""
-    d = tl.zeros((BLOCK_P, BLOCK_CI), dtype=tl.float32)
+def _depthwise_chunk(x_rows, ih0, iw0, p_mask, dwt_ptr, c0, C, H, W, K_SLOT, dil_h, dil_w,
+                     KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr,
+                     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """d for BLOCK_P positions x channels [c0, c0 + BLOCK_D) in fp32, zero past C. x_rows points at
+    channel 0 of each position's top-left tap (outside the image at the border: those taps are
+    masked); the other taps are one scalar offset away. Every chunk carries the channel mask: an
+    unmasked loop for the full chunks plus a masked tail compiled to 40 B of spills on sm_90 (two
+    copies of the tap code live at once), for 2% fewer instructions."""
+    ci = c0 + tl.arange(0, BLOCK_D)
+    c_ok = ci < C
+    d = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
     for i in tl.static_range(KH):
+        ih = ih0 + i * dil_h
+        row_ok = p_mask & (ih >= 0) & (ih < H)
         for j in tl.static_range(KW):
-            xv = _input_tap(x_ptr, n, oh, ow, p_mask, ci, ci_mask, H, W, C, i, j,
-                            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, PRE_RELU)
-            wv = tl.load(dw_ptr + ci * (KH * KW) + (i * KW + j), mask=ci_mask, other=0.0).to(tl.float32)
-            d += xv * wv[None, :]
+            iw = iw0 + j * dil_w
+            ok = row_ok & (iw >= 0) & (iw < W)
+            ptrs = x_rows[:, None] + ((i * dil_h * W + j * dil_w) * C + ci)[None, :]
+            xv = tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0)
+            wv = tl.load(dwt_ptr + (i * KW + j) * K_SLOT + ci)  # fp32, zero-padded to K_SLOT: no mask
+            d += _pre_f32(xv, PRE_RELU, ASM) * wv[None, :]
     return d
 
 
 @triton.jit
-def _sepconv_tile(x_ptr, dw_ptr, pw_ptr, n, oh, ow, p_mask, co, co_mask, H, W, C,
-                  stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                  KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr,
-                  BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr):
-    """The main loop: z = pw(dw(pre(x))) for BLOCK_P positions x BLOCK_CO channels, fp32 accumulator."""
-    acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_CI):
-        ci = c0 + tl.arange(0, BLOCK_CI)
-        ci_mask = ci < C
-        d = _depthwise_tile(x_ptr, dw_ptr, n, oh, ow, p_mask, ci, ci_mask, H, W, C,
-                            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, BLOCK_P, BLOCK_CI)
-        # Rounded where the unfused path stores the depthwise output; also the tensor-core operand type.
-        a = d.to(x_ptr.dtype.element_ty)
-        b = tl.load(pw_ptr + co[None, :] * C + ci[:, None], mask=ci_mask[:, None] & co_mask[None, :], other=0.0)
+def _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w, BLOCK_P: tl.constexpr):
+    """For positions p0 + [0, BLOCK_P) below p_end: pointers to channel 0 of each one's top-left tap
+    (int64 offsets), that tap's input row and column, and the position mask (`_depthwise_chunk`)."""
+    p = p0 + tl.arange(0, BLOCK_P)
+    p_mask = p < p_end
+    n = p // (Ho * Wo)
+    r = p - n * (Ho * Wo)
+    oh = r // Wo
+    ow = r - oh * Wo
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    return x_ptr + ((n.to(tl.int64) * H + ih0) * W + iw0) * C, ih0, iw0, p_mask
+
+
+@triton.jit
+def _depthwise_phase(x_ptr, dwt_ptr, slot_ptr, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
+                     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                     KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr,
+                     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """slot[:, :C rounded up to BLOCK_K] = dw(pre(x)) of positions p0 + [0, BLOCK_P), in the slot's
+    dtype, BLOCK_D channels at a time (BLOCK_D divides BLOCK_K: a narrower chunk than the GEMM's
+    K-step keeps the depthwise phase's registers down); rows past p_end and channels past C are
+    written as zeros (the pointwise phase reads them)."""
+    x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
+                                         BLOCK_P)
+    slot = slot_ptr + tl.arange(0, BLOCK_P)[:, None] * K_SLOT + tl.arange(0, BLOCK_D)[None, :]
+    # One stage: these loads feed CUDA-core FMAs; staging them through shared memory buys nothing.
+    for c0 in tl.range(0, tl.cdiv(C, BLOCK_K) * BLOCK_K, BLOCK_D, num_stages=1):
+        d = _depthwise_chunk(x_rows, ih0, iw0, p_mask, dwt_ptr, c0, C, H, W, K_SLOT, dil_h, dil_w,
+                             KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_D)
+        tl.store(slot + c0, d.to(slot_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _pointwise_tile(slot_ptr, pw_op, n0, C, K_SLOT, Cout, W_TMA: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_P, BLOCK_N] fp32 = slot @ pw[n0 : n0 + BLOCK_N]^T. pw_op is the [Cout, C] weight: a TMA
+    descriptor (W_TMA; out-of-bounds rows and columns read as zero) or a pointer (masked loads)."""
+    kk = tl.arange(0, BLOCK_K)
+    co = n0 + tl.arange(0, BLOCK_N)
+    a_ptrs = slot_ptr + tl.arange(0, BLOCK_P)[:, None] * K_SLOT + kk[None, :]
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(C, BLOCK_K) * BLOCK_K, BLOCK_K):
+        a = tl.load(a_ptrs + k0)
+        if W_TMA:
+            b = pw_op.load([n0, k0]).T
+        else:
+            b = tl.load(pw_op + co[None, :] * C + (k0 + kk)[:, None],
+                        mask=(co < Cout)[None, :] & (k0 + kk < C)[:, None], other=0.0)
         acc = _mma(a, b, acc)
     return acc
 
 
-# --- kernels --------------------------------------------------------------------------------------------
-
-@triton.autotune(configs=sepconv_forward_configs(), key=["C", "Cout", "P", "KH", "KW"])
 @triton.jit
-def _sepconv_infer_kernel(
-    # pointers
-    x_ptr,  # [N, H, W, C] input (channels_last)
-    dw_ptr,  # [C, KH * KW] depthwise weight
-    pw_ptr,  # [Cout, C] pointwise weight
-    scale_ptr,  # [Cout] fp32 (1 where absent)
-    shift_ptr,  # [Cout] fp32 (0 where absent)
-    res_ptr,  # [N, Ho, Wo, Cout] residual (read only if HAS_RESIDUAL)
-    y_ptr,  # [N, Ho, Wo, Cout] output
-    # sizes
-    P, H, W, C, Ho, Wo, Cout,
-    # convolution
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    # meta-parameters
-    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, POST_RELU: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
-):
-    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
-    Cout = Cout // COUT_ALIGN * COUT_ALIGN
-    # Output-channel tiles of one position tile are neighbours in launch order: they read the same x.
-    co_tiles = tl.cdiv(Cout, BLOCK_CO)
-    pid = tl.program_id(0)
-    pid_p, pid_co = pid // co_tiles, pid % co_tiles
-    p, p_mask, n, oh, ow = _output_positions(pid_p * BLOCK_P, P, Ho, Wo, BLOCK_P)
-    co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    co_mask = co < Cout
-    acc = _sepconv_tile(x_ptr, dw_ptr, pw_ptr, n, oh, ow, p_mask, co, co_mask, H, W, C,
-                        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, BLOCK_P, BLOCK_CO, BLOCK_CI)
+def _merge_tile_statistics(stats_ptr, s, S, Cout, co, co_mask, z, rows, cnt, seen):
+    """Fold the statistics of one tile's z [BLOCK_P, BLOCK_N] (`cnt` valid rows `rows`) into program
+    s's row of stats [3, S, Cout]: about a reference value `ref` (the program's first tile's mean),
+    so that with |mean| >> std (1e4 vs 1e-2) the deviations stay exact in fp32; the tile's own M2 by
+    the two-pass formula about its mean, merged with the `seen` positions before it by Chan's
+    formula. Two reductions over the rows per tile (three on the first): each one crosses warps
+    through shared memory, and they dominate this epilogue. (The corrected two-pass term, the
+    squared sum of the deviations, is left out: it corrects a rounding of the tile mean that is
+    already relative to ref, so it is below fp32 resolution unless the mean drifts by ~1e3 std.)"""
+    out = stats_ptr + s * Cout + co
+    zf = z.to(tl.float32)
+    if seen == 0:
+        ref = tl.sum(tl.where(rows[:, None], zf, 0.0), axis=0) / cnt
+        mean = tl.zeros_like(ref)
+        m2 = tl.zeros_like(ref)
+    else:
+        ref = tl.load(out, mask=co_mask, other=0.0)
+        mean = tl.load(out + S * Cout, mask=co_mask, other=0.0)
+        m2 = tl.load(out + 2 * S * Cout, mask=co_mask, other=0.0)
+    dz = tl.where(rows[:, None], zf - ref[None, :], 0.0)
+    t_mean = tl.sum(dz, axis=0) / cnt
+    e = tl.where(rows[:, None], dz - t_mean[None, :], 0.0)
+    t_m2 = tl.sum(e * e, axis=0)
+    new_count = seen + cnt
+    delta = t_mean - mean
+    mean += delta * (cnt / new_count)
+    m2 += t_m2 + delta * delta * (seen * cnt / new_count)
+    tl.store(out, ref, mask=co_mask)
+    tl.store(out + S * Cout, mean, mask=co_mask)
+    tl.store(out + 2 * S * Cout, m2, mask=co_mask)
 
-    # Epilogue, rounding where the reference does: z stored in the input dtype, the affine map in
-    # fp32 and stored, the residual added to the stored value.
+
+@triton.jit
+def _halves(acc, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc [BLOCK_P, BLOCK_N] as its two column halves."""
+    return tl.split(tl.permute(tl.reshape(acc, (BLOCK_P, 2, BLOCK_N // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _quarters(acc, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc [BLOCK_P, BLOCK_N] as its four column quarters, in order. Epilogues run on one quarter at a
+    time: a 128 x 256 accumulator is 128 registers a thread, and each per-column vector (scale, shift,
+    statistics) or residual tile over all of it in the MMA layout would add 64 more (spills)."""
+    lo, hi = _halves(acc, BLOCK_P, BLOCK_N)
+    q0, q1 = _halves(lo, BLOCK_P, BLOCK_N // 2)
+    q2, q3 = _halves(hi, BLOCK_P, BLOCK_N // 2)
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def _infer_epilogue(acc, p, p_mask, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout,
+                    POST_RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y = post(z * scale + shift) + residual for columns n0 + [0, BLOCK_N), rounding where the reference
+    does: z stored in the input dtype, the affine map in fp32 and stored, the residual added to the
+    stored value."""
+    co = n0 + tl.arange(0, BLOCK_N)
+    co_mask = co < Cout
     z = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
     scale = tl.load(scale_ptr + co, mask=co_mask, other=0.0)
     shift = tl.load(shift_ptr + co, mask=co_mask, other=0.0)
@@ -165,125 +252,184 @@ def _sepconv_infer_kernel(
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=sepconv_split_configs(), key=["C", "Cout", "P", "KH", "KW"])
 @triton.jit
-def _sepconv_train_kernel(
-    # pointers
-    x_ptr,  # [N, H, W, C] input (channels_last)
-    dw_ptr,  # [C, KH * KW] depthwise weight
-    pw_ptr,  # [Cout, C] pointwise weight
-    z_ptr,  # [N, Ho, Wo, Cout] pre-BN output
-    stats_ptr,  # [3, S, Cout] fp32: per split, (reference value, mean - reference value, M2)
-    # sizes
-    P, chunk, H, W, C, Ho, Wo, Cout, S,
-    # convolution
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    # meta-parameters
-    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
-):
-    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
-    Cout = Cout // COUT_ALIGN * COUT_ALIGN
-    # Split s owns positions [s * chunk, (s + 1) * chunk): the number of partial rows is fixed by
-    # the host, whatever config the autotuner picks.
-    co_tiles = tl.cdiv(Cout, BLOCK_CO)
-    pid = tl.program_id(0)
-    s, pid_co = pid // co_tiles, pid % co_tiles
-    co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+def _train_epilogue(acc, p, p_mask, cnt, n0, z_ptr, stats_ptr, s, S, Cout, seen, BLOCK_N: tl.constexpr):
+    """Store z for columns n0 + [0, BLOCK_N) and fold its statistics into program s's row. The
+    program's rows of `stats` are its own, and the barrier ending each tile orders the updates."""
+    co = n0 + tl.arange(0, BLOCK_N)
     co_mask = co < Cout
-    p_begin = s * chunk
-    p_end = tl.minimum(p_begin + chunk, P)
-
-    # Statistics about a reference value `ref` (the first tile's mean): with |mean| >> std (1e4 vs
-    # 1e-2), deviations from it are small and exact, so fp32 keeps their precision. Tiles merge with
-    # Chan's formula; within a tile, the corrected two-pass sum of squares.
-    count = tl.zeros((BLOCK_CO,), dtype=tl.float32)
-    ref = tl.zeros((BLOCK_CO,), dtype=tl.float32)
-    mean = tl.zeros((BLOCK_CO,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_CO,), dtype=tl.float32)
-    for p0 in range(p_begin, p_end, BLOCK_P):
-        p, p_mask, n, oh, ow = _output_positions(p0, p_end, Ho, Wo, BLOCK_P)
-        acc = _sepconv_tile(x_ptr, dw_ptr, pw_ptr, n, oh, ow, p_mask, co, co_mask, H, W, C,
-                            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU,
-                            BLOCK_P, BLOCK_CO, BLOCK_CI)
-        z = acc.to(z_ptr.dtype.element_ty)
-        offs = p.to(tl.int64)[:, None] * Cout + co[None, :]
-        tl.store(z_ptr + offs, z, mask=p_mask[:, None] & co_mask[None, :])
-
-        rows = p_mask[:, None]
-        zf = tl.where(rows, z.to(tl.float32), 0.0)  # statistics of the stored (rounded) z
-        cnt = tl.sum(p_mask.to(tl.float32), axis=0)
-        ref = tl.where(count > 0, ref, tl.sum(zf, axis=0) / cnt)
-        dz = tl.where(rows, zf - ref[None, :], 0.0)
-        t_mean = tl.sum(dz, axis=0) / cnt
-        e = tl.where(rows, dz - t_mean[None, :], 0.0)
-        e_sum = tl.sum(e, axis=0)
-        t_m2 = tl.sum(e * e, axis=0) - e_sum * e_sum / cnt
-        new_count = count + cnt
-        delta = t_mean - mean
-        mean += delta * (cnt / new_count)
-        m2 += t_m2 + delta * delta * (count * cnt / new_count)
-        count = new_count
-
-    out = stats_ptr + s * Cout + co
-    tl.store(out, ref, mask=co_mask)
-    tl.store(out + S * Cout, mean, mask=co_mask)
-    tl.store(out + 2 * S * Cout, m2, mask=co_mask)
+    z = acc.to(z_ptr.dtype.element_ty)
+    offs = p.to(tl.int64)[:, None] * Cout + co[None, :]
+    tl.store(z_ptr + offs, z, mask=p_mask[:, None] & co_mask[None, :])
+    # Statistics of the stored (rounded) z.
+    _merge_tile_statistics(stats_ptr, s, S, Cout, co, co_mask, z, p_mask, cnt, seen)
 
 
-@triton.autotune(configs=sepconv_split_configs(), key=["C", "Cout", "P", "KH", "KW"])
 @triton.jit
-def _sepconv_grad_z_kernel(
+def _grad_z_epilogue(acc, p, p_mask, n0, scale_ptr, shift_ptr, gy_ptr, gz_ptr, sums_ptr, s, Cout, first,
+                     POST_RELU: tl.constexpr, BLOCK_N: tl.constexpr):
+    """grad_z = mask(grad_y) * scale for columns n0 + [0, BLOCK_N), z recomputed; the sums of g and
+    g * z added to program s's row (its own; the barrier ending each tile orders the updates)."""
+    co = n0 + tl.arange(0, BLOCK_N)
+    co_mask = co < Cout
+    scale = tl.load(scale_ptr + co, mask=co_mask, other=0.0)
+    shift = tl.load(shift_ptr + co, mask=co_mask, other=0.0)
+    z = acc.to(gz_ptr.dtype.element_ty).to(tl.float32)
+    offs = p.to(tl.int64)[:, None] * Cout + co[None, :]
+    mask = p_mask[:, None] & co_mask[None, :]
+    g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if POST_RELU:
+        g = tl.where(z * scale[None, :] + shift[None, :] > 0, g, 0.0)
+    tl.store(gz_ptr + offs, (g * scale[None, :]).to(gz_ptr.dtype.element_ty), mask=mask)
+    out = sums_ptr + s * 2 * Cout + co
+    sum_g = tl.sum(g, axis=0) + tl.where(first, 0.0, tl.load(out, mask=co_mask, other=0.0))
+    sum_gz = tl.sum(g * z, axis=0) + tl.where(first, 0.0, tl.load(out + Cout, mask=co_mask, other=0.0))
+    tl.store(out, sum_g, mask=co_mask)
+    tl.store(out + Cout, sum_gz, mask=co_mask)
+
+
+# --- kernels: the same two phases, three epilogues --------------------------------------------------------
+# Shared arguments: x_ptr [N, H, W, C] input (channels_last); dwt_ptr [KH * KW, K_SLOT] fp32 depthwise
+# taps (tap-major, zero-padded); pw_op [Cout, C] pointwise weight (pointer or TMA descriptor); slot_ptr
+# [programs * POSITION_ALIGN, K_SLOT] scratch in the input dtype. P_BUCKET: the autotuning key only.
+
+@triton.autotune(**two_phase_configs(two_per_sm=True), key=KEY)
+@triton.jit
+def _sepconv_infer_kernel(
     # pointers
-    x_ptr,  # [N, H, W, C] input (channels_last)
-    dw_ptr,  # [C, KH * KW] depthwise weight
-    pw_ptr,  # [Cout, C] pointwise weight
+    x_ptr, dwt_ptr, pw_op, slot_ptr,
     scale_ptr,  # [Cout] fp32 (1 where absent)
     shift_ptr,  # [Cout] fp32 (0 where absent)
-    gy_ptr,  # [N, Ho, Wo, Cout] grad of y (channels_last, any float dtype)
-    gz_ptr,  # [N, Ho, Wo, Cout] out: grad of z, input dtype
-    sums_ptr,  # [S, 2, Cout] fp32 out: per split, sum of g (grad shift) and of g * z (grad scale)
+    res_ptr,  # [N, Ho, Wo, Cout] residual (read only if HAS_RESIDUAL)
+    y_ptr,  # [N, Ho, Wo, Cout] output
     # sizes
-    P, chunk, H, W, C, Ho, Wo, Cout,
+    P, P_BUCKET, chunk, H, W, C, Ho, Wo, Cout, K_SLOT,
     # convolution
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, POST_RELU: tl.constexpr,
-    C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr, W_TMA: tl.constexpr,
+    ASM: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
     Cout = Cout // COUT_ALIGN * COUT_ALIGN
-    co_tiles = tl.cdiv(Cout, BLOCK_CO)
+    K_SLOT = K_SLOT // SLOT_COLS * SLOT_COLS  # the same for the slot: 16-byte rows, so cp.async applies
     pid = tl.program_id(0)
-    s, pid_co = pid // co_tiles, pid % co_tiles
-    co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    co_mask = co < Cout
-    p_begin = s * chunk
+    p_begin = pid * chunk
     p_end = tl.minimum(p_begin + chunk, P)
-    scale = tl.load(scale_ptr + co, mask=co_mask, other=0.0)
-    shift = tl.load(shift_ptr + co, mask=co_mask, other=0.0)
-
-    sum_g = tl.zeros((BLOCK_CO,), dtype=tl.float32)  # reduced per tile: 2-D accumulators would spill
-    sum_gz = tl.zeros((BLOCK_CO,), dtype=tl.float32)
+    slot = slot_ptr + pid.to(tl.int64) * SLOT_ROWS * K_SLOT
     for p0 in range(p_begin, p_end, BLOCK_P):
-        p, p_mask, n, oh, ow = _output_positions(p0, p_end, Ho, Wo, BLOCK_P)
-        acc = _sepconv_tile(x_ptr, dw_ptr, pw_ptr, n, oh, ow, p_mask, co, co_mask, H, W, C,
-                            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU,
-                            BLOCK_P, BLOCK_CO, BLOCK_CI)
-        z = acc.to(gz_ptr.dtype.element_ty).to(tl.float32)
-        offs = p.to(tl.int64)[:, None] * Cout + co[None, :]
-        mask = p_mask[:, None] & co_mask[None, :]
-        g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if POST_RELU:
-            g = tl.where(z * scale[None, :] + shift[None, :] > 0, g, 0.0)
-        tl.store(gz_ptr + offs, (g * scale[None, :]).to(gz_ptr.dtype.element_ty), mask=mask)
-        sum_g += tl.sum(g, axis=0)
-        sum_gz += tl.sum(g * z, axis=0)
+        _depthwise_phase(x_ptr, dwt_ptr, slot, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
+                         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_K,
+                         BLOCK_D)
+        tl.debug_barrier()
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = p < p_end
+        for n0 in range(0, Cout, BLOCK_N):
+            acc = _pointwise_tile(slot, pw_op, n0, C, K_SLOT, Cout, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
+            q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
+            Q: tl.constexpr = BLOCK_N // 4
+            _infer_epilogue(q0, p, p_mask, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, POST_RELU, HAS_RESIDUAL, Q)
+            _infer_epilogue(q1, p, p_mask, n0 + Q, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, POST_RELU, HAS_RESIDUAL,
+                            Q)
+            _infer_epilogue(q2, p, p_mask, n0 + 2 * Q, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, POST_RELU,
+                            HAS_RESIDUAL, Q)
+            _infer_epilogue(q3, p, p_mask, n0 + 3 * Q, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, POST_RELU,
+                            HAS_RESIDUAL, Q)
+        tl.debug_barrier()
 
-    out = sums_ptr + s * 2 * Cout + co
-    tl.store(out, sum_g, mask=co_mask)
-    tl.store(out + Cout, sum_gz, mask=co_mask)
+
+@triton.autotune(**two_phase_configs(wide=False), key=KEY)
+@triton.jit
+def _sepconv_train_kernel(
+    # pointers
+    x_ptr, dwt_ptr, pw_op, slot_ptr,
+    z_ptr,  # [N, Ho, Wo, Cout] pre-BN output
+    stats_ptr,  # [3, S, Cout] fp32: per program, (reference value, mean - reference value, M2)
+    # sizes
+    P, P_BUCKET, chunk, H, W, C, Ho, Wo, Cout, K_SLOT, S,
+    # convolution
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    # meta-parameters
+    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, C_ALIGN: tl.constexpr,
+    COUT_ALIGN: tl.constexpr, W_TMA: tl.constexpr, ASM: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
+    Cout = Cout // COUT_ALIGN * COUT_ALIGN
+    K_SLOT = K_SLOT // SLOT_COLS * SLOT_COLS  # the same for the slot: 16-byte rows, so cp.async applies
+    pid = tl.program_id(0)
+    p_begin = pid * chunk
+    p_end = tl.minimum(p_begin + chunk, P)
+    slot = slot_ptr + pid.to(tl.int64) * SLOT_ROWS * K_SLOT
+    for p0 in range(p_begin, p_end, BLOCK_P):
+        _depthwise_phase(x_ptr, dwt_ptr, slot, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
+                         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_K,
+                         BLOCK_D)
+        tl.debug_barrier()
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = p < p_end
+        for n0 in range(0, Cout, BLOCK_N):
+            acc = _pointwise_tile(slot, pw_op, n0, C, K_SLOT, Cout, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
+            q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
+            Q: tl.constexpr = BLOCK_N // 4
+            seen = (p0 - p_begin).to(tl.float32)
+            cnt = tl.minimum(p_end - p0, BLOCK_P).to(tl.float32)
+            _train_epilogue(q0, p, p_mask, cnt, n0, z_ptr, stats_ptr, pid, S, Cout, seen, Q)
+            _train_epilogue(q1, p, p_mask, cnt, n0 + Q, z_ptr, stats_ptr, pid, S, Cout, seen, Q)
+            _train_epilogue(q2, p, p_mask, cnt, n0 + 2 * Q, z_ptr, stats_ptr, pid, S, Cout, seen, Q)
+            _train_epilogue(q3, p, p_mask, cnt, n0 + 3 * Q, z_ptr, stats_ptr, pid, S, Cout, seen, Q)
+        tl.debug_barrier()
+
+
+@triton.autotune(**two_phase_configs(), key=KEY)
+@triton.jit
+def _sepconv_grad_z_kernel(
+    # pointers
+    x_ptr, dwt_ptr, pw_op, slot_ptr,
+    scale_ptr,  # [Cout] fp32 (1 where absent)
+    shift_ptr,  # [Cout] fp32 (0 where absent)
+    gy_ptr,  # [N, Ho, Wo, Cout] grad of y (channels_last, any float dtype)
+    gz_ptr,  # [N, Ho, Wo, Cout] out: grad of z, input dtype
+    sums_ptr,  # [S, 2, Cout] fp32 out: per program, sum of g (grad shift) and of g * z (grad scale)
+    # sizes
+    P, P_BUCKET, chunk, H, W, C, Ho, Wo, Cout, K_SLOT,
+    # convolution
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    # meta-parameters
+    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, POST_RELU: tl.constexpr,
+    C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr, W_TMA: tl.constexpr, ASM: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
+    Cout = Cout // COUT_ALIGN * COUT_ALIGN
+    K_SLOT = K_SLOT // SLOT_COLS * SLOT_COLS  # the same for the slot: 16-byte rows, so cp.async applies
+    pid = tl.program_id(0)
+    p_begin = pid * chunk
+    p_end = tl.minimum(p_begin + chunk, P)
+    slot = slot_ptr + pid.to(tl.int64) * SLOT_ROWS * K_SLOT
+    for p0 in range(p_begin, p_end, BLOCK_P):
+        _depthwise_phase(x_ptr, dwt_ptr, slot, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
+                         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_K,
+                         BLOCK_D)
+        tl.debug_barrier()
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = p < p_end
+        for n0 in range(0, Cout, BLOCK_N):
+            acc = _pointwise_tile(slot, pw_op, n0, C, K_SLOT, Cout, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
+            q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
+            Q: tl.constexpr = BLOCK_N // 4
+            first = p0 == p_begin
+            _grad_z_epilogue(q0, p, p_mask, n0, scale_ptr, shift_ptr, gy_ptr, gz_ptr, sums_ptr, pid, Cout, first,
+                             POST_RELU, Q)
+            _grad_z_epilogue(q1, p, p_mask, n0 + Q, scale_ptr, shift_ptr, gy_ptr, gz_ptr, sums_ptr, pid, Cout, first,
+                             POST_RELU, Q)
+            _grad_z_epilogue(q2, p, p_mask, n0 + 2 * Q, scale_ptr, shift_ptr, gy_ptr, gz_ptr, sums_ptr, pid, Cout,
+                             first, POST_RELU, Q)
+            _grad_z_epilogue(q3, p, p_mask, n0 + 3 * Q, scale_ptr, shift_ptr, gy_ptr, gz_ptr, sums_ptr, pid, Cout,
+                             first, POST_RELU, Q)
+        tl.debug_barrier()
 
 
 # --- host side ------------------------------------------------------------------------------------------
@@ -318,6 +464,42 @@ def _prepare(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, spec: UnitSpec):
     return geo, nhwc(x), matrix(dw_weight, x.dtype), matrix(pw_weight, x.dtype)
 
 
+def depthwise_taps(dw: Tensor, geo: Geometry, width: int) -> Tensor:
+    """The depthwise weight [C, 1, KH, KW] as the kernels read it: [KH * KW, width] fp32, tap-major,
+    zero past C (dw is already rounded to the input dtype: fp32 holds it exactly)."""
+    taps = torch.zeros((geo.KH * geo.KW, width), dtype=torch.float32, device=dw.device)
+    taps[:, :geo.C] = dw.view(geo.C, -1).t()
+    return taps
+
+
+class TwoPhase:
+    """The launch arguments the three two-phase kernels share: the program split, the scratch slots,
+    the depthwise taps [KH * KW, K_SLOT] fp32 and the pointwise weight operand."""
+
+    def __init__(self, geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, per_sm: int = 1):
+        device = x.device
+        self.k_slot = triton.cdiv(geo.C, SLOT_ALIGN) * SLOT_ALIGN
+        self.programs, self.chunk = persistent_split(geo.P, sm_count(device), per_sm)
+        self.dwt = depthwise_taps(dw, geo, self.k_slot)
+        self.slot = new_empty((self.programs * POSITION_ALIGN, self.k_slot), x.dtype, device)
+        self.pw_op, self.w_tma = weight_operand(pw.view(geo.Cout, geo.C))
+        self.asm = INLINE_ASM and device.type == "cuda"  # PTX: never in the interpreter
+        self.geo = geo
+
+    def grid(self, meta) -> tuple[int]:
+        return (self.programs,)
+
+    def args(self, x: Tensor, *tensors: Tensor) -> tuple:
+        """(pointers..., sizes) up to K_SLOT; the kernels' own tensors go between x and the sizes."""
+        geo = self.geo
+        return (x, self.dwt, self.pw_op, self.slot, *tensors, geo.P, position_bucket(geo.P), self.chunk, geo.H,
+                geo.W, geo.C, geo.Ho, geo.Wo, geo.Cout, self.k_slot)
+
+    def meta(self, pre_relu: bool) -> dict:
+        geo = self.geo
+        return dict(KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu), W_TMA=self.w_tma, ASM=self.asm, **geo.align())
+
+
 def sepconv_bn_infer(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, scale: Optional[Tensor],
                      shift: Optional[Tensor], residual: Optional[Tensor], spec: UnitSpec) -> Tensor:
     """y = post(z * scale + shift) + residual, z = pw(dw(pre(x))): one kernel launch."""
@@ -328,15 +510,10 @@ def sepconv_bn_infer(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, scale: Opt
     scale = vector_f32(scale, geo.Cout, 1.0, x.device)
     shift = vector_f32(shift, geo.Cout, 0.0, x.device)
     res = nhwc(residual.to(x.dtype)) if residual is not None else y  # y: never read without HAS_RESIDUAL
-
-    def grid(meta):
-        return (triton.cdiv(geo.P, meta["BLOCK_P"]) * triton.cdiv(geo.Cout, meta["BLOCK_CO"]),)
-
-    _sepconv_infer_kernel[grid](
-        x, dw, pw, scale, shift, res, y,
-        geo.P, geo.H, geo.W, geo.C, geo.Ho, geo.Wo, geo.Cout, *geo.conv_args(),
-        KH=geo.KH, KW=geo.KW, PRE_RELU=spec.pre_relu, POST_RELU=spec.post_relu,
-        HAS_RESIDUAL=residual is not None, **geo.align())
+    run = TwoPhase(geo, x, dw, pw, per_sm=2)  # its configs include one of two programs per SM
+    _sepconv_infer_kernel[run.grid](*run.args(x, scale, shift, res, y), *geo.conv_args(),
+                                    POST_RELU=spec.post_relu, HAS_RESIDUAL=residual is not None,
+                                    **run.meta(spec.pre_relu))
     return y
 
 
@@ -350,17 +527,11 @@ def sepconv_bn_train(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bn_weight:
         mean = torch.zeros(geo.Cout, dtype=torch.float32, device=x.device)
         var = torch.ones(geo.Cout, dtype=torch.float32, device=x.device)
         return empty_nhwc(geo.out_shape, x.dtype, x.device), z, mean, var
-    splits, chunk = position_split(geo.P, triton.cdiv(geo.Cout, 128), x.device)
-    stats = new_empty((3, splits, geo.Cout), torch.float32, x.device)
-
-    def grid(meta):
-        return (splits * triton.cdiv(geo.Cout, meta["BLOCK_CO"]),)
-
-    _sepconv_train_kernel[grid](
-        x, dw, pw, z, stats,
-        geo.P, chunk, geo.H, geo.W, geo.C, geo.Ho, geo.Wo, geo.Cout, splits, *geo.conv_args(),
-        KH=geo.KH, KW=geo.KW, PRE_RELU=spec.pre_relu, **geo.align())
-    mean, var = batchnorm.merge_statistics(stats, geo.P, chunk)
+    run = TwoPhase(geo, x, dw, pw)
+    stats = new_empty((3, run.programs, geo.Cout), torch.float32, x.device)
+    _sepconv_train_kernel[run.grid](*run.args(x, z, stats), run.programs, *geo.conv_args(),
+                                    **run.meta(spec.pre_relu))
+    mean, var = batchnorm.merge_statistics(stats, geo.P, run.chunk)
     invstd = torch.rsqrt(var + eps)  # as the reference (and ops.py's backward) compute it
     y = batchnorm.normalize(z, mean, invstd, bn_weight, bn_bias, residual, spec.post_relu)
     return y, z, mean, var
@@ -371,14 +542,8 @@ def recompute_grad_z(grad_y: Tensor, x: Tensor, dw: Tensor, pw: Tensor, geo: Geo
     """Inference backward's first pass: (grad_z, sums [2, Cout] fp32 of g and g * z). x, dw, pw as
     `_prepare` returns them; scale/shift fp32 vectors."""
     grad_z = empty_nhwc(geo.out_shape, x.dtype, x.device)
-    splits, chunk = position_split(geo.P, triton.cdiv(geo.Cout, 128), x.device)
-    sums = new_empty((splits, 2, geo.Cout), torch.float32, x.device)
-
-    def grid(meta):
-        return (splits * triton.cdiv(geo.Cout, meta["BLOCK_CO"]),)
-
-    _sepconv_grad_z_kernel[grid](
-        x, dw, pw, scale, shift, grad_y, grad_z, sums,
-        geo.P, chunk, geo.H, geo.W, geo.C, geo.Ho, geo.Wo, geo.Cout, *geo.conv_args(),
-        KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu), POST_RELU=bool(post_relu), **geo.align())
-    return grad_z, batchnorm.sum_rows(sums.view(splits, 2 * geo.Cout)).view(2, geo.Cout)
+    run = TwoPhase(geo, x, dw, pw)
+    sums = new_empty((run.programs, 2, geo.Cout), torch.float32, x.device)
+    _sepconv_grad_z_kernel[run.grid](*run.args(x, scale, shift, grad_y, grad_z, sums), *geo.conv_args(),
+                                     POST_RELU=bool(post_relu), **run.meta(pre_relu))
+    return grad_z, batchnorm.sum_rows(sums.view(run.programs, 2 * geo.Cout)).view(2, geo.Cout)

@@ -45,6 +45,28 @@ def matrix(weight: Tensor, dtype: torch.dtype) -> Tensor:
     return to_contiguous(weight.to(dtype))
 
 
+# The pointwise weight through a TMA tensor descriptor (Hopper and later; the interpreter reads it
+# too). XCEPTION_FAST_TRITON_TMA=0 turns it off, for comparisons.
+WEIGHT_TMA = os.environ.get("XCEPTION_FAST_TRITON_TMA", "1") not in ("", "0")
+
+
+# Inline PTX in the depthwise phase (`depthwise_pointwise._pre_f32`, GPU only); =0 for the plain
+# triton.language path that the interpreter tests, to compare the two on a GPU.
+INLINE_ASM = os.environ.get("XCEPTION_FAST_TRITON_ASM", "1") not in ("", "0")
+
+
+def weight_operand(pw: Tensor) -> tuple[object, bool]:
+    """(operand, is_descriptor) for a [Cout, C] contiguous weight: a TensorDescriptor where TMA applies
+    (rows 16-byte aligned, as TMA requires; a Hopper GPU or the interpreter), else the tensor itself.
+    The descriptor's block shape is set per autotune config (`autotune._set_weight_block`)."""
+    aligned = pw.stride(0) * pw.element_size() % 16 == 0 and pw.data_ptr() % 16 == 0
+    hopper = pw.device.type != "cuda" or torch.cuda.get_device_capability(pw.device)[0] >= 9
+    if not (WEIGHT_TMA and aligned and hopper and pw.is_contiguous()):
+        return pw, False
+    from triton.tools.tensor_descriptor import TensorDescriptor  # Triton >= 3.4 (3.6 on the GPU machines)
+    return TensorDescriptor.from_tensor(pw, [16, 16]), True
+
+
 def vector_f32(v: Optional[Tensor], length: int, fill: float, device: torch.device) -> Tensor:
     """A per-channel vector in float32 (as the reference casts it), or `fill` where it is absent.
     An absent scale becomes 1 and an absent shift 0: multiplying by 1.0 and adding 0.0 are exact,

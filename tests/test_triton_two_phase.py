@@ -1,0 +1,78 @@
+"""The Triton provider's own paths beyond the conformance suite (tests/test_providers.py): the weight
+read through a TMA descriptor or through pointers, NaN through the packed pre-ReLU, and the program
+splits the launches rely on. Under the CPU interpreter without a GPU (fp32, small shapes)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from xception_fast import reference
+from xception_fast.spec import UnitSpec
+from xception_fast.testing import require_provider
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("the triton provider needs the triton package", allow_module_level=True)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def provider(monkeypatch):
+    require_provider("triton", DEVICE, monkeypatch)
+    from xception_fast import backends
+    return backends.PROVIDERS["triton"].load()
+
+
+def _unit(cin, cout, dtype=torch.float32):
+    x = torch.randn(2, cin, 6, 7, dtype=dtype, device=DEVICE)
+    dw = (torch.randn(cin, 1, 3, 3, device=DEVICE) / 3).to(dtype)
+    pw = (torch.randn(cout, cin, 1, 1, device=DEVICE) / cin ** 0.5).to(dtype)
+    return x, dw, pw
+
+
+def test_weight_descriptor_and_pointer_paths_agree(provider, monkeypatch):
+    """The pointwise weight through a TMA tensor descriptor and through masked pointer loads: the same
+    values in the same order, so bitwise the same result."""
+    from xception_fast.triton_kernels import utils
+
+    x, dw, pw = _unit(16, 24)
+    spec = UnitSpec((3, 3), padding=(1, 1), pre_relu=True, post_relu=True)
+    scale, shift = torch.rand(24, device=DEVICE) + 0.5, torch.randn(24, device=DEVICE)
+    outs = []
+    for tma in (True, False):
+        monkeypatch.setattr(utils, "WEIGHT_TMA", tma)
+        assert utils.weight_operand(pw.view(24, 16))[1] == tma
+        outs.append(provider.sepconv_bn_infer(x, dw, pw, scale, shift, None, spec))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_nan_input_propagates_like_the_reference(provider, dtype):
+    """A NaN in x passes the pre-ReLU (as torch.relu) and reaches exactly the outputs whose window
+    covers it, in every output channel; no other output becomes NaN."""
+    x, dw, pw = _unit(5, 7, dtype)
+    x[1, 2, 3, 4] = float("nan")
+    spec = UnitSpec((3, 3), padding=(1, 1), pre_relu=True)
+    got = provider.sepconv_bn_infer(x, dw, pw, None, None, None, spec)
+    want = reference.sepconv_bn_infer(x, dw, pw, None, None, None, spec)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.isnan(got).sum() == 9 * 7
+
+
+def test_program_splits_cover_the_positions_in_whole_tiles():
+    """Every position in exactly one split, chunks in whole tiles (POSITION_ALIGN), and the
+    weight-gradient split count filling whole waves when it can."""
+    from xception_fast.triton_kernels import autotune
+
+    align = autotune.POSITION_ALIGN
+    for positions in (1, align - 1, 92416, 25600, 3 * align + 5):
+        for sms, per_sm in ((132, 1), (132, 2), (108, 1), (3, 1)):
+            programs, chunk = autotune.persistent_split(positions, sms, per_sm)
+            assert chunk % align == 0 and (programs - 1) * chunk < positions <= programs * chunk
+        splits, chunk = autotune.balanced_split(positions, 36, 132)
+        assert chunk % align == 0 and (splits - 1) * chunk < positions <= splits * chunk
+    if align == 128:  # the GPU's tiles: the middle-flow grad_pw in exactly 3 waves
+        assert autotune.balanced_split(92416, 36, 132) == (11, 8448)
