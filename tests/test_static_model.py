@@ -90,17 +90,17 @@ def test_loop_finding_on_handwritten_sass():
     assert counts[""] == 2 * (1 + 3 * 3 + 2) + 2  # outer x (MOV, inner x 3, FFMA + BRA); EXIT; padding
 
 
-def test_the_published_finding_on_todays_triton_inference_kernel():
-    """Middle-flow unit (N=256, 19x19, 728->728, bf16): the Triton inference kernel cannot beat about
-    1 ms, issue-bound (PERFORMANCE.md), against a roofline floor near 0.1 ms."""
+def test_the_triton_two_phase_inference_kernel_meets_its_target():
+    """Middle-flow unit (N=256, 19x19, 728->728, bf16): the two-phase Triton inference kernel (issue 12)
+    is estimated within the 0.20 ms target (it was >= 1.1 ms, issue-bound, before the redesign), no
+    spills, wgmma, a handful of barriers per K step, and never below the roofline floor near 0.1 ms."""
     records = _worker("triton")["triton"]["records"]
     total = {r["provider"]: r for r in records if r["kernel"] == "unit_total"}
-    assert total["triton"]["estimate_us"] >= 1000
-    assert total["triton"]["issue_us"] == total["triton"]["estimate_us"]
     assert 90 <= total["roofline"]["estimate_us"] <= 110
+    assert total["roofline"]["estimate_us"] <= total["triton"]["estimate_us"] <= 200
     kernel = next(r for r in records if r["provider"] == "triton" and r["kernel"] != "unit_total")
-    assert kernel["tensor_op"] == "HGMMA" and kernel["bound"] == "issue"
-    assert kernel["mma_wait"] == 0 and kernel["bar_per_iter"] >= 10
+    assert kernel["tensor_op"] == "HGMMA" and kernel["spill_bytes"] == 0
+    assert kernel["bar_per_iter"] <= 8
     assert all(r["label"] == "static estimate (sm_90 model)" for r in records)
 
 

@@ -36,12 +36,23 @@ def kernels():
         (depthwise_pointwise._sepconv_grad_z_kernel, {}),
         (batchnorm._merge_stats_kernel, fixed),
         (batchnorm._bn_apply_kernel, {}),
+        (batchnorm._bn_grad_z_kernel, {}),
         (batchnorm._bn_backward_reduce_kernel, {}),
         (batchnorm._sum_rows_kernel, fixed),
         (backward._pw_weight_grad_kernel, {}),
         (backward._dw_output_grad_kernel, {}),
         (backward._dw_input_grad_kernel, {}),
     ]
+
+
+def configs_for(kernel, dtype: str, arch: int) -> list:
+    """The autotune configs of `kernel`, as its own pruning leaves them for `dtype` on `arch`."""
+    from xception_fast.triton_kernels import autotune
+
+    configs = getattr(kernel, "configs", [None])
+    if getattr(kernel, "early_config_prune", None) is not None:
+        configs = autotune.prune_two_phase(configs, 4 if dtype == "fp32" else 2, arch)
+    return configs
 
 
 def compile_kernel(kernel, extra: dict, config, arch: int, dtype: str):
@@ -68,7 +79,7 @@ def main(argv: list[str]) -> int:
     every = len(argv) > 2 and argv[2] == "all"
     failed = 0
     for kernel, extra in kernels():
-        configs = getattr(kernel, "configs", [None])
+        configs = configs_for(kernel, dtype, arch)
         for config in configs if every else configs[:1]:
             start = time.time()
             compiled = compile_kernel(kernel, extra, config, arch, dtype)
@@ -78,6 +89,7 @@ def main(argv: list[str]) -> int:
             name = (kernel.fn if config is not None else kernel).__name__
             print(f"sm_{arch} {dtype} {name} {config.kwargs if config else ''} "
                   f"{'w%d s%d ' % (config.num_warps, config.num_stages) if config else ''}"
+                  f"{'maxnreg=%d ' % config.maxnreg if config and config.maxnreg else ''}"
                   f"{resource_usage(compiled)}shared={shared}{' TOO MUCH' if too_big else ''} "
                   f"({time.time() - start:.1f} s)", flush=True)
     return 1 if failed else 0

@@ -127,6 +127,18 @@ def find_loops(function: Function) -> list[Loop]:
         if loop.start not in merged or loop.end > merged[loop.start].end:
             merged[loop.start] = loop
     loops = sorted(merged.values(), key=lambda l: (l.start, -l.end))
+
+    # A back edge into the middle of a loop (Triton's pipelined K loops jump back from the wait after
+    # the last wgmma group) closes a range that crosses real loops instead of nesting: not a loop.
+    # Drop the range crossing the most others until none cross.
+    def crosses(a, b):
+        return a.start < b.start <= a.end < b.end or b.start < a.start <= b.end < a.end
+
+    while loops:
+        counts = [sum(crosses(a, b) for b in loops) for a in loops]
+        if max(counts) == 0:
+            break
+        loops.pop(counts.index(max(counts)))
     for i, loop in enumerate(loops):
         for j in range(i - 1, -1, -1):
             outer = loops[j]

@@ -15,11 +15,13 @@ import functools
 from typing import Mapping, Optional
 
 # Pointer arguments holding fp32 vectors or partial sums; every other pointer has the activation dtype.
-FP32_POINTERS = frozenset({"scale_ptr", "shift_ptr", "stats_ptr", "sums_ptr", "mean_ptr", "var_ptr", "invstd_ptr",
+FP32_POINTERS = frozenset({"dwt_ptr", "scale_ptr", "shift_ptr", "stats_ptr", "sums_ptr", "mean_ptr", "var_ptr", "invstd_ptr",
                            "w_ptr", "b_ptr", "mdy_ptr", "mdyx_ptr", "part_ptr"})
 # Constexpr flags used when a caller gives none: the most demanding variant (every optional input
 # present, 3x3, channels 8-aligned: the 728-channel case).
-DEFAULT_FLAGS = dict(KH=3, KW=3, KK_PAD=16, PRE_RELU=True, POST_RELU=True, HAS_RESIDUAL=True, GZ_FROM_BN=True,
+# ASM: the two-phase kernels' inline PTX, on for a GPU. W_TMA (the pointwise weight through a TMA
+# descriptor, `pw_op`) defaults to the architecture's: Hopper and later.
+DEFAULT_FLAGS = dict(KH=3, KW=3, KK_PAD=16, PRE_RELU=True, POST_RELU=True, HAS_RESIDUAL=True, ASM=True,
                      C_ALIGN=8, COUT_ALIGN=8)
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "bfloat16": "bf16", "float16": "fp16",
           "float32": "fp32"}
@@ -62,7 +64,8 @@ def compile_kernel(kernel, config=None, arch: int = 90, dtype: str = "bf16",
     """
     config_key = None
     if config is not None:
-        config_key = (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
+        config_key = (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages,
+                      getattr(config, "maxnreg", None))
     classes = {name: _specialization_class(int(v)) for name, v in (ints or {}).items()}
     return _compile(kernel, config_key, int(arch), DTYPES[dtype],
                     tuple(sorted((constexprs or {}).items())), tuple(sorted(classes.items())),
@@ -81,16 +84,26 @@ def _compile(kernel, config_key, arch, dtype, constexprs, ints, pointer_types):
     pointer_types = dict(pointer_types)
     options = {}
     if config_key is not None:
-        kwargs, num_warps, num_stages = config_key
+        kwargs, num_warps, num_stages, maxnreg = config_key
         given.update(dict(kwargs))
         options = dict(num_warps=num_warps, num_stages=num_stages)
+        if maxnreg is not None:
+            options["maxnreg"] = maxnreg
+    given.setdefault("W_TMA", arch >= 90)
+    if "BLOCK_CO" in jit.arg_names and "BLOCK_CO" not in given:  # the weight-gradient tile is the host's
+        import torch
+
+        from xception_fast.triton_kernels.autotune import pw_grad_tile
+        given["BLOCK_CO"], given["BLOCK_CI"] = pw_grad_tile(torch.float32 if dtype == "fp32" else torch.bfloat16, arch)
     signature, constants, attrs = {}, {}, {}
     for index, param in enumerate(jit.params):
         name = param.name
         if param.is_constexpr:
             signature[name] = "constexpr"
             constants[name] = given.get(name, DEFAULT_FLAGS.get(name))
-        elif name.endswith("_ptr"):
+        elif name == "pw_op" and given["W_TMA"]:  # the pointwise weight as a TMA descriptor of the config's tile
+            signature[name] = f"tensordesc<{dtype}[{given['BLOCK_N']},{given['BLOCK_K']}]>"
+        elif name.endswith("_ptr") or name == "pw_op":
             element = pointer_types.get(name, "fp32" if name in FP32_POINTERS else dtype)
             signature[name] = "*" + element
             attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned

@@ -28,11 +28,40 @@ POSITION_ALIGN = 128  # triton_kernels.autotune.POSITION_ALIGN on a GPU
 SUM_BLOCK_S, SUM_BLOCK_M = 32, 128  # triton_kernels.autotune.SUM_BLOCK_S/M on a GPU
 
 
+def balanced_split(positions: int, tiles: int, sms: int) -> tuple[int, int]:
+    """`triton_kernels.autotune.balanced_split` on a GPU."""
+    from xception_fast.triton_kernels.autotune import balanced_split as split
+    return split(positions, tiles, sms)
+
+
 def position_split(positions: int, other_programs: int, sms: int) -> tuple[int, int]:
     """`triton_kernels.autotune.position_split` on a GPU with `sms` SMs (4 programs per SM)."""
     want = max(1, 4 * sms // max(other_programs, 1))
     chunk = max(cdiv(cdiv(positions, want), POSITION_ALIGN) * POSITION_ALIGN, POSITION_ALIGN)
     return cdiv(positions, chunk), chunk
+
+
+def persistent_split(positions: int, sms: int, per_sm: int) -> tuple[int, int]:
+    """`triton_kernels.autotune.persistent_split` on a GPU: (programs, chunk) of the two-phase kernels."""
+    chunk = max(cdiv(cdiv(positions, sms * per_sm), POSITION_ALIGN) * POSITION_ALIGN, POSITION_ALIGN)
+    return cdiv(positions, chunk), chunk
+
+
+def _two_phase(unit: Unit, programs: int, chunk: int, m: dict, arch: int) -> tuple[list, float]:
+    """The two-phase kernels' loops (`triton_kernels/depthwise_pointwise.py`) and depthwise FMAs per CTA:
+    position tiles of the program; per tile, depthwise chunks of BLOCK_D, then Cout tiles, each with
+    a pipelined K loop; on Hopper (the weight through TMA) the out-of-line retry loop of the TMA
+    barrier wait, counted as never retrying."""
+    tiles = unit.split_trips(programs, chunk, m["BLOCK_P"])
+    k_steps = cdiv(unit.C, m["BLOCK_K"])
+    chunks = k_steps * m["BLOCK_K"] // m["BLOCK_D"]
+    loops = [LoopPlan("position tiles of the program", tiles),
+             LoopPlan("depthwise chunks (written to the slot)", chunks),
+             LoopPlan("output-channel tiles", cdiv(unit.Cout, m["BLOCK_N"])),
+             LoopPlan("K steps over the slot (tl.dot)", k_steps, pipelined=True)]
+    if arch >= 90:
+        loops.append(LoopPlan("TMA barrier wait retries (out of line)", 0))
+    return loops, _dw_ffma(unit, m["BLOCK_P"], m["BLOCK_D"], chunks * tiles)
 
 
 def _channel_align(channels: int) -> int:
@@ -70,6 +99,10 @@ def _flags(unit: Unit, **extra) -> dict:
                 C_ALIGN=_channel_align(unit.C), COUT_ALIGN=_channel_align(unit.Cout), **extra)
 
 
+def _two_phase_ints(unit: Unit, chunk: int, **extra) -> dict:
+    return _sizes(unit, chunk=chunk, K_SLOT=cdiv(unit.C, 64) * 64, **extra)
+
+
 def _sizes(unit: Unit, **extra) -> dict:
     return dict(P=unit.P, H=unit.H, W=unit.W, C=unit.C, Ho=unit.Ho, Wo=unit.Wo, Cout=unit.Cout,
                 **unit.conv_ints(), **extra)
@@ -82,14 +115,14 @@ def _dw_ffma(unit: Unit, block_p: int, block_ci: int, steps: float) -> float:
 def infer(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     from xception_fast.triton_kernels import depthwise_pointwise as dp
 
-    def plan(m):
-        k_steps = cdiv(unit.C, m["BLOCK_CI"])
-        grid = cdiv(unit.P, m["BLOCK_P"]) * cdiv(unit.Cout, m["BLOCK_CO"])
-        nbytes = unit.x_bytes() + unit.weight_bytes() + unit.y_bytes() * (2 if unit.shape.residual else 1)
-        return (grid, [LoopPlan("input-channel blocks (depthwise + tl.dot)", k_steps, pipelined=True)], nbytes,
-                _dw_ffma(unit, m["BLOCK_P"], m["BLOCK_CI"], k_steps))
+    programs, chunk = persistent_split(unit.P, sms, 2)  # as `sepconv_bn_infer` launches it
 
-    return [_launches(dp._sepconv_infer_kernel, unit, arch, _flags(unit), _sizes(unit), plan)]
+    def plan(m):
+        loops, ffma = _two_phase(unit, programs, chunk, m, arch)
+        nbytes = unit.x_bytes() + unit.weight_bytes() + unit.y_bytes() * (2 if unit.shape.residual else 1)
+        return programs, loops, nbytes, ffma
+
+    return [_launches(dp._sepconv_infer_kernel, unit, arch, _flags(unit), _two_phase_ints(unit, chunk), plan)]
 
 
 def _sum_rows(unit: Unit, arch: int, rows: int, cols: int, out_bytes: int) -> list[Launch]:
@@ -117,20 +150,15 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     kk = unit.K * unit.K
     kernels: list[list[Launch]] = []
 
-    # Forward: the main loop with the statistics epilogue, over fixed position splits.
-    splits, chunk = position_split(P, cdiv(Cout, 128), sms)
+    # Forward: the two-phase main loop with the statistics epilogue, one program per SM.
+    splits, chunk = persistent_split(P, sms, 1)
 
     def fwd(m):
-        trips = unit.split_trips(splits, chunk, m["BLOCK_P"])
-        k_steps = cdiv(C, m["BLOCK_CI"])
-        return (splits * cdiv(Cout, m["BLOCK_CO"]),
-                [LoopPlan("position tiles of the split", trips),
-                 LoopPlan("input-channel blocks (depthwise + tl.dot)", k_steps, pipelined=True)],
-                unit.x_bytes() + unit.weight_bytes() + unit.y_bytes() + 12 * splits * Cout,
-                _dw_ffma(unit, m["BLOCK_P"], m["BLOCK_CI"], k_steps * trips))
+        loops, ffma = _two_phase(unit, splits, chunk, m, arch)
+        return splits, loops, unit.x_bytes() + unit.weight_bytes() + unit.y_bytes() + 12 * splits * Cout, ffma
 
     kernels.append(_launches(dp._sepconv_train_kernel, unit, arch, _flags(unit),
-                             _sizes(unit, chunk=chunk, S=splits), fwd))
+                             _two_phase_ints(unit, chunk, S=splits), fwd))
     fixed = dict(BLOCK_S=SUM_BLOCK_S, BLOCK_C=SUM_BLOCK_M)
     kernels.append(_launches(bn._merge_stats_kernel, unit, arch, fixed, dict(S=splits, C=Cout, P=P, chunk=chunk),
                              lambda m: (cdiv(Cout, SUM_BLOCK_M),
@@ -152,18 +180,25 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
                    2 * unit.y_bytes() + 8 * splits * Cout, 0.0)))
     kernels.append(_sum_rows(unit, arch, splits, 2 * Cout, 4))
 
-    bwd_flags = _flags(unit, GZ_FROM_BN=True, KK_PAD=1 << (kk - 1).bit_length())
-    # grad of the pointwise weight: split-K over positions, d recomputed, g_z from grad_y and z.
-    splits, chunk = position_split(P, cdiv(Cout, 64) * cdiv(C, 64), sms)
+    # g_z stored once, in the input dtype.
+    kernels.append(_launches(
+        bn._bn_grad_z_kernel, unit, arch, dict(POST_RELU=unit.shape.post_relu, C_ALIGN=_channel_align(Cout)),
+        dict(P=P, C=Cout), lambda m: (cdiv(P, m["BLOCK_P"]) * cdiv(Cout, m["BLOCK_C"]), [], 3 * unit.y_bytes(), 0.0)))
+
+    bwd_flags = _flags(unit, KK_PAD=1 << (kk - 1).bit_length())
+    # grad of the pointwise weight: split-K over positions in whole waves, d recomputed per Cout tile.
+    block_co, block_ci = (256, 64) if arch >= 90 else (128, 32)  # autotune.pw_grad_tile, 16-bit
+    tiles = cdiv(Cout, block_co) * cdiv(C, block_ci)
+    splits, chunk = balanced_split(P, tiles, sms)
 
     def pw(m):
         trips = unit.split_trips(splits, chunk, m["BLOCK_P"])
-        return (splits * cdiv(Cout, m["BLOCK_CO"]) * cdiv(C, m["BLOCK_CI"]),
-                [LoopPlan("position tiles of the split (depthwise + tl.dot)", trips, pipelined=True)],
-                unit.x_bytes() + 2 * unit.y_bytes() + 4 * splits * Cout * C,
-                _dw_ffma(unit, m["BLOCK_P"], m["BLOCK_CI"], trips))
+        return (splits * tiles, [LoopPlan("position steps of the split (depthwise + tl.dot)", trips, pipelined=True)],
+                unit.x_bytes() + unit.y_bytes() + 4 * splits * Cout * C,
+                _dw_ffma(unit, m["BLOCK_P"], block_ci, trips))
 
-    kernels.append(_launches(bw._pw_weight_grad_kernel, unit, arch, bwd_flags, _sizes(unit, chunk=chunk), pw))
+    kernels.append(_launches(bw._pw_weight_grad_kernel, unit, arch, dict(bwd_flags, BLOCK_CO=block_co, BLOCK_CI=block_ci),
+                             _sizes(unit, chunk=chunk, K_SLOT=cdiv(C, block_ci) * block_ci), pw))
     kernels.append(_sum_rows(unit, arch, splits, Cout * C, e))
 
     # grad of the depthwise output (stored) and of the depthwise weight.
@@ -173,7 +208,7 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
         return (splits * cdiv(C, m["BLOCK_CI"]),
                 [LoopPlan("position tiles of the split", unit.split_trips(splits, chunk, m["BLOCK_P"])),
                  LoopPlan("output-channel blocks (tl.dot)", cdiv(Cout, m["BLOCK_CO"]), pipelined=True)],
-                2 * unit.y_bytes() + unit.x_bytes() + unit.d_bytes() + 4 * splits * C * kk, 0.0)
+                unit.y_bytes() + unit.x_bytes() + unit.d_bytes() + 4 * splits * C * kk, 0.0)
 
     kernels.append(_launches(bw._dw_output_grad_kernel, unit, arch, bwd_flags, _sizes(unit, chunk=chunk), dwo))
     kernels.append(_sum_rows(unit, arch, splits, C * kk, e))
