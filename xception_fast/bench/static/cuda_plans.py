@@ -5,7 +5,9 @@ partially; a plan gives the trip count of the loop as compiled and pins the unro
 with `expect` (instructions per iteration, inner loops excluded), so a compiler or source change
 that alters it fails loudly instead of skewing the estimate.
 
-Modelled: inference (`sepconv_infer_kernel`) in every dtype; training (forward: main loop with the
+Modelled: inference by `sepconv_infer_kernel` in every dtype, which is now only the int64 fallback:
+the provider first runs the tiled kernel of sepconv_infer.cu, which has no plan here yet (its static
+figures come from benchmarks/cuda_infer_static.py), so the CUDA inference rows are the fallback's; training (forward: main loop with the
 statistics epilogue, merge, normalisation; backward: the dy reduction, grad_d, grad_pw, grad_x,
 grad_dw and their column sums) in bf16/fp16. fp32 training has no plan (its FMA block products add
 loops): `train` returns None and the unit is reported as not modelled. Where nvcc versioned a loop
@@ -147,7 +149,7 @@ def infer(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     loops.append(LoopPlan("epilogue (x2 unrolled)", BM * BN // THREADS / 2, expect={"STG": 2}))
     grid = cdiv(unit.P, BM) * cdiv(unit.Cout, BN)
     nbytes = unit.x_bytes() + unit.weight_bytes() + unit.y_bytes() * (2 if unit.shape.residual else 1)
-    return [[Launch(kernel="sepconv_infer_kernel", config=f"{BM}x{BN}x{BK} t{THREADS}",
+    return [[Launch(kernel="sepconv_infer_kernel", config=f"{BM}x{BN}x{BK} t{THREADS} (int64 fallback)",
                     compile=_compiler("sepconv_forward.cu", "sepconv_infer_kernel", arch, unit.dtype),
                     grid=grid, loops=loops, dram_bytes=nbytes, threads=THREADS,
                     useful_ffma=BM * cdiv(unit.C, BK) * BK * unit.K * unit.K)]]
