@@ -27,6 +27,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from xception_fast.spec import MID_ACTIVATIONS, mid_name
+
 # What the fused providers compute in (the Triton provider checks against this too); `auto` gives
 # any other dtype (float64) to `reference`.
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,6 +50,9 @@ PROVIDER_FUNCTIONS = (
 # The features of a unit beyond depthwise -> pointwise -> BN (`UnitSpec.variants()`); a provider
 # lists those it computes, and `auto` passes over one that lacks a unit's.
 BASE_VARIANTS = frozenset({"pre_relu", "post_relu", "residual"})
+# A BatchNorm and/or an activation between dw and pw (`UnitSpec.mid`, the `xception_fast.mid_ops` ops).
+MID_VARIANTS = frozenset(f"mid_{mid_name(norm, act)}" for norm in (False, True) for act in (None, *MID_ACTIVATIONS)
+                         if norm or act)
 
 
 @dataclass(frozen=True)
@@ -132,8 +137,8 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("cuda", "xception_fast._extension", _cuda_availability),
     Provider("triton", "xception_fast.triton_kernels", _triton_availability,
              cpu_test_env={"TRITON_INTERPRET": "1"}),
-    Provider("reference", "xception_fast.reference", _reference_availability, dtypes=ALL_DTYPES, fused=False,
-             cpu_test_env={}),
+    Provider("reference", "xception_fast.reference", _reference_availability, dtypes=ALL_DTYPES,
+             variants=BASE_VARIANTS | MID_VARIANTS, fused=False, cpu_test_env={}),
 )}
 
 
@@ -204,7 +209,9 @@ def resolve(backend: str, device: torch.device | str, dtype: torch.dtype | None 
         raise RuntimeError(f"xception_fast backend {name!r} is not available for {device} tensors: {found.reason}")
     missing = variants - PROVIDERS[name].variants
     if missing:
-        raise NotImplementedError(f"xception_fast backend {name!r} does not compute {sorted(missing)}")
+        able = [p.name for p in PROVIDERS.values() if variants <= p.variants]
+        raise NotImplementedError(f"xception_fast backend {name!r} does not compute the unit variant(s) "
+                                  f"{sorted(missing)}; {able} do (backend='auto' picks one)")
     return name
 
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from xception_fast import ops
-from xception_fast.spec import UnitSpec
+from xception_fast import mid_ops, ops
+from xception_fast.spec import UnitSpec, mid_name
 
 _pair = torch.nn.modules.utils._pair
 
@@ -43,13 +43,20 @@ def separable_conv_bn(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, running_m
         if training and running_mean is not None and running_var is not None:
             _update_running_stats(running_mean, running_var, mean, var, z, momentum)
         return y
+    scale, shift = _fold_outer(running_mean, running_var, bn_weight, bn_bias, eps)
+    return ops.sepconv_bn_infer(x, dw_weight, pw_weight, scale, shift, residual, *args, backend)
+
+
+def _fold_outer(running_mean: Tensor, running_var: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                eps: float) -> tuple[Tensor, Tensor]:
+    """An eval-mode BatchNorm as a per-channel (scale, shift)."""
     scale = torch.rsqrt(running_var + eps)
     if bn_weight is not None:
         scale = scale * bn_weight
     shift = -running_mean * scale
     if bn_bias is not None:
         shift = shift + bn_bias
-    return ops.sepconv_bn_infer(x, dw_weight, pw_weight, scale, shift, residual, *args, backend)
+    return scale, shift
 
 
 def autocast_inputs(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, residual: Optional[Tensor]):
@@ -94,3 +101,72 @@ def separable_conv(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bias: Option
     spec = UnitSpec.of(dw_weight, _pair(stride), _pair(padding), _pair(dilation), pre_relu, post_relu,
                        residual is not None)
     return ops.sepconv_bn_infer(x, dw_weight, pw_weight, None, bias, residual, *spec.op_args(), backend)
+
+
+def fold_batchnorm(dw_weight: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor],
+                   bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    """(folded depthwise weight, per-channel bias): eval-mode BatchNorm(conv(x, dw_weight)) equals
+    conv(x, folded weight) + bias. Differentiable, so eval-mode gradients reach the BatchNorm's
+    affine parameters; computed in float32 (float64 for float64) and returned in dw_weight's dtype."""
+    acc = torch.promote_types(dw_weight.dtype, torch.float32)
+    gain = torch.rsqrt(running_var.to(acc) + eps)
+    if weight is not None:
+        gain = gain * weight.to(acc)
+    shift = -running_mean.to(acc) * gain
+    if bias is not None:
+        shift = shift + bias.to(acc)
+    return (dw_weight.to(acc) * gain.view(-1, 1, 1, 1)).to(dw_weight.dtype), shift.to(dw_weight.dtype)
+
+
+def separable_conv_mid_bn(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, running_mean: Optional[Tensor],
+                          running_var: Optional[Tensor], bn_weight: Optional[Tensor] = None,
+                          bn_bias: Optional[Tensor] = None, *, mid_norm: bool = True, mid_act: Optional[str] = None,
+                          mid_running_mean: Optional[Tensor] = None, mid_running_var: Optional[Tensor] = None,
+                          mid_weight: Optional[Tensor] = None, mid_bias: Optional[Tensor] = None,
+                          training: bool = False, momentum: float = 0.1, mid_momentum: Optional[float] = None,
+                          eps: float = 1e-5, mid_eps: Optional[float] = None, stride=1, padding=0, dilation=1,
+                          pre_relu: bool = False, post_relu: bool = False, residual: Optional[Tensor] = None,
+                          backend: str = "auto") -> Tensor:
+    """post(BN(pw(act(midBN(dw(pre(x))))))) + residual in one fused op (the `UnitSpec.mid` variant).
+
+    Both BatchNorms take `F.batch_norm`'s arguments (the mid ones prefixed ``mid_``, per input
+    channel; `mid_momentum` and `mid_eps` default to the outer ones); `mid_norm=False` leaves only
+    the activation `mid_act` (None, "relu", "relu6", "silu", "gelu", "hardswish") between dw and pw.
+    With batch statistics the running statistics given are updated as `F.batch_norm` updates them;
+    in inference the mid BatchNorm folds into the depthwise weight plus a bias (`fold_batchnorm`).
+    The two BatchNorms must agree on batch vs running statistics.
+    """
+    mid = mid_name(mid_norm, mid_act)
+    if mid is None:
+        return separable_conv_bn(x, dw_weight, pw_weight, running_mean, running_var, bn_weight, bn_bias,
+                                 training=training, momentum=momentum, eps=eps, stride=stride, padding=padding,
+                                 dilation=dilation, pre_relu=pre_relu, post_relu=post_relu, residual=residual,
+                                 backend=backend)
+    mid_momentum = momentum if mid_momentum is None else mid_momentum
+    mid_eps = eps if mid_eps is None else mid_eps
+    batch = training or running_mean is None or running_var is None
+    if mid_norm and batch != (training or mid_running_mean is None or mid_running_var is None):
+        raise NotImplementedError("the mid and the outer BatchNorm must both use batch statistics or both use "
+                                  "running statistics (one is in training mode and the other not?)")
+    if mid_norm and not batch:  # folded before autocast's cast, from the full-precision weight
+        dw_weight, dw_bias = fold_batchnorm(dw_weight, mid_running_mean, mid_running_var, mid_weight, mid_bias,
+                                            mid_eps)
+    x, dw_weight, pw_weight, residual, late_residual = autocast_inputs(x, dw_weight, pw_weight, residual)
+    spec = UnitSpec.of(dw_weight, _pair(stride), _pair(padding), _pair(dilation), pre_relu, post_relu,
+                       residual is not None, mid)
+    args = (*spec.op_args(), mid)
+    if batch:
+        if training and x.dim() == 4 and dw_weight.dim() == 4:
+            F._verify_batch_size(spec.output_shape(x, pw_weight.shape[0]))
+        y, z, m_mean, m_var, mean, var = mid_ops.sepconv_mid_train(
+            x, dw_weight, pw_weight, mid_weight if mid_norm else None, mid_bias if mid_norm else None, bn_weight,
+            bn_bias, residual, *args, mid_eps, eps, backend)
+        if training and running_mean is not None and running_var is not None:
+            _update_running_stats(running_mean, running_var, mean, var, z, momentum)
+        if training and mid_norm and mid_running_mean is not None and mid_running_var is not None:
+            _update_running_stats(mid_running_mean, mid_running_var, m_mean, m_var, z, mid_momentum)  # z: same count
+    else:
+        dw_bias = dw_bias.to(x.dtype) if mid_norm else None
+        scale, shift = _fold_outer(running_mean, running_var, bn_weight, bn_bias, eps)
+        y = mid_ops.sepconv_mid_infer(x, dw_weight, dw_bias, pw_weight, scale, shift, residual, *args, backend)
+    return y if late_residual is None else y + late_residual

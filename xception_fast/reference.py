@@ -93,13 +93,24 @@ def _backward_convs(grad_z: Tensor, x: Tensor, dw_weight: Tensor, pw_weight: Ten
                     spec: UnitSpec) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of x, the depthwise and the pointwise weights, recomputing the depthwise output."""
     xr, d = _depthwise(x, dw_weight, spec)
+    grad_d, grad_pw = _pw_backward(grad_z, d, pw_weight)
+    return (*_dw_backward(grad_d, xr, x, dw_weight, spec), grad_pw)
+
+
+def _pw_backward(grad_z: Tensor, d: Tensor, pw_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(grad of the pointwise conv's input d, grad of its weight)."""
     grad_d, grad_pw, _ = torch.ops.aten.convolution_backward(
         grad_z, d, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
+    return grad_d, to_contiguous(grad_pw)
+
+
+def _dw_backward(grad_d: Tensor, xr: Tensor, x: Tensor, dw_weight: Tensor, spec: UnitSpec) -> tuple[Tensor, Tensor]:
+    """(grad_x, grad_dw_weight) from the gradient of the depthwise output; xr = pre(x)."""
     grad_xr, grad_dw, _ = torch.ops.aten.convolution_backward(
         grad_d, xr, dw_weight, None, list(spec.stride), list(spec.padding), list(spec.dilation), False, [0, 0],
         x.shape[1], [True, True, False])
     grad_x = torch.where(x > 0, grad_xr, 0) if spec.pre_relu else grad_xr
-    return to_channels_last(grad_x), to_contiguous(grad_dw), to_contiguous(grad_pw)
+    return to_channels_last(grad_x), to_contiguous(grad_dw)
 
 
 def _relu_mask(grad_y: Tensor, pre_activation: Tensor, post_relu: bool) -> Tensor:
@@ -150,12 +161,7 @@ def sepconv_bn_train(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bn_weight:
     kept for backward; mean and the biased var are per output channel, float32 (float64 for float64)."""
     _, d = _depthwise(x, dw_weight, spec)
     z = to_channels_last(F.conv2d(d, pw_weight))
-    acc = accumulation_dtype(z.dtype)
-    if z.numel() == 0:
-        mean = torch.zeros(z.shape[1], dtype=acc, device=z.device)
-        var = torch.ones(z.shape[1], dtype=acc, device=z.device)
-    else:
-        var, mean = torch.var_mean(z.to(acc), dim=_CHANNEL_DIMS, correction=0)
+    mean, var = _batch_stats(z)
     invstd = torch.rsqrt(var + eps)
     return bn_act(z, mean, invstd, bn_weight, bn_bias, residual, spec.post_relu), z, mean, var
 
@@ -181,11 +187,140 @@ def sepconv_bn_train_backward(grad_y: Tensor, x: Tensor, z: Tensor, dw_weight: T
                               mean_dy: Tensor, mean_dy_xhat: Tensor, spec: UnitSpec) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_dw_weight, grad_pw_weight). mean_dy and mean_dy_xhat are the reductions of
     `bn_backward_reduce` divided by the number of values per channel (all ranks' under SyncBN)."""
+    grad_z = _bn_input_grad(grad_y, z, mean, invstd, bn_weight, bn_bias, mean_dy, mean_dy_xhat, spec.post_relu)
+    return _backward_convs(grad_z.to(x.dtype), x, dw_weight, pw_weight, spec)
+
+
+def _bn_input_grad(grad_y: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
+                   bn_bias: Optional[Tensor], mean_dy: Tensor, mean_dy_xhat: Tensor, post_relu: bool) -> Tensor:
+    """The gradient of a batch-statistics BatchNorm's input z (accumulation dtype), dy masked by the post-ReLU."""
     xhat, y = _normalize(z, mean, invstd, bn_weight, bn_bias)
-    g = _relu_mask(grad_y, y, spec.post_relu)
+    g = _relu_mask(grad_y, y, post_relu)
     acc = g.dtype
     gain = _per_channel(invstd, acc)
     if bn_weight is not None:
         gain = gain * _per_channel(bn_weight, acc)
-    grad_z = ((g - _per_channel(mean_dy, acc) - xhat * _per_channel(mean_dy_xhat, acc)) * gain).to(x.dtype)
-    return _backward_convs(grad_z, x, dw_weight, pw_weight, spec)
+    return (g - _per_channel(mean_dy, acc) - xhat * _per_channel(mean_dy_xhat, acc)) * gain
+
+
+# --- the mid variant: pre -> dw -> mid BN -> mid act -> pw -> BN -> post (aligned Xception, MobileNet V1) ---
+# In inference the mid BatchNorm arrives folded into the depthwise weight plus a per-channel bias
+# (`functional.fold_batchnorm`); in training its batch statistics are those of the depthwise output.
+# The mid tensors are stored in the input dtype, as the unfused modules store them.
+
+MID_FUNCTIONS = {None: lambda t: t, "relu": torch.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu,
+                 "hardswish": F.hardswish}
+
+
+# The activations' derivatives: the aten backward ops autograd itself runs for them (autograd is off
+# inside a custom op's implementation).
+_MID_BACKWARD = {
+    "relu": lambda g, u: torch.ops.aten.threshold_backward(g, u, 0),
+    "relu6": lambda g, u: torch.ops.aten.hardtanh_backward(g, u, 0.0, 6.0),
+    "silu": torch.ops.aten.silu_backward,
+    "gelu": torch.ops.aten.gelu_backward,
+    "hardswish": torch.ops.aten.hardswish_backward,
+}
+
+
+def _mid_act_backward(grad_a: Tensor, u: Tensor, act: Optional[str]) -> Tensor:
+    return grad_a if act is None else _MID_BACKWARD[act](grad_a, u)
+
+
+def _batch_stats(t: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, biased var) per channel in the accumulation dtype; (0, 1) for an empty batch."""
+    acc = accumulation_dtype(t.dtype)
+    if t.numel() == 0:
+        return (torch.zeros(t.shape[1], dtype=acc, device=t.device),
+                torch.ones(t.shape[1], dtype=acc, device=t.device))
+    var, mean = torch.var_mean(t.to(acc), dim=_CHANNEL_DIMS, correction=0)
+    return mean, var
+
+
+def _mid_infer_forward(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor], pw_weight: Tensor,
+                       spec: UnitSpec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(pre(x), u = dw(pre(x)) + dw_bias, a = act(u), z = pw(a))."""
+    xr = torch.relu(x) if spec.pre_relu else x
+    u = F.conv2d(xr, dw_weight, dw_bias, spec.stride, spec.padding, spec.dilation, groups=x.shape[1])
+    a = MID_FUNCTIONS[spec.mid_act](u)
+    return xr, u, a, F.conv2d(a, pw_weight)
+
+
+def _mid_train_forward(x: Tensor, dw_weight: Tensor, mid_mean: Tensor, mid_invstd: Tensor,
+                       mid_weight: Optional[Tensor], mid_bias: Optional[Tensor],
+                       spec: UnitSpec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(pre(x), d = dw(pre(x)), u = midBN(d), a = act(u)) with the given batch statistics."""
+    xr, d = _depthwise(x, dw_weight, spec)
+    u = _normalize(d, mid_mean, mid_invstd, mid_weight, mid_bias)[1].to(x.dtype) if spec.mid_norm else d
+    return xr, d, u, MID_FUNCTIONS[spec.mid_act](u)
+
+
+def sepconv_mid_infer(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor], pw_weight: Tensor,
+                      scale: Optional[Tensor], shift: Optional[Tensor], residual: Optional[Tensor],
+                      spec: UnitSpec) -> Tensor:
+    """y = post(pw(act(dw(pre(x)) + dw_bias)) * scale + shift) + residual: both BatchNorms folded."""
+    z = _mid_infer_forward(x, dw_weight, dw_bias, pw_weight, spec)[3]
+    return _finish(_affine(z, scale, shift), x.dtype, residual, spec.post_relu)
+
+
+def sepconv_mid_infer_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor],
+                               pw_weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                               spec: UnitSpec) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_dw_weight, grad_dw_bias, grad_pw_weight, grad_scale, grad_shift); absent optional
+    inputs give empty gradients. The forward is recomputed from x."""
+    xr, u, a, z = _mid_infer_forward(x, dw_weight, dw_bias, pw_weight, spec)
+    g = _relu_mask(grad_y, _affine(z, scale, shift), spec.post_relu)
+    acc = g.dtype
+    grad_scale = (g * z.to(acc)).sum(_CHANNEL_DIMS).to(scale.dtype) if scale is not None else _empty_vector(x)
+    grad_shift = g.sum(_CHANNEL_DIMS).to(shift.dtype) if shift is not None else _empty_vector(x)
+    grad_z = (g * _per_channel(scale, acc) if scale is not None else g).to(x.dtype)
+    grad_a, grad_pw = _pw_backward(grad_z, a, pw_weight)
+    grad_u = _mid_act_backward(grad_a, u, spec.mid_act)
+    grad_dw_bias = grad_u.sum(_CHANNEL_DIMS).to(dw_bias.dtype) if dw_bias is not None else _empty_vector(x)
+    grad_x, grad_dw = _dw_backward(grad_u, xr, x, dw_weight, spec)
+    return grad_x, grad_dw, grad_dw_bias, grad_pw, grad_scale, grad_shift
+
+
+def sepconv_mid_train(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, mid_weight: Optional[Tensor],
+                      mid_bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                      residual: Optional[Tensor], spec: UnitSpec, mid_eps: float,
+                      eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, z, mid_mean, mid_var, mean, var): both BatchNorms with batch statistics. The mid statistics
+    (of the depthwise output, per input channel; empty without a mid BatchNorm) come first, as a
+    fused kernel's statistics pass computes them before its main loop; z is the pre-BN output."""
+    xr, d = _depthwise(x, dw_weight, spec)
+    mid_mean, mid_var = _batch_stats(d) if spec.mid_norm else (_empty_vector(d), _empty_vector(d))
+    mid_invstd = torch.rsqrt(mid_var + mid_eps)
+    a = _mid_train_forward(x, dw_weight, mid_mean, mid_invstd, mid_weight, mid_bias, spec)[3]
+    z = to_channels_last(F.conv2d(a, pw_weight))
+    mean, var = _batch_stats(z)
+    y = bn_act(z, mean, torch.rsqrt(var + eps), bn_weight, bn_bias, residual, spec.post_relu)
+    return y, z, mid_mean, mid_var, mean, var
+
+
+def sepconv_mid_train_backward(grad_y: Tensor, x: Tensor, z: Tensor, dw_weight: Tensor, pw_weight: Tensor,
+                               mid_mean: Tensor, mid_invstd: Tensor, mid_weight: Optional[Tensor],
+                               mid_bias: Optional[Tensor], mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
+                               bn_bias: Optional[Tensor], mean_dy: Tensor, mean_dy_xhat: Tensor,
+                               spec: UnitSpec) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_dw_weight, grad_pw_weight, grad_mid_weight, grad_mid_bias); the mid gradients are
+    empty without a mid BatchNorm (or its affine parameters). The depthwise output is recomputed from
+    x; mean_dy and mean_dy_xhat are the outer BatchNorm's reductions (`bn_backward_reduce` / count)."""
+    grad_z = _bn_input_grad(grad_y, z, mean, invstd, bn_weight, bn_bias, mean_dy, mean_dy_xhat, spec.post_relu)
+    xr, d, u, a = _mid_train_forward(x, dw_weight, mid_mean, mid_invstd, mid_weight, mid_bias, spec)
+    grad_a, grad_pw = _pw_backward(grad_z.to(x.dtype), a, pw_weight)
+    grad_u = _mid_act_backward(grad_a, u, spec.mid_act)
+    grad_mid_weight, grad_mid_bias = _empty_vector(x), _empty_vector(x)
+    if spec.mid_norm:
+        acc = accumulation_dtype(x.dtype)
+        g, dhat = grad_u.to(acc), _normalize(d, mid_mean, mid_invstd, None, None)[0]
+        sum_g, sum_g_dhat = g.sum(_CHANNEL_DIMS), (g * dhat).sum(_CHANNEL_DIMS)
+        count = max(d.numel() // max(d.shape[1], 1), 1)
+        gain = _per_channel(mid_invstd, acc) * (_per_channel(mid_weight, acc) if mid_weight is not None else 1)
+        grad_u = ((g - _per_channel(sum_g / count, acc) - dhat * _per_channel(sum_g_dhat / count, acc)) * gain)
+        if mid_weight is not None:
+            grad_mid_weight = sum_g_dhat.to(mid_weight.dtype)
+        if mid_bias is not None:
+            grad_mid_bias = sum_g.to(mid_bias.dtype)
+    grad_x, grad_dw = _dw_backward(grad_u.to(x.dtype), xr, x, dw_weight, spec)
+    return grad_x, grad_dw, grad_pw, grad_mid_weight, grad_mid_bias

@@ -18,6 +18,17 @@ def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+# The activations a unit may apply between dw and pw (and their `torch.nn.functional` names).
+MID_ACTIVATIONS = ("relu", "relu6", "silu", "gelu", "hardswish")
+
+
+def mid_name(norm: bool, act: Optional[str]) -> Optional[str]:
+    """`UnitSpec.mid` for a BatchNorm (or not) and an activation (or None) between dw and pw."""
+    if act is not None and act not in MID_ACTIVATIONS:
+        raise ValueError(f"mid_act must be None or one of {MID_ACTIVATIONS}, got {act!r}")
+    return "_".join(["bn"] * norm + [act] * (act is not None)) or None
+
+
 @dataclass(frozen=True)
 class UnitSpec:
     kernel_size: tuple[int, int]
@@ -27,17 +38,27 @@ class UnitSpec:
     pre_relu: bool = False
     post_relu: bool = False
     residual: bool = False
-    # Between dw and pw: None (Xception), or a named BatchNorm/activation variant (aligned Xception,
-    # MobileNet V1). No provider computes one yet; `variants()` names it so `auto` can route it.
+    # Between dw and pw: None (Xception), or "bn", "bn_<act>" or "<act>" (`mid_name`): a BatchNorm
+    # over the depthwise output and/or an activation (aligned Xception, MobileNet V1).
     mid: Optional[str] = None
 
     @classmethod
     def of(cls, dw_weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-           pre_relu: bool, post_relu: bool, residual: bool = False) -> "UnitSpec":
+           pre_relu: bool, post_relu: bool, residual: bool = False, mid: Optional[str] = None) -> "UnitSpec":
         """The spec of a unit with this depthwise weight [C, 1, kh, kw] and these op arguments."""
         kh, kw = (tuple(dw_weight.shape[2:]) + (1, 1))[:2]  # of any rank: the ops' checks reject a wrong one
         return cls((int(kh), int(kw)), tuple(stride), tuple(padding), tuple(dilation), bool(pre_relu),
-                   bool(post_relu), bool(residual))
+                   bool(post_relu), bool(residual), mid)
+
+    @property
+    def mid_norm(self) -> bool:
+        return self.mid is not None and self.mid.split("_")[0] == "bn"
+
+    @property
+    def mid_act(self) -> Optional[str]:
+        """The activation between dw and pw (one of MID_ACTIVATIONS), or None."""
+        act = self.mid[3:] if self.mid_norm else self.mid
+        return act or None
 
     def output_hw(self, h: int, w: int) -> tuple[int, int]:
         return tuple(output_size(size, *args) for size, *args in
