@@ -61,14 +61,17 @@ def our_key_to_timm(key: str) -> str:
 
 def load_timm_weights(model: nn.Module, source: Union[Mapping[str, torch.Tensor], nn.Module],
                       strict: bool = True):
-    """Load a timm `legacy_xception` state dict (or the timm model itself) into our `Xception`.
+    """Load a timm `legacy_xception` state dict (or the timm model itself) into our `Xception`, or a
+    timm `xception41/65/71` one into our `XceptionAligned`.
 
     Returns what `load_state_dict` returns (missing and unexpected keys, when `strict=False`).
     """
     state = source.state_dict() if isinstance(source, nn.Module) else source
-    return model.load_state_dict({timm_key_to_ours(k): v for k, v in state.items()}, strict=strict)
+    to_ours = getattr(model, "timm_key_to_ours", timm_key_to_ours)  # a model with its own timm layout says so
+    return model.load_state_dict({to_ours(k): v for k, v in state.items()}, strict=strict)
 
 
 def to_timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Our `Xception`'s state dict under timm `legacy_xception`'s names."""
-    return {our_key_to_timm(k): v for k, v in model.state_dict().items()}
+    """Our `Xception`'s state dict under timm `legacy_xception`'s names (or a model's own timm names)."""
+    to_timm = getattr(model, "our_key_to_timm", our_key_to_timm)
+    return {to_timm(k): v for k, v in model.state_dict().items()}
