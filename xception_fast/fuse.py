@@ -6,8 +6,12 @@ A chain is fused only where the order in which its layers run is certain:
   `nn.Conv2d` and a 1x1 `nn.Conv2d` or a timm `legacy_xception` `SeparableConv2d` (`conv1`,
   `pointwise`), then a BatchNorm; the fused module takes the first position and the others become
   `nn.Identity`, so the indices (and state-dict keys) of later children do not move;
-- timm's `SeparableConvNormAct` (`conv_dw`, `conv_pw`, `bn` = BatchNorm + ReLU/identity), replaced
-  whole.
+- the same with a BatchNorm and/or an activation between the depthwise and the 1x1 conv (MobileNet
+  V1's `dw -> BN -> act -> pw -> BN (-> ReLU)`, the `mid` variant; a ReLU right after the last
+  BatchNorm joins the unit);
+- timm's `SeparableConvNormAct` (`conv_dw`, `conv_pw`, `bn` = BatchNorm + ReLU/identity) and timm's
+  aligned-Xception `SeparableConv2d` (`conv_dw, bn_dw, act_dw, conv_pw, bn_pw, act_pw`), replaced
+  whole (the ReLU before the latter stays a module of its own: timm's feature taps read it).
 Layers wired together in a parent's own `forward` (timm's exit-flow `conv3`/`bn3`) cannot be matched
 safely without tracing the forward; they are left alone and reported. State-dict keys of fused
 chains change (they become `<name>.depthwise/pointwise/bn`): fuse after loading weights.
@@ -21,6 +25,7 @@ from typing import Optional
 from torch import nn
 
 from xception_fast.nn import SeparableConvBN2d
+from xception_fast.spec import MID_ACTIVATIONS
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
@@ -71,8 +76,43 @@ def _bn_post_relu(bn: nn.Module) -> Optional[bool]:
     return None
 
 
+# Activation modules the mid variant computes, by name (`spec.MID_ACTIVATIONS`); Identity is none.
+_ACTIVATION_TYPES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.GELU: "gelu", nn.Hardswish: "hardswish"}
+assert set(_ACTIVATION_TYPES.values()) == set(MID_ACTIVATIONS)
+_NOT_AN_ACTIVATION = "?"
+
+
+def _activation(m: nn.Module) -> Optional[str]:
+    """The mid activation `m` computes: a name, None for nn.Identity, `_NOT_AN_ACTIVATION` otherwise."""
+    if type(m) is nn.Identity:
+        return None
+    if type(m) is nn.GELU and m.approximate != "none":
+        return _NOT_AN_ACTIVATION
+    return _ACTIVATION_TYPES.get(type(m), _NOT_AN_ACTIVATION)
+
+
+def _plain_bn(m: nn.Module, channels: int) -> bool:
+    return type(m) is nn.BatchNorm2d and m.num_features == channels
+
+
+def _mid_chain(children: list[nn.Module], i: int, depthwise: nn.Conv2d):
+    """After a depthwise conv at children[i - 1]: (index of the 1x1 conv, bn_dw, mid_act), or None."""
+    bn_dw = None
+    if i < len(children) and _plain_bn(children[i], depthwise.out_channels):
+        bn_dw, i = children[i], i + 1
+    act = _activation(children[i]) if i < len(children) else None
+    if act not in (None, _NOT_AN_ACTIVATION):
+        i += 1
+    else:
+        act = None
+    if (bn_dw is None and act is None) or i >= len(children) or not _is_pointwise(children[i], depthwise.out_channels):
+        return None
+    return i, bn_dw, act
+
+
 def _try_chain(children: list[nn.Module], start: int):
-    """A fusable chain starting at `start`: (length, depthwise, pointwise, bn, pre_relu, post_relu)."""
+    """A fusable chain starting at `start`:
+    (length, depthwise, pointwise, bn, pre_relu, post_relu, bn_dw, mid_act)."""
     i, pre_relu = start, False
     if type(children[i]) is nn.ReLU and i + 1 < len(children):
         # An in-place ReLU first in a Sequential would also modify the caller's tensor; fusing it
@@ -80,11 +120,15 @@ def _try_chain(children: list[nn.Module], start: int):
         if not (children[i].inplace and i == 0):
             pre_relu, i = True, i + 1
     pair = _separable_pair(children[i])
+    bn_dw = mid_act = None
     if pair is not None:
         depthwise, pointwise, i = pair[0], pair[1], i + 1
     elif _is_depthwise(children[i]) and i + 1 < len(children) and _is_pointwise(children[i + 1],
                                                                                   children[i].out_channels):
         depthwise, pointwise, i = children[i], children[i + 1], i + 2
+    elif _is_depthwise(children[i]) and (mid := _mid_chain(children, i + 1, children[i])) is not None:
+        (j, bn_dw, mid_act), depthwise = mid, children[i]
+        pointwise, i = children[j], j + 1
     else:
         return None
     if not _is_depthwise(depthwise) or not _is_pointwise(pointwise, depthwise.out_channels) or i >= len(children):
@@ -93,7 +137,10 @@ def _try_chain(children: list[nn.Module], start: int):
     post_relu = _bn_post_relu(bn) if isinstance(bn, _BatchNorm) else None
     if post_relu is None or bn.num_features != pointwise.out_channels:
         return None
-    return i + 1 - start, depthwise, pointwise, bn, pre_relu, post_relu
+    mid = bn_dw is not None or mid_act is not None
+    if mid and not post_relu and i + 1 < len(children) and type(children[i + 1]) is nn.ReLU:
+        post_relu, i = True, i + 1  # MobileNet V1's trailing ReLU
+    return i + 1 - start, depthwise, pointwise, bn, pre_relu, post_relu, bn_dw, mid_act
 
 
 def _fuse_sequential(seq: nn.Sequential, prefix: str, backend: str, report: FuseReport, done: set) -> None:
@@ -105,9 +152,9 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, backend: str, report: Fuse
         if chain is None:
             i += 1
             continue
-        length, depthwise, pointwise, bn, pre_relu, post_relu = chain
+        length, depthwise, pointwise, bn, pre_relu, post_relu, bn_dw, mid_act = chain
         seq._modules[names[i]] = SeparableConvBN2d.from_modules(depthwise, pointwise, bn, pre_relu, post_relu,
-                                                                backend)
+                                                                backend, bn_dw=bn_dw, mid_act=mid_act)
         for j in range(i + 1, i + length):
             seq._modules[names[j]] = nn.Identity()
         done.add(id(depthwise))
@@ -131,7 +178,32 @@ def _walk(module: nn.Module, prefix: str, backend: str, report: FuseReport, done
                 done.add(id(child.conv_dw))
                 report.fused.append(f"{prefix}{name}")
                 continue
+        if _timm_class(child, "SeparableConv2d") and hasattr(child, "bn_dw"):
+            fused = _fuse_aligned(child, backend)
+            if isinstance(fused, str):
+                report.skipped.append((f"{prefix}{name}.conv_dw", fused))
+                done.add(id(child.conv_dw))
+            else:
+                setattr(module, name, fused)
+                done.add(id(child.conv_dw))
+                report.fused.append(f"{prefix}{name}")
+            continue
         _walk(child, f"{prefix}{name}.", backend, report, done)
+
+
+def _fuse_aligned(m: nn.Module, backend: str):
+    """timm's aligned-Xception SeparableConv2d as one fused unit, or why not."""
+    dw, pw = m.conv_dw, m.conv_pw
+    if type(dw) is not nn.Conv2d or not _is_depthwise(dw) or type(pw) is not nn.Conv2d or \
+            not _is_pointwise(pw, dw.out_channels):
+        return "conv_dw/conv_pw are not a plain depthwise conv and 1x1 conv (e.g. dynamic 'same' padding)"
+    if not _plain_bn(m.bn_dw, dw.out_channels) or not _plain_bn(m.bn_pw, pw.out_channels):
+        return "bn_dw/bn_pw are not nn.BatchNorm2d"
+    mid_act, post = _activation(m.act_dw), _activation(m.act_pw)
+    if mid_act == _NOT_AN_ACTIVATION or post not in (None, "relu"):
+        return f"activations {type(m.act_dw).__name__}/{type(m.act_pw).__name__} are not fused"
+    return SeparableConvBN2d.from_modules(dw, pw, m.bn_pw, False, post == "relu", backend, bn_dw=m.bn_dw,
+                                          mid_act=mid_act)
 
 
 def fuse_model(model: nn.Module, backend: str = "auto") -> tuple[nn.Module, FuseReport]:
