@@ -7,6 +7,7 @@ from xception_fast.functional import separable_conv, separable_conv_bn
 from xception_fast.fuse import FuseReport, fuse_model
 from xception_fast.keras_weights import load_keras_weights, save_keras_weights, to_keras_weights
 from xception_fast.models.xception import Xception, xception
+from xception_fast.models.xception_aligned import XceptionAligned, xception41, xception65, xception71
 from xception_fast.nn import SeparableConv2d, SeparableConvBN2d
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ __all__ = [
     "SeparableConvBN2d",
     "FuseReport",
     "Xception",
+    "XceptionAligned",
     "available_backends",
     "backend_report",
     "fuse_model",
@@ -29,4 +31,7 @@ __all__ = [
     "to_timm_state_dict",
     "use_backend",
     "xception",
+    "xception41",
+    "xception65",
+    "xception71",
 ]
