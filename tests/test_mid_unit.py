@@ -158,6 +158,21 @@ def test_registry_routes_the_variant():
             backends.PROVIDERS[name] = original
 
 
+def test_providers_of_the_variant_expose_its_functions():
+    for name, entry in backends.PROVIDERS.items():
+        if entry.variants & backends.MID_VARIANTS:
+            module = entry.load()
+            assert all(callable(getattr(module, f, None)) for f in backends.MID_PROVIDER_FUNCTIONS), name
+
+
+def test_empty_batch_and_float32():
+    module = make(stride=2, mid_act="gelu")
+    for train in (True, False):
+        compare(module.train(train), torch.randn(0, 5, 9, 9, dtype=torch.float64), steps=1, atol=0, rtol=0)
+    # float32: the same formulas, compared with the plain modules in float32.
+    compare(make(mid_act="silu", post=True).float().train(), torch.randn(4, 5, 12, 12), atol=2e-5, rtol=2e-5)
+
+
 def test_explicit_fused_provider_is_a_clear_error(monkeypatch):
     module = make()
     monkeypatch.setattr(module, "backend", "triton")

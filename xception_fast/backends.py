@@ -50,7 +50,14 @@ PROVIDER_FUNCTIONS = (
 # The features of a unit beyond depthwise -> pointwise -> BN (`UnitSpec.variants()`); a provider
 # lists those it computes, and `auto` passes over one that lacks a unit's.
 BASE_VARIANTS = frozenset({"pre_relu", "post_relu", "residual"})
-# A BatchNorm and/or an activation between dw and pw (`UnitSpec.mid`, the `xception_fast.mid_ops` ops).
+# A BatchNorm and/or an activation between dw and pw (`UnitSpec.mid`, the `xception_fast.mid_ops` ops);
+# a provider listing any of them also exposes these, with the signatures of `xception_fast.reference`.
+MID_PROVIDER_FUNCTIONS = (
+    "sepconv_mid_infer",
+    "sepconv_mid_infer_backward",
+    "sepconv_mid_train",
+    "sepconv_mid_train_backward",
+)
 MID_VARIANTS = frozenset(f"mid_{mid_name(norm, act)}" for norm in (False, True) for act in (None, *MID_ACTIVATIONS)
                          if norm or act)
 
