@@ -218,3 +218,21 @@ def test_op_input_checks():
         mid_ops.sepconv_mid_train(x, dw, pw, w, mb, w, b, None, *CONV, True, False, "bn", 1e-3, 1e-5, "reference")
     with pytest.raises(ValueError, match="mid must name the variant"):
         mid_ops.sepconv_mid_infer(x, dw, None, pw, w, b, None, *CONV, True, False, "", "reference")
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_compile_fullgraph_matches_eager(train):
+    """The ops' fake kernels and autograd trace without graph breaks (aot_eager: the trace, not inductor's
+    code generation, is what is under test)."""
+    eager = make(mid_act="relu6").float().train(train)
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 5, 9, 9)
+    results = []
+    for module, fn in ((eager, eager), (compiled_module, compiled)):
+        a = x.clone().requires_grad_(True)
+        y = fn(a)
+        y.sum().backward()
+        results.append([y, a.grad] + [p.grad for p in module.parameters()] + list(module.buffers()))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
