@@ -246,13 +246,11 @@ def _mid_infer_forward(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor], 
     return xr, u, a, F.conv2d(a, pw_weight)
 
 
-def _mid_train_forward(x: Tensor, dw_weight: Tensor, mid_mean: Tensor, mid_invstd: Tensor,
-                       mid_weight: Optional[Tensor], mid_bias: Optional[Tensor],
-                       spec: UnitSpec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(pre(x), d = dw(pre(x)), u = midBN(d), a = act(u)) with the given batch statistics."""
-    xr, d = _depthwise(x, dw_weight, spec)
-    u = _normalize(d, mid_mean, mid_invstd, mid_weight, mid_bias)[1].to(x.dtype) if spec.mid_norm else d
-    return xr, d, u, MID_FUNCTIONS[spec.mid_act](u)
+def _mid_bn_act(d: Tensor, mid_mean: Tensor, mid_invstd: Tensor, mid_weight: Optional[Tensor],
+                mid_bias: Optional[Tensor], spec: UnitSpec) -> tuple[Tensor, Tensor]:
+    """(u = midBN(d), a = act(u)) for the depthwise output d, with the given batch statistics."""
+    u = _normalize(d, mid_mean, mid_invstd, mid_weight, mid_bias)[1].to(d.dtype) if spec.mid_norm else d
+    return u, MID_FUNCTIONS[spec.mid_act](u)
 
 
 def sepconv_mid_infer(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor], pw_weight: Tensor,
@@ -288,10 +286,9 @@ def sepconv_mid_train(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, mid_weigh
     """(y, z, mid_mean, mid_var, mean, var): both BatchNorms with batch statistics. The mid statistics
     (of the depthwise output, per input channel; empty without a mid BatchNorm) come first, as a
     fused kernel's statistics pass computes them before its main loop; z is the pre-BN output."""
-    xr, d = _depthwise(x, dw_weight, spec)
+    _, d = _depthwise(x, dw_weight, spec)
     mid_mean, mid_var = _batch_stats(d) if spec.mid_norm else (_empty_vector(d), _empty_vector(d))
-    mid_invstd = torch.rsqrt(mid_var + mid_eps)
-    a = _mid_train_forward(x, dw_weight, mid_mean, mid_invstd, mid_weight, mid_bias, spec)[3]
+    a = _mid_bn_act(d, mid_mean, torch.rsqrt(mid_var + mid_eps), mid_weight, mid_bias, spec)[1]
     z = to_channels_last(F.conv2d(a, pw_weight))
     mean, var = _batch_stats(z)
     y = bn_act(z, mean, torch.rsqrt(var + eps), bn_weight, bn_bias, residual, spec.post_relu)
@@ -307,7 +304,8 @@ def sepconv_mid_train_backward(grad_y: Tensor, x: Tensor, z: Tensor, dw_weight: 
     empty without a mid BatchNorm (or its affine parameters). The depthwise output is recomputed from
     x; mean_dy and mean_dy_xhat are the outer BatchNorm's reductions (`bn_backward_reduce` / count)."""
     grad_z = _bn_input_grad(grad_y, z, mean, invstd, bn_weight, bn_bias, mean_dy, mean_dy_xhat, spec.post_relu)
-    xr, d, u, a = _mid_train_forward(x, dw_weight, mid_mean, mid_invstd, mid_weight, mid_bias, spec)
+    xr, d = _depthwise(x, dw_weight, spec)
+    u, a = _mid_bn_act(d, mid_mean, mid_invstd, mid_weight, mid_bias, spec)
     grad_a, grad_pw = _pw_backward(grad_z.to(x.dtype), a, pw_weight)
     grad_u = _mid_act_backward(grad_a, u, spec.mid_act)
     grad_mid_weight, grad_mid_bias = _empty_vector(x), _empty_vector(x)
