@@ -14,8 +14,9 @@ depthwise/pointwise/bn): `load_timm_weights` and `to_timm_state_dict` convert.
 ``output_stride`` 8 or 16 replaces the last strides by dilation exactly as timm does (DeepLab's
 atrous backbone). Features follow timm's conventions: taps inside each strided block (the input of
 its last, strided unit, after that unit's ReLU) and the final block's output; `feature_info` lists
-them as dicts (num_chs, reduction, module), `forward_intermediates` returns them, and
-``features_only=True`` makes `forward` return the ones at ``out_indices``.
+them as dicts (num_chs, reduction, module; a `features.FeatureInfo` with ``features_only``),
+`forward_intermediates` returns them, and ``features_only=True`` makes `forward` return the ones at
+``out_indices`` (without the classifier).
 
 The pre-activation variants (timm's `xception41p`/`65p`) put the BatchNorm before the depthwise conv
 (`BN -> ReLU -> dw -> pw`), a different unit; they are not built here.
@@ -25,11 +26,12 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
+from xception_fast.models.features import FeatureInfo, Indices, feature_take_indices
 from xception_fast.nn import SeparableConvBN2d
 
 BN_EPS, BN_MOMENTUM = 1e-3, 0.1
@@ -106,50 +108,12 @@ class AlignedBlock(nn.Module):
         return self.forward_with_tap(x)[0]
 
 
-class FeatureInfo(list):
-    """timm's feature_info: a list of dicts (num_chs, reduction, module), with the accessors of
-    timm's FeatureInfo for the taps at `out_indices`."""
-
-    def __init__(self, entries: Sequence[dict], out_indices: Sequence[int]):
-        super().__init__(entries)
-        self.out_indices = tuple(out_indices)
-
-    def get(self, key: str, idx: Optional[Union[int, Sequence[int]]] = None):
-        if idx is None:
-            return [self[i][key] for i in self.out_indices]
-        return [self[i][key] for i in idx] if isinstance(idx, Sequence) else self[idx][key]
-
-    def channels(self, idx=None):
-        return self.get("num_chs", idx)
-
-    def reduction(self, idx=None):
-        return self.get("reduction", idx)
-
-    def module_name(self, idx=None):
-        return self.get("module", idx)
-
-
-def take_indices(count: int, indices: Optional[Union[int, Sequence[int]]]) -> list[int]:
-    """timm's `feature_take_indices`: all taps for None, the last n for an int, else those listed
-    (negative ones from the end)."""
-    if indices is None:
-        return list(range(count))
-    if isinstance(indices, int):
-        if not 0 < indices <= count:
-            raise ValueError(f"the last {indices} of {count} features were asked for")
-        return list(range(count - indices, count))
-    taken = [i + count if i < 0 else i for i in indices]
-    if any(not 0 <= i < count for i in taken):
-        raise ValueError(f"feature indices {list(indices)} out of range for {count} features")
-    return taken
-
-
 class XceptionAligned(nn.Module):
     """Aligned Xception; see `xception41`/`xception65`/`xception71` for the arguments."""
 
     def __init__(self, block_cfg: Sequence[dict], num_classes: int = 1000, in_chans: int = 3,
                  output_stride: int = 32, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 features_only: bool = False, out_indices: Optional[Sequence[int]] = None, backend: str = "auto"):
+                 features_only: bool = False, out_indices: Indices = None, backend: str = "auto"):
         super().__init__()
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
@@ -183,7 +147,8 @@ class XceptionAligned(nn.Module):
         self.feature_ends.append(len(blocks) - 1)
 
         self.features_only = features_only
-        self.feature_info = FeatureInfo(entries, take_indices(len(entries), out_indices))
+        self.feature_info = FeatureInfo(entries, feature_take_indices(len(entries), out_indices)[0]) \
+            if features_only else entries
         self.head = None if features_only else nn.Module()
         if self.head is not None:  # timm's ClassifierHead: average pool, dropout, fc
             self.head.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -201,11 +166,14 @@ class XceptionAligned(nn.Module):
         return re.sub(r"(\.stack\.conv\d)\.(depthwise|pointwise|bn)\.", lambda m: f"{m[1]}.{cls._OURS[m[2]]}.", key)
 
     # --- forward ----------------------------------------------------------------------------------
-    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
-                              stop_early: bool = False, intermediates_only: bool = False):
-        """As timm's: (final features, [taps]) or only the taps (NCHW, channels_last memory)."""
-        taken = take_indices(len(self.feature_ends), indices)
-        last_block = self.feature_ends[max(taken)] if stop_early or intermediates_only else len(self.blocks) - 1
+    def forward_intermediates(self, x: Tensor, indices: Indices = None, stop_early: bool = False,
+                              intermediates_only: bool = False, output_fmt: str = "NCHW", norm: bool = False):
+        """As timm's: (final features, [taps]), or only the taps; `stop_early` stops after the block of
+        the deepest tap asked for. `norm` has nothing to apply (no final norm), as in timm."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        taken, deepest = feature_take_indices(len(self.feature_ends), indices)
+        last_block = self.feature_ends[deepest] if stop_early or intermediates_only else len(self.blocks) - 1
         intermediates = []
         x = self.stem(x)
         for i, block in enumerate(self.blocks[:last_block + 1]):
