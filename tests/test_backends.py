@@ -182,15 +182,15 @@ def test_adding_a_provider_is_a_registry_entry_plus_its_folder(tmp_path):
 
 def test_auto_passes_over_a_provider_without_the_units_variant(monkeypatch):
     """`auto` passes over the providers that do not compute a unit's variant (a mid-activation, which
-    only a reference that declares it would take); asking one for it by name is an error naming it."""
+    only the reference computes today); asking one for it by name is an error naming it, and a
+    variant no provider computes is an error of `auto`'s own."""
     fake_availability(monkeypatch, cuda=True, triton=True)
     mid = UnitSpec((3, 3), pre_relu=True, mid="relu").variants()
     assert mid == {"pre_relu", "mid_relu"}
     assert backends.resolve("auto", "cuda", torch.float32, UnitSpec((3, 3), pre_relu=True).variants()) == "cuda"
-    with pytest.raises(RuntimeError, match=r"no xception_fast backend computes a unit with \['mid_relu', 'pre_relu'\]"):
-        backends.resolve("auto", "cuda", torch.float32, mid)
+    assert backends.resolve("auto", "cuda", torch.float32, mid) == "reference"
     with pytest.raises(NotImplementedError, match="mid_relu"):
         backends.resolve("triton", "cuda", torch.float32, mid)
-    reference = backends.PROVIDERS["reference"]
-    monkeypatch.setitem(backends.PROVIDERS, "reference", replace(reference, variants=reference.variants | {"mid_relu"}))
-    assert backends.resolve("auto", "cuda", torch.float32, mid) == "reference"
+    unknown = UnitSpec((3, 3), pre_relu=True, mid="elu").variants()  # no provider lists it
+    with pytest.raises(RuntimeError, match=r"no xception_fast backend computes a unit with \['mid_elu', 'pre_relu'\]"):
+        backends.resolve("auto", "cuda", torch.float32, unknown)
