@@ -38,12 +38,18 @@ def _providers() -> str:
 
 
 def test_static_estimates(benchmark, tmp_path):
+    from xception_fast.bench.static.cuda_plans import csrc_dir
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("XCEPTION_FAST_STATIC_CACHE", str(tmp_path / "cubins"))
+    if csrc_dir() is not None:
+        env.setdefault("XCEPTION_FAST_CSRC", str(csrc_dir()))
 
     def model():
+        # Run outside the checkout: `python -c` puts the working directory first on sys.path, and the
+        # source folder is not an importable package (triton_kernels is installed inside it).
         done = subprocess.run([sys.executable, "-c", SCRIPT, LAYERS, DTYPES, _providers()], env=env,
-                              capture_output=True, text=True, timeout=1800)
+                              cwd=tmp_path, capture_output=True, text=True, timeout=1800)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout
 
