@@ -6,6 +6,8 @@
 # Stages (default: all, in this order):
 #   env            nvidia-smi, versions, which providers are available          -> OUTDIR/env.log
 #   install        pip install --no-build-isolation --no-deps . (MAX_JOBS=16)   -> OUTDIR/install.log
+#   verify         python -m xception_fast verify --full: the providers' self-check on this GPU
+#                  (table, timings, stamp, Markdown block), the first check run  -> OUTDIR/verify.log
 #   gpu-tests      the provider conformance suite, extension and trust tests on the GPU:
 #                  the stage to run first when device time is short              -> OUTDIR/gpu-tests.log
 #   tests          pytest -m gpu, then the whole test suite                      -> OUTDIR/tests.log
@@ -29,6 +31,7 @@
 # ("memcheck racecheck"), SANITIZE_DTYPES ("fp32 bf16"), SANITIZER_TIMEOUT (per run, 250 s),
 # USE_SOURCE=1 (import the source tree: after an editable install, `pip install --no-build-isolation
 # --no-deps -e .`, which also maps triton_kernels/ to xception_fast.triton_kernels).
+# The self-check's cache goes to OUTDIR/cache (XCEPTION_FAST_CACHE_DIR), so later stages reuse it.
 set -u
 
 if [ $# -lt 1 ]; then
@@ -37,7 +40,7 @@ if [ $# -lt 1 ]; then
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
-STAGES=${*:-env install tests sanitize bench-pytest bench-layers bench-models bench-compile report}
+STAGES=${*:-env install verify tests sanitize bench-pytest bench-layers bench-models bench-compile report}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
 PY=${PYTHON:-$(command -v python || command -v python3)}
@@ -50,9 +53,6 @@ SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck racecheck initcheck}
 SANITIZE_DTYPES=${SANITIZE_DTYPES:-fp32 bf16}
 SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-250}
 export MAX_JOBS=${MAX_JOBS:-16}
-# This run is what verifies the CUDA kernels (tests/test_providers.py, the sanitizer): let the
-# cuda provider run although xception_fast.backends.CUDA_KERNELS_VERIFIED is still False.
-export XCEPTION_FAST_UNVERIFIED_CUDA=${XCEPTION_FAST_UNVERIFIED_CUDA:-1}
 if [ "${USE_SOURCE:-0}" = 1 ]; then
     # An editable install: import the source tree.
     export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -63,6 +63,7 @@ else
 fi
 export OUT PY DTYPE BENCH_ARGS BENCH_BUDGET SANITIZE_BACKENDS SANITIZE_TOOLS SANITIZE_DTYPES SANITIZER_TIMEOUT
 mkdir -p "$OUT/results"
+export XCEPTION_FAST_CACHE_DIR=${XCEPTION_FAST_CACHE_DIR:-$OUT/cache}
 failed=0
 
 run_stage() {  # run_stage NAME COMMAND...: log, time and record one stage
@@ -176,6 +177,7 @@ for stage in $STAGES; do
     case $stage in
         env) run_stage env stage_env ;;
         install) run_stage install stage_install ;;
+        verify) run_stage verify "$PY" -m xception_fast verify --full ;;
         gpu-tests) run_stage gpu-tests stage_gpu_tests ;;
         tests) run_stage tests stage_tests ;;
         sanitize) run_stage sanitize stage_sanitize ;;

@@ -32,9 +32,10 @@ def test_reference_is_always_available_and_auto_picks_it_on_cpu():
 @pytest.mark.parametrize("cuda_ok, triton_ok, expected", [(True, True, "cuda"), (False, True, "triton"),
                                                           (False, False, "reference")])
 def test_auto_order_for_gpu_tensors(monkeypatch, cuda_ok, triton_ok, expected):
-    """On CUDA tensors `auto` takes cuda, then triton, then reference, by availability (faked here:
-    no GPU is needed to resolve a name)."""
+    """On CUDA tensors `auto` prefers cuda, then triton, then reference, by availability (faked here:
+    no GPU is needed to resolve a name; verification off, since the self-check needs the GPU)."""
     fake_availability(monkeypatch, cuda=cuda_ok, triton=triton_ok)
+    monkeypatch.setenv("XCEPTION_FAST_VERIFY", "off")
     assert backends.resolve("auto", "cuda") == expected
     assert backends.resolve("auto", "cuda", torch.bfloat16) == expected
     assert backends.resolve("auto", "cuda", torch.float64) == "reference"  # no fused float64 kernels
@@ -43,13 +44,13 @@ def test_auto_order_for_gpu_tensors(monkeypatch, cuda_ok, triton_ok, expected):
 
 def test_ops_resolve_with_the_input_dtype(monkeypatch):
     seen = []
-    resolve = backends.resolve
+    candidates = backends.auto_candidates
 
-    def spy(backend, device, dtype=None, *rest):
+    def spy(device, dtype=None, *rest):
         seen.append(dtype)
-        return resolve(backend, device, dtype, *rest)
+        return candidates(device, dtype, *rest)
 
-    monkeypatch.setattr(backends, "resolve", spy)
+    monkeypatch.setattr(backends, "auto_candidates", spy)
     module = xception_fast.SeparableConvBN2d(3, 4).double().train()
     module(torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)).sum().backward()
     assert seen and all(dtype == torch.float64 for dtype in seen)
@@ -185,6 +186,7 @@ def test_auto_passes_over_a_provider_without_the_units_variant(monkeypatch):
     only the reference computes today); asking one for it by name is an error naming it, and a
     variant no provider computes is an error of `auto`'s own."""
     fake_availability(monkeypatch, cuda=True, triton=True)
+    monkeypatch.setenv("XCEPTION_FAST_VERIFY", "off")  # the self-check needs the GPU
     mid = UnitSpec((3, 3), pre_relu=True, mid="relu").variants()
     assert mid == {"pre_relu", "mid_relu"}
     assert backends.resolve("auto", "cuda", torch.float32, UnitSpec((3, 3), pre_relu=True).variants()) == "cuda"

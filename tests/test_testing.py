@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from xception_fast import backends
-from xception_fast.testing import provider_skip_reason, require_provider
+from xception_fast.testing import POISON_ENV_VAR, provider_skip_reason, require_provider
 
 
 def _fake(monkeypatch, gpu: bool, available: bool, reason: str = "fake reason"):
@@ -29,11 +29,11 @@ def test_unavailable_provider_skips_with_its_reason(monkeypatch):
         require_provider("triton", "cuda")
 
 
-def test_available_provider_runs_and_opts_in(monkeypatch):
+def test_available_provider_runs_with_poisoned_outputs(monkeypatch):
     _fake(monkeypatch, gpu=True, available=True)
-    monkeypatch.delenv(backends.UNVERIFIED_CUDA_ENV_VAR, raising=False)
+    monkeypatch.delenv(POISON_ENV_VAR, raising=False)
     assert require_provider("cuda", "cuda", monkeypatch) is None
-    assert os.environ[backends.UNVERIFIED_CUDA_ENV_VAR] == "1"
+    assert os.environ[POISON_ENV_VAR] == "1"
     assert provider_skip_reason("cuda", "cuda") is None
 
 

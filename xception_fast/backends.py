@@ -7,9 +7,11 @@ providers in the package is derived from it. Today: ``cuda`` (the compiled exten
 
 Precedence when an op runs: an explicit ``backend=`` on the module or call, then the innermost
 ``use_backend(...)`` context, then the ``XCEPTION_FAST_BACKEND`` environment variable, then
-``auto``. ``auto`` takes the first provider in registry order (``cuda``, ``triton``,
-``reference``) that is available for the tensors' device and computes their dtype (float64 goes to
-``reference``) and the unit's variants. On the CPU ``auto`` always means ``reference``: the Triton interpreter
+``auto``. ``auto`` considers the fused providers that are available for the tensors' device type
+(`Provider.auto_devices`), compute their dtype (float64 goes to ``reference``) and the unit's
+variants, and keeps those that passed the self-check on that device (`xception_fast.verify`); per
+call signature it then runs whichever of them or ``reference`` measured fastest
+(`xception_fast.dispatch`). On the CPU ``auto`` always means ``reference``: the Triton interpreter
 (``TRITON_INTERPRET=1``) is a testing tool and runs only when ``triton`` is asked for by name.
 An explicit request for a provider that cannot run is an error, never a silent fallback.
 """
@@ -19,11 +21,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.util
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from types import ModuleType
-from typing import Callable, Iterator, Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 import torch
 
@@ -34,10 +38,6 @@ from xception_fast.spec import MID_ACTIVATIONS, mid_name
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ALL_DTYPES = FUSED_DTYPES + (torch.float64,)
 ENV_VAR = "XCEPTION_FAST_BACKEND"
-# The CUDA kernels have been compiled but never run on a GPU: until the conformance suite
-# (tests/test_providers.py) has passed on one, the provider runs only for those who opt in to test it.
-CUDA_KERNELS_VERIFIED = False
-UNVERIFIED_CUDA_ENV_VAR = "XCEPTION_FAST_UNVERIFIED_CUDA"
 
 # Every provider module exposes these, with the signatures of `xception_fast.reference`.
 PROVIDER_FUNCTIONS = (
@@ -66,6 +66,7 @@ MID_VARIANTS = frozenset(f"mid_{mid_name(norm, act)}" for norm in (False, True) 
 class Availability:
     available: bool
     reason: str  # why not, or what runs when available
+    verification: str = ""  # the self-check's state on the device (`backend_report` fills it in)
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,32 @@ class Provider:
     fused: bool = True  # `auto` considers fused providers on CUDA tensors only
     # Environment under which the tests run it on CPU tensors (None: GPU only).
     cpu_test_env: Optional[dict[str, str]] = None
+    # Device types on which `auto` considers it (after the self-check has passed there).
+    auto_devices: tuple[str, ...] = ("cuda",)
+    # The files its kernels come from: their hash is part of the self-check's cache key.
+    # Default: the module's source file(s) (the whole folder for a package).
+    sources: Optional[Callable[[], list[Path]]] = None
+    # A context under which fresh outputs are NaN-filled (the self-check's poisoned outputs).
+    # Default: `poison_env`, XCEPTION_FAST_POISON_OUTPUTS=1 for the block.
+    poisoned: Optional[Callable[[], ContextManager]] = None
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
+
+    def source_files(self) -> list[Path]:
+        if self.sources is not None:
+            return self.sources()
+        try:
+            spec = importlib.util.find_spec(self.module)
+            origin = spec.origin if spec is not None else None
+        except (ImportError, ValueError, AttributeError):  # e.g. a module object made in memory
+            return []
+        if not isinstance(origin, str):
+            return []
+        if spec.submodule_search_locations:
+            folder = Path(origin).parent
+            return sorted(p for p in folder.rglob("*") if p.suffix in (".py", ".cu", ".cuh", ".h", ".cpp"))
+        return [Path(origin)]
 
 
 def _triton_interpreting() -> bool:
@@ -131,21 +155,55 @@ def _cuda_availability(device: torch.device) -> Availability:
     status = _extension.status()
     if not status.loaded:
         return Availability(False, status.reason)
-    if not CUDA_KERNELS_VERIFIED and os.environ.get(UNVERIFIED_CUDA_ENV_VAR, "0") in ("", "0"):
-        return Availability(False, f"the CUDA kernels have not yet been verified on a GPU; set "
-                                   f"{UNVERIFIED_CUDA_ENV_VAR}=1 to run them anyway (for testing)")
     if device.type != "cuda":
         return Availability(False, f"runs on CUDA tensors, not {device.type}")
     return Availability(True, f"compiled extension {status.path}")
 
 
+def _cuda_sources() -> list[Path]:
+    # The built extension itself: what runs is the binary, whatever the sources say.
+    from xception_fast import _extension
+
+    status = _extension.status()
+    return [Path(status.path)] if status.loaded and status.path else []
+
+
+@contextlib.contextmanager
+def poison_env() -> Iterator[None]:
+    """XCEPTION_FAST_POISON_OUTPUTS=1 for the block (the extension reads it at every call)."""
+    from xception_fast.testing import POISON_ENV_VAR
+
+    saved = os.environ.get(POISON_ENV_VAR)
+    os.environ[POISON_ENV_VAR] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(POISON_ENV_VAR, None)
+        else:
+            os.environ[POISON_ENV_VAR] = saved
+
+
+@contextlib.contextmanager
+def _triton_poisoned() -> Iterator[None]:
+    """The Triton provider reads its switch at import; flip the module flag for the block."""
+    from xception_fast.triton_kernels import utils
+
+    saved = utils.POISON
+    utils.POISON = True
+    try:
+        yield
+    finally:
+        utils.POISON = saved
+
+
 # In `auto`'s order of preference.
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
-    Provider("cuda", "xception_fast._extension", _cuda_availability),
+    Provider("cuda", "xception_fast._extension", _cuda_availability, sources=_cuda_sources),
     Provider("triton", "xception_fast.triton_kernels", _triton_availability,
-             cpu_test_env={"TRITON_INTERPRET": "1"}),
+             cpu_test_env={"TRITON_INTERPRET": "1"}, poisoned=_triton_poisoned),
     Provider("reference", "xception_fast.reference", _reference_availability, dtypes=ALL_DTYPES,
-             variants=BASE_VARIANTS | MID_VARIANTS, fused=False, cpu_test_env={}),
+             variants=BASE_VARIANTS | MID_VARIANTS, fused=False, cpu_test_env={}, auto_devices=()),
 )}
 
 
@@ -199,18 +257,15 @@ def resolve(backend: str, device: torch.device | str, dtype: torch.dtype | None 
             variants: frozenset[str] = frozenset()) -> str:
     """The provider that will run for tensors on `device` (of `dtype`, for a unit using `variants`,
     when given); raises if an explicit one can't run on that device. An explicit provider given a
-    dtype it does not compute in raises its own error when called; `auto` passes over it."""
+    dtype it does not compute in raises its own error when called. For `auto` this is its choice
+    before any timing: the first fused provider verified on the device (`dispatch.preferred`),
+    else `reference`."""
     device = torch.device(device)
     name = requested_backend(backend)
     if name == "auto":
-        for candidate in PROVIDERS.values():
-            if (candidate.fused and device.type != "cuda") or (dtype is not None and dtype not in candidate.dtypes) \
-                    or not variants <= candidate.variants:
-                continue
-            if candidate.availability(device).available:
-                return candidate.name
-        raise RuntimeError(f"no xception_fast backend computes a unit with {sorted(variants)} on {device} tensors "
-                           f"of {dtype}")
+        from xception_fast import dispatch
+
+        return dispatch.preferred(device, dtype, variants)
     found = availability(name, device)
     if not found.available:
         raise RuntimeError(f"xception_fast backend {name!r} is not available for {device} tensors: {found.reason}")
@@ -222,10 +277,15 @@ def resolve(backend: str, device: torch.device | str, dtype: torch.dtype | None 
     return name
 
 
-def provider(backend: str, device: torch.device | str, dtype: torch.dtype | None = None,
-             variants: frozenset[str] = frozenset()):
-    """The module whose `PROVIDER_FUNCTIONS` run the op."""
-    return PROVIDERS[resolve(backend, device, dtype, variants)].load()
+def auto_candidates(device: torch.device | str, dtype: torch.dtype | None = None,
+                    variants: frozenset[str] = frozenset(), probe: bool = True) -> list[str]:
+    """The fused providers `auto` may consider for these tensors, in registry order, before the
+    self-check: available on the device (not asked when `probe` is False), computing `dtype` and
+    `variants`."""
+    device = torch.device(device)
+    return [p.name for p in PROVIDERS.values()
+            if p.fused and device.type in p.auto_devices and (dtype is None or dtype in p.dtypes)
+            and variants <= p.variants and (not probe or p.availability(device).available)]
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -236,7 +296,11 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 
 def backend_report(device: torch.device | str | None = None) -> dict[str, Availability]:
-    """Every provider with whether it runs on `device` and why (not)."""
+    """Every provider with whether it runs on `device` and why (not), and its verification state
+    there (read from the self-check's cache; nothing is run)."""
+    from xception_fast import verify
+
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return {name: availability(name, device) for name in PROVIDERS}
+    return {name: replace(availability(name, device), verification=verify.describe(name, device))
+            for name in PROVIDERS}

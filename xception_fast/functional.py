@@ -1,4 +1,10 @@
-"""Functional forms of the fused units, with BatchNorm semantics identical to `F.batch_norm`."""
+"""Functional forms of the fused units, with BatchNorm semantics identical to `F.batch_norm`.
+
+When `auto` has no fused provider verified for the tensors (always so on the CPU), the unit runs as
+the plain modules would (`F.conv2d`, `F.conv2d`, `F.batch_norm`, ReLU, add): the maths of the
+`reference` provider with the rounding points of the unfused modules, without the custom op's
+overhead or its recomputing backward. That is the faster exact path there, and the same kernels.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from xception_fast import mid_ops, ops
+from xception_fast import dispatch, mid_ops, ops, reference
 from xception_fast.spec import UnitSpec, mid_name
 
 _pair = torch.nn.modules.utils._pair
@@ -33,6 +39,12 @@ def separable_conv_bn(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, running_m
                                  training=training, momentum=momentum, eps=eps, stride=stride, padding=padding,
                                  dilation=dilation, pre_relu=pre_relu, post_relu=post_relu,
                                  backend=backend) + late_residual
+    if _runs_plain(x, dw_weight, pw_weight, {"bn_weight": bn_weight, "bn_bias": bn_bias}, residual, stride, padding,
+                   dilation, pre_relu, post_relu, backend):
+        batch_stats = training or running_mean is None or running_var is None
+        return _plain_unit(x, dw_weight, pw_weight, None, (running_mean, running_var, bn_weight, bn_bias,
+                                                           batch_stats, momentum, eps),
+                           residual, stride, padding, dilation, pre_relu, post_relu)
     spec = UnitSpec.of(dw_weight, stride, padding, dilation, pre_relu, post_relu, residual is not None)
     args = spec.op_args()
     if training or running_mean is None or running_var is None:
@@ -100,6 +112,11 @@ def separable_conv(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bias: Option
                               pre_relu=pre_relu, post_relu=post_relu, backend=backend) + late_residual
     spec = UnitSpec.of(dw_weight, _pair(stride), _pair(padding), _pair(dilation), pre_relu, post_relu,
                        residual is not None)
+    stride, padding, dilation = spec.stride, spec.padding, spec.dilation
+    if _runs_plain(x, dw_weight, pw_weight, {"bias": bias}, residual, stride, padding, dilation, pre_relu, post_relu,
+                   backend):
+        return _plain_unit(x, dw_weight, pw_weight, bias, None, residual, stride, padding, dilation, pre_relu,
+                           post_relu)
     return ops.sepconv_bn_infer(x, dw_weight, pw_weight, None, bias, residual, *spec.op_args(), backend)
 
 
@@ -170,3 +187,30 @@ def separable_conv_mid_bn(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, runni
         scale, shift = _fold_outer(running_mean, running_var, bn_weight, bn_bias, eps)
         y = mid_ops.sepconv_mid_infer(x, dw_weight, dw_bias, pw_weight, scale, shift, residual, *args, backend)
     return y if late_residual is None else y + late_residual
+
+
+def _runs_plain(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, vectors: dict, residual: Optional[Tensor], stride,
+                padding, dilation, pre_relu: bool, post_relu: bool, backend: str) -> bool:
+    """Whether `auto` runs the plain modules' composition here (after the ops' own input checks)."""
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[0] == 0:
+        return False  # the op gives the errors, and the empty batch its defined statistics
+    if not dispatch.runs_reference(x.device, x.dtype, pre_relu, post_relu, residual is not None, backend):
+        return False
+    ops.check_inputs(x, dw_weight, pw_weight, vectors, residual, stride, padding, dilation)
+    return True
+
+
+def _plain_unit(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, pw_bias: Optional[Tensor], bn: Optional[tuple],
+                residual: Optional[Tensor], stride, padding, dilation, pre_relu: bool, post_relu: bool) -> Tensor:
+    """post(BN(pw(dw(pre(x))) + pw_bias)) + residual as the unfused modules compute it; `bn` holds
+    `F.batch_norm`'s arguments after the input (running statistics updated in place when training)."""
+    y = torch.relu(x) if pre_relu else x
+    y = F.conv2d(y, dw_weight, None, stride, padding, dilation, groups=x.shape[1])
+    y = F.conv2d(y, pw_weight, pw_bias)
+    if bn is not None:
+        y = F.batch_norm(y, *bn)
+    if post_relu:
+        y = torch.relu(y)
+    if residual is not None:
+        y = y + residual
+    return reference.to_channels_last(y)

@@ -1,11 +1,12 @@
 """The public custom ops (namespace ``xception_fast``): schemas, input checks, fake kernels, autograd.
 
-Each op is defined once here; its implementation validates the inputs and hands them to the provider
-chosen by `backends.resolve` (cuda, triton or reference, all with the signatures of
-`xception_fast.reference`), with the unit described once as a `UnitSpec`; the schemas take the
-spec's fields (`UnitSpec.op_args`), which callers pass as ``*spec.op_args()``. Fake (meta) kernels
-let `torch.compile` trace the ops without graph breaks, and the backward formulas are themselves ops
-so compiled backward graphs see them too.
+Each op is defined once here; its implementation validates the inputs and hands them to
+`dispatch.call`, which runs the provider selected (cuda, triton or reference, all with the
+signatures of `xception_fast.reference`): an explicit one, or `auto`'s verified, measured choice.
+The unit is described once as a `UnitSpec`; the schemas take the spec's fields
+(`UnitSpec.op_args`), which callers pass as ``*spec.op_args()``. Fake (meta) kernels let
+`torch.compile` trace the ops without graph breaks, and the backward formulas are themselves ops so
+compiled backward graphs see them too.
 
 Forward ops:
 - ``sepconv_bn_infer``: y = post(z * scale + shift) + residual, z = pw(dw(pre(x))). Used for
@@ -23,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from xception_fast import backends
+from xception_fast import dispatch
 from xception_fast.reference import accumulation_dtype
 from xception_fast.spec import UnitSpec, output_size  # noqa: F401  (output_size: part of this module's API)
 
@@ -32,10 +33,6 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 def output_shape(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, stride, padding, dilation) -> list[int]:
     return UnitSpec.of(dw_weight, stride, padding, dilation, False, False).output_shape(x, pw_weight.shape[0])
-
-
-def _provider(backend: str, x: Tensor, spec: UnitSpec):
-    return backends.provider(backend, x.device, x.dtype, spec.variants())
 
 
 def _empty_cl(shape, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -105,7 +102,7 @@ def sepconv_bn_infer(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, scale: Opt
                      backend: str) -> Tensor:
     check_inputs(x, dw_weight, pw_weight, {"scale": scale, "shift": shift}, residual, stride, padding, dilation)
     spec = UnitSpec.of(dw_weight, stride, padding, dilation, pre_relu, post_relu, residual is not None)
-    return _provider(backend, x, spec).sepconv_bn_infer(x, dw_weight, pw_weight, scale, shift, residual, spec)
+    return dispatch.call("sepconv_bn_infer", backend, x, dw_weight, pw_weight, scale, shift, residual, spec)
 
 
 @sepconv_bn_infer.register_fake
@@ -121,7 +118,7 @@ def sepconv_bn_infer_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, pw_w
                               padding: Sequence[int], dilation: Sequence[int], pre_relu: bool, post_relu: bool,
                               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     spec = UnitSpec.of(dw_weight, stride, padding, dilation, pre_relu, post_relu)
-    return _provider(backend, x, spec).sepconv_bn_infer_backward(grad_y, x, dw_weight, pw_weight, scale, shift, spec)
+    return dispatch.call("sepconv_bn_infer_backward", backend, grad_y, x, dw_weight, pw_weight, scale, shift, spec)
 
 
 @sepconv_bn_infer_backward.register_fake
@@ -161,8 +158,8 @@ def sepconv_bn_train(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bn_weight:
     check_inputs(x, dw_weight, pw_weight, {"bn_weight": bn_weight, "bn_bias": bn_bias}, residual, stride, padding,
                  dilation)
     spec = UnitSpec.of(dw_weight, stride, padding, dilation, pre_relu, post_relu, residual is not None)
-    return _provider(backend, x, spec).sepconv_bn_train(x, dw_weight, pw_weight, bn_weight, bn_bias, residual, spec,
-                                                        eps)
+    return dispatch.call("sepconv_bn_train", backend, x, dw_weight, pw_weight, bn_weight, bn_bias, residual, spec,
+                         eps)
 
 
 @sepconv_bn_train.register_fake
@@ -177,8 +174,7 @@ def _(x, dw_weight, pw_weight, bn_weight, bn_bias, residual, stride, padding, di
 @torch.library.custom_op("xception_fast::bn_backward_reduce", mutates_args=())
 def bn_backward_reduce(grad_y: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
                        bn_bias: Optional[Tensor], post_relu: bool, backend: str) -> tuple[Tensor, Tensor]:
-    return backends.provider(backend, z.device, z.dtype).bn_backward_reduce(
-        grad_y, z, mean, invstd, bn_weight, bn_bias, post_relu)
+    return dispatch.call("bn_backward_reduce", backend, grad_y, z, mean, invstd, bn_weight, bn_bias, post_relu)
 
 
 @bn_backward_reduce.register_fake
@@ -193,8 +189,8 @@ def sepconv_bn_train_backward(grad_y: Tensor, x: Tensor, z: Tensor, dw_weight: T
                               padding: Sequence[int], dilation: Sequence[int], pre_relu: bool, post_relu: bool,
                               backend: str) -> tuple[Tensor, Tensor, Tensor]:
     spec = UnitSpec.of(dw_weight, stride, padding, dilation, pre_relu, post_relu)
-    return _provider(backend, x, spec).sepconv_bn_train_backward(
-        grad_y, x, z, dw_weight, pw_weight, mean, invstd, bn_weight, bn_bias, mean_dy, mean_dy_xhat, spec)
+    return dispatch.call("sepconv_bn_train_backward", backend, grad_y, x, z, dw_weight, pw_weight, mean, invstd,
+                         bn_weight, bn_bias, mean_dy, mean_dy_xhat, spec)
 
 
 @sepconv_bn_train_backward.register_fake
