@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, ContextManager, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -88,9 +88,6 @@ class Provider:
     # The files its kernels come from: their hash is part of the self-check's cache key.
     # Default: the module's source file(s) (the whole folder for a package).
     sources: Optional[Callable[[], list[Path]]] = None
-    # A context under which fresh outputs are NaN-filled (the self-check's poisoned outputs).
-    # Default: `poison_env`, XCEPTION_FAST_POISON_OUTPUTS=1 for the block.
-    poisoned: Optional[Callable[[], ContextManager]] = None
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -170,7 +167,7 @@ def _cuda_sources() -> list[Path]:
 
 @contextlib.contextmanager
 def poison_env() -> Iterator[None]:
-    """XCEPTION_FAST_POISON_OUTPUTS=1 for the block (the extension reads it at every call)."""
+    """XCEPTION_FAST_POISON_OUTPUTS=1 for the block (both providers read it at every call)."""
     from xception_fast.testing import POISON_ENV_VAR
 
     saved = os.environ.get(POISON_ENV_VAR)
@@ -184,24 +181,11 @@ def poison_env() -> Iterator[None]:
             os.environ[POISON_ENV_VAR] = saved
 
 
-@contextlib.contextmanager
-def _triton_poisoned() -> Iterator[None]:
-    """The Triton provider reads its switch at import; flip the module flag for the block."""
-    from xception_fast.triton_kernels import utils
-
-    saved = utils.POISON
-    utils.POISON = True
-    try:
-        yield
-    finally:
-        utils.POISON = saved
-
-
 # In `auto`'s order of preference.
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("cuda", "xception_fast._extension", _cuda_availability, sources=_cuda_sources),
     Provider("triton", "xception_fast.triton_kernels", _triton_availability,
-             cpu_test_env={"TRITON_INTERPRET": "1"}, poisoned=_triton_poisoned),
+             cpu_test_env={"TRITON_INTERPRET": "1"}),
     Provider("reference", "xception_fast.reference", _reference_availability, dtypes=ALL_DTYPES,
              variants=BASE_VARIANTS | MID_VARIANTS, fused=False, cpu_test_env={}, auto_devices=()),
 )}
