@@ -261,6 +261,13 @@ def resolve(backend: str, device: torch.device | str, dtype: torch.dtype | None 
     return name
 
 
+def provider(backend: str, device: torch.device | str, dtype: torch.dtype | None = None,
+             variants: frozenset[str] = frozenset()):
+    """The module `resolve` picks (for ops outside `dispatch`'s per-signature timing: the mid-variant
+    ops, which only `reference` computes)."""
+    return PROVIDERS[resolve(backend, device, dtype, variants)].load()
+
+
 def auto_candidates(device: torch.device | str, dtype: torch.dtype | None = None,
                     variants: frozenset[str] = frozenset(), probe: bool = True) -> list[str]:
     """The fused providers `auto` may consider for these tensors, in registry order, before the

@@ -3,7 +3,7 @@
 For one (provider, device, dtype), every op (inference forward and backward, training forward, the
 BatchNorm backward reduction, the training backward) runs on a fixed set of small shapes covering
 the unit's variants (pre/post ReLU, residual, stride, dilation, odd channel counts, BN with and
-without affine parameters), with fresh outputs NaN-filled (`Provider.poisoned`), and each output is
+without affine parameters), with fresh outputs NaN-filled (XCEPTION_FAST_POISON_OUTPUTS=1), and each output is
 compared with the `reference` provider run in float64 on the same (rounded) inputs, under the rule
 of `xception_fast.testing` (`TOLERANCES`, error at most twice the reference provider's own in that
 dtype). It takes seconds and runs once: the result is kept on disk, keyed by everything that could
