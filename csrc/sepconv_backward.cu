@@ -2,8 +2,8 @@
 // run_sepconv_bn_infer_backward, run_bn_backward_reduce, run_sepconv_bn_train_backward.
 //
 // STATUS: compiled for sm_80 and sm_90a with nvcc 13.0; NOT YET RUN ON A GPU. Nothing here has been
-// checked numerically: tests/test_providers.py is the check, to be run on a GPU (with
-// XCEPTION_FAST_UNVERIFIED_CUDA=1) before xception_fast.backends.CUDA_KERNELS_VERIFIED is set.
+// checked numerically: tests/test_providers.py and `python -m xception_fast verify --full` are the
+// check, on a GPU; `auto` runs this provider only on a device where its self-check has passed.
 //
 // Notation: P = N * Ho * Wo output positions, grad_z [P, Cout] the gradient of the pointwise output,
 // d [P, C] the depthwise output, grad_d [P, C] its gradient. No atomics anywhere: every reduction

@@ -2,8 +2,8 @@
 // run_sepconv_bn_infer / run_sepconv_bn_train.
 //
 // STATUS: compiled for sm_80 and sm_90a with nvcc 13.0; NOT YET RUN ON A GPU. Nothing here has been
-// checked numerically: tests/test_providers.py is the check, to be run on a GPU (with
-// XCEPTION_FAST_UNVERIFIED_CUDA=1) before xception_fast.backends.CUDA_KERNELS_VERIFIED is set.
+// checked numerically: tests/test_providers.py and `python -m xception_fast verify --full` are the
+// check, on a GPU; `auto` runs this provider only on a device where its self-check has passed.
 //
 // Design (sepconv_device.cuh holds the shared pieces):
 // - Inference runs the tiled kernel of sepconv_infer.cu; sepconv_infer_kernel<T> below is its

@@ -5,7 +5,7 @@
 // moves data (cp.async, ldmatrix, mma.sync) and the launcher.
 //
 // STATUS: compiled for sm_80 and sm_90a with nvcc 13.0; NOT YET RUN ON A GPU (tests/test_providers.py
-// is the check, run on a GPU with XCEPTION_FAST_UNVERIFIED_CUDA=1).
+// and `python -m xception_fast verify --full` are the check, on a GPU).
 //
 // Per CTA (kThreads = 256, one tile of bm output positions):
 // 1. The pixel table of the tile's halo box (source offsets, -1 for padding), then for each chunk

@@ -43,6 +43,7 @@ def _relative(a, b) -> float:
 @pytest.fixture(scope="module")
 def keras_xception(tmp_path_factory):
     """(Keras model, paths of its saved weights, input, Keras's features + logits)."""
+    keras.utils.set_random_seed(0)  # the conv weights Keras draws: a fixed model, a repeatable test
     model = keras.applications.Xception(weights=None, input_shape=(H, W, 3), classes=CLASSES,
                                         classifier_activation=None)
     rng = np.random.default_rng(0)
