@@ -17,7 +17,7 @@ from xception_fast import SeparableConvBN2d, backends, mid_ops
 from xception_fast.functional import fold_batchnorm
 from xception_fast.reference import MID_FUNCTIONS
 from xception_fast.spec import MID_ACTIVATIONS, UnitSpec, mid_name
-from xception_fast.testing import randomize_batchnorm_
+from xception_fast.testing import randomize_batchnorm_, run_fused_and_plain
 
 
 def unfused(module: SeparableConvBN2d, x, residual=None):
@@ -41,18 +41,9 @@ def make(cin=5, cout=6, k=3, stride=1, dilation=1, pre=True, post=False, mid_nor
 
 
 def compare(fused, x, residual=None, steps=3, atol=1e-10, rtol=1e-9):
-    plain = copy.deepcopy(fused)
-    for _ in range(steps):
-        results = []
-        grad_y = None
-        for module, fn in ((fused, lambda m, a, r: m(a, residual=r)), (plain, unfused)):
-            a = x.clone().requires_grad_(True)
-            r = None if residual is None else residual.clone().requires_grad_(True)
-            module.zero_grad(set_to_none=True)
-            y = fn(module, a, r)
-            grad_y = torch.randn_like(y) if grad_y is None else grad_y
-            y.backward(grad_y)
-            results.append([y, a.grad] + ([r.grad] if r is not None else []) + [p.grad for p in module.parameters()])
+    results = None
+    for outs, grads, fused, plain in run_fused_and_plain(fused, unfused, x, residual, steps):
+        results = [[outs[0]] + grads[0], [outs[1]] + grads[1]]
         for got, want in zip(*results):
             torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
         for (name, got), (_, want) in zip(fused.named_buffers(), plain.named_buffers()):

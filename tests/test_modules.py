@@ -13,25 +13,11 @@ import torch
 from torch import nn
 
 from xception_fast import SeparableConv2d, SeparableConvBN2d
-from xception_fast.testing import randomize_batchnorm_, unfused_unit
+from xception_fast.testing import randomize_batchnorm_, run_fused_and_plain, unfused_unit
 
 
 def run_both(fused, x, residual, steps=3):
-    """Runs `steps` forward/backward passes through the fused module and a deep copy run unfused."""
-    plain = copy.deepcopy(fused)
-    for _ in range(steps):
-        outs, grads, grad_y = [], [], None
-        for module, fn in ((fused, lambda m, a, r: m(a, residual=r)), (plain, unfused_unit)):
-            a = x.clone().requires_grad_(True)
-            r = None if residual is None else residual.clone().requires_grad_(True)
-            module.zero_grad(set_to_none=True)
-            y = fn(module, a, r)
-            grad_y = torch.randn_like(y) if grad_y is None else grad_y
-            y.backward(grad_y)
-            outs.append(y)
-            grads.append([a.grad] + ([r.grad] if r is not None else []) +
-                         [p.grad for p in module.parameters()])
-        yield outs, grads, fused, plain
+    return run_fused_and_plain(fused, unfused_unit, x, residual, steps)
 
 
 def assert_close_all(outs, grads, fused, plain, atol, rtol):

@@ -38,16 +38,7 @@ def _provider(backend: str, x: Tensor, spec: UnitSpec):
 
 def _check_mid(x: Tensor, vectors: dict[str, Optional[Tensor]]) -> None:
     """The mid vectors are per input channel (the depthwise output's channels)."""
-    channels = x.shape[1] if x.dim() == 4 else -1
-    for name, v in vectors.items():
-        if v is None:
-            continue
-        if tuple(v.shape) != (channels,):
-            raise ValueError(f"{name} must be a [C={channels}] vector, got {list(v.shape)}")
-        if not v.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
-        if v.device != x.device:
-            raise ValueError(f"{name} is on {v.device} but x is on {x.device}: all tensors must be on one device")
+    ops.check_vectors(x, vectors, x.shape[1] if x.dim() == 4 else -1, "C")
 
 
 def _empty_cl(shape, like: Tensor) -> Tensor:

@@ -48,6 +48,21 @@ def _check_pair(name: str, value: Sequence[int], minimum: int) -> None:
         raise ValueError(f"{name} must be two integers >= {minimum}, got {list(value)}")
 
 
+def check_vectors(x: Tensor, vectors: dict[str, Optional[Tensor]], length: int, label: str,
+                  devices_of: Optional[dict[str, Tensor]] = None) -> None:
+    """Per-channel vectors (absent ones skipped): [length], floating point; then every tensor of
+    `devices_of` and every vector on x's device."""
+    present = {name: v for name, v in vectors.items() if v is not None}
+    for name, v in present.items():
+        if tuple(v.shape) != (length,):
+            raise ValueError(f"{name} must be a [{label}={length}] vector, got {list(v.shape)}")
+        if not v.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
+    for name, t in {**(devices_of or {}), **present}.items():
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must be on one device")
+
+
 def check_inputs(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, vectors: dict[str, Optional[Tensor]],
                  residual: Optional[Tensor], stride, padding, dilation) -> list[int]:
     """Validate the unit's inputs before any kernel runs; returns the output shape."""
@@ -79,17 +94,7 @@ def check_inputs(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, vectors: dict[
     for name, t in tensors.items():
         if t.dtype != x.dtype:
             raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
-    for name, v in vectors.items():
-        if v is None:
-            continue
-        if tuple(v.shape) != (out_channels,):
-            raise ValueError(f"{name} must be a [Cout={out_channels}] vector, got {list(v.shape)}")
-        if not v.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
-        tensors[name] = v
-    for name, t in tensors.items():
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must be on one device")
+    check_vectors(x, vectors, out_channels, "Cout", devices_of=tensors)
     return shape
 
 

@@ -174,3 +174,24 @@ def check_output(name: str, got: torch.Tensor, low: torch.Tensor, exact: torch.T
     assert got.stride() == low.stride() or got.numel() <= 1, f"{name}: strides {got.stride()} vs {low.stride()}"
     if got.numel():
         check_against_truth(name, got.detach(), low.detach(), exact.detach(), dtype)
+
+
+def run_fused_and_plain(fused: torch.nn.Module, unfused, x: torch.Tensor, residual=None, steps: int = 3):
+    """`steps` forward/backward passes through the fused module and through a deep copy run as
+    `unfused(module, x, residual)`, with the same random grad_y; yields (outputs, gradients of
+    x, the residual and every parameter, fused, plain) per step, fused first in each pair."""
+    import copy
+
+    plain = copy.deepcopy(fused)
+    for _ in range(steps):
+        outs, grads, grad_y = [], [], None
+        for module, fn in ((fused, lambda m, a, r: m(a, residual=r)), (plain, unfused)):
+            a = x.clone().requires_grad_(True)
+            r = None if residual is None else residual.clone().requires_grad_(True)
+            module.zero_grad(set_to_none=True)
+            y = fn(module, a, r)
+            grad_y = torch.randn_like(y) if grad_y is None else grad_y
+            y.backward(grad_y)
+            outs.append(y)
+            grads.append([a.grad] + ([r.grad] if r is not None else []) + [p.grad for p in module.parameters()])
+        yield outs, grads, fused, plain
