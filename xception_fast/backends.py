@@ -125,6 +125,12 @@ def _triton_module() -> tuple[ModuleType | None, str]:
     try:
         module = importlib.import_module("xception_fast.triton_kernels")
     except ImportError as exc:
+        package = Path(__file__).resolve().parent
+        if not (package / "triton_kernels").is_dir() and (package.parent / "triton_kernels").is_dir():
+            # triton_kernels/ is installed inside the package (setup.py's package_dir), so the source
+            # folder alone lacks it: Python imported the checkout instead of the installed package.
+            return None, (f"xception_fast was imported from the source checkout {package}, which has no "
+                          f"triton_kernels inside: run from outside the checkout, or `pip install -e .`")
         return None, f"xception_fast.triton_kernels failed to import: {exc}"
     return module, f"Triton {triton.__version__}"
 
