@@ -27,14 +27,16 @@ import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
+from pathlib import Path as FilePath
+from typing import Optional
 
+from xception_fast.bench.static import cuda_tiling
 from xception_fast.bench.static.geometry import Unit, cdiv
-from xception_fast.bench.static.model import Compiled, Launch, LoopPlan
+from xception_fast.bench.static.model import Compiled, Launch, LoopPlan, Path
 from xception_fast.bench.static.sass import SassError, disassemble, resources
 
 PROVIDER = "cuda"
-ROOT = Path(__file__).resolve().parents[3]  # the source checkout, in an editable install
+ROOT = FilePath(__file__).resolve().parents[3]  # the source checkout, in an editable install
 # csrc/sepconv_device.cuh
 THREADS, BM, BN, BK = 128, 64, 64, 32
 TYPE_TAG = {"bf16": "I13__nv_bfloat16E", "fp16": "I6__halfE", "fp32": "IfE"}
@@ -44,10 +46,10 @@ class CudaUnavailable(SassError):
     """No nvcc or no csrc/ here: the CUDA provider cannot be modelled."""
 
 
-def cache_dir() -> Path:
+def cache_dir() -> FilePath:
     base = os.environ.get("XCEPTION_FAST_STATIC_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "xception_fast", "static")
-    return Path(base)
+    return FilePath(base)
 
 
 def _nvcc() -> str:
@@ -60,12 +62,12 @@ def _nvcc() -> str:
     return found
 
 
-def csrc_dir() -> Path | None:
+def csrc_dir() -> FilePath | None:
     """The CUDA sources: $XCEPTION_FAST_CSRC, the checkout of an editable install, or ./csrc (a
     regular install has no csrc/; run from the source checkout)."""
-    for candidate in (os.environ.get("XCEPTION_FAST_CSRC"), ROOT / "csrc", Path.cwd() / "csrc"):
-        if candidate and (Path(candidate) / "sepconv_device.cuh").is_file():
-            return Path(candidate)
+    for candidate in (os.environ.get("XCEPTION_FAST_CSRC"), ROOT / "csrc", FilePath.cwd() / "csrc"):
+        if candidate and (FilePath(candidate) / "sepconv_device.cuh").is_file():
+            return FilePath(candidate)
     return None
 
 
@@ -111,11 +113,14 @@ def _instance(mangled: str, kernel: str, tag: str) -> bool:
     return bool(found) and (found.group(1) == "E" or mangled[found.start(1):].startswith(tag))
 
 
-def _compiler(source: str, kernel: str, arch: int, dtype: str, dynamic_smem: int = 0, train: bool = False):
+def _compiler(source: str, kernel: str, arch: int, dtype: str, dynamic_smem: int = 0, train: bool = False,
+              tag: Optional[str] = None, threads: int = THREADS):
     """Builds `kernel`'s Compiled from `source`'s cubin: the instance for `dtype` (templates), the
-    training one (`kTrain` = true) where `train`."""
-    tag = TYPE_TAG[dtype]
-    tag = tag[:-1] + "Lb1E" if train else tag
+    training one (`kTrain` = true) where `train`, or the one whose mangled template arguments start
+    with `tag`."""
+    if tag is None:
+        tag = TYPE_TAG[dtype]
+        tag = tag[:-1] + "Lb1E" if train else tag
 
     def build() -> Compiled:
         data = cubin(source, arch)
@@ -124,13 +129,14 @@ def _compiler(source: str, kernel: str, arch: int, dtype: str, dynamic_smem: int
             raise SassError(f"{kernel}<{dtype}>: {len(names)} matching functions in {source}'s cubin")
         res = resources(data)[names[0]]
         return Compiled(cubin=data, function=names[0], regs=res["regs"], spill_bytes=res["stack"],
-                        smem_bytes=res["shared"] + dynamic_smem, num_warps=THREADS // 32, num_stages=1,
+                        smem_bytes=res["shared"] + dynamic_smem, num_warps=threads // 32, num_stages=1,
                         operand="tf32" if dtype == "fp32" else dtype)
     return build
 
 
-def infer(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
-    """sepconv_infer_kernel: 64 positions x 64 output channels per 128-thread block, 32-channel chunks."""
+def _fallback(unit: Unit, arch: int) -> list[Launch]:
+    """sepconv_infer_kernel (sepconv_forward.cu): 64 positions x 64 output channels per 128-thread
+    block, 32-channel chunks; the int64 kernel the host runs where the tiled one declines."""
     per_thread = BM // (THREADS // BK)  # depthwise rows per thread (depthwise_tile's kPerThread)
     fp32 = unit.dtype == "fp32"
     loops = [
@@ -149,10 +155,176 @@ def infer(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     loops.append(LoopPlan("epilogue (x2 unrolled)", BM * BN // THREADS / 2, expect={"STG": 2}))
     grid = cdiv(unit.P, BM) * cdiv(unit.Cout, BN)
     nbytes = unit.x_bytes() + unit.weight_bytes() + unit.y_bytes() * (2 if unit.shape.residual else 1)
-    return [[Launch(kernel="sepconv_infer_kernel", config=f"{BM}x{BN}x{BK} t{THREADS} (int64 fallback)",
-                    compile=_compiler("sepconv_forward.cu", "sepconv_infer_kernel", arch, unit.dtype),
-                    grid=grid, loops=loops, dram_bytes=nbytes, threads=THREADS,
-                    useful_ffma=BM * cdiv(unit.C, BK) * BK * unit.K * unit.K)]]
+    return [Launch(kernel="sepconv_infer_kernel", config=f"{BM}x{BN}x{BK} t{THREADS} (int64 fallback)",
+                   compile=_compiler("sepconv_forward.cu", "sepconv_infer_kernel", arch, unit.dtype),
+                   grid=grid, loops=loops, dram_bytes=nbytes, threads=THREADS,
+                   useful_ffma=BM * cdiv(unit.C, BK) * BK * unit.K * unit.K)]
+
+
+def infer(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
+    """What run_sepconv_bn_infer (sepconv_forward.cu) launches: the weight pack and the tiled kernel
+    of sepconv_infer.cu, or the int64 kernel where the tiled one declines (see `tiled_plan`)."""
+    from xception_fast.bench.static.machine import machine
+
+    plan = tiled_plan(unit, machine(arch).smem_per_block)
+    if plan is None:
+        return [_fallback(unit, arch)]
+    return [[_pack_launch(unit, arch, plan)], [_tiled_launch(unit, arch, plan)]]
+
+
+# --- the tiled inference kernel (sepconv_infer.cu) -------------------------------------------------------
+
+
+def tiled_plan(unit: Unit, max_smem: int) -> Optional[cuda_tiling.TiledPlan]:
+    """The tiling the launcher picks for this unit on a GPU with `max_smem` bytes of shared memory per
+    block, or None where it runs the int64 kernel instead."""
+    s = unit.shape
+    return cuda_tiling.choose(unit.batch, unit.C, unit.H, unit.W, unit.Cout, unit.K, s.stride, s.padding, s.dilation,
+                              unit.e, max_smem)
+
+
+def _pack_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan) -> Launch:
+    """pack_weights_kernel: one grid-stride pass over the packed pw, dw and scale/shift elements. nvcc
+    made two copies of the loop, on `scale != nullptr`: the provider passes the folded BatchNorm scale."""
+    total = p.cout_pad * p.kp + p.kh * p.kw * p.kp + p.cout_pad
+    blocks = min(cdiv(total, 256), 1 << 20)  # elementwise_blocks
+    trips = total / (blocks * 256)
+    # Each element takes one branch of the body: a pw element (stored in T), a dw one (fp32), or the
+    # scale and shift of one channel (two fp32 stores).
+    pw, dw = p.cout_pad * p.kp, p.kh * p.kw * p.kp
+    store = "STG.E.U16" if unit.e == 2 else "STG.E"
+    kinds = [("pw element", pw, {store: 1}), ("dw element", dw, {"STG.E": 1, "STG.E.U16": 0}),
+             ("scale and shift", p.cout_pad, {"STG.E": 2, "STG.E.U16": 0})]
+    paths = [Path.make(what, n / total, {"STG.E.U16": 0, "STG.E": 0, **sig}) for what, n, sig in kinds]
+    loops = [LoopPlan("packed elements, with scale", trips, expect={"LDG": 8, "STG": 4}, paths=paths),
+             LoopPlan("packed elements, no scale", 0, expect={"LDG": 5, "STG": 4})]
+    nbytes = unit.weight_bytes() + unit.e * p.cout_pad * p.kp + 4 * (p.kh * p.kw * p.kp + 2 * p.cout_pad)
+    return Launch(kernel="pack_weights_kernel", config="256", threads=256, grid=blocks, loops=loops,
+                  dram_bytes=nbytes, compile=_compiler("sepconv_infer.cu", "pack_weights_kernel", arch, unit.dtype))
+
+
+def _per_warp(f) -> float:
+    """Average over the CTA's 8 warps of f(warp)."""
+    warps = cuda_tiling.THREADS // 32
+    return sum(f(w) for w in range(warps)) / warps
+
+
+def _pointwise_paths(unit: Unit, p: cuda_tiling.TiledPlan) -> list[Path]:
+    """The ways through one iteration (one 32-channel stage of one Cout tile) of the pointwise loop,
+    per warp, with their shares over the tiles of an image: the products (16-bit: skipped by a warp
+    whose 32 columns all lie past Cout), and after the last stage of each Cout tile the epilogue:
+    the unmasked copy for the flags the layer runs (residual, post-ReLU) where the position tile is
+    full and the Cout tile lies inside Cout, else the masked element-by-element copy with the stores
+    of the rows and columns that exist (a warp issues an instruction when any of its lanes runs it)."""
+    s = unit.shape
+    res, relu = bool(s.residual), bool(s.post_relu)
+    warps = cuda_tiling.THREADS // 32
+    shares: dict = {}
+
+    def add(what, signature, n):
+        key = (what, tuple(sorted(signature.items())))
+        shares[key] = shares.get(key, 0) + n
+
+    sixteen = p.elem == 2
+    for rem in range(p.tiles_per_image):
+        _, count = p.tile(rem)
+        for nt in range(p.cout_tiles):
+            full = count == p.bm and (nt + 1) * cuda_tiling.BN <= p.c_out
+            for w in range(warps):
+                if sixteen:
+                    mf = p.bm // 32
+                    live = nt * cuda_tiling.BN + (w % 4) * 32 < p.c_out
+                    work = {"HMMA": 8 * mf if live else 0}
+                    row0, col0 = (w // 4) * (p.bm // 2), nt * cuda_tiling.BN + (w % 4) * 32
+                    rows = [row0 + 16 * i + 8 * h for i in range(mf) for h in range(2)]
+                    cols = [col0 + 8 * j for j in range(4)]
+                    per_row, pair, elem_st, elem_ld, relu_op, relu_n = 4, ("STG.E", "LDG.E"), "STG.E.U16", \
+                        "LDG.E.U16", "HMNMX2", 4
+                else:
+                    work = {"FFMA": 512}
+                    rows = [w + 8 * i for i in range(p.bm // 8)]
+                    cols = [nt * cuda_tiling.BN + k for k in (0, 2)]
+                    per_row, pair, elem_st, elem_ld, relu_op, relu_n = 2, ("STG.E.64", "LDG.E.64"), "STG.E", \
+                        "LDG.E", "FSEL", 4
+                none = {pair[0]: 0, pair[1]: 0, elem_st: 0, elem_ld: 0, relu_op: 0}
+                add("products", {**work, **none}, p.k_chunks - 1)
+                if full:
+                    n = len(rows) * per_row
+                    sig = {**none, pair[0]: n, pair[1]: n if res else 0, relu_op: len(rows) * relu_n if relu else 0}
+                    add("products + epilogue, unmasked", {**work, **sig}, 1)
+                else:
+                    valid = [r for r in rows if r < count]
+                    stored = len(valid) * sum((c < p.c_out) + (c + 1 < p.c_out) for c in cols)
+                    sig = {**none, elem_st: stored, elem_ld: stored if res else 0,
+                           relu_op: len(valid) * relu_n if relu else 0}
+                    add("products + epilogue, masked", {**work, **sig}, 1)
+    total = sum(shares.values())
+    return [Path(what, n / total, signature) for (what, signature), n in shares.items()]
+
+
+def _tiled_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan) -> Launch:
+    """sepconv_infer_tiled_kernel<T, bm, 3, 3>: one 256-thread CTA per position tile; phase 1 stages
+    the halo box chunk by chunk (32 channels, 16-byte cp.async, the pre-ReLU in place) and computes the
+    depthwise into the resident d tile; phase 2 runs every Cout tile over it (16-bit: ldmatrix +
+    mma.sync, fp32: FFMA) through a 3-stage cp.async weight ring, the epilogue once per Cout tile.
+    One CTA per SM (shared memory) and a barrier between the phases: they run in sequence."""
+    s = unit.shape
+    if unit.K != 3:
+        raise NotImplementedError("the plan covers the 3x3 instance (every Xception unit)")
+    if unit.C % (16 // unit.e):
+        raise NotImplementedError("C not a multiple of a 16-byte vector: the element-wise halo staging runs "
+                                  "(not in Xception; no plan for its loop copies)")
+    vp = cuda_tiling.BK // (16 // unit.e)  # 16-byte vectors per staged pixel
+    slots = cuda_tiling.THREADS // vp
+    taps = unit.K * unit.K
+    wts_vectors = taps * (cuda_tiling.BK // 4)
+    pixels = [p.box_pixels(*p.tile(rem)) for rem in range(p.tiles_per_image)]
+
+    def mean_over_tiles(f):
+        return sum(_per_warp(lambda w: f(px, w)) for px in pixels) / len(pixels)
+
+    def strided(total, first, step):  # trips of `for (i = first; i < total; i += step)`
+        return cdiv(total - first, step) if total > first else 0
+
+    # A warp runs a loop over its lanes' items as long as any lane has one.
+    table = mean_over_tiles(lambda px, w: strided(px, 32 * w, cuda_tiling.THREADS))
+    halo = mean_over_tiles(lambda px, w: max(strided(px, sl, slots) for sl in range(w * 32 // vp, (w + 1) * 32 // vp)))
+    weights = _per_warp(lambda w: strided(wts_vectors, 32 * w, cuda_tiling.THREADS))
+    chunks = p.k_chunks
+    later = (chunks - 1) / chunks  # the chunk loop stages the next chunk in all but its last iteration
+    relu = halo if s.pre_relu else 0
+    k_pos = p.bm // slots if p.bm >= slots else 1
+    dw = "depthwise"
+    loops = [
+        LoopPlan("pixel table of the halo box", table, expect={"STS": 1}, phase=dw),
+        LoopPlan("halo staging of chunk 0, 16-byte cp.async", halo, expect={"LDGSTS": 1, "LDS": 4}, phase=dw),
+        # The element-wise staging (x not 16-byte aligned or C not a multiple of a vector), a copy per
+        # pre_relu, each as a remainder and a x4-unrolled loop: not run by Xception's layers.
+        *[LoopPlan(f"element-wise halo staging of chunk 0 ({n})", 0, expect={"LDG": k}, phase=dw)
+          for n, k in (("remainder", 1), ("x4 unrolled", 4)) * 2],
+        LoopPlan("depthwise weights of chunk 0", weights, expect={"LDGSTS": 1, "LDS": 3}, phase=dw),
+        # The chunk loop's own code: the depthwise of the chunk (the thread's rows, all taps), with the
+        # 16-byte staging of the next chunk in all but the last iteration; not the element-wise copy.
+        LoopPlan("channel chunks of 32", chunks, expect={"FFMA": k_pos * (16 // unit.e) * taps}, phase=dw,
+                 paths=[Path.make("depthwise of the chunk, 16-byte staging", 1.0,
+                                  {"FFMA": k_pos * (16 // unit.e) * taps, "LDG": 0})]),
+        LoopPlan("halo staging of the next chunk", halo * later, expect={"LDGSTS": 1, "LDS": 4}, phase=dw),
+        *[LoopPlan("element-wise halo staging of the next chunk", 0, expect={"LDG": 4}, phase=dw)] * 2,
+        LoopPlan("depthwise weights of the next chunk", weights * later, expect={"LDGSTS": 1, "LDS": 3}, phase=dw),
+        LoopPlan("pre-ReLU of the staged chunk", relu, expect={"LDS": 1, "STS": 1}, phase=dw),
+        LoopPlan("pointwise stages (Cout tiles x 32-channel chunks)", p.stages, paths=_pointwise_paths(unit, p),
+                 phase="pointwise"),
+    ]
+    tag = f"{TYPE_TAG[unit.dtype][:-1]}Li{p.bm}ELi3ELi3EE"
+    nbytes = (unit.x_bytes() + unit.y_bytes() * (2 if s.residual else 1) + unit.e * p.cout_pad * p.kp
+              + 4 * (taps * p.kp + 2 * p.cout_pad))
+    tiles = "row segments" if p.row_segments else "image ranges"
+    return Launch(kernel="sepconv_infer_tiled_kernel", config=f"bm {p.bm} ({tiles}) x {cuda_tiling.BN} x "
+                  f"{cuda_tiling.BK}, t{cuda_tiling.THREADS}, {cuda_tiling.STAGES}-stage ring",
+                  compile=_compiler("sepconv_infer.cu", "sepconv_infer_tiled_kernel", arch, unit.dtype,
+                                    dynamic_smem=p.smem_bytes(), tag=tag, threads=cuda_tiling.THREADS),
+                  grid=p.tiles, loops=loops, dram_bytes=nbytes, threads=cuda_tiling.THREADS,
+                  useful_ffma=p.bm * p.kp * taps if unit.e == 2 else 0.0)
 
 
 # --- training -------------------------------------------------------------------------------------------

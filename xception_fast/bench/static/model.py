@@ -12,6 +12,17 @@ For one launch (a compiled kernel, its grid and the trip counts of its loops):
   emitted, as for an fp32 `tl.dot(input_precision="ieee")`);
 - DRAM time = the bytes the kernel must move (its plan says which) / DRAM bandwidth;
 - the static estimate is the largest of the three: a lower bound under the model, never a measurement.
+  A kernel whose plan names phases (`LoopPlan.phase`: e.g. a depthwise into shared memory, then a GEMM
+  over it, with a barrier between) that one CTA per SM runs one after the other: issue and MMA time
+  per phase, and the estimate is max(sum over phases of max(issue, MMA), DRAM): the phases in
+  sequence. `overlapped_us` keeps max(issue, MMA, DRAM) beside it.
+
+Paths: where a loop body holds branches that matter (an epilogue taken once per output tile, copies
+of the code for run-time flags), its plan lists `Path`s (a signature: how many instructions of each
+kind the path holds, and the share of iterations that take it); each path is found in the SASS
+(`sass.shortest_path`: the shortest one holding the signature, a lower bound like the rest of the
+model; the run fails when none does) and its instructions are weighted by its share, instead of
+counting the whole body every iteration.
 
 Flags: `dw_dup` (FFMAs issued / FFMAs the depthwise needs, where the plan says how many it needs:
 2.0 means every depthwise FMA is computed twice, e.g. once per warpgroup), `bar_per_iter`
@@ -24,6 +35,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -42,6 +54,21 @@ class PlanMismatch(sass.SassError):
     """The SASS loop structure of a kernel is not the one its launch plan declares."""
 
 
+@dataclass(frozen=True)
+class Path:
+    """One way through a flat loop body: `share` of the iterations (per warp, averaged over the CTAs)
+    take the shortest path holding exactly `signature[key]` instructions of each key (an opcode base,
+    "STG", or an exact opcode, "STG.E.U16"; see `sass.matches`)."""
+
+    what: str
+    share: float
+    signature: tuple  # ((key, count), ...): a dict's sorted items, hashable
+
+    @classmethod
+    def make(cls, what: str, share: float, signature: dict) -> "Path":
+        return cls(what, share, tuple(sorted(signature.items())))
+
+
 @dataclass
 class LoopPlan:
     """One loop of a kernel as its plan declares it, in SASS order (outer before inner).
@@ -58,6 +85,11 @@ class LoopPlan:
     # Instructions per iteration the plan assumes, by opcode base (inner loops excluded): pins an
     # unroll factor, checked against the SASS.
     expect: Optional[dict] = None
+    # The ways through the body and their shares (summing to 1); None: every instruction every
+    # iteration. A path holds the loop's own instructions; inner loops count by their own trips.
+    paths: Optional[Sequence[Path]] = None
+    # The phase of the kernel the loop belongs to (see the module docstring); "" for none.
+    phase: str = ""
 
 
 @dataclass
@@ -117,13 +149,25 @@ class Estimate:
     bar_per_iter: Optional[float] = None
     mma_wait: Optional[int] = None
     loop_trips: list = field(default_factory=list)
+    # {phase: {"issue_us", "mma_us"}} where the plan names phases run in sequence (else empty).
+    phases: dict = field(default_factory=dict)
 
     @property
-    def estimate_us(self) -> float:
+    def overlapped_us(self) -> float:
         return max(self.issue_us, self.mma_us, self.dram_us)
 
     @property
+    def estimate_us(self) -> float:
+        if self.phases:
+            serial = sum(max(p["issue_us"], p["mma_us"]) for p in self.phases.values())
+            return max(serial, self.dram_us)
+        return self.overlapped_us
+
+    @property
     def bound(self) -> str:
+        if self.phases and self.estimate_us > self.dram_us:
+            return " + ".join(f"{name} {'mma' if p['mma_us'] > p['issue_us'] else 'issue'}"
+                              for name, p in self.phases.items())
         times = {"issue": self.issue_us, "mma": self.mma_us, "dram": self.dram_us}
         return max(times, key=times.get)
 
@@ -192,6 +236,53 @@ def _peeled(function: sass.Function, loops: Sequence[sass.Loop], index: int) -> 
     return int(round(after / per_iter))
 
 
+def path_weights(kernel: str, function: sass.Function, found: Sequence[sass.Loop],
+                 plan: Sequence[LoopPlan]) -> dict:
+    """{address: share of its loop's iterations that execute it} for the loops whose plan lists paths."""
+    weights: dict = {}
+    for i, (loop, p) in enumerate(zip(found, plan)):
+        if not p.paths:
+            continue
+        total = sum(path.share for path in p.paths)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"{kernel}: the shares of loop {i} ({p.what}) sum to {total}, not 1")
+        for ins in sass.loop_body(function, loop, loops=found):  # its own instructions: inner loops have trips
+            weights[ins.addr] = 0.0
+        for path in p.paths:
+            if path.share == 0:
+                continue
+            try:
+                instrs = sass.shortest_path(function, loop, dict(path.signature), found)
+            except sass.SassError as exc:
+                raise PlanMismatch(f"{kernel}: loop {i} ({p.what}), path {path.what!r}: {exc}. The kernel changed: "
+                                   f"update its plan in the provider's plan module.") from None
+            for ins in instrs:
+                weights[ins.addr] += path.share
+    return weights
+
+
+def _phase_of(loops: Sequence[sass.Loop], plan: Sequence[LoopPlan], addr: int) -> str:
+    """The phase of an instruction: that of the first loop ending at or after it (code before a loop
+    sets it up), else of the last loop."""
+    for loop, p in zip(loops, plan):
+        if loop.end >= addr and loop.depth == 0:
+            return p.phase
+    return plan[-1].phase if plan else ""
+
+
+def _tensor_work(counts, warps: int) -> tuple[str, float, float]:
+    """(tensor instruction class, its FLOPs, thread-FFMAs) of dynamic counts for `warps` warps."""
+    tensor_op, flops, ffma = "FFMA", 0.0, 0.0
+    for opcode, n in counts.items():
+        f = _mma_flops(opcode)
+        if f:
+            tensor_op = opcode.split(".", 1)[0]
+            flops += f * n * warps
+        if opcode.startswith("FFMA"):
+            ffma += n * warps * 32
+    return tensor_op, flops, ffma
+
+
 def estimate(launch: Launch, machine: Machine) -> Estimate:
     compiled = launch.compile()
     function = compiled.sass()
@@ -203,27 +294,37 @@ def estimate(launch: Launch, machine: Machine) -> Estimate:
         if plan.pipelined and compiled.num_stages > 1:
             t = max(t - _peeled(function, loops, i), 0.0)
         trips.append(t)
-    counts = sass.dynamic_counts(function, loops, trips)
+    weights = path_weights(launch.kernel, function, loops, launch.loops)
+    counts = sass.dynamic_counts(function, loops, trips, weights)
     warps = compiled.num_warps if launch.threads is None else math.ceil(launch.threads / 32)
     threads = launch.threads or warps * 32
     per_cta = counts[""] * warps
 
-    tensor_op, flops, ffma = "FFMA", 0.0, 0.0
-    for opcode, n in counts.items():
-        f = _mma_flops(opcode)
-        if f:
-            tensor_op = opcode.split(".", 1)[0]
-            flops += f * n * warps
-        if opcode.startswith("FFMA"):
-            ffma += n * warps * 32
+    tensor_op, flops, ffma = _tensor_work(counts, warps)
     ctas = ctas_per_sm(machine, compiled.regs, threads, compiled.smem_bytes)
     per_sm = math.ceil(launch.grid / machine.sms)  # CTAs the busiest SM must run
     clock = machine.clock_ghz * 1e9
     issue_us = per_sm * per_cta / (machine.schedulers * clock) * 1e6
-    if flops:
-        mma_us = per_sm * flops / (machine.mma_rate(tensor_op, compiled.operand) / machine.sms) * 1e6
-    else:
-        mma_us = 0.0
+
+    def mma_time(flops_, ffma_, op):
+        if flops_:
+            return per_sm * flops_ / (machine.mma_rate(op, compiled.operand) / machine.sms) * 1e6
+        if ffma_:  # no tensor instruction: the products run as FFMA (fp32 `tl.dot(ieee)`, CUDA fp32)
+            return per_sm * 2 * ffma_ / (machine.mma_rate("FFMA", "*") / machine.sms) * 1e6
+        return 0.0
+
+    mma_us = mma_time(flops, 0.0, tensor_op)
+    phases: dict = {}
+    if any(p.phase for p in launch.loops):
+        by_phase: dict = {}
+        for ins, m in zip(function.instrs, sass.multipliers(function, loops, trips, weights)):
+            c = by_phase.setdefault(_phase_of(loops, launch.loops, ins.addr), Counter())
+            c[ins.opcode] += m
+            c[""] += m
+        for name, c in by_phase.items():
+            op, f, ff = _tensor_work(c, warps)
+            phases[name] = {"issue_us": per_sm * c[""] * warps / (machine.schedulers * clock) * 1e6,
+                            "mma_us": mma_time(f, ff if not flops else 0.0, op)}
     dram_us = launch.dram_bytes / machine.dram_rate() * 1e6
 
     bar = wait = None
@@ -234,8 +335,8 @@ def estimate(launch: Launch, machine: Machine) -> Estimate:
         waits = [int(m.group(1), 16) for loop in loops for ins in sass.loop_body(function, loop, loops=loops)
                  if ins.opcode.startswith("WARPGROUP.DEPBAR") for m in [_WAIT.search(ins.operands)] if m]
         wait = min(waits) if waits else None
-    if not flops and ffma:  # no tensor instruction: the products run as FFMA (fp32 `tl.dot(ieee)`)
-        mma_us = per_sm * 2 * ffma / (machine.mma_rate("FFMA", "*") / machine.sms) * 1e6
+    if not flops and ffma:
+        mma_us = mma_time(0.0, ffma, tensor_op)
     return Estimate(
         kernel=launch.kernel, config=launch.config, grid=launch.grid, issue_us=issue_us, mma_us=mma_us,
         dram_us=dram_us, tensor_op=tensor_op if flops else ("FFMA" if ffma else "none"), regs=compiled.regs,
@@ -244,4 +345,4 @@ def estimate(launch: Launch, machine: Machine) -> Estimate:
         dram_bytes=launch.dram_bytes, mma_flops=flops * launch.grid,
         # Without tensor instructions the products are FFMAs too: the ratio would not be the depthwise's.
         dw_dup=(ffma / launch.useful_ffma) if launch.useful_ffma and flops else None, bar_per_iter=bar, mma_wait=wait,
-        loop_trips=trips)
+        loop_trips=trips, phases=phases)

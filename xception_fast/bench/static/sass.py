@@ -8,6 +8,10 @@ trip counts of the loops around it: the number of times one warp issues it, per 
 
 Straight-line code outside loops is counted once, both sides of a forward branch included: a
 slight over-count of the code around the loops (a kernel's prologue and epilogue), never of a loop.
+Where a loop body holds branches that matter (code taken once per output tile, copies of the code
+for run-time flags), `shortest_path` finds the path through the body a given iteration takes, named
+by the instructions it must contain (its signature), and the model weights each path by the share
+of iterations that take it instead of counting the whole body.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Optional, Sequence
 _FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)")
 _INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);")
 _BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
+_PREDICATE_OPERAND = re.compile(r"^!?U?P[T0-9]+\s*,")
 
 
 class SassError(RuntimeError):
@@ -62,7 +67,7 @@ class Loop:
         return self.start <= addr <= self.end
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: `disassemble` caches one object per function
 class Function:
     name: str
     instrs: list[Instr] = field(default_factory=list)
@@ -152,9 +157,11 @@ def find_loops(function: Function) -> list[Loop]:
     return loops
 
 
-def multipliers(function: Function, loops: Sequence[Loop], trips: Sequence[float]) -> list[float]:
+def multipliers(function: Function, loops: Sequence[Loop], trips: Sequence[float],
+                weights: Optional[dict] = None) -> list[float]:
     """Per instruction, how many times a warp executes it: the product of the trip counts of the
-    loops around it (`trips[i]`: iterations of loop i each time it is entered)."""
+    loops around it (`trips[i]`: iterations of loop i each time it is entered), times
+    `weights[addr]` where given (the share of iterations whose path holds the instruction)."""
     if len(trips) != len(loops):
         raise ValueError(f"{len(trips)} trip counts for {len(loops)} loops")
     out = []
@@ -163,14 +170,17 @@ def multipliers(function: Function, loops: Sequence[Loop], trips: Sequence[float
         for loop, trip in zip(loops, trips):
             if loop.contains(ins.addr):
                 m *= trip
+        if weights is not None:
+            m *= weights.get(ins.addr, 1.0)
         out.append(m)
     return out
 
 
-def dynamic_counts(function: Function, loops: Sequence[Loop], trips: Sequence[float]) -> Counter:
+def dynamic_counts(function: Function, loops: Sequence[Loop], trips: Sequence[float],
+                   weights: Optional[dict] = None) -> Counter:
     """{opcode with modifiers: dynamic count per warp}; the key "" holds the total."""
     counts: Counter = Counter()
-    for ins, m in zip(function.instrs, multipliers(function, loops, trips)):
+    for ins, m in zip(function.instrs, multipliers(function, loops, trips, weights)):
         counts[ins.opcode] += m
         counts[""] += m
     return counts
@@ -182,6 +192,115 @@ def loop_body(function: Function, loop: Loop, exclude_inner: bool = True,
     inner = [l for l in loops if l is not loop and loop.contains(l.start)] if exclude_inner else []
     return [ins for ins in function.instrs
             if loop.contains(ins.addr) and not any(l.contains(ins.addr) for l in inner)]
+
+
+def matches(ins: Instr, key: str) -> bool:
+    """Whether `key` names the instruction: a base ("STG": every store) or, with modifiers, exactly
+    that opcode ("STG.E.U16": 16-bit stores only)."""
+    return ins.opcode == key if "." in key else ins.base == key
+
+
+def _conditional(ins: Instr) -> bool:
+    """A branch that may fall through: predicated (@P0 BRA) or on a predicate operand (BRA P4, ...)."""
+    return bool(ins.predicate) and ins.predicate not in ("@PT",) or bool(_PREDICATE_OPERAND.match(ins.operands))
+
+
+def shortest_path(function: Function, loop: Loop, signature: dict, loops: Sequence[Loop] = ()) -> list[Instr]:
+    """The shortest path through one iteration of `loop` (from its first instruction to its back
+    branch, along fall-throughs and forward branches) that holds exactly `signature[key]`
+    instructions matching each key (see `matches`): the loop's own instructions on it, those of its
+    inner loops left out (they count by their own trip counts). Raises SassError when no path does,
+    or on an indirect branch or an unconditional branch out of the loop."""
+    return list(_shortest_path(function, loop.start, loop.end, tuple(sorted(signature.items())),
+                               tuple((l.start, l.end) for l in loops)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _shortest_path(function: Function, start: int, end: int, signature: tuple, loops: tuple) -> tuple:
+    where = f"{function.name}: the loop at {start:#x}-{end:#x}"
+    # Inner loops are single nodes of the path (their instructions count by their own trip counts):
+    # entered at their first instruction, left after their back branch or by a branch out of them.
+    inner = [(s, e) for s, e in loops if start <= s and e <= end and (s, e) != (start, end)]
+    inner = [(s, e) for s, e in inner if not any(o != (s, e) and o[0] <= s and e <= o[1] for o in inner)]
+    inner_of = {}
+    for s, e in inner:
+        for ins in function.instrs:
+            if s <= ins.addr <= e:
+                inner_of[ins.addr] = (s, e)
+    body = [ins for ins in function.instrs if start <= ins.addr <= end]
+    keys = [k for k, _ in signature]
+    want = tuple(int(n) for _, n in signature)
+    # Basic blocks: a block starts at a branch target and after a branch or an EXIT.
+    leaders = {start} | {s for s, _ in inner}
+    leaders |= {ins.addr for k, ins in enumerate(body[1:], 1) if inner_of.get(body[k - 1].addr) and
+                inner_of.get(ins.addr) != inner_of.get(body[k - 1].addr)}
+    exits: dict = {}  # inner loop -> forward targets of its branches out of it
+    for k, ins in enumerate(body):
+        target = ins.branch_target()
+        if ins.base == "BRX" or (ins.base == "BRA" and target is None):
+            raise SassError(f"{where}: indirect branch at {ins.addr:#x}")
+        if ins.base == "BRA" and not start <= target <= end and not _conditional(ins):
+            raise SassError(f"{where}: branch out of the loop at {ins.addr:#x}")
+        loop_here = inner_of.get(ins.addr)
+        if loop_here:
+            if target is not None and target > loop_here[1] and target <= end:
+                exits.setdefault(loop_here, set()).add(target)
+                leaders.add(target)
+            continue
+        if target is not None and start <= target <= end:
+            if target in inner_of and inner_of[target][0] != target:
+                raise SassError(f"{where}: branch at {ins.addr:#x} into the middle of an inner loop")
+            leaders.add(target)
+        if (target is not None or ins.base == "EXIT") and k + 1 < len(body):
+            leaders.add(body[k + 1].addr)
+    blocks: list[list[Instr]] = []
+    for ins in body:
+        if ins.addr in leaders:
+            blocks.append([])
+        blocks[-1].append(ins)
+    first = {b[0].addr: i for i, b in enumerate(blocks)}
+    is_loop = [b[0].addr in inner_of for b in blocks]
+    hits = [tuple(0 if is_loop[i] else sum(matches(ins, k) for ins in b) for k in keys) for i, b in enumerate(blocks)]
+    sizes = [0 if is_loop[i] else len(b) for i, b in enumerate(blocks)]
+
+    def successors(i):
+        if is_loop[i]:
+            loop_here = inner_of[blocks[i][0].addr]
+            return sorted({first[t] for t in exits.get(loop_here, ())} | ({i + 1} if i + 1 < len(blocks) else set()))
+        last = blocks[i][-1]
+        target = last.branch_target()
+        out = []
+        if target is not None and target > last.addr and target <= end:
+            out.append(first[target])
+        falls = not ((last.base == "BRA" or last.base == "EXIT") and not _conditional(last))
+        if falls and i + 1 < len(blocks):
+            out.append(i + 1)
+        return out
+
+    # states[i]: {counts before block i: (path length before it, previous block, its counts)}
+    states: list[dict] = [dict() for _ in blocks]
+    states[0][tuple(0 for _ in keys)] = (0, -1, None)
+    final = {}
+    for i, block in enumerate(blocks):
+        for counts, (length, _, _) in states[i].items():
+            new = tuple(c + h for c, h in zip(counts, hits[i]))
+            if any(c > w for c, w in zip(new, want)):
+                continue
+            if i == len(blocks) - 1:
+                final[new] = (length + sizes[i], counts)
+                continue
+            for j in successors(i):
+                best = states[j].get(new)
+                if best is None or length + sizes[i] < best[0]:
+                    states[j][new] = (length + sizes[i], i, counts)
+    if want not in final:
+        raise SassError(f"{where}: no path through one iteration holds {dict(zip(keys, want))} "
+                        f"({len(final)} other signatures reach the back branch)")
+    path, i, counts = [], len(blocks) - 1, final[want][1]
+    while i >= 0:
+        path = ([] if is_loop[i] else blocks[i]) + path
+        _, i, counts = states[i][counts]
+    return tuple(path)
 
 
 _RESOURCES = re.compile(r"Function\s+(\S+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)")
