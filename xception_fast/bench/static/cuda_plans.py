@@ -246,17 +246,22 @@ def _pointwise_paths(unit: Unit, p: cuda_tiling.TiledPlan) -> list[Path]:
                     cols = [nt * cuda_tiling.BN + k for k in (0, 2)]
                     per_row, pair, elem_st, elem_ld, relu_op, relu_n = 2, ("STG.E.64", "LDG.E.64"), "STG.E", \
                         "LDG.E", "FSEL", 4
-                none = {pair[0]: 0, pair[1]: 0, elem_st: 0, elem_ld: 0, relu_op: 0}
+                # The stores fix the copy (none, unmasked or masked); a flag that is on adds its
+                # instructions. One that is off adds no key: nvcc may keep a copy's instructions
+                # predicated off rather than branch around them (the unmasked post-ReLU copy issues the
+                # residual loads either way), and the shortest path takes the cheapest copy that fits.
+                none = {pair[0]: 0, elem_st: 0}
                 add("products", {**work, **none}, p.k_chunks - 1)
                 if full:
                     n = len(rows) * per_row
-                    sig = {**none, pair[0]: n, pair[1]: n if res else 0, relu_op: len(rows) * relu_n if relu else 0}
+                    sig = {**none, pair[0]: n, **({pair[1]: n} if res else {}),
+                           **({relu_op: len(rows) * relu_n} if relu else {})}
                     add("products + epilogue, unmasked", {**work, **sig}, 1)
                 else:
                     valid = [r for r in rows if r < count]
                     stored = len(valid) * sum((c < p.c_out) + (c + 1 < p.c_out) for c in cols)
-                    sig = {**none, elem_st: stored, elem_ld: stored if res else 0,
-                           relu_op: len(valid) * relu_n if relu else 0}
+                    sig = {**none, elem_st: stored, **({elem_ld: stored} if res else {}),
+                           **({relu_op: len(valid) * relu_n} if relu else {})}
                     add("products + epilogue, masked", {**work, **sig}, 1)
     total = sum(shares.values())
     return [Path(what, n / total, signature) for (what, signature), n in shares.items()]

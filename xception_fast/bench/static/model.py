@@ -13,9 +13,11 @@ For one launch (a compiled kernel, its grid and the trip counts of its loops):
 - DRAM time = the bytes the kernel must move (its plan says which) / DRAM bandwidth;
 - the static estimate is the largest of the three: a lower bound under the model, never a measurement.
   A kernel whose plan names phases (`LoopPlan.phase`: e.g. a depthwise into shared memory, then a GEMM
-  over it, with a barrier between) that one CTA per SM runs one after the other: issue and MMA time
-  per phase, and the estimate is max(sum over phases of max(issue, MMA), DRAM): the phases in
-  sequence. `overlapped_us` keeps max(issue, MMA, DRAM) beside it.
+  over it, with a barrier between) gets issue and MMA time per phase; where one CTA per SM runs them,
+  one after the other with nothing to fill the gaps, the estimate is max(sum over phases of
+  max(issue, MMA), DRAM): the phases in sequence. With more CTAs per SM the phases of different CTAs
+  may overlap and the estimate stays the largest of the three. `overlapped_us` keeps max(issue,
+  MMA, DRAM) beside it.
 
 Paths: where a loop body holds branches that matter (an epilogue taken once per output tile, copies
 of the code for run-time flags), its plan lists `Path`s (a signature: how many instructions of each
@@ -149,8 +151,13 @@ class Estimate:
     bar_per_iter: Optional[float] = None
     mma_wait: Optional[int] = None
     loop_trips: list = field(default_factory=list)
-    # {phase: {"issue_us", "mma_us"}} where the plan names phases run in sequence (else empty).
+    # {phase: {"issue_us", "mma_us"}} where the plan names phases (else empty); they run in sequence
+    # where one CTA per SM runs them (another CTA's phase could fill the gaps otherwise).
     phases: dict = field(default_factory=dict)
+
+    @property
+    def phases_in_sequence(self) -> bool:
+        return bool(self.phases) and self.ctas_per_sm <= 1
 
     @property
     def overlapped_us(self) -> float:
@@ -158,14 +165,14 @@ class Estimate:
 
     @property
     def estimate_us(self) -> float:
-        if self.phases:
+        if self.phases_in_sequence:
             serial = sum(max(p["issue_us"], p["mma_us"]) for p in self.phases.values())
             return max(serial, self.dram_us)
         return self.overlapped_us
 
     @property
     def bound(self) -> str:
-        if self.phases and self.estimate_us > self.dram_us:
+        if self.phases_in_sequence and self.estimate_us > self.dram_us:
             return " + ".join(f"{name} {'mma' if p['mma_us'] > p['issue_us'] else 'issue'}"
                               for name, p in self.phases.items())
         times = {"issue": self.issue_us, "mma": self.mma_us, "dram": self.dram_us}

@@ -64,6 +64,13 @@ def _flag(r: dict) -> str:
         parts.append(f"wgmma wait {r['mma_wait']}")
     if r.get("spill_bytes"):
         parts.append(f"{r['spill_bytes']} B stack")
+    if r.get("phases"):
+        each = " then ".join(f"{name} {_us(p['issue_us'])} issue / {_us(p['mma_us'])} MMA"
+                             for name, p in r["phases"].items())
+        if r.get("phases_in_sequence"):
+            parts.append(f"phases in sequence (1 CTA/SM): {each}; overlapped {_us(r['overlapped_us'])}")
+        else:
+            parts.append(f"phases may overlap ({r['ctas_per_sm']} CTAs/SM): {each}")
     return ", ".join(parts)
 
 

@@ -67,7 +67,7 @@ def kernel_record(est: model.Estimate, base: dict, candidates: int) -> dict:
             "waves": est.waves, "warp_instr_per_cta": est.warp_instr_per_cta, "dram_bytes": est.dram_bytes,
             "mma_flops": est.mma_flops, "dw_dup": est.dw_dup, "bar_per_iter": est.bar_per_iter,
             "mma_wait": est.mma_wait, "loop_trips": est.loop_trips, "phases": est.phases or None,
-            "overlapped_us": est.overlapped_us}
+            "phases_in_sequence": est.phases_in_sequence if est.phases else None, "overlapped_us": est.overlapped_us}
 
 
 def best_launch(candidates: Sequence[model.Launch], m: Machine) -> tuple[model.Estimate, list[model.Estimate]]:
