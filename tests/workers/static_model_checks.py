@@ -89,7 +89,7 @@ def unrolled_loop_kernel(x_ptr, y_ptr, out_ptr, rows, cols, BLOCK: tl.constexpr)
 def _facts(est: model.Estimate) -> dict:
     return dict(tensor_op=est.tensor_op, bound=est.bound, estimate_us=est.estimate_us, issue_us=est.issue_us,
                 mma_us=est.mma_us, dram_us=est.dram_us, mma_flops=est.mma_flops,
-                warp_instr_per_cta=est.warp_instr_per_cta, loop_trips=est.loop_trips)
+                warp_instr_per_cta=est.warp_instr_per_cta, loop_trips=est.loop_trips, mma_wait=est.mma_wait)
 
 
 def matmul(n: int, stages: int) -> dict:
@@ -170,6 +170,47 @@ def nested(rows: int = ROWS, steps: int = STEPS) -> dict:
     return out
 
 
+def wait_depths() -> dict:
+    """`mma_wait` of the two-loop kernel at 1 and 3 stages: with 3, Triton pipelines the inner (dot)
+    loop, waits one wgmma group behind in it and drains with `gsb0, 0` in the outer loop's body."""
+    out = {}
+    for stages in (1, 3):
+        config = triton.Config(dict(BLOCK=TILE), num_warps=4, num_stages=stages)
+        launch = Launch(kernel="nested_loops_kernel", config=f"s{stages}", grid=1, dram_bytes=0,
+                        loops=[LoopPlan("rows", ROWS), LoopPlan("steps", STEPS, pipelined=True)],
+                        compile=compiler(nested_loops_kernel, config, 90, "bf16", {}, dict(rows=ROWS, steps=STEPS),
+                                         dict(a_ptr="bf16", b_ptr="bf16", c_ptr="fp32")))
+        function = launch.compile().sass()
+        loops = sass.find_loops(function)
+        every = [int(m.group(1), 16) for ins in function.instrs if ins.opcode.startswith("WARPGROUP.DEPBAR")
+                 for m in [re.search(r"gsb0,\s*0x([0-9a-f]+)", ins.operands)] if m]
+        out[f"s{stages}"] = dict(mma_wait=model.estimate(launch, H100_SXM).mma_wait, waits_anywhere=sorted(set(every)),
+                                 depths=[l.depth for l in loops])
+    return out
+
+
+def wrong_tiled_path():
+    """The middle unit's tiled-kernel plan with one store too many on its unmasked epilogue path: the
+    error the instrument raises (None if it raises none)."""
+    import dataclasses
+
+    from xception_fast.bench.shapes import unit_shapes
+    from xception_fast.bench.static import cuda_plans
+    from xception_fast.bench.static.geometry import Unit
+
+    shape = next(s for s in unit_shapes(299) if run.layer_name(s) == "middle")
+    launch = cuda_plans.infer(Unit(shape, 256, "bf16"), 90, H100_SXM.sms)[1][0]
+    loops = list(launch.loops)
+    paths = [model.Path.make(p.what, p.share, {k: v + (k == "STG.E") for k, v in p.signature})
+             if "unmasked" in p.what else p for p in loops[-1].paths]
+    loops[-1] = dataclasses.replace(loops[-1], paths=paths)
+    try:
+        model.estimate(dataclasses.replace(launch, loops=loops), H100_SXM)
+    except model.PlanMismatch as exc:
+        return str(exc)
+    return None
+
+
 def finding(provider: str, modes=("infer",)) -> dict:
     records = run.static_records(90, ["bf16"], ["middle"], modes, (provider,))
     return dict(records=records)
@@ -182,10 +223,14 @@ def main(which: list[str]) -> dict:
         out["matmul_s3"] = matmul(4096, 3)
         out["vector_add"] = vector_add(2 ** 28)
         out["nested"] = nested()
+        out["wait"] = wait_depths()
     if "triton" in which:
         out["triton"] = finding("triton")
     if "cuda" in which:
         out["cuda"] = finding("cuda", ("infer", "train"))
+        out["cuda"]["wrong_path"] = wrong_tiled_path()
+    if "cuda80" in which:
+        out["cuda80"] = dict(records=run.static_records(80, ["bf16"], ["middle"], ("infer",), ("cuda",)))
     return out
 
 

@@ -29,8 +29,9 @@ counting the whole body every iteration.
 Flags: `dw_dup` (FFMAs issued / FFMAs the depthwise needs, where the plan says how many it needs:
 2.0 means every depthwise FMA is computed twice, e.g. once per warpgroup), `bar_per_iter`
 (BAR.SYNC per iteration of the innermost loop: layout conversions through shared memory),
-`mma_wait` (the smallest N of `WARPGROUP.DEPBAR.LE gsb0, N` in a loop: 0 means each wgmma is
-waited for right after it is issued, nothing overlaps it).
+`mma_wait` (the smallest N of `WARPGROUP.DEPBAR.LE gsb0, N` in a loop that issues HGMMA: 0 means
+each wgmma is waited for right after it is issued, nothing overlaps it; 1, the wait is one group
+behind; see `mma_wait_depth`).
 """
 
 from __future__ import annotations
@@ -290,6 +291,20 @@ def _tensor_work(counts, warps: int) -> tuple[str, float, float]:
     return tensor_op, flops, ffma
 
 
+def mma_wait_depth(function: sass.Function, loops: Sequence[sass.Loop]) -> Optional[int]:
+    """The wgmma groups left in flight by the waits of the MMA loops (those whose own body issues an
+    HGMMA): the smallest N of their `WARPGROUP.DEPBAR.LE gsb0, N`. The `gsb0, 0` that drains the
+    pipeline after such a loop lies in the enclosing loop's body, not the MMA loop's, and does not
+    count. None: no wgmma wait inside an MMA loop."""
+    waits = []
+    for loop in loops:
+        body = sass.loop_body(function, loop, loops=loops)
+        if any(ins.base == "HGMMA" for ins in body):
+            waits += [int(m.group(1), 16) for ins in body if ins.opcode.startswith("WARPGROUP.DEPBAR")
+                      for m in [_WAIT.search(ins.operands)] if m]
+    return min(waits) if waits else None
+
+
 def estimate(launch: Launch, machine: Machine) -> Estimate:
     compiled = launch.compile()
     function = compiled.sass()
@@ -339,9 +354,7 @@ def estimate(launch: Launch, machine: Machine) -> Estimate:
         innermost = max(range(len(loops)), key=lambda i: (loops[i].depth, trips[i]))
         body = sass.loop_body(function, loops[innermost], loops=loops)
         bar = float(sum(1 for ins in body if ins.opcode.startswith("BAR.SYNC")))
-        waits = [int(m.group(1), 16) for loop in loops for ins in sass.loop_body(function, loop, loops=loops)
-                 if ins.opcode.startswith("WARPGROUP.DEPBAR") for m in [_WAIT.search(ins.operands)] if m]
-        wait = min(waits) if waits else None
+        wait = mma_wait_depth(function, loops)
     if not flops and ffma:
         mma_us = mma_time(0.0, ffma, tensor_op)
     return Estimate(
