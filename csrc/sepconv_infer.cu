@@ -34,16 +34,6 @@
 #include "sepconv_infer_tiling.h"
 #include "sepconv_params.h"
 
-// Static instruction counting (benchmarks/NOTES.md) compiles one path at a time: with XF_STATIC_COUNT
-// defined, the run-time flags below become the constants given (full tiles, 16-byte halo loads,
-// pre-ReLU on, residual and post-ReLU from XF_STATIC_COUNT_RESIDUAL / XF_STATIC_COUNT_POST_RELU), so
-// the loop bodies in the SASS are the path a middle-flow unit runs. Never defined in a build.
-#ifdef XF_STATIC_COUNT
-#define XF_FLAG(runtime, counted) (counted)
-#else
-#define XF_FLAG(runtime, counted) (runtime)
-#endif
-
 namespace xception_fast {
 namespace infer {
 namespace {
@@ -300,7 +290,7 @@ __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a,
   // loads; the chunk's depthwise weights with cp.async.
   auto stage = [&](int ck, int buf) {
     const int c0 = ck * kBK;
-    if (XF_FLAG(a.x_vectors, true)) {
+    if (a.x_vectors) {
       const int c = c0 + cv * kVec;
       const bool channels = c < p.c;  // whole vectors: C is a multiple of kVec here
       const char* x_bytes = reinterpret_cast<const char*>(x_img);
@@ -343,7 +333,7 @@ __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a,
     if (ck + 1 < chunks) stage(ck + 1, buf ^ 1);  // that buffer was last read before the previous barrier
     cp_async_commit();
     cp_async_wait<1>();  // this thread's copies of chunk ck have landed
-    if (XF_FLAG(a.x_vectors && a.pre_relu, true)) {
+    if (a.x_vectors && a.pre_relu) {
       uint4* own = reinterpret_cast<uint4*>(halo(buf) + cv * kVec);
 #pragma unroll 1
       for (int pixel = slot0; pixel < pixels; pixel += kSlots) {
@@ -372,7 +362,7 @@ struct Epilogue {
   int count;           // valid rows
 
   __device__ __forceinline__ bool has_residual() const {
-    return XF_FLAG(residual != nullptr, XF_STATIC_COUNT_RESIDUAL);
+    return residual != nullptr;
   }
 
   // z rounded to T, * scale, + shift (two separately rounded fp32 ops, as the reference), rounded to
@@ -381,7 +371,7 @@ struct Epilogue {
     const float2 z = Pair<T>::unpack(Pair<T>::pack(acc0, acc1));
     const typename Pair<T>::Raw v =
         Pair<T>::pack(__fadd_rn(__fmul_rn(z.x, sc.x), sh.x), __fadd_rn(__fmul_rn(z.y, sc.y), sh.y));
-    return XF_FLAG(a.post_relu, XF_STATIC_COUNT_POST_RELU) ? Pair<T>::relu(v) : v;
+    return a.post_relu ? Pair<T>::relu(v) : v;
   }
 
   // Whole pair, no masks (full_tile and a.pairs): yp / rp point at the pair in y / the residual.
@@ -488,7 +478,7 @@ __device__ __forceinline__ void pointwise_phase_mma(const Plan& p, const Args<T>
     }
     slot = next_slot(slot);
     if (++kc == kc_count) {  // the Cout tile is complete: epilogue from the registers
-      const bool full = XF_FLAG(full_tile(p, t, nt) && a.pairs, true);
+      const bool full = full_tile(p, t, nt) && a.pairs;
       const int co0 = nt * kBN + col0 + acc_col(lane, 0);  // column of pair j: co0 + 8 j
       float2 sc[4], sh[4];
 #pragma unroll
@@ -577,7 +567,7 @@ __device__ __forceinline__ void pointwise_phase_ffma(const Plan& p, const Args<f
     }
     slot = next_slot(slot);
     if (++kc == kc_count) {
-      const bool full = XF_FLAG(full_tile(p, t, nt) && a.pairs, true);
+      const bool full = full_tile(p, t, nt) && a.pairs;
       const int co0 = nt * kBN + ffma_col(tid, 0);  // columns co0 .. co0 + 3: pairs at co0 and co0 + 2
       const float4 sc = *reinterpret_cast<const float4*>(a.scale + co0);
       const float4 sh = *reinterpret_cast<const float4*>(a.shift + co0);

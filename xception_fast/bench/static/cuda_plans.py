@@ -5,14 +5,21 @@ partially; a plan gives the trip count of the loop as compiled and pins the unro
 with `expect` (instructions per iteration, inner loops excluded), so a compiler or source change
 that alters it fails loudly instead of skewing the estimate.
 
-Modelled: inference by `sepconv_infer_kernel` in every dtype, which is now only the int64 fallback:
-the provider first runs the tiled kernel of sepconv_infer.cu, which has no plan here yet (its static
-figures come from benchmarks/cuda_infer_static.py), so the CUDA inference rows are the fallback's; training (forward: main loop with the
-statistics epilogue, merge, normalisation; backward: the dy reduction, grad_d, grad_pw, grad_x,
-grad_dw and their column sums) in bf16/fp16. fp32 training has no plan (its FMA block products add
-loops): `train` returns None and the unit is reported as not modelled. Where nvcc versioned a loop
-on a run-time flag (post_relu, pre_relu), the plan gives the version the layer runs its trips and
-the others 0; which SASS copy is which version is read from the instruction counts (`expect`).
+Modelled: inference as the host runs it (`run_sepconv_bn_infer`): `pack_weights_kernel`, then the
+tiled kernel of sepconv_infer.cu (`sepconv_infer_tiled_kernel<T, bm, 3, 3>`, the tiling the
+launcher picks, see `cuda_tiling`), in every dtype; the int64 kernel `sepconv_infer_kernel` only
+where the launcher declines (no tile fits shared memory: fp32 C = 1536 on an H100; fp32 C >= 1024 on
+an A100). The tiled kernel's loop bodies hold code that runs once per Cout tile (the epilogue) and
+copies of it for run-time flags (unmasked / masked stores, residual, post-ReLU; 16-byte /
+element-wise staging): its plan names the path each iteration takes (`model.Path`, found by its
+instructions), and its two phases (depthwise into shared memory, then the pointwise over every Cout
+tile) run in sequence: one CTA per SM and a barrier between them, nothing in the SASS overlaps them.
+Training (forward: main loop with the statistics epilogue, merge, normalisation; backward: the dy
+reduction, grad_d, grad_pw, grad_x, grad_dw and their column sums) in bf16/fp16. fp32 training has
+no plan (its FMA block products add loops): `train` returns None and the unit is reported as not
+modelled. Where nvcc versioned a loop on a run-time flag (post_relu, pre_relu), the plan gives the
+version the layer runs its trips and the others 0; which SASS copy is which version is read from
+the instruction counts (`expect`).
 
 Cubins: `nvcc -cubin -gencode arch=compute_90a,code=sm_90a` (sm_80 for arch 80) of each csrc/*.cu,
 with csrc/ as include directory, cached under `cache_dir()` by a hash of the sources, flags and nvcc
