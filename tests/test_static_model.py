@@ -177,6 +177,17 @@ def test_cuda_training_is_still_the_published_finding(cuda_records):
     assert any(name.startswith("sepconv_infer-sm_90a") for name in cuda_records["cache"])  # cached by source hash
 
 
+def test_cuda_fp32_training_is_modelled(cuda_records):
+    """fp32 training: the block products as FFMA loops (no tensor instruction), the same 12 kernels."""
+    records = cuda_records["cuda"]["fp32_train"]
+    total = _cuda(records, "train", "unit_total")
+    assert total["kernels"] == 12 and total["dtype"] == "fp32"
+    main = _cuda(records, "train", "sepconv_train_kernel")
+    assert main["tensor_op"] == "FFMA" and main["bound"] == "issue"
+    bf16 = _cuda(cuda_records["cuda"]["records"], "train", "unit_total")
+    assert bf16["estimate_us"] < total["estimate_us"] < 2 * bf16["estimate_us"]
+
+
 def test_cuda_tiled_kernel_on_sm80(cuda_records):
     """A100 model: 163 KB of shared memory per block gives 64-row tiles for C = 728 (the sm_80 build)."""
     records = cuda_records["cuda80"]["records"]

@@ -229,6 +229,7 @@ def main(which: list[str]) -> dict:
     if "cuda" in which:
         out["cuda"] = finding("cuda", ("infer", "train"))
         out["cuda"]["wrong_path"] = wrong_tiled_path()
+        out["cuda"]["fp32_train"] = run.static_records(90, ["fp32"], ["middle"], ("train",), ("cuda",))
     if "cuda80" in which:
         out["cuda80"] = dict(records=run.static_records(80, ["bf16"], ["middle"], ("infer",), ("cuda",)))
     return out

@@ -387,10 +387,13 @@ def _stats_warps(c_out: int) -> float:
 
 
 def train(unit: Unit, arch: int, sms: int):
-    """Forward + backward of a training step, as ops.py runs them through the CUDA provider."""
-    if unit.dtype == "fp32":
-        return None
+    """Forward + backward of a training step, as ops.py runs them through the CUDA provider. fp32: the
+    block products are FFMA (BlockMma<float>: a loop over k, x4 unrolled, after the tile staging)
+    where 16-bit types issue HMMA in the chunk loop's own body."""
     e, C, Cout, P, K = unit.e, unit.C, unit.Cout, unit.P, unit.K
+    fp32 = unit.dtype == "fp32"
+    hmma = None if fp32 else {"HMMA": 16}
+    ffma_product = [LoopPlan("fp32 block product over k (x4 unrolled)", BK / 4, expect={"FFMA": 128})] if fp32 else []
     taps = K * K
     s = unit.shape
     per_thread = BM // (THREADS // BK)
@@ -402,10 +405,11 @@ def train(unit: Unit, arch: int, sms: int):
     stat = [sum(unrolled(r, (16, 4, 1))[i] for r in rows) / m_tiles * _stats_warps(Cout) for i in range(3)]
     loops = [
         LoopPlan("fill_rows (row table)", 0.5, expect={"STS": 6}),
-        LoopPlan("input-channel chunks of 32", cdiv(C, BK), expect={"HMMA": 16}),
+        LoopPlan("input-channel chunks of 32", cdiv(C, BK), expect=hmma),
         LoopPlan("depthwise taps i (run-time kh)", K),
         LoopPlan("depthwise taps j (run-time kw)", K, expect={"FFMA": per_thread}),
         LoopPlan("pointwise weight tile staging (x4 unrolled)", BN * BK // THREADS / 4, expect={"LDG": 4}),
+        *ffma_product,
         *[LoopPlan(f"z store ({w})", t, expect={"STG": n}) for w, t, n in
           zip(("remainder", "x4 unrolled"), unrolled(BM * BN // THREADS, (1, 4)), (1, 4))],
         *[LoopPlan(f"statistics sum ({w})", t, expect={"LDS": n}) for w, t, n in
@@ -436,15 +440,16 @@ def train(unit: Unit, arch: int, sms: int):
     per = _rows_per_chunk(P, 2 * Cout)
     blocks = cdiv(P, per)
     rows = [per] * (blocks - 1) + [P - per * (blocks - 1)]
-    group = [sum(x) / blocks for x in zip(*[_per_lane_group(r, RED_LANES, (1, 4)) for r in rows])]
+    u = 16 if fp32 else 4  # nvcc unrolls the post-ReLU versions x4 in 16-bit types, x16 in fp32
+    group = [sum(x) / blocks for x in zip(*[_per_lane_group(r, RED_LANES, (1, u)) for r in rows])]
     group16 = [sum(x) / blocks for x in zip(*[_per_lane_group(r, RED_LANES, (1, 16)) for r in rows])]
     versions = []
-    for ffma in ((1, 4), (1, 4), (1, 4), (2, 8)):  # post_relu with weight and/or bias, then with both
-        versions.append((ffma, group if s.post_relu and ffma == (2, 8) else [0, 0]))
+    for ffma in ((1, u), (1, u), (1, u), (2, 2 * u)):  # post_relu with weight and/or bias, then with both
+        versions.append((ffma, group if s.post_relu and ffma == (2, 2 * u) else [0, 0]))
     loops = []
-    for (f1, f4), (t1, t4) in versions:
+    for (f1, fu), (t1, tu) in versions:
         loops += [LoopPlan("rows (remainder)", t1, expect={"LDG": 2, "FFMA": f1}),
-                  LoopPlan("rows (x4 unrolled)", t4, expect={"LDG": 8, "FFMA": f4})]
+                  LoopPlan(f"rows (x{u} unrolled)", tu, expect={"LDG": 2 * u, "FFMA": fu})]
     t1, t16 = group16 if not s.post_relu else (0, 0)
     loops += [LoopPlan("rows, no post-ReLU (remainder)", t1, expect={"LDG": 2, "FFMA": 1}),
               LoopPlan("rows, no post-ReLU (x16 unrolled)", t16, expect={"LDG": 32, "FFMA": 16})]
@@ -458,10 +463,11 @@ def train(unit: Unit, arch: int, sms: int):
     # grad_d = grad_z @ pw (grad_z formed on the fly, a staging loop version per post_relu), fp32 out.
     c_tiles, co_tiles = cdiv(C, BN), cdiv(Cout, BM)
     staging = BM * BK // THREADS / 2
-    loops = [LoopPlan("output-channel chunks of 32", cdiv(Cout, BK), expect={"HMMA": 16}),
+    loops = [LoopPlan("output-channel chunks of 32", cdiv(Cout, BK), expect=hmma),
              LoopPlan("grad_z tile, post-ReLU (x2 unrolled)", staging if s.post_relu else 0, expect={"STS": 2}),
              LoopPlan("grad_z tile (x2 unrolled)", 0 if s.post_relu else staging, expect={"STS": 2}),
              LoopPlan("pointwise weight tile staging (x4 unrolled)", BK * BN // THREADS / 4, expect={"LDG": 4}),
+             *ffma_product,
              *[LoopPlan(f"grad_d store ({w})", t, expect={"STG": n}) for w, t, n in
                zip(("remainder", "x4 unrolled"), unrolled(BM * BN // THREADS, (1, 4)), (1, 4))]]
     kernels.append([Launch(kernel="grad_d_kernel", config=f"{BM}x{BN}x{BK} t{THREADS}", threads=THREADS,
@@ -478,13 +484,14 @@ def train(unit: Unit, arch: int, sms: int):
     per_split = cdiv(k_chunks, splits)
     splits = cdiv(k_chunks, per_split)
     chunks = k_chunks / splits  # average chunks per split
-    loops = [LoopPlan("position chunks of 32 in the split", chunks, expect={"HMMA": 16}),
+    loops = [LoopPlan("position chunks of 32 in the split", chunks, expect=hmma),
              LoopPlan("fill_rows (32-row table)", 0.25, expect={"STS": 6}),
              LoopPlan("grad_z tile, post-ReLU (x2 unrolled)", staging if s.post_relu else 0, expect={"STS": 2}),
              LoopPlan("grad_z tile (x2 unrolled)", 0 if s.post_relu else staging, expect={"STS": 2}),
              LoopPlan("depthwise taps i (run-time kh)", K),
              LoopPlan("depthwise taps j, pre-ReLU", K if s.pre_relu else 0, expect={"FFMA": 16}),
              LoopPlan("depthwise taps j", 0 if s.pre_relu else K, expect={"FFMA": 16}),
+             *ffma_product,
              *[LoopPlan(f"partial store ({w})", t, expect={"STG": n}) for w, t, n in
                zip(("remainder", "x4 unrolled"), unrolled(BM * BN // THREADS, (1, 4)), (1, 4))]]
     kernels.append([Launch(kernel="grad_pw_kernel", config=f"{BM}x{BN}x{BK} t{THREADS}", threads=THREADS,
