@@ -43,4 +43,18 @@ estimates fastest, as a stand-in for the autotuner). For a new Triton kernel:
    update benchmarks/NOTES.md.
 A CUDA kernel's plan is the same in `cuda_plans.py`, with `threads=` on the `Launch` and the
 `_compiler(source, kernel, arch, dtype)` of its .cu file.
+
+Two more things a plan can say, for kernels whose loop bodies hold branches that matter or whose work
+comes in phases:
+- `LoopPlan(..., paths=[Path.make(what, share, signature), ...])`: code inside the loop that not every
+  iteration runs (an epilogue once per output tile; copies of the code nvcc made for run-time flags,
+  unmasked and masked stores). Each path is named by its signature, how many instructions of each
+  kind it holds ({"STG.E": 32, "HMMA": 0}; a key with modifiers matches that opcode only), and
+  `share` is the fraction of (warp, iteration) pairs that take it (shares sum to 1). The model counts
+  the shortest path with that signature (inner loops count by their own trips) and fails, naming the
+  kernel and the loop, when the SASS has none. Give a flag that is off no key: nvcc may keep its
+  instructions predicated off instead of branching around them.
+- `LoopPlan(..., phase="depthwise")`: phases that one CTA runs one after the other (a barrier between);
+  straight-line code belongs to the phase of the next loop. With one CTA per SM the estimate is the
+  sum over phases of max(issue, MMA) (phases in sequence), else the plain largest of the three.
 """
