@@ -223,8 +223,7 @@ def _pointwise_paths(unit: Unit, p: cuda_tiling.TiledPlan) -> list[Path]:
     the unmasked copy for the flags the layer runs (residual, post-ReLU) where the position tile is
     full and the Cout tile lies inside Cout, else the masked element-by-element copy with the stores
     of the rows and columns that exist (a warp issues an instruction when any of its lanes runs it)."""
-    s = unit.shape
-    res, relu = bool(s.residual), bool(s.post_relu)
+    res, relu = bool(unit.shape.residual), bool(unit.shape.post_relu)
     warps = cuda_tiling.THREADS // 32
     shares: dict = {}
 
@@ -232,43 +231,47 @@ def _pointwise_paths(unit: Unit, p: cuda_tiling.TiledPlan) -> list[Path]:
         key = (what, tuple(sorted(signature.items())))
         shares[key] = shares.get(key, 0) + n
 
-    sixteen = p.elem == 2
+    # Opcodes of the epilogue copies: the unmasked one stores (and adds the residual) a pair at a time,
+    # the masked one element by element; the post-ReLU is 4 instructions per row in both types (4
+    # pairs x 1 packed max in 16-bit, 2 pairs x 2 selects in fp32).
+    if p.elem == 2:
+        pair_st, pair_ld, elem_st, elem_ld, relu_op, pairs_per_row = "STG.E", "LDG.E", "STG.E.U16", "LDG.E.U16", \
+            "HMNMX2", 4
+    else:
+        pair_st, pair_ld, elem_st, elem_ld, relu_op, pairs_per_row = "STG.E.64", "LDG.E.64", "STG.E", "LDG.E", \
+            "FSEL", 2
+    relu_per_row = 4
+    mf = p.bm // 32  # 16-bit: m16 fragments per warp
     for rem in range(p.tiles_per_image):
         _, count = p.tile(rem)
         for nt in range(p.cout_tiles):
             full = count == p.bm and (nt + 1) * cuda_tiling.BN <= p.c_out
             for w in range(warps):
-                if sixteen:
-                    mf = p.bm // 32
+                if p.elem == 2:  # a warp owns (bm / 2) x 32 of the tile: rows 8 lanes deep, pairs 8 apart
                     live = nt * cuda_tiling.BN + (w % 4) * 32 < p.c_out
                     work = {"HMMA": 8 * mf if live else 0}
-                    row0, col0 = (w // 4) * (p.bm // 2), nt * cuda_tiling.BN + (w % 4) * 32
-                    rows = [row0 + 16 * i + 8 * h for i in range(mf) for h in range(2)]
-                    cols = [col0 + 8 * j for j in range(4)]
-                    per_row, pair, elem_st, elem_ld, relu_op, relu_n = 4, ("STG.E", "LDG.E"), "STG.E.U16", \
-                        "LDG.E.U16", "HMNMX2", 4
-                else:
+                    rows = [(w // 4) * (p.bm // 2) + 16 * i + 8 * h for i in range(mf) for h in range(2)]
+                    cols = [nt * cuda_tiling.BN + (w % 4) * 32 + 8 * j for j in range(4)]
+                else:  # a thread owns rows warp + 8 i (warp-uniform) and 4 columns: pairs 2 apart
                     work = {"FFMA": 512}
                     rows = [w + 8 * i for i in range(p.bm // 8)]
                     cols = [nt * cuda_tiling.BN + k for k in (0, 2)]
-                    per_row, pair, elem_st, elem_ld, relu_op, relu_n = 2, ("STG.E.64", "LDG.E.64"), "STG.E", \
-                        "LDG.E", "FSEL", 4
                 # The stores fix the copy (none, unmasked or masked); a flag that is on adds its
                 # instructions. One that is off adds no key: nvcc may keep a copy's instructions
                 # predicated off rather than branch around them (the unmasked post-ReLU copy issues the
                 # residual loads either way), and the shortest path takes the cheapest copy that fits.
-                none = {pair[0]: 0, elem_st: 0}
+                none = {pair_st: 0, elem_st: 0}
                 add("products", {**work, **none}, p.k_chunks - 1)
                 if full:
-                    n = len(rows) * per_row
-                    sig = {**none, pair[0]: n, **({pair[1]: n} if res else {}),
-                           **({relu_op: len(rows) * relu_n} if relu else {})}
+                    n = len(rows) * pairs_per_row
+                    sig = {**none, pair_st: n, **({pair_ld: n} if res else {}),
+                           **({relu_op: len(rows) * relu_per_row} if relu else {})}
                     add("products + epilogue, unmasked", {**work, **sig}, 1)
                 else:
                     valid = [r for r in rows if r < count]
                     stored = len(valid) * sum((c < p.c_out) + (c + 1 < p.c_out) for c in cols)
                     sig = {**none, elem_st: stored, **({elem_ld: stored} if res else {}),
-                           **({relu_op: len(valid) * relu_n} if relu else {})}
+                           **({relu_op: len(valid) * relu_per_row} if relu else {})}
                     add("products + epilogue, masked", {**work, **sig}, 1)
     total = sum(shares.values())
     return [Path(what, n / total, signature) for (what, signature), n in shares.items()]
