@@ -309,6 +309,8 @@ def _tiled_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan) -> Launch:
     later = (chunks - 1) / chunks  # the chunk loop stages the next chunk in all but its last iteration
     relu = halo if s.pre_relu else 0
     k_pos = p.bm // slots if p.bm >= slots else 1
+    # Warps whose first depthwise row lies past the tile skip the depthwise (dw_active; bm < slots only).
+    active = _per_warp(lambda w: float(w * 32 // vp < p.bm))
     dw = "depthwise"
     loops = [
         LoopPlan("pixel table of the halo box", table, expect={"STS": 1}, phase=dw),
@@ -321,8 +323,10 @@ def _tiled_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan) -> Launch:
         # The chunk loop's own code: the depthwise of the chunk (the thread's rows, all taps), with the
         # 16-byte staging of the next chunk in all but the last iteration; not the element-wise copy.
         LoopPlan("channel chunks of 32", chunks, expect={"FFMA": k_pos * (16 // unit.e) * taps}, phase=dw,
-                 paths=[Path.make("depthwise of the chunk, 16-byte staging", 1.0,
-                                  {"FFMA": k_pos * (16 // unit.e) * taps, "LDG": 0})]),
+                 paths=[Path.make("depthwise of the chunk, 16-byte staging", active,
+                                  {"FFMA": k_pos * (16 // unit.e) * taps, "LDG": 0}),
+                        Path.make("no rows of the tile (bm < slots), 16-byte staging", 1 - active,
+                                  {"FFMA": 0, "LDG": 0})]),
         LoopPlan("halo staging of the next chunk", halo * later, expect={"LDGSTS": 1, "LDS": 4}, phase=dw),
         *[LoopPlan("element-wise halo staging of the next chunk", 0, expect={"LDG": 4}, phase=dw)] * 2,
         LoopPlan("depthwise weights of the next chunk", weights * later, expect={"LDGSTS": 1, "LDS": 3}, phase=dw),
