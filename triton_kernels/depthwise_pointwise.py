@@ -52,6 +52,7 @@ from xception_fast.spec import UnitSpec
 
 from . import batchnorm
 from .autotune import POSITION_ALIGN, SLOT_ALIGN, persistent_split, position_bucket, sm_count, two_phase_configs
+from .mid_act import mid_transform
 from .utils import (INLINE_ASM, channel_align, check_dtype, check_positions, empty_nhwc, matrix, new_empty, nhwc,
                     vector_f32, weight_operand)
 
@@ -145,11 +146,13 @@ def _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_
 def _depthwise_phase(x_ptr, dwt_ptr, slot_ptr, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
                      stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                      KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr,
-                     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                     mid_ptr=None, MID_BN: tl.constexpr = 0, MID_ACT: tl.constexpr = ""):
     """slot[:, :C rounded up to BLOCK_K] = dw(pre(x)) of positions p0 + [0, BLOCK_P), in the slot's
     dtype, BLOCK_D channels at a time (BLOCK_D divides BLOCK_K: a narrower chunk than the GEMM's
     K-step keeps the depthwise phase's registers down); rows past p_end and channels past C are
-    written as zeros (the pointwise phase reads them)."""
+    written as zeros (the pointwise phase reads them). The mid variant (MID_BN, MID_ACT; `mid_act`)
+    turns the tile into act(midBN(d)) in registers before the store: the slot holds the MMA operand."""
     x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
                                          BLOCK_P)
     slot = slot_ptr + tl.arange(0, BLOCK_P)[:, None] * K_SLOT + tl.arange(0, BLOCK_D)[None, :]
@@ -157,6 +160,9 @@ def _depthwise_phase(x_ptr, dwt_ptr, slot_ptr, p0, p_end, H, W, C, Ho, Wo, K_SLO
     for c0 in tl.range(0, tl.cdiv(C, BLOCK_K) * BLOCK_K, BLOCK_D, num_stages=1):
         d = _depthwise_chunk(x_rows, ih0, iw0, p_mask, dwt_ptr, c0, C, H, W, K_SLOT, dil_h, dil_w,
                              KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_D)
+        if MID_BN != 0 or MID_ACT != "":
+            d = mid_transform(d, mid_ptr, c0 + tl.arange(0, BLOCK_D), K_SLOT, slot_ptr, MID_BN, MID_ACT)
+            d = tl.where(p_mask[:, None], d, 0.0)  # act(midBN(0)) need not be 0
         tl.store(slot + c0, d.to(slot_ptr.dtype.element_ty))
 
 
@@ -311,6 +317,8 @@ def _sepconv_infer_kernel(
     HAS_RESIDUAL: tl.constexpr, C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr, W_TMA: tl.constexpr,
     ASM: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    # the mid variant (`mid_act`): [3, K_SLOT] fp32 vectors, never read when both are off
+    mid_ptr=None, MID_BN: tl.constexpr = 0, MID_ACT: tl.constexpr = "",
 ):
     C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
     Cout = Cout // COUT_ALIGN * COUT_ALIGN
@@ -322,7 +330,7 @@ def _sepconv_infer_kernel(
     for p0 in range(p_begin, p_end, BLOCK_P):
         _depthwise_phase(x_ptr, dwt_ptr, slot, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
                          stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_K,
-                         BLOCK_D)
+                         BLOCK_D, mid_ptr, MID_BN, MID_ACT)
         tl.debug_barrier()
         p = p0 + tl.arange(0, BLOCK_P)
         p_mask = p < p_end
@@ -355,6 +363,8 @@ def _sepconv_train_kernel(
     KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, C_ALIGN: tl.constexpr,
     COUT_ALIGN: tl.constexpr, W_TMA: tl.constexpr, ASM: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    # the mid variant (`mid_act`): [3, K_SLOT] fp32 vectors, never read when both are off
+    mid_ptr=None, MID_BN: tl.constexpr = 0, MID_ACT: tl.constexpr = "",
 ):
     C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
     Cout = Cout // COUT_ALIGN * COUT_ALIGN
@@ -366,7 +376,7 @@ def _sepconv_train_kernel(
     for p0 in range(p_begin, p_end, BLOCK_P):
         _depthwise_phase(x_ptr, dwt_ptr, slot, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
                          stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_K,
-                         BLOCK_D)
+                         BLOCK_D, mid_ptr, MID_BN, MID_ACT)
         tl.debug_barrier()
         p = p0 + tl.arange(0, BLOCK_P)
         p_mask = p < p_end
@@ -401,6 +411,8 @@ def _sepconv_grad_z_kernel(
     KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, POST_RELU: tl.constexpr,
     C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr, W_TMA: tl.constexpr, ASM: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    # the mid variant (`mid_act`): [3, K_SLOT] fp32 vectors, never read when both are off
+    mid_ptr=None, MID_BN: tl.constexpr = 0, MID_ACT: tl.constexpr = "",
 ):
     C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
     Cout = Cout // COUT_ALIGN * COUT_ALIGN
@@ -412,7 +424,7 @@ def _sepconv_grad_z_kernel(
     for p0 in range(p_begin, p_end, BLOCK_P):
         _depthwise_phase(x_ptr, dwt_ptr, slot, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
                          stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_K,
-                         BLOCK_D)
+                         BLOCK_D, mid_ptr, MID_BN, MID_ACT)
         tl.debug_barrier()
         p = p0 + tl.arange(0, BLOCK_P)
         p_mask = p < p_end

@@ -190,7 +190,7 @@ def poison_env() -> Iterator[None]:
 # In `auto`'s order of preference.
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("cuda", "xception_fast._extension", _cuda_availability, sources=_cuda_sources),
-    Provider("triton", "xception_fast.triton_kernels", _triton_availability,
+    Provider("triton", "xception_fast.triton_kernels", _triton_availability, variants=BASE_VARIANTS | MID_VARIANTS,
              cpu_test_env={"TRITON_INTERPRET": "1"}),
     Provider("reference", "xception_fast.reference", _reference_availability, dtypes=ALL_DTYPES,
              variants=BASE_VARIANTS | MID_VARIANTS, fused=False, cpu_test_env={}, auto_devices=()),
@@ -270,7 +270,8 @@ def resolve(backend: str, device: torch.device | str, dtype: torch.dtype | None 
 def provider(backend: str, device: torch.device | str, dtype: torch.dtype | None = None,
              variants: frozenset[str] = frozenset()):
     """The module `resolve` picks (for ops outside `dispatch`'s per-signature timing: the mid-variant
-    ops, which only `reference` computes)."""
+    ops, which `reference` and `triton` compute; `cuda` does not list the variants, so `auto` passes
+    over it and naming it is an error that says which providers do)."""
     return PROVIDERS[resolve(backend, device, dtype, variants)].load()
 
 

@@ -1,0 +1,408 @@
+"""The mid variant in Triton: dw -> mid BN -> act -> pw -> BN, the aligned Xception / MobileNet V1 unit.
+
+The four functions of `xception_fast.reference` for `UnitSpec.mid` (`sepconv_mid_*`):
+- inference: ONE launch of the two-phase inference kernel, the depthwise phase applying the folded
+  bias and the activation to the tile in registers before it stores it to the slot (`mid_act`).
+- training forward: `_depthwise_stats_kernel` reads x once and merges per-split statistics of the
+  depthwise output (rounded to the input dtype, as the unfused path stores it; the same Chan merge as
+  the pointwise statistics, `batchnorm.merge_statistics`), storing nothing else; then the two-phase
+  training kernel normalises with them and activates the tile as it forms the MMA operand.
+- backward: the depthwise output t and the operand a = act(midBN(t)) are recomputed from x once
+  (`_mid_recompute_kernel`: two temporaries [P, C] for the length of the backward, where the unfused
+  module keeps d and a saved from the forward); the two pointwise products are plain GEMMs on them
+  (torch.matmul: cuBLAS, nothing for Triton to fuse there); `_mid_act_grad_kernel` applies the
+  activation's derivative; the mid BatchNorm's backward is `batchnorm.dy_sums` + `batchnorm.grad_z`
+  (the pointwise BatchNorm's kernels, with t as the normalised input); `_dw_weight_grad_kernel`
+  reduces the depthwise weight gradient and `backward._dw_input_grad_kernel` the input gradient.
+Rounding follows the reference: t, u = midBN(t), a, grad_a, grad_u and grad_d in the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from xception_fast.spec import UnitSpec
+
+from . import batchnorm
+from .autotune import INTERPRET, elementwise_configs, position_bucket, position_split
+from .backward import _dw_input_grad_kernel
+from .depthwise_pointwise import (Geometry, TwoPhase, _depthwise_chunk, _merge_tile_statistics, _pre_f32, _prepare,
+                                  _sepconv_grad_z_kernel, _sepconv_infer_kernel, _sepconv_train_kernel, _tap_rows,
+                                  depthwise_taps)
+from .mid_act import BN_BATCH, BN_BIAS, BN_NONE, mid_act, mid_act_grad, mid_input, mid_normalize
+from .utils import channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
+
+# Fixed blocks of the kernels whose position split must not depend on an autotuned config.
+STATS_BLOCK_P, STATS_BLOCK_C = (32, 16) if INTERPRET else (64, 64)
+
+
+# --- kernels --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _depthwise_stats_kernel(
+    x_ptr,  # [N, H, W, C] input (channels_last)
+    dwt_ptr,  # [KH * KW, K_PAD] fp32 depthwise taps, zero past C
+    stats_ptr,  # [3, S, C] fp32 out: per split, (reference value, mean - reference value, M2)
+    P, chunk, H, W, C, Ho, Wo, K_PAD, S,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr, C_ALIGN: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Program (s, channel block): the positions of split s, merged tile by tile into row s as the
+    # two-phase training kernel merges z's (its columns of the row are this program's own).
+    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
+    c_tiles = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    s, c0 = pid // c_tiles, (pid % c_tiles) * BLOCK_C
+    ci = c0 + tl.arange(0, BLOCK_C)
+    p_begin = s * chunk
+    p_end = tl.minimum(p_begin + chunk, P)
+    for p0 in range(p_begin, p_end, BLOCK_P):
+        x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
+                                             BLOCK_P)
+        d = _depthwise_chunk(x_rows, ih0, iw0, p_mask, dwt_ptr, c0, C, H, W, K_PAD, dil_h, dil_w,
+                             KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_C)
+        cnt = tl.minimum(p_end - p0, BLOCK_P).to(tl.float32)
+        _merge_tile_statistics(stats_ptr, s, S, C, ci, ci < C, d.to(x_ptr.dtype.element_ty), p_mask, cnt,
+                               (p0 - p_begin).to(tl.float32))
+        tl.debug_barrier()  # the next tile reads back the row this one wrote
+
+
+@triton.autotune(configs=elementwise_configs(), key=["C", "KH", "KW"])
+@triton.jit
+def _mid_recompute_kernel(
+    x_ptr,  # [N, H, W, C] input (channels_last)
+    dwt_ptr,  # [KH * KW, K_PAD] fp32 depthwise taps, zero past C
+    mid_ptr,  # [3, K_PAD] fp32 (mean, gain, shift), zero past C
+    t_ptr,  # [P, C] out: the depthwise output (+ the folded bias), input dtype
+    a_ptr,  # [P, C] out: act(midBN(t)), the pointwise input, input dtype
+    P, H, W, C, Ho, Wo, K_PAD,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, MID_BN: tl.constexpr, MID_ACT: tl.constexpr,
+    C_ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
+    p0 = tl.program_id(0) * BLOCK_P
+    c0 = tl.program_id(1) * BLOCK_C
+    ci = c0 + tl.arange(0, BLOCK_C)
+    x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, P, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w, BLOCK_P)
+    d = _depthwise_chunk(x_rows, ih0, iw0, p_mask, dwt_ptr, c0, C, H, W, K_PAD, dil_h, dil_w,
+                         KH, KW, PRE_RELU, False, BLOCK_P, BLOCK_C)
+    t = mid_input(d, mid_ptr, ci, K_PAD, t_ptr, MID_BN)
+    a = mid_act(mid_normalize(t, mid_ptr, ci, K_PAD, t_ptr, MID_BN), MID_ACT)
+    offs = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None] * C + ci[None, :]
+    mask = p_mask[:, None] & (ci < C)[None, :]
+    tl.store(t_ptr + offs, t.to(t_ptr.dtype.element_ty), mask=mask)
+    tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=elementwise_configs(), key=["C"])
+@triton.jit
+def _mid_act_grad_kernel(
+    ga_ptr,  # [P, C] grad of a
+    t_ptr,  # [P, C] the depthwise output (+ the folded bias), `_mid_recompute_kernel`'s
+    mid_ptr,  # [3, K_PAD] fp32 (mean, gain, shift), zero past C
+    gu_ptr,  # [P, C] out: grad of u = midBN(t), input dtype
+    P, C, K_PAD,
+    MID_BN: tl.constexpr, MID_ACT: tl.constexpr, C_ALIGN: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_pad = tl.minimum(c, K_PAD - 1)  # the vectors' reads stay inside the buffer
+    mask = (p < P)[:, None] & (c < C)[None, :]
+    offs = p.to(tl.int64)[:, None] * C + c[None, :]
+    t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = mid_normalize(t, mid_ptr, c_pad, K_PAD, t_ptr, MID_BN)
+    g = tl.load(ga_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(gu_ptr + offs, mid_act_grad(g, u, MID_ACT).to(gu_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dw_weight_grad_kernel(
+    x_ptr,  # [N, H, W, C] input (channels_last)
+    gd_ptr,  # [P, C] grad of the depthwise output
+    part_ptr,  # [S, C, KH * KW] fp32 out: per split, grad of the depthwise weight
+    P, chunk, H, W, C, Ho, Wo,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, KK_PAD: tl.constexpr, PRE_RELU: tl.constexpr, C_ALIGN: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # grad_dw[c, tap] = sum_p grad_d[p, c] * pre(x)[tap of p, c]: a split reduction over positions
+    # (deterministic: fixed splits, then `batchnorm.sum_rows`).
+    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
+    c_tiles = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    s, c0 = pid // c_tiles, (pid % c_tiles) * BLOCK_C
+    ci = c0 + tl.arange(0, BLOCK_C)
+    c_ok = ci < C
+    p_end = tl.minimum(s * chunk + chunk, P)
+    taps = tl.arange(0, KK_PAD)
+    grad_dw = tl.zeros((KK_PAD, BLOCK_C), dtype=tl.float32)  # row t: tap t = i * KW + j
+    for p0 in range(s * chunk, p_end, BLOCK_P):
+        x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
+                                             BLOCK_P)
+        p = p0 + tl.arange(0, BLOCK_P)
+        gd = tl.load(gd_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], mask=p_mask[:, None] & c_ok[None, :],
+                     other=0.0).to(tl.float32)
+        for i in tl.static_range(KH):
+            ih = ih0 + i * dil_h
+            row_ok = p_mask & (ih >= 0) & (ih < H)
+            for j in tl.static_range(KW):
+                iw = iw0 + j * dil_w
+                ok = row_ok & (iw >= 0) & (iw < W)
+                xv = tl.load(x_rows[:, None] + ((i * dil_h * W + j * dil_w) * C + ci)[None, :],
+                             mask=ok[:, None] & c_ok[None, :], other=0.0)
+                contrib = tl.sum(gd * _pre_f32(xv, PRE_RELU, False), axis=0)
+                grad_dw = tl.where(taps[:, None] == i * KW + j, grad_dw + contrib[None, :], grad_dw)
+    offs = s.to(tl.int64) * C * (KH * KW) + ci[None, :] * (KH * KW) + taps[:, None]
+    tl.store(part_ptr + offs, grad_dw, mask=(taps < KH * KW)[:, None] & c_ok[None, :])
+
+
+# --- host side ------------------------------------------------------------------------------------------
+
+def _mid_flags(spec: UnitSpec, mid_bn: int) -> dict:
+    return dict(MID_BN=mid_bn, MID_ACT=spec.mid_act or "")
+
+
+def _mid_vectors(width: int, c: int, device: torch.device, mean: Optional[Tensor] = None,
+                 gain: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
+    """[3, width] fp32 (mean, gain, shift), zero where absent and past c."""
+    out = torch.zeros((3, width), dtype=torch.float32, device=device)
+    for row, v in enumerate((mean, gain, shift)):
+        if v is not None:
+            out[row, :c] = v.detach().to(torch.float32)
+    return out
+
+
+def _batch_vectors(width: int, c: int, device: torch.device, mid_mean: Tensor, mid_invstd: Tensor,
+                   mid_weight: Optional[Tensor], mid_bias: Optional[Tensor]) -> Tensor:
+    gain = mid_invstd.to(torch.float32) * vector_f32(mid_weight, c, 1.0, device)
+    return _mid_vectors(width, c, device, mid_mean, gain, mid_bias)
+
+
+def _pad(c: int) -> int:
+    """Width of the taps and vectors read unmasked by channel blocks of up to 256 (`elementwise_configs`)."""
+    return triton.cdiv(max(c, 1), 256) * 256
+
+
+def depthwise_statistics(x: Tensor, dw: Tensor, geo: Geometry, pre_relu: bool) -> tuple[Tensor, Tensor]:
+    """(mean, biased var) fp32 [C] of the depthwise output rounded to x's dtype; x, dw as `_prepare`
+    returns them. One pass over x; nothing stored but the [3, S, C] partial statistics."""
+    splits, chunk = position_split(geo.P, triton.cdiv(geo.C, STATS_BLOCK_C), x.device)
+    stats = new_empty((3, splits, geo.C), torch.float32, x.device)
+    width = _pad(geo.C)
+    grid = (splits * triton.cdiv(geo.C, STATS_BLOCK_C),)
+    _depthwise_stats_kernel[grid](x, depthwise_taps(dw, geo, width), stats, geo.P, chunk, geo.H, geo.W, geo.C,
+                                  geo.Ho, geo.Wo, width, splits, *geo.conv_args(), KH=geo.KH, KW=geo.KW,
+                                  PRE_RELU=bool(pre_relu), ASM=False, C_ALIGN=channel_align(geo.C),
+                                  BLOCK_P=STATS_BLOCK_P, BLOCK_C=STATS_BLOCK_C)
+    return batchnorm.merge_statistics(stats, geo.P, chunk)
+
+
+def _as_nchw(m: Tensor, geo: Geometry) -> Tensor:
+    """A [P, C] matrix as the [N, C, Ho, Wo] channels_last tensor it is."""
+    return m.view(geo.N, geo.Ho, geo.Wo, -1).permute(0, 3, 1, 2)
+
+
+def _as_matrix(t: Tensor) -> Tensor:
+    """A channels_last [N, C, H, W] tensor as its [N * H * W, C] matrix."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _zero_grads(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, *vectors: Optional[Tensor]) -> tuple:
+    """Gradients of an empty unit (no positions or no channels): zeros, empty for absent vectors."""
+    return (empty_nhwc(x.shape, x.dtype, x.device).zero_(),
+            torch.zeros_like(dw_weight, memory_format=torch.contiguous_format),
+            torch.zeros_like(pw_weight, memory_format=torch.contiguous_format),
+            *(torch.zeros_like(v) if v is not None else x.new_empty((0,)) for v in vectors))
+
+
+def _convs_backward(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, grad_z: Tensor, spec: UnitSpec,
+                    mid: Tensor, mid_bn: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(t, grad_u, grad_pw as [Cout, C]): the depthwise side recomputed, both pointwise products,
+    the activation's derivative. grad_z channels_last [N, Cout, Ho, Wo] in x's dtype."""
+    device, c = x.device, geo.C
+    t = new_empty((geo.P, c), x.dtype, device)
+    a = new_empty((geo.P, c), x.dtype, device)
+
+    def grid(meta):
+        return (triton.cdiv(geo.P, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))
+
+    width = mid.shape[1]
+    _mid_recompute_kernel[grid](x, depthwise_taps(dw, geo, width), mid, t, a, geo.P, geo.H, geo.W, c, geo.Ho,
+                                geo.Wo, width, *geo.conv_args(), KH=geo.KH, KW=geo.KW, PRE_RELU=spec.pre_relu,
+                                C_ALIGN=channel_align(c), **_mid_flags(spec, mid_bn))
+    gz = _as_matrix(grad_z)
+    grad_pw = torch.matmul(gz.t(), a)
+    del a
+    grad_a = torch.matmul(gz, pw.view(geo.Cout, c))
+    grad_u = new_empty((geo.P, c), x.dtype, device)
+    _mid_act_grad_kernel[grid](grad_a, t, mid, grad_u, geo.P, c, width, C_ALIGN=channel_align(c),
+                               **_mid_flags(spec, mid_bn))
+    return t, grad_u, grad_pw
+
+
+def _dw_backward(geo: Geometry, x: Tensor, dw: Tensor, dw_weight: Tensor, grad_d: Tensor,
+                 pre_relu: bool) -> tuple[Tensor, Tensor]:
+    """(grad_x, grad_dw_weight) from grad_d [P, C] in x's dtype."""
+    device, c, kk = x.device, geo.C, geo.KH * geo.KW
+    conv = geo.conv_args()
+    splits, chunk = position_split(geo.P, triton.cdiv(c, STATS_BLOCK_C), device)
+    part = new_empty((splits, c, kk), torch.float32, device)
+    _dw_weight_grad_kernel[(splits * triton.cdiv(c, STATS_BLOCK_C),)](
+        x, grad_d, part, geo.P, chunk, geo.H, geo.W, c, geo.Ho, geo.Wo, *conv, KH=geo.KH, KW=geo.KW,
+        KK_PAD=triton.next_power_of_2(kk), PRE_RELU=bool(pre_relu), C_ALIGN=channel_align(c),
+        BLOCK_P=STATS_BLOCK_P, BLOCK_C=STATS_BLOCK_C)
+    grad_dw = batchnorm.sum_rows(part.view(splits, -1), dw_weight.dtype).view(dw_weight.shape)
+    grad_x = empty_nhwc((geo.N, c, geo.H, geo.W), x.dtype, device)
+    q = geo.N * geo.H * geo.W
+
+    def grid_x(meta):
+        return (triton.cdiv(q, meta["BLOCK_P"]) * triton.cdiv(c, meta["BLOCK_C"]),)
+
+    _dw_input_grad_kernel[grid_x](grad_d, dw, x, grad_x, q, position_bucket(q), geo.H, geo.W, c, geo.Ho, geo.Wo,
+                                  *conv, KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu), C_ALIGN=channel_align(c))
+    return grad_x, grad_dw
+
+
+def _plain_sums(g: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum g, sum g * g) per channel, fp32, of a channels_last tensor."""
+    c = g.shape[1]
+    zeros = torch.zeros((c,), dtype=torch.float32, device=g.device)
+    ones = torch.ones((c,), dtype=torch.float32, device=g.device)
+    return batchnorm.dy_sums(g, g, zeros, ones, ones, zeros, False)
+
+
+def sepconv_mid_infer(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor], pw_weight: Tensor,
+                      scale: Optional[Tensor], shift: Optional[Tensor], residual: Optional[Tensor],
+                      spec: UnitSpec) -> Tensor:
+    """y = post(pw(act(dw(pre(x)) + dw_bias)) * scale + shift) + residual: one kernel launch."""
+    geo, x, dw, pw = _prepare(x, dw_weight, pw_weight, spec)
+    y = empty_nhwc(geo.out_shape, x.dtype, x.device)
+    if y.numel() == 0:
+        return y
+    scale = vector_f32(scale, geo.Cout, 1.0, x.device)
+    shift = vector_f32(shift, geo.Cout, 0.0, x.device)
+    res = nhwc(residual.to(x.dtype)) if residual is not None else y  # y: never read without HAS_RESIDUAL
+    run = TwoPhase(geo, x, dw, pw, per_sm=2)
+    mid = _mid_vectors(run.k_slot, geo.C, x.device, shift=dw_bias)
+    _sepconv_infer_kernel[run.grid](*run.args(x, scale, shift, res, y), *geo.conv_args(),
+                                    POST_RELU=spec.post_relu, HAS_RESIDUAL=residual is not None,
+                                    **run.meta(spec.pre_relu), mid_ptr=mid,
+                                    **_mid_flags(spec, BN_BIAS if dw_bias is not None else BN_NONE))
+    return y
+
+
+def sepconv_mid_infer_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor],
+                               pw_weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                               spec: UnitSpec) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_dw_weight, grad_dw_bias, grad_pw_weight, grad_scale, grad_shift); empty [0] for
+    absent inputs. Only x is saved: z is recomputed (by the two-phase kernel) where the post-ReLU's mask
+    or grad_scale needs it."""
+    geo, xc, dw, pw = _prepare(x, dw_weight, pw_weight, spec)
+    device, c = x.device, geo.Cout
+    if geo.P == 0 or geo.C == 0 or c == 0:
+        grad_x, grad_dw, grad_pw, grad_dw_bias, grad_scale, grad_shift = _zero_grads(
+            x, dw_weight, pw_weight, dw_bias, scale, shift)
+        return grad_x, grad_dw, grad_dw_bias, grad_pw, grad_scale, grad_shift
+    mid_bn = BN_BIAS if dw_bias is not None else BN_NONE
+    gy = nhwc(grad_y)
+    if spec.post_relu or scale is not None:
+        grad_z = empty_nhwc(geo.out_shape, x.dtype, device)
+        run = TwoPhase(geo, xc, dw, pw)
+        part = new_empty((run.programs, 2, c), torch.float32, device)
+        _sepconv_grad_z_kernel[run.grid](*run.args(xc, vector_f32(scale, c, 1.0, device),
+                                                   vector_f32(shift, c, 0.0, device), gy, grad_z, part),
+                                         *geo.conv_args(), POST_RELU=spec.post_relu, **run.meta(spec.pre_relu),
+                                         mid_ptr=_mid_vectors(run.k_slot, geo.C, device, shift=dw_bias),
+                                         **_mid_flags(spec, mid_bn))
+        sums = batchnorm.sum_rows(part.view(run.programs, 2 * c)).view(2, c)
+    else:  # g_z = grad_y: nothing to recompute
+        grad_z = nhwc(gy.to(x.dtype))
+        sums = torch.stack(_plain_sums(gy)) if shift is not None else None
+    mid = _mid_vectors(_pad(geo.C), geo.C, device, shift=dw_bias)
+    _, grad_u, grad_pw = _convs_backward(geo, xc, dw, pw, grad_z, spec, mid, mid_bn)
+    grad_x, grad_dw = _dw_backward(geo, xc, dw, dw_weight, grad_u, spec.pre_relu)
+    empty = x.new_empty((0,))
+    grad_dw_bias = _plain_sums(_as_nchw(grad_u, geo))[0].to(dw_bias.dtype) if dw_bias is not None else empty
+    grad_scale = sums[1].to(scale.dtype, copy=True) if scale is not None else empty
+    grad_shift = sums[0].to(shift.dtype, copy=True) if shift is not None else empty
+    return grad_x, grad_dw, grad_dw_bias, grad_pw.view(pw_weight.shape).to(pw_weight.dtype), grad_scale, grad_shift
+
+
+def sepconv_mid_train(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, mid_weight: Optional[Tensor],
+                      mid_bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                      residual: Optional[Tensor], spec: UnitSpec, mid_eps: float,
+                      eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, z, mid_mean, mid_var, mean, var): the statistics pass over x, then the two-phase training
+    kernel with the mid BatchNorm and activation in its depthwise phase, the merge, the normalisation."""
+    geo, x, dw, pw = _prepare(x, dw_weight, pw_weight, spec)
+    device = x.device
+    z = empty_nhwc(geo.out_shape, x.dtype, device)
+    empty = x.new_empty((0,))
+    mid_mean, mid_var = empty, empty.clone()
+    if spec.mid_norm:
+        if geo.P == 0:  # as the reference: mean 0, var 1 for an empty batch
+            mid_mean = torch.zeros(geo.C, dtype=torch.float32, device=device)
+            mid_var = torch.ones(geo.C, dtype=torch.float32, device=device)
+        else:
+            mid_mean, mid_var = depthwise_statistics(x, dw, geo, spec.pre_relu)
+    if geo.P == 0 or geo.Cout == 0:  # as the reference: mean 0, var 1 for an empty batch
+        mean = torch.zeros(geo.Cout, dtype=torch.float32, device=device)
+        var = torch.ones(geo.Cout, dtype=torch.float32, device=device)
+        return empty_nhwc(geo.out_shape, x.dtype, device), z, mid_mean, mid_var, mean, var
+    run = TwoPhase(geo, x, dw, pw)
+    mid = _batch_vectors(run.k_slot, geo.C, device, mid_mean, torch.rsqrt(mid_var + mid_eps), mid_weight,
+                         mid_bias) if spec.mid_norm else _mid_vectors(run.k_slot, geo.C, device)
+    stats = new_empty((3, run.programs, geo.Cout), torch.float32, device)
+    _sepconv_train_kernel[run.grid](*run.args(x, z, stats), run.programs, *geo.conv_args(),
+                                    **run.meta(spec.pre_relu), mid_ptr=mid,
+                                    **_mid_flags(spec, BN_BATCH if spec.mid_norm else BN_NONE))
+    mean, var = batchnorm.merge_statistics(stats, geo.P, run.chunk)
+    y = batchnorm.normalize(z, mean, torch.rsqrt(var + eps), bn_weight, bn_bias, residual, spec.post_relu)
+    return y, z, mid_mean, mid_var, mean, var
+
+
+def sepconv_mid_train_backward(grad_y: Tensor, x: Tensor, z: Tensor, dw_weight: Tensor, pw_weight: Tensor,
+                               mid_mean: Tensor, mid_invstd: Tensor, mid_weight: Optional[Tensor],
+                               mid_bias: Optional[Tensor], mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
+                               bn_bias: Optional[Tensor], mean_dy: Tensor, mean_dy_xhat: Tensor,
+                               spec: UnitSpec) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_dw_weight, grad_pw_weight, grad_mid_weight, grad_mid_bias); mid gradients empty
+    without a mid BatchNorm (or its affine parameters). mean_dy, mean_dy_xhat: the outer BatchNorm's
+    reductions divided by the count (`bn_backward_reduce`)."""
+    geo, xc, dw, pw = _prepare(x, dw_weight, pw_weight, spec)
+    check_dtype(z)
+    device, c = x.device, geo.Cout
+    norm = spec.mid_norm
+    if geo.P == 0 or geo.C == 0 or c == 0:
+        return _zero_grads(x, dw_weight, pw_weight, mid_weight if norm else None, mid_bias if norm else None)
+    vec = [vector_f32(v, c, fill, device) for v, fill in
+           ((mean, 0.0), (invstd, 1.0), (bn_weight, 1.0), (bn_bias, 0.0), (mean_dy, 0.0), (mean_dy_xhat, 0.0))]
+    grad_z = batchnorm.grad_z(nhwc(grad_y), nhwc(z.to(x.dtype)), *vec, spec.post_relu)
+    width = _pad(geo.C)
+    mid = _batch_vectors(width, geo.C, device, mid_mean, mid_invstd, mid_weight, mid_bias) if norm else \
+        _mid_vectors(width, geo.C, device)
+    t, grad_u, grad_pw = _convs_backward(geo, xc, dw, pw, grad_z, spec, mid, BN_BATCH if norm else BN_NONE)
+    empty = x.new_empty((0,))
+    grad_mid_weight, grad_mid_bias, grad_d = empty, empty.clone(), grad_u
+    if norm:
+        cin = geo.C
+        mvec = [vector_f32(v, cin, fill, device) for v, fill in
+                ((mid_mean, 0.0), (mid_invstd, 1.0), (mid_weight, 1.0), (mid_bias, 0.0))]
+        gu, tt = _as_nchw(grad_u, geo), _as_nchw(t, geo)
+        sum_g, sum_g_that = batchnorm.dy_sums(gu, tt, *mvec, False)
+        grad_d = _as_matrix(batchnorm.grad_z(gu, tt, *mvec, sum_g / geo.P, sum_g_that / geo.P, False))
+        if mid_weight is not None:
+            grad_mid_weight = sum_g_that.to(mid_weight.dtype)
+        if mid_bias is not None:
+            grad_mid_bias = sum_g.to(mid_bias.dtype)
+    grad_x, grad_dw = _dw_backward(geo, xc, dw, dw_weight, grad_d, spec.pre_relu)
+    return (grad_x, grad_dw, grad_pw.view(pw_weight.shape).to(pw_weight.dtype), grad_mid_weight, grad_mid_bias)
