@@ -183,16 +183,16 @@ def test_adding_a_provider_is_a_registry_entry_plus_its_folder(tmp_path):
 
 def test_auto_passes_over_a_provider_without_the_units_variant(monkeypatch):
     """`auto` passes over the providers that do not compute a unit's variant (a mid-activation, which
-    only the reference computes today); asking one for it by name is an error naming it, and a
-    variant no provider computes is an error of `auto`'s own."""
+    the cuda provider declines); asking one for it by name is an error naming it, and a variant no
+    provider computes is an error of `auto`'s own."""
     fake_availability(monkeypatch, cuda=True, triton=True)
     monkeypatch.setenv("XCEPTION_FAST_VERIFY", "off")  # the self-check needs the GPU
     mid = UnitSpec((3, 3), pre_relu=True, mid="relu").variants()
     assert mid == {"pre_relu", "mid_relu"}
     assert backends.resolve("auto", "cuda", torch.float32, UnitSpec((3, 3), pre_relu=True).variants()) == "cuda"
-    assert backends.resolve("auto", "cuda", torch.float32, mid) == "reference"
-    with pytest.raises(NotImplementedError, match="mid_relu"):
-        backends.resolve("triton", "cuda", torch.float32, mid)
+    assert backends.resolve("auto", "cuda", torch.float32, mid) == "triton"
+    with pytest.raises(NotImplementedError, match=r"'cuda' does not compute the unit variant.*mid_relu.*'triton'"):
+        backends.resolve("cuda", "cuda", torch.float32, mid)
     unknown = UnitSpec((3, 3), pre_relu=True, mid="elu").variants()  # no provider lists it
     with pytest.raises(RuntimeError, match=r"no xception_fast backend computes a unit with \['mid_elu', 'pre_relu'\]"):
         backends.resolve("auto", "cuda", torch.float32, unknown)

@@ -22,8 +22,8 @@ import torch
 
 from xception_fast import SeparableConvBN2d, backends, ops, reference
 from xception_fast.spec import UnitSpec
-from xception_fast.testing import (STATISTICS_RTOL, away_from_kink, check_output, conformance_cases,
-                                   randomize_batchnorm_, require_provider, rounded, unit_tensors)
+from xception_fast.testing import (STATISTICS_RTOL, away_from_kink, check_output, compare_runs, conformance_cases,
+                                   randomize_batchnorm_, require_provider, rounded, run_op, unit_tensors)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Shapes: (cin, cout, k, stride, padding, dilation, n, h, w). Channels not multiples of 16 (5, 19, 33),
@@ -78,32 +78,6 @@ def on_gpu_only(device: torch.device, what: str) -> None:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def run_op(op, tensors, rest, backend, dtype, grad_y):
-    """Forward + backward of a public op with the differentiable `tensors` cast to `dtype`."""
-    leaves = [None if t is None else t.detach().to(dtype).requires_grad_(True) for t in tensors]
-    outs = op(*leaves, *rest, backend)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    outs[0].backward(grad_y.to(outs[0].dtype))
-    _sync(outs[0].device)
-    return list(outs), [None if t is None else t.grad for t in leaves]
-
-
-def compare_runs(names, results, provider, dtype, seed, zero=frozenset()):
-    """Every output by `check_output`, but those in `zero`: exactly zero in exact arithmetic, so their
-    values are rounding noise on both sides; for those, the layout and finiteness only."""
-    got, low, exact = (results[key][0] + results[key][1] for key in
-                       ((provider, dtype), ("reference", dtype), ("reference", torch.float64)))
-    assert len(got) == len(names)
-    for name, g, lo, ex in zip(names, got, low, exact):
-        if ex is None:
-            assert g is None and lo is None, name
-        elif name in zero:
-            assert g.dtype == lo.dtype and g.shape == lo.shape and g.stride() == lo.stride(), name
-            assert torch.isfinite(g).all(), f"{name} (seed {seed}): not finite"
-        else:
-            check_output(f"{name} (seed {seed})", g, lo, ex, dtype)
 
 
 # --- the public ops, every output and gradient ---------------------------------------------------------

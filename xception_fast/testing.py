@@ -195,3 +195,32 @@ def run_fused_and_plain(fused: torch.nn.Module, unfused, x: torch.Tensor, residu
             outs.append(y)
             grads.append([a.grad] + ([r.grad] if r is not None else []) + [p.grad for p in module.parameters()])
         yield outs, grads, fused, plain
+
+
+# --- one op run by a provider and by the reference, in a dtype and in float64 ------------------------
+
+def run_op(op, tensors, rest, backend, dtype, grad_y):
+    """Forward + backward of a public op with the differentiable `tensors` cast to `dtype`."""
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_(True) for t in tensors]
+    outs = op(*leaves, *rest, backend)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    outs[0].backward(grad_y.to(outs[0].dtype))
+    if outs[0].device.type == "cuda":
+        torch.cuda.synchronize()
+    return list(outs), [None if t is None else t.grad for t in leaves]
+
+
+def compare_runs(names, results, provider, dtype, seed, zero=frozenset()):
+    """Every output by `check_output`, but those in `zero`: exactly zero in exact arithmetic, so their
+    values are rounding noise on both sides; for those, the layout and finiteness only."""
+    got, low, exact = (results[key][0] + results[key][1] for key in
+                       ((provider, dtype), ("reference", dtype), ("reference", torch.float64)))
+    assert len(got) == len(names)
+    for name, g, lo, ex in zip(names, got, low, exact):
+        if ex is None:
+            assert g is None and lo is None, name
+        elif name in zero:
+            assert g.dtype == lo.dtype and g.shape == lo.shape and g.stride() == lo.stride(), name
+            assert torch.isfinite(g).all(), f"{name} (seed {seed}): not finite"
+        else:
+            check_output(f"{name} (seed {seed})", g, lo, ex, dtype)
