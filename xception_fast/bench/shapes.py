@@ -49,6 +49,7 @@ class UnitShape:
     count: int = 1  # units of the model with this shape
     flow: str = ""  # "entry", "middle", "exit", or e.g. "middle+exit" when shared
     first_module: str = ""  # the first module of the model with this shape, e.g. "block1.rep.0"
+    mid: str = ""  # `UnitSpec.mid`: what runs between dw and pw ("bn", "bn_relu", ...; "" for nothing)
 
     @property
     def out_height(self) -> int:
@@ -74,6 +75,8 @@ class UnitShape:
             flags.append(f"d{self.dilation}")
         if self.kernel_size != 3:
             flags.append(f"k{self.kernel_size}")
+        if self.mid:
+            flags.append(f"mid{self.mid}")
         size = str(self.height) if self.height == self.width else f"{self.height}x{self.width}"
         flow = self.flow.split("+")[0] or "unit"
         return "-".join([flow, f"{self.in_channels}x{self.out_channels}", size] + flags)
@@ -88,11 +91,13 @@ class UnitShape:
             parts.append("ReLU after")
         if self.residual:
             parts.append("+residual")
+        if self.mid:
+            parts.append(f"{self.mid.replace('_', '+').replace('bn', 'BN')} between dw and pw")
         return ", ".join(parts) + f" (x{self.count})"
 
     def key(self) -> tuple:
         return (self.in_channels, self.out_channels, self.height, self.width, self.kernel_size, self.stride,
-                self.padding, self.dilation, self.pre_relu, self.post_relu, self.residual)
+                self.padding, self.dilation, self.pre_relu, self.post_relu, self.residual, self.mid)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -122,7 +127,7 @@ def derive_unit_shapes(model: torch.nn.Module, image_size: int = 299, in_chans: 
                 in_channels=int(x.shape[1]), out_channels=int(output.shape[1]), height=int(x.shape[2]),
                 width=int(x.shape[3]), kernel_size=_single(dw.kernel_size), stride=_single(dw.stride),
                 padding=_single(dw.padding), dilation=_single(dw.dilation), pre_relu=bool(module.pre_relu),
-                post_relu=bool(module.post_relu), residual=residual is not None)
+                post_relu=bool(module.post_relu), residual=residual is not None, mid=module.mid or "")
             entry = seen.setdefault(shape.key(), {"shape": shape, "modules": []})
             entry["modules"].append(name)
         return record
@@ -162,6 +167,20 @@ def _xception_unit_shapes(image_size: int) -> tuple[UnitShape, ...]:
 def unit_shapes(image_size: int = 299) -> list[UnitShape]:
     """Xception's distinct separable-unit shapes for a square input of `image_size` (299 in the paper)."""
     return list(_xception_unit_shapes(int(image_size)))
+
+
+@functools.lru_cache(maxsize=8)
+def _aligned_unit_shapes(image_size: int) -> tuple[UnitShape, ...]:
+    from xception_fast.models.xception_aligned import xception65
+
+    shapes = derive_unit_shapes(xception65(backend="reference"), image_size)
+    return tuple(UnitShape(**{**s.as_dict(), "flow": "aligned"}) for s in shapes)
+
+
+def aligned_unit_shapes(image_size: int = 299) -> list[UnitShape]:
+    """The aligned Xception65's (DeepLab's backbone, timm `xception65`) distinct separable-unit shapes:
+    the mid variant (`dw -> BN [-> ReLU] -> pw -> BN`), flow "aligned"."""
+    return list(_aligned_unit_shapes(int(image_size)))
 
 
 def select_shapes(shapes: list[UnitShape], patterns) -> list[UnitShape]:

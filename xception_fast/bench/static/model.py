@@ -366,3 +366,16 @@ def estimate(launch: Launch, machine: Machine) -> Estimate:
         # Without tensor instructions the products are FFMAs too: the ratio would not be the depthwise's.
         dw_dup=(ffma / launch.useful_ffma) if launch.useful_ffma and flops else None, bar_per_iter=bar, mma_wait=wait,
         loop_trips=trips, phases=phases)
+
+
+def library_gemm(kernel: str, machine: Machine, m: int, n: int, k: int, operand: str, dram_bytes: float) -> Estimate:
+    """A GEMM a provider hands to a library (cuBLAS: torch.matmul) as an Estimate at its roofline:
+    max(2 m n k FLOPs at the tensor peak, its bytes at DRAM bandwidth). No SASS is counted: the most
+    optimistic figure for that launch, labelled by its config "library (roofline)"."""
+    tensor_op = "HGMMA" if "HGMMA" in machine.mma_flops_per_clock else "HMMA"
+    flops = 2.0 * m * n * k
+    return Estimate(kernel=kernel, config="library (roofline)", grid=0, issue_us=0.0,
+                    mma_us=flops / machine.mma_rate(tensor_op, operand) * 1e6,
+                    dram_us=dram_bytes / machine.dram_rate() * 1e6, tensor_op=tensor_op, regs=0, spill_bytes=0,
+                    smem_bytes=0, ctas_per_sm=1, waves=0.0, warp_instr_per_cta=0.0, dram_bytes=dram_bytes,
+                    mma_flops=flops)

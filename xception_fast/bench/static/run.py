@@ -14,10 +14,12 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterable, Optional, Sequence
 
-from xception_fast.bench.shapes import UnitShape, unit_shapes
+from xception_fast import backends
+from xception_fast.bench.shapes import UnitShape, aligned_unit_shapes, unit_shapes
 from xception_fast.bench.static import model, triton_plans
 from xception_fast.bench.static.geometry import Unit
 from xception_fast.bench.static.machine import Machine, machine as machine_for
+from xception_fast.spec import UnitSpec
 
 MODES = ("infer", "train")
 PROVIDERS = ("triton", "cuda")
@@ -26,14 +28,25 @@ FIELDS = ("provider", "kernel", "layer", "mode", "dtype", "arch", "issue_us", "m
           "floor_us", "regs", "spill_bytes", "smem_bytes", "ctas_per_sm", "tensor_op")
 
 
+# Units of the aligned Xception65 (the mid variant) modelled beside Xception's: its middle unit (33 of
+# them: ReLU -> dw -> BN -> pw -> BN) and an exit unit (dw -> BN -> ReLU -> pw -> BN -> ReLU).
+ALIGNED_LAYERS = {"aligned-728x728-19-midbn": "xception65_middle",
+                  "aligned-1536x1536-10-nopre-post-midbn_relu": "xception65_exit"}
+
+
 def layer_name(shape: UnitShape) -> str:
     """"middle" for the 728->728 19x19 unit, "middle_residual" for the one with the residual add,
-    else the first module with that shape (timm-style: block1.rep.0, conv3)."""
+    `ALIGNED_LAYERS`' names, else the first module with that shape (timm-style: block1.rep.0, conv3)."""
     if shape.slug == "middle-728x728-19":
         return "middle"
     if shape.slug == "middle-728x728-19-res":
         return "middle_residual"
-    return shape.first_module or shape.slug
+    return ALIGNED_LAYERS.get(shape.slug) or shape.first_module or shape.slug
+
+
+def modelled_shapes(image_size: int = DEFAULT_IMAGE) -> list[UnitShape]:
+    """Xception's distinct units, then `ALIGNED_LAYERS` (not part of Xception's model total)."""
+    return unit_shapes(image_size) + [s for s in aligned_unit_shapes(image_size) if s.slug in ALIGNED_LAYERS]
 
 
 def select_layers(shapes: Sequence[UnitShape], patterns: Optional[Iterable[str]]) -> list[UnitShape]:
@@ -73,7 +86,8 @@ def kernel_record(est: model.Estimate, base: dict, candidates: int) -> dict:
 def best_launch(candidates: Sequence[model.Launch], m: Machine) -> tuple[model.Estimate, list[model.Estimate]]:
     """(the candidate (autotune config) with the smallest estimate, every candidate's estimate);
     configs that do not fit the SM (shared memory) are left out, as the autotuner would drop them."""
-    estimates = [model.estimate(c, m) for c in candidates]
+    # A plan may give a ready Estimate: a library kernel (cuBLAS) at its own roofline, `model.library_gemm`.
+    estimates = [c if isinstance(c, model.Estimate) else model.estimate(c, m) for c in candidates]
     fitting = [e for e in estimates if e.ctas_per_sm > 0] or estimates
     return min(fitting, key=lambda e: e.estimate_us), estimates
 
@@ -110,8 +124,13 @@ def unfused_kernels(unit: Unit, mode: str, m: Machine) -> list[tuple[str, float,
     fwd = []
     if s.pre_relu:
         fwd.append(("relu", 0.0, 2 * x / bw))
-    fwd += [("depthwise", 0.0, (x + d) / bw), ("pointwise", gemm / mma, (d + w + y) / bw),
-            ("batchnorm", 0.0, 2 * y / bw)]
+    fwd.append(("depthwise", 0.0, (x + d) / bw))
+    mid = UnitSpec((3, 3), mid=s.mid or None)
+    if mid.mid_norm:
+        fwd.append(("mid_batchnorm", 0.0, 2 * d / bw))
+    if mid.mid_act:
+        fwd.append(("mid_activation", 0.0, 2 * d / bw))
+    fwd += [("pointwise", gemm / mma, (d + w + y) / bw), ("batchnorm", 0.0, 2 * y / bw)]
     if s.post_relu:
         fwd.append(("relu_after", 0.0, 2 * y / bw))
     if s.residual:
@@ -121,6 +140,10 @@ def unfused_kernels(unit: Unit, mode: str, m: Machine) -> list[tuple[str, float,
     bwd = [("batchnorm_backward", 0.0, 4 * y / bw), ("pointwise_grad_input", gemm / mma, (y + w + d) / bw),
            ("pointwise_grad_weight", gemm / mma, (y + d) / bw), ("depthwise_grad_input", 0.0, (d + x) / bw),
            ("depthwise_grad_weight", 0.0, (d + x) / bw)]
+    if mid.mid_act:
+        bwd.append(("mid_activation_backward", 0.0, 3 * d / bw))
+    if mid.mid_norm:
+        bwd.append(("mid_batchnorm_backward", 0.0, 4 * d / bw))
     if s.pre_relu:
         bwd.append(("relu_backward", 0.0, 3 * x / bw))
     return [(k, a * 1e6, b * 1e6) for k, a, b in fwd + bwd]
@@ -139,7 +162,8 @@ def static_records(arch: int = 90, dtypes: Sequence[str] = ("bf16",), layers: Op
     kernel) raises, unless `errors` is a list: then each failure is appended to it as a message, and
     that (provider, layer, mode) has no records (nor a model total)."""
     m = machine_for(arch)
-    all_shapes = unit_shapes(image_size)
+    all_shapes = modelled_shapes(image_size)
+    xception_slugs = {s.slug for s in unit_shapes(image_size)}
     shapes = select_layers(all_shapes, layers)
     if not shapes:
         raise ValueError(f"no layer matches {list(layers or [])}: layers are "
@@ -158,7 +182,8 @@ def static_records(arch: int = 90, dtypes: Sequence[str] = ("bf16",), layers: Op
                 records.append({**base, "issue_us": None, "mma_us": None, "dram_us": None, "estimate_us": floor,
                                 "floor_us": floor, "regs": None, "spill_bytes": None, "smem_bytes": None,
                                 "ctas_per_sm": None, "tensor_op": None})
-                unit_totals.setdefault("roofline", []).append(records[-1])
+                totals_of = unit_totals if shape.slug in xception_slugs else {}  # the model total: Xception's
+                totals_of.setdefault("roofline", []).append(records[-1])
                 rows = []
                 for kernel, mma_us, dram_us in unfused_kernels(unit, mode, m):
                     rows.append({**_base("unfused", kernel, layer, mode, dtype, m, shape, batch), "issue_us": None,
@@ -167,8 +192,11 @@ def static_records(arch: int = 90, dtypes: Sequence[str] = ("bf16",), layers: Op
                                  "ctas_per_sm": None, "tensor_op": "HGMMA" if mma_us and arch >= 90 else None})
                 total = _total(rows, _base("unfused", "unit_total", layer, mode, dtype, m, shape, batch), floor)
                 records += rows + [total]
-                unit_totals.setdefault("unfused", []).append(total)
+                totals_of.setdefault("unfused", []).append(total)
                 for provider in providers:
+                    if shape.mid and f"mid_{shape.mid}" not in backends.PROVIDERS[provider].variants:
+                        say(f"{provider} {layer}: the provider does not compute the mid variant (not modelled)")
+                        continue
                     if mode not in plans[provider].MODES:
                         say(f"{provider} {mode}: no launch plan yet (not modelled)")
                         continue
@@ -194,12 +222,12 @@ def static_records(arch: int = 90, dtypes: Sequence[str] = ("bf16",), layers: Op
                         continue
                     total = _total(rows, _base(provider, "unit_total", layer, mode, dtype, m, shape, batch), floor)
                     records += rows + others + [total]
-                    unit_totals.setdefault(provider, []).append(total)
+                    totals_of.setdefault(provider, []).append(total)
                     say(f"{provider} {mode} {dtype} {layer}: {total['estimate_us']:.0f} us "
                         f"({len(rows)} kernels, {time.time() - start:.0f} s)")
-            if len(shapes) == len(all_shapes):
+            if xception_slugs <= {s.slug for s in shapes}:
                 for provider, totals in unit_totals.items():
-                    if len(totals) != len(shapes):
+                    if len(totals) != len(xception_slugs):
                         continue  # a layer failed: no model total
                     out = {**_base(provider, "model_total", "all", mode, dtype, m, shapes[0], batch),
                            "unit": "all", "count": sum(t["count"] for t in totals),
