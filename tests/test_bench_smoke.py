@@ -108,7 +108,7 @@ def test_dtype_names_and_settings(monkeypatch):
     assert s.dtypes == ("bf16", "fp32") and s.batches == (32,) and s.providers == ("cuda", "eager")
     assert {c.provider for c in layer_cases(s)} == {"cuda", "eager"}
     assert {(c.model, c.provider) for c in model_cases(s)} == {("xception_fast", "cuda"), ("legacy_xception", "eager"),
-                                                                ("inception_v3", "eager")}
+                                                                ("inception_v3", "eager"), ("xception65", "eager")}
     monkeypatch.setenv("XCEPTION_FAST_BENCH_MODES", "inference")
     with pytest.raises(ValueError, match="modes"):
         BenchSettings.from_env("cuda")
@@ -119,8 +119,10 @@ def test_gpu_grid_is_the_issues_grid():
     layers = layer_cases(s)
     assert len(layers) == 11 * 5 * 2  # shapes x (cuda, triton, reference, eager, compile) x (infer, train)
     models = model_cases(s)
-    assert len(models) == 7 * 3 * 2  # (3 fused + 2 timm + 2 inception) x batch {1, 32, 256} x modes
+    # (3 fused + 2 timm + 2 inception + xception65: 2 fused (cuda declines its unit) + 2 timm) x batch x modes
+    assert len(models) == 11 * 3 * 2
     assert BASELINE in {(c.model, c.provider) for c in models}
+    assert {c.provider for c in models if c.model == "xception65_fast"} == {"triton", "reference"}
 
 
 def test_provider_status_never_raises():

@@ -8,6 +8,11 @@ Rows (model, provider):
   PyTorch layers (22,855,952 parameters), eager and under ``torch.compile(mode=compile_mode)``.
 - ``inception_v3`` ``eager`` / ``compile``: torchvision's Inception V3 (no auxiliary classifier,
   23.8M parameters; the paper's comparison), eager and compiled.
+- ``xception65_fast`` with each provider that computes the mid variant (``triton``, ``reference``; the
+  ``cuda`` provider declines it): the aligned Xception65 of DeepLab v3+,
+  `xception_fast.models.xception_aligned.xception65(backend=...)`, whose units are
+  ``dw -> BN [-> ReLU] -> pw -> BN``; ``xception65`` ``eager`` / ``compile``: timm's `xception65`, the
+  same network in plain layers (39.9M parameters). Its speed-ups are taken against timm's eager row.
 Every model runs in the row's dtype (parameters and activations; no autocast) and channels_last,
 with cudnn.benchmark on. Inference: eval mode under `torch.inference_mode`. Training step: forward,
 cross-entropy on random labels, backward, SGD (momentum 0.9) step, `zero_grad(set_to_none=True)`.
@@ -22,17 +27,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xception_fast import backends
 from xception_fast.bench.common import (COMPILE, EAGER, FUSED_PROVIDERS, BenchCase, BenchSettings, provider_status,
                                         random_tensor, torch_dtype)
 from xception_fast.testing import randomize_batchnorm_
 
+# The providers that compute the aligned Xception's unit (the mid variant), from the registry.
+MID_PROVIDERS = tuple(p for p in FUSED_PROVIDERS if backends.MID_VARIANTS <= backends.PROVIDERS[p].variants)
 MODEL_PROVIDERS: dict[str, tuple[str, ...]] = {
     "xception_fast": FUSED_PROVIDERS,
     "legacy_xception": (EAGER, COMPILE),
     "inception_v3": (EAGER, COMPILE),
+    "xception65_fast": MID_PROVIDERS,
+    "xception65": (EAGER, COMPILE),
 }
 MODELS = tuple(MODEL_PROVIDERS)
 BASELINE = ("legacy_xception", EAGER)  # speed-ups in the report are taken against this row
+# ... except for the aligned Xception65, compared with timm's own eager run of it.
+BASELINES = {"xception65_fast": ("xception65", EAGER), "xception65": ("xception65", EAGER)}
 NUM_CLASSES = 1000
 
 
@@ -66,11 +78,11 @@ def model_skip_reason(case: ModelCase, device, compile_mode: str) -> Optional[st
     if not ok:
         return f"{case.provider}: {reason}"
     try:
-        if case.model == "legacy_xception":
+        if case.model in ("legacy_xception", "xception65"):
             import timm
 
-            if not timm.is_model("legacy_xception"):
-                return f"timm {timm.__version__} has no legacy_xception model"
+            if not timm.is_model(case.model):
+                return f"timm {timm.__version__} has no {case.model} model"
         elif case.model == "inception_v3":
             import torchvision  # noqa: F401
     except ImportError as exc:
@@ -84,10 +96,14 @@ def build_model(name: str, provider: str) -> nn.Module:
         from xception_fast.models.xception import xception
 
         return xception(num_classes=NUM_CLASSES, backend=provider)
-    if name == "legacy_xception":
+    if name == "xception65_fast":
+        from xception_fast.models.xception_aligned import xception65
+
+        return xception65(num_classes=NUM_CLASSES, backend=provider)
+    if name in ("legacy_xception", "xception65"):
         import timm
 
-        return timm.create_model("legacy_xception", pretrained=False, num_classes=NUM_CLASSES)
+        return timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
     if name == "inception_v3":
         import torchvision
 

@@ -1,7 +1,8 @@
 """Results files -> a Markdown report (tables) and a PNG plot.
 
 `markdown(results)` renders one section per results file: the environment line, the model table
-(images/s, ms per iteration, speed-up over timm's legacy_xception eager, peak memory, compile time),
+(images/s, ms per iteration, speed-up over timm's eager run of the same network (legacy_xception;
+xception65 for the aligned model), peak memory, compile time),
 one layer table per (mode, dtype, batch) with a column per competitor (time, speed-up over eager,
 fraction of the roofline floor) and the Xception total (each unit's time times its count), and the
 rows that were not measured with their reasons. `plot(results, path)` draws images/s per model and
@@ -17,13 +18,13 @@ from typing import Optional
 
 from xception_fast import backends
 from xception_fast.bench.common import COMPILE, EAGER, MODES
-from xception_fast.bench.models import BASELINE, MODEL_PROVIDERS
+from xception_fast.bench.models import BASELINE, BASELINES, MODEL_PROVIDERS
 
 PLOT_HINT = "the PNG plot needs matplotlib: pip install matplotlib"
 _DTYPE_ORDER = ("bf16", "fp16", "fp32")
 # Reading order: the baselines first, then the fused providers.
 _PROVIDER_ORDER = (EAGER, COMPILE) + tuple(reversed(backends.provider_names()))
-_MODEL_ORDER = ("legacy_xception", "xception_fast", "inception_v3")
+_MODEL_ORDER = ("legacy_xception", "xception_fast", "inception_v3", "xception65", "xception65_fast")
 
 
 class PlotUnavailable(RuntimeError):
@@ -92,17 +93,16 @@ def _models_table(rows: list[dict]) -> list[str]:
     ok = [r for r in rows if r.get("kind") == "model" and r.get("status") == "ok"]
     if not ok:
         return []
-    baseline = {(r["mode"], r["dtype"], r["batch"]): r["images_per_s"] for r in ok
-                if (r["name"], r["provider"]) == BASELINE}
+    baseline = {(r["name"], r["provider"], r["mode"], r["dtype"], r["batch"]): r["images_per_s"] for r in ok}
     ok.sort(key=lambda r: (_order(r["mode"], MODES), _order(r["dtype"], _DTYPE_ORDER), r["batch"],
                            _order(r["name"], _MODEL_ORDER), _order(r["provider"], _PROVIDER_ORDER)))
     size = ok[0].get("image_size", 299)
     lines = [f"### Models: images/s at {size}x{size} (higher is better)", "",
-             f"| model | provider | mode | dtype | batch | images/s | ms/iter | vs {BASELINE[0]} {BASELINE[1]} "
+             f"| model | provider | mode | dtype | batch | images/s | ms/iter | vs timm eager "
              "| peak memory | compile s |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in ok:
-        base = baseline.get((r["mode"], r["dtype"], r["batch"]))
+        base = baseline.get((*BASELINES.get(r["name"], BASELINE), r["mode"], r["dtype"], r["batch"]))
         speedup = f"{r['images_per_s'] / base:.2f}x" if base else ""
         compile_s = f"{r['compile_s']:.0f}" if r.get("compile_s") is not None else ""
         lines.append(f"| {r['name']} | {r['provider']} | {r['mode']} | {r['dtype']} | {r['batch']} | "
