@@ -19,8 +19,8 @@ import torch
 
 from xception_fast import SeparableConvBN2d, backends, mid_ops, reference
 from xception_fast.spec import UnitSpec
-from xception_fast.testing import (TOLERANCES, away_from_kink, compare_runs, conformance_cases, randomize_batchnorm_,
-                                   require_provider, rounded, run_op, unit_tensors)
+from xception_fast.testing import (STATISTICS_RTOL, TOLERANCES, away_from_kink, compare_runs, conformance_cases,
+                                   randomize_batchnorm_, require_provider, rounded, run_op, unit_tensors)
 
 # (cin, cout, k, stride, padding, dilation, n, h, w)
 SHAPES = {
@@ -179,3 +179,19 @@ def test_empty_batch(target):
     for i, (g, r) in enumerate(zip(results[provider], results["reference"], strict=True)):
         assert g.shape == r.shape and g.dtype == r.dtype and g.stride() == r.stride(), i
         torch.testing.assert_close(g, r, atol=0, rtol=0, msg=f"output {i}")
+
+
+def test_mid_statistics_are_stable_for_a_large_mean(target, seed):
+    """The statistics pass over the depthwise output with mean 1e4, std 1e-2 (a naive float32 sum of
+    squares loses every digit there): dw is a 1x1 identity, so the exact statistics are x's."""
+    provider, device = target
+    c, n, h, w = 3, 2, 12, 13  # several tiles and splits
+    x = (1e4 + 1e-2 * torch.randn(n, c, h, w, device=device, dtype=torch.float64)).float()
+    dw = torch.ones(c, 1, 1, 1, device=device)
+    pw = torch.eye(c, device=device).view(c, c, 1, 1)
+    spec = UnitSpec((1, 1), mid="bn")
+    outs = mid_ops.sepconv_mid_train(x, dw, pw, None, None, None, None, None, *spec.op_args(), spec.mid, 1e-5, 1e-5,
+                                     provider)
+    exact_var, exact_mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(outs[2].double(), exact_mean, atol=0, rtol=STATISTICS_RTOL["mean"], msg=f"seed {seed}")
+    torch.testing.assert_close(outs[3].double(), exact_var, atol=1e-12, rtol=STATISTICS_RTOL["var"], msg=f"seed {seed}")

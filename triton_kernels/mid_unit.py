@@ -5,7 +5,7 @@ The four functions of `xception_fast.reference` for `UnitSpec.mid` (`sepconv_mid
   bias and the activation to the tile in registers before it stores it to the slot (`mid_act`).
 - training forward: `_depthwise_stats_kernel` reads x once and merges per-split statistics of the
   depthwise output (rounded to the input dtype, as the unfused path stores it; the same Chan merge as
-  the pointwise statistics, `batchnorm.merge_statistics`), storing nothing else; then the two-phase
+  the pointwise statistics' partial format, merged by `batchnorm.merge_statistics`), storing nothing else; then the two-phase
   training kernel normalises with them and activates the tile as it forms the MMA operand.
 - backward: the depthwise output t and the operand a = act(midBN(t)) are recomputed from x once
   (`_mid_recompute_kernel`: two temporaries [P, C] for the length of the backward, where the unfused
@@ -31,14 +31,16 @@ from xception_fast.spec import UnitSpec
 from . import batchnorm
 from .autotune import INTERPRET, elementwise_configs, position_bucket, position_split
 from .backward import _dw_input_grad_kernel
-from .depthwise_pointwise import (Geometry, TwoPhase, _depthwise_chunk, _merge_tile_statistics, _pre_f32, _prepare,
+from .depthwise_pointwise import (Geometry, TwoPhase, _depthwise_chunk, _pre_f32, _prepare,
                                   _sepconv_grad_z_kernel, _sepconv_infer_kernel, _sepconv_train_kernel, _tap_rows,
                                   depthwise_taps)
 from .mid_act import BN_BATCH, BN_BIAS, BN_NONE, mid_act, mid_act_grad, mid_input, mid_normalize
-from .utils import channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
+from .utils import INLINE_ASM, channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
 
-# Fixed blocks of the kernels whose position split must not depend on an autotuned config.
-STATS_BLOCK_P, STATS_BLOCK_C = (32, 16) if INTERPRET else (64, 64)
+# Fixed blocks of the kernels whose position split must not depend on an autotuned config. The
+# statistics pass keeps two fp32 accumulators of a tile in registers: short tiles.
+STATS_BLOCK_P, STATS_BLOCK_C = (32, 16) if INTERPRET else (16, 64)
+DW_BLOCK_P, DW_BLOCK_C = (32, 16) if INTERPRET else (64, 64)
 
 
 # --- kernels --------------------------------------------------------------------------------------------
@@ -53,8 +55,10 @@ def _depthwise_stats_kernel(
     KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr, C_ALIGN: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # Program (s, channel block): the positions of split s, merged tile by tile into row s as the
-    # two-phase training kernel merges z's (its columns of the row are this program's own).
+    # Program (s, channel block): the positions of split s, in row s of the partial statistics (the
+    # format `batchnorm.merge_statistics` merges). Sums of the deviations from a reference value ref
+    # (the mean of the split's first tile, so that |mean| >> std costs no precision) and of their
+    # squares accumulate elementwise in registers: one cross-warp reduction per program, not per tile.
     C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
     c_tiles = tl.cdiv(C, BLOCK_C)
     pid = tl.program_id(0)
@@ -62,15 +66,32 @@ def _depthwise_stats_kernel(
     ci = c0 + tl.arange(0, BLOCK_C)
     p_begin = s * chunk
     p_end = tl.minimum(p_begin + chunk, P)
+    x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p_begin, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
+                                         BLOCK_P)
+    d = _depthwise_chunk(x_rows, ih0, iw0, p_mask, dwt_ptr, c0, C, H, W, K_PAD, dil_h, dil_w,
+                         KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_C)
+    # Statistics of d rounded to the input dtype, as the unfused path stores it.
+    d = d.to(x_ptr.dtype.element_ty).to(tl.float32)
+    ref = tl.sum(tl.where(p_mask[:, None], d, 0.0), axis=0) / tl.minimum(p_end - p_begin, BLOCK_P).to(tl.float32)
+    s1 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for p0 in range(p_begin, p_end, BLOCK_P):
         x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
                                              BLOCK_P)
         d = _depthwise_chunk(x_rows, ih0, iw0, p_mask, dwt_ptr, c0, C, H, W, K_PAD, dil_h, dil_w,
                              KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_C)
-        cnt = tl.minimum(p_end - p0, BLOCK_P).to(tl.float32)
-        _merge_tile_statistics(stats_ptr, s, S, C, ci, ci < C, d.to(x_ptr.dtype.element_ty), p_mask, cnt,
-                               (p0 - p_begin).to(tl.float32))
-        tl.debug_barrier()  # the next tile reads back the row this one wrote
+        dev = tl.where(p_mask[:, None], d.to(x_ptr.dtype.element_ty).to(tl.float32) - ref[None, :], 0.0)
+        s1 += dev
+        s2 += dev * dev
+    n = (p_end - p_begin).to(tl.float32)
+    t1 = tl.sum(s1, axis=0)
+    offset = t1 / n
+    m2 = tl.maximum(tl.sum(s2, axis=0) - t1 * offset, 0.0)
+    c_ok = ci < C
+    out = stats_ptr + s * C + ci
+    tl.store(out, ref, mask=c_ok)
+    tl.store(out + S * C, offset, mask=c_ok)
+    tl.store(out + 2 * S * C, m2, mask=c_ok)
 
 
 @triton.autotune(configs=elementwise_configs(), key=["C", "KH", "KW"])
@@ -201,7 +222,8 @@ def depthwise_statistics(x: Tensor, dw: Tensor, geo: Geometry, pre_relu: bool) -
     grid = (splits * triton.cdiv(geo.C, STATS_BLOCK_C),)
     _depthwise_stats_kernel[grid](x, depthwise_taps(dw, geo, width), stats, geo.P, chunk, geo.H, geo.W, geo.C,
                                   geo.Ho, geo.Wo, width, splits, *geo.conv_args(), KH=geo.KH, KW=geo.KW,
-                                  PRE_RELU=bool(pre_relu), ASM=False, C_ALIGN=channel_align(geo.C),
+                                  PRE_RELU=bool(pre_relu), ASM=INLINE_ASM and x.device.type == "cuda",
+                                  C_ALIGN=channel_align(geo.C),
                                   BLOCK_P=STATS_BLOCK_P, BLOCK_C=STATS_BLOCK_C)
     return batchnorm.merge_statistics(stats, geo.P, chunk)
 
@@ -254,12 +276,12 @@ def _dw_backward(geo: Geometry, x: Tensor, dw: Tensor, dw_weight: Tensor, grad_d
     """(grad_x, grad_dw_weight) from grad_d [P, C] in x's dtype."""
     device, c, kk = x.device, geo.C, geo.KH * geo.KW
     conv = geo.conv_args()
-    splits, chunk = position_split(geo.P, triton.cdiv(c, STATS_BLOCK_C), device)
+    splits, chunk = position_split(geo.P, triton.cdiv(c, DW_BLOCK_C), device)
     part = new_empty((splits, c, kk), torch.float32, device)
-    _dw_weight_grad_kernel[(splits * triton.cdiv(c, STATS_BLOCK_C),)](
+    _dw_weight_grad_kernel[(splits * triton.cdiv(c, DW_BLOCK_C),)](
         x, grad_d, part, geo.P, chunk, geo.H, geo.W, c, geo.Ho, geo.Wo, *conv, KH=geo.KH, KW=geo.KW,
         KK_PAD=triton.next_power_of_2(kk), PRE_RELU=bool(pre_relu), C_ALIGN=channel_align(c),
-        BLOCK_P=STATS_BLOCK_P, BLOCK_C=STATS_BLOCK_C)
+        BLOCK_P=DW_BLOCK_P, BLOCK_C=DW_BLOCK_C)
     grad_dw = batchnorm.sum_rows(part.view(splits, -1), dw_weight.dtype).view(dw_weight.shape)
     grad_x = empty_nhwc((geo.N, c, geo.H, geo.W), x.dtype, device)
     q = geo.N * geo.H * geo.W

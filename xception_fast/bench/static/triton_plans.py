@@ -258,7 +258,7 @@ def _merge_statistics(unit: Unit, arch: int, splits: int, channels: int, chunk: 
 
 
 # --- the mid variant (`triton_kernels/mid_unit.py`) -------------------------------------------------------
-MID_BLOCK = 64  # mid_unit.STATS_BLOCK_P / STATS_BLOCK_C on a GPU
+STATS_BLOCK_P, MID_BLOCK = 16, 64  # mid_unit.STATS_BLOCK_P / STATS_BLOCK_C (= DW_BLOCK_P / DW_BLOCK_C) on a GPU
 
 
 def _mid_width(unit: Unit) -> int:
@@ -271,13 +271,14 @@ def _mid_statistics(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
 
     C = unit.C
     splits, chunk = position_split(unit.P, cdiv(C, MID_BLOCK), sms)
-    trips = unit.split_trips(splits, chunk, MID_BLOCK)
+    trips = unit.split_trips(splits, chunk, STATS_BLOCK_P)
     fixed = dict(KH=unit.K, KW=unit.K, PRE_RELU=unit.shape.pre_relu, ASM=True, C_ALIGN=_channel_align(C),
-                 BLOCK_P=MID_BLOCK, BLOCK_C=MID_BLOCK)
+                 BLOCK_P=STATS_BLOCK_P, BLOCK_C=MID_BLOCK)
     stats = _launches(mu._depthwise_stats_kernel, unit, arch, fixed,
                       _sizes(unit, chunk=chunk, K_PAD=_mid_width(unit), S=splits),
                       lambda m: (splits * cdiv(C, MID_BLOCK), [LoopPlan("position tiles of the split", trips)],
-                                 unit.x_bytes() + 12 * splits * C, _dw_ffma(unit, MID_BLOCK, MID_BLOCK, trips)))
+                                 unit.x_bytes() + 12 * splits * C,
+                                 _dw_ffma(unit, STATS_BLOCK_P, MID_BLOCK, trips + 1)))  # + the reference tile
     return [stats, _merge_statistics(unit, arch, splits, C, chunk)]
 
 
