@@ -108,8 +108,11 @@ def test_train_op_outputs_statistics_and_gradients(target, case, seed):
     y, z, mid_mean, mid_var, mean, var = results[provider, dtype][0]
     assert y.stride() == z.stride() == reference.channels_last_strides(shape_out)
     assert mid_mean.shape == mid_var.shape == ((cin,) if spec.mid_norm else (0,))
+    # The outer BatchNorm's input gradient sums to zero over the positions, and so does its image through
+    # the pointwise conv: without an activation between them, grad_mid_bias is exactly zero (rounding noise).
+    zero = {"grad_mid_bias"} if spec.mid_act is None else set()
     compare_runs(["y", "z", "mid_mean", "mid_var", "mean", "var", "grad_x", "grad_dw", "grad_pw", "grad_mid_weight",
-                  "grad_mid_bias", "grad_weight", "grad_bias", "grad_residual"], results, provider, dtype, seed)
+                  "grad_mid_bias", "grad_weight", "grad_bias", "grad_residual"], results, provider, dtype, seed, zero)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{m}-{s}-{f}-{str(d)[6:]}" for m, s, f, d in CASES])
