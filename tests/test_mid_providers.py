@@ -6,7 +6,7 @@ error in that dtype (plus the dtype's floor) of the reference run in float64 on 
 Outputs are NaN-poisoned when allocated. Each case pairs one mid variant (every activation, identity
 with the BatchNorm, activations without it) with one shape (stride 2, dilation 2, k=5, odd channel
 counts, the TMA weight path) and one dtype, in training and in inference: a modest number of
-interpreter runs that together cover every path.
+interpreter runs that together cover every path. On a GPU every case runs in bfloat16 too.
 """
 
 from __future__ import annotations
@@ -85,8 +85,22 @@ def _unit(target, case):
     return spec, x, dw, pw, residual, shape_out
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{m}-{s}-{f}-{str(d)[6:]}" for m, s, f, d in CASES])
-def test_train_op_outputs_statistics_and_gradients(target, case, seed):
+IDS = [f"{m}-{s}-{f}-{str(d)[6:]}" for m, s, f, d in CASES]
+
+
+def _in_dtype(target, case, bf16: bool):
+    """The case as listed, or in bfloat16: GPU runs only (the interpreter has no bfloat16 tl.dot)."""
+    if not bf16:
+        return case
+    if target[1].type != "cuda":
+        pytest.skip("bfloat16: GPU runs only (CPU runs are an interpreter without bfloat16 tl.dot)")
+    return (*case[:3], torch.bfloat16)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["as_listed", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_train_op_outputs_statistics_and_gradients(target, case, bf16, seed):
+    case = _in_dtype(target, case, bf16)
     provider, device = target
     spec, x, dw, pw, residual, shape_out = _unit(target, case)
     dtype, flags = case[3], case[2]
@@ -115,10 +129,12 @@ def test_train_op_outputs_statistics_and_gradients(target, case, seed):
                   "grad_mid_bias", "grad_weight", "grad_bias", "grad_residual"], results, provider, dtype, seed, zero)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{m}-{s}-{f}-{str(d)[6:]}" for m, s, f, d in CASES])
-def test_infer_op_output_and_gradients(target, case, seed):
+@pytest.mark.parametrize("bf16", [False, True], ids=["as_listed", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_infer_op_output_and_gradients(target, case, bf16, seed):
     """The inference op takes the mid BatchNorm folded (dw_bias); the outer one as scale and shift
     (shift only for `plain`: a SeparableConv2d with a bias)."""
+    case = _in_dtype(target, case, bf16)
     provider, device = target
     spec, x, dw, pw, residual, shape_out = _unit(target, case)
     dtype, flags = case[3], case[2]

@@ -1,9 +1,10 @@
 """The self-check: a fused provider proves itself on the device before `auto` uses it there.
 
 For one (provider, device, dtype), every op (inference forward and backward, training forward, the
-BatchNorm backward reduction, the training backward) runs on a fixed set of small shapes covering
-the unit's variants (pre/post ReLU, residual, stride, dilation, odd channel counts, BN with and
-without affine parameters), with fresh outputs NaN-filled (XCEPTION_FAST_POISON_OUTPUTS=1), and each output is
+BatchNorm backward reduction, the training backward; and the four ops of the mid variant for a
+provider that lists it, `MID_CASES`) runs on a fixed set of small shapes covering the unit's
+variants (pre/post ReLU, residual, stride, dilation, odd channel counts, BN with and without affine
+parameters), with fresh outputs NaN-filled (XCEPTION_FAST_POISON_OUTPUTS=1), and each output is
 compared with the `reference` provider run in float64 on the same (rounded) inputs, under the rule
 of `xception_fast.testing` (`TOLERANCES`, error at most twice the reference provider's own in that
 dtype). It takes seconds and runs once: the result is kept on disk, keyed by everything that could
@@ -40,7 +41,7 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -380,6 +381,54 @@ def _op_calls(case: Case, t: dict, exact: dict) -> list[tuple[str, tuple[str, ..
     ]
 
 
+# The mid variant per quick case (a provider listing `backends.MID_VARIANTS` is checked on them too):
+# smooth activations, whose derivative has no kink on which float64 and a 16-bit run may disagree.
+MID_CASES = ("bn_silu", "bn_gelu", "silu")
+MID_OPS = ("sepconv_mid_infer", "sepconv_mid_infer_backward", "sepconv_mid_train", "sepconv_mid_train_backward")
+
+
+def _mid_op_calls(case: Case, mid: str, t: dict, exact: dict) -> list[tuple[str, tuple[str, ...], tuple]]:
+    """`_op_calls` for the mid variant `mid`: the mid BatchNorm's vectors drawn from the case's own
+    (`bn_weight`/`shift` cycled over the input channels), the backward inputs from the float64 forward."""
+    def per_input(v):  # a vector over the input channels, from one over the output channels
+        return None if v is None else v.repeat(-(-case.cin // max(case.cout, 1)))[:case.cin].contiguous()
+
+    post, norm = case.post_relu, mid.startswith("bn")
+    spec = replace(_spec(case), mid=mid)
+    forward_spec = replace(_spec(case, case.residual), mid=mid)
+    linear = replace(_spec(case, post_relu=False), mid=mid)
+    mid_w, mid_b = (per_input(t["bn_weight"]), per_input(t["shift"])) if norm else (None, None)
+    mid_w64, mid_b64 = (per_input(exact["bn_weight"]), per_input(exact["shift"])) if norm else (None, None)
+    grad_y = t["grad_y"]
+    if post:
+        pre_act = reference.sepconv_mid_infer(exact["x"], exact["dw_weight"], mid_b64, exact["pw_weight"],
+                                              exact["scale"], exact["shift"], None, linear)
+        grad_y = _away_from_kink(grad_y, pre_act.to(grad_y.dtype))
+    y64, z64, mid_mean64, mid_var64, mean64, var64 = reference.sepconv_mid_train(
+        exact["x"], exact["dw_weight"], exact["pw_weight"], mid_w64, mid_b64, exact["bn_weight"], exact["bn_bias"],
+        None, linear, _EPS, _EPS)
+    vec = t["shift"].dtype
+    z = reference.to_channels_last(z64.to(t["x"].dtype))
+    grad_yt = _away_from_kink(t["grad_y"], y64.to(grad_y.dtype)) if post else t["grad_y"]
+    count = max(z.numel() // max(z.shape[1], 1), 1)
+    invstd64 = torch.rsqrt(var64 + _EPS)
+    sum_dy, sum_dy_xhat = reference.bn_backward_reduce(grad_yt.to(torch.float64), z64, mean64, invstd64,
+                                                       exact["bn_weight"], exact["bn_bias"], post)
+    x, dw, pw = t["x"], t["dw_weight"], t["pw_weight"]
+    dw_bias = None if mid_b is None else mid_b.to(x.dtype)  # the folded bias: a conv bias, in x's dtype
+    return [
+        ("sepconv_mid_infer", ("y",), (x, dw, dw_bias, pw, t["scale"], t["shift"], t["residual"], forward_spec)),
+        ("sepconv_mid_infer_backward", ("grad_x", "grad_dw", "grad_dw_bias", "grad_pw", "grad_scale", "grad_shift"),
+         (grad_y, x, dw, dw_bias, pw, t["scale"], t["shift"], spec)),
+        ("sepconv_mid_train", ("y", "z", "mid_mean", "mid_var", "mean", "var"),
+         (x, dw, pw, mid_w, mid_b, t["bn_weight"], t["bn_bias"], t["residual"], forward_spec, _EPS, _EPS)),
+        ("sepconv_mid_train_backward", ("grad_x", "grad_dw", "grad_pw", "grad_mid_weight", "grad_mid_bias"),
+         (grad_yt, x, z, dw, pw, mid_mean64.to(vec), torch.rsqrt(mid_var64 + _EPS).to(vec), mid_w, mid_b,
+          mean64.to(vec), invstd64.to(vec), t["bn_weight"], t["bn_bias"], (sum_dy / count).to(vec),
+          (sum_dy_xhat / count).to(vec), spec)),
+    ]
+
+
 def _contract_violation(got: torch.Tensor, like: torch.Tensor) -> str:
     """What differs from the reference's output besides the values (shape, dtype, layout), or ""."""
     if not isinstance(got, torch.Tensor):
@@ -439,11 +488,15 @@ def check(name: str, device: torch.device | str, dtype: torch.dtype, full: bool 
     result = Result(name, device_label(device), DTYPE_NAMES[dtype], passed=True)
     start = time.perf_counter()
     module = backends.PROVIDERS[name].load()
+    mid = bool(backends.PROVIDERS[name].variants & backends.MID_VARIANTS)
     try:
         with _check_context():
             for i, case in enumerate(FULL_CASES if full else QUICK_CASES):
                 data = _inputs(case, device, dtype, seed + i)
-                for op, names, args in _op_calls(case, data["low"], data["exact"]):
+                calls = _op_calls(case, data["low"], data["exact"])
+                if mid and i < len(MID_CASES) and case.n > 0:
+                    calls += _mid_op_calls(case, MID_CASES[i], data["low"], data["exact"])
+                for op, names, args in calls:
                     _check_op(result, case, module, op, names, args, dtype)
     finally:
         if device.type == "cuda":
