@@ -26,11 +26,22 @@ MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
 def kernels():
-    from xception_fast.triton_kernels import backward, batchnorm, depthwise_pointwise
+    from xception_fast.spec import MID_ACTIVATIONS
+    from xception_fast.triton_kernels import backward, batchnorm, depthwise_pointwise, mid_unit
     from xception_fast.triton_kernels.autotune import SUM_BLOCK_M, SUM_BLOCK_S
 
     fixed = dict(BLOCK_S=SUM_BLOCK_S, BLOCK_M=SUM_BLOCK_M, BLOCK_C=SUM_BLOCK_M)
-    return [
+    # The mid variant: the two-phase kernels with their mid code on, and every activation and its
+    # derivative once (the interpreter runs Python's math, not the GPU compiler's).
+    mid = [
+        (depthwise_pointwise._sepconv_infer_kernel, dict(MID_BN=1, MID_ACT="gelu")),
+        (depthwise_pointwise._sepconv_train_kernel, dict(MID_BN=2, MID_ACT="silu")),
+        (depthwise_pointwise._sepconv_grad_z_kernel, dict(MID_BN=1, MID_ACT="hardswish")),
+        (mid_unit._depthwise_stats_kernel, dict(BLOCK_P=mid_unit.STATS_BLOCK_P, BLOCK_C=mid_unit.STATS_BLOCK_C)),
+        (mid_unit._dw_weight_grad_kernel, dict(BLOCK_P=mid_unit.DW_BLOCK_P, BLOCK_C=mid_unit.DW_BLOCK_C)),
+    ] + [(mid_unit._mid_recompute_kernel, dict(MID_BN=2, MID_ACT=act)) for act in MID_ACTIVATIONS] \
+        + [(mid_unit._mid_act_grad_kernel, dict(MID_BN=2, MID_ACT=act)) for act in MID_ACTIVATIONS]
+    return mid + [
         (depthwise_pointwise._sepconv_infer_kernel, {}),
         (depthwise_pointwise._sepconv_train_kernel, {}),
         (depthwise_pointwise._sepconv_grad_z_kernel, {}),

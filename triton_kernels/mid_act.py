@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 BN_NONE, BN_BIAS, BN_BATCH = 0, 1, 2
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # globals a kernel reads must be constexpr
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
