@@ -3,10 +3,11 @@
 The four functions of `xception_fast.reference` for `UnitSpec.mid` (`sepconv_mid_*`):
 - inference: ONE launch of the two-phase inference kernel, the depthwise phase applying the folded
   bias and the activation to the tile in registers before it stores it to the slot (`mid_act`).
-- training forward: `_depthwise_stats_kernel` reads x once and merges per-split statistics of the
-  depthwise output (rounded to the input dtype, as the unfused path stores it; the same Chan merge as
-  the pointwise statistics' partial format, merged by `batchnorm.merge_statistics`), storing nothing else; then the two-phase
-  training kernel normalises with them and activates the tile as it forms the MMA operand.
+- training forward: `_depthwise_stats_kernel` reads x once and writes per-split partial statistics
+  of the depthwise output (rounded to the input dtype, as the unfused path stores it), in the format
+  of the pointwise statistics, merged by Chan's formula in `batchnorm.merge_statistics`; nothing
+  else is stored. Then the two-phase training kernel normalises with them and activates the tile as
+  it forms the MMA operand.
 - backward: the depthwise output t and the operand a = act(midBN(t)) are recomputed from x once
   (`_mid_recompute_kernel`: two temporaries [P, C] for the length of the backward, where the unfused
   module keeps d and a saved from the forward); the two pointwise products are plain GEMMs on them
