@@ -41,7 +41,7 @@ from .utils import INLINE_ASM, channel_align, check_dtype, empty_nhwc, new_empty
 # Fixed blocks of the kernels whose position split must not depend on an autotuned config. The
 # statistics pass keeps two fp32 accumulators of a tile in registers: short tiles.
 STATS_BLOCK_P, STATS_BLOCK_C = (32, 16) if INTERPRET else (16, 64)
-DW_BLOCK_P, DW_BLOCK_C = (32, 16) if INTERPRET else (64, 64)
+DW_BLOCK_P, DW_BLOCK_C = (32, 16) if INTERPRET else (16, 64)  # the weight gradient: 9 accumulators
 
 
 # --- kernels --------------------------------------------------------------------------------------------
@@ -147,6 +147,24 @@ def _mid_act_grad_kernel(
 
 
 @triton.jit
+def _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, i: tl.constexpr, j: tl.constexpr,
+                 PRE_RELU: tl.constexpr):
+    """gd * pre(x) under tap (i, j) of each position, [BLOCK_P, BLOCK_C] fp32, zero outside the image."""
+    ih = ih0 + i * dil_h
+    iw = iw0 + j * dil_w
+    ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    xv = tl.load(x_rows[:, None] + ((i * dil_h * W + j * dil_w) * C + ci)[None, :], mask=ok[:, None] & c_ok[None, :],
+                 other=0.0)
+    return gd * _pre_f32(xv, PRE_RELU, False)
+
+
+@triton.jit
+def _put(grad_dw, taps, t: tl.constexpr, acc):
+    """Row t of grad_dw [KK_PAD, BLOCK_C] = acc [BLOCK_P, BLOCK_C] summed over its rows."""
+    return tl.where(taps[:, None] == t, tl.sum(acc, axis=0)[None, :], grad_dw)
+
+
+@triton.jit
 def _dw_weight_grad_kernel(
     x_ptr,  # [N, H, W, C] input (channels_last)
     gd_ptr,  # [P, C] grad of the depthwise output
@@ -157,7 +175,9 @@ def _dw_weight_grad_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # grad_dw[c, tap] = sum_p grad_d[p, c] * pre(x)[tap of p, c]: a split reduction over positions
-    # (deterministic: fixed splits, then `batchnorm.sum_rows`).
+    # (deterministic: fixed splits, then `batchnorm.sum_rows`). For 3 x 3 (Xception's), one register
+    # accumulator per tap and one cross-warp reduction per tap per program; other kernels reduce each
+    # tile's products (a reduction per tap per tile: 36 barriers per tile on sm_90).
     C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
     c_tiles = tl.cdiv(C, BLOCK_C)
     pid = tl.program_id(0)
@@ -167,22 +187,39 @@ def _dw_weight_grad_kernel(
     p_end = tl.minimum(s * chunk + chunk, P)
     taps = tl.arange(0, KK_PAD)
     grad_dw = tl.zeros((KK_PAD, BLOCK_C), dtype=tl.float32)  # row t: tap t = i * KW + j
-    for p0 in range(s * chunk, p_end, BLOCK_P):
-        x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
-                                             BLOCK_P)
-        p = p0 + tl.arange(0, BLOCK_P)
-        gd = tl.load(gd_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], mask=p_mask[:, None] & c_ok[None, :],
-                     other=0.0).to(tl.float32)
-        for i in tl.static_range(KH):
-            ih = ih0 + i * dil_h
-            row_ok = p_mask & (ih >= 0) & (ih < H)
-            for j in tl.static_range(KW):
-                iw = iw0 + j * dil_w
-                ok = row_ok & (iw >= 0) & (iw < W)
-                xv = tl.load(x_rows[:, None] + ((i * dil_h * W + j * dil_w) * C + ci)[None, :],
-                             mask=ok[:, None] & c_ok[None, :], other=0.0)
-                contrib = tl.sum(gd * _pre_f32(xv, PRE_RELU, False), axis=0)
-                grad_dw = tl.where(taps[:, None] == i * KW + j, grad_dw + contrib[None, :], grad_dw)
+    if KH == 3 and KW == 3:
+        a00 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        a01, a02, a10, a11, a12, a20, a21, a22 = a00, a00, a00, a00, a00, a00, a00, a00
+        for p0 in range(s * chunk, p_end, BLOCK_P):
+            x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h,
+                                                 pad_w, BLOCK_P)
+            p = p0 + tl.arange(0, BLOCK_P)
+            gd = tl.load(gd_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], mask=p_mask[:, None] & c_ok[None, :],
+                         other=0.0).to(tl.float32)
+            a00 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 0, 0, PRE_RELU)
+            a01 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 0, 1, PRE_RELU)
+            a02 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 0, 2, PRE_RELU)
+            a10 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 1, 0, PRE_RELU)
+            a11 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 1, 1, PRE_RELU)
+            a12 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 1, 2, PRE_RELU)
+            a20 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 2, 0, PRE_RELU)
+            a21 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 2, 1, PRE_RELU)
+            a22 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 2, 2, PRE_RELU)
+        grad_dw = _put(_put(_put(grad_dw, taps, 0, a00), taps, 1, a01), taps, 2, a02)
+        grad_dw = _put(_put(_put(grad_dw, taps, 3, a10), taps, 4, a11), taps, 5, a12)
+        grad_dw = _put(_put(_put(grad_dw, taps, 6, a20), taps, 7, a21), taps, 8, a22)
+    else:
+        for p0 in range(s * chunk, p_end, BLOCK_P):
+            x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h,
+                                                 pad_w, BLOCK_P)
+            p = p0 + tl.arange(0, BLOCK_P)
+            gd = tl.load(gd_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], mask=p_mask[:, None] & c_ok[None, :],
+                         other=0.0).to(tl.float32)
+            for i in tl.static_range(KH):
+                for j in tl.static_range(KW):
+                    contrib = tl.sum(_tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, i,
+                                                  j, PRE_RELU), axis=0)
+                    grad_dw = tl.where(taps[:, None] == i * KW + j, grad_dw + contrib[None, :], grad_dw)
     offs = s.to(tl.int64) * C * (KH * KW) + ci[None, :] * (KH * KW) + taps[:, None]
     tl.store(part_ptr + offs, grad_dw, mask=(taps < KH * KW)[:, None] & c_ok[None, :])
 

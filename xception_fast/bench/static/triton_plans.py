@@ -319,11 +319,11 @@ def _mid_backward(unit: Unit, arch: int, sms: int) -> list[list]:
                                  lambda m: (tiles(m), [], 3 * d, 0.0)))
     splits, chunk = position_split(P, cdiv(C, MID_BLOCK), sms)
     fixed = dict(KH=unit.K, KW=unit.K, KK_PAD=1 << (kk - 1).bit_length(), PRE_RELU=unit.shape.pre_relu,
-                 C_ALIGN=_channel_align(C), BLOCK_P=MID_BLOCK, BLOCK_C=MID_BLOCK)
+                 C_ALIGN=_channel_align(C), BLOCK_P=STATS_BLOCK_P, BLOCK_C=MID_BLOCK)
     kernels.append(_launches(mu._dw_weight_grad_kernel, unit, arch, fixed, _sizes(unit, chunk=chunk),
                              lambda m: (splits * cdiv(C, MID_BLOCK),
                                         [LoopPlan("position tiles of the split",
-                                                  unit.split_trips(splits, chunk, MID_BLOCK))],
+                                                  unit.split_trips(splits, chunk, STATS_BLOCK_P))],
                                         d + unit.x_bytes() + 4 * splits * C * kk, 0.0)))
     kernels.append(_sum_rows(unit, arch, splits, C * kk, e))
     kernels.append(_dw_input_grad(unit, arch))
