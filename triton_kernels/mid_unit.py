@@ -303,6 +303,8 @@ def _convs_backward(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, grad_z: Te
     grad_pw = torch.matmul(gz.t(), a)
     del a
     grad_a = torch.matmul(gz, pw.view(geo.Cout, c))
+    if not spec.mid_act:  # no activation: grad_u is grad_a
+        return t, grad_a, grad_pw
     grad_u = new_empty((geo.P, c), x.dtype, device)
     _mid_act_grad_kernel[grid](grad_a, t, mid, grad_u, geo.P, c, width, C_ALIGN=channel_align(c),
                                **_mid_flags(spec, mid_bn))

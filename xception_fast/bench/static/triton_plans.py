@@ -304,8 +304,9 @@ def _mid_backward(unit: Unit, arch: int, sms: int) -> list[list]:
     gpu, operand = machine(arch), "tf32" if unit.dtype == "fp32" else unit.dtype
     kernels.append([library_gemm("cublas_grad_pw", gpu, Cout, C, P, operand, y + d + 4 * Cout * C)])
     kernels.append([library_gemm("cublas_grad_a", gpu, P, C, Cout, operand, y + w + d)])
-    kernels.append(_launches(mu._mid_act_grad_kernel, unit, arch, flags, dict(P=P, C=C, K_PAD=width),
-                             lambda m: (tiles(m), [], 3 * d, 0.0)))
+    if _mid(unit).mid_act:  # without an activation grad_u is grad_a: no launch
+        kernels.append(_launches(mu._mid_act_grad_kernel, unit, arch, flags, dict(P=P, C=C, K_PAD=width),
+                                 lambda m: (tiles(m), [], 3 * d, 0.0)))
     if _mid(unit).mid_norm:
         splits, chunk = position_split(P, cdiv(C, 64), sms)
         plain = dict(POST_RELU=False, C_ALIGN=_channel_align(C))
