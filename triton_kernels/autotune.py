@@ -119,17 +119,21 @@ def pw_weight_grad_configs() -> list[triton.Config]:
     return _configs(gpu, (_PINNED_P, 4, 1), ("BLOCK_P",))
 
 
-def pw_grad_tile(dtype: torch.dtype, arch: int) -> tuple[int, int]:
-    """(BLOCK_CO, BLOCK_CI) of the weight-gradient GEMM: 256 output channels on Hopper (d, on the
-    CUDA cores, is recomputed Cout / BLOCK_CO times) with 64 input channels (each g_z tile serves
-    more of them: 455 instructions per 64 x 32 block of work on sm_90 against 545 at 32); 128 x 32
-    on older GPUs and 32 x 32 in fp32 (an FMA product, every operand in registers): the largest
-    that compiled without spills. 16 x 16 in the interpreter, so that the tests see several tiles."""
+def pw_grad_tile(dtype: torch.dtype, arch: int, cout: int = 256) -> tuple[int, int]:
+    """(BLOCK_CO, BLOCK_CI) of the weight-gradient GEMM: on Hopper up to 256 output channels (d, on the
+    CUDA cores, is recomputed Cout / BLOCK_CO times), no wider than Cout rounded up to a power of two
+    (a 128-channel layer in a 256-wide tile wastes half the MMA), with 64 input channels (each g_z
+    tile serves more of them: 455 instructions per 64 x 32 block of work on sm_90 against 545 at 32);
+    128 x 32 on older GPUs and 32 x 32 in fp32 (an FMA product, every operand in registers): the
+    largest that compiled without spills. 16 x 16 in the interpreter, so that the tests see several
+    tiles."""
     if INTERPRET:
         return _PINNED_C, _PINNED_C
     if dtype == torch.float32:
         return 32, 32
-    return (256, 64) if arch >= 90 else (128, 32)
+    if arch >= 90:
+        return min(256, max(64, triton.next_power_of_2(cout))), 64
+    return 128, 32
 
 
 def device_arch(device: torch.device) -> int:
@@ -145,13 +149,15 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
 
 
-def balanced_split(positions: int, tiles: int, sms: int, max_splits: int = 16) -> tuple[int, int]:
-    """(splits, chunk) for a split-K kernel of `tiles` output tiles: the split count (at most
-    `max_splits`, each split a multiple of POSITION_ALIGN positions) whose splits x tiles programs
-    come closest to whole waves over `sms` SMs (ties: fewer splits, smaller partial buffers). A
-    middle-flow grad_pw (92,416 positions, 36 tiles, 132 SMs): 11 splits, exactly 3 waves."""
+def balanced_split(positions: int, tiles: int, sms: int, max_waves: int = 4) -> tuple[int, int]:
+    """(splits, chunk) for a split-K kernel of `tiles` output tiles: the split count (each split a
+    multiple of POSITION_ALIGN positions; at most enough for `max_waves` waves, and at least 16 may be
+    tried) whose splits x tiles programs come closest to whole waves over `sms` SMs (ties: fewer
+    splits, smaller partial buffers). A middle-flow grad_pw (92,416 positions, 36 tiles, 132 SMs): 11
+    splits, exactly 3 waves; an entry-flow one (64 -> 128 channels, one tile): 132 splits, one wave
+    (a cap of 16 splits left 116 SMs idle there)."""
     best = None
-    for want in range(1, max_splits + 1):
+    for want in range(1, max(16, max_waves * sms // max(tiles, 1)) + 1):
         chunk = max(triton.cdiv(triton.cdiv(positions, want), POSITION_ALIGN) * POSITION_ALIGN, POSITION_ALIGN)
         splits = triton.cdiv(positions, chunk)
         waves = splits * tiles / sms

@@ -237,7 +237,7 @@ def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight:
     conv = geo.conv_args()
     common = dict(KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu), **geo.align())
 
-    block_co, block_ci = pw_grad_tile(x.dtype, device_arch(device))
+    block_co, block_ci = pw_grad_tile(x.dtype, device_arch(device), geo.Cout)
     splits, chunk = balanced_split(geo.P, triton.cdiv(geo.Cout, block_co) * triton.cdiv(geo.C, block_ci),
                                    sm_count(device))
     part_pw = new_empty((splits, geo.Cout, geo.C), torch.float32, device)

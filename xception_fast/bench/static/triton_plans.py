@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from xception_fast.bench.static.geometry import Unit, cdiv
 from xception_fast.bench.static.model import Compiled, Launch, LoopPlan
 
@@ -187,7 +189,8 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
 
     bwd_flags = _flags(unit, KK_PAD=1 << (kk - 1).bit_length())
     # grad of the pointwise weight: split-K over positions in whole waves, d recomputed per Cout tile.
-    block_co, block_ci = (256, 64) if arch >= 90 else (128, 32)  # autotune.pw_grad_tile, 16-bit
+    from xception_fast.triton_kernels.autotune import pw_grad_tile
+    block_co, block_ci = pw_grad_tile(torch.float32 if unit.dtype == "fp32" else torch.bfloat16, arch, Cout)
     tiles = cdiv(Cout, block_co) * cdiv(C, block_ci)
     splits, chunk = balanced_split(P, tiles, sms)
 
