@@ -142,8 +142,8 @@ def _sum_rows(unit: Unit, arch: int, rows: int, cols: int, out_bytes: int) -> li
 
 
 def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
-    """Training forward (main loop + statistics, merge, normalise) and backward (dy sums, grad_pw,
-    grad_d + grad_dw, grad_x), as `ops.py` runs them through the Triton provider."""
+    """Training forward (main loop + statistics, merge, normalise) and backward (dy sums, g_z,
+    grad_d + grad_dw (+ d), grad_pw, grad_x), as `ops.py` runs them through the Triton provider."""
     from xception_fast.triton_kernels import backward as bw
     from xception_fast.triton_kernels import batchnorm as bn
     from xception_fast.triton_kernels import depthwise_pointwise as dp
@@ -188,33 +188,39 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
         dict(P=P, C=Cout), lambda m: (cdiv(P, m["BLOCK_P"]) * cdiv(Cout, m["BLOCK_C"]), [], 3 * unit.y_bytes(), 0.0)))
 
     bwd_flags = _flags(unit, KK_PAD=1 << (kk - 1).bit_length())
-    # grad of the pointwise weight: split-K over positions in whole waves, d recomputed per Cout tile.
     from xception_fast.triton_kernels.autotune import pw_grad_tile
     block_co, block_ci = pw_grad_tile(torch.float32 if unit.dtype == "fp32" else torch.bfloat16, arch, Cout)
-    tiles = cdiv(Cout, block_co) * cdiv(C, block_ci)
-    splits, chunk = balanced_split(P, tiles, sms)
+    store_d = cdiv(Cout, block_co) > 1  # as `backward._backward_convs` decides
 
-    def pw(m):
-        trips = unit.split_trips(splits, chunk, m["BLOCK_P"])
-        return (splits * tiles, [LoopPlan("position steps of the split (depthwise + tl.dot)", trips, pipelined=True)],
-                unit.x_bytes() + unit.y_bytes() + 4 * splits * Cout * C,
-                _dw_ffma(unit, m["BLOCK_P"], block_ci, trips))
-
-    kernels.append(_launches(bw._pw_weight_grad_kernel, unit, arch, dict(bwd_flags, BLOCK_CO=block_co, BLOCK_CI=block_ci),
-                             _sizes(unit, chunk=chunk, K_SLOT=cdiv(C, block_ci) * block_ci), pw))
-    kernels.append(_sum_rows(unit, arch, splits, Cout * C, e))
-
-    # grad of the depthwise output (stored) and of the depthwise weight.
+    # grad of the depthwise output (stored) and of the depthwise weight; d stored too where grad_pw reads it.
     splits, chunk = position_split(P, cdiv(C, 64), sms)
 
     def dwo(m):
         return (splits * cdiv(C, m["BLOCK_CI"]),
                 [LoopPlan("position tiles of the split", unit.split_trips(splits, chunk, m["BLOCK_P"])),
                  LoopPlan("output-channel blocks (tl.dot)", cdiv(Cout, m["BLOCK_CO"]), pipelined=True)],
-                unit.y_bytes() + unit.x_bytes() + unit.d_bytes() + 4 * splits * C * kk, 0.0)
+                unit.y_bytes() + unit.x_bytes() + unit.d_bytes() * (2 if store_d else 1) + 4 * splits * C * kk, 0.0)
 
-    kernels.append(_launches(bw._dw_output_grad_kernel, unit, arch, bwd_flags, _sizes(unit, chunk=chunk), dwo))
+    kernels.append(_launches(bw._dw_output_grad_kernel, unit, arch, dict(bwd_flags, STORE_D=store_d),
+                             _sizes(unit, chunk=chunk), dwo))
     kernels.append(_sum_rows(unit, arch, splits, C * kk, e))
+
+    # grad of the pointwise weight: split-K over positions in whole waves; d read back where it was
+    # stored, else recomputed (once: a single Cout tile).
+    tiles = cdiv(Cout, block_co) * cdiv(C, block_ci)
+    splits, chunk = balanced_split(P, tiles, sms)
+
+    def pw(m):
+        trips = unit.split_trips(splits, chunk, m["BLOCK_P"])
+        loop = "position steps of the split (" + ("d loaded" if store_d else "depthwise") + " + tl.dot)"
+        return (splits * tiles, [LoopPlan(loop, trips, pipelined=True)],
+                (unit.d_bytes() if store_d else unit.x_bytes()) + unit.y_bytes() + 4 * splits * Cout * C,
+                0.0 if store_d else _dw_ffma(unit, m["BLOCK_P"], block_ci, trips))
+
+    kernels.append(_launches(bw._pw_weight_grad_kernel, unit, arch,
+                             dict(bwd_flags, BLOCK_CO=block_co, BLOCK_CI=block_ci, D_STORED=store_d),
+                             _sizes(unit, chunk=chunk, K_SLOT=cdiv(C, block_ci) * block_ci), pw))
+    kernels.append(_sum_rows(unit, arch, splits, Cout * C, e))
 
     # grad of the input: the transposed depthwise as a gather.
     def dwi(m):
