@@ -175,7 +175,7 @@ def _dw_output_grad_kernel(
     tl.store(part_ptr + offs, grad_dw, mask=(taps < KH * KW)[:, None] & ci_mask[None, :])
 
 
-@triton.autotune(configs=dw_input_grad_configs(), key=["C", "Q_BUCKET", "KH", "KW"])
+@triton.autotune(configs=dw_input_grad_configs(), key=["C", "Q_BUCKET", "KH", "KW", "STRIDE_H", "STRIDE_W"])
 @triton.jit
 def _dw_input_grad_kernel(
     # pointers
@@ -185,11 +185,11 @@ def _dw_input_grad_kernel(
     gx_ptr,  # [N, H, W, C] out: grad of x
     # sizes
     Q, Q_BUCKET, H, W, C, Ho, Wo,  # Q_BUCKET: the autotuning key only
-    # convolution
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    # convolution (the strides are compile-time: Xception's are 1 and 2)
+    pad_h, pad_w, dil_h, dil_w,
     # meta-parameters
-    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, C_ALIGN: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PRE_RELU: tl.constexpr,
+    C_ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
     # Each input position gathers from the outputs whose window covers it: oh * stride - pad + i * dil
@@ -199,25 +199,35 @@ def _dw_input_grad_kernel(
     pid_q, pid_c = pid // c_tiles, pid % c_tiles
     q = pid_q * BLOCK_P + tl.arange(0, BLOCK_P)
     q_mask = q < Q
-    n = (q // (H * W)).to(tl.int64)
-    r = q % (H * W)
+    n = q // (H * W)
+    r = q - n * (H * W)
     ih = r // W
-    iw = r % W
+    iw = r - ih * W
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
+    # Tap (i, j) reads output row (ih + pad_h - i * dil_h) / STRIDE_H, where that divides. With unit
+    # strides, each tap is a scalar offset from one row pointer per position (as in the forward).
+    g_rows = gd_ptr + ((n.to(tl.int64) * Ho + (ih + pad_h) // STRIDE_H) * Wo + (iw + pad_w) // STRIDE_W) * C
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for i in tl.static_range(KH):
         th = ih + pad_h - i * dil_h
         th_c = tl.maximum(th, 0)  # non-negative before // and %, whose sign rules differ by backend
-        oh = th_c // stride_h
-        ok_h = (th >= 0) & (th_c - oh * stride_h == 0) & (oh < Ho)
+        oh = th_c // STRIDE_H
+        ok_h = q_mask & (th >= 0) & (oh < Ho)
+        if STRIDE_H != 1:
+            ok_h = ok_h & (th_c - oh * STRIDE_H == 0)
         for j in tl.static_range(KW):
             tw = iw + pad_w - j * dil_w
             tw_c = tl.maximum(tw, 0)
-            ow = tw_c // stride_w
-            ok = q_mask & ok_h & (tw >= 0) & (tw_c - ow * stride_w == 0) & (ow < Wo)
-            row = (n * Ho + oh) * Wo + ow
-            g = tl.load(gd_ptr + row[:, None] * C + c[None, :], mask=ok[:, None] & c_mask[None, :], other=0.0)
+            ow = tw_c // STRIDE_W
+            ok = ok_h & (tw >= 0) & (ow < Wo)
+            if STRIDE_W != 1:
+                ok = ok & (tw_c - ow * STRIDE_W == 0)
+            if STRIDE_H == 1 and STRIDE_W == 1:
+                ptrs = g_rows[:, None] + (c - (i * dil_h * Wo + j * dil_w) * C)[None, :]
+            else:
+                ptrs = gd_ptr + ((n.to(tl.int64) * Ho + oh) * Wo + ow)[:, None] * C + c[None, :]
+            g = tl.load(ptrs, mask=ok[:, None] & c_mask[None, :], other=0.0)
             wv = tl.load(dw_ptr + c * (KH * KW) + (i * KW + j), mask=c_mask, other=0.0).to(tl.float32)
             acc += g.to(tl.float32) * wv[None, :]
     offs = q.to(tl.int64)[:, None] * C + c[None, :]
@@ -276,8 +286,10 @@ def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight:
     def grid_x(meta):
         return (triton.cdiv(q, meta["BLOCK_P"]) * triton.cdiv(geo.C, meta["BLOCK_C"]),)
 
+    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = geo.stride, geo.padding, geo.dilation
     _dw_input_grad_kernel[grid_x](grad_d, dw, x, grad_x, q, position_bucket(q), geo.H, geo.W, geo.C, geo.Ho, geo.Wo,
-                                  *conv, KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu), C_ALIGN=channel_align(geo.C))
+                                  pad_h, pad_w, dil_h, dil_w, KH=geo.KH, KW=geo.KW, STRIDE_H=stride_h,
+                                  STRIDE_W=stride_w, PRE_RELU=bool(pre_relu), C_ALIGN=channel_align(geo.C))
     return grad_x, grad_dw, grad_pw
 
 

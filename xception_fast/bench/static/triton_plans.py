@@ -228,7 +228,9 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
                 unit.d_bytes() + 2 * unit.x_bytes(), 0.0)
 
     kernels.append(_launches(bw._dw_input_grad_kernel, unit, arch,
-                             dict(KH=unit.K, KW=unit.K, PRE_RELU=unit.shape.pre_relu, C_ALIGN=_channel_align(C)),
+                             dict(KH=unit.K, KW=unit.K, STRIDE_H=unit.conv_ints()["stride_h"],
+                                  STRIDE_W=unit.conv_ints()["stride_w"], PRE_RELU=unit.shape.pre_relu,
+                                  C_ALIGN=_channel_align(C)),
                              dict(Q=unit.Q, H=unit.H, W=unit.W, C=C, Ho=unit.Ho, Wo=unit.Wo, **unit.conv_ints()),
                              dwi))
     return kernels
