@@ -120,7 +120,7 @@ def _dw_output_grad_kernel(
     # convolution
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     # meta-parameters
-    KH: tl.constexpr, KW: tl.constexpr, KK_PAD: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr,
     C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr, STORE_D: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
 ):
@@ -134,8 +134,11 @@ def _dw_output_grad_kernel(
     ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ci_mask = ci < C
     p_end = tl.minimum(s * chunk + chunk, P)
-    taps = tl.arange(0, KK_PAD)
-    grad_dw = tl.zeros((KK_PAD, BLOCK_CI), dtype=tl.float32)  # row t: tap t = i * KW + j
+    # grad_dw accumulates in the program's own row of the partials, [C, KH * KW], tap by tap: each
+    # tile's sum over its rows comes out spread over the threads as its channels are, and the same
+    # thread adds it to the same element every tile (no barrier; a [KH * KW, BLOCK_CI] register
+    # accumulator cost a layout conversion through shared memory per tap).
+    part = part_ptr + s.to(tl.int64) * C * (KH * KW) + ci * (KH * KW)
     for p0 in range(s * chunk, p_end, BLOCK_P):
         # The taps addressed as the forward's `_depthwise_chunk` does: one row pointer per position,
         # each tap a scalar offset from it (int64 index math once per tile, not once per tap).
@@ -165,14 +168,13 @@ def _dw_output_grad_kernel(
                              mask=ok[:, None] & ci_mask[None, :], other=0.0)
                 xv = _pre_f32(xv, PRE_RELU, ASM)
                 contrib = tl.sum(gdf * xv, axis=0)
-                grad_dw = tl.where(taps[:, None] == i * KW + j, grad_dw + contrib[None, :], grad_dw)
+                seen = tl.load(part + (i * KW + j), mask=ci_mask & (p0 > s * chunk), other=0.0)
+                tl.store(part + (i * KW + j), seen + contrib, mask=ci_mask)
                 if STORE_D:
                     d += xv * tl.load(dwt_ptr + (i * KW + j) * C + ci, mask=ci_mask, other=0.0)[None, :]
         if STORE_D:
             tl.store(d_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], d.to(d_ptr.dtype.element_ty),
                      mask=p_mask[:, None] & ci_mask[None, :])
-    offs = s.to(tl.int64) * C * (KH * KW) + ci[None, :] * (KH * KW) + taps[:, None]
-    tl.store(part_ptr + offs, grad_dw, mask=(taps < KH * KW)[:, None] & ci_mask[None, :])
 
 
 @triton.autotune(configs=dw_input_grad_configs(), key=["C", "Q_BUCKET", "KH", "KW", "STRIDE_H", "STRIDE_W"])
@@ -267,7 +269,7 @@ def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight:
 
     _dw_output_grad_kernel[grid_d](x, pw, grad_z, grad_d, part_dw, depthwise_taps(dw, geo, geo.C), d, geo.P,
                                    position_bucket(geo.P), chunk, geo.H, geo.W, geo.C, geo.Ho, geo.Wo, geo.Cout, *conv,
-                                   KK_PAD=triton.next_power_of_2(kk), ASM=asm, STORE_D=store_d, **common)
+                                   ASM=asm, STORE_D=store_d, **common)
     grad_dw = batchnorm.sum_rows(part_dw.view(splits, -1), dw_weight.dtype).view(dw_weight.shape)
 
     splits, chunk = balanced_split(geo.P, triton.cdiv(geo.Cout, block_co) * triton.cdiv(geo.C, block_ci),

@@ -187,7 +187,7 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
         bn._bn_grad_z_kernel, unit, arch, dict(POST_RELU=unit.shape.post_relu, C_ALIGN=_channel_align(Cout)),
         dict(P=P, C=Cout), lambda m: (cdiv(P, m["BLOCK_P"]) * cdiv(Cout, m["BLOCK_C"]), [], 3 * unit.y_bytes(), 0.0)))
 
-    bwd_flags = _flags(unit, KK_PAD=1 << (kk - 1).bit_length())
+    bwd_flags = _flags(unit)
     from xception_fast.triton_kernels.autotune import pw_grad_tile
     block_co, block_ci = pw_grad_tile(torch.float32 if unit.dtype == "fp32" else torch.bfloat16, arch, Cout)
     store_d = cdiv(Cout, block_co) > 1  # as `backward._backward_convs` decides
