@@ -147,6 +147,7 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     from xception_fast.triton_kernels import backward as bw
     from xception_fast.triton_kernels import batchnorm as bn
     from xception_fast.triton_kernels import depthwise_pointwise as dp
+    from xception_fast.triton_kernels.autotune import pw_grad_tile
 
     e, C, Cout, P = unit.e, unit.C, unit.Cout, unit.P
     kk = unit.K * unit.K
@@ -188,9 +189,8 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
         dict(P=P, C=Cout), lambda m: (cdiv(P, m["BLOCK_P"]) * cdiv(Cout, m["BLOCK_C"]), [], 3 * unit.y_bytes(), 0.0)))
 
     bwd_flags = _flags(unit)
-    from xception_fast.triton_kernels.autotune import pw_grad_tile
     block_co, block_ci = pw_grad_tile(torch.float32 if unit.dtype == "fp32" else torch.bfloat16, arch, Cout)
-    store_d = cdiv(Cout, block_co) > 1  # as `backward._backward_convs` decides
+    store_d = cdiv(Cout, block_co) >= bw.STORE_D_FROM_TILES  # as `backward._backward_convs` decides
 
     # grad of the depthwise output (stored) and of the depthwise weight; d stored too where grad_pw reads it.
     splits, chunk = position_split(P, cdiv(C, 64), sms)
