@@ -182,7 +182,7 @@ def _dw_output_grad_kernel(
 def _dw_input_grad_kernel(
     # pointers
     gd_ptr,  # [N, Ho, Wo, C] grad of the depthwise output
-    dw_ptr,  # [C, KH * KW] depthwise weight
+    dwt_ptr,  # [KH * KW, C] fp32 depthwise taps (tap-major: one contiguous vector load per tap)
     x_ptr,  # [N, H, W, C] input (read only if PRE_RELU, for its mask)
     gx_ptr,  # [N, H, W, C] out: grad of x
     # sizes
@@ -230,7 +230,7 @@ def _dw_input_grad_kernel(
             else:
                 ptrs = gd_ptr + ((n.to(tl.int64) * Ho + oh) * Wo + ow)[:, None] * C + c[None, :]
             g = tl.load(ptrs, mask=ok[:, None] & c_mask[None, :], other=0.0)
-            wv = tl.load(dw_ptr + c * (KH * KW) + (i * KW + j), mask=c_mask, other=0.0).to(tl.float32)
+            wv = tl.load(dwt_ptr + (i * KW + j) * C + c, mask=c_mask, other=0.0)
             acc += g.to(tl.float32) * wv[None, :]
     offs = q.to(tl.int64)[:, None] * C + c[None, :]
     mask = q_mask[:, None] & c_mask[None, :]
@@ -267,7 +267,8 @@ def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight:
     def grid_d(meta):
         return (splits * triton.cdiv(geo.C, meta["BLOCK_CI"]),)
 
-    _dw_output_grad_kernel[grid_d](x, pw, grad_z, grad_d, part_dw, depthwise_taps(dw, geo, geo.C), d, geo.P,
+    dwt = depthwise_taps(dw, geo, geo.C)
+    _dw_output_grad_kernel[grid_d](x, pw, grad_z, grad_d, part_dw, dwt, d, geo.P,
                                    position_bucket(geo.P), chunk, geo.H, geo.W, geo.C, geo.Ho, geo.Wo, geo.Cout, *conv,
                                    ASM=asm, STORE_D=store_d, **common)
     grad_dw = batchnorm.sum_rows(part_dw.view(splits, -1), dw_weight.dtype).view(dw_weight.shape)
@@ -289,7 +290,7 @@ def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight:
         return (triton.cdiv(q, meta["BLOCK_P"]) * triton.cdiv(geo.C, meta["BLOCK_C"]),)
 
     (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = geo.stride, geo.padding, geo.dilation
-    _dw_input_grad_kernel[grid_x](grad_d, dw, x, grad_x, q, position_bucket(q), geo.H, geo.W, geo.C, geo.Ho, geo.Wo,
+    _dw_input_grad_kernel[grid_x](grad_d, dwt, x, grad_x, q, position_bucket(q), geo.H, geo.W, geo.C, geo.Ho, geo.Wo,
                                   pad_h, pad_w, dil_h, dil_w, KH=geo.KH, KW=geo.KW, STRIDE_H=stride_h,
                                   STRIDE_W=stride_w, PRE_RELU=bool(pre_relu), C_ALIGN=channel_align(geo.C))
     return grad_x, grad_dw, grad_pw
