@@ -6,7 +6,8 @@ tensors under the interpreter, TRITON_INTERPRET=1, set before triton is imported
 
 - depthwise_pointwise.py: the fused depthwise + pointwise main loop and its forward epilogues.
 - batchnorm.py: statistics merge, normalisation, the dy reductions, deterministic partial sums.
-- backward.py: pointwise and depthwise gradients, the depthwise output recomputed from x.
+- backward.py: pointwise and depthwise gradients (the depthwise output recomputed, or stored once by
+  the grad_d kernel where grad_pw would recompute it per output-channel tile).
 - autotune.py: configs per kernel (one pinned config under the interpreter).
 """
 
