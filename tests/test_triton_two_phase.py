@@ -96,5 +96,8 @@ def test_program_splits_cover_the_positions_in_whole_tiles():
             assert chunk % align == 0 and (programs - 1) * chunk < positions <= programs * chunk
         splits, chunk = autotune.balanced_split(positions, 36, 132)
         assert chunk % align == 0 and (splits - 1) * chunk < positions <= splits * chunk
-    if align == 128:  # the GPU's tiles: the middle-flow grad_pw in exactly 3 waves
-        assert autotune.balanced_split(92416, 36, 132) == (11, 8448)
+        splits, chunk = autotune.balanced_split(positions, 1, 132)  # one weight tile: more splits allowed
+        assert chunk % align == 0 and (splits - 1) * chunk < positions <= splits * chunk
+    if align == 128:  # the GPU's tiles: the middle-flow grad_pw in exactly 3 waves, the entry flow's
+        assert autotune.balanced_split(92416, 36, 132) == (11, 8448)  # single tile on every SM
+        assert autotune.balanced_split(256 * 147 * 147, 1, 132)[0] == 132
