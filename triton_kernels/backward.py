@@ -134,10 +134,10 @@ def _dw_output_grad_kernel(
     ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ci_mask = ci < C
     p_end = tl.minimum(s * chunk + chunk, P)
-    # grad_dw accumulates in the program's own row of the partials, [C, KH * KW], tap by tap: each
-    # tile's sum over its rows comes out spread over the threads as its channels are, and the same
-    # thread adds it to the same element every tile (no barrier; a [KH * KW, BLOCK_CI] register
-    # accumulator cost a layout conversion through shared memory per tap).
+    # grad_dw accumulates in the program's own row of the partials, [C, KH * KW], tap by tap (a
+    # [KH * KW, BLOCK_CI] register accumulator cost a layout conversion through shared memory per tap).
+    # A tile's store and the next tile's load of the same element may be made by different threads:
+    # the barriers of the next tile's tl.dot loop (operands staged in shared memory) order them.
     part = part_ptr + s.to(tl.int64) * C * (KH * KW) + ci * (KH * KW)
     for p0 in range(s * chunk, p_end, BLOCK_P):
         # The taps addressed as the forward's `_depthwise_chunk` does: one row pointer per position,
