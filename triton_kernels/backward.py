@@ -137,7 +137,7 @@ def _dw_output_grad_kernel(
     # grad_dw accumulates in the program's own row of the partials, [C, KH * KW], tap by tap (a
     # [KH * KW, BLOCK_CI] register accumulator cost a layout conversion through shared memory per tap).
     # A tile's store and the next tile's load of the same element may be made by different threads:
-    # the barriers of the next tile's tl.dot loop (operands staged in shared memory) order them.
+    # a barrier at the end of each tile orders them.
     part = part_ptr + s.to(tl.int64) * C * (KH * KW) + ci * (KH * KW)
     for p0 in range(s * chunk, p_end, BLOCK_P):
         # The taps addressed as the forward's `_depthwise_chunk` does: one row pointer per position,
@@ -175,6 +175,7 @@ def _dw_output_grad_kernel(
         if STORE_D:
             tl.store(d_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], d.to(d_ptr.dtype.element_ty),
                      mask=p_mask[:, None] & ci_mask[None, :])
+        tl.debug_barrier()  # this tile's grad_dw stores before the next tile's loads (see `part`)
 
 
 @triton.autotune(configs=dw_input_grad_configs(), key=["C", "Q_BUCKET", "KH", "KW", "STRIDE_H", "STRIDE_W"])
