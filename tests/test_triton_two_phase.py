@@ -50,6 +50,28 @@ def test_weight_descriptor_and_pointer_paths_agree(provider, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_stored_and_recomputed_depthwise_give_the_same_gradients(provider, monkeypatch, dtype):
+    """grad_pw from the d that `_dw_output_grad_kernel` stores and from d recomputed in the weight-gradient
+    kernel: the same FMAs in the same order, rounded alike, so bitwise the same gradients (stride 2,
+    dilation 2, k=5, a NaN in x among them)."""
+    from xception_fast.triton_kernels import backward
+
+    x, dw, pw = _unit(19, 33, dtype)
+    dw = (torch.randn(19, 1, 5, 5, device=DEVICE) / 5).to(dtype)
+    x[1, 4, 3, 3] = float("nan")  # under taps: stride 2, dilation 2 and padding 3 sample odd rows
+    spec = UnitSpec((5, 5), stride=(2, 2), padding=(3, 3), dilation=(2, 2), pre_relu=True)
+    grad_y = torch.randn(2, 33, *spec.output_hw(6, 7), device=DEVICE).to(dtype)
+    outs = []
+    for tiles in (1, 10 ** 9):  # always stored, never stored
+        monkeypatch.setattr(backward, "STORE_D_FROM_TILES", tiles)
+        outs.append(provider.sepconv_bn_infer_backward(grad_y, x, dw, pw, None, None, spec))
+    for stored, recomputed in zip(*outs):
+        assert torch.equal(stored.isnan(), recomputed.isnan())
+        assert torch.equal(stored.nan_to_num(), recomputed.nan_to_num())
+    assert outs[0][2].isnan().any()  # the NaN reached grad_pw through d
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_nan_input_propagates_like_the_reference(provider, dtype):
     """A NaN in x passes the pre-ReLU (as torch.relu) and reaches exactly the outputs whose window
     covers it, in every output channel; no other output becomes NaN."""
@@ -74,5 +96,8 @@ def test_program_splits_cover_the_positions_in_whole_tiles():
             assert chunk % align == 0 and (programs - 1) * chunk < positions <= programs * chunk
         splits, chunk = autotune.balanced_split(positions, 36, 132)
         assert chunk % align == 0 and (splits - 1) * chunk < positions <= splits * chunk
-    if align == 128:  # the GPU's tiles: the middle-flow grad_pw in exactly 3 waves
-        assert autotune.balanced_split(92416, 36, 132) == (11, 8448)
+        splits, chunk = autotune.balanced_split(positions, 1, 132)  # one weight tile: more splits allowed
+        assert chunk % align == 0 and (splits - 1) * chunk < positions <= splits * chunk
+    if align == 128:  # the GPU's tiles: the middle-flow grad_pw in exactly 3 waves, the entry flow's
+        assert autotune.balanced_split(92416, 36, 132) == (11, 8448)  # single tile on every SM
+        assert autotune.balanced_split(256 * 147 * 147, 1, 132)[0] == 132

@@ -50,9 +50,13 @@ def kernels():
         (batchnorm._bn_grad_z_kernel, {}),
         (batchnorm._bn_backward_reduce_kernel, {}),
         (batchnorm._sum_rows_kernel, fixed),
-        (backward._pw_weight_grad_kernel, {}),
-        (backward._dw_output_grad_kernel, {}),
-        (backward._dw_input_grad_kernel, {}),
+        # Both ways of getting d (read back, recomputed); unit and 2-pixel strides.
+        (backward._pw_weight_grad_kernel, dict(D_STORED=True)),
+        (backward._pw_weight_grad_kernel, dict(D_STORED=False)),
+        (backward._dw_output_grad_kernel, dict(STORE_D=True)),
+        (backward._dw_output_grad_kernel, dict(STORE_D=False)),
+        (backward._dw_input_grad_kernel, dict(STRIDE_H=1, STRIDE_W=1)),
+        (backward._dw_input_grad_kernel, dict(STRIDE_H=2, STRIDE_W=2)),
     ]
 
 

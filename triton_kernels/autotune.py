@@ -87,7 +87,11 @@ def two_phase_configs(two_per_sm: bool = False, wide: bool = True) -> dict:
     the inference kernel spills 64 bytes in its epilogue there, the others far more: the autotuner
     weighs it on the GPU). Returned as the autotune
     keyword arguments (configs, the TMA block pre-hook, pruning by dtype and architecture).
-    `wide=False` leaves out BLOCK_N = 256: the statistics epilogue spills there.
+    `wide=False` (the training forward) leaves out BLOCK_N = 256: the statistics epilogue spills there;
+    and adds 128 x 64 with 4 warps, one warpgroup: the depthwise is not computed twice (once per
+    warpgroup of an 8-warp MMA layout), and the narrow statistics epilogue is cheap (static estimate
+    (sm_90 model): 241 -> 205 us on a middle-flow unit, 1,460 -> 1,100 us on block1.rep.0). In the
+    inference kernel the same tile spills on the entry flow and gains under 3%: not listed there.
     """
     gpu = [
         (128, 256, 64, 32, 8, 3),
@@ -97,7 +101,7 @@ def two_phase_configs(two_per_sm: bool = False, wide: bool = True) -> dict:
         (64, 64, 16, 16, 4, 2),
         (32, 64, 32, 32, 4, 1),
     ] + ([(128, 128, 32, 32, 8, 3, 128)] if two_per_sm else [])
-    gpu = [row for row in gpu if wide or row[1] < 256]
+    gpu = [row for row in gpu if wide or row[1] < 256] + ([] if wide else [(128, 64, 64, 32, 4, 3)])
     # The interpreter: depthwise chunks narrower than the K-step, so the tests cover BLOCK_D < BLOCK_K.
     pinned = [(_PINNED_P, _PINNED_C, _PINNED_C, _PINNED_C // 2, 4, 1)]
     names = ("BLOCK_P", "BLOCK_N", "BLOCK_K", "BLOCK_D")
@@ -109,27 +113,32 @@ def two_phase_configs(two_per_sm: bool = False, wide: bool = True) -> dict:
 
 def pw_weight_grad_configs() -> list[triton.Config]:
     """grad of the pointwise weight: BLOCK_P positions per step of the split-K loop. The weight tile
-    (BLOCK_CO, BLOCK_CI) is the host's (`pw_grad_tile`): the split count depends on it."""
+    (BLOCK_CO, BLOCK_CI) is the host's (`pw_grad_tile`): the split count depends on it. No third
+    stage: with the depthwise recomputed and a 256-wide tile it needs 248 KB of shared memory (sm_90
+    has 227), and where it fits it estimates no faster (static estimate (sm_90 model))."""
     gpu = [
         (64, 8, 2),
         (32, 8, 2),
-        (64, 8, 3),
         (64, 4, 2),
     ]
     return _configs(gpu, (_PINNED_P, 4, 1), ("BLOCK_P",))
 
 
-def pw_grad_tile(dtype: torch.dtype, arch: int) -> tuple[int, int]:
-    """(BLOCK_CO, BLOCK_CI) of the weight-gradient GEMM: 256 output channels on Hopper (d, on the
-    CUDA cores, is recomputed Cout / BLOCK_CO times) with 64 input channels (each g_z tile serves
-    more of them: 455 instructions per 64 x 32 block of work on sm_90 against 545 at 32); 128 x 32
-    on older GPUs and 32 x 32 in fp32 (an FMA product, every operand in registers): the largest
-    that compiled without spills. 16 x 16 in the interpreter, so that the tests see several tiles."""
+def pw_grad_tile(dtype: torch.dtype, arch: int, cout: int = 256) -> tuple[int, int]:
+    """(BLOCK_CO, BLOCK_CI) of the weight-gradient GEMM: on Hopper up to 256 output channels (d, on the
+    CUDA cores, is recomputed Cout / BLOCK_CO times), no wider than Cout rounded up to a power of two
+    (a 128-channel layer in a 256-wide tile wastes half the MMA), with 64 input channels (each g_z
+    tile serves more of them: 455 instructions per 64 x 32 block of work on sm_90 against 545 at 32);
+    128 x 32 on older GPUs and 32 x 32 in fp32 (an FMA product, every operand in registers): the
+    largest that compiled without spills. 16 x 16 in the interpreter, so that the tests see several
+    tiles."""
     if INTERPRET:
         return _PINNED_C, _PINNED_C
     if dtype == torch.float32:
         return 32, 32
-    return (256, 64) if arch >= 90 else (128, 32)
+    if arch >= 90:
+        return min(256, max(64, triton.next_power_of_2(cout))), 64
+    return 128, 32
 
 
 def device_arch(device: torch.device) -> int:
@@ -145,13 +154,15 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
 
 
-def balanced_split(positions: int, tiles: int, sms: int, max_splits: int = 16) -> tuple[int, int]:
-    """(splits, chunk) for a split-K kernel of `tiles` output tiles: the split count (at most
-    `max_splits`, each split a multiple of POSITION_ALIGN positions) whose splits x tiles programs
-    come closest to whole waves over `sms` SMs (ties: fewer splits, smaller partial buffers). A
-    middle-flow grad_pw (92,416 positions, 36 tiles, 132 SMs): 11 splits, exactly 3 waves."""
+def balanced_split(positions: int, tiles: int, sms: int, max_waves: int = 4) -> tuple[int, int]:
+    """(splits, chunk) for a split-K kernel of `tiles` output tiles: the split count (each split a
+    multiple of POSITION_ALIGN positions; at most enough for `max_waves` waves, and at least 16 may be
+    tried) whose splits x tiles programs come closest to whole waves over `sms` SMs (ties: fewer
+    splits, smaller partial buffers). A middle-flow grad_pw (92,416 positions, 36 tiles, 132 SMs): 11
+    splits, exactly 3 waves; an entry-flow one (64 -> 128 channels, one tile): 132 splits, one wave
+    (a cap of 16 splits left 116 SMs idle there)."""
     best = None
-    for want in range(1, max_splits + 1):
+    for want in range(1, max(16, max_waves * sms // max(tiles, 1)) + 1):
         chunk = max(triton.cdiv(triton.cdiv(positions, want), POSITION_ALIGN) * POSITION_ALIGN, POSITION_ALIGN)
         splits = triton.cdiv(positions, chunk)
         waves = splits * tiles / sms

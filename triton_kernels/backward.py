@@ -1,11 +1,13 @@
-"""Backward of the fused unit: pointwise and depthwise gradients, with the depthwise output recomputed.
+"""Backward of the fused unit: pointwise and depthwise gradients, the depthwise output recomputed.
 
 With g_z = grad of z [P, Cout] (positions x output channels), d = dw(pre(x)) [P, C]:
-- grad_pw = g_z^T @ d           `_pw_weight_grad_kernel`: d recomputed from x in registers, a
-                                  split-K reduction over positions ([S, Cout, C] fp32 partials).
 - grad_d  = g_z @ W_pw          `_dw_output_grad_kernel`: a tl.dot over Cout; the same kernel
                                   reduces grad_dw = sum_p grad_d * x_tap while grad_d is in
-                                  registers ([S, C, KH*KW] partials) and stores grad_d once.
+                                  registers ([S, C, KH*KW] partials) and stores grad_d once; with
+                                  the taps loaded it also recomputes d and stores it, where
+                                  grad_pw would otherwise recompute it per Cout tile.
+- grad_pw = g_z^T @ d           `_pw_weight_grad_kernel`: a split-K reduction over positions
+                                  ([S, Cout, C] fp32 partials), d read back or recomputed.
 - grad_x  = dw^T(grad_d) * [x > 0 if pre-ReLU]   `_dw_input_grad_kernel`: the transposed depthwise
                                   conv as a gather over the taps (no atomics).
 g_z is materialised once, in the input dtype, and read by both products: in training by
@@ -34,39 +36,15 @@ from xception_fast.spec import UnitSpec
 from . import batchnorm
 from .autotune import (balanced_split, device_arch, dw_input_grad_configs, dw_output_grad_configs, position_bucket,
                        position_split, pw_grad_tile, pw_weight_grad_configs, sm_count)
-from .depthwise_pointwise import (Geometry, _depthwise_chunk, _mma, _prepare, _tap_rows, depthwise_taps,
+from .depthwise_pointwise import (Geometry, _depthwise_chunk, _mma, _pre_f32, _prepare, _tap_rows, depthwise_taps,
                                   recompute_grad_z)
 from .utils import INLINE_ASM, channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
 
 
-# --- device helpers: d recomputed per tap from x -----------------------------------------------------------
-
-@triton.jit
-def _output_positions(p_start, p_end, Ho, Wo, BLOCK_P: tl.constexpr):
-    """Positions p_start + [0, BLOCK_P) below p_end, split into (image (int64), row, column)."""
-    p = p_start + tl.arange(0, BLOCK_P)
-    p_mask = p < p_end
-    n = p // (Ho * Wo)
-    r = p - n * (Ho * Wo)
-    oh = r // Wo
-    ow = r - oh * Wo
-    return p, p_mask, n.to(tl.int64), oh, ow
-
-
-@triton.jit
-def _input_tap(x_ptr, n, oh, ow, p_mask, ci, ci_mask, H, W, C, i, j,
-               stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, PRE_RELU: tl.constexpr):
-    """The input under tap (i, j) of each output position, [BLOCK_P, BLOCK_CI] in fp32, zero in the
-    padding, after the optional pre-ReLU."""
-    ih = oh * stride_h - pad_h + i * dil_h
-    iw = ow * stride_w - pad_w + j * dil_w
-    ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    row = (n * H + ih) * W + iw  # int64: n is
-    xv = tl.load(x_ptr + row[:, None] * C + ci[None, :], mask=ok[:, None] & ci_mask[None, :], other=0.0)
-    xv = xv.to(tl.float32)
-    if PRE_RELU:
-        xv = tl.where(xv < 0.0, 0.0, xv)  # not tl.maximum: NaN must pass, as in torch.relu
-    return xv
+# grad_pw reads a stored d (written by `_dw_output_grad_kernel`) once its recompute would run this many
+# times (Cout tiles): a middle-flow unit, 3 tiles of 256, 373 -> 110 us; with one tile (the entry flow)
+# the store and the re-read cost more DRAM time than the one recompute (static estimate (sm_90 model)).
+STORE_D_FROM_TILES = 2
 
 
 # --- kernels --------------------------------------------------------------------------------------------
@@ -75,8 +53,9 @@ def _input_tap(x_ptr, n, oh, ow, p_mask, ci, ci_mask, H, W, C, i, j,
 @triton.jit
 def _pw_weight_grad_kernel(
     # pointers
-    x_ptr,  # [N, H, W, C] input (channels_last)
+    x_ptr,  # [N, H, W, C] input (channels_last; read unless D_STORED)
     dwt_ptr,  # [KH * KW, K_SLOT] fp32 depthwise taps (`depthwise_pointwise.depthwise_taps`)
+    d_ptr,  # [P, C] the depthwise output in the input dtype (read only if D_STORED)
     gz_ptr,  # [P, Cout] grad of z, input dtype
     part_ptr,  # [S, Cout, C] fp32 out: per split, sum over its positions of g_z^T d
     # sizes
@@ -85,13 +64,15 @@ def _pw_weight_grad_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr, C_ALIGN: tl.constexpr,
-    COUT_ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+    COUT_ALIGN: tl.constexpr, D_STORED: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
 ):
     # A split-K GEMM over positions: program (s, tile) owns one [BLOCK_CO, BLOCK_CI] block of the
-    # weight gradient and the positions of split s. d is recomputed from x with the forward's
-    # depthwise chunk (cheap: inline-PTX ReLU and widening), Cout / BLOCK_CO times in all; the
-    # host picks BLOCK_CO (256 where wgmma allows) and the split count so that the programs fill
-    # whole waves of the SMs (`autotune.balanced_split`).
+    # weight gradient and the positions of split s. d is read from d_ptr where `_dw_output_grad_kernel`
+    # stored it (D_STORED: the host's choice when Cout spans several BLOCK_CO tiles), else recomputed
+    # from x with the forward's depthwise chunk (inline-PTX ReLU and widening), once per program: with
+    # one Cout tile that is cheaper than storing and re-reading d. The host picks BLOCK_CO and the
+    # split count so that the programs fill whole waves of the SMs (`autotune.balanced_split`).
     C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
     Cout = Cout // COUT_ALIGN * COUT_ALIGN
     # Weight tiles of one split are neighbours in launch order (they share its x and g_z).
@@ -106,14 +87,19 @@ def _pw_weight_grad_kernel(
     p_end = tl.minimum(s * chunk + chunk, P)
     acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
     for p0 in range(s * chunk, p_end, BLOCK_P):
-        x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
-                                             BLOCK_P)
         p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = p < p_end
         gz = tl.load(gz_ptr + p.to(tl.int64)[:, None] * Cout + co[None, :],
                      mask=p_mask[:, None] & co_mask[None, :], other=0.0)
-        d = _depthwise_chunk(x_rows, ih0, iw0, p_mask, dwt_ptr, ci0, C, H, W, K_SLOT, dil_h, dil_w,
-                             KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_CI)
-        acc = _mma(tl.trans(gz), d.to(x_ptr.dtype.element_ty), acc)
+        if D_STORED:
+            d = tl.load(d_ptr + p.to(tl.int64)[:, None] * C + ci[None, :],
+                        mask=p_mask[:, None] & (ci < C)[None, :], other=0.0)
+        else:
+            x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h,
+                                                 pad_w, BLOCK_P)
+            d = _depthwise_chunk(x_rows, ih0, iw0, p_mask, dwt_ptr, ci0, C, H, W, K_SLOT, dil_h, dil_w,
+                                 KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_CI).to(x_ptr.dtype.element_ty)
+        acc = _mma(tl.trans(gz), d, acc)
     offs = s.to(tl.int64) * Cout * C + co[:, None] * C + ci[None, :]
     tl.store(part_ptr + offs, acc, mask=co_mask[:, None] & (ci < C)[None, :])
 
@@ -127,15 +113,19 @@ def _dw_output_grad_kernel(
     gz_ptr,  # [P, Cout] grad of z, input dtype
     gd_ptr,  # [P, C] out: grad of the depthwise output, input dtype
     part_ptr,  # [S, C, KH * KW] fp32 out: per split, grad of the depthwise weight
+    dwt_ptr,  # [KH * KW, C] fp32 depthwise taps (read only if STORE_D)
+    d_ptr,  # [P, C] out (only if STORE_D): the depthwise output d, input dtype, for `_pw_weight_grad_kernel`
     # sizes
     P, P_BUCKET, chunk, H, W, C, Ho, Wo, Cout,  # P_BUCKET: the autotuning key only
     # convolution
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     # meta-parameters
-    KH: tl.constexpr, KW: tl.constexpr, KK_PAD: tl.constexpr, PRE_RELU: tl.constexpr, C_ALIGN: tl.constexpr,
-    COUT_ALIGN: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr,
+    C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr, STORE_D: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
 ):
+    # grad_dw needs pre(x) under every tap, so d = dw(pre(x)) costs one FMA per tap more (STORE_D):
+    # the forward's FMA order from zero, rounded to the input dtype as the forward's slot is.
     C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
     Cout = Cout // COUT_ALIGN * COUT_ALIGN
     ci_tiles = tl.cdiv(C, BLOCK_CI)
@@ -144,10 +134,17 @@ def _dw_output_grad_kernel(
     ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ci_mask = ci < C
     p_end = tl.minimum(s * chunk + chunk, P)
-    taps = tl.arange(0, KK_PAD)
-    grad_dw = tl.zeros((KK_PAD, BLOCK_CI), dtype=tl.float32)  # row t: tap t = i * KW + j
+    # grad_dw accumulates in the program's own row of the partials, [C, KH * KW], tap by tap (a
+    # [KH * KW, BLOCK_CI] register accumulator cost a layout conversion through shared memory per tap).
+    # A tile's store and the next tile's load of the same element may be made by different threads:
+    # a barrier at the end of each tile orders them.
+    part = part_ptr + s.to(tl.int64) * C * (KH * KW) + ci * (KH * KW)
     for p0 in range(s * chunk, p_end, BLOCK_P):
-        p, p_mask, n, oh, ow = _output_positions(p0, p_end, Ho, Wo, BLOCK_P)
+        # The taps addressed as the forward's `_depthwise_chunk` does: one row pointer per position,
+        # each tap a scalar offset from it (int64 index math once per tile, not once per tap).
+        x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
+                                             BLOCK_P)
+        p = p0 + tl.arange(0, BLOCK_P)
         gd = tl.zeros((BLOCK_P, BLOCK_CI), dtype=tl.float32)
         for co0 in range(0, Cout, BLOCK_CO):
             co = co0 + tl.arange(0, BLOCK_CO)
@@ -160,31 +157,42 @@ def _dw_output_grad_kernel(
         tl.store(gd_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], gd_low,
                  mask=p_mask[:, None] & ci_mask[None, :])
         gdf = gd_low.to(tl.float32)
+        d = tl.zeros((BLOCK_P, BLOCK_CI), dtype=tl.float32)
         for i in tl.static_range(KH):
+            ih = ih0 + i * dil_h
+            row_ok = p_mask & (ih >= 0) & (ih < H)
             for j in tl.static_range(KW):
-                xv = _input_tap(x_ptr, n, oh, ow, p_mask, ci, ci_mask, H, W, C, i, j,
-                                stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, PRE_RELU)
+                iw = iw0 + j * dil_w
+                ok = row_ok & (iw >= 0) & (iw < W)
+                xv = tl.load(x_rows[:, None] + ((i * dil_h * W + j * dil_w) * C + ci)[None, :],
+                             mask=ok[:, None] & ci_mask[None, :], other=0.0)
+                xv = _pre_f32(xv, PRE_RELU, ASM)
                 contrib = tl.sum(gdf * xv, axis=0)
-                grad_dw = tl.where(taps[:, None] == i * KW + j, grad_dw + contrib[None, :], grad_dw)
-    offs = s.to(tl.int64) * C * (KH * KW) + ci[None, :] * (KH * KW) + taps[:, None]
-    tl.store(part_ptr + offs, grad_dw, mask=(taps < KH * KW)[:, None] & ci_mask[None, :])
+                seen = tl.load(part + (i * KW + j), mask=ci_mask & (p0 > s * chunk), other=0.0)
+                tl.store(part + (i * KW + j), seen + contrib, mask=ci_mask)
+                if STORE_D:
+                    d += xv * tl.load(dwt_ptr + (i * KW + j) * C + ci, mask=ci_mask, other=0.0)[None, :]
+        if STORE_D:
+            tl.store(d_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], d.to(d_ptr.dtype.element_ty),
+                     mask=p_mask[:, None] & ci_mask[None, :])
+        tl.debug_barrier()  # this tile's grad_dw stores before the next tile's loads (see `part`)
 
 
-@triton.autotune(configs=dw_input_grad_configs(), key=["C", "Q_BUCKET", "KH", "KW"])
+@triton.autotune(configs=dw_input_grad_configs(), key=["C", "Q_BUCKET", "KH", "KW", "STRIDE_H", "STRIDE_W"])
 @triton.jit
 def _dw_input_grad_kernel(
     # pointers
     gd_ptr,  # [N, Ho, Wo, C] grad of the depthwise output
-    dw_ptr,  # [C, KH * KW] depthwise weight
+    dwt_ptr,  # [KH * KW, C] fp32 depthwise taps (tap-major: one contiguous vector load per tap)
     x_ptr,  # [N, H, W, C] input (read only if PRE_RELU, for its mask)
     gx_ptr,  # [N, H, W, C] out: grad of x
     # sizes
     Q, Q_BUCKET, H, W, C, Ho, Wo,  # Q_BUCKET: the autotuning key only
-    # convolution
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    # convolution (the strides are compile-time: Xception's are 1 and 2)
+    pad_h, pad_w, dil_h, dil_w,
     # meta-parameters
-    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, C_ALIGN: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PRE_RELU: tl.constexpr,
+    C_ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
     # Each input position gathers from the outputs whose window covers it: oh * stride - pad + i * dil
@@ -194,26 +202,36 @@ def _dw_input_grad_kernel(
     pid_q, pid_c = pid // c_tiles, pid % c_tiles
     q = pid_q * BLOCK_P + tl.arange(0, BLOCK_P)
     q_mask = q < Q
-    n = (q // (H * W)).to(tl.int64)
-    r = q % (H * W)
+    n = q // (H * W)
+    r = q - n * (H * W)
     ih = r // W
-    iw = r % W
+    iw = r - ih * W
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
+    # Tap (i, j) reads output row (ih + pad_h - i * dil_h) / STRIDE_H, where that divides. With unit
+    # strides, each tap is a scalar offset from one row pointer per position (as in the forward).
+    g_rows = gd_ptr + ((n.to(tl.int64) * Ho + (ih + pad_h) // STRIDE_H) * Wo + (iw + pad_w) // STRIDE_W) * C
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for i in tl.static_range(KH):
         th = ih + pad_h - i * dil_h
         th_c = tl.maximum(th, 0)  # non-negative before // and %, whose sign rules differ by backend
-        oh = th_c // stride_h
-        ok_h = (th >= 0) & (th_c - oh * stride_h == 0) & (oh < Ho)
+        oh = th_c // STRIDE_H
+        ok_h = q_mask & (th >= 0) & (oh < Ho)
+        if STRIDE_H != 1:
+            ok_h = ok_h & (th_c - oh * STRIDE_H == 0)
         for j in tl.static_range(KW):
             tw = iw + pad_w - j * dil_w
             tw_c = tl.maximum(tw, 0)
-            ow = tw_c // stride_w
-            ok = q_mask & ok_h & (tw >= 0) & (tw_c - ow * stride_w == 0) & (ow < Wo)
-            row = (n * Ho + oh) * Wo + ow
-            g = tl.load(gd_ptr + row[:, None] * C + c[None, :], mask=ok[:, None] & c_mask[None, :], other=0.0)
-            wv = tl.load(dw_ptr + c * (KH * KW) + (i * KW + j), mask=c_mask, other=0.0).to(tl.float32)
+            ow = tw_c // STRIDE_W
+            ok = ok_h & (tw >= 0) & (ow < Wo)
+            if STRIDE_W != 1:
+                ok = ok & (tw_c - ow * STRIDE_W == 0)
+            if STRIDE_H == 1 and STRIDE_W == 1:
+                ptrs = g_rows[:, None] + (c - (i * dil_h * Wo + j * dil_w) * C)[None, :]
+            else:
+                ptrs = gd_ptr + ((n.to(tl.int64) * Ho + oh) * Wo + ow)[:, None] * C + c[None, :]
+            g = tl.load(ptrs, mask=ok[:, None] & c_mask[None, :], other=0.0)
+            wv = tl.load(dwt_ptr + (i * KW + j) * C + c, mask=c_mask, other=0.0)
             acc += g.to(tl.float32) * wv[None, :]
     offs = q.to(tl.int64)[:, None] * C + c[None, :]
     mask = q_mask[:, None] & c_mask[None, :]
@@ -235,40 +253,54 @@ def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight:
         return (grad_x.zero_(), torch.zeros_like(dw_weight, memory_format=torch.contiguous_format),
                 torch.zeros_like(pw_weight, memory_format=torch.contiguous_format))
     conv = geo.conv_args()
+    asm = INLINE_ASM and device.type == "cuda"  # PTX: never in the interpreter
     common = dict(KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu), **geo.align())
 
-    block_co, block_ci = pw_grad_tile(x.dtype, device_arch(device))
-    splits, chunk = balanced_split(geo.P, triton.cdiv(geo.Cout, block_co) * triton.cdiv(geo.C, block_ci),
-                                   sm_count(device))
-    part_pw = new_empty((splits, geo.Cout, geo.C), torch.float32, device)
-    k_slot = triton.cdiv(geo.C, block_ci) * block_ci
-    grid_pw = (splits * triton.cdiv(geo.Cout, block_co) * triton.cdiv(geo.C, block_ci),)
-    _pw_weight_grad_kernel[grid_pw](x, depthwise_taps(dw, geo, k_slot), grad_z, part_pw, geo.P,
-                                    position_bucket(geo.P), chunk, geo.H, geo.W, geo.C, geo.Ho, geo.Wo, geo.Cout,
-                                    k_slot, *conv, ASM=INLINE_ASM and device.type == "cuda", BLOCK_CO=block_co,
-                                    BLOCK_CI=block_ci, **common)
-    grad_pw = batchnorm.sum_rows(part_pw.view(splits, -1), pw_weight.dtype).view(pw_weight.shape)
-
+    # grad_d and grad_dw first: with several Cout tiles of grad_pw, that kernel also stores d once, and
+    # grad_pw reads it instead of recomputing the depthwise once per Cout tile.
+    block_co, block_ci = pw_grad_tile(x.dtype, device_arch(device), geo.Cout)
+    store_d = triton.cdiv(geo.Cout, block_co) >= STORE_D_FROM_TILES
     grad_d = empty_nhwc((geo.N, geo.C, geo.Ho, geo.Wo), x.dtype, device)
+    d = empty_nhwc((geo.N, geo.C, geo.Ho, geo.Wo), x.dtype, device) if store_d else grad_d  # grad_d: unused
     splits, chunk = position_split(geo.P, triton.cdiv(geo.C, 64), device)
     part_dw = new_empty((splits, geo.C, kk), torch.float32, device)
 
     def grid_d(meta):
         return (splits * triton.cdiv(geo.C, meta["BLOCK_CI"]),)
 
-    _dw_output_grad_kernel[grid_d](x, pw, grad_z, grad_d, part_dw, geo.P, position_bucket(geo.P), chunk, geo.H,
-                                   geo.W, geo.C, geo.Ho, geo.Wo, geo.Cout, *conv, KK_PAD=triton.next_power_of_2(kk),
-                                   **common)
+    dwt = depthwise_taps(dw, geo, geo.C)
+    _dw_output_grad_kernel[grid_d](x, pw, grad_z, grad_d, part_dw, dwt, d, geo.P,
+                                   position_bucket(geo.P), chunk, geo.H, geo.W, geo.C, geo.Ho, geo.Wo, geo.Cout, *conv,
+                                   ASM=asm, STORE_D=store_d, **common)
     grad_dw = batchnorm.sum_rows(part_dw.view(splits, -1), dw_weight.dtype).view(dw_weight.shape)
 
+    splits, chunk = balanced_split(geo.P, triton.cdiv(geo.Cout, block_co) * triton.cdiv(geo.C, block_ci),
+                                   sm_count(device))
+    part_pw = new_empty((splits, geo.Cout, geo.C), torch.float32, device)
+    k_slot = triton.cdiv(geo.C, block_ci) * block_ci
+    grid_pw = (splits * triton.cdiv(geo.Cout, block_co) * triton.cdiv(geo.C, block_ci),)
+    _pw_weight_grad_kernel[grid_pw](x, depthwise_taps(dw, geo, k_slot), d, grad_z, part_pw, geo.P,
+                                    position_bucket(geo.P), chunk, geo.H, geo.W, geo.C, geo.Ho, geo.Wo, geo.Cout,
+                                    k_slot, *conv, ASM=asm, D_STORED=store_d,
+                                    BLOCK_CO=block_co, BLOCK_CI=block_ci, **common)
+    grad_pw = batchnorm.sum_rows(part_pw.view(splits, -1), pw_weight.dtype).view(pw_weight.shape)
+
+    dw_input_grad(geo, grad_d, dwt, x, grad_x, pre_relu)
+    return grad_x, grad_dw, grad_pw
+
+
+def dw_input_grad(geo: Geometry, grad_d: Tensor, dwt: Tensor, x: Tensor, grad_x: Tensor, pre_relu: bool) -> None:
+    """grad_x [N, C, H, W] channels_last = the transposed depthwise of grad_d [N, Ho, Wo, C] (x's dtype),
+    through the pre-ReLU's mask; dwt: `depthwise_taps(dw, geo, C)`."""
     q = geo.N * geo.H * geo.W
 
     def grid_x(meta):
         return (triton.cdiv(q, meta["BLOCK_P"]) * triton.cdiv(geo.C, meta["BLOCK_C"]),)
 
-    _dw_input_grad_kernel[grid_x](grad_d, dw, x, grad_x, q, position_bucket(q), geo.H, geo.W, geo.C, geo.Ho, geo.Wo,
-                                  *conv, KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu), C_ALIGN=channel_align(geo.C))
-    return grad_x, grad_dw, grad_pw
+    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = geo.stride, geo.padding, geo.dilation
+    _dw_input_grad_kernel[grid_x](grad_d, dwt, x, grad_x, q, position_bucket(q), geo.H, geo.W, geo.C, geo.Ho, geo.Wo,
+                                  pad_h, pad_w, dil_h, dil_w, KH=geo.KH, KW=geo.KW, STRIDE_H=stride_h,
+                                  STRIDE_W=stride_w, PRE_RELU=bool(pre_relu), C_ALIGN=channel_align(geo.C))
 
 
 def sepconv_bn_train_backward(grad_y: Tensor, x: Tensor, z: Tensor, dw_weight: Tensor, pw_weight: Tensor,

@@ -22,6 +22,32 @@ from .autotune import SUM_BLOCK_M, SUM_BLOCK_S, elementwise_configs, position_sp
 from .utils import channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
 
 
+# --- device helpers -------------------------------------------------------------------------------------
+
+@triton.jit
+def _tile(P, C, C_ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The elementwise passes' [BLOCK_P, BLOCK_C] tile of a channels-last [P, C] matrix (grid: position
+    tiles x channel tiles): (channels, their mask, int64 element offsets, element mask)."""
+    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    return c, c_mask, p.to(tl.int64)[:, None] * C + c[None, :], (p < P)[:, None] & c_mask[None, :]
+
+
+@triton.jit
+def _affine(z_ptr, offs, mask, mean_ptr, invstd_ptr, w_ptr, b_ptr, c, c_mask):
+    """(x_hat, x_hat * weight + bias, invstd, weight) in fp32 for the tile of z at offs: the normalised
+    value, the pre-ReLU output (its sign is the post-ReLU's mask) and the two channel vectors."""
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+    w = tl.load(w_ptr + c, mask=c_mask, other=0.0)
+    b = tl.load(b_ptr + c, mask=c_mask, other=0.0)
+    xhat = (z - mean[None, :]) * invstd[None, :]
+    return xhat, xhat * w[None, :] + b[None, :], invstd, w
+
+
 # --- kernels --------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -78,18 +104,8 @@ def _bn_apply_kernel(
     POST_RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, C_ALIGN: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    mask = (p < P)[:, None] & c_mask[None, :]
-    offs = p.to(tl.int64)[:, None] * C + c[None, :]
-    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
-    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
-    w = tl.load(w_ptr + c, mask=c_mask, other=0.0)
-    b = tl.load(b_ptr + c, mask=c_mask, other=0.0)
-    y = ((z - mean[None, :]) * invstd[None, :]) * w[None, :] + b[None, :]
+    c, c_mask, offs, mask = _tile(P, C, C_ALIGN, BLOCK_P, BLOCK_C)
+    _, y, _, _ = _affine(z_ptr, offs, mask, mean_ptr, invstd_ptr, w_ptr, b_ptr, c, c_mask)
     if POST_RELU:
         y = tl.where(y < 0.0, 0.0, y)  # not tl.maximum: NaN must pass, as in torch.relu
     if HAS_RESIDUAL:
@@ -111,21 +127,11 @@ def _bn_grad_z_kernel(
     # BatchNorm backward with batch statistics, g masked by the post-ReLU recomputed from z:
     # g_z = (g - mean_dy - x_hat * mean_dy_xhat) * invstd * weight. Stored once, in the input dtype
     # (where the unfused path rounds it), for both pointwise products of the backward to read.
-    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    mask = (p < P)[:, None] & c_mask[None, :]
-    offs = p.to(tl.int64)[:, None] * C + c[None, :]
+    c, c_mask, offs, mask = _tile(P, C, C_ALIGN, BLOCK_P, BLOCK_C)
     g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
-    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
-    w = tl.load(w_ptr + c, mask=c_mask, other=0.0)
-    xhat = (z - mean[None, :]) * invstd[None, :]
+    xhat, y, invstd, w = _affine(z_ptr, offs, mask, mean_ptr, invstd_ptr, w_ptr, b_ptr, c, c_mask)
     if POST_RELU:
-        b = tl.load(b_ptr + c, mask=c_mask, other=0.0)
-        g = tl.where(xhat * w[None, :] + b[None, :] > 0, g, 0.0)
+        g = tl.where(y > 0, g, 0.0)
     mdy = tl.load(mdy_ptr + c, mask=c_mask, other=0.0)
     mdyx = tl.load(mdyx_ptr + c, mask=c_mask, other=0.0)
     gz = (g - mdy[None, :] - xhat * mdyx[None, :]) * (invstd * w)[None, :]
@@ -192,6 +198,11 @@ def _sum_rows_kernel(
 
 # --- host side ------------------------------------------------------------------------------------------
 
+def _tile_grid(positions: int, channels: int):
+    """The grid of the `_tile` kernels for a [positions, channels] matrix."""
+    return lambda meta: (triton.cdiv(positions, meta["BLOCK_P"]), triton.cdiv(channels, meta["BLOCK_C"]))
+
+
 def sum_rows(part: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """part [S, M] fp32 (contiguous) summed over S in a fixed order -> [M] in `dtype`."""
     s, m = part.shape
@@ -226,10 +237,7 @@ def normalize(z: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tenso
     bias = vector_f32(bn_bias, c, 0.0, z.device)
     res = nhwc(residual.to(z.dtype)) if residual is not None else y
 
-    def grid(meta):
-        return (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))
-
-    _bn_apply_kernel[grid](z, mean, invstd, weight, bias, res, y, p, c,
+    _bn_apply_kernel[_tile_grid(p, c)](z, mean, invstd, weight, bias, res, y, p, c,
                            POST_RELU=bool(post_relu), HAS_RESIDUAL=residual is not None, C_ALIGN=channel_align(c))
     return y
 
@@ -243,10 +251,7 @@ def grad_z(grad_y: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, weight: Tens
     if out.numel() == 0:
         return out
 
-    def grid(meta):
-        return (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))
-
-    _bn_grad_z_kernel[grid](grad_y, z, mean, invstd, weight, bias, mean_dy, mean_dy_xhat, out, p, c,
+    _bn_grad_z_kernel[_tile_grid(p, c)](grad_y, z, mean, invstd, weight, bias, mean_dy, mean_dy_xhat, out, p, c,
                             POST_RELU=bool(post_relu), C_ALIGN=channel_align(c))
     return out
 

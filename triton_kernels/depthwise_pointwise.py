@@ -167,6 +167,37 @@ def _depthwise_phase(x_ptr, dwt_ptr, slot_ptr, p0, p_end, H, W, C, Ho, Wo, K_SLO
 
 
 @triton.jit
+def _program(slot_ptr, P, chunk, C, Cout, K_SLOT, C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr):
+    """The two-phase kernels' common start: (C, Cout, K_SLOT, program id, its first position, its
+    end, its scratch slot). C, Cout and K_SLOT come back rounded down to their alignment: no-ops (the
+    host checked them) that tell the compiler the rows are 16-byte aligned, so that loads vectorise
+    (and the slot's rows qualify for cp.async)."""
+    C = C // C_ALIGN * C_ALIGN
+    Cout = Cout // COUT_ALIGN * COUT_ALIGN
+    K_SLOT = K_SLOT // SLOT_COLS * SLOT_COLS
+    pid = tl.program_id(0)
+    p_begin = pid * chunk
+    p_end = tl.minimum(p_begin + chunk, P)
+    return C, Cout, K_SLOT, pid, p_begin, p_end, slot_ptr + pid.to(tl.int64) * SLOT_ROWS * K_SLOT
+
+
+@triton.jit
+def _phase_one(x_ptr, dwt_ptr, slot, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
+               stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+               KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr,
+               BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+               mid_ptr, MID_BN: tl.constexpr, MID_ACT: tl.constexpr):
+    """The depthwise phase of the tile at p0 into the slot, then the barrier that lets every thread of
+    the program read it; returns the tile's positions and their mask for the pointwise phase."""
+    _depthwise_phase(x_ptr, dwt_ptr, slot, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
+                     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_K, BLOCK_D,
+                     mid_ptr, MID_BN, MID_ACT)
+    tl.debug_barrier()
+    p = p0 + tl.arange(0, BLOCK_P)
+    return p, p < p_end
+
+
+@triton.jit
 def _pointwise_tile(slot_ptr, pw_op, n0, C, K_SLOT, Cout, W_TMA: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """[BLOCK_P, BLOCK_N] fp32 = slot @ pw[n0 : n0 + BLOCK_N]^T. pw_op is the [Cout, C] weight: a TMA
@@ -320,20 +351,11 @@ def _sepconv_infer_kernel(
     # the mid variant (`mid_act`): [3, K_SLOT] fp32 vectors, never read when both are off
     mid_ptr=None, MID_BN: tl.constexpr = 0, MID_ACT: tl.constexpr = "",
 ):
-    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
-    Cout = Cout // COUT_ALIGN * COUT_ALIGN
-    K_SLOT = K_SLOT // SLOT_COLS * SLOT_COLS  # the same for the slot: 16-byte rows, so cp.async applies
-    pid = tl.program_id(0)
-    p_begin = pid * chunk
-    p_end = tl.minimum(p_begin + chunk, P)
-    slot = slot_ptr + pid.to(tl.int64) * SLOT_ROWS * K_SLOT
+    C, Cout, K_SLOT, pid, p_begin, p_end, slot = _program(slot_ptr, P, chunk, C, Cout, K_SLOT, C_ALIGN, COUT_ALIGN)
     for p0 in range(p_begin, p_end, BLOCK_P):
-        _depthwise_phase(x_ptr, dwt_ptr, slot, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
-                         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_K,
-                         BLOCK_D, mid_ptr, MID_BN, MID_ACT)
-        tl.debug_barrier()
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_mask = p < p_end
+        p, p_mask = _phase_one(x_ptr, dwt_ptr, slot, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
+                               stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_K,
+                               BLOCK_D, mid_ptr, MID_BN, MID_ACT)
         for n0 in range(0, Cout, BLOCK_N):
             acc = _pointwise_tile(slot, pw_op, n0, C, K_SLOT, Cout, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
             q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
@@ -366,20 +388,11 @@ def _sepconv_train_kernel(
     # the mid variant (`mid_act`): [3, K_SLOT] fp32 vectors, never read when both are off
     mid_ptr=None, MID_BN: tl.constexpr = 0, MID_ACT: tl.constexpr = "",
 ):
-    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
-    Cout = Cout // COUT_ALIGN * COUT_ALIGN
-    K_SLOT = K_SLOT // SLOT_COLS * SLOT_COLS  # the same for the slot: 16-byte rows, so cp.async applies
-    pid = tl.program_id(0)
-    p_begin = pid * chunk
-    p_end = tl.minimum(p_begin + chunk, P)
-    slot = slot_ptr + pid.to(tl.int64) * SLOT_ROWS * K_SLOT
+    C, Cout, K_SLOT, pid, p_begin, p_end, slot = _program(slot_ptr, P, chunk, C, Cout, K_SLOT, C_ALIGN, COUT_ALIGN)
     for p0 in range(p_begin, p_end, BLOCK_P):
-        _depthwise_phase(x_ptr, dwt_ptr, slot, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
-                         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_K,
-                         BLOCK_D, mid_ptr, MID_BN, MID_ACT)
-        tl.debug_barrier()
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_mask = p < p_end
+        p, p_mask = _phase_one(x_ptr, dwt_ptr, slot, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
+                               stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_K,
+                               BLOCK_D, mid_ptr, MID_BN, MID_ACT)
         for n0 in range(0, Cout, BLOCK_N):
             acc = _pointwise_tile(slot, pw_op, n0, C, K_SLOT, Cout, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
             q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
@@ -414,20 +427,11 @@ def _sepconv_grad_z_kernel(
     # the mid variant (`mid_act`): [3, K_SLOT] fp32 vectors, never read when both are off
     mid_ptr=None, MID_BN: tl.constexpr = 0, MID_ACT: tl.constexpr = "",
 ):
-    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
-    Cout = Cout // COUT_ALIGN * COUT_ALIGN
-    K_SLOT = K_SLOT // SLOT_COLS * SLOT_COLS  # the same for the slot: 16-byte rows, so cp.async applies
-    pid = tl.program_id(0)
-    p_begin = pid * chunk
-    p_end = tl.minimum(p_begin + chunk, P)
-    slot = slot_ptr + pid.to(tl.int64) * SLOT_ROWS * K_SLOT
+    C, Cout, K_SLOT, pid, p_begin, p_end, slot = _program(slot_ptr, P, chunk, C, Cout, K_SLOT, C_ALIGN, COUT_ALIGN)
     for p0 in range(p_begin, p_end, BLOCK_P):
-        _depthwise_phase(x_ptr, dwt_ptr, slot, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
-                         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_K,
-                         BLOCK_D, mid_ptr, MID_BN, MID_ACT)
-        tl.debug_barrier()
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_mask = p < p_end
+        p, p_mask = _phase_one(x_ptr, dwt_ptr, slot, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
+                               stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_K,
+                               BLOCK_D, mid_ptr, MID_BN, MID_ACT)
         for n0 in range(0, Cout, BLOCK_N):
             acc = _pointwise_tile(slot, pw_op, n0, C, K_SLOT, Cout, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
             q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)

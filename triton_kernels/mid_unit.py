@@ -14,7 +14,7 @@ The four functions of `xception_fast.reference` for `UnitSpec.mid` (`sepconv_mid
   (torch.matmul: cuBLAS, nothing for Triton to fuse there); `_mid_act_grad_kernel` applies the
   activation's derivative; the mid BatchNorm's backward is `batchnorm.dy_sums` + `batchnorm.grad_z`
   (the pointwise BatchNorm's kernels, with t as the normalised input); `_dw_weight_grad_kernel`
-  reduces the depthwise weight gradient and `backward._dw_input_grad_kernel` the input gradient.
+  reduces the depthwise weight gradient and `backward.dw_input_grad` the input gradient.
 Rounding follows the reference: t, u = midBN(t), a, grad_a, grad_u and grad_d in the input dtype.
 """
 
@@ -30,8 +30,8 @@ from torch import Tensor
 from xception_fast.spec import UnitSpec
 
 from . import batchnorm
-from .autotune import INTERPRET, elementwise_configs, position_bucket, position_split
-from .backward import _dw_input_grad_kernel
+from .autotune import INTERPRET, elementwise_configs, position_split
+from .backward import dw_input_grad
 from .depthwise_pointwise import (Geometry, TwoPhase, _depthwise_chunk, _pre_f32, _prepare,
                                   _sepconv_grad_z_kernel, _sepconv_infer_kernel, _sepconv_train_kernel, _tap_rows,
                                   depthwise_taps)
@@ -324,13 +324,7 @@ def _dw_backward(geo: Geometry, x: Tensor, dw: Tensor, dw_weight: Tensor, grad_d
         BLOCK_P=DW_BLOCK_P, BLOCK_C=DW_BLOCK_C)
     grad_dw = batchnorm.sum_rows(part.view(splits, -1), dw_weight.dtype).view(dw_weight.shape)
     grad_x = empty_nhwc((geo.N, c, geo.H, geo.W), x.dtype, device)
-    q = geo.N * geo.H * geo.W
-
-    def grid_x(meta):
-        return (triton.cdiv(q, meta["BLOCK_P"]) * triton.cdiv(c, meta["BLOCK_C"]),)
-
-    _dw_input_grad_kernel[grid_x](grad_d, dw, x, grad_x, q, position_bucket(q), geo.H, geo.W, c, geo.Ho, geo.Wo,
-                                  *conv, KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu), C_ALIGN=channel_align(c))
+    dw_input_grad(geo, grad_d, depthwise_taps(dw, geo, c), x, grad_x, pre_relu)
     return grad_x, grad_dw
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from xception_fast.bench.static.geometry import Unit, cdiv
 from xception_fast.bench.static.model import Compiled, Launch, LoopPlan
 
@@ -153,11 +155,12 @@ def _sum_rows(unit: Unit, arch: int, rows: int, cols: int, out_bytes: int) -> li
 
 
 def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
-    """Training forward (main loop + statistics, merge, normalise) and backward (dy sums, grad_pw,
-    grad_d + grad_dw, grad_x), as `ops.py` runs them through the Triton provider."""
+    """Training forward (main loop + statistics, merge, normalise) and backward (dy sums, g_z,
+    grad_d + grad_dw (+ d), grad_pw, grad_x), as `ops.py` runs them through the Triton provider."""
     from xception_fast.triton_kernels import backward as bw
     from xception_fast.triton_kernels import batchnorm as bn
     from xception_fast.triton_kernels import depthwise_pointwise as dp
+    from xception_fast.triton_kernels.autotune import pw_grad_tile
 
     e, C, Cout, P = unit.e, unit.C, unit.Cout, unit.P
     kk = unit.K * unit.K
@@ -199,33 +202,39 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     if unit.shape.mid:
         return kernels + _mid_backward(unit, arch, sms)
 
-    bwd_flags = _flags(unit, KK_PAD=1 << (kk - 1).bit_length())
-    # grad of the pointwise weight: split-K over positions in whole waves, d recomputed per Cout tile.
-    block_co, block_ci = (256, 64) if arch >= 90 else (128, 32)  # autotune.pw_grad_tile, 16-bit
-    tiles = cdiv(Cout, block_co) * cdiv(C, block_ci)
-    splits, chunk = balanced_split(P, tiles, sms)
+    bwd_flags = _flags(unit)
+    block_co, block_ci = pw_grad_tile(torch.float32 if unit.dtype == "fp32" else torch.bfloat16, arch, Cout)
+    store_d = cdiv(Cout, block_co) >= bw.STORE_D_FROM_TILES  # as `backward._backward_convs` decides
 
-    def pw(m):
-        trips = unit.split_trips(splits, chunk, m["BLOCK_P"])
-        return (splits * tiles, [LoopPlan("position steps of the split (depthwise + tl.dot)", trips, pipelined=True)],
-                unit.x_bytes() + unit.y_bytes() + 4 * splits * Cout * C,
-                _dw_ffma(unit, m["BLOCK_P"], block_ci, trips))
-
-    kernels.append(_launches(bw._pw_weight_grad_kernel, unit, arch, dict(bwd_flags, BLOCK_CO=block_co, BLOCK_CI=block_ci),
-                             _sizes(unit, chunk=chunk, K_SLOT=cdiv(C, block_ci) * block_ci), pw))
-    kernels.append(_sum_rows(unit, arch, splits, Cout * C, e))
-
-    # grad of the depthwise output (stored) and of the depthwise weight.
+    # grad of the depthwise output (stored) and of the depthwise weight; d stored too where grad_pw reads it.
     splits, chunk = position_split(P, cdiv(C, 64), sms)
 
     def dwo(m):
         return (splits * cdiv(C, m["BLOCK_CI"]),
                 [LoopPlan("position tiles of the split", unit.split_trips(splits, chunk, m["BLOCK_P"])),
                  LoopPlan("output-channel blocks (tl.dot)", cdiv(Cout, m["BLOCK_CO"]), pipelined=True)],
-                unit.y_bytes() + unit.x_bytes() + unit.d_bytes() + 4 * splits * C * kk, 0.0)
+                unit.y_bytes() + unit.x_bytes() + unit.d_bytes() * (2 if store_d else 1) + 4 * splits * C * kk, 0.0)
 
-    kernels.append(_launches(bw._dw_output_grad_kernel, unit, arch, bwd_flags, _sizes(unit, chunk=chunk), dwo))
+    kernels.append(_launches(bw._dw_output_grad_kernel, unit, arch, dict(bwd_flags, STORE_D=store_d),
+                             _sizes(unit, chunk=chunk), dwo))
     kernels.append(_sum_rows(unit, arch, splits, C * kk, e))
+
+    # grad of the pointwise weight: split-K over positions in whole waves; d read back where it was
+    # stored, else recomputed (once: a single Cout tile).
+    tiles = cdiv(Cout, block_co) * cdiv(C, block_ci)
+    splits, chunk = balanced_split(P, tiles, sms)
+
+    def pw(m):
+        trips = unit.split_trips(splits, chunk, m["BLOCK_P"])
+        loop = "position steps of the split (" + ("d loaded" if store_d else "depthwise") + " + tl.dot)"
+        return (splits * tiles, [LoopPlan(loop, trips, pipelined=True)],
+                (unit.d_bytes() if store_d else unit.x_bytes()) + unit.y_bytes() + 4 * splits * Cout * C,
+                0.0 if store_d else _dw_ffma(unit, m["BLOCK_P"], block_ci, trips))
+
+    kernels.append(_launches(bw._pw_weight_grad_kernel, unit, arch,
+                             dict(bwd_flags, BLOCK_CO=block_co, BLOCK_CI=block_ci, D_STORED=store_d),
+                             _sizes(unit, chunk=chunk, K_SLOT=cdiv(C, block_ci) * block_ci), pw))
+    kernels.append(_sum_rows(unit, arch, splits, Cout * C, e))
 
     # grad of the input: the transposed depthwise as a gather.
     kernels.append(_dw_input_grad(unit, arch))
@@ -243,91 +252,10 @@ def _dw_input_grad(unit: Unit, arch: int) -> list[Launch]:
                 unit.d_bytes() + 2 * unit.x_bytes(), 0.0)
 
     return _launches(bw._dw_input_grad_kernel, unit, arch,
-                     dict(KH=unit.K, KW=unit.K, PRE_RELU=unit.shape.pre_relu, C_ALIGN=_channel_align(C)),
+                     dict(KH=unit.K, KW=unit.K, STRIDE_H=unit.conv_ints()["stride_h"],
+                          STRIDE_W=unit.conv_ints()["stride_w"], PRE_RELU=unit.shape.pre_relu,
+                          C_ALIGN=_channel_align(C)),
                      dict(Q=unit.Q, H=unit.H, W=unit.W, C=C, Ho=unit.Ho, Wo=unit.Wo, **unit.conv_ints()), dwi)
-
-
-def _merge_statistics(unit: Unit, arch: int, splits: int, channels: int, chunk: int) -> list[Launch]:
-    from xception_fast.triton_kernels import batchnorm as bn
-
-    fixed = dict(BLOCK_S=SUM_BLOCK_S, BLOCK_C=SUM_BLOCK_M)
-    return _launches(bn._merge_stats_kernel, unit, arch, fixed, dict(S=splits, C=channels, P=unit.P, chunk=chunk),
-                     lambda m: (cdiv(channels, SUM_BLOCK_M),
-                                [LoopPlan("splits", cdiv(splits, SUM_BLOCK_S))] if splits != 1 else [],
-                                12 * splits * channels + 8 * channels, 0.0))
-
-
-# --- the mid variant (`triton_kernels/mid_unit.py`) -------------------------------------------------------
-STATS_BLOCK_P, MID_BLOCK = 16, 64  # mid_unit.STATS_BLOCK_P / STATS_BLOCK_C (= DW_BLOCK_P / DW_BLOCK_C) on a GPU
-
-
-def _mid_width(unit: Unit) -> int:
-    return cdiv(unit.C, 256) * 256  # mid_unit._pad
-
-
-def _mid_statistics(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
-    """The statistics pass over x (depthwise recomputed, nothing stored) and its merge."""
-    from xception_fast.triton_kernels import mid_unit as mu
-
-    C = unit.C
-    splits, chunk = position_split(unit.P, cdiv(C, MID_BLOCK), sms)
-    trips = unit.split_trips(splits, chunk, STATS_BLOCK_P)
-    fixed = dict(KH=unit.K, KW=unit.K, PRE_RELU=unit.shape.pre_relu, ASM=True, C_ALIGN=_channel_align(C),
-                 BLOCK_P=STATS_BLOCK_P, BLOCK_C=MID_BLOCK)
-    stats = _launches(mu._depthwise_stats_kernel, unit, arch, fixed,
-                      _sizes(unit, chunk=chunk, K_PAD=_mid_width(unit), S=splits),
-                      lambda m: (splits * cdiv(C, MID_BLOCK), [LoopPlan("position tiles of the split", trips)],
-                                 unit.x_bytes() + 12 * splits * C,
-                                 _dw_ffma(unit, STATS_BLOCK_P, MID_BLOCK, trips + 1)))  # + the reference tile
-    return [stats, _merge_statistics(unit, arch, splits, C, chunk)]
-
-
-def _mid_backward(unit: Unit, arch: int, sms: int) -> list[list]:
-    """After g_z: the depthwise side recomputed (t and a stored), the two pointwise products in cuBLAS
-    (`model.library_gemm`), the activation's derivative, the mid BatchNorm's backward, grad_dw, grad_x."""
-    from xception_fast.bench.static.machine import machine
-    from xception_fast.bench.static.model import library_gemm
-    from xception_fast.triton_kernels import batchnorm as bn
-    from xception_fast.triton_kernels import mid_unit as mu
-
-    C, Cout, P, e, kk = unit.C, unit.Cout, unit.P, unit.e, unit.K * unit.K
-    d, y, w = unit.d_bytes(), unit.y_bytes(), e * C * Cout
-    flags = _flags(unit, **_mid_flags(unit, training=True))
-    width = _mid_width(unit)
-
-    def tiles(m):
-        return cdiv(P, m["BLOCK_P"]) * cdiv(C, m["BLOCK_C"])
-
-    kernels = [_launches(mu._mid_recompute_kernel, unit, arch, flags, _sizes(unit, K_PAD=width),
-                         lambda m: (tiles(m), [], unit.x_bytes() + 2 * d,
-                                    _dw_ffma(unit, m["BLOCK_P"], m["BLOCK_C"], 1)))]
-    gpu, operand = machine(arch), "tf32" if unit.dtype == "fp32" else unit.dtype
-    kernels.append([library_gemm("cublas_grad_pw", gpu, Cout, C, P, operand, y + d + 4 * Cout * C)])
-    kernels.append([library_gemm("cublas_grad_a", gpu, P, C, Cout, operand, y + w + d)])
-    if _mid(unit).mid_act:  # without an activation grad_u is grad_a: no launch
-        kernels.append(_launches(mu._mid_act_grad_kernel, unit, arch, flags, dict(P=P, C=C, K_PAD=width),
-                                 lambda m: (tiles(m), [], 3 * d, 0.0)))
-    if _mid(unit).mid_norm:
-        splits, chunk = position_split(P, cdiv(C, 64), sms)
-        plain = dict(POST_RELU=False, C_ALIGN=_channel_align(C))
-        kernels.append(_launches(
-            bn._bn_backward_reduce_kernel, unit, arch, plain, dict(P=P, C=C, chunk=chunk),
-            lambda m: (splits * cdiv(C, m["BLOCK_C"]), [LoopPlan("position tiles of the split",
-                                                               unit.split_trips(splits, chunk, m["BLOCK_P"]))],
-                       2 * d + 8 * splits * C, 0.0)))
-        kernels.append(_sum_rows(unit, arch, splits, 2 * C, 4))
-        kernels.append(_launches(bn._bn_grad_z_kernel, unit, arch, plain, dict(P=P, C=C),
-                                 lambda m: (tiles(m), [], 3 * d, 0.0)))
-    splits, chunk = position_split(P, cdiv(C, MID_BLOCK), sms)
-    fixed = dict(KH=unit.K, KW=unit.K, KK_PAD=1 << (kk - 1).bit_length(), PRE_RELU=unit.shape.pre_relu,
-                 C_ALIGN=_channel_align(C), BLOCK_P=STATS_BLOCK_P, BLOCK_C=MID_BLOCK)
-    kernels.append(_launches(mu._dw_weight_grad_kernel, unit, arch, fixed, _sizes(unit, chunk=chunk),
-                             lambda m: (splits * cdiv(C, MID_BLOCK),
-                                        [LoopPlan("position tiles of the split",
-                                                  unit.split_trips(splits, chunk, STATS_BLOCK_P))],
-                                        d + unit.x_bytes() + 4 * splits * C * kk, 0.0)))
-    kernels.append(_sum_rows(unit, arch, splits, C * kk, e))
-    kernels.append(_dw_input_grad(unit, arch))
     return kernels
 
 
