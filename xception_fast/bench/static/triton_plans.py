@@ -256,6 +256,89 @@ def _dw_input_grad(unit: Unit, arch: int) -> list[Launch]:
                           STRIDE_W=unit.conv_ints()["stride_w"], PRE_RELU=unit.shape.pre_relu,
                           C_ALIGN=_channel_align(C)),
                      dict(Q=unit.Q, H=unit.H, W=unit.W, C=C, Ho=unit.Ho, Wo=unit.Wo, **unit.conv_ints()), dwi)
+
+
+def _merge_statistics(unit: Unit, arch: int, splits: int, channels: int, chunk: int) -> list[Launch]:
+    from xception_fast.triton_kernels import batchnorm as bn
+
+    fixed = dict(BLOCK_S=SUM_BLOCK_S, BLOCK_C=SUM_BLOCK_M)
+    return _launches(bn._merge_stats_kernel, unit, arch, fixed, dict(S=splits, C=channels, P=unit.P, chunk=chunk),
+                     lambda m: (cdiv(channels, SUM_BLOCK_M),
+                                [LoopPlan("splits", cdiv(splits, SUM_BLOCK_S))] if splits != 1 else [],
+                                12 * splits * channels + 8 * channels, 0.0))
+
+
+# --- the mid variant (`triton_kernels/mid_unit.py`) -------------------------------------------------------
+STATS_BLOCK_P, MID_BLOCK = 16, 64  # mid_unit.STATS_BLOCK_P / STATS_BLOCK_C (= DW_BLOCK_P / DW_BLOCK_C) on a GPU
+
+
+def _mid_width(unit: Unit) -> int:
+    return cdiv(unit.C, 256) * 256  # mid_unit._pad
+
+
+def _mid_statistics(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
+    """The statistics pass over x (depthwise recomputed, nothing stored) and its merge."""
+    from xception_fast.triton_kernels import mid_unit as mu
+
+    C = unit.C
+    splits, chunk = position_split(unit.P, cdiv(C, MID_BLOCK), sms)
+    trips = unit.split_trips(splits, chunk, STATS_BLOCK_P)
+    fixed = dict(KH=unit.K, KW=unit.K, PRE_RELU=unit.shape.pre_relu, ASM=True, C_ALIGN=_channel_align(C),
+                 BLOCK_P=STATS_BLOCK_P, BLOCK_C=MID_BLOCK)
+    stats = _launches(mu._depthwise_stats_kernel, unit, arch, fixed,
+                      _sizes(unit, chunk=chunk, K_PAD=_mid_width(unit), S=splits),
+                      lambda m: (splits * cdiv(C, MID_BLOCK), [LoopPlan("position tiles of the split", trips)],
+                                 unit.x_bytes() + 12 * splits * C,
+                                 _dw_ffma(unit, STATS_BLOCK_P, MID_BLOCK, trips + 1)))  # + the reference tile
+    return [stats, _merge_statistics(unit, arch, splits, C, chunk)]
+
+
+def _mid_backward(unit: Unit, arch: int, sms: int) -> list[list]:
+    """After g_z: the depthwise side recomputed (t and a stored), the two pointwise products in cuBLAS
+    (`model.library_gemm`), the activation's derivative, the mid BatchNorm's backward, grad_dw, grad_x."""
+    from xception_fast.bench.static.machine import machine
+    from xception_fast.bench.static.model import library_gemm
+    from xception_fast.triton_kernels import batchnorm as bn
+    from xception_fast.triton_kernels import mid_unit as mu
+
+    C, Cout, P, e, kk = unit.C, unit.Cout, unit.P, unit.e, unit.K * unit.K
+    d, y, w = unit.d_bytes(), unit.y_bytes(), e * C * Cout
+    flags = _flags(unit, **_mid_flags(unit, training=True))
+    width = _mid_width(unit)
+
+    def tiles(m):
+        return cdiv(P, m["BLOCK_P"]) * cdiv(C, m["BLOCK_C"])
+
+    kernels = [_launches(mu._mid_recompute_kernel, unit, arch, flags, _sizes(unit, K_PAD=width),
+                         lambda m: (tiles(m), [], unit.x_bytes() + 2 * d,
+                                    _dw_ffma(unit, m["BLOCK_P"], m["BLOCK_C"], 1)))]
+    gpu, operand = machine(arch), "tf32" if unit.dtype == "fp32" else unit.dtype
+    kernels.append([library_gemm("cublas_grad_pw", gpu, Cout, C, P, operand, y + d + 4 * Cout * C)])
+    kernels.append([library_gemm("cublas_grad_a", gpu, P, C, Cout, operand, y + w + d)])
+    if _mid(unit).mid_act:  # without an activation grad_u is grad_a: no launch
+        kernels.append(_launches(mu._mid_act_grad_kernel, unit, arch, flags, dict(P=P, C=C, K_PAD=width),
+                                 lambda m: (tiles(m), [], 3 * d, 0.0)))
+    if _mid(unit).mid_norm:
+        splits, chunk = position_split(P, cdiv(C, 64), sms)
+        plain = dict(POST_RELU=False, C_ALIGN=_channel_align(C))
+        kernels.append(_launches(
+            bn._bn_backward_reduce_kernel, unit, arch, plain, dict(P=P, C=C, chunk=chunk),
+            lambda m: (splits * cdiv(C, m["BLOCK_C"]), [LoopPlan("position tiles of the split",
+                                                               unit.split_trips(splits, chunk, m["BLOCK_P"]))],
+                       2 * d + 8 * splits * C, 0.0)))
+        kernels.append(_sum_rows(unit, arch, splits, 2 * C, 4))
+        kernels.append(_launches(bn._bn_grad_z_kernel, unit, arch, plain, dict(P=P, C=C),
+                                 lambda m: (tiles(m), [], 3 * d, 0.0)))
+    splits, chunk = position_split(P, cdiv(C, MID_BLOCK), sms)
+    fixed = dict(KH=unit.K, KW=unit.K, KK_PAD=1 << (kk - 1).bit_length(), PRE_RELU=unit.shape.pre_relu,
+                 C_ALIGN=_channel_align(C), BLOCK_P=STATS_BLOCK_P, BLOCK_C=MID_BLOCK)
+    kernels.append(_launches(mu._dw_weight_grad_kernel, unit, arch, fixed, _sizes(unit, chunk=chunk),
+                             lambda m: (splits * cdiv(C, MID_BLOCK),
+                                        [LoopPlan("position tiles of the split",
+                                                  unit.split_trips(splits, chunk, STATS_BLOCK_P))],
+                                        d + unit.x_bytes() + 4 * splits * C * kk, 0.0)))
+    kernels.append(_sum_rows(unit, arch, splits, C * kk, e))
+    kernels.append(_dw_input_grad(unit, arch))
     return kernels
 
 
