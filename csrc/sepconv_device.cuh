@@ -24,6 +24,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include "sepconv_infer_tiling.h"
 #include "sepconv_params.h"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -427,6 +428,36 @@ inline cudaError_t launch_column_sum(const float* partial, int64_t rows, int64_t
   column_sum_kernel<<<static_cast<unsigned int>(blocks), dim3(kRedCols, kRedLanes), 0, stream>>>(partial, rows, cols,
                                                                                                   out, dtype);
   return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The batch statistics from per-tile moments (level 3 of the statistics in sepconv_infer_tiling.h):
+// partial[(t * 3 + k) * c_out + co], k = 0 pivot, 1 mu, 2 M2 (stats_partial_offset), tile t holding
+// counts(t) positions. Block: 32 channels x 8 lanes; lane l merges tiles l, l + 8, ... in order, lane 0
+// then merges the lanes in order. Writes mean, var (biased) and invstd; no tiles (an empty batch):
+// mean 0, var 1. Grid: ceil(c_out / 32) blocks.
+template <class Counts>
+__global__ void __launch_bounds__(kRedCols* kRedLanes)
+    bn_stats_merge_kernel(const float* __restrict__ partial, int64_t tiles, Counts counts, int64_t c_out, float eps,
+                          float* __restrict__ mean, float* __restrict__ var, float* __restrict__ invstd) {
+  using infer::Moments;
+  __shared__ Moments lane_moments[kRedLanes][kRedCols];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t co = static_cast<int64_t>(blockIdx.x) * kRedCols + tx;
+  Moments acc{0, 0.f, 0.f, 0.f};
+  if (co < c_out) {
+    for (int64_t t = ty; t < tiles; t += kRedLanes) {
+      const Moments tile{counts(t), partial[(t * 3 + 0) * c_out + co], partial[(t * 3 + 1) * c_out + co],
+                         partial[(t * 3 + 2) * c_out + co]};
+      infer::merge_moments(acc, tile);
+    }
+  }
+  lane_moments[ty][tx] = acc;
+  __syncthreads();
+  if (ty == 0 && co < c_out) {
+    for (int l = 1; l < kRedLanes; ++l) infer::merge_moments(acc, lane_moments[l][tx]);
+    infer::finalize_moments(acc, eps, mean[co], var[co], invstd[co]);
+  }
 }
 
 }  // namespace

@@ -1,4 +1,5 @@
-// The tiled inference kernel (sepconv_infer.cu): entry points used by sepconv_forward.cu.
+// The tiled kernel (sepconv_infer.cu), inference and training forward: entry points used by
+// sepconv_forward.cu.
 #pragma once
 
 #include <cstddef>
@@ -15,5 +16,11 @@ size_t infer_tiled_workspace_size(const SepConvInferParams& params);
 // Launches the tiled kernel when it covers `params` and sets *launched; otherwise leaves *launched
 // false and returns cudaSuccess, and the caller runs the int64 kernel (sepconv_forward.cu).
 cudaError_t run_sepconv_bn_infer_tiled(const SepConvInferParams& params, cudaStream_t stream, bool* launched);
+
+// The training forward's first part on the tiled kernel: z, then the batch mean and var (into params)
+// and invstd (the workspace's first float buffer, [Cout], where bn_apply_kernel reads it). The same
+// contract as the int64 path: *launched false when the tiled kernel does not cover `params`.
+size_t train_tiled_workspace_size(const SepConvTrainParams& params);
+cudaError_t run_sepconv_bn_train_tiled(const SepConvTrainParams& params, cudaStream_t stream, bool* launched);
 
 }  // namespace xception_fast

@@ -68,6 +68,7 @@ struct Plan {
   int cout_tiles;       // ceil(c_out / kBN)
   int cout_pad;         // cout_tiles * kBN: rows (16-bit) or columns (fp32) of the packed pw weight
   int halo_rows, halo_cols;  // upper bounds of every tile's halo box (shared-memory sizing)
+  int stats;            // 1: the training forward (z and per-tile statistics partials); 0: inference
 };
 
 // row_segments: 1 asks for row-segment tiles (a small halo box on wide images), 0 for ranges of an
@@ -175,6 +176,100 @@ XF_HD int halo_source_offset(const Plan& p, const HaloBox& b, int pixel) {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Training statistics (the training forward: the tiled kernel with p.stats = 1 stores z and, per tile
+// and output channel, the moments of the tile's z rounded to T, as the reference's batch statistics
+// are those of the stored z).
+//
+// Moments of a set of values: count, a pivot K (one of the values), mu = mean(z - K) and
+// M2 = sum((z - K - mu)^2). Taking deviations from a data value keeps mu small, so the sums stay exact
+// enough for a large mean with a small spread (mean 1e4, std 1e-2 in fp32). Sets merge with Chan et
+// al.'s formula (merge_moments), in a fixed order: no atomics, deterministic.
+//
+// Three levels, all in a fixed order:
+// 1. A "part" of a tile: the rows one group of threads holds in its accumulators. mma.sync: the half
+//    of the tile one warp row owns (parts = 2; 8 lanes share a column: lane sums, then a butterfly of
+//    xor shuffles 4, 8, 16); FFMA: the rows ty + 8 i of warp ty (parts = 8; one thread per column).
+//    Pivot: the part's first row (stats_pivot_row).
+// 2. The parts of one Cout tile, through shared memory, merged in part order by thread `col`: one
+//    partial per (tile, channel) in the workspace (stats_partial_offset: pivot, mu, M2).
+// 3. The tiles of one channel, by the merge kernel (bn_stats_merge_kernel): lane l of 8 merges tiles
+//    l, l + 8, ... in order, then lane 0 merges the lanes in order; the count of tile t is
+//    tile_range(p, t).count.
+
+struct Moments {
+  int64_t count;
+  float pivot, mu, m2;
+};
+
+// b merged into a. The difference of the two means is formed as (pivot_b - pivot_a) + (mu_b - mu_a):
+// the pivots are exact data values and the mu's are small, so no large rounded means are subtracted.
+XF_HD void merge_moments(Moments& a, const Moments& b) {
+  if (b.count == 0) return;
+  if (a.count == 0) {
+    a = b;
+    return;
+  }
+  const int64_t total = a.count + b.count;
+  const float delta = (b.pivot - a.pivot) + (b.mu - a.mu);
+  const float frac_b = static_cast<float>(static_cast<double>(b.count) / static_cast<double>(total));
+  a.mu = a.mu + delta * frac_b;
+  a.m2 = a.m2 + b.m2 + delta * delta * (static_cast<float>(a.count) * frac_b);
+  a.count = total;
+}
+
+// mean, biased var and 1 / sqrt(var + eps) of merged moments; an empty batch gives mean 0, var 1 (as
+// the reference).
+XF_HD void finalize_moments(const Moments& m, float eps, float& mean, float& var, float& invstd) {
+  mean = m.count > 0 ? m.pivot + m.mu : 0.f;
+  var = m.count > 0 ? m.m2 / static_cast<float>(m.count) : 1.f;
+  invstd = 1.f / sqrtf(var + eps);  // correctly rounded sqrt and division (no fast-math)
+}
+
+XF_HD int stats_parts(int elem_bytes) { return elem_bytes == 2 ? 2 : kThreads / 32; }
+XF_HD int mma_stats_part(int warp) { return warp / 4; }  // the warp's row half (warp_row0)
+XF_HD int ffma_stats_part(int tid) { return tid / 32; }  // the warp: rows ffma_row(tid, i)
+
+// Rows of part `part` that hold real positions (tile rows < count, the tile's valid rows).
+XF_HD int stats_part_rows(int bm, int count, int part, int elem_bytes) {
+  if (elem_bytes == 2) return imax(0, imin(bm / 2, count - part * (bm / 2)));
+  return count > part ? imin(bm / 8, (count - part + 7) / 8) : 0;
+}
+
+// The part's pivot: the z of its first tile row (valid whenever the part has a valid row).
+XF_HD int stats_pivot_row(int bm, int part, int elem_bytes) { return elem_bytes == 2 ? part * (bm / 2) : part; }
+
+// A thread's share of one column of its part: kRows values z[q], valid[q] whether row q is a real
+// position. The device reduces each over the part's threads (mma.sync: the butterfly; FFMA: none).
+template <int kRows>
+XF_HD float stats_lane_sum(const float (&z)[kRows], const bool (&valid)[kRows], float pivot) {
+  float s = 0.f;
+  XF_UNROLL
+  for (int q = 0; q < kRows; ++q) s += valid[q] ? z[q] - pivot : 0.f;
+  return s;
+}
+template <int kRows>
+XF_HD float stats_lane_m2(const float (&z)[kRows], const bool (&valid)[kRows], float pivot, float mu) {
+  float m2 = 0.f;
+  XF_UNROLL
+  for (int q = 0; q < kRows; ++q) {
+    const float d = (z[q] - pivot) - mu;
+    m2 = valid[q] ? fmaf(d, d, m2) : m2;
+  }
+  return m2;
+}
+XF_HD float stats_mean(float sum, int count) { return count > 0 ? sum / static_cast<float>(count) : 0.f; }
+
+// The moments area in shared memory: float (part, k, col), k = 0 pivot, 1 mu, 2 M2.
+XF_HD int stats_smem_index(int part, int k, int col) { return (part * 3 + k) * kBN + col; }
+XF_HD int stats_smem_bytes(int elem_bytes) { return stats_parts(elem_bytes) * 3 * kBN * 4; }
+
+// The partials in the workspace: float [tile][3][c_out] (k as above); int64, as tiles * 3 * c_out
+// may pass 2^31 where nothing else does.
+XF_HD int64_t stats_partial_offset(const Plan& p, int tile, int k, int co) {
+  return (static_cast<int64_t>(tile) * 3 + k) * p.c_out + co;
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Shared memory. The d tile is resident for the whole CTA; the halo buffers (phase 1) and the weight
 // ring (phase 2) share one region, since the phases never overlap (a barrier separates them).
 //
@@ -187,6 +282,8 @@ XF_HD int halo_source_offset(const Plan& p, const HaloBox& b, int pixel) {
 // - pixel table: the halo_source_offset of every box pixel of the current tile (int32).
 // - weight ring, kStages tiles. 16-bit (mma.sync): B tile [kBN][kBK + 8] (n rows, k contiguous; odd
 //   16-byte pitch again). fp32 (FFMA): [kBK][kBN] (k rows, n contiguous).
+// - training only (p.stats): the per-part moments of one Cout tile, fp32 [parts][3][kBN] (see
+//   stats_smem_index), after both phases' regions: the epilogue writes it while the ring is in flight.
 struct SmemLayout {
   int d_ld, d_bytes;
   int region;                       // byte offset of the shared phase region
@@ -194,6 +291,7 @@ struct SmemLayout {
   int halo[2], wts[2], table;       // byte offsets (phase 1)
   int ring_ld, ring_tile_elems;     // ring tile pitch and size in elements
   int ring;                         // byte offset (phase 2)
+  int stats;                        // byte offset of the statistics area (p.stats), else == total
   int total;                        // bytes of dynamic shared memory
 };
 
@@ -220,7 +318,8 @@ XF_HD SmemLayout smem_layout(const Plan& p, int elem_bytes) {
   }
   s.ring = s.region;
   const int phase2_end = s.ring + kStages * s.ring_tile_elems * elem_bytes;
-  s.total = align_up(imax(phase1_end, phase2_end), 128);
+  s.stats = align_up(imax(phase1_end, phase2_end), 128);
+  s.total = s.stats + (p.stats ? stats_smem_bytes(elem_bytes) : 0);
   return s;
 }
 
