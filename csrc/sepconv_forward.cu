@@ -17,13 +17,12 @@
 //   fp32), rounded to T, post-ReLU, + residual (in T, after the ReLU), coalesced stores along Cout.
 //   The depthwise output never touches device memory; it is recomputed once per 64-channel output
 //   tile (Cout / 64 times in all), which costs CUDA-core FLOPs but no memory traffic.
-// - Training: sepconv_train_kernel<T> runs the same main loop; its epilogue stores z (rounded to T)
-//   and per-block, per-channel statistics of the rounded z to a partial buffer: a pivot K (the
-//   block's first z), mu = mean(z - K) and M2 = sum((z - K - mu)^2), centred within the block.
-//   bn_stats_merge_kernel merges the blocks per channel with Chan's formula, carrying the pivot so
-//   that differences of large means are taken between exact values (stable for mean 1e4, std 1e-2),
-//   and writes mean, the biased var (0 and 1 for an empty batch) and invstd = 1 / sqrt(var + eps).
-//   bn_apply_kernel<T> then computes y = post(((z - mean) * invstd) * w + b) + residual.
+// - Training: z and the batch statistics come from the tiled kernel (run_sepconv_bn_train_tiled in
+//   sepconv_infer.cu: z stored from the accumulators, per-tile moments (pivot, mu, M2) merged per
+//   channel by bn_stats_merge_kernel, sepconv_device.cuh). sepconv_train_kernel<T> below is its int64
+//   fallback, on the old main loop: its epilogue stores z (rounded to T) and per-block moments of the
+//   rounded z with the block's first z as pivot, merged by the same kernel. bn_apply_kernel<T> then
+//   computes y = post(((z - mean) * invstd) * w + b) + residual.
 // - Deterministic: no atomics; every reduction has a fixed order.
 // - Grid: a 1-D grid of m_tiles * n_tiles blocks, the n tiles of one m tile adjacent (they read the
 //   same input rows, which then come from L2).

@@ -1,4 +1,4 @@
-// The inference forward of the CUDA provider: y = post(pw(dw(pre(x))) * scale + shift) + residual,
+// The tiled forward of the CUDA provider. Inference: y = post(pw(dw(pre(x))) * scale + shift) + residual,
 // one kernel, the depthwise computed once per (position tile, channel chunk) and reused as the A
 // operand of every Cout tile. The design and all its index math are in sepconv_infer_tiling.h
 // (checked on the CPU by tests/cpp/test_infer_tiling.cpp); this file holds the device code that
@@ -21,6 +21,13 @@
 //    multiply-add, as the reference's two ops), rounded to T, post-ReLU, + residual, stored.
 // A pack kernel first writes the weights zero-padded into the workspace (the pointwise stage by stage
 // in the ring's layout, the depthwise and scale / shift in fp32), so the main kernel needs no masks.
+//
+// The training forward is the same kernel with kStats = true (run_train): the epilogue stores z
+// (scale 1 and shift -0, exact for every value; no post-ReLU, no residual) and, before that, the
+// BatchNorm moments of each (tile, Cout tile) from the accumulator registers (tile_stats_mma /
+// tile_stats_ffma: per part in registers and shuffles, the parts merged through a small shared-memory
+// area, one partial per tile and channel); bn_stats_merge_kernel then merges the tiles per channel.
+// The statistics math is in sepconv_infer_tiling.h and checked by tests/cpp/test_train_stats.cpp.
 //
 // Cases routed to the int64 kernel of sepconv_forward.cu (the launcher returns *launched = false):
 // a d tile that does not fit in shared memory at the smallest tile (C above about 3,000 in 16-bit,

@@ -1,7 +1,8 @@
-// Index and tiling math of the tiled inference kernel (sepconv_infer.cu), as plain C++ functions.
+// Index and tiling math of the tiled forward kernel (sepconv_infer.cu: inference, and the training
+// forward's z and BatchNorm statistics), as plain C++ functions.
 //
 // Everything here is `__host__ __device__` under nvcc and ordinary inline C++ under a host compiler:
-// tests/cpp/test_infer_tiling.cpp compiles this header with g++ and checks every function against
+// tests/cpp/test_infer_tiling.cpp and test_train_stats.cpp compile this header with g++ and check it against
 // brute force (tile coverage, halo boxes, staging layout, the depthwise of a tile bit-exact against
 // a direct loop, the ldmatrix / mma.sync fragment mapping, every output written exactly once). The
 // kernel's index arithmetic is these functions and their direct composition (base + row * pitch +
