@@ -13,16 +13,18 @@
 // Kernels, in launch order:
 // - infer_grad_z_kernel<T> (inference backward only): z is not saved, so the fused forward main loop
 //   recomputes it (sepconv_device.cuh), and the epilogue forms g = grad_y masked by the post-ReLU of
-//   z * scale + shift, writes grad_z = g * scale rounded to T into a workspace buffer (materialised:
-//   both GEMMs below read it) and per-tile partial sums of g * z and g (grad_scale, grad_shift).
+//   z * scale + shift, writes grad_z = g * scale rounded to T into a workspace buffer and per-tile
+//   partial sums of g * z and g (grad_scale, grad_shift).
+// - train_grad_z_kernel<T> (training backward): grad_z = (g - mean_dy - xhat * mean_dy_xhat) * invstd * w,
+//   g = grad_y masked by the post-ReLU recomputed from z, rounded to T as the unfused path stores it,
+//   materialised once into the same buffer (both GEMMs below read it).
 // - bn_backward_partial_kernel<T> (bn_backward_reduce): per row block and channel, sum of g and of
 //   g * xhat, g = grad_y masked by the post-ReLU recomputed from z; then column sums.
-// - grad_d_kernel<T, kTrain>: grad_d = grad_z @ pw (M = P, N = C, K = Cout). In training grad_z is
-//   computed on the fly while loading the A tile, from grad_y, z and the per-channel vectors:
-//   grad_z = (g - mean_dy - xhat * mean_dy_xhat) * invstd * w, rounded to T as the unfused path
-//   stores it. grad_d is MATERIALISED IN FP32 in the workspace ([P, C] floats): more precise than the
-//   unfused path (which stores it in T), at twice the bytes of a T buffer.
-// - grad_pw_kernel<T, kTrain>: grad_pw = grad_z^T @ d (M = Cout, N = C, K = P), split over K (the
+// - grad_d = grad_z @ pw (M = P, N = C, K = Cout), rounded to T as the unfused convolution backward
+//   stores it: the tiled forward kernel of sepconv_infer.cu on a 1x1 unit over the positions
+//   (run_grad_d_tiled: cp.async weight ring, ldmatrix + mma.sync; fp32 with exact FFMA products);
+//   grad_d_kernel<T> below is its int64 fallback.
+// - grad_pw_kernel<T>: grad_pw = grad_z^T @ d (M = Cout, N = C, K = P), split over K (the
 //   positions) into fp32 partials [splits][Cout][C], then column sums into grad_pw (T). d is
 //   RECOMPUTED from x (depthwise_tile, never saved), rounded to T as in the forward.
 // - grad_x_kernel<T>: grad_x = the transposed depthwise conv of grad_d (a gather over the taps
@@ -38,6 +40,7 @@
 #include <cstdint>
 
 #include "sepconv_device.cuh"
+#include "sepconv_infer.h"
 #include "sepconv_params.h"
 
 namespace xception_fast {
@@ -191,7 +194,20 @@ __global__ void __launch_bounds__(kRedCols* kRedLanes)
 }
 
 // ---------------------------------------------------------------------------------------------------
-// grad_d = grad_z @ pw: [P, Cout] x [Cout, C], fp32 out.
+// grad_z materialised (training): from grad_y, z and the per-channel vectors, once, in T.
+
+template <typename T>
+__global__ void __launch_bounds__(256)
+    train_grad_z_kernel(const GradZ<T, true> grad_z, T* __restrict__ out, int64_t total) {
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[idx] = from_float<T>(grad_z(idx / grad_z.c_out, idx % grad_z.c_out));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// grad_d = grad_z @ pw: [P, Cout] x [Cout, C], rounded to T. The int64 fallback of the tiled GEMM
+// (run_grad_d_tiled, sepconv_infer.cu).
 
 constexpr int kLdGdA = kBK + kPad;  // A [kBM][kLdGdA]: grad_z (positions x Cout chunk), row-major
 constexpr int kLdGdB = kBN + kPad;  // B [kBK][kLdGdB]: pw rows (Cout chunk x channels), row-major
@@ -203,10 +219,10 @@ struct GradDSmem {
   alignas(128) float c[kBM * kLdC];
 };
 
-template <typename T, bool kTrain>
+template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    grad_d_kernel(const GradZ<T, kTrain> grad_z, const T* __restrict__ pw, int64_t positions, int64_t c_in,
-                  int64_t c_out, int64_t c_tiles, float* __restrict__ grad_d) {
+    grad_d_kernel(const GradZ<T, false> grad_z, const T* __restrict__ pw, int64_t positions, int64_t c_in,
+                  int64_t c_out, int64_t c_tiles, T* __restrict__ grad_d) {
   __shared__ GradDSmem<T> s;
   const int64_t tile = blockIdx.x;
   const int64_t m0 = (tile / c_tiles) * kBM;  // positions
@@ -236,7 +252,7 @@ __global__ void __launch_bounds__(kThreads)
     const int m = idx / kBN;
     const int n = idx % kBN;
     const int64_t pos = m0 + m, c = n0 + n;
-    if (pos < positions && c < c_in) grad_d[pos * c_in + c] = s.c[m * kLdC + n];
+    if (pos < positions && c < c_in) grad_d[pos * c_in + c] = from_float<T>(s.c[m * kLdC + n]);
   }
 }
 
@@ -256,9 +272,9 @@ struct GradPwSmem {
 
 // Block (split, co tile, c tile) adds positions [split * chunks_per_split * kBK, ...) and writes
 // partial[(split * Cout + co) * C + c].
-template <typename T, bool kTrain>
+template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    grad_pw_kernel(const GradZ<T, kTrain> grad_z, const ConvGeometry g, const T* __restrict__ x,
+    grad_pw_kernel(const GradZ<T, false> grad_z, const ConvGeometry g, const T* __restrict__ x,
                    const T* __restrict__ dw, bool pre_relu, int64_t co_tiles, int64_t c_tiles,
                    int64_t chunks_per_split, float* __restrict__ partial) {
   __shared__ GradPwSmem<T> s;
@@ -305,7 +321,7 @@ __global__ void __launch_bounds__(kThreads)
 //   hi = ho * sh - ph + i * dh, wi = wo * sw - pw + j * dw  =>  ho = (hi + ph - i * dh) / sh (exact).
 template <typename T>
 __global__ void __launch_bounds__(256)
-    grad_x_kernel(const ConvGeometry g, const float* __restrict__ grad_d, const T* __restrict__ x,
+    grad_x_kernel(const ConvGeometry g, const T* __restrict__ grad_d, const T* __restrict__ x,
                   const T* __restrict__ dw, bool pre_relu, T* __restrict__ grad_x, int64_t total) {
   const int64_t taps = g.kh * g.kw;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
@@ -326,7 +342,7 @@ __global__ void __launch_bounds__(256)
         if (wn < 0 || wn % g.stride_w != 0) continue;
         const int64_t wo = wn / g.stride_w;
         if (wo >= g.w_out) continue;
-        const float gd = grad_d[((n * g.h_out + ho) * g.w_out + wo) * g.c + c];
+        const float gd = to_float(grad_d[((n * g.h_out + ho) * g.w_out + wo) * g.c + c]);
         acc = fmaf(gd, to_float(dw[c * taps + i * g.kw + j]), acc);
       }
     }
@@ -339,7 +355,7 @@ __global__ void __launch_bounds__(256)
 // partial[chunk * (C * taps) + c * taps + tap] = sum over positions of grad_d * pre(x) at the tap.
 template <typename T>
 __global__ void __launch_bounds__(kRedCols* kRedLanes)
-    grad_dw_partial_kernel(const ConvGeometry g, const float* __restrict__ grad_d, const T* __restrict__ x,
+    grad_dw_partial_kernel(const ConvGeometry g, const T* __restrict__ grad_d, const T* __restrict__ x,
                            bool pre_relu, int64_t rows_per_chunk, float* __restrict__ partial) {
   __shared__ float lane_sum[kRedLanes][kRedCols];
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -364,7 +380,7 @@ __global__ void __launch_bounds__(kRedCols* kRedLanes)
       if (hi < 0 || hi >= g.h || wi < 0 || wi >= g.w) continue;
       float xv = to_float(x[((n * g.h + hi) * g.w + wi) * g.c + c]);
       if (pre_relu) xv = relu(xv);
-      acc = fmaf(grad_d[pos * g.c + c], xv, acc);
+      acc = fmaf(to_float(grad_d[pos * g.c + c]), xv, acc);
     }
   }
   lane_sum[ty][tx] = acc;
@@ -394,15 +410,18 @@ struct BackwardPlan {
   int64_t m_tiles = 0, c_tiles = 0, co_tiles = 0;       // 64-wide tiles of P, C, Cout
   int64_t splits = 0, chunks_per_split = 0;             // grad_pw: kBK-position chunks per split
   int64_t dw_rows_per_chunk = 0, dw_chunks = 0;         // grad_dw partials
-  void* grad_z = nullptr;                               // inference: [P, Cout] in T
+  void* grad_z = nullptr;                               // [P, Cout] in T
   float* part_scale = nullptr;                          // inference: [m_tiles, Cout]
   float* part_shift = nullptr;                          // inference: [m_tiles, Cout]
-  float* grad_d = nullptr;                              // [P, C] fp32
+  void* grad_d = nullptr;                               // [P, C] in T
+  void* gemm = nullptr;                                 // the tiled grad_d GEMM's packed weights
+  size_t gemm_bytes = 0;
   float* pw_partial = nullptr;                          // [splits, Cout, C]
   float* dw_partial = nullptr;                          // [dw_chunks, C, kh * kw]
 };
 
-BackwardPlan plan_backward(const ConvGeometry& g, bool inference, size_t elem_size, Workspace& ws) {
+BackwardPlan plan_backward(const ConvGeometry& g, bool inference, DType dtype, Workspace& ws) {
+  const int64_t elem_size = dtype == DType::kFloat32 ? 4 : 2;
   BackwardPlan plan;
   plan.positions = g.n * g.h_out * g.w_out;
   plan.m_tiles = ceil_div(plan.positions, kBM);
@@ -421,12 +440,14 @@ BackwardPlan plan_backward(const ConvGeometry& g, bool inference, size_t elem_si
   const int64_t taps = g.kh * g.kw;
   plan.dw_rows_per_chunk = rows_per_chunk(plan.positions, g.c * taps);
   plan.dw_chunks = ceil_div(plan.positions, plan.dw_rows_per_chunk);
+  plan.grad_z = ws.take<char>(plan.positions * g.c_out * elem_size);
   if (inference) {
-    plan.grad_z = ws.take<char>(plan.positions * g.c_out * static_cast<int64_t>(elem_size));
     plan.part_scale = ws.take<float>(plan.m_tiles * g.c_out);
     plan.part_shift = ws.take<float>(plan.m_tiles * g.c_out);
   }
-  plan.grad_d = ws.take<float>(plan.positions * g.c);
+  plan.grad_d = ws.take<char>(plan.positions * g.c * elem_size);
+  plan.gemm_bytes = grad_d_tiled_workspace_size(g, dtype);
+  plan.gemm = ws.take<char>(static_cast<int64_t>(plan.gemm_bytes));
   plan.pw_partial = ws.take<float>(plan.splits * g.c_out * g.c);
   plan.dw_partial = ws.take<float>(plan.dw_chunks * g.c * taps);
   return plan;
@@ -448,16 +469,17 @@ ReducePlan plan_reduce(const BnBackwardReduceParams& p, Workspace& ws) {
   return plan;
 }
 
-size_t dtype_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
-
 // ---------------------------------------------------------------------------------------------------
 // Launchers
 
-// The part both backward ops share, after grad_z is available: grad_d, grad_pw, grad_x, grad_dw.
-template <typename T, bool kTrain>
-cudaError_t launch_conv_grads(const ConvGeometry& g, const GradZ<T, kTrain>& grad_z, const BackwardPlan& plan,
-                              const T* x, const T* dw, const T* pw, bool pre_relu, T* grad_x, T* grad_dw,
-                              T* grad_pw, DType dtype, cudaStream_t stream) {
+// The part both backward ops share, after grad_z is in its buffer: grad_d, grad_pw, grad_x, grad_dw.
+template <typename T>
+cudaError_t launch_conv_grads(const ConvGeometry& g, const BackwardPlan& plan, const T* x, const T* dw, const T* pw,
+                              bool pre_relu, T* grad_x, T* grad_dw, T* grad_pw, DType dtype, cudaStream_t stream) {
+  GradZ<T, false> grad_z;
+  grad_z.c_out = g.c_out;
+  grad_z.buffer = static_cast<const T*>(plan.grad_z);
+  T* grad_d = static_cast<T*>(plan.grad_d);
   const int64_t taps = g.kh * g.kw;
   const int64_t d_blocks = plan.m_tiles * plan.c_tiles;
   const int64_t pw_blocks = plan.splits * plan.co_tiles * plan.c_tiles;
@@ -467,24 +489,36 @@ cudaError_t launch_conv_grads(const ConvGeometry& g, const GradZ<T, kTrain>& gra
       taps > 65535) {
     return cudaErrorInvalidConfiguration;
   }
-  if (d_blocks > 0) {
-    grad_d_kernel<T, kTrain><<<static_cast<unsigned int>(d_blocks), kThreads, 0, stream>>>(
-        grad_z, pw, plan.positions, g.c, g.c_out, plan.c_tiles, plan.grad_d);
+  // grad_d: the tiled GEMM (sepconv_infer.cu) first; it declines what it cannot index.
+  GradDParams gd;
+  gd.g = g;
+  gd.dtype = dtype;
+  gd.grad_z = plan.grad_z;
+  gd.pw_weight = pw;
+  gd.grad_d = grad_d;
+  gd.workspace = plan.gemm;
+  gd.workspace_bytes = plan.gemm_bytes;
+  bool launched = false;
+  cudaError_t err = run_grad_d_tiled(gd, stream, &launched);
+  if (err != cudaSuccess) return err;
+  if (!launched && d_blocks > 0) {
+    grad_d_kernel<T><<<static_cast<unsigned int>(d_blocks), kThreads, 0, stream>>>(
+        grad_z, pw, plan.positions, g.c, g.c_out, plan.c_tiles, grad_d);
   }
   if (pw_blocks > 0) {
-    grad_pw_kernel<T, kTrain><<<static_cast<unsigned int>(pw_blocks), kThreads, 0, stream>>>(
+    grad_pw_kernel<T><<<static_cast<unsigned int>(pw_blocks), kThreads, 0, stream>>>(
         grad_z, g, x, dw, pre_relu, plan.co_tiles, plan.c_tiles, plan.chunks_per_split, plan.pw_partial);
   }
-  cudaError_t err = launch_column_sum(plan.pw_partial, plan.splits, g.c_out * g.c, grad_pw, dtype, stream);
+  err = launch_column_sum(plan.pw_partial, plan.splits, g.c_out * g.c, grad_pw, dtype, stream);
   if (err != cudaSuccess) return err;
   if (x_total > 0) {
-    grad_x_kernel<T><<<elementwise_blocks(x_total), 256, 0, stream>>>(g, plan.grad_d, x, dw, pre_relu, grad_x,
+    grad_x_kernel<T><<<elementwise_blocks(x_total), 256, 0, stream>>>(g, grad_d, x, dw, pre_relu, grad_x,
                                                                       x_total);
   }
   if (plan.dw_chunks > 0 && c_blocks > 0) {
     const dim3 grid(static_cast<unsigned int>(plan.dw_chunks), static_cast<unsigned int>(c_blocks),
                     static_cast<unsigned int>(taps));
-    grad_dw_partial_kernel<T><<<grid, dim3(kRedCols, kRedLanes), 0, stream>>>(g, plan.grad_d, x, pre_relu,
+    grad_dw_partial_kernel<T><<<grid, dim3(kRedCols, kRedLanes), 0, stream>>>(g, grad_d, x, pre_relu,
                                                                               plan.dw_rows_per_chunk,
                                                                               plan.dw_partial);
   }
@@ -497,7 +531,7 @@ template <typename T>
 cudaError_t launch_infer_backward(const SepConvInferBackwardParams& p, cudaStream_t stream) {
   const ConvGeometry& g = p.g;
   Workspace ws(p.workspace);
-  const BackwardPlan plan = plan_backward(g, /*inference=*/true, sizeof(T), ws);
+  const BackwardPlan plan = plan_backward(g, /*inference=*/true, p.dtype, ws);
   if (ws.bytes() > p.workspace_bytes) return cudaErrorInvalidValue;
   T* grad_z_buffer = static_cast<T*>(plan.grad_z);
 
@@ -518,10 +552,7 @@ cudaError_t launch_infer_backward(const SepConvInferBackwardParams& p, cudaStrea
     if (err != cudaSuccess) return err;
   }
 
-  GradZ<T, false> grad_z;
-  grad_z.c_out = g.c_out;
-  grad_z.buffer = grad_z_buffer;
-  return launch_conv_grads<T, false>(g, grad_z, plan, static_cast<const T*>(p.x.ptr),
+  return launch_conv_grads<T>(g, plan, static_cast<const T*>(p.x.ptr),
                                      static_cast<const T*>(p.dw_weight), static_cast<const T*>(p.pw_weight),
                                      p.pre_relu, static_cast<T*>(p.grad_x.ptr), static_cast<T*>(p.grad_dw_weight),
                                      static_cast<T*>(p.grad_pw_weight), p.dtype, stream);
@@ -531,7 +562,7 @@ template <typename T>
 cudaError_t launch_train_backward(const SepConvTrainBackwardParams& p, cudaStream_t stream) {
   const ConvGeometry& g = p.g;
   Workspace ws(p.workspace);
-  const BackwardPlan plan = plan_backward(g, /*inference=*/false, sizeof(T), ws);
+  const BackwardPlan plan = plan_backward(g, /*inference=*/false, p.dtype, ws);
   if (ws.bytes() > p.workspace_bytes) return cudaErrorInvalidValue;
 
   GradZ<T, true> grad_z;
@@ -545,7 +576,12 @@ cudaError_t launch_train_backward(const SepConvTrainBackwardParams& p, cudaStrea
   grad_z.mean_dy = p.mean_dy;
   grad_z.mean_dy_xhat = p.mean_dy_xhat;
   grad_z.post_relu = p.post_relu;
-  return launch_conv_grads<T, true>(g, grad_z, plan, static_cast<const T*>(p.x.ptr),
+  const int64_t z_total = plan.positions * g.c_out;
+  if (z_total > 0) {
+    train_grad_z_kernel<T><<<elementwise_blocks(z_total), 256, 0, stream>>>(grad_z, static_cast<T*>(plan.grad_z),
+                                                                            z_total);
+  }
+  return launch_conv_grads<T>(g, plan, static_cast<const T*>(p.x.ptr),
                                     static_cast<const T*>(p.dw_weight), static_cast<const T*>(p.pw_weight),
                                     p.pre_relu, static_cast<T*>(p.grad_x.ptr), static_cast<T*>(p.grad_dw_weight),
                                     static_cast<T*>(p.grad_pw_weight), p.dtype, stream);
@@ -578,7 +614,7 @@ bool unit_layouts_ok(const ConvGeometry& g, const Tensor4& x, const Tensor4& gra
 
 size_t workspace_size(const SepConvInferBackwardParams& params) {
   Workspace ws(nullptr);
-  plan_backward(params.g, /*inference=*/true, dtype_size(params.dtype), ws);
+  plan_backward(params.g, /*inference=*/true, params.dtype, ws);
   return ws.bytes();
 }
 
@@ -590,7 +626,7 @@ size_t workspace_size(const BnBackwardReduceParams& params) {
 
 size_t workspace_size(const SepConvTrainBackwardParams& params) {
   Workspace ws(nullptr);
-  plan_backward(params.g, /*inference=*/false, dtype_size(params.dtype), ws);
+  plan_backward(params.g, /*inference=*/false, params.dtype, ws);
   return ws.bytes();
 }
 

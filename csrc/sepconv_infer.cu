@@ -210,11 +210,13 @@ struct Args {
   float* partial;        // training forward (kStats): the per-tile moments, see stats_partial_offset
 };
 
-// Weights and the affine vectors, padded into the workspace (see packed_pw_offset).
+// Weights and the affine vectors, padded into the workspace (see packed_pw_offset). gemm (the grad_d
+// GEMM of the backward, run_grad_d_tiled): the plan is a 1x1 "depthwise" of weight 1 (d = its input,
+// exactly) and pw is the forward's [Cout][C] weight read transposed, B(k = co, n = c) = pw[co][c].
 template <typename T>
 __global__ void __launch_bounds__(256)
     pack_weights_kernel(const Plan p, const T* __restrict__ dw, const T* __restrict__ pw, Vec scale, Vec shift,
-                        float* __restrict__ dwp, T* __restrict__ pwp, float* __restrict__ scalep,
+                        bool gemm, float* __restrict__ dwp, T* __restrict__ pwp, float* __restrict__ scalep,
                         float* __restrict__ shiftp) {
   const int pw_elems = packed_pw_elems(p), dw_elems = packed_dw_elems(p);
   const int total = pw_elems + dw_elems + p.cout_pad;
@@ -225,10 +227,11 @@ __global__ void __launch_bounds__(256)
     if (idx < pw_elems) {
       const int co = idx / p.kp, ci = idx - co * p.kp;
       const bool real = co < p.c_out && ci < p.c;
-      pwp[packed_pw_offset(p, co, ci, sizeof(T))] = real ? pw[co * p.c + ci] : from_float<T>(0.f);
+      pwp[packed_pw_offset(p, co, ci, sizeof(T))] =
+          real ? pw[gemm ? ci * p.c_out + co : co * p.c + ci] : from_float<T>(0.f);
     } else if (idx < pw_elems + dw_elems) {
       const int j = idx - pw_elems, tap = j / p.kp, ci = j - tap * p.kp;
-      dwp[packed_dw_offset(p, tap, ci)] = ci < p.c ? to_float(dw[ci * taps + tap]) : 0.f;
+      dwp[packed_dw_offset(p, tap, ci)] = ci < p.c ? (gemm ? 1.f : to_float(dw[ci * taps + tap])) : 0.f;
     } else {
       const int co = idx - pw_elems - dw_elems;
       const bool real = co < p.c_out;
@@ -813,6 +816,7 @@ struct Outputs {
   T* y;                // y, or z in training
   bool post_relu;      // inference only
   float* partial;      // training only: the per-tile moments
+  bool gemm;           // the grad_d GEMM (see pack_weights_kernel)
 };
 
 // Packs the weights and launches the tiled kernel for `plan` (bm > 0).
@@ -823,7 +827,7 @@ cudaError_t run_plan(const UnitParams& prm, const Plan& plan, const Packed<T>& p
   const int pack_total = packed_pw_elems(plan) + packed_dw_elems(plan) + plan.cout_pad;
   pack_weights_kernel<T><<<elementwise_blocks(pack_total), 256, 0, stream>>>(
       plan, static_cast<const T*>(prm.dw_weight), static_cast<const T*>(prm.pw_weight), out.scale, out.shift,
-      packed.dw, packed.pw, packed.scale, packed.shift);
+      out.gemm, packed.dw, packed.pw, packed.scale, packed.shift);
 
   Args<T> args;
   args.x = static_cast<const T*>(prm.x.ptr);
@@ -853,7 +857,7 @@ cudaError_t run_infer(const SepConvInferParams& prm, cudaStream_t stream, bool* 
   *launched = true;
   if (num_tiles(plan) == 0 || prm.g.c_out == 0) return cudaSuccess;
   const Outputs<T> out{prm.scale, prm.shift, static_cast<const T*>(prm.residual.ptr), static_cast<T*>(prm.y.ptr),
-                       prm.post_relu, nullptr};
+                       prm.post_relu, nullptr, false};
   return run_plan<T, false>(prm, plan, packed, out, stream);
 }
 
@@ -904,7 +908,7 @@ cudaError_t run_train(const SepConvTrainParams& prm, cudaStream_t stream, bool* 
   if (g.c_out == 0) return cudaSuccess;
   const int64_t tiles = num_tiles(plan);
   if (tiles > 0) {
-    const Outputs<T> out{Vec{}, Vec{}, nullptr, static_cast<T*>(prm.z.ptr), false, c.partial};
+    const Outputs<T> out{Vec{}, Vec{}, nullptr, static_cast<T*>(prm.z.ptr), false, c.partial, false};
     err = run_plan<T, true>(prm, plan, packed, out, stream);
     if (err != cudaSuccess) return err;
   }
@@ -914,8 +918,59 @@ cudaError_t run_train(const SepConvTrainParams& prm, cudaStream_t stream, bool* 
   return cudaGetLastError();
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The backward's grad_d = grad_z pw ([P, Cout] x [Cout, C], rounded to T): the same kernel on a 1x1
+// geometry over the output positions (grad_z as the image, Cout its channels, C the outputs), the
+// depthwise a copy (weight 1), scale 1 and shift -0: z = grad_d, stored in T as the unfused
+// convolution backward stores it.
+
+ConvGeometry gemm_geometry(const ConvGeometry& g) {
+  ConvGeometry m;
+  m.n = g.n, m.c = g.c_out, m.h = g.h_out, m.w = g.w_out;
+  m.c_out = g.c, m.h_out = g.h_out, m.w_out = g.w_out;
+  m.kh = m.kw = 1;
+  return m;
+}
+
+template <typename T>
+cudaError_t run_grad_d(const GradDParams& prm, cudaStream_t stream, bool* launched) {
+  UnitParams u;
+  u.g = gemm_geometry(prm.g);
+  u.x.ptr = const_cast<void*>(prm.grad_z);
+  u.pw_weight = const_cast<void*>(prm.pw_weight);
+  Plan plan;
+  cudaError_t err = choose_plan(u.g, sizeof(T), 0, &plan);
+  if (err != cudaSuccess || plan.bm == 0) return err;
+  Workspace ws(prm.workspace);
+  const Packed<T> packed = carve<T>(plan, ws);
+  if (ws.bytes() > prm.workspace_bytes) return cudaErrorInvalidValue;
+  *launched = true;
+  if (num_tiles(plan) == 0 || u.g.c_out == 0) return cudaSuccess;
+  const Outputs<T> out{Vec{}, Vec{}, nullptr, static_cast<T*>(prm.grad_d), false, nullptr, true};
+  return run_plan<T, false>(u, plan, packed, out, stream);
+}
+
 }  // namespace
 }  // namespace infer
+
+size_t grad_d_tiled_workspace_size(const ConvGeometry& g, DType dtype) {
+  const ConvGeometry m = infer::gemm_geometry(g);
+  if (!infer::fits_int32(m)) return 0;
+  const infer::Plan plan = infer::plan_for(m, {64, 0});
+  Workspace ws(nullptr);
+  if (dtype == DType::kFloat32) {
+    infer::carve<float>(plan, ws);
+  } else {
+    infer::carve<__half>(plan, ws);
+  }
+  return ws.bytes();
+}
+
+cudaError_t run_grad_d_tiled(const GradDParams& params, cudaStream_t stream, bool* launched) {
+  *launched = false;
+  if (!infer::fits_int32(infer::gemm_geometry(params.g))) return cudaSuccess;
+  return XF_DTYPE_SWITCH(params.dtype, T, [&] { return infer::run_grad_d<T>(params, stream, launched); });
+}
 
 size_t infer_tiled_workspace_size(const SepConvInferParams& params) {
   if (!infer::fits_int32(params.g)) return 0;

@@ -23,4 +23,18 @@ cudaError_t run_sepconv_bn_infer_tiled(const SepConvInferParams& params, cudaStr
 size_t train_tiled_workspace_size(const SepConvTrainParams& params);
 cudaError_t run_sepconv_bn_train_tiled(const SepConvTrainParams& params, cudaStream_t stream, bool* launched);
 
+// The backward's grad_d = grad_z pw on the tiled kernel (a 1x1 unit over the output positions):
+// grad_z [P, Cout] and grad_d [P, C] in `dtype`, NHWC-contiguous; pw the forward's [Cout, C] weight.
+struct GradDParams {
+  ConvGeometry g;  // the unit's geometry
+  DType dtype = DType::kFloat32;
+  const void* grad_z = nullptr;
+  const void* pw_weight = nullptr;
+  void* grad_d = nullptr;
+  void* workspace = nullptr;  // grad_d_tiled_workspace_size bytes (its packed weights)
+  size_t workspace_bytes = 0;
+};
+size_t grad_d_tiled_workspace_size(const ConvGeometry& g, DType dtype);
+cudaError_t run_grad_d_tiled(const GradDParams& params, cudaStream_t stream, bool* launched);
+
 }  // namespace xception_fast
