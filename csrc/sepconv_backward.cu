@@ -37,6 +37,7 @@
 // transposed-conv index arithmetic of grad_x_kernel for stride 2 / dilation 2 / asymmetric padding,
 // and the workspace sizes of large shapes.
 
+#include <algorithm>
 #include <cstdint>
 
 #include "sepconv_device.cuh"
@@ -416,6 +417,9 @@ struct BackwardPlan {
   void* grad_d = nullptr;                               // [P, C] in T
   void* gemm = nullptr;                                 // the tiled grad_d GEMM's packed weights
   size_t gemm_bytes = 0;
+  int gp_max_splits = 0;                                // the tiled grad_pw: partials it may write
+  void* gp = nullptr;                                   // the tiled grad_pw's packed weights
+  size_t gp_bytes = 0;
   float* pw_partial = nullptr;                          // [splits, Cout, C]
   float* dw_partial = nullptr;                          // [dw_chunks, C, kh * kw]
 };
@@ -448,7 +452,12 @@ BackwardPlan plan_backward(const ConvGeometry& g, bool inference, DType dtype, W
   plan.grad_d = ws.take<char>(plan.positions * g.c * elem_size);
   plan.gemm_bytes = grad_d_tiled_workspace_size(g, dtype);
   plan.gemm = ws.take<char>(static_cast<int64_t>(plan.gemm_bytes));
-  plan.pw_partial = ws.take<float>(plan.splits * g.c_out * g.c);
+  const int64_t pw_elems = g.c_out * g.c;
+  plan.gp_max_splits = static_cast<int>(
+      pw_elems > 0 ? std::min<int64_t>(infer::kGpMaxSplits, std::max<int64_t>(1, kMaxPartialBytes / (pw_elems * 4))) : 1);
+  plan.pw_partial = ws.take<float>(std::max<int64_t>(plan.splits, plan.gp_max_splits) * pw_elems);
+  plan.gp_bytes = grad_pw_tiled_workspace_size(g, dtype);
+  plan.gp = ws.take<char>(static_cast<int64_t>(plan.gp_bytes));
   plan.dw_partial = ws.take<float>(plan.dw_chunks * g.c * taps);
   return plan;
 }
@@ -505,11 +514,30 @@ cudaError_t launch_conv_grads(const ConvGeometry& g, const BackwardPlan& plan, c
     grad_d_kernel<T><<<static_cast<unsigned int>(d_blocks), kThreads, 0, stream>>>(
         grad_z, pw, plan.positions, g.c, g.c_out, plan.c_tiles, grad_d);
   }
-  if (pw_blocks > 0) {
-    grad_pw_kernel<T><<<static_cast<unsigned int>(pw_blocks), kThreads, 0, stream>>>(
-        grad_z, g, x, dw, pre_relu, plan.co_tiles, plan.c_tiles, plan.chunks_per_split, plan.pw_partial);
+  // grad_pw: the tiled kernel (16-bit types, sepconv_infer.cu) first, else grad_pw_kernel.
+  GradPwParams gp;
+  gp.g = g;
+  gp.dtype = dtype;
+  gp.x = x;
+  gp.dw_weight = dw;
+  gp.pw_weight = pw;
+  gp.pre_relu = pre_relu;
+  gp.grad_z = plan.grad_z;
+  gp.partial = plan.pw_partial;
+  gp.max_splits = plan.gp_max_splits;
+  gp.workspace = plan.gp;
+  gp.workspace_bytes = plan.gp_bytes;
+  int pw_splits = -1;
+  err = run_grad_pw_tiled(gp, stream, &pw_splits);
+  if (err != cudaSuccess) return err;
+  if (pw_splits < 0) {
+    pw_splits = static_cast<int>(plan.splits);
+    if (pw_blocks > 0) {
+      grad_pw_kernel<T><<<static_cast<unsigned int>(pw_blocks), kThreads, 0, stream>>>(
+          grad_z, g, x, dw, pre_relu, plan.co_tiles, plan.c_tiles, plan.chunks_per_split, plan.pw_partial);
+    }
   }
-  err = launch_column_sum(plan.pw_partial, plan.splits, g.c_out * g.c, grad_pw, dtype, stream);
+  err = launch_column_sum(plan.pw_partial, pw_splits, g.c_out * g.c, grad_pw, dtype, stream);
   if (err != cudaSuccess) return err;
   if (x_total > 0) {
     grad_x_kernel<T><<<elementwise_blocks(x_total), 256, 0, stream>>>(g, grad_d, x, dw, pre_relu, grad_x,

@@ -72,6 +72,11 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
 }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
 
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
@@ -242,7 +247,8 @@ __global__ void __launch_bounds__(256)
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Phase 1: the d tile
+// Phase 1: the d tile (chunks ck_begin .. ck_end - 1 of it, into d with row pitch d_ld; the forward
+// computes all chunks, the grad_pw kernel one)
 
 // The depthwise of one chunk for this thread's rows (see depthwise_rows): src / wsrc point at the
 // thread's channel vector in the staged halo / weights, dst at its first d element, rows dst_step apart.
@@ -273,13 +279,13 @@ __device__ __forceinline__ void depthwise_chunk(const Plan& p, const HaloBox& b,
 
 template <typename T, int BM, int KH, int KW>
 __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a, const SmemLayout& L,
-                                                unsigned char* smem, const TileRange& t, const HaloBox& b) {
+                                                unsigned char* smem, const TileRange& t, const HaloBox& b, T* d,
+                                                int d_ld, int ck_begin, int ck_end) {
   using V = Vec16<T>;
   constexpr int kVec = V::kVec, kVP = kBK / kVec, kSlots = kThreads / kVP;
   constexpr int kPos = dw_rows_per_thread(BM, sizeof(T));
   static_assert(BM >= kSlots ? kPos * kSlots == BM : kSlots % BM == 0, "tile rows must split evenly");
   const int tid = threadIdx.x;
-  T* d = reinterpret_cast<T*>(smem);
   int* table = reinterpret_cast<int*>(smem + L.table);
   // Selected, not indexed: an indexed pointer array would live in local memory.
   const auto halo = [&](int buf) { return reinterpret_cast<T*>(smem + (buf ? L.halo[1] : L.halo[0])); };
@@ -337,12 +343,11 @@ __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a,
     }
   };
 
-  const int chunks = k_chunks(p);
-  stage(0, 0);
+  stage(ck_begin, 0);
   cp_async_commit();
-  for (int ck = 0; ck < chunks; ++ck) {
-    const int buf = ck & 1, c0 = ck * kBK;
-    if (ck + 1 < chunks) stage(ck + 1, buf ^ 1);  // that buffer was last read before the previous barrier
+  for (int ck = ck_begin; ck < ck_end; ++ck) {
+    const int buf = (ck - ck_begin) & 1, c0 = ck * kBK;
+    if (ck + 1 < ck_end) stage(ck + 1, buf ^ 1);  // that buffer was last read before the previous barrier
     cp_async_commit();
     cp_async_wait<1>();  // this thread's copies of chunk ck have landed
     if (a.x_vectors && a.pre_relu) {
@@ -356,7 +361,7 @@ __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a,
 
     if (active) {
       depthwise_chunk<T, KH, KW, kPos>(p, b, base, halo(buf) + cv * kVec, wts(buf) + cv * kVec,
-                                       d + slot0 * L.d_ld + c0 + cv * kVec, kSlots * L.d_ld);
+                                       d + slot0 * d_ld + (c0 - ck_begin * kBK) + cv * kVec, kSlots * d_ld);
     }
     __syncthreads();  // buffer `buf` free for chunk ck + 2; after the last chunk, d complete
   }
@@ -712,7 +717,7 @@ __global__ void __launch_bounds__(kThreads, 1) sepconv_infer_tiled_kernel(const 
   const SmemLayout L = smem_layout(p, sizeof(T));
   const TileRange t = tile_range(p, blockIdx.x);
   const HaloBox b = halo_box(p, t);
-  depthwise_phase<T, BM, KH, KW>(p, a, L, smem, t, b);
+  depthwise_phase<T, BM, KH, KW>(p, a, L, smem, t, b, reinterpret_cast<T*>(smem), L.d_ld, 0, k_chunks(p));
 
   const int64_t first = static_cast<int64_t>(t.img) * p.h_out * p.w_out + t.q0;  // the tile's first position
   const Epilogue<T> ep{p, a, a.y + first * p.c_out, a.residual != nullptr ? a.residual + first * p.c_out : nullptr,
@@ -919,6 +924,93 @@ cudaError_t run_train(const SepConvTrainParams& prm, cudaStream_t stream, bool* 
 }
 
 // ---------------------------------------------------------------------------------------------------
+// The backward's grad_pw = grad_z^T d (16-bit types): see "grad_pw" in sepconv_infer_tiling.h. One CTA
+// per work unit (channel chunk, Cout pass, split); per position tile of the split: the tile's grad_z
+// rows with cp.async (one group, landing while the depthwise phase stages the halo), the depthwise of
+// the chunk into the d tile, a barrier, the MMA over the tile's positions, a barrier. The phases of one
+// tile do not overlap (a later step: a grad_z ring running ahead across tiles).
+
+template <typename T>
+struct GpArgs {
+  const T* grad_z;   // [P, Cout]
+  float* partial;    // [splits][Cout][C] (gp_partial_offset)
+  int splits;
+};
+
+template <typename T, int BM, int KH, int KW>
+__global__ void __launch_bounds__(kThreads, 1) grad_pw_tiled_kernel(const Plan p, const Args<T> a, const GpArgs<T> g) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  static_assert(sizeof(T) == 2, "16-bit types: fp32 keeps the FFMA kernel of sepconv_backward.cu");
+  constexpr int kNF = kGpWarpCols / 8;  // n8 fragments per warp
+  const SmemLayout L = gp_smem_layout(p, sizeof(T));
+  const GpUnit u = gp_unit(p, blockIdx.x);
+  const TileSpan span = gp_split_tiles(p, u.split, g.splits);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int co_warp = u.pass * kGpN + warp * kGpWarpCols;  // this warp's first output channel
+  const bool live = co_warp < p.c_out;                     // warp-uniform: columns past Cout skip the MMA
+  T* d = reinterpret_cast<T*>(smem);
+  T* gz = reinterpret_cast<T*>(smem + L.ring);
+  const uint32_t a_lane = smem_addr(d) + (gp_a_k(lane) * gp_ld_d() + gp_a_m(lane)) * 2;
+  const uint32_t b_lane = smem_addr(gz) + (gp_b_k(lane) * gp_ld_gz() + warp * kGpWarpCols + gp_b_n(lane)) * 2;
+
+  float acc[2][kNF][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < kNF; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+  for (int tile = span.begin; tile < span.end; ++tile) {
+    const TileRange t = tile_range(p, tile);
+    const HaloBox b = halo_box(p, t);
+    // grad_z rows of the tile; zeros past its positions and past Cout (Cout % 8 == 0: whole vectors).
+    const T* gz_tile = g.grad_z + (static_cast<int64_t>(t.img) * p.h_out * p.w_out + t.q0) * p.c_out;
+#pragma unroll 4
+    for (int v = threadIdx.x; v < gp_gz_vectors(BM); v += kThreads) {
+      const int r = gp_gz_row(v), col = gp_gz_col(v), co = u.pass * kGpN + col;
+      const bool real = r < t.count && co < p.c_out;
+      cp_async16(gz + r * gp_ld_gz() + col, real ? gz_tile + r * p.c_out + co : g.grad_z, real ? 16 : 0);
+    }
+    cp_async_commit();
+    // The chunk's d; its waits also land the grad_z group (committed before its own), and it ends
+    // with a barrier.
+    depthwise_phase<T, BM, KH, KW>(p, a, L, smem, t, b, d, gp_ld_d(), u.chunk, u.chunk + 1);
+    if (live) {
+#pragma unroll
+      for (int ks = 0; ks < BM / 16; ++ks) {
+        uint32_t af[2][4];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) ldmatrix_x4_trans(af[i], a_lane + (ks * 16 * gp_ld_d() + i * 16) * 2);
+#pragma unroll
+        for (int jj = 0; jj < kNF / 2; ++jj) {
+          uint32_t bf[4];
+          ldmatrix_x4_trans(bf, b_lane + (ks * 16 * gp_ld_gz() + jj * 16) * 2);
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            mma_16816<T>(acc[i][2 * jj], af[i], bf[0], bf[1]);
+            mma_16816<T>(acc[i][2 * jj + 1], af[i], bf[2], bf[3]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // d and the grad_z tile free for the next tile
+  }
+
+  // The split's partial: row (input channel) 16 i + acc_row, column (output channel) 8 j + acc_col.
+  if (!live) return;
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < kNF; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = u.chunk * kBK + 16 * i + acc_row(lane, e), co = co_warp + 8 * j + acc_col(lane, e);
+        if (c < p.c && co < p.c_out) g.partial[gp_partial_offset(p, u.split, co, c)] = acc[i][j][e];
+      }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // The backward's grad_d = grad_z pw ([P, Cout] x [Cout, C], rounded to T): the same kernel on a 1x1
 // geometry over the output positions (grad_z as the image, Cout its channels, C the outputs), the
 // depthwise a copy (weight 1), scale 1 and shift -0: z = grad_d, stored in T as the unfused
@@ -950,8 +1042,79 @@ cudaError_t run_grad_d(const GradDParams& prm, cudaStream_t stream, bool* launch
   return run_plan<T, false>(u, plan, packed, out, stream);
 }
 
+template <typename T, int BM, int KH, int KW>
+cudaError_t launch_gp(const Plan& plan, const Args<T>& args, const GpArgs<T>& g, cudaStream_t stream) {
+  const auto kernel = grad_pw_tiled_kernel<T, BM, KH, KW>;
+  const int smem_bytes = gp_smem_layout(plan, sizeof(T)).total;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<gp_units(plan) * g.splits, kThreads, smem_bytes, stream>>>(plan, args, g);
+  return cudaGetLastError();
+}
+
+template <typename T, int BM>
+cudaError_t launch_gp_k(const Plan& plan, const Args<T>& args, const GpArgs<T>& g, cudaStream_t stream) {
+  if (plan.kh == 3 && plan.kw == 3) return launch_gp<T, BM, 3, 3>(plan, args, g, stream);
+  return launch_gp<T, BM, 0, 0>(plan, args, g, stream);
+}
+
+template <typename T>
+cudaError_t run_grad_pw(const GradPwParams& prm, cudaStream_t stream, int* splits) {
+  if constexpr (sizeof(T) != 2) {
+    return cudaSuccess;  // fp32: the FFMA kernel of sepconv_backward.cu (exact fp32 products)
+  } else {
+    const ConvGeometry& g = prm.g;
+    if (g.c_out % 8 != 0 || !aligned(prm.grad_z, 16)) return cudaSuccess;
+    int device = 0, max_smem = 0, sms = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+    Plan plan{};
+    for (int i = 0; gp_tile_candidate(i).bm > 0 && plan.bm == 0; ++i) {
+      const Plan candidate = plan_for(g, gp_tile_candidate(i));
+      if (gp_fits_smem(candidate, sizeof(T), max_smem)) plan = candidate;
+    }
+    if (plan.bm == 0) return cudaSuccess;
+    Workspace ws(prm.workspace);
+    const Packed<T> packed = carve<T>(plan, ws);
+    if (ws.bytes() > prm.workspace_bytes) return cudaErrorInvalidValue;
+    const int tiles = num_tiles(plan);
+    *splits = gp_choose_splits(gp_units(plan), tiles, sms, imin(prm.max_splits, kGpMaxSplits));
+    if (tiles == 0 || g.c == 0 || g.c_out == 0) {
+      *splits = 0;  // no partials: the column sums write zeros
+      return cudaSuccess;
+    }
+    const int pack_total = packed_pw_elems(plan) + packed_dw_elems(plan) + plan.cout_pad;
+    pack_weights_kernel<T><<<elementwise_blocks(pack_total), 256, 0, stream>>>(
+        plan, static_cast<const T*>(prm.dw_weight), static_cast<const T*>(prm.pw_weight), Vec{}, Vec{}, false,
+        packed.dw, packed.pw, packed.scale, packed.shift);
+    Args<T> args{};
+    args.x = static_cast<const T*>(prm.x);
+    args.dw = packed.dw;
+    args.pre_relu = prm.pre_relu;
+    args.x_vectors = g.c % vec_elems(sizeof(T)) == 0 && aligned(args.x, 16);
+    const GpArgs<T> gp{static_cast<const T*>(prm.grad_z), prm.partial, *splits};
+    if (plan.bm == 64) return launch_gp_k<T, 64>(plan, args, gp, stream);
+    return launch_gp_k<T, 32>(plan, args, gp, stream);
+  }
+}
+
 }  // namespace
 }  // namespace infer
+
+size_t grad_pw_tiled_workspace_size(const ConvGeometry& g, DType dtype) {
+  if (dtype == DType::kFloat32 || !infer::fits_int32(g)) return 0;
+  Workspace ws(nullptr);
+  infer::carve<__half>(infer::plan_for(g, {64, 0}), ws);
+  return ws.bytes();
+}
+
+cudaError_t run_grad_pw_tiled(const GradPwParams& params, cudaStream_t stream, int* splits) {
+  *splits = -1;
+  if (!infer::fits_int32(params.g) || params.max_splits < 1) return cudaSuccess;
+  return XF_DTYPE_SWITCH(params.dtype, T, [&] { return infer::run_grad_pw<T>(params, stream, splits); });
+}
 
 size_t grad_d_tiled_workspace_size(const ConvGeometry& g, DType dtype) {
   const ConvGeometry m = infer::gemm_geometry(g);

@@ -37,4 +37,24 @@ struct GradDParams {
 size_t grad_d_tiled_workspace_size(const ConvGeometry& g, DType dtype);
 cudaError_t run_grad_d_tiled(const GradDParams& params, cudaStream_t stream, bool* launched);
 
+// The backward's grad_pw = grad_z^T d on the tiled machinery (16-bit types, Cout % 8 == 0): d
+// recomputed once per (position, channel) by the depthwise phase, fp32 partials [splits][Cout][C]
+// for the caller's column sums. *splits: the number of partials written (0: none, the sums are
+// zeros), or -1 when the tiled kernel does not cover `params` (the caller's kernel runs instead).
+struct GradPwParams {
+  ConvGeometry g;
+  DType dtype = DType::kFloat32;
+  const void* x = nullptr;          // [N, H, W, C]
+  const void* dw_weight = nullptr;  // [C, kh, kw]
+  const void* pw_weight = nullptr;  // [Cout, C] (packed with the depthwise weights; unused)
+  bool pre_relu = false;
+  const void* grad_z = nullptr;     // [P, Cout]
+  float* partial = nullptr;         // room for max_splits partials
+  int max_splits = 0;
+  void* workspace = nullptr;        // grad_pw_tiled_workspace_size bytes (the packed weights)
+  size_t workspace_bytes = 0;
+};
+size_t grad_pw_tiled_workspace_size(const ConvGeometry& g, DType dtype);
+cudaError_t run_grad_pw_tiled(const GradPwParams& params, cudaStream_t stream, int* splits);
+
 }  // namespace xception_fast

@@ -5,7 +5,9 @@ host C++ compiler. test_infer_tiling.cpp: tile coverage, halo boxes, the shared-
 mappings, the depthwise of every tile bit-exact against a direct loop, and the ldmatrix / mma.sync
 fragment mapping against the PTX ISA layouts. test_train_stats.cpp: the training forward's BatchNorm
 statistics (per-part moments from the accumulator layout, their merge per tile and per channel)
-against double precision. No GPU and no CUDA toolkit needed.
+against double precision. test_grad_pw_tiling.cpp: the backward's tiled grad_pw (work units, splits,
+shared memory, ldmatrix.trans + mma.sync emulated against grad_z^T d). No GPU and no CUDA toolkit
+needed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ["test_infer_tiling.cpp", "test_train_stats.cpp"]
+SOURCES = ["test_infer_tiling.cpp", "test_train_stats.cpp", "test_grad_pw_tiling.cpp"]
 
 
 def _compiler() -> str | None:
