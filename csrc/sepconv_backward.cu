@@ -420,6 +420,9 @@ struct BackwardPlan {
   int gp_max_splits = 0;                                // the tiled grad_pw: partials it may write
   void* gp = nullptr;                                   // the tiled grad_pw's packed weights
   size_t gp_bytes = 0;
+  int dx_max_splits = 0;                                // the tiled grad_x / grad_dw: partials it may write
+  void* dx = nullptr;                                   // its packed weights
+  size_t dx_bytes = 0;
   float* pw_partial = nullptr;                          // [splits, Cout, C]
   float* dw_partial = nullptr;                          // [dw_chunks, C, kh * kw]
 };
@@ -458,7 +461,12 @@ BackwardPlan plan_backward(const ConvGeometry& g, bool inference, DType dtype, W
   plan.pw_partial = ws.take<float>(std::max<int64_t>(plan.splits, plan.gp_max_splits) * pw_elems);
   plan.gp_bytes = grad_pw_tiled_workspace_size(g, dtype);
   plan.gp = ws.take<char>(static_cast<int64_t>(plan.gp_bytes));
-  plan.dw_partial = ws.take<float>(plan.dw_chunks * g.c * taps);
+  plan.dx_max_splits = infer::kGpMaxSplits;
+  const int64_t dw_rows = dw_backward_tiled_covers(g) ? std::max<int64_t>(plan.dw_chunks, plan.dx_max_splits)
+                                                      : plan.dw_chunks;
+  plan.dw_partial = ws.take<float>(dw_rows * g.c * taps);
+  plan.dx_bytes = dw_backward_tiled_workspace_size(g, dtype);
+  plan.dx = ws.take<char>(static_cast<int64_t>(plan.dx_bytes));
   return plan;
 }
 
@@ -539,18 +547,38 @@ cudaError_t launch_conv_grads(const ConvGeometry& g, const BackwardPlan& plan, c
   }
   err = launch_column_sum(plan.pw_partial, pw_splits, g.c_out * g.c, grad_pw, dtype, stream);
   if (err != cudaSuccess) return err;
-  if (x_total > 0) {
-    grad_x_kernel<T><<<elementwise_blocks(x_total), 256, 0, stream>>>(g, grad_d, x, dw, pre_relu, grad_x,
-                                                                      x_total);
+  // grad_x and grad_dw: the tiled kernel (stride 1, 3x3) first, else the two kernels above.
+  DwBackwardParams dx;
+  dx.g = g;
+  dx.dtype = dtype;
+  dx.x = x;
+  dx.dw_weight = dw;
+  dx.pw_weight = pw;
+  dx.pre_relu = pre_relu;
+  dx.grad_d = grad_d;
+  dx.grad_x = grad_x;
+  dx.partial = plan.dw_partial;
+  dx.max_splits = plan.dx_max_splits;
+  dx.workspace = plan.dx;
+  dx.workspace_bytes = plan.dx_bytes;
+  int dw_splits = -1;
+  err = run_dw_backward_tiled(dx, stream, &dw_splits);
+  if (err != cudaSuccess) return err;
+  if (dw_splits < 0) {
+    dw_splits = static_cast<int>(plan.dw_chunks);
+    if (x_total > 0) {
+      grad_x_kernel<T><<<elementwise_blocks(x_total), 256, 0, stream>>>(g, grad_d, x, dw, pre_relu, grad_x,
+                                                                        x_total);
+    }
+    if (plan.dw_chunks > 0 && c_blocks > 0) {
+      const dim3 grid(static_cast<unsigned int>(plan.dw_chunks), static_cast<unsigned int>(c_blocks),
+                      static_cast<unsigned int>(taps));
+      grad_dw_partial_kernel<T><<<grid, dim3(kRedCols, kRedLanes), 0, stream>>>(g, grad_d, x, pre_relu,
+                                                                                plan.dw_rows_per_chunk,
+                                                                                plan.dw_partial);
+    }
   }
-  if (plan.dw_chunks > 0 && c_blocks > 0) {
-    const dim3 grid(static_cast<unsigned int>(plan.dw_chunks), static_cast<unsigned int>(c_blocks),
-                    static_cast<unsigned int>(taps));
-    grad_dw_partial_kernel<T><<<grid, dim3(kRedCols, kRedLanes), 0, stream>>>(g, grad_d, x, pre_relu,
-                                                                              plan.dw_rows_per_chunk,
-                                                                              plan.dw_partial);
-  }
-  err = launch_column_sum(plan.dw_partial, plan.dw_chunks, g.c * taps, grad_dw, dtype, stream);
+  err = launch_column_sum(plan.dw_partial, dw_splits, g.c * taps, grad_dw, dtype, stream);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }

@@ -215,13 +215,17 @@ struct Args {
   float* partial;        // training forward (kStats): the per-tile moments, see stats_partial_offset
 };
 
-// Weights and the affine vectors, padded into the workspace (see packed_pw_offset). gemm (the grad_d
-// GEMM of the backward, run_grad_d_tiled): the plan is a 1x1 "depthwise" of weight 1 (d = its input,
-// exactly) and pw is the forward's [Cout][C] weight read transposed, B(k = co, n = c) = pw[co][c].
+// What the pack kernel packs. kGemm (the backward's grad_d GEMM, run_grad_d_tiled): the plan is a 1x1
+// "depthwise" of weight 1 (d = its input, exactly) and pw is the forward's [Cout][C] weight read
+// transposed, B(k = co, n = c) = pw[co][c]. kFlipped (the backward's grad_x): the depthwise taps
+// reversed (dx_forward_tap).
+enum class PackMode { kForward, kGemm, kFlipped };
+
+// Weights and the affine vectors, padded into the workspace (see packed_pw_offset).
 template <typename T>
 __global__ void __launch_bounds__(256)
     pack_weights_kernel(const Plan p, const T* __restrict__ dw, const T* __restrict__ pw, Vec scale, Vec shift,
-                        bool gemm, float* __restrict__ dwp, T* __restrict__ pwp, float* __restrict__ scalep,
+                        PackMode mode, float* __restrict__ dwp, T* __restrict__ pwp, float* __restrict__ scalep,
                         float* __restrict__ shiftp) {
   const int pw_elems = packed_pw_elems(p), dw_elems = packed_dw_elems(p);
   const int total = pw_elems + dw_elems + p.cout_pad;
@@ -233,10 +237,12 @@ __global__ void __launch_bounds__(256)
       const int co = idx / p.kp, ci = idx - co * p.kp;
       const bool real = co < p.c_out && ci < p.c;
       pwp[packed_pw_offset(p, co, ci, sizeof(T))] =
-          real ? pw[gemm ? ci * p.c_out + co : co * p.c + ci] : from_float<T>(0.f);
+          real ? pw[mode == PackMode::kGemm ? ci * p.c_out + co : co * p.c + ci] : from_float<T>(0.f);
     } else if (idx < pw_elems + dw_elems) {
       const int j = idx - pw_elems, tap = j / p.kp, ci = j - tap * p.kp;
-      dwp[packed_dw_offset(p, tap, ci)] = ci < p.c ? (gemm ? 1.f : to_float(dw[ci * taps + tap])) : 0.f;
+      const int src_tap = mode == PackMode::kFlipped ? dx_forward_tap(p, tap) : tap;
+      dwp[packed_dw_offset(p, tap, ci)] =
+          ci < p.c ? (mode == PackMode::kGemm ? 1.f : to_float(dw[ci * taps + src_tap])) : 0.f;
     } else {
       const int co = idx - pw_elems - dw_elems;
       const bool real = co < p.c_out;
@@ -247,8 +253,7 @@ __global__ void __launch_bounds__(256)
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Phase 1: the d tile (chunks ck_begin .. ck_end - 1 of it, into d with row pitch d_ld; the forward
-// computes all chunks, the grad_pw kernel one)
+// Phase 1: the d tile
 
 // The depthwise of one chunk for this thread's rows (see depthwise_rows): src / wsrc point at the
 // thread's channel vector in the staged halo / weights, dst at its first d element, rows dst_step apart.
@@ -277,10 +282,14 @@ __device__ __forceinline__ void depthwise_chunk(const Plan& p, const HaloBox& b,
   for (int q = 0; q < kPos; ++q) *reinterpret_cast<uint4*>(dst + q * dst_step) = V::pack(acc[q]);
 }
 
-template <typename T, int BM, int KH, int KW>
+// The staging of chunks ck_begin .. ck_end - 1 of the tile's halo box (and their depthwise weights),
+// each handed to chunk_fn(staged channel vector, its weights, c0, base) on the threads that have rows.
+// Ends with a barrier. The forward computes all chunks (d_tile_phase), the grad_pw kernel one, the
+// depthwise backward (on grad_d) one.
+template <typename T, int BM, int KH, int KW, class ChunkFn>
 __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a, const SmemLayout& L,
-                                                unsigned char* smem, const TileRange& t, const HaloBox& b, T* d,
-                                                int d_ld, int ck_begin, int ck_end) {
+                                                unsigned char* smem, const TileRange& t, const HaloBox& b,
+                                                int ck_begin, int ck_end, ChunkFn&& chunk_fn) {
   using V = Vec16<T>;
   constexpr int kVec = V::kVec, kVP = kBK / kVec, kSlots = kThreads / kVP;
   constexpr int kPos = dw_rows_per_thread(BM, sizeof(T));
@@ -359,12 +368,23 @@ __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a,
     }
     __syncthreads();  // chunk ck staged (and ReLU'd) by every thread
 
-    if (active) {
-      depthwise_chunk<T, KH, KW, kPos>(p, b, base, halo(buf) + cv * kVec, wts(buf) + cv * kVec,
-                                       d + slot0 * d_ld + (c0 - ck_begin * kBK) + cv * kVec, kSlots * d_ld);
-    }
+    if (active) chunk_fn(halo(buf) + cv * kVec, wts(buf) + cv * kVec, c0, base);
     __syncthreads();  // buffer `buf` free for chunk ck + 2; after the last chunk, d complete
   }
+}
+
+// The depthwise of chunks ck_begin .. ck_end - 1 into d (row pitch d_ld, chunk ck_begin at column 0).
+template <typename T, int BM, int KH, int KW>
+__device__ __forceinline__ void d_tile_phase(const Plan& p, const Args<T>& a, const SmemLayout& L, unsigned char* smem,
+                                             const TileRange& t, const HaloBox& b, T* d, int d_ld, int ck_begin,
+                                             int ck_end) {
+  constexpr int kVec = Vec16<T>::kVec, kSlots = kThreads / (kBK / kVec);
+  constexpr int kPos = dw_rows_per_thread(BM, sizeof(T));
+  T* dst = d + dw_row(threadIdx.x, 0, sizeof(T)) * d_ld + dw_cv(threadIdx.x, sizeof(T)) * kVec - ck_begin * kBK;
+  depthwise_phase<T, BM, KH, KW>(p, a, L, smem, t, b, ck_begin, ck_end,
+                                 [&](const T* src, const float* wsrc, int c0, const int(&base)[kPos]) {
+                                   depthwise_chunk<T, KH, KW, kPos>(p, b, base, src, wsrc, dst + c0, kSlots * d_ld);
+                                 });
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -717,7 +737,7 @@ __global__ void __launch_bounds__(kThreads, 1) sepconv_infer_tiled_kernel(const 
   const SmemLayout L = smem_layout(p, sizeof(T));
   const TileRange t = tile_range(p, blockIdx.x);
   const HaloBox b = halo_box(p, t);
-  depthwise_phase<T, BM, KH, KW>(p, a, L, smem, t, b, reinterpret_cast<T*>(smem), L.d_ld, 0, k_chunks(p));
+  d_tile_phase<T, BM, KH, KW>(p, a, L, smem, t, b, reinterpret_cast<T*>(smem), L.d_ld, 0, k_chunks(p));
 
   const int64_t first = static_cast<int64_t>(t.img) * p.h_out * p.w_out + t.q0;  // the tile's first position
   const Epilogue<T> ep{p, a, a.y + first * p.c_out, a.residual != nullptr ? a.residual + first * p.c_out : nullptr,
@@ -821,7 +841,7 @@ struct Outputs {
   T* y;                // y, or z in training
   bool post_relu;      // inference only
   float* partial;      // training only: the per-tile moments
-  bool gemm;           // the grad_d GEMM (see pack_weights_kernel)
+  PackMode mode;       // kForward, or kGemm for the grad_d GEMM
 };
 
 // Packs the weights and launches the tiled kernel for `plan` (bm > 0).
@@ -832,7 +852,7 @@ cudaError_t run_plan(const UnitParams& prm, const Plan& plan, const Packed<T>& p
   const int pack_total = packed_pw_elems(plan) + packed_dw_elems(plan) + plan.cout_pad;
   pack_weights_kernel<T><<<elementwise_blocks(pack_total), 256, 0, stream>>>(
       plan, static_cast<const T*>(prm.dw_weight), static_cast<const T*>(prm.pw_weight), out.scale, out.shift,
-      out.gemm, packed.dw, packed.pw, packed.scale, packed.shift);
+      out.mode, packed.dw, packed.pw, packed.scale, packed.shift);
 
   Args<T> args;
   args.x = static_cast<const T*>(prm.x.ptr);
@@ -862,7 +882,7 @@ cudaError_t run_infer(const SepConvInferParams& prm, cudaStream_t stream, bool* 
   *launched = true;
   if (num_tiles(plan) == 0 || prm.g.c_out == 0) return cudaSuccess;
   const Outputs<T> out{prm.scale, prm.shift, static_cast<const T*>(prm.residual.ptr), static_cast<T*>(prm.y.ptr),
-                       prm.post_relu, nullptr, false};
+                       prm.post_relu, nullptr, PackMode::kForward};
   return run_plan<T, false>(prm, plan, packed, out, stream);
 }
 
@@ -913,7 +933,7 @@ cudaError_t run_train(const SepConvTrainParams& prm, cudaStream_t stream, bool* 
   if (g.c_out == 0) return cudaSuccess;
   const int64_t tiles = num_tiles(plan);
   if (tiles > 0) {
-    const Outputs<T> out{Vec{}, Vec{}, nullptr, static_cast<T*>(prm.z.ptr), false, c.partial, false};
+    const Outputs<T> out{Vec{}, Vec{}, nullptr, static_cast<T*>(prm.z.ptr), false, c.partial, PackMode::kForward};
     err = run_plan<T, true>(prm, plan, packed, out, stream);
     if (err != cudaSuccess) return err;
   }
@@ -975,7 +995,7 @@ __global__ void __launch_bounds__(kThreads, 1) grad_pw_tiled_kernel(const Plan p
     cp_async_commit();
     // The chunk's d; its waits also land the grad_z group (committed before its own), and it ends
     // with a barrier.
-    depthwise_phase<T, BM, KH, KW>(p, a, L, smem, t, b, d, gp_ld_d(), u.chunk, u.chunk + 1);
+    d_tile_phase<T, BM, KH, KW>(p, a, L, smem, t, b, d, gp_ld_d(), u.chunk, u.chunk + 1);
     if (live) {
 #pragma unroll
       for (int ks = 0; ks < BM / 16; ++ks) {
@@ -1011,6 +1031,118 @@ __global__ void __launch_bounds__(kThreads, 1) grad_pw_tiled_kernel(const Plan p
 }
 
 // ---------------------------------------------------------------------------------------------------
+// The backward's grad_x and grad_dw (stride 1, 3x3): see "grad_x and grad_dw" in sepconv_infer_tiling.h.
+// One CTA per (channel chunk, split of pixel tiles); per tile the depthwise phase stages grad_d's halo
+// box for the chunk (no ReLU) with the flipped weights, and each thread reads x for its rows, gathers
+// each tap once for both gradients, stores grad_x, and keeps grad_dw in registers until the end.
+
+template <typename T>
+struct DxArgs {
+  const T* x;        // [N, H, W, C]: the ReLU mask and pre(x)
+  T* grad_x;         // [N, H, W, C]
+  float* partial;    // [splits][C][taps] (dx_partial_offset)
+  int splits;
+  bool pre_relu;
+  bool vectors;      // C % vec == 0, x and grad_x 16-byte aligned: 16-byte loads and stores
+};
+
+template <typename T, int BM>
+__global__ void __launch_bounds__(kThreads, 1) dw_backward_tiled_kernel(const Plan p, const Args<T> a, const DxArgs<T> g) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  using V = Vec16<T>;
+  constexpr int kVec = V::kVec, kVP = kBK / kVec, kTaps = 9;
+  constexpr int kPos = dw_rows_per_thread(BM, sizeof(T));
+  const SmemLayout L = dx_smem_layout(p, sizeof(T));
+  const int chunk = blockIdx.x % gp_chunks(p), split = blockIdx.x / gp_chunks(p);
+  const TileSpan span = gp_split_tiles(p, split, g.splits);
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, cv = dw_cv(tid, sizeof(T));
+  const int c = chunk * kBK + cv * kVec;  // this thread's first channel
+
+  float gw[kTaps][kVec];
+#pragma unroll
+  for (int k = 0; k < kTaps; ++k)
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) gw[k][e] = 0.f;
+
+  for (int tile = span.begin; tile < span.end; ++tile) {
+    const TileRange t = tile_range(p, tile);
+    const HaloBox b = halo_box(p, t);
+    const int64_t first = (static_cast<int64_t>(t.img) * p.h_out * p.w_out + t.q0) * p.c;  // the tile's pixel 0
+    depthwise_phase<T, BM, 3, 3>(p, a, L, smem, t, b, chunk, chunk + 1,
+                                 [&](const T* src, const float* wsrc, int, const int(&base)[kPos]) {
+      float xv[kPos][kVec], xr[kPos][kVec], gx[kPos][kVec];
+#pragma unroll
+      for (int q = 0; q < kPos; ++q) {
+        const int r = dw_row(tid, q, sizeof(T));
+        const bool real = r < t.count;
+        const int64_t off = first + static_cast<int64_t>(r) * p.c + c;
+        if (g.vectors) {
+          const uint4 u = real && c < p.c ? *reinterpret_cast<const uint4*>(g.x + off) : make_uint4(0, 0, 0, 0);
+          V::unpack(u, xv[q]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) xv[q][e] = real && c + e < p.c ? to_float(g.x[off + e]) : 0.f;
+        }
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          xr[q][e] = g.pre_relu ? relu(xv[q][e]) : xv[q][e];  // 0 on rows that are not pixels
+          gx[q][e] = 0.f;
+        }
+      }
+      depthwise_backward_rows<3, 3, kPos, kVec>(
+          p, b, base,
+          [&](int pixel, float(&gv)[kVec]) { V::unpack(*reinterpret_cast<const uint4*>(src + pixel * kBK), gv); },
+          [&](int tap, float(&wv)[kVec]) {
+#pragma unroll
+            for (int e = 0; e < kVec / 4; ++e) {
+              const float4 w = *reinterpret_cast<const float4*>(wsrc + tap * kBK + 4 * e);
+              wv[4 * e] = w.x, wv[4 * e + 1] = w.y, wv[4 * e + 2] = w.z, wv[4 * e + 3] = w.w;
+            }
+          },
+          xr, gx, gw);
+#pragma unroll
+      for (int q = 0; q < kPos; ++q) {
+        const int r = dw_row(tid, q, sizeof(T));
+        if (r >= t.count || c >= p.c) continue;
+#pragma unroll
+        for (int e = 0; e < kVec; ++e)
+          if (g.pre_relu && !(xv[q][e] > 0.f)) gx[q][e] = 0.f;  // relu's gradient; NaN gives 0
+        const int64_t off = first + static_cast<int64_t>(r) * p.c + c;
+        if (g.vectors) {
+          *reinterpret_cast<uint4*>(g.grad_x + off) = V::pack(gx[q]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e)
+            if (c + e < p.c) g.grad_x[off + e] = from_float<T>(gx[q][e]);
+        }
+      }
+    });
+  }
+
+  // grad_dw: over the lanes of this channel vector, then over the warps in order.
+#pragma unroll
+  for (int m = dx_lane_xor_first(sizeof(T)); m < 32; m *= 2)
+#pragma unroll
+    for (int k = 0; k < kTaps; ++k)
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) gw[k][e] += __shfl_xor_sync(0xffffffffu, gw[k][e], m);
+  float* red = reinterpret_cast<float*>(smem + L.stats);
+  if (lane < kVP) {
+#pragma unroll
+    for (int k = 0; k < kTaps; ++k)
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) red[dx_red_index(p, warp, k, cv * kVec + e)] = gw[k][e];
+  }
+  __syncthreads();
+  for (int idx = tid; idx < kTaps * kBK; idx += kThreads) {
+    const int tap = idx / kBK, ch = idx % kBK, cc = chunk * kBK + ch;
+    float sum = 0.f;
+    for (int w = 0; w < kThreads / 32; ++w) sum += red[dx_red_index(p, w, tap, ch)];
+    if (cc < p.c) g.partial[dx_partial_offset(p, split, cc, dx_forward_tap(p, tap))] = sum;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // The backward's grad_d = grad_z pw ([P, Cout] x [Cout, C], rounded to T): the same kernel on a 1x1
 // geometry over the output positions (grad_z as the image, Cout its channels, C the outputs), the
 // depthwise a copy (weight 1), scale 1 and shift -0: z = grad_d, stored in T as the unfused
@@ -1038,7 +1170,7 @@ cudaError_t run_grad_d(const GradDParams& prm, cudaStream_t stream, bool* launch
   if (ws.bytes() > prm.workspace_bytes) return cudaErrorInvalidValue;
   *launched = true;
   if (num_tiles(plan) == 0 || u.g.c_out == 0) return cudaSuccess;
-  const Outputs<T> out{Vec{}, Vec{}, nullptr, static_cast<T*>(prm.grad_d), false, nullptr, true};
+  const Outputs<T> out{Vec{}, Vec{}, nullptr, static_cast<T*>(prm.grad_d), false, nullptr, PackMode::kGemm};
   return run_plan<T, false>(u, plan, packed, out, stream);
 }
 
@@ -1087,8 +1219,8 @@ cudaError_t run_grad_pw(const GradPwParams& prm, cudaStream_t stream, int* split
     }
     const int pack_total = packed_pw_elems(plan) + packed_dw_elems(plan) + plan.cout_pad;
     pack_weights_kernel<T><<<elementwise_blocks(pack_total), 256, 0, stream>>>(
-        plan, static_cast<const T*>(prm.dw_weight), static_cast<const T*>(prm.pw_weight), Vec{}, Vec{}, false,
-        packed.dw, packed.pw, packed.scale, packed.shift);
+        plan, static_cast<const T*>(prm.dw_weight), static_cast<const T*>(prm.pw_weight), Vec{}, Vec{},
+        PackMode::kForward, packed.dw, packed.pw, packed.scale, packed.shift);
     Args<T> args{};
     args.x = static_cast<const T*>(prm.x);
     args.dw = packed.dw;
@@ -1100,8 +1232,87 @@ cudaError_t run_grad_pw(const GradPwParams& prm, cudaStream_t stream, int* split
   }
 }
 
+template <typename T>
+cudaError_t run_dw_backward(const DwBackwardParams& prm, cudaStream_t stream, int* splits) {
+  const ConvGeometry& g = prm.g;
+  int device = 0, max_smem = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  const auto i = [](int64_t v) { return static_cast<int>(v); };
+  Plan plan{};
+  for (int k = 0; tile_candidate(k, sizeof(T)).bm > 0 && plan.bm == 0; ++k) {
+    const Plan candidate = dx_plan(i(g.n), i(g.c), i(g.h), i(g.w), i(g.kh), i(g.kw), i(g.pad_h), i(g.pad_w),
+                                   i(g.dil_h), i(g.dil_w), tile_candidate(k, sizeof(T)).bm,
+                                   tile_candidate(k, sizeof(T)).row_segments);
+    if (dx_fits_smem(candidate, sizeof(T), max_smem)) plan = candidate;
+  }
+  if (plan.bm == 0) return cudaSuccess;
+  Workspace ws(prm.workspace);
+  const Packed<T> packed = carve<T>(plan, ws);
+  if (ws.bytes() > prm.workspace_bytes) return cudaErrorInvalidValue;
+  const int tiles = num_tiles(plan);
+  *splits = gp_choose_splits(gp_chunks(plan), tiles, sms, prm.max_splits);
+  if (tiles == 0 || g.c == 0) {
+    *splits = 0;  // nothing to write: grad_x is empty and the column sums write zeros
+    return cudaSuccess;
+  }
+  const int pack_total = packed_pw_elems(plan) + packed_dw_elems(plan) + plan.cout_pad;
+  pack_weights_kernel<T><<<elementwise_blocks(pack_total), 256, 0, stream>>>(
+      plan, static_cast<const T*>(prm.dw_weight), static_cast<const T*>(prm.pw_weight), Vec{}, Vec{},
+      PackMode::kFlipped, packed.dw, packed.pw, packed.scale, packed.shift);
+  Args<T> args{};
+  args.x = static_cast<const T*>(prm.grad_d);
+  args.dw = packed.dw;
+  args.pre_relu = false;
+  const bool whole = g.c % vec_elems(sizeof(T)) == 0;
+  args.x_vectors = whole && aligned(args.x, 16);
+  const DxArgs<T> dx{static_cast<const T*>(prm.x), static_cast<T*>(prm.grad_x), prm.partial, *splits, prm.pre_relu,
+                     whole && aligned(prm.x, 16) && aligned(prm.grad_x, 16)};
+  const int smem_bytes = dx_smem_layout(plan, sizeof(T)).total;
+  const auto launch_dx = [&](auto kernel) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (e != cudaSuccess) return e;
+    kernel<<<gp_chunks(plan) * *splits, kThreads, smem_bytes, stream>>>(plan, args, dx);
+    return cudaGetLastError();
+  };
+  if constexpr (sizeof(T) == 2) {
+    if (plan.bm == 128) return launch_dx(dw_backward_tiled_kernel<T, 128>);
+    if (plan.bm == 64) return launch_dx(dw_backward_tiled_kernel<T, 64>);
+  }
+  return launch_dx(dw_backward_tiled_kernel<T, 32>);
+}
+
 }  // namespace
 }  // namespace infer
+
+bool dw_backward_tiled_covers(const ConvGeometry& g) {
+  return infer::fits_int32(g) && infer::dx_supported(static_cast<int>(g.kh), static_cast<int>(g.kw),
+                                                     static_cast<int>(g.stride_h), static_cast<int>(g.stride_w),
+                                                     static_cast<int>(g.pad_h), static_cast<int>(g.pad_w),
+                                                     static_cast<int>(g.dil_h), static_cast<int>(g.dil_w));
+}
+
+size_t dw_backward_tiled_workspace_size(const ConvGeometry& g, DType dtype) {
+  if (!dw_backward_tiled_covers(g)) return 0;
+  const auto i = [](int64_t v) { return static_cast<int>(v); };
+  const infer::Plan plan = infer::dx_plan(i(g.n), i(g.c), i(g.h), i(g.w), i(g.kh), i(g.kw), i(g.pad_h), i(g.pad_w),
+                                          i(g.dil_h), i(g.dil_w), 64, 0);
+  Workspace ws(nullptr);
+  if (dtype == DType::kFloat32) {
+    infer::carve<float>(plan, ws);
+  } else {
+    infer::carve<__half>(plan, ws);
+  }
+  return ws.bytes();
+}
+
+cudaError_t run_dw_backward_tiled(const DwBackwardParams& params, cudaStream_t stream, int* splits) {
+  *splits = -1;
+  if (!dw_backward_tiled_covers(params.g) || params.max_splits < 1) return cudaSuccess;
+  return XF_DTYPE_SWITCH(params.dtype, T, [&] { return infer::run_dw_backward<T>(params, stream, splits); });
+}
 
 size_t grad_pw_tiled_workspace_size(const ConvGeometry& g, DType dtype) {
   if (dtype == DType::kFloat32 || !infer::fits_int32(g)) return 0;

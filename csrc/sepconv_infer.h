@@ -57,4 +57,26 @@ struct GradPwParams {
 size_t grad_pw_tiled_workspace_size(const ConvGeometry& g, DType dtype);
 cudaError_t run_grad_pw_tiled(const GradPwParams& params, cudaStream_t stream, int* splits);
 
+// The backward's grad_x and grad_dw on the tiled machinery (stride 1, 3x3, padding at most the
+// window's reach; every dtype): grad_d's halo staged once per tile and chunk, x read once, grad_x
+// stored, grad_dw as fp32 partials [splits][C][taps] for the caller's column sums. *splits as for
+// run_grad_pw_tiled (-1: not covered, the caller's kernels run instead).
+struct DwBackwardParams {
+  ConvGeometry g;
+  DType dtype = DType::kFloat32;
+  const void* x = nullptr;          // [N, H, W, C]
+  const void* dw_weight = nullptr;  // [C, kh, kw]
+  const void* pw_weight = nullptr;  // [Cout, C] (packed alongside; unused)
+  bool pre_relu = false;
+  const void* grad_d = nullptr;     // [N, Ho, Wo, C]
+  void* grad_x = nullptr;           // [N, H, W, C]
+  float* partial = nullptr;         // room for max_splits partials
+  int max_splits = 0;
+  void* workspace = nullptr;        // dw_backward_tiled_workspace_size bytes
+  size_t workspace_bytes = 0;
+};
+bool dw_backward_tiled_covers(const ConvGeometry& g);
+size_t dw_backward_tiled_workspace_size(const ConvGeometry& g, DType dtype);
+cudaError_t run_dw_backward_tiled(const DwBackwardParams& params, cudaStream_t stream, int* splits);
+
 }  // namespace xception_fast

@@ -558,5 +558,90 @@ XF_HD int64_t gp_partial_offset(const Plan& p, int split, int co, int c) {
   return (static_cast<int64_t>(split) * p.c_out + co) * p.c + c;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The backward's grad_x and grad_dw (sepconv_infer.cu, dw_backward_tiled_kernel; stride 1, 3x3).
+// With stride 1 the depthwise's input gradient is a forward depthwise of grad_d with the taps flipped
+// and padding (k - 1) * dil - pad (dx_plan): the tile, halo and gather machinery of the forward, on
+// grad_d [N, Ho, Wo, C] as the "image" and tiles of input pixels. A CTA owns one chunk of kBK channels
+// and a split of the pixel tiles; per tile it stages grad_d's halo box for the chunk, and each thread,
+// for its rows and channel vector, reads x once and gathers every tap's grad_d once for both
+//   grad_x(pix) = [pre_relu: x > 0] * sum_taps grad_d(pix + pad - tap * dil) * w(tap) and
+//   grad_dw(tap) += grad_d(pix + pad - tap * dil) * pre(x)(pix) (depthwise_backward_rows).
+// grad_dw stays in registers across the split's tiles, is summed over the lanes of the channel vector
+// (xor shuffles from dx_lane_xor_first), then over the warps in shared memory, in order, into the
+// split's partial [C][taps]; the column sums add the splits.
+
+// The forward plan of the transposed depthwise: grad_d (ho x wo) in, the input grid (h x w) out. Valid
+// when the padding is at most the window's reach ((k - 1) * dil - pad >= 0, checked by dx_supported).
+XF_HD Plan dx_plan(int n, int c, int h, int w, int kh, int kw, int pad_h, int pad_w, int dil_h, int dil_w, int bm,
+                   int row_segments) {
+  const int h_out = h + 2 * pad_h - dil_h * (kh - 1), w_out = w + 2 * pad_w - dil_w * (kw - 1);
+  return make_plan(n, c, h_out, w_out, c, kh, kw, 1, 1, (kh - 1) * dil_h - pad_h, (kw - 1) * dil_w - pad_w, dil_h,
+                   dil_w, bm, row_segments);
+}
+XF_HD bool dx_supported(int kh, int kw, int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w) {
+  return kh == 3 && kw == 3 && stride_h == 1 && stride_w == 1 && pad_h <= (kh - 1) * dil_h &&
+         pad_w <= (kw - 1) * dil_w;
+}
+// The flipped weights: tap t of the transposed conv is tap taps - 1 - t of the forward's.
+XF_HD int dx_forward_tap(const Plan& p, int tap) { return p.kh * p.kw - 1 - tap; }
+
+// Shared memory: the depthwise staging of SmemLayout (no d tile), then the warps' grad_dw partials
+// fp32 [warps][taps][kBK] (dx_red_index).
+XF_HD SmemLayout dx_smem_layout(const Plan& p, int elem_bytes) {
+  SmemLayout s = smem_layout(p, elem_bytes);
+  const int shift = s.region;
+  s.d_ld = 0, s.d_bytes = 0, s.region = 0;
+  s.halo[0] -= shift, s.halo[1] -= shift, s.wts[0] -= shift, s.wts[1] -= shift, s.table -= shift;
+  s.ring = 0, s.ring_tile_elems = 0;
+  s.stats = align_up(s.table + p.halo_rows * p.halo_cols * 4, 128);  // the reduction area
+  s.total = align_up(s.stats + (kThreads / 32) * p.kh * p.kw * kBK * 4, 128);
+  return s;
+}
+XF_HD int dx_red_index(const Plan& p, int warp, int tap, int ch) { return (warp * p.kh * p.kw + tap) * kBK + ch; }
+XF_HD bool dx_fits_smem(const Plan& p, int elem_bytes, int max_smem) {
+  if (2 * static_cast<int64_t>(p.halo_rows) * p.halo_cols * kBK * elem_bytes > max_smem) return false;
+  return dx_smem_layout(p, elem_bytes).total <= max_smem;
+}
+
+// Lanes of a warp with the same channel vector differ by multiples of vectors_per_pixel: the xor
+// butterfly over them starts there and doubles up to 16.
+XF_HD int dx_lane_xor_first(int elem_bytes) { return vectors_per_pixel(elem_bytes); }
+
+// The split's grad_dw partial: float [splits][C][taps] (grad_dw's own layout per split).
+XF_HD int64_t dx_partial_offset(const Plan& p, int split, int c, int forward_tap) {
+  return (static_cast<int64_t>(split) * p.c + c) * (p.kh * p.kw) + forward_tap;
+}
+
+// Both gradients of kPos tile rows for one channel vector (see above), taps in the transposed conv's
+// row-major order, one gather per element-tap and two fma:
+//   gx[q][e] = fma(g, w(tap, e), gx[q][e]);  gw[tap][e] = fma(g, xr[q][e], gw[tap][e]),
+// g = grad_d(base[q] + tap offset, e). xr[q] must be 0 on rows that are not real pixels.
+template <int KH, int KW, int kPos, int kVec, class LoadG, class LoadW>
+XF_HD void depthwise_backward_rows(const Plan& p, const HaloBox& b, const int (&base)[kPos], LoadG&& load_g,
+                                   LoadW&& load_w, const float (&xr)[kPos][kVec], float (&gx)[kPos][kVec],
+                                   float (&gw)[KH * KW][kVec]) {
+  const int row_step = p.dil_h * b.cols;
+  XF_UNROLL
+  for (int i = 0; i < KH; ++i) {
+    XF_UNROLL
+    for (int j = 0; j < KW; ++j) {
+      float wv[kVec];
+      load_w(i * KW + j, wv);
+      const int off = i * row_step + j * p.dil_w;  // == halo_tap_offset(p, b, i, j)
+      XF_UNROLL
+      for (int q = 0; q < kPos; ++q) {
+        float g[kVec];
+        load_g(base[q] + off, g);
+        XF_UNROLL
+        for (int e = 0; e < kVec; ++e) {
+          gx[q][e] = fmaf(g[e], wv[e], gx[q][e]);
+          gw[i * KW + j][e] = fmaf(g[e], xr[q][e], gw[i * KW + j][e]);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace infer
 }  // namespace xception_fast

@@ -6,8 +6,9 @@ mappings, the depthwise of every tile bit-exact against a direct loop, and the l
 fragment mapping against the PTX ISA layouts. test_train_stats.cpp: the training forward's BatchNorm
 statistics (per-part moments from the accumulator layout, their merge per tile and per channel)
 against double precision. test_grad_pw_tiling.cpp: the backward's tiled grad_pw (work units, splits,
-shared memory, ldmatrix.trans + mma.sync emulated against grad_z^T d). No GPU and no CUDA toolkit
-needed.
+shared memory, ldmatrix.trans + mma.sync emulated against grad_z^T d). test_dw_backward_tiling.cpp:
+the backward's tiled grad_x / grad_dw (the transposed plan's gathers, the kernel emulated against a
+direct transposed convolution and weight gradient). No GPU and no CUDA toolkit needed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ["test_infer_tiling.cpp", "test_train_stats.cpp", "test_grad_pw_tiling.cpp"]
+SOURCES = ["test_infer_tiling.cpp", "test_train_stats.cpp", "test_grad_pw_tiling.cpp", "test_dw_backward_tiling.cpp"]
 
 
 def _compiler() -> str | None:
