@@ -528,7 +528,6 @@ cudaError_t launch_conv_grads(const ConvGeometry& g, const BackwardPlan& plan, c
   gp.dtype = dtype;
   gp.x = x;
   gp.dw_weight = dw;
-  gp.pw_weight = pw;
   gp.pre_relu = pre_relu;
   gp.grad_z = plan.grad_z;
   gp.partial = plan.pw_partial;
@@ -553,7 +552,6 @@ cudaError_t launch_conv_grads(const ConvGeometry& g, const BackwardPlan& plan, c
   dx.dtype = dtype;
   dx.x = x;
   dx.dw_weight = dw;
-  dx.pw_weight = pw;
   dx.pre_relu = pre_relu;
   dx.grad_d = grad_d;
   dx.grad_x = grad_x;

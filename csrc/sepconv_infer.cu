@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(256)
     const int idx = static_cast<int>(i);
     if (idx < pw_elems) {
       const int co = idx / p.kp, ci = idx - co * p.kp;
-      const bool real = co < p.c_out && ci < p.c;
+      const bool real = co < p.c_out && ci < p.c && pw != nullptr;  // no pw (grad_x): zeros
       pwp[packed_pw_offset(p, co, ci, sizeof(T))] =
           real ? pw[mode == PackMode::kGemm ? ci * p.c_out + co : co * p.c + ci] : from_float<T>(0.f);
     } else if (idx < pw_elems + dw_elems) {
@@ -937,8 +937,8 @@ cudaError_t run_train(const SepConvTrainParams& prm, cudaStream_t stream, bool* 
     err = run_plan<T, true>(prm, plan, packed, out, stream);
     if (err != cudaSuccess) return err;
   }
-  bn_stats_merge_kernel<<<static_cast<unsigned int>(ceil_div(g.c_out, kRedCols)), dim3(kRedCols, kRedLanes), 0,
-                          stream>>>(c.partial, tiles, TileCounts{plan}, g.c_out, static_cast<float>(prm.eps),
+  bn_stats_merge_kernel<<<static_cast<unsigned int>(::xception_fast::ceil_div(g.c_out, kRedCols)),
+                          dim3(kRedCols, kRedLanes), 0, stream>>>(c.partial, tiles, TileCounts{plan}, g.c_out, static_cast<float>(prm.eps),
                                     prm.mean, prm.var, c.invstd);
   return cudaGetLastError();
 }
@@ -1219,8 +1219,8 @@ cudaError_t run_grad_pw(const GradPwParams& prm, cudaStream_t stream, int* split
     }
     const int pack_total = packed_pw_elems(plan) + packed_dw_elems(plan) + plan.cout_pad;
     pack_weights_kernel<T><<<elementwise_blocks(pack_total), 256, 0, stream>>>(
-        plan, static_cast<const T*>(prm.dw_weight), static_cast<const T*>(prm.pw_weight), Vec{}, Vec{},
-        PackMode::kForward, packed.dw, packed.pw, packed.scale, packed.shift);
+        plan, static_cast<const T*>(prm.dw_weight), nullptr, Vec{}, Vec{}, PackMode::kForward, packed.dw,
+        packed.pw, packed.scale, packed.shift);
     Args<T> args{};
     args.x = static_cast<const T*>(prm.x);
     args.dw = packed.dw;
@@ -1260,8 +1260,8 @@ cudaError_t run_dw_backward(const DwBackwardParams& prm, cudaStream_t stream, in
   }
   const int pack_total = packed_pw_elems(plan) + packed_dw_elems(plan) + plan.cout_pad;
   pack_weights_kernel<T><<<elementwise_blocks(pack_total), 256, 0, stream>>>(
-      plan, static_cast<const T*>(prm.dw_weight), static_cast<const T*>(prm.pw_weight), Vec{}, Vec{},
-      PackMode::kFlipped, packed.dw, packed.pw, packed.scale, packed.shift);
+      plan, static_cast<const T*>(prm.dw_weight), nullptr, Vec{}, Vec{}, PackMode::kFlipped, packed.dw, packed.pw,
+      packed.scale, packed.shift);
   Args<T> args{};
   args.x = static_cast<const T*>(prm.grad_d);
   args.dw = packed.dw;

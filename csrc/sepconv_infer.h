@@ -46,7 +46,6 @@ struct GradPwParams {
   DType dtype = DType::kFloat32;
   const void* x = nullptr;          // [N, H, W, C]
   const void* dw_weight = nullptr;  // [C, kh, kw]
-  const void* pw_weight = nullptr;  // [Cout, C] (packed with the depthwise weights; unused)
   bool pre_relu = false;
   const void* grad_z = nullptr;     // [P, Cout]
   float* partial = nullptr;         // room for max_splits partials
@@ -66,7 +65,6 @@ struct DwBackwardParams {
   DType dtype = DType::kFloat32;
   const void* x = nullptr;          // [N, H, W, C]
   const void* dw_weight = nullptr;  // [C, kh, kw]
-  const void* pw_weight = nullptr;  // [Cout, C] (packed alongside; unused)
   bool pre_relu = false;
   const void* grad_d = nullptr;     // [N, Ho, Wo, C]
   void* grad_x = nullptr;           // [N, H, W, C]
