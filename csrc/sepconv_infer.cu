@@ -797,8 +797,10 @@ cudaError_t launch(const Plan& plan, const Args<T>& args, int smem_bytes, cudaSt
 
 template <typename T, int BM, bool kStats>
 cudaError_t launch_k(const Plan& plan, const Args<T>& args, int smem_bytes, cudaStream_t stream) {
-  // 3x3 (every Xception unit) with the taps unrolled at compile time; any other size at run time.
+  // 3x3 (every Xception unit) with the taps unrolled at compile time, and 1x1 (the backward's grad_d
+  // GEMM); any other size at run time.
   if (plan.kh == 3 && plan.kw == 3) return launch<T, BM, 3, 3, kStats>(plan, args, smem_bytes, stream);
+  if (plan.kh == 1 && plan.kw == 1 && !kStats) return launch<T, BM, 1, 1, false>(plan, args, smem_bytes, stream);
   return launch<T, BM, 0, 0, kStats>(plan, args, smem_bytes, stream);
 }
 
