@@ -55,7 +55,7 @@ constexpr int64_t kMaxRowChunks = 1024;
 constexpr int64_t kMaxPartialBytes = int64_t{256} << 20;  // per partial buffer
 
 // ---------------------------------------------------------------------------------------------------
-// grad_z: on the fly (training) or from a buffer (inference, written by infer_grad_z_kernel)
+// grad_z: formed from grad_y and z (training: train_grad_z_kernel) or read from the buffer
 
 template <typename T, bool kTrain>
 struct GradZ {
@@ -76,21 +76,26 @@ struct GradZ {
   __device__ __forceinline__ float operator()(int64_t pos, int64_t co) const {
     const int64_t i = pos * c_out + co;
     if constexpr (kTrain) {
-      const float inv = invstd[co];
-      const float xhat = (to_float(z[i]) - mean[co]) * inv;
-      float g = to_float(grad_y[i]);
-      float gain = inv;
-      if (bn_weight.ptr != nullptr) gain = gain * load_vec(bn_weight, co);
-      if (post_relu) {
-        float y = xhat;
-        if (bn_weight.ptr != nullptr) y = y * load_vec(bn_weight, co);
-        if (bn_bias.ptr != nullptr) y = y + load_vec(bn_bias, co);
-        if (!(y > 0.f)) g = 0.f;
-      }
-      return round_to<T>((g - mean_dy[co] - xhat * mean_dy_xhat[co]) * gain);
+      return from(to_float(grad_y[i]), to_float(z[i]), co);
     } else {
       return to_float(buffer[i]);
     }
+  }
+
+  // kTrain: grad_z of channel co from grad_y = gy and z = zf.
+  __device__ __forceinline__ float from(float gy, float zf, int64_t co) const {
+    const float inv = invstd[co];
+    const float xhat = (zf - mean[co]) * inv;
+    float g = gy;
+    float gain = inv;
+    if (bn_weight.ptr != nullptr) gain = gain * load_vec(bn_weight, co);
+    if (post_relu) {
+      float y = xhat;
+      if (bn_weight.ptr != nullptr) y = y * load_vec(bn_weight, co);
+      if (bn_bias.ptr != nullptr) y = y + load_vec(bn_bias, co);
+      if (!(y > 0.f)) g = 0.f;
+    }
+    return round_to<T>((g - mean_dy[co] - xhat * mean_dy_xhat[co]) * gain);
   }
 };
 
@@ -197,12 +202,18 @@ __global__ void __launch_bounds__(kRedCols* kRedLanes)
 // ---------------------------------------------------------------------------------------------------
 // grad_z materialised (training): from grad_y, z and the per-channel vectors, once, in T.
 
-template <typename T>
+template <typename T, int kV>
 __global__ void __launch_bounds__(256)
     train_grad_z_kernel(const GradZ<T, true> grad_z, T* __restrict__ out, int64_t total) {
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    out[idx] = from_float<T>(grad_z(idx / grad_z.c_out, idx % grad_z.c_out));
+  using E = Elems<T, kV>;
+  for (int64_t step = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; step < total / kV;
+       step += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t idx = step * kV, co = idx % grad_z.c_out;  // kV consecutive channels (c_out % kV == 0)
+    const E gy = E::load(grad_z.grad_y + idx), zv = E::load(grad_z.z + idx);
+    E r;
+#pragma unroll
+    for (int e = 0; e < kV; ++e) r.v[e] = from_float<T>(grad_z.from(to_float(gy.v[e]), to_float(zv.v[e]), co + e));
+    r.store(out + idx);
   }
 }
 
@@ -632,8 +643,13 @@ cudaError_t launch_train_backward(const SepConvTrainBackwardParams& p, cudaStrea
   grad_z.post_relu = p.post_relu;
   const int64_t z_total = plan.positions * g.c_out;
   if (z_total > 0) {
-    train_grad_z_kernel<T><<<elementwise_blocks(z_total), 256, 0, stream>>>(grad_z, static_cast<T*>(plan.grad_z),
-                                                                            z_total);
+    constexpr int kV = 16 / sizeof(T);
+    T* out = static_cast<T*>(plan.grad_z);
+    if (vector_path<T>(g.c_out, {grad_z.grad_y, grad_z.z, out})) {
+      train_grad_z_kernel<T, kV><<<elementwise_blocks(z_total / kV), 256, 0, stream>>>(grad_z, out, z_total);
+    } else {
+      train_grad_z_kernel<T, 1><<<elementwise_blocks(z_total), 256, 0, stream>>>(grad_z, out, z_total);
+    }
   }
   return launch_conv_grads<T>(g, plan, static_cast<const T*>(p.x.ptr),
                                     static_cast<const T*>(p.dw_weight), static_cast<const T*>(p.pw_weight),

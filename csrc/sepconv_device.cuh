@@ -17,6 +17,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include <cuda_bf16.h>
@@ -112,6 +113,41 @@ __device__ __forceinline__ void store_as(void* out, DType dtype, int64_t i, floa
     case DType::kBFloat16: static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16_rn(v); break;
     default: static_cast<float*>(out)[i] = v; break;
   }
+}
+
+// kV consecutive elements of T, as one 16-byte access when kV * sizeof(T) == 16 (the element-wise
+// kernels' vector path: the pointer must then be 16-byte aligned).
+template <typename T, int kV>
+struct alignas(kV * sizeof(T) == 16 ? 16 : alignof(T)) Elems {
+  T v[kV];
+  static __device__ __forceinline__ Elems load(const T* p) {
+    Elems e;
+    if constexpr (kV * sizeof(T) == 16) {
+      *reinterpret_cast<uint4*>(e.v) = *reinterpret_cast<const uint4*>(p);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kV; ++i) e.v[i] = p[i];
+    }
+    return e;
+  }
+  __device__ __forceinline__ void store(T* p) const {
+    if constexpr (kV * sizeof(T) == 16) {
+      *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(v);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kV; ++i) p[i] = v[i];
+    }
+  }
+};
+
+// Whether an element-wise kernel over [rows, c] may take 16-byte vectors: c a multiple of the vector
+// and every pointer (null ones aside) 16-byte aligned.
+template <typename T>
+inline bool vector_path(int64_t c, std::initializer_list<const void*> ptrs) {
+  if (c % (16 / static_cast<int64_t>(sizeof(T))) != 0) return false;
+  for (const void* ptr : ptrs)
+    if (ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -114,23 +114,33 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T>
+// y = post(((z - mean) * invstd) * w + b) + residual, kV elements (consecutive channels) per step:
+// 16-byte vectors where vector_path allows, else one element.
+template <typename T, int kV>
 __global__ void __launch_bounds__(256)
     bn_apply_kernel(const SepConvTrainParams p, const float* __restrict__ invstd, int64_t total) {
+  using E = Elems<T, kV>;
   const int64_t c_out = p.g.c_out;
   const T* z = static_cast<const T*>(p.z.ptr);
   const T* residual = static_cast<const T*>(p.residual.ptr);
   T* y = static_cast<T*>(p.y.ptr);
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t co = idx % c_out;
-    float v = (to_float(z[idx]) - p.mean[co]) * invstd[co];
-    if (p.bn_weight.ptr != nullptr) v = v * load_vec(p.bn_weight, co);
-    if (p.bn_bias.ptr != nullptr) v = v + load_vec(p.bn_bias, co);
-    v = round_to<T>(v);
-    if (p.post_relu) v = relu(v);
-    if (residual != nullptr) v = v + to_float(residual[idx]);
-    y[idx] = from_float<T>(v);
+  for (int64_t step = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; step < total / kV;
+       step += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t idx = step * kV, co = idx % c_out;  // co + kV - 1 < c_out: c_out % kV == 0
+    const E zv = E::load(z + idx);
+    E rv, out;
+    if (residual != nullptr) rv = E::load(residual + idx);
+#pragma unroll
+    for (int e = 0; e < kV; ++e) {
+      float v = (to_float(zv.v[e]) - p.mean[co + e]) * invstd[co + e];
+      if (p.bn_weight.ptr != nullptr) v = v * load_vec(p.bn_weight, co + e);
+      if (p.bn_bias.ptr != nullptr) v = v + load_vec(p.bn_bias, co + e);
+      v = round_to<T>(v);
+      if (p.post_relu) v = relu(v);
+      if (residual != nullptr) v = v + to_float(rv.v[e]);
+      out.v[e] = from_float<T>(v);
+    }
+    out.store(y + idx);
   }
 }
 
@@ -197,7 +207,14 @@ cudaError_t launch_train(const SepConvTrainParams& p, cudaStream_t stream) {
                                       static_cast<float>(p.eps), p.mean, p.var, plan.invstd);
   }
   const int64_t total = positions * g.c_out;
-  if (total > 0) bn_apply_kernel<T><<<elementwise_blocks(total), 256, 0, stream>>>(p, plan.invstd, total);
+  if (total > 0) {
+    constexpr int kV = 16 / sizeof(T);
+    if (vector_path<T>(g.c_out, {p.z.ptr, p.y.ptr, p.residual.ptr})) {
+      bn_apply_kernel<T, kV><<<elementwise_blocks(total / kV), 256, 0, stream>>>(p, plan.invstd, total);
+    } else {
+      bn_apply_kernel<T, 1><<<elementwise_blocks(total), 256, 0, stream>>>(p, plan.invstd, total);
+    }
+  }
   return cudaGetLastError();
 }
 
