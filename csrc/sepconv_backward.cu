@@ -65,7 +65,8 @@ struct GradZ {
   const T* z = nullptr;
   const float* mean = nullptr;
   const float* invstd = nullptr;
-  Vec bn_weight, bn_bias;
+  const float* weight = nullptr;  // fp32 [Cout]: 1 where the BatchNorm has no weight
+  const float* bias = nullptr;    // fp32 [Cout]: -0 where it has no bias
   const float* mean_dy = nullptr;
   const float* mean_dy_xhat = nullptr;
   bool post_relu = false;
@@ -87,14 +88,8 @@ struct GradZ {
     const float inv = invstd[co];
     const float xhat = (zf - mean[co]) * inv;
     float g = gy;
-    float gain = inv;
-    if (bn_weight.ptr != nullptr) gain = gain * load_vec(bn_weight, co);
-    if (post_relu) {
-      float y = xhat;
-      if (bn_weight.ptr != nullptr) y = y * load_vec(bn_weight, co);
-      if (bn_bias.ptr != nullptr) y = y + load_vec(bn_bias, co);
-      if (!(y > 0.f)) g = 0.f;
-    }
+    const float gain = inv * weight[co];  // * 1 is exact
+    if (post_relu && !(xhat * weight[co] + bias[co] > 0.f)) g = 0.f;
     return round_to<T>((g - mean_dy[co] - xhat * mean_dy_xhat[co]) * gain);
   }
 };
@@ -425,6 +420,7 @@ struct BackwardPlan {
   void* grad_z = nullptr;                               // [P, Cout] in T
   float* part_scale = nullptr;                          // inference: [m_tiles, Cout]
   float* part_shift = nullptr;                          // inference: [m_tiles, Cout]
+  float* affine = nullptr;                              // training: the BatchNorm weight, bias in fp32 [2][Cout]
   void* grad_d = nullptr;                               // [P, C] in T
   void* gemm = nullptr;                                 // the tiled grad_d GEMM's packed weights
   size_t gemm_bytes = 0;
@@ -462,6 +458,8 @@ BackwardPlan plan_backward(const ConvGeometry& g, bool inference, DType dtype, W
   if (inference) {
     plan.part_scale = ws.take<float>(plan.m_tiles * g.c_out);
     plan.part_shift = ws.take<float>(plan.m_tiles * g.c_out);
+  } else {
+    plan.affine = ws.take<float>(2 * g.c_out);
   }
   plan.grad_d = ws.take<char>(plan.positions * g.c * elem_size);
   plan.gemm_bytes = grad_d_tiled_workspace_size(g, dtype);
@@ -636,8 +634,13 @@ cudaError_t launch_train_backward(const SepConvTrainBackwardParams& p, cudaStrea
   grad_z.z = static_cast<const T*>(p.z.ptr);
   grad_z.mean = p.mean;
   grad_z.invstd = p.invstd;
-  grad_z.bn_weight = p.bn_weight;
-  grad_z.bn_bias = p.bn_bias;
+  grad_z.weight = plan.affine;
+  grad_z.bias = plan.affine + g.c_out;
+  if (g.c_out > 0) {
+    vec_to_float_kernel<<<elementwise_blocks(g.c_out), 256, 0, stream>>>(p.bn_weight, 1.f, g.c_out, plan.affine);
+    vec_to_float_kernel<<<elementwise_blocks(g.c_out), 256, 0, stream>>>(p.bn_bias, -0.f, g.c_out,
+                                                                         plan.affine + g.c_out);
+  }
   grad_z.mean_dy = p.mean_dy;
   grad_z.mean_dy_xhat = p.mean_dy_xhat;
   grad_z.post_relu = p.post_relu;

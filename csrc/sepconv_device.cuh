@@ -140,6 +140,16 @@ struct alignas(kV * sizeof(T) == 16 ? 16 : alignof(T)) Elems {
   }
 };
 
+// An optional per-channel vector as fp32 [n], `absent` where it is null: the element-wise kernels then
+// read plain floats (no dtype switch per element). absent = 1 for a scale (x * 1 == x), -0 for a shift
+// (x + -0 == x, signed zeros included).
+__global__ void __launch_bounds__(256) vec_to_float_kernel(Vec v, float absent, int64_t n, float* __restrict__ out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = v.ptr != nullptr ? load_vec(v, i) : absent;
+  }
+}
+
 // Whether an element-wise kernel over [rows, c] may take 16-byte vectors: c a multiple of the vector
 // and every pointer (null ones aside) 16-byte aligned.
 template <typename T>

@@ -118,7 +118,8 @@ __global__ void __launch_bounds__(kThreads)
 // 16-byte vectors where vector_path allows, else one element.
 template <typename T, int kV>
 __global__ void __launch_bounds__(256)
-    bn_apply_kernel(const SepConvTrainParams p, const float* __restrict__ invstd, int64_t total) {
+    bn_apply_kernel(const SepConvTrainParams p, const float* __restrict__ invstd, const float* __restrict__ weight,
+                    const float* __restrict__ bias, int64_t total) {
   using E = Elems<T, kV>;
   const int64_t c_out = p.g.c_out;
   const T* z = static_cast<const T*>(p.z.ptr);
@@ -133,8 +134,8 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int e = 0; e < kV; ++e) {
       float v = (to_float(zv.v[e]) - p.mean[co + e]) * invstd[co + e];
-      if (p.bn_weight.ptr != nullptr) v = v * load_vec(p.bn_weight, co + e);
-      if (p.bn_bias.ptr != nullptr) v = v + load_vec(p.bn_bias, co + e);
+      v = v * weight[co + e];  // 1 where there is no weight, -0 where there is no bias: exact
+      v = v + bias[co + e];
       v = round_to<T>(v);
       if (p.post_relu) v = relu(v);
       if (residual != nullptr) v = v + to_float(rv.v[e]);
@@ -153,12 +154,14 @@ int64_t positions_out(const ConvGeometry& g) { return g.n * g.h_out * g.w_out; }
 struct TrainPlan {
   int64_t m_tiles, n_tiles;
   float* invstd;   // [Cout]
+  float* affine;   // [2][Cout]: the BatchNorm weight and bias in fp32 (vec_to_float_kernel)
   float* partial;  // [m_tiles][3][Cout]
 };
 
 TrainPlan plan_train(const ConvGeometry& g, Workspace& ws) {
   TrainPlan plan;
   plan.invstd = ws.take<float>(g.c_out);
+  plan.affine = ws.take<float>(2 * g.c_out);
   plan.m_tiles = ceil_div(positions_out(g), kBM);
   plan.n_tiles = ceil_div(g.c_out, kBN);
   plan.partial = ws.take<float>(plan.m_tiles * 3 * g.c_out);
@@ -208,11 +211,15 @@ cudaError_t launch_train(const SepConvTrainParams& p, cudaStream_t stream) {
   }
   const int64_t total = positions * g.c_out;
   if (total > 0) {
+    float* weight = plan.affine;
+    float* bias = plan.affine + g.c_out;
+    vec_to_float_kernel<<<elementwise_blocks(g.c_out), 256, 0, stream>>>(p.bn_weight, 1.f, g.c_out, weight);
+    vec_to_float_kernel<<<elementwise_blocks(g.c_out), 256, 0, stream>>>(p.bn_bias, -0.f, g.c_out, bias);
     constexpr int kV = 16 / sizeof(T);
     if (vector_path<T>(g.c_out, {p.z.ptr, p.y.ptr, p.residual.ptr})) {
-      bn_apply_kernel<T, kV><<<elementwise_blocks(total / kV), 256, 0, stream>>>(p, plan.invstd, total);
+      bn_apply_kernel<T, kV><<<elementwise_blocks(total / kV), 256, 0, stream>>>(p, plan.invstd, weight, bias, total);
     } else {
-      bn_apply_kernel<T, 1><<<elementwise_blocks(total), 256, 0, stream>>>(p, plan.invstd, total);
+      bn_apply_kernel<T, 1><<<elementwise_blocks(total), 256, 0, stream>>>(p, plan.invstd, weight, bias, total);
     }
   }
   return cudaGetLastError();

@@ -906,8 +906,9 @@ int64_t max_tiles(const ConvGeometry& g) {
   return tiles;
 }
 
-// Training workspace: invstd [Cout] first (as the int64 path's), then the packed weights, then the
-// partials [max_tiles][3][Cout].
+// Training workspace: invstd [Cout] and the fp32 BatchNorm affine [2][Cout] first (as the int64 path's
+// plan_train: bn_apply_kernel reads them there), then the packed weights, then the partials
+// [max_tiles][3][Cout].
 struct TrainCarve {
   float* invstd;
   float* partial;
@@ -916,6 +917,7 @@ template <typename T>
 TrainCarve carve_train(const ConvGeometry& g, const Plan& plan, Workspace& ws, Packed<T>* packed) {
   TrainCarve r;
   r.invstd = ws.take<float>(g.c_out);
+  ws.take<float>(2 * g.c_out);
   *packed = carve<T>(plan, ws);
   r.partial = ws.take<float>(max_tiles(g) * 3 * g.c_out);
   return r;
