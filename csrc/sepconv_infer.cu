@@ -990,11 +990,18 @@ __global__ void __launch_bounds__(kThreads, 1) grad_pw_tiled_kernel(const Plan p
     const HaloBox b = halo_box(p, t);
     // grad_z rows of the tile; zeros past its positions and past Cout (Cout % 8 == 0: whole vectors).
     const T* gz_tile = g.grad_z + (static_cast<int64_t>(t.img) * p.h_out * p.w_out + t.q0) * p.c_out;
+    if (threadIdx.x < kGpGzThreads) {
+      const int col = gp_gz_col(threadIdx.x), co = u.pass * kGpN + col, r0 = gp_gz_row0(threadIdx.x);
+      const bool column = co < p.c_out;
+      const T* src = gz_tile + r0 * p.c_out + co;
+      uint32_t dst = smem_addr(gz + r0 * gp_ld_gz() + col);
 #pragma unroll 4
-    for (int v = threadIdx.x; v < gp_gz_vectors(BM); v += kThreads) {
-      const int r = gp_gz_row(v), col = gp_gz_col(v), co = u.pass * kGpN + col;
-      const bool real = r < t.count && co < p.c_out;
-      cp_async16(gz + r * gp_ld_gz() + col, real ? gz_tile + r * p.c_out + co : g.grad_z, real ? 16 : 0);
+      for (int r = r0; r < BM; r += kGpGzRowStep) {
+        const bool real = column && r < t.count;
+        cp_async16(dst, real ? src : g.grad_z, real ? 16 : 0);
+        src += kGpGzRowStep * p.c_out;
+        dst += kGpGzRowStep * gp_ld_gz() * sizeof(T);
+      }
     }
     cp_async_commit();
     // The chunk's d; its waits also land the grad_z group (committed before its own), and it ends

@@ -537,10 +537,14 @@ XF_HD bool gp_fits_smem(const Plan& p, int elem_bytes, int max_smem) {
 // Tile candidates: 64 rows, then 32; ranges, then row segments (as tile_candidate).
 XF_HD TileChoice gp_tile_candidate(int i) { return {i < 4 ? 64 >> (i / 2) : 0, i % 2}; }
 
-// grad_z staging: vector v (v = tid + k * kThreads, 8 elements) of the tile: row and column.
-XF_HD int gp_gz_vectors(int bm) { return bm * (kGpN / 8); }
-XF_HD int gp_gz_row(int v) { return v / (kGpN / 8); }
-XF_HD int gp_gz_col(int v) { return (v % (kGpN / 8)) * 8; }
+// grad_z staging: a thread keeps one 8-element column vector of the tile and steps over rows, so its
+// source and destination advance by constant strides (no index math per copy): threads
+// tid < kGpGzThreads stage column gp_gz_col(tid) of rows gp_gz_row0(tid) + kGpGzRowStep k.
+constexpr int kGpGzVecs = kGpN / 8;                      // 96 vectors per row
+constexpr int kGpGzRowStep = kThreads / kGpGzVecs;       // 2 rows per step
+constexpr int kGpGzThreads = kGpGzRowStep * kGpGzVecs;   // 192: warps 0-5
+XF_HD int gp_gz_col(int tid) { return (tid % kGpGzVecs) * 8; }
+XF_HD int gp_gz_row0(int tid) { return tid / kGpGzVecs; }
 
 // ldmatrix.x4.trans addresses. A(m = channel, k = position) from d [k][m]: lane l gives row
 // k = 8 (l / 16) + l % 8, column m = 8 ((l / 8) % 2) of the 16 x 16 fragment; matrices 0..3 are

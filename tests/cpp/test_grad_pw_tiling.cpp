@@ -82,10 +82,13 @@ static void check_grid(const Plan& p) {
     for (int v : tile_seen) EXPECT(v == 1);
   }
   std::vector<int> gz_seen(static_cast<size_t>(p.bm) * kGpN, 0);
-  for (int v = 0; v < gp_gz_vectors(p.bm); ++v) {
-    const int r = gp_gz_row(v), col = gp_gz_col(v);
-    EXPECT(r >= 0 && r < p.bm && col >= 0 && col + 8 <= kGpN && ((r * gp_ld_gz() + col) * 2) % 16 == 0);
-    for (int e = 0; e < 8; ++e) gz_seen[r * kGpN + col + e]++;
+  EXPECT(kGpGzThreads <= kThreads && kGpGzThreads % 32 == 0);
+  for (int tid = 0; tid < kGpGzThreads; ++tid) {
+    const int col = gp_gz_col(tid);
+    for (int r = gp_gz_row0(tid); r < p.bm; r += kGpGzRowStep) {
+      EXPECT(r >= 0 && col >= 0 && col + 8 <= kGpN && ((r * gp_ld_gz() + col) * 2) % 16 == 0);
+      for (int e = 0; e < 8; ++e) gz_seen[r * kGpN + col + e]++;
+    }
   }
   for (int v : gz_seen) EXPECT(v == 1);
 }
@@ -157,11 +160,12 @@ static void check_kernel(const Plan& p, int splits) {
           ds[r * gp_ld_d() + cl] = c < p.c ? dd[pos * p.c + c] : 0.f;
         }
       }
-      for (int v = 0; v < gp_gz_vectors(p.bm); ++v) {
-        const int r = gp_gz_row(v), col = gp_gz_col(v), co = u.pass * kGpN + col;
-        const bool real = r < t.count && co < p.c_out;
-        for (int e = 0; e < 8; ++e) gs[r * gp_ld_gz() + col + e] = real ? gz[(first + r) * p.c_out + co + e] : 0.f;
-      }
+      for (int tid = 0; tid < kGpGzThreads; ++tid)
+        for (int r = gp_gz_row0(tid); r < p.bm; r += kGpGzRowStep) {
+          const int col = gp_gz_col(tid), co = u.pass * kGpN + col;
+          const bool real = r < t.count && co < p.c_out;
+          for (int e = 0; e < 8; ++e) gs[r * gp_ld_gz() + col + e] = real ? gz[(first + r) * p.c_out + co + e] : 0.f;
+        }
       for (int warp = 0; warp < kThreads / 32; ++warp) {
         if (u.pass * kGpN + warp * kGpWarpCols >= p.c_out) continue;  // the kernel's `live`
         for (int ks = 0; ks < p.bm / 16; ++ks) {
