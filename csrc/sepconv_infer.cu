@@ -473,6 +473,7 @@ __device__ __forceinline__ void tile_stats_mma(const Plan& p, float* partial, fl
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int row0 = warp_row0(warp, BM), col0 = warp_col0(warp);
   const int part = mma_stats_part(warp), count = stats_part_rows(BM, t.count, part, 2);
+  __syncwarp();  // the warp is converged here (the epilogue is warp-uniform): plain shuffles below
   bool valid[kRows];
 #pragma unroll
   for (int i = 0; i < kMF; ++i)
