@@ -24,13 +24,16 @@
 //   stores it: the tiled forward kernel of sepconv_infer.cu on a 1x1 unit over the positions
 //   (run_grad_d_tiled: cp.async weight ring, ldmatrix + mma.sync; fp32 with exact FFMA products);
 //   grad_d_kernel<T> below is its int64 fallback.
-// - grad_pw_kernel<T>: grad_pw = grad_z^T @ d (M = Cout, N = C, K = P), split over K (the
-//   positions) into fp32 partials [splits][Cout][C], then column sums into grad_pw (T). d is
-//   RECOMPUTED from x (depthwise_tile, never saved), rounded to T as in the forward.
-// - grad_x_kernel<T>: grad_x = the transposed depthwise conv of grad_d (a gather over the taps
-//   whose output position exists), zeroed where x <= 0 when pre_relu, rounded to T.
-// - grad_dw_partial_kernel<T>: grad_dw[c, tap] = sum over positions of grad_d * pre(x) at the tap,
-//   per chunk of positions (grid.z = the tap), then column sums into grad_dw (T).
+// - grad_pw = grad_z^T @ d (M = Cout, N = C, K = P) in fp32 partials [splits][Cout][C], then column
+//   sums into grad_pw (T). 16-bit types with Cout % 8 == 0: grad_pw_tiled_kernel
+//   (sepconv_tiled_backward.cuh: d computed once per position and channel by the tiled depthwise
+//   phase, ldmatrix.trans + mma.sync); otherwise grad_pw_kernel<T> below, d RECOMPUTED per Cout tile
+//   from x (depthwise_tile, never saved), rounded to T as in the forward.
+// - grad_x and grad_dw: stride 1, 3x3: dw_backward_tiled_kernel (sepconv_tiled_backward.cuh: grad_d's
+//   halo staged once per tile and chunk, both gradients from one gather per element-tap); otherwise
+//   grad_x_kernel<T> (the transposed depthwise conv of grad_d, a gather over the taps whose output
+//   position exists) and grad_dw_partial_kernel<T> (per chunk of positions, grid.z = the tap). grad_x
+//   is zeroed where x <= 0 when pre_relu and rounded to T; grad_dw's partials are summed in order.
 // Tensor cores (wmma, fp32 accumulation) for fp16/bf16 in both GEMMs; fp32 uses FMA on CUDA cores.
 //
 // Not verified yet (check first on the GPU): the wmma layouts (col-major A in grad_pw_kernel), the
