@@ -13,31 +13,38 @@
 // Kernels, in launch order:
 // - infer_grad_z_kernel<T> (inference backward only): z is not saved, so the fused forward main loop
 //   recomputes it (sepconv_device.cuh), and the epilogue forms g = grad_y masked by the post-ReLU of
-//   z * scale + shift, writes grad_z = g * scale rounded to T into a workspace buffer (materialised:
-//   both GEMMs below read it) and per-tile partial sums of g * z and g (grad_scale, grad_shift).
+//   z * scale + shift, writes grad_z = g * scale rounded to T into a workspace buffer and per-tile
+//   partial sums of g * z and g (grad_scale, grad_shift).
+// - train_grad_z_kernel<T> (training backward): grad_z = (g - mean_dy - xhat * mean_dy_xhat) * invstd * w,
+//   g = grad_y masked by the post-ReLU recomputed from z, rounded to T as the unfused path stores it,
+//   materialised once into the same buffer (both GEMMs below read it).
 // - bn_backward_partial_kernel<T> (bn_backward_reduce): per row block and channel, sum of g and of
 //   g * xhat, g = grad_y masked by the post-ReLU recomputed from z; then column sums.
-// - grad_d_kernel<T, kTrain>: grad_d = grad_z @ pw (M = P, N = C, K = Cout). In training grad_z is
-//   computed on the fly while loading the A tile, from grad_y, z and the per-channel vectors:
-//   grad_z = (g - mean_dy - xhat * mean_dy_xhat) * invstd * w, rounded to T as the unfused path
-//   stores it. grad_d is MATERIALISED IN FP32 in the workspace ([P, C] floats): more precise than the
-//   unfused path (which stores it in T), at twice the bytes of a T buffer.
-// - grad_pw_kernel<T, kTrain>: grad_pw = grad_z^T @ d (M = Cout, N = C, K = P), split over K (the
-//   positions) into fp32 partials [splits][Cout][C], then column sums into grad_pw (T). d is
-//   RECOMPUTED from x (depthwise_tile, never saved), rounded to T as in the forward.
-// - grad_x_kernel<T>: grad_x = the transposed depthwise conv of grad_d (a gather over the taps
-//   whose output position exists), zeroed where x <= 0 when pre_relu, rounded to T.
-// - grad_dw_partial_kernel<T>: grad_dw[c, tap] = sum over positions of grad_d * pre(x) at the tap,
-//   per chunk of positions (grid.z = the tap), then column sums into grad_dw (T).
+// - grad_d = grad_z @ pw (M = P, N = C, K = Cout), rounded to T as the unfused convolution backward
+//   stores it: the tiled forward kernel of sepconv_infer.cu on a 1x1 unit over the positions
+//   (run_grad_d_tiled: cp.async weight ring, ldmatrix + mma.sync; fp32 with exact FFMA products);
+//   grad_d_kernel<T> below is its int64 fallback.
+// - grad_pw = grad_z^T @ d (M = Cout, N = C, K = P) in fp32 partials [splits][Cout][C], then column
+//   sums into grad_pw (T). 16-bit types with Cout % 8 == 0: grad_pw_tiled_kernel
+//   (sepconv_tiled_backward.cuh: d computed once per position and channel by the tiled depthwise
+//   phase, ldmatrix.trans + mma.sync); otherwise grad_pw_kernel<T> below, d RECOMPUTED per Cout tile
+//   from x (depthwise_tile, never saved), rounded to T as in the forward.
+// - grad_x and grad_dw: stride 1, 3x3: dw_backward_tiled_kernel (sepconv_tiled_backward.cuh: grad_d's
+//   halo staged once per tile and chunk, both gradients from one gather per element-tap); otherwise
+//   grad_x_kernel<T> (the transposed depthwise conv of grad_d, a gather over the taps whose output
+//   position exists) and grad_dw_partial_kernel<T> (per chunk of positions, grid.z = the tap). grad_x
+//   is zeroed where x <= 0 when pre_relu and rounded to T; grad_dw's partials are summed in order.
 // Tensor cores (wmma, fp32 accumulation) for fp16/bf16 in both GEMMs; fp32 uses FMA on CUDA cores.
 //
 // Not verified yet (check first on the GPU): the wmma layouts (col-major A in grad_pw_kernel), the
 // transposed-conv index arithmetic of grad_x_kernel for stride 2 / dilation 2 / asymmetric padding,
 // and the workspace sizes of large shapes.
 
+#include <algorithm>
 #include <cstdint>
 
 #include "sepconv_device.cuh"
+#include "sepconv_infer.h"
 #include "sepconv_params.h"
 
 namespace xception_fast {
@@ -51,7 +58,7 @@ constexpr int64_t kMaxRowChunks = 1024;
 constexpr int64_t kMaxPartialBytes = int64_t{256} << 20;  // per partial buffer
 
 // ---------------------------------------------------------------------------------------------------
-// grad_z: on the fly (training) or from a buffer (inference, written by infer_grad_z_kernel)
+// grad_z: formed from grad_y and z (training: train_grad_z_kernel) or read from the buffer
 
 template <typename T, bool kTrain>
 struct GradZ {
@@ -61,7 +68,8 @@ struct GradZ {
   const T* z = nullptr;
   const float* mean = nullptr;
   const float* invstd = nullptr;
-  Vec bn_weight, bn_bias;
+  const float* weight = nullptr;  // fp32 [Cout]: 1 where the BatchNorm has no weight
+  const float* bias = nullptr;    // fp32 [Cout]: -0 where it has no bias
   const float* mean_dy = nullptr;
   const float* mean_dy_xhat = nullptr;
   bool post_relu = false;
@@ -72,21 +80,20 @@ struct GradZ {
   __device__ __forceinline__ float operator()(int64_t pos, int64_t co) const {
     const int64_t i = pos * c_out + co;
     if constexpr (kTrain) {
-      const float inv = invstd[co];
-      const float xhat = (to_float(z[i]) - mean[co]) * inv;
-      float g = to_float(grad_y[i]);
-      float gain = inv;
-      if (bn_weight.ptr != nullptr) gain = gain * load_vec(bn_weight, co);
-      if (post_relu) {
-        float y = xhat;
-        if (bn_weight.ptr != nullptr) y = y * load_vec(bn_weight, co);
-        if (bn_bias.ptr != nullptr) y = y + load_vec(bn_bias, co);
-        if (!(y > 0.f)) g = 0.f;
-      }
-      return round_to<T>((g - mean_dy[co] - xhat * mean_dy_xhat[co]) * gain);
+      return from(to_float(grad_y[i]), to_float(z[i]), co);
     } else {
       return to_float(buffer[i]);
     }
+  }
+
+  // kTrain: grad_z of channel co from grad_y = gy and z = zf.
+  __device__ __forceinline__ float from(float gy, float zf, int64_t co) const {
+    const float inv = invstd[co];
+    const float xhat = (zf - mean[co]) * inv;
+    float g = gy;
+    const float gain = inv * weight[co];  // * 1 is exact
+    if (post_relu && !(xhat * weight[co] + bias[co] > 0.f)) g = 0.f;
+    return round_to<T>((g - mean_dy[co] - xhat * mean_dy_xhat[co]) * gain);
   }
 };
 
@@ -191,7 +198,26 @@ __global__ void __launch_bounds__(kRedCols* kRedLanes)
 }
 
 // ---------------------------------------------------------------------------------------------------
-// grad_d = grad_z @ pw: [P, Cout] x [Cout, C], fp32 out.
+// grad_z materialised (training): from grad_y, z and the per-channel vectors, once, in T.
+
+template <typename T, int kV>
+__global__ void __launch_bounds__(256)
+    train_grad_z_kernel(const GradZ<T, true> grad_z, T* __restrict__ out, int64_t total) {
+  using E = Elems<T, kV>;
+  for (int64_t step = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; step < total / kV;
+       step += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t idx = step * kV, co = idx % grad_z.c_out;  // kV consecutive channels (c_out % kV == 0)
+    const E gy = E::load(grad_z.grad_y + idx), zv = E::load(grad_z.z + idx);
+    E r;
+#pragma unroll
+    for (int e = 0; e < kV; ++e) r.v[e] = from_float<T>(grad_z.from(to_float(gy.v[e]), to_float(zv.v[e]), co + e));
+    r.store(out + idx);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// grad_d = grad_z @ pw: [P, Cout] x [Cout, C], rounded to T. The int64 fallback of the tiled GEMM
+// (run_grad_d_tiled, sepconv_infer.cu).
 
 constexpr int kLdGdA = kBK + kPad;  // A [kBM][kLdGdA]: grad_z (positions x Cout chunk), row-major
 constexpr int kLdGdB = kBN + kPad;  // B [kBK][kLdGdB]: pw rows (Cout chunk x channels), row-major
@@ -203,10 +229,10 @@ struct GradDSmem {
   alignas(128) float c[kBM * kLdC];
 };
 
-template <typename T, bool kTrain>
+template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    grad_d_kernel(const GradZ<T, kTrain> grad_z, const T* __restrict__ pw, int64_t positions, int64_t c_in,
-                  int64_t c_out, int64_t c_tiles, float* __restrict__ grad_d) {
+    grad_d_kernel(const GradZ<T, false> grad_z, const T* __restrict__ pw, int64_t positions, int64_t c_in,
+                  int64_t c_out, int64_t c_tiles, T* __restrict__ grad_d) {
   __shared__ GradDSmem<T> s;
   const int64_t tile = blockIdx.x;
   const int64_t m0 = (tile / c_tiles) * kBM;  // positions
@@ -236,7 +262,7 @@ __global__ void __launch_bounds__(kThreads)
     const int m = idx / kBN;
     const int n = idx % kBN;
     const int64_t pos = m0 + m, c = n0 + n;
-    if (pos < positions && c < c_in) grad_d[pos * c_in + c] = s.c[m * kLdC + n];
+    if (pos < positions && c < c_in) grad_d[pos * c_in + c] = from_float<T>(s.c[m * kLdC + n]);
   }
 }
 
@@ -256,9 +282,9 @@ struct GradPwSmem {
 
 // Block (split, co tile, c tile) adds positions [split * chunks_per_split * kBK, ...) and writes
 // partial[(split * Cout + co) * C + c].
-template <typename T, bool kTrain>
+template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    grad_pw_kernel(const GradZ<T, kTrain> grad_z, const ConvGeometry g, const T* __restrict__ x,
+    grad_pw_kernel(const GradZ<T, false> grad_z, const ConvGeometry g, const T* __restrict__ x,
                    const T* __restrict__ dw, bool pre_relu, int64_t co_tiles, int64_t c_tiles,
                    int64_t chunks_per_split, float* __restrict__ partial) {
   __shared__ GradPwSmem<T> s;
@@ -305,7 +331,7 @@ __global__ void __launch_bounds__(kThreads)
 //   hi = ho * sh - ph + i * dh, wi = wo * sw - pw + j * dw  =>  ho = (hi + ph - i * dh) / sh (exact).
 template <typename T>
 __global__ void __launch_bounds__(256)
-    grad_x_kernel(const ConvGeometry g, const float* __restrict__ grad_d, const T* __restrict__ x,
+    grad_x_kernel(const ConvGeometry g, const T* __restrict__ grad_d, const T* __restrict__ x,
                   const T* __restrict__ dw, bool pre_relu, T* __restrict__ grad_x, int64_t total) {
   const int64_t taps = g.kh * g.kw;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
@@ -326,7 +352,7 @@ __global__ void __launch_bounds__(256)
         if (wn < 0 || wn % g.stride_w != 0) continue;
         const int64_t wo = wn / g.stride_w;
         if (wo >= g.w_out) continue;
-        const float gd = grad_d[((n * g.h_out + ho) * g.w_out + wo) * g.c + c];
+        const float gd = to_float(grad_d[((n * g.h_out + ho) * g.w_out + wo) * g.c + c]);
         acc = fmaf(gd, to_float(dw[c * taps + i * g.kw + j]), acc);
       }
     }
@@ -339,7 +365,7 @@ __global__ void __launch_bounds__(256)
 // partial[chunk * (C * taps) + c * taps + tap] = sum over positions of grad_d * pre(x) at the tap.
 template <typename T>
 __global__ void __launch_bounds__(kRedCols* kRedLanes)
-    grad_dw_partial_kernel(const ConvGeometry g, const float* __restrict__ grad_d, const T* __restrict__ x,
+    grad_dw_partial_kernel(const ConvGeometry g, const T* __restrict__ grad_d, const T* __restrict__ x,
                            bool pre_relu, int64_t rows_per_chunk, float* __restrict__ partial) {
   __shared__ float lane_sum[kRedLanes][kRedCols];
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -364,7 +390,7 @@ __global__ void __launch_bounds__(kRedCols* kRedLanes)
       if (hi < 0 || hi >= g.h || wi < 0 || wi >= g.w) continue;
       float xv = to_float(x[((n * g.h + hi) * g.w + wi) * g.c + c]);
       if (pre_relu) xv = relu(xv);
-      acc = fmaf(grad_d[pos * g.c + c], xv, acc);
+      acc = fmaf(to_float(grad_d[pos * g.c + c]), xv, acc);
     }
   }
   lane_sum[ty][tx] = acc;
@@ -394,15 +420,25 @@ struct BackwardPlan {
   int64_t m_tiles = 0, c_tiles = 0, co_tiles = 0;       // 64-wide tiles of P, C, Cout
   int64_t splits = 0, chunks_per_split = 0;             // grad_pw: kBK-position chunks per split
   int64_t dw_rows_per_chunk = 0, dw_chunks = 0;         // grad_dw partials
-  void* grad_z = nullptr;                               // inference: [P, Cout] in T
+  void* grad_z = nullptr;                               // [P, Cout] in T
   float* part_scale = nullptr;                          // inference: [m_tiles, Cout]
   float* part_shift = nullptr;                          // inference: [m_tiles, Cout]
-  float* grad_d = nullptr;                              // [P, C] fp32
+  float* affine = nullptr;                              // training: the BatchNorm weight, bias in fp32 [2][Cout]
+  void* grad_d = nullptr;                               // [P, C] in T
+  void* gemm = nullptr;                                 // the tiled grad_d GEMM's packed weights
+  size_t gemm_bytes = 0;
+  int gp_max_splits = 0;                                // the tiled grad_pw: partials it may write
+  void* gp = nullptr;                                   // the tiled grad_pw's packed weights
+  size_t gp_bytes = 0;
+  int dx_max_splits = 0;                                // the tiled grad_x / grad_dw: partials it may write
+  void* dx = nullptr;                                   // its packed weights
+  size_t dx_bytes = 0;
   float* pw_partial = nullptr;                          // [splits, Cout, C]
   float* dw_partial = nullptr;                          // [dw_chunks, C, kh * kw]
 };
 
-BackwardPlan plan_backward(const ConvGeometry& g, bool inference, size_t elem_size, Workspace& ws) {
+BackwardPlan plan_backward(const ConvGeometry& g, bool inference, DType dtype, Workspace& ws) {
+  const int64_t elem_size = dtype == DType::kFloat32 ? 4 : 2;
   BackwardPlan plan;
   plan.positions = g.n * g.h_out * g.w_out;
   plan.m_tiles = ceil_div(plan.positions, kBM);
@@ -421,14 +457,28 @@ BackwardPlan plan_backward(const ConvGeometry& g, bool inference, size_t elem_si
   const int64_t taps = g.kh * g.kw;
   plan.dw_rows_per_chunk = rows_per_chunk(plan.positions, g.c * taps);
   plan.dw_chunks = ceil_div(plan.positions, plan.dw_rows_per_chunk);
+  plan.grad_z = ws.take<char>(plan.positions * g.c_out * elem_size);
   if (inference) {
-    plan.grad_z = ws.take<char>(plan.positions * g.c_out * static_cast<int64_t>(elem_size));
     plan.part_scale = ws.take<float>(plan.m_tiles * g.c_out);
     plan.part_shift = ws.take<float>(plan.m_tiles * g.c_out);
+  } else {
+    plan.affine = ws.take<float>(2 * g.c_out);
   }
-  plan.grad_d = ws.take<float>(plan.positions * g.c);
-  plan.pw_partial = ws.take<float>(plan.splits * g.c_out * g.c);
-  plan.dw_partial = ws.take<float>(plan.dw_chunks * g.c * taps);
+  plan.grad_d = ws.take<char>(plan.positions * g.c * elem_size);
+  plan.gemm_bytes = grad_d_tiled_workspace_size(g, dtype);
+  plan.gemm = ws.take<char>(static_cast<int64_t>(plan.gemm_bytes));
+  const int64_t pw_elems = g.c_out * g.c;
+  plan.gp_max_splits = static_cast<int>(
+      pw_elems > 0 ? std::min<int64_t>(infer::kGpMaxSplits, std::max<int64_t>(1, kMaxPartialBytes / (pw_elems * 4))) : 1);
+  plan.pw_partial = ws.take<float>(std::max<int64_t>(plan.splits, plan.gp_max_splits) * pw_elems);
+  plan.gp_bytes = grad_pw_tiled_workspace_size(g, dtype);
+  plan.gp = ws.take<char>(static_cast<int64_t>(plan.gp_bytes));
+  plan.dx_max_splits = infer::kGpMaxSplits;
+  const int64_t dw_rows = dw_backward_tiled_covers(g) ? std::max<int64_t>(plan.dw_chunks, plan.dx_max_splits)
+                                                      : plan.dw_chunks;
+  plan.dw_partial = ws.take<float>(dw_rows * g.c * taps);
+  plan.dx_bytes = dw_backward_tiled_workspace_size(g, dtype);
+  plan.dx = ws.take<char>(static_cast<int64_t>(plan.dx_bytes));
   return plan;
 }
 
@@ -448,16 +498,17 @@ ReducePlan plan_reduce(const BnBackwardReduceParams& p, Workspace& ws) {
   return plan;
 }
 
-size_t dtype_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
-
 // ---------------------------------------------------------------------------------------------------
 // Launchers
 
-// The part both backward ops share, after grad_z is available: grad_d, grad_pw, grad_x, grad_dw.
-template <typename T, bool kTrain>
-cudaError_t launch_conv_grads(const ConvGeometry& g, const GradZ<T, kTrain>& grad_z, const BackwardPlan& plan,
-                              const T* x, const T* dw, const T* pw, bool pre_relu, T* grad_x, T* grad_dw,
-                              T* grad_pw, DType dtype, cudaStream_t stream) {
+// The part both backward ops share, after grad_z is in its buffer: grad_d, grad_pw, grad_x, grad_dw.
+template <typename T>
+cudaError_t launch_conv_grads(const ConvGeometry& g, const BackwardPlan& plan, const T* x, const T* dw, const T* pw,
+                              bool pre_relu, T* grad_x, T* grad_dw, T* grad_pw, DType dtype, cudaStream_t stream) {
+  GradZ<T, false> grad_z;
+  grad_z.c_out = g.c_out;
+  grad_z.buffer = static_cast<const T*>(plan.grad_z);
+  T* grad_d = static_cast<T*>(plan.grad_d);
   const int64_t taps = g.kh * g.kw;
   const int64_t d_blocks = plan.m_tiles * plan.c_tiles;
   const int64_t pw_blocks = plan.splits * plan.co_tiles * plan.c_tiles;
@@ -467,28 +518,77 @@ cudaError_t launch_conv_grads(const ConvGeometry& g, const GradZ<T, kTrain>& gra
       taps > 65535) {
     return cudaErrorInvalidConfiguration;
   }
-  if (d_blocks > 0) {
-    grad_d_kernel<T, kTrain><<<static_cast<unsigned int>(d_blocks), kThreads, 0, stream>>>(
-        grad_z, pw, plan.positions, g.c, g.c_out, plan.c_tiles, plan.grad_d);
-  }
-  if (pw_blocks > 0) {
-    grad_pw_kernel<T, kTrain><<<static_cast<unsigned int>(pw_blocks), kThreads, 0, stream>>>(
-        grad_z, g, x, dw, pre_relu, plan.co_tiles, plan.c_tiles, plan.chunks_per_split, plan.pw_partial);
-  }
-  cudaError_t err = launch_column_sum(plan.pw_partial, plan.splits, g.c_out * g.c, grad_pw, dtype, stream);
+  // grad_d: the tiled GEMM (sepconv_infer.cu) first; it declines what it cannot index.
+  GradDParams gd;
+  gd.g = g;
+  gd.dtype = dtype;
+  gd.grad_z = plan.grad_z;
+  gd.pw_weight = pw;
+  gd.grad_d = grad_d;
+  gd.workspace = plan.gemm;
+  gd.workspace_bytes = plan.gemm_bytes;
+  bool launched = false;
+  cudaError_t err = run_grad_d_tiled(gd, stream, &launched);
   if (err != cudaSuccess) return err;
-  if (x_total > 0) {
-    grad_x_kernel<T><<<elementwise_blocks(x_total), 256, 0, stream>>>(g, plan.grad_d, x, dw, pre_relu, grad_x,
-                                                                      x_total);
+  if (!launched && d_blocks > 0) {
+    grad_d_kernel<T><<<static_cast<unsigned int>(d_blocks), kThreads, 0, stream>>>(
+        grad_z, pw, plan.positions, g.c, g.c_out, plan.c_tiles, grad_d);
   }
-  if (plan.dw_chunks > 0 && c_blocks > 0) {
-    const dim3 grid(static_cast<unsigned int>(plan.dw_chunks), static_cast<unsigned int>(c_blocks),
-                    static_cast<unsigned int>(taps));
-    grad_dw_partial_kernel<T><<<grid, dim3(kRedCols, kRedLanes), 0, stream>>>(g, plan.grad_d, x, pre_relu,
-                                                                              plan.dw_rows_per_chunk,
-                                                                              plan.dw_partial);
+  // grad_pw: the tiled kernel (16-bit types, sepconv_infer.cu) first, else grad_pw_kernel.
+  GradPwParams gp;
+  gp.g = g;
+  gp.dtype = dtype;
+  gp.x = x;
+  gp.dw_weight = dw;
+  gp.pre_relu = pre_relu;
+  gp.grad_z = plan.grad_z;
+  gp.partial = plan.pw_partial;
+  gp.max_splits = plan.gp_max_splits;
+  gp.workspace = plan.gp;
+  gp.workspace_bytes = plan.gp_bytes;
+  int pw_splits = -1;
+  err = run_grad_pw_tiled(gp, stream, &pw_splits);
+  if (err != cudaSuccess) return err;
+  if (pw_splits < 0) {
+    pw_splits = static_cast<int>(plan.splits);
+    if (pw_blocks > 0) {
+      grad_pw_kernel<T><<<static_cast<unsigned int>(pw_blocks), kThreads, 0, stream>>>(
+          grad_z, g, x, dw, pre_relu, plan.co_tiles, plan.c_tiles, plan.chunks_per_split, plan.pw_partial);
+    }
   }
-  err = launch_column_sum(plan.dw_partial, plan.dw_chunks, g.c * taps, grad_dw, dtype, stream);
+  err = launch_column_sum(plan.pw_partial, pw_splits, g.c_out * g.c, grad_pw, dtype, stream);
+  if (err != cudaSuccess) return err;
+  // grad_x and grad_dw: the tiled kernel (stride 1, 3x3) first, else the two kernels above.
+  DwBackwardParams dx;
+  dx.g = g;
+  dx.dtype = dtype;
+  dx.x = x;
+  dx.dw_weight = dw;
+  dx.pre_relu = pre_relu;
+  dx.grad_d = grad_d;
+  dx.grad_x = grad_x;
+  dx.partial = plan.dw_partial;
+  dx.max_splits = plan.dx_max_splits;
+  dx.workspace = plan.dx;
+  dx.workspace_bytes = plan.dx_bytes;
+  int dw_splits = -1;
+  err = run_dw_backward_tiled(dx, stream, &dw_splits);
+  if (err != cudaSuccess) return err;
+  if (dw_splits < 0) {
+    dw_splits = static_cast<int>(plan.dw_chunks);
+    if (x_total > 0) {
+      grad_x_kernel<T><<<elementwise_blocks(x_total), 256, 0, stream>>>(g, grad_d, x, dw, pre_relu, grad_x,
+                                                                        x_total);
+    }
+    if (plan.dw_chunks > 0 && c_blocks > 0) {
+      const dim3 grid(static_cast<unsigned int>(plan.dw_chunks), static_cast<unsigned int>(c_blocks),
+                      static_cast<unsigned int>(taps));
+      grad_dw_partial_kernel<T><<<grid, dim3(kRedCols, kRedLanes), 0, stream>>>(g, grad_d, x, pre_relu,
+                                                                                plan.dw_rows_per_chunk,
+                                                                                plan.dw_partial);
+    }
+  }
+  err = launch_column_sum(plan.dw_partial, dw_splits, g.c * taps, grad_dw, dtype, stream);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
@@ -497,7 +597,7 @@ template <typename T>
 cudaError_t launch_infer_backward(const SepConvInferBackwardParams& p, cudaStream_t stream) {
   const ConvGeometry& g = p.g;
   Workspace ws(p.workspace);
-  const BackwardPlan plan = plan_backward(g, /*inference=*/true, sizeof(T), ws);
+  const BackwardPlan plan = plan_backward(g, /*inference=*/true, p.dtype, ws);
   if (ws.bytes() > p.workspace_bytes) return cudaErrorInvalidValue;
   T* grad_z_buffer = static_cast<T*>(plan.grad_z);
 
@@ -518,10 +618,7 @@ cudaError_t launch_infer_backward(const SepConvInferBackwardParams& p, cudaStrea
     if (err != cudaSuccess) return err;
   }
 
-  GradZ<T, false> grad_z;
-  grad_z.c_out = g.c_out;
-  grad_z.buffer = grad_z_buffer;
-  return launch_conv_grads<T, false>(g, grad_z, plan, static_cast<const T*>(p.x.ptr),
+  return launch_conv_grads<T>(g, plan, static_cast<const T*>(p.x.ptr),
                                      static_cast<const T*>(p.dw_weight), static_cast<const T*>(p.pw_weight),
                                      p.pre_relu, static_cast<T*>(p.grad_x.ptr), static_cast<T*>(p.grad_dw_weight),
                                      static_cast<T*>(p.grad_pw_weight), p.dtype, stream);
@@ -531,7 +628,7 @@ template <typename T>
 cudaError_t launch_train_backward(const SepConvTrainBackwardParams& p, cudaStream_t stream) {
   const ConvGeometry& g = p.g;
   Workspace ws(p.workspace);
-  const BackwardPlan plan = plan_backward(g, /*inference=*/false, sizeof(T), ws);
+  const BackwardPlan plan = plan_backward(g, /*inference=*/false, p.dtype, ws);
   if (ws.bytes() > p.workspace_bytes) return cudaErrorInvalidValue;
 
   GradZ<T, true> grad_z;
@@ -540,12 +637,27 @@ cudaError_t launch_train_backward(const SepConvTrainBackwardParams& p, cudaStrea
   grad_z.z = static_cast<const T*>(p.z.ptr);
   grad_z.mean = p.mean;
   grad_z.invstd = p.invstd;
-  grad_z.bn_weight = p.bn_weight;
-  grad_z.bn_bias = p.bn_bias;
+  grad_z.weight = plan.affine;
+  grad_z.bias = plan.affine + g.c_out;
+  if (g.c_out > 0) {
+    vec_to_float_kernel<<<elementwise_blocks(g.c_out), 256, 0, stream>>>(p.bn_weight, 1.f, g.c_out, plan.affine);
+    vec_to_float_kernel<<<elementwise_blocks(g.c_out), 256, 0, stream>>>(p.bn_bias, -0.f, g.c_out,
+                                                                         plan.affine + g.c_out);
+  }
   grad_z.mean_dy = p.mean_dy;
   grad_z.mean_dy_xhat = p.mean_dy_xhat;
   grad_z.post_relu = p.post_relu;
-  return launch_conv_grads<T, true>(g, grad_z, plan, static_cast<const T*>(p.x.ptr),
+  const int64_t z_total = plan.positions * g.c_out;
+  if (z_total > 0) {
+    constexpr int kV = 16 / sizeof(T);
+    T* out = static_cast<T*>(plan.grad_z);
+    if (vector_path<T>(g.c_out, {grad_z.grad_y, grad_z.z, out})) {
+      train_grad_z_kernel<T, kV><<<elementwise_blocks(z_total / kV), 256, 0, stream>>>(grad_z, out, z_total);
+    } else {
+      train_grad_z_kernel<T, 1><<<elementwise_blocks(z_total), 256, 0, stream>>>(grad_z, out, z_total);
+    }
+  }
+  return launch_conv_grads<T>(g, plan, static_cast<const T*>(p.x.ptr),
                                     static_cast<const T*>(p.dw_weight), static_cast<const T*>(p.pw_weight),
                                     p.pre_relu, static_cast<T*>(p.grad_x.ptr), static_cast<T*>(p.grad_dw_weight),
                                     static_cast<T*>(p.grad_pw_weight), p.dtype, stream);
@@ -578,7 +690,7 @@ bool unit_layouts_ok(const ConvGeometry& g, const Tensor4& x, const Tensor4& gra
 
 size_t workspace_size(const SepConvInferBackwardParams& params) {
   Workspace ws(nullptr);
-  plan_backward(params.g, /*inference=*/true, dtype_size(params.dtype), ws);
+  plan_backward(params.g, /*inference=*/true, params.dtype, ws);
   return ws.bytes();
 }
 
@@ -590,7 +702,7 @@ size_t workspace_size(const BnBackwardReduceParams& params) {
 
 size_t workspace_size(const SepConvTrainBackwardParams& params) {
   Workspace ws(nullptr);
-  plan_backward(params.g, /*inference=*/false, dtype_size(params.dtype), ws);
+  plan_backward(params.g, /*inference=*/false, params.dtype, ws);
   return ws.bytes();
 }
 

@@ -17,6 +17,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include <cuda_bf16.h>
@@ -24,6 +25,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include "sepconv_infer_tiling.h"
 #include "sepconv_params.h"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -111,6 +113,51 @@ __device__ __forceinline__ void store_as(void* out, DType dtype, int64_t i, floa
     case DType::kBFloat16: static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16_rn(v); break;
     default: static_cast<float*>(out)[i] = v; break;
   }
+}
+
+// kV consecutive elements of T, as one 16-byte access when kV * sizeof(T) == 16 (the element-wise
+// kernels' vector path: the pointer must then be 16-byte aligned).
+template <typename T, int kV>
+struct alignas(kV * sizeof(T) == 16 ? 16 : alignof(T)) Elems {
+  T v[kV];
+  static __device__ __forceinline__ Elems load(const T* p) {
+    Elems e;
+    if constexpr (kV * sizeof(T) == 16) {
+      *reinterpret_cast<uint4*>(e.v) = *reinterpret_cast<const uint4*>(p);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kV; ++i) e.v[i] = p[i];
+    }
+    return e;
+  }
+  __device__ __forceinline__ void store(T* p) const {
+    if constexpr (kV * sizeof(T) == 16) {
+      *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(v);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kV; ++i) p[i] = v[i];
+    }
+  }
+};
+
+// An optional per-channel vector as fp32 [n], `absent` where it is null: the element-wise kernels then
+// read plain floats (no dtype switch per element). absent = 1 for a scale (x * 1 == x), -0 for a shift
+// (x + -0 == x, signed zeros included).
+__global__ void __launch_bounds__(256) vec_to_float_kernel(Vec v, float absent, int64_t n, float* __restrict__ out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = v.ptr != nullptr ? load_vec(v, i) : absent;
+  }
+}
+
+// Whether an element-wise kernel over [rows, c] may take 16-byte vectors: c a multiple of the vector
+// and every pointer (null ones aside) 16-byte aligned.
+template <typename T>
+inline bool vector_path(int64_t c, std::initializer_list<const void*> ptrs) {
+  if (c % (16 / static_cast<int64_t>(sizeof(T))) != 0) return false;
+  for (const void* ptr : ptrs)
+    if (ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -427,6 +474,36 @@ inline cudaError_t launch_column_sum(const float* partial, int64_t rows, int64_t
   column_sum_kernel<<<static_cast<unsigned int>(blocks), dim3(kRedCols, kRedLanes), 0, stream>>>(partial, rows, cols,
                                                                                                   out, dtype);
   return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The batch statistics from per-tile moments (level 3 of the statistics in sepconv_infer_tiling.h):
+// partial[(t * 3 + k) * c_out + co], k = 0 pivot, 1 mu, 2 M2 (stats_partial_offset), tile t holding
+// counts(t) positions. Block: 32 channels x 8 lanes; lane l merges tiles l, l + 8, ... in order, lane 0
+// then merges the lanes in order. Writes mean, var (biased) and invstd; no tiles (an empty batch):
+// mean 0, var 1. Grid: ceil(c_out / 32) blocks.
+template <class Counts>
+__global__ void __launch_bounds__(kRedCols* kRedLanes)
+    bn_stats_merge_kernel(const float* __restrict__ partial, int64_t tiles, Counts counts, int64_t c_out, float eps,
+                          float* __restrict__ mean, float* __restrict__ var, float* __restrict__ invstd) {
+  using infer::Moments;
+  __shared__ Moments lane_moments[kRedLanes][kRedCols];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t co = static_cast<int64_t>(blockIdx.x) * kRedCols + tx;
+  Moments acc{0, 0.f, 0.f, 0.f};
+  if (co < c_out) {
+    for (int64_t t = ty; t < tiles; t += kRedLanes) {
+      const Moments tile{counts(t), partial[(t * 3 + 0) * c_out + co], partial[(t * 3 + 1) * c_out + co],
+                         partial[(t * 3 + 2) * c_out + co]};
+      infer::merge_moments(acc, tile);
+    }
+  }
+  lane_moments[ty][tx] = acc;
+  __syncthreads();
+  if (ty == 0 && co < c_out) {
+    for (int l = 1; l < kRedLanes; ++l) infer::merge_moments(acc, lane_moments[l][tx]);
+    infer::finalize_moments(acc, eps, mean[co], var[co], invstd[co]);
+  }
 }
 
 }  // namespace

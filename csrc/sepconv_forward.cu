@@ -17,13 +17,12 @@
 //   fp32), rounded to T, post-ReLU, + residual (in T, after the ReLU), coalesced stores along Cout.
 //   The depthwise output never touches device memory; it is recomputed once per 64-channel output
 //   tile (Cout / 64 times in all), which costs CUDA-core FLOPs but no memory traffic.
-// - Training: sepconv_train_kernel<T> runs the same main loop; its epilogue stores z (rounded to T)
-//   and per-block, per-channel statistics of the rounded z to a partial buffer: a pivot K (the
-//   block's first z), mu = mean(z - K) and M2 = sum((z - K - mu)^2), centred within the block.
-//   bn_stats_merge_kernel merges the blocks per channel with Chan's formula, carrying the pivot so
-//   that differences of large means are taken between exact values (stable for mean 1e4, std 1e-2),
-//   and writes mean, the biased var (0 and 1 for an empty batch) and invstd = 1 / sqrt(var + eps).
-//   bn_apply_kernel<T> then computes y = post(((z - mean) * invstd) * w + b) + residual.
+// - Training: z and the batch statistics come from the tiled kernel (run_sepconv_bn_train_tiled in
+//   sepconv_infer.cu: z stored from the accumulators, per-tile moments (pivot, mu, M2) merged per
+//   channel by bn_stats_merge_kernel, sepconv_device.cuh). sepconv_train_kernel<T> below is its int64
+//   fallback, on the old main loop: its epilogue stores z (rounded to T) and per-block moments of the
+//   rounded z with the block's first z as pivot, merged by the same kernel. bn_apply_kernel<T> then
+//   computes y = post(((z - mean) * invstd) * w + b) + residual.
 // - Deterministic: no atomics; every reduction has a fixed order.
 // - Grid: a 1-D grid of m_tiles * n_tiles blocks, the n tiles of one m tile adjacent (they read the
 //   same input rows, which then come from L2).
@@ -115,78 +114,34 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Running statistics of one channel: count, pivot, mean offset from the pivot, centred sum of squares.
-struct Moments {
-  int64_t count;
-  float pivot, mu, m2;
-};
-
-// Chan et al.'s parallel merge of b into a. The difference of the two means is formed as
-// (pivot_b - pivot_a) + (mu_b - mu_a): the pivots are exact data values and the mu's are small, so
-// no large, rounded means are subtracted from each other.
-__device__ __forceinline__ void merge_moments(Moments& a, const Moments& b) {
-  if (b.count == 0) return;
-  if (a.count == 0) {
-    a = b;
-    return;
-  }
-  const int64_t total = a.count + b.count;
-  const float delta = (b.pivot - a.pivot) + (b.mu - a.mu);
-  const float frac_b = static_cast<float>(static_cast<double>(b.count) / static_cast<double>(total));
-  a.mu = a.mu + delta * frac_b;
-  a.m2 = a.m2 + b.m2 + delta * delta * (static_cast<float>(a.count) * frac_b);
-  a.count = total;
-}
-
-// Block: 32 channels x 8 lanes; lane l merges tiles l, l + 8, ... in order, lane 0 then merges the
-// lanes in order. Writes mean, var (biased) and invstd. No tiles (empty batch): mean 0, var 1.
-__global__ void __launch_bounds__(kRedCols* kRedLanes)
-    bn_stats_merge_kernel(const float* __restrict__ partial, int64_t m_tiles, int64_t positions, int64_t c_out,
-                          float eps, float* __restrict__ mean, float* __restrict__ var, float* __restrict__ invstd) {
-  __shared__ Moments lane_moments[kRedLanes][kRedCols];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t co = static_cast<int64_t>(blockIdx.x) * kRedCols + tx;
-  Moments acc{0, 0.f, 0.f, 0.f};
-  if (co < c_out) {
-    for (int64_t t = ty; t < m_tiles; t += kRedLanes) {
-      const int64_t rows = positions - t * kBM < kBM ? positions - t * kBM : kBM;
-      const Moments tile{rows, partial[(t * 3 + 0) * c_out + co], partial[(t * 3 + 1) * c_out + co],
-                         partial[(t * 3 + 2) * c_out + co]};
-      merge_moments(acc, tile);
-    }
-  }
-  lane_moments[ty][tx] = acc;
-  __syncthreads();
-  if (ty == 0 && co < c_out) {
-    for (int l = 1; l < kRedLanes; ++l) merge_moments(acc, lane_moments[l][tx]);
-    float m = 0.f, v = 1.f;
-    if (acc.count > 0) {
-      m = acc.pivot + acc.mu;
-      v = acc.m2 / static_cast<float>(acc.count);
-    }
-    mean[co] = m;
-    var[co] = v;
-    invstd[co] = 1.f / sqrtf(v + eps);  // correctly rounded sqrt and division (no fast-math)
-  }
-}
-
-template <typename T>
+// y = post(((z - mean) * invstd) * w + b) + residual, kV elements (consecutive channels) per step:
+// 16-byte vectors where vector_path allows, else one element.
+template <typename T, int kV>
 __global__ void __launch_bounds__(256)
-    bn_apply_kernel(const SepConvTrainParams p, const float* __restrict__ invstd, int64_t total) {
+    bn_apply_kernel(const SepConvTrainParams p, const float* __restrict__ invstd, const float* __restrict__ weight,
+                    const float* __restrict__ bias, int64_t total) {
+  using E = Elems<T, kV>;
   const int64_t c_out = p.g.c_out;
   const T* z = static_cast<const T*>(p.z.ptr);
   const T* residual = static_cast<const T*>(p.residual.ptr);
   T* y = static_cast<T*>(p.y.ptr);
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t co = idx % c_out;
-    float v = (to_float(z[idx]) - p.mean[co]) * invstd[co];
-    if (p.bn_weight.ptr != nullptr) v = v * load_vec(p.bn_weight, co);
-    if (p.bn_bias.ptr != nullptr) v = v + load_vec(p.bn_bias, co);
-    v = round_to<T>(v);
-    if (p.post_relu) v = relu(v);
-    if (residual != nullptr) v = v + to_float(residual[idx]);
-    y[idx] = from_float<T>(v);
+  for (int64_t step = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; step < total / kV;
+       step += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t idx = step * kV, co = idx % c_out;  // co + kV - 1 < c_out: c_out % kV == 0
+    const E zv = E::load(z + idx);
+    E rv, out;
+    if (residual != nullptr) rv = E::load(residual + idx);
+#pragma unroll
+    for (int e = 0; e < kV; ++e) {
+      float v = (to_float(zv.v[e]) - p.mean[co + e]) * invstd[co + e];
+      v = v * weight[co + e];  // 1 where there is no weight, -0 where there is no bias: exact
+      v = v + bias[co + e];
+      v = round_to<T>(v);
+      if (p.post_relu) v = relu(v);
+      if (residual != nullptr) v = v + to_float(rv.v[e]);
+      out.v[e] = from_float<T>(v);
+    }
+    out.store(y + idx);
   }
 }
 
@@ -195,20 +150,29 @@ __global__ void __launch_bounds__(256)
 
 int64_t positions_out(const ConvGeometry& g) { return g.n * g.h_out * g.w_out; }
 
+// The int64 training path's workspace: invstd first, as the tiled path's (run_sepconv_bn_train_tiled).
 struct TrainPlan {
   int64_t m_tiles, n_tiles;
-  float* partial;  // [m_tiles][3][Cout]
   float* invstd;   // [Cout]
+  float* affine;   // [2][Cout]: the BatchNorm weight and bias in fp32 (vec_to_float_kernel)
+  float* partial;  // [m_tiles][3][Cout]
 };
 
 TrainPlan plan_train(const ConvGeometry& g, Workspace& ws) {
   TrainPlan plan;
+  plan.invstd = ws.take<float>(g.c_out);
+  plan.affine = ws.take<float>(2 * g.c_out);
   plan.m_tiles = ceil_div(positions_out(g), kBM);
   plan.n_tiles = ceil_div(g.c_out, kBN);
   plan.partial = ws.take<float>(plan.m_tiles * 3 * g.c_out);
-  plan.invstd = ws.take<float>(g.c_out);
   return plan;
 }
+
+// Positions of the int64 path's tile t (kBM rows, the last one partial), for the merge kernel.
+struct FixedCounts {
+  int64_t positions;
+  __device__ int64_t operator()(int64_t t) const { return positions - t * kBM < kBM ? positions - t * kBM : kBM; }
+};
 
 template <typename T>
 cudaError_t launch_infer(const SepConvInferParams& p, cudaStream_t stream) {
@@ -230,17 +194,34 @@ cudaError_t launch_train(const SepConvTrainParams& p, cudaStream_t stream) {
   if (ws.bytes() > p.workspace_bytes) return cudaErrorInvalidValue;
   if (g.c_out == 0) return cudaSuccess;
   const int64_t positions = positions_out(g);
-  const int64_t blocks = plan.m_tiles * plan.n_tiles;
-  if (!fits_grid_x(blocks)) return cudaErrorInvalidConfiguration;
-  if (blocks > 0) {
-    sepconv_train_kernel<T><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p, plan.n_tiles,
-                                                                                       plan.partial);
+  // z and the statistics: the tiled kernel (sepconv_infer.cu) first; it declines what it does not cover.
+  bool launched = false;
+  cudaError_t err = run_sepconv_bn_train_tiled(p, stream, &launched);
+  if (err != cudaSuccess) return err;
+  if (!launched) {
+    const int64_t blocks = plan.m_tiles * plan.n_tiles;
+    if (!fits_grid_x(blocks)) return cudaErrorInvalidConfiguration;
+    if (blocks > 0) {
+      sepconv_train_kernel<T><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p, plan.n_tiles,
+                                                                                         plan.partial);
+    }
+    bn_stats_merge_kernel<<<static_cast<unsigned int>(ceil_div(g.c_out, kRedCols)), dim3(kRedCols, kRedLanes), 0,
+                            stream>>>(plan.partial, plan.m_tiles, FixedCounts{positions}, g.c_out,
+                                      static_cast<float>(p.eps), p.mean, p.var, plan.invstd);
   }
-  bn_stats_merge_kernel<<<static_cast<unsigned int>(ceil_div(g.c_out, kRedCols)), dim3(kRedCols, kRedLanes), 0,
-                          stream>>>(plan.partial, plan.m_tiles, positions, g.c_out, static_cast<float>(p.eps),
-                                    p.mean, p.var, plan.invstd);
   const int64_t total = positions * g.c_out;
-  if (total > 0) bn_apply_kernel<T><<<elementwise_blocks(total), 256, 0, stream>>>(p, plan.invstd, total);
+  if (total > 0) {
+    float* weight = plan.affine;
+    float* bias = plan.affine + g.c_out;
+    vec_to_float_kernel<<<elementwise_blocks(g.c_out), 256, 0, stream>>>(p.bn_weight, 1.f, g.c_out, weight);
+    vec_to_float_kernel<<<elementwise_blocks(g.c_out), 256, 0, stream>>>(p.bn_bias, -0.f, g.c_out, bias);
+    constexpr int kV = 16 / sizeof(T);
+    if (vector_path<T>(g.c_out, {p.z.ptr, p.y.ptr, p.residual.ptr})) {
+      bn_apply_kernel<T, kV><<<elementwise_blocks(total / kV), 256, 0, stream>>>(p, plan.invstd, weight, bias, total);
+    } else {
+      bn_apply_kernel<T, 1><<<elementwise_blocks(total), 256, 0, stream>>>(p, plan.invstd, weight, bias, total);
+    }
+  }
   return cudaGetLastError();
 }
 
@@ -259,7 +240,8 @@ size_t workspace_size(const SepConvInferParams& params) { return infer_tiled_wor
 size_t workspace_size(const SepConvTrainParams& params) {
   Workspace ws(nullptr);
   plan_train(params.g, ws);
-  return ws.bytes();
+  const size_t tiled = train_tiled_workspace_size(params);
+  return ws.bytes() > tiled ? ws.bytes() : tiled;
 }
 
 cudaError_t run_sepconv_bn_infer(const SepConvInferParams& p, cudaStream_t stream) {

@@ -1,4 +1,4 @@
-// The inference forward of the CUDA provider: y = post(pw(dw(pre(x))) * scale + shift) + residual,
+// The tiled forward of the CUDA provider. Inference: y = post(pw(dw(pre(x))) * scale + shift) + residual,
 // one kernel, the depthwise computed once per (position tile, channel chunk) and reused as the A
 // operand of every Cout tile. The design and all its index math are in sepconv_infer_tiling.h
 // (checked on the CPU by tests/cpp/test_infer_tiling.cpp); this file holds the device code that
@@ -22,10 +22,18 @@
 // A pack kernel first writes the weights zero-padded into the workspace (the pointwise stage by stage
 // in the ring's layout, the depthwise and scale / shift in fp32), so the main kernel needs no masks.
 //
+// The training forward is the same kernel with kStats = true (run_train): the epilogue stores z
+// (scale 1 and shift -0, exact for every value; no post-ReLU, no residual) and, before that, the
+// BatchNorm moments of each (tile, Cout tile) from the accumulator registers (tile_stats_mma /
+// tile_stats_ffma: per part in registers and shuffles, the parts merged through a small shared-memory
+// area, one partial per tile and channel); bn_stats_merge_kernel then merges the tiles per channel.
+// The statistics math is in sepconv_infer_tiling.h and checked by tests/cpp/test_train_stats.cpp.
+//
 // Cases routed to the int64 kernel of sepconv_forward.cu (the launcher returns *launched = false):
 // a d tile that does not fit in shared memory at the smallest tile (C above about 3,000 in 16-bit,
 // 1,400 in fp32 on a Hopper GPU), and tensors whose per-image or per-tile offsets do not fit in int32.
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -61,6 +69,11 @@ __device__ __forceinline__ void cp_async_wait() {
 // addr: a shared-memory byte address (smem_addr).
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
 }
@@ -199,13 +212,20 @@ struct Args {
   bool pre_relu, post_relu;
   bool x_vectors;        // C % vec == 0 and x 16-byte aligned: the halo moves as 16-byte cp.async
   bool pairs;            // Cout even and y / residual aligned for whole-pair stores
+  float* partial;        // training forward (kStats): the per-tile moments, see stats_partial_offset
 };
+
+// What the pack kernel packs. kGemm (the backward's grad_d GEMM, run_grad_d_tiled): the plan is a 1x1
+// "depthwise" of weight 1 (d = its input, exactly) and pw is the forward's [Cout][C] weight read
+// transposed, B(k = co, n = c) = pw[co][c]. kFlipped (the backward's grad_x): the depthwise taps
+// reversed (dx_forward_tap).
+enum class PackMode { kForward, kGemm, kFlipped };
 
 // Weights and the affine vectors, padded into the workspace (see packed_pw_offset).
 template <typename T>
 __global__ void __launch_bounds__(256)
     pack_weights_kernel(const Plan p, const T* __restrict__ dw, const T* __restrict__ pw, Vec scale, Vec shift,
-                        float* __restrict__ dwp, T* __restrict__ pwp, float* __restrict__ scalep,
+                        PackMode mode, float* __restrict__ dwp, T* __restrict__ pwp, float* __restrict__ scalep,
                         float* __restrict__ shiftp) {
   const int pw_elems = packed_pw_elems(p), dw_elems = packed_dw_elems(p);
   const int total = pw_elems + dw_elems + p.cout_pad;
@@ -215,11 +235,14 @@ __global__ void __launch_bounds__(256)
     const int idx = static_cast<int>(i);
     if (idx < pw_elems) {
       const int co = idx / p.kp, ci = idx - co * p.kp;
-      const bool real = co < p.c_out && ci < p.c;
-      pwp[packed_pw_offset(p, co, ci, sizeof(T))] = real ? pw[co * p.c + ci] : from_float<T>(0.f);
+      const bool real = co < p.c_out && ci < p.c && pw != nullptr;  // no pw (grad_x): zeros
+      pwp[packed_pw_offset(p, co, ci, sizeof(T))] =
+          real ? pw[mode == PackMode::kGemm ? ci * p.c_out + co : co * p.c + ci] : from_float<T>(0.f);
     } else if (idx < pw_elems + dw_elems) {
       const int j = idx - pw_elems, tap = j / p.kp, ci = j - tap * p.kp;
-      dwp[packed_dw_offset(p, tap, ci)] = ci < p.c ? to_float(dw[ci * taps + tap]) : 0.f;
+      const int src_tap = mode == PackMode::kFlipped ? dx_forward_tap(p, tap) : tap;
+      dwp[packed_dw_offset(p, tap, ci)] =
+          ci < p.c ? (mode == PackMode::kGemm ? 1.f : to_float(dw[ci * taps + src_tap])) : 0.f;
     } else {
       const int co = idx - pw_elems - dw_elems;
       const bool real = co < p.c_out;
@@ -259,15 +282,19 @@ __device__ __forceinline__ void depthwise_chunk(const Plan& p, const HaloBox& b,
   for (int q = 0; q < kPos; ++q) *reinterpret_cast<uint4*>(dst + q * dst_step) = V::pack(acc[q]);
 }
 
-template <typename T, int BM, int KH, int KW>
+// The staging of chunks ck_begin .. ck_end - 1 of the tile's halo box (and their depthwise weights),
+// each handed to chunk_fn(staged channel vector, its weights, c0, base) on the threads that have rows.
+// Ends with a barrier. The forward computes all chunks (d_tile_phase), the grad_pw kernel one, the
+// depthwise backward (on grad_d) one.
+template <typename T, int BM, int KH, int KW, class ChunkFn>
 __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a, const SmemLayout& L,
-                                                unsigned char* smem, const TileRange& t, const HaloBox& b) {
+                                                unsigned char* smem, const TileRange& t, const HaloBox& b,
+                                                int ck_begin, int ck_end, ChunkFn&& chunk_fn) {
   using V = Vec16<T>;
   constexpr int kVec = V::kVec, kVP = kBK / kVec, kSlots = kThreads / kVP;
   constexpr int kPos = dw_rows_per_thread(BM, sizeof(T));
   static_assert(BM >= kSlots ? kPos * kSlots == BM : kSlots % BM == 0, "tile rows must split evenly");
   const int tid = threadIdx.x;
-  T* d = reinterpret_cast<T*>(smem);
   int* table = reinterpret_cast<int*>(smem + L.table);
   // Selected, not indexed: an indexed pointer array would live in local memory.
   const auto halo = [&](int buf) { return reinterpret_cast<T*>(smem + (buf ? L.halo[1] : L.halo[0])); };
@@ -325,12 +352,11 @@ __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a,
     }
   };
 
-  const int chunks = k_chunks(p);
-  stage(0, 0);
+  stage(ck_begin, 0);
   cp_async_commit();
-  for (int ck = 0; ck < chunks; ++ck) {
-    const int buf = ck & 1, c0 = ck * kBK;
-    if (ck + 1 < chunks) stage(ck + 1, buf ^ 1);  // that buffer was last read before the previous barrier
+  for (int ck = ck_begin; ck < ck_end; ++ck) {
+    const int buf = (ck - ck_begin) & 1, c0 = ck * kBK;
+    if (ck + 1 < ck_end) stage(ck + 1, buf ^ 1);  // that buffer was last read before the previous barrier
     cp_async_commit();
     cp_async_wait<1>();  // this thread's copies of chunk ck have landed
     if (a.x_vectors && a.pre_relu) {
@@ -342,12 +368,23 @@ __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a,
     }
     __syncthreads();  // chunk ck staged (and ReLU'd) by every thread
 
-    if (active) {
-      depthwise_chunk<T, KH, KW, kPos>(p, b, base, halo(buf) + cv * kVec, wts(buf) + cv * kVec,
-                                       d + slot0 * L.d_ld + c0 + cv * kVec, kSlots * L.d_ld);
-    }
+    if (active) chunk_fn(halo(buf) + cv * kVec, wts(buf) + cv * kVec, c0, base);
     __syncthreads();  // buffer `buf` free for chunk ck + 2; after the last chunk, d complete
   }
+}
+
+// The depthwise of chunks ck_begin .. ck_end - 1 into d (row pitch d_ld, chunk ck_begin at column 0).
+template <typename T, int BM, int KH, int KW>
+__device__ __forceinline__ void d_tile_phase(const Plan& p, const Args<T>& a, const SmemLayout& L, unsigned char* smem,
+                                             const TileRange& t, const HaloBox& b, T* d, int d_ld, int ck_begin,
+                                             int ck_end) {
+  constexpr int kVec = Vec16<T>::kVec, kSlots = kThreads / (kBK / kVec);
+  constexpr int kPos = dw_rows_per_thread(BM, sizeof(T));
+  T* dst = d + dw_row(threadIdx.x, 0, sizeof(T)) * d_ld + dw_cv(threadIdx.x, sizeof(T)) * kVec - ck_begin * kBK;
+  depthwise_phase<T, BM, KH, KW>(p, a, L, smem, t, b, ck_begin, ck_end,
+                                 [&](const T* src, const float* wsrc, int c0, const int(&base)[kPos]) {
+                                   depthwise_chunk<T, KH, KW, kPos>(p, b, base, src, wsrc, dst + c0, kSlots * d_ld);
+                                 });
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -396,6 +433,104 @@ struct Epilogue {
 };
 
 // ---------------------------------------------------------------------------------------------------
+// Training statistics of one Cout tile, from the accumulator registers (the levels 1 and 2 of the
+// statistics in sepconv_infer_tiling.h). Called by every thread at the end of each Cout tile, before
+// the epilogue stores z; ends with a barrier. The shared moments area is next written one Cout tile
+// later, after at least one more ring barrier, so one barrier per Cout tile suffices.
+
+// Level 2: thread `col` merges the parts of its column in order into the tile's partial.
+template <int BM>
+__device__ __forceinline__ void stats_merge_parts(const Plan& p, float* partial, const float* st, const TileRange& t,
+                                                  int nt, int elem_bytes) {
+  __syncthreads();  // every part's moments in shared memory
+  const int col = threadIdx.x, co = nt * kBN + col;
+  if (col < kBN && co < p.c_out) {
+    Moments m{0, 0.f, 0.f, 0.f};
+    for (int part = 0; part < stats_parts(elem_bytes); ++part) {
+      const Moments b{stats_part_rows(BM, t.count, part, elem_bytes), st[stats_smem_index(part, 0, col)],
+                      st[stats_smem_index(part, 1, col)], st[stats_smem_index(part, 2, col)]};
+      merge_moments(m, b);
+    }
+    partial[stats_partial_offset(p, blockIdx.x, 0, co)] = m.pivot;
+    partial[stats_partial_offset(p, blockIdx.x, 1, co)] = m.mu;
+    partial[stats_partial_offset(p, blockIdx.x, 2, co)] = m.m2;
+  }
+}
+
+// The sum over the 8 lanes of an m16n8 column (lanes with the same lane % 4), in every one of them.
+__device__ __forceinline__ float column_sum_mma(float v) {
+#pragma unroll
+  for (int m = 4; m < 32; m *= 2) v += __shfl_xor_sync(0xffffffffu, v, m);
+  return v;
+}
+
+// Level 1, mma.sync: this lane holds rows row0 + 16 i + acc_row(lane, 2 h) (q = 2 i + h) of columns
+// col0 + 8 j + acc_col(lane, e).
+template <typename T, int BM>
+__device__ __forceinline__ void tile_stats_mma(const Plan& p, float* partial, float* st, const TileRange& t, int nt,
+                                               const float (&acc)[BM / 32][4][4]) {
+  constexpr int kMF = BM / 32, kRows = 2 * kMF;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int row0 = warp_row0(warp, BM), col0 = warp_col0(warp);
+  const int part = mma_stats_part(warp), count = stats_part_rows(BM, t.count, part, 2);
+  __syncwarp();  // the warp is converged here (the epilogue is warp-uniform): plain shuffles below
+  bool valid[kRows];
+#pragma unroll
+  for (int i = 0; i < kMF; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) valid[2 * i + h] = row0 + 16 * i + acc_row(lane, 2 * h) < t.count;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float z[2][kRows];  // z rounded to T, as stored: [e][q]
+#pragma unroll
+    for (int i = 0; i < kMF; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float2 v = Pair<T>::unpack(Pair<T>::pack(acc[i][j][2 * h], acc[i][j][2 * h + 1]));
+        z[0][2 * i + h] = v.x, z[1][2 * i + h] = v.y;
+      }
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float pivot = __shfl_sync(0xffffffffu, z[e][0], lane % 4);  // row row0 (stats_pivot_row)
+      const float mu = stats_mean(column_sum_mma(stats_lane_sum(z[e], valid, pivot)), count);
+      const float m2 = column_sum_mma(stats_lane_m2(z[e], valid, pivot, mu));
+      if (lane < 4) {
+        const int col = col0 + 8 * j + acc_col(lane, e);
+        st[stats_smem_index(part, 0, col)] = pivot;
+        st[stats_smem_index(part, 1, col)] = mu;
+        st[stats_smem_index(part, 2, col)] = m2;
+      }
+    }
+  }
+  stats_merge_parts<BM>(p, partial, st, t, nt, 2);
+}
+
+// Level 1, FFMA: this thread alone holds its part's rows ffma_row(tid, q) of columns ffma_col(tid, j).
+template <int BM>
+__device__ __forceinline__ void tile_stats_ffma(const Plan& p, float* partial, float* st, const TileRange& t, int nt,
+                                                const float (&acc)[BM / 8][4]) {
+  constexpr int kRows = BM / 8;
+  const int tid = threadIdx.x, part = ffma_stats_part(tid), count = stats_part_rows(BM, t.count, part, 4);
+  bool valid[kRows];
+#pragma unroll
+  for (int q = 0; q < kRows; ++q) valid[q] = ffma_row(tid, q) < t.count;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float z[kRows];
+#pragma unroll
+    for (int q = 0; q < kRows; ++q) z[q] = acc[q][j];
+    const float pivot = z[0];  // row ffma_row(tid, 0) == stats_pivot_row
+    const float mu = stats_mean(stats_lane_sum(z, valid, pivot), count);
+    const float m2 = stats_lane_m2(z, valid, pivot, mu);
+    const int col = ffma_col(tid, j);
+    st[stats_smem_index(part, 0, col)] = pivot;
+    st[stats_smem_index(part, 1, col)] = mu;
+    st[stats_smem_index(part, 2, col)] = m2;
+  }
+  stats_merge_parts<BM>(p, partial, st, t, nt, 4);
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Phase 2: the pointwise over every Cout tile, the weights through a cp.async ring
 
 // Stage `it` of the weights into ring slot `slot` (one commit group per call, empty past the end,
@@ -417,7 +552,7 @@ __device__ __forceinline__ void load_ring_stage(const Args<T>& a, T* ring, int r
 
 __device__ __forceinline__ int next_slot(int slot) { return slot + 1 == kStages ? 0 : slot + 1; }
 
-template <typename T, int BM>
+template <typename T, int BM, bool kStats>
 __device__ __forceinline__ void pointwise_phase_mma(const Plan& p, const Args<T>& a, const SmemLayout& L,
                                                     unsigned char* smem, const TileRange& t,
                                                     const Epilogue<T>& ep) {
@@ -478,6 +613,7 @@ __device__ __forceinline__ void pointwise_phase_mma(const Plan& p, const Args<T>
     }
     slot = next_slot(slot);
     if (++kc == kc_count) {  // the Cout tile is complete: epilogue from the registers
+      if constexpr (kStats) tile_stats_mma<T, BM>(p, a.partial, reinterpret_cast<float*>(smem + L.stats), t, nt, acc);
       const bool full = full_tile(p, t, nt) && a.pairs;
       const int co0 = nt * kBN + col0 + acc_col(lane, 0);  // column of pair j: co0 + 8 j
       float2 sc[4], sh[4];
@@ -511,7 +647,7 @@ __device__ __forceinline__ void pointwise_phase_mma(const Plan& p, const Args<T>
   }
 }
 
-template <int BM>
+template <int BM, bool kStats>
 __device__ __forceinline__ void pointwise_phase_ffma(const Plan& p, const Args<float>& a, const SmemLayout& L,
                                                      unsigned char* smem, const TileRange& t,
                                                      const Epilogue<float>& ep) {
@@ -567,6 +703,7 @@ __device__ __forceinline__ void pointwise_phase_ffma(const Plan& p, const Args<f
     }
     slot = next_slot(slot);
     if (++kc == kc_count) {
+      if constexpr (kStats) tile_stats_ffma<BM>(p, a.partial, reinterpret_cast<float*>(smem + L.stats), t, nt, acc);
       const bool full = full_tile(p, t, nt) && a.pairs;
       const int co0 = nt * kBN + ffma_col(tid, 0);  // columns co0 .. co0 + 3: pairs at co0 and co0 + 2
       const float4 sc = *reinterpret_cast<const float4*>(a.scale + co0);
@@ -595,21 +732,21 @@ __device__ __forceinline__ void pointwise_phase_ffma(const Plan& p, const Args<f
 // ---------------------------------------------------------------------------------------------------
 // The kernel: one CTA per position tile
 
-template <typename T, int BM, int KH, int KW>
+template <typename T, int BM, int KH, int KW, bool kStats>
 __global__ void __launch_bounds__(kThreads, 1) sepconv_infer_tiled_kernel(const Plan p, const Args<T> a) {
   extern __shared__ __align__(128) unsigned char smem[];
   const SmemLayout L = smem_layout(p, sizeof(T));
   const TileRange t = tile_range(p, blockIdx.x);
   const HaloBox b = halo_box(p, t);
-  depthwise_phase<T, BM, KH, KW>(p, a, L, smem, t, b);
+  d_tile_phase<T, BM, KH, KW>(p, a, L, smem, t, b, reinterpret_cast<T*>(smem), L.d_ld, 0, k_chunks(p));
 
   const int64_t first = static_cast<int64_t>(t.img) * p.h_out * p.w_out + t.q0;  // the tile's first position
   const Epilogue<T> ep{p, a, a.y + first * p.c_out, a.residual != nullptr ? a.residual + first * p.c_out : nullptr,
                        t.count};
   if constexpr (sizeof(T) == 2) {
-    pointwise_phase_mma<T, BM>(p, a, L, smem, t, ep);
+    pointwise_phase_mma<T, BM, kStats>(p, a, L, smem, t, ep);
   } else {
-    pointwise_phase_ffma<BM>(p, a, L, smem, t, ep);
+    pointwise_phase_ffma<BM, kStats>(p, a, L, smem, t, ep);
   }
 }
 
@@ -650,56 +787,75 @@ Packed<T> carve(const Plan& p, Workspace& ws) {
   return r;
 }
 
-template <typename T, int BM, int KH, int KW>
+template <typename T, int BM, int KH, int KW, bool kStats>
 cudaError_t launch(const Plan& plan, const Args<T>& args, int smem_bytes, cudaStream_t stream) {
-  const auto kernel = sepconv_infer_tiled_kernel<T, BM, KH, KW>;
+  const auto kernel = sepconv_infer_tiled_kernel<T, BM, KH, KW, kStats>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   if (err != cudaSuccess) return err;
   kernel<<<num_tiles(plan), kThreads, smem_bytes, stream>>>(plan, args);
   return cudaGetLastError();
 }
 
-template <typename T, int BM>
+template <typename T, int BM, bool kStats>
 cudaError_t launch_k(const Plan& plan, const Args<T>& args, int smem_bytes, cudaStream_t stream) {
-  // 3x3 (every Xception unit) with the taps unrolled at compile time; any other size at run time.
-  if (plan.kh == 3 && plan.kw == 3) return launch<T, BM, 3, 3>(plan, args, smem_bytes, stream);
-  return launch<T, BM, 0, 0>(plan, args, smem_bytes, stream);
+  // 3x3 (every Xception unit) with the taps unrolled at compile time, and 1x1 (the backward's grad_d
+  // GEMM); any other size at run time.
+  if (plan.kh == 3 && plan.kw == 3) return launch<T, BM, 3, 3, kStats>(plan, args, smem_bytes, stream);
+  if (plan.kh == 1 && plan.kw == 1 && !kStats) return launch<T, BM, 1, 1, false>(plan, args, smem_bytes, stream);
+  return launch<T, BM, 0, 0, kStats>(plan, args, smem_bytes, stream);
+}
+
+template <typename T, bool kStats>
+cudaError_t launch_bm(const Plan& plan, const Args<T>& args, int smem_bytes, cudaStream_t stream) {
+  if constexpr (sizeof(T) == 2) {
+    if (plan.bm == 128) return launch_k<T, 128, kStats>(plan, args, smem_bytes, stream);
+    if (plan.bm == 64) return launch_k<T, 64, kStats>(plan, args, smem_bytes, stream);
+  }
+  return launch_k<T, 32, kStats>(plan, args, smem_bytes, stream);
 }
 
 bool aligned(const void* ptr, int bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
-template <typename T>
-cudaError_t run(const SepConvInferParams& prm, cudaStream_t stream, bool* launched) {
-  const ConvGeometry& g = prm.g;
+// The first tile candidate whose shared memory fits (16-bit on a Hopper GPU: 128 rows for C up to about
+// 750, 64 up to about 1,500, 32 beyond; image ranges unless the full-width halo is too large); bm 0 when
+// none does (the int64 kernel takes it).
+cudaError_t choose_plan(const ConvGeometry& g, int elem_bytes, int stats, Plan* plan) {
   int device = 0, max_smem = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return err;
-
-  // The first candidate whose shared memory fits (16-bit on a Hopper GPU: 128 rows for C up to about
-  // 750, 64 up to about 1,500, 32 beyond; image ranges unless the full-width halo is too large).
-  int bm = 0, smem_bytes = 0;
-  Plan plan{};
-  for (int i = 0; tile_candidate(i, sizeof(T)).bm > 0; ++i) {
-    plan = plan_for(g, tile_candidate(i, sizeof(T)));
-    if (fits_smem(plan, sizeof(T), max_smem)) {
-      bm = plan.bm;
-      smem_bytes = smem_layout(plan, sizeof(T)).total;
+  *plan = Plan{};
+  for (int i = 0; tile_candidate(i, elem_bytes).bm > 0; ++i) {
+    Plan candidate = plan_for(g, tile_candidate(i, elem_bytes));
+    candidate.stats = stats;
+    if (fits_smem(candidate, elem_bytes, max_smem)) {
+      *plan = candidate;
       break;
     }
   }
-  if (bm == 0) return cudaSuccess;  // *launched stays false: the int64 kernel takes it
+  return cudaSuccess;
+}
 
-  Workspace ws(prm.workspace);
-  const Packed<T> packed = carve<T>(plan, ws);
-  if (ws.bytes() > prm.workspace_bytes) return cudaErrorInvalidValue;
-  *launched = true;
-  if (num_tiles(plan) == 0 || g.c_out == 0) return cudaSuccess;
+// What differs between the inference and the training forward; the rest comes from the unit.
+template <typename T>
+struct Outputs {
+  Vec scale, shift;    // inference: the folded BatchNorm; training: absent (z is stored)
+  const T* residual;   // inference only
+  T* y;                // y, or z in training
+  bool post_relu;      // inference only
+  float* partial;      // training only: the per-tile moments
+  PackMode mode;       // kForward, or kGemm for the grad_d GEMM
+};
 
+// Packs the weights and launches the tiled kernel for `plan` (bm > 0).
+template <typename T, bool kStats>
+cudaError_t run_plan(const UnitParams& prm, const Plan& plan, const Packed<T>& packed, const Outputs<T>& out,
+                     cudaStream_t stream) {
+  const ConvGeometry& g = prm.g;
   const int pack_total = packed_pw_elems(plan) + packed_dw_elems(plan) + plan.cout_pad;
   pack_weights_kernel<T><<<elementwise_blocks(pack_total), 256, 0, stream>>>(
-      plan, static_cast<const T*>(prm.dw_weight), static_cast<const T*>(prm.pw_weight), prm.scale, prm.shift,
-      packed.dw, packed.pw, packed.scale, packed.shift);
+      plan, static_cast<const T*>(prm.dw_weight), static_cast<const T*>(prm.pw_weight), out.scale, out.shift,
+      out.mode, packed.dw, packed.pw, packed.scale, packed.shift);
 
   Args<T> args;
   args.x = static_cast<const T*>(prm.x.ptr);
@@ -707,24 +863,189 @@ cudaError_t run(const SepConvInferParams& prm, cudaStream_t stream, bool* launch
   args.pw = packed.pw;
   args.scale = packed.scale;
   args.shift = packed.shift;
-  args.residual = static_cast<const T*>(prm.residual.ptr);
-  args.y = static_cast<T*>(prm.y.ptr);
+  args.residual = out.residual;
+  args.y = out.y;
   args.pre_relu = prm.pre_relu;
-  args.post_relu = prm.post_relu;
+  args.post_relu = out.post_relu;
   args.x_vectors = g.c > 0 && g.c % vec_elems(sizeof(T)) == 0 && aligned(args.x, 16);  // C = 0: no x to read
   args.pairs = g.c_out % 2 == 0 && aligned(args.y, 2 * sizeof(T)) &&
                (args.residual == nullptr || aligned(args.residual, 2 * sizeof(T)));
-  if constexpr (sizeof(T) == 2) {
-    if (bm == 128) return launch_k<T, 128>(plan, args, smem_bytes, stream);
-    if (bm == 64) return launch_k<T, 64>(plan, args, smem_bytes, stream);
-    return launch_k<T, 32>(plan, args, smem_bytes, stream);
-  } else {
-    return launch_k<T, 32>(plan, args, smem_bytes, stream);
+  args.partial = out.partial;
+  return launch_bm<T, kStats>(plan, args, smem_layout(plan, sizeof(T)).total, stream);
+}
+
+template <typename T>
+cudaError_t run_infer(const SepConvInferParams& prm, cudaStream_t stream, bool* launched) {
+  Plan plan;
+  cudaError_t err = choose_plan(prm.g, sizeof(T), 0, &plan);
+  if (err != cudaSuccess || plan.bm == 0) return err;  // *launched stays false: the int64 kernel takes it
+  Workspace ws(prm.workspace);
+  const Packed<T> packed = carve<T>(plan, ws);
+  if (ws.bytes() > prm.workspace_bytes) return cudaErrorInvalidValue;
+  *launched = true;
+  if (num_tiles(plan) == 0 || prm.g.c_out == 0) return cudaSuccess;
+  const Outputs<T> out{prm.scale, prm.shift, static_cast<const T*>(prm.residual.ptr), static_cast<T*>(prm.y.ptr),
+                       prm.post_relu, nullptr, PackMode::kForward};
+  return run_plan<T, false>(prm, plan, packed, out, stream);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The training forward: z and the batch statistics
+
+// Tile t's count of positions, for the merge kernel (level 3 of the statistics).
+struct TileCounts {
+  Plan p;
+  __device__ int64_t operator()(int64_t t) const { return tile_range(p, static_cast<int>(t)).count; }
+};
+
+// The most tiles any candidate can give (the workspace is sized before the device picks a tile).
+int64_t max_tiles(const ConvGeometry& g) {
+  int64_t tiles = 0;
+  for (int i = 0; tile_candidate(i, 2).bm > 0 || tile_candidate(i, 4).bm > 0; ++i)
+    for (int eb : {2, 4})
+      if (tile_candidate(i, eb).bm > 0) tiles = std::max<int64_t>(tiles, num_tiles(plan_for(g, tile_candidate(i, eb))));
+  return tiles;
+}
+
+// Training workspace: invstd [Cout] and the fp32 BatchNorm affine [2][Cout] first (as the int64 path's
+// plan_train: bn_apply_kernel reads them there), then the packed weights, then the partials
+// [max_tiles][3][Cout].
+struct TrainCarve {
+  float* invstd;
+  float* partial;
+};
+template <typename T>
+TrainCarve carve_train(const ConvGeometry& g, const Plan& plan, Workspace& ws, Packed<T>* packed) {
+  TrainCarve r;
+  r.invstd = ws.take<float>(g.c_out);
+  ws.take<float>(2 * g.c_out);
+  *packed = carve<T>(plan, ws);
+  r.partial = ws.take<float>(max_tiles(g) * 3 * g.c_out);
+  return r;
+}
+
+template <typename T>
+cudaError_t run_train(const SepConvTrainParams& prm, cudaStream_t stream, bool* launched) {
+  const ConvGeometry& g = prm.g;
+  Plan plan;
+  cudaError_t err = choose_plan(g, sizeof(T), 1, &plan);
+  if (err != cudaSuccess || plan.bm == 0) return err;
+  Workspace ws(prm.workspace);
+  Packed<T> packed;
+  const TrainCarve c = carve_train<T>(g, plan, ws, &packed);
+  if (ws.bytes() > prm.workspace_bytes) return cudaErrorInvalidValue;
+  *launched = true;
+  if (g.c_out == 0) return cudaSuccess;
+  const int64_t tiles = num_tiles(plan);
+  if (tiles > 0) {
+    const Outputs<T> out{Vec{}, Vec{}, nullptr, static_cast<T*>(prm.z.ptr), false, c.partial, PackMode::kForward};
+    err = run_plan<T, true>(prm, plan, packed, out, stream);
+    if (err != cudaSuccess) return err;
   }
+  const unsigned int blocks = static_cast<unsigned int>(::xception_fast::ceil_div(g.c_out, kRedCols));
+  bn_stats_merge_kernel<<<blocks, dim3(kRedCols, kRedLanes), 0, stream>>>(
+      c.partial, tiles, TileCounts{plan}, g.c_out, static_cast<float>(prm.eps), prm.mean, prm.var, c.invstd);
+  return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The backward's grad_pw and grad_x / grad_dw kernels and launchers
+
+#include "sepconv_tiled_backward.cuh"
+
+// ---------------------------------------------------------------------------------------------------
+// The backward's grad_d = grad_z pw ([P, Cout] x [Cout, C], rounded to T): the same kernel on a 1x1
+// geometry over the output positions (grad_z as the image, Cout its channels, C the outputs), the
+// depthwise a copy (weight 1), scale 1 and shift -0: z = grad_d, stored in T as the unfused
+// convolution backward stores it.
+
+ConvGeometry gemm_geometry(const ConvGeometry& g) {
+  ConvGeometry m;
+  m.n = g.n, m.c = g.c_out, m.h = g.h_out, m.w = g.w_out;
+  m.c_out = g.c, m.h_out = g.h_out, m.w_out = g.w_out;
+  m.kh = m.kw = 1;
+  return m;
+}
+
+template <typename T>
+cudaError_t run_grad_d(const GradDParams& prm, cudaStream_t stream, bool* launched) {
+  UnitParams u;
+  u.g = gemm_geometry(prm.g);
+  u.x.ptr = const_cast<void*>(prm.grad_z);
+  u.pw_weight = const_cast<void*>(prm.pw_weight);
+  Plan plan;
+  cudaError_t err = choose_plan(u.g, sizeof(T), 0, &plan);
+  if (err != cudaSuccess || plan.bm == 0) return err;
+  Workspace ws(prm.workspace);
+  const Packed<T> packed = carve<T>(plan, ws);
+  if (ws.bytes() > prm.workspace_bytes) return cudaErrorInvalidValue;
+  *launched = true;
+  if (num_tiles(plan) == 0 || u.g.c_out == 0) return cudaSuccess;
+  const Outputs<T> out{Vec{}, Vec{}, nullptr, static_cast<T*>(prm.grad_d), false, nullptr, PackMode::kGemm};
+  return run_plan<T, false>(u, plan, packed, out, stream);
 }
 
 }  // namespace
 }  // namespace infer
+
+bool dw_backward_tiled_covers(const ConvGeometry& g) {
+  return infer::fits_int32(g) && infer::dx_supported(static_cast<int>(g.kh), static_cast<int>(g.kw),
+                                                     static_cast<int>(g.stride_h), static_cast<int>(g.stride_w),
+                                                     static_cast<int>(g.pad_h), static_cast<int>(g.pad_w),
+                                                     static_cast<int>(g.dil_h), static_cast<int>(g.dil_w));
+}
+
+size_t dw_backward_tiled_workspace_size(const ConvGeometry& g, DType dtype) {
+  if (!dw_backward_tiled_covers(g)) return 0;
+  const auto i = [](int64_t v) { return static_cast<int>(v); };
+  const infer::Plan plan = infer::dx_plan(i(g.n), i(g.c), i(g.h), i(g.w), i(g.kh), i(g.kw), i(g.pad_h), i(g.pad_w),
+                                          i(g.dil_h), i(g.dil_w), 64, 0);
+  Workspace ws(nullptr);
+  if (dtype == DType::kFloat32) {
+    infer::carve<float>(plan, ws);
+  } else {
+    infer::carve<__half>(plan, ws);
+  }
+  return ws.bytes();
+}
+
+cudaError_t run_dw_backward_tiled(const DwBackwardParams& params, cudaStream_t stream, int* splits) {
+  *splits = -1;
+  if (!dw_backward_tiled_covers(params.g) || params.max_splits < 1) return cudaSuccess;
+  return XF_DTYPE_SWITCH(params.dtype, T, [&] { return infer::run_dw_backward<T>(params, stream, splits); });
+}
+
+size_t grad_pw_tiled_workspace_size(const ConvGeometry& g, DType dtype) {
+  if (dtype == DType::kFloat32 || !infer::fits_int32(g)) return 0;
+  Workspace ws(nullptr);
+  infer::carve<__half>(infer::plan_for(g, {64, 0}), ws);
+  return ws.bytes();
+}
+
+cudaError_t run_grad_pw_tiled(const GradPwParams& params, cudaStream_t stream, int* splits) {
+  *splits = -1;
+  if (!infer::fits_int32(params.g) || params.max_splits < 1) return cudaSuccess;
+  return XF_DTYPE_SWITCH(params.dtype, T, [&] { return infer::run_grad_pw<T>(params, stream, splits); });
+}
+
+size_t grad_d_tiled_workspace_size(const ConvGeometry& g, DType dtype) {
+  const ConvGeometry m = infer::gemm_geometry(g);
+  if (!infer::fits_int32(m)) return 0;
+  const infer::Plan plan = infer::plan_for(m, {64, 0});
+  Workspace ws(nullptr);
+  if (dtype == DType::kFloat32) {
+    infer::carve<float>(plan, ws);
+  } else {
+    infer::carve<__half>(plan, ws);
+  }
+  return ws.bytes();
+}
+
+cudaError_t run_grad_d_tiled(const GradDParams& params, cudaStream_t stream, bool* launched) {
+  *launched = false;
+  if (!infer::fits_int32(infer::gemm_geometry(params.g))) return cudaSuccess;
+  return XF_DTYPE_SWITCH(params.dtype, T, [&] { return infer::run_grad_d<T>(params, stream, launched); });
+}
 
 size_t infer_tiled_workspace_size(const SepConvInferParams& params) {
   if (!infer::fits_int32(params.g)) return 0;
@@ -737,10 +1058,29 @@ size_t infer_tiled_workspace_size(const SepConvInferParams& params) {
   return ws.bytes();
 }
 
+size_t train_tiled_workspace_size(const SepConvTrainParams& params) {
+  if (!infer::fits_int32(params.g)) return 0;
+  const infer::Plan plan = infer::plan_for(params.g, {64, 0});
+  Workspace ws(nullptr);
+  infer::Packed<float> f;
+  infer::Packed<__half> h;
+  switch (params.dtype) {
+    case DType::kFloat32: infer::carve_train<float>(params.g, plan, ws, &f); break;
+    default: infer::carve_train<__half>(params.g, plan, ws, &h); break;
+  }
+  return ws.bytes();
+}
+
 cudaError_t run_sepconv_bn_infer_tiled(const SepConvInferParams& params, cudaStream_t stream, bool* launched) {
   *launched = false;
   if (!infer::fits_int32(params.g)) return cudaSuccess;
-  return XF_DTYPE_SWITCH(params.dtype, T, [&] { return infer::run<T>(params, stream, launched); });
+  return XF_DTYPE_SWITCH(params.dtype, T, [&] { return infer::run_infer<T>(params, stream, launched); });
+}
+
+cudaError_t run_sepconv_bn_train_tiled(const SepConvTrainParams& params, cudaStream_t stream, bool* launched) {
+  *launched = false;
+  if (!infer::fits_int32(params.g)) return cudaSuccess;
+  return XF_DTYPE_SWITCH(params.dtype, T, [&] { return infer::run_train<T>(params, stream, launched); });
 }
 
 }  // namespace xception_fast

@@ -1,7 +1,8 @@
-// Index and tiling math of the tiled inference kernel (sepconv_infer.cu), as plain C++ functions.
+// Index and tiling math of the tiled forward kernel (sepconv_infer.cu: inference, and the training
+// forward's z and BatchNorm statistics), as plain C++ functions.
 //
 // Everything here is `__host__ __device__` under nvcc and ordinary inline C++ under a host compiler:
-// tests/cpp/test_infer_tiling.cpp compiles this header with g++ and checks every function against
+// tests/cpp/test_infer_tiling.cpp and test_train_stats.cpp compile this header with g++ and check it against
 // brute force (tile coverage, halo boxes, staging layout, the depthwise of a tile bit-exact against
 // a direct loop, the ldmatrix / mma.sync fragment mapping, every output written exactly once). The
 // kernel's index arithmetic is these functions and their direct composition (base + row * pitch +
@@ -68,6 +69,7 @@ struct Plan {
   int cout_tiles;       // ceil(c_out / kBN)
   int cout_pad;         // cout_tiles * kBN: rows (16-bit) or columns (fp32) of the packed pw weight
   int halo_rows, halo_cols;  // upper bounds of every tile's halo box (shared-memory sizing)
+  int stats;            // 1: the training forward (z and per-tile statistics partials); 0: inference
 };
 
 // row_segments: 1 asks for row-segment tiles (a small halo box on wide images), 0 for ranges of an
@@ -175,6 +177,100 @@ XF_HD int halo_source_offset(const Plan& p, const HaloBox& b, int pixel) {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Training statistics (the training forward: the tiled kernel with p.stats = 1 stores z and, per tile
+// and output channel, the moments of the tile's z rounded to T, as the reference's batch statistics
+// are those of the stored z).
+//
+// Moments of a set of values: count, a pivot K (one of the values), mu = mean(z - K) and
+// M2 = sum((z - K - mu)^2). Taking deviations from a data value keeps mu small, so the sums stay exact
+// enough for a large mean with a small spread (mean 1e4, std 1e-2 in fp32). Sets merge with Chan et
+// al.'s formula (merge_moments), in a fixed order: no atomics, deterministic.
+//
+// Three levels, all in a fixed order:
+// 1. A "part" of a tile: the rows one group of threads holds in its accumulators. mma.sync: the half
+//    of the tile one warp row owns (parts = 2; 8 lanes share a column: lane sums, then a butterfly of
+//    xor shuffles 4, 8, 16); FFMA: the rows ty + 8 i of warp ty (parts = 8; one thread per column).
+//    Pivot: the part's first row (stats_pivot_row).
+// 2. The parts of one Cout tile, through shared memory, merged in part order by thread `col`: one
+//    partial per (tile, channel) in the workspace (stats_partial_offset: pivot, mu, M2).
+// 3. The tiles of one channel, by the merge kernel (bn_stats_merge_kernel): lane l of 8 merges tiles
+//    l, l + 8, ... in order, then lane 0 merges the lanes in order; the count of tile t is
+//    tile_range(p, t).count.
+
+struct Moments {
+  int64_t count;
+  float pivot, mu, m2;
+};
+
+// b merged into a. The difference of the two means is formed as (pivot_b - pivot_a) + (mu_b - mu_a):
+// the pivots are exact data values and the mu's are small, so no large rounded means are subtracted.
+XF_HD void merge_moments(Moments& a, const Moments& b) {
+  if (b.count == 0) return;
+  if (a.count == 0) {
+    a = b;
+    return;
+  }
+  const int64_t total = a.count + b.count;
+  const float delta = (b.pivot - a.pivot) + (b.mu - a.mu);
+  const float frac_b = static_cast<float>(static_cast<double>(b.count) / static_cast<double>(total));
+  a.mu = a.mu + delta * frac_b;
+  a.m2 = a.m2 + b.m2 + delta * delta * (static_cast<float>(a.count) * frac_b);
+  a.count = total;
+}
+
+// mean, biased var and 1 / sqrt(var + eps) of merged moments; an empty batch gives mean 0, var 1 (as
+// the reference).
+XF_HD void finalize_moments(const Moments& m, float eps, float& mean, float& var, float& invstd) {
+  mean = m.count > 0 ? m.pivot + m.mu : 0.f;
+  var = m.count > 0 ? m.m2 / static_cast<float>(m.count) : 1.f;
+  invstd = 1.f / sqrtf(var + eps);  // correctly rounded sqrt and division (no fast-math)
+}
+
+XF_HD int stats_parts(int elem_bytes) { return elem_bytes == 2 ? 2 : kThreads / 32; }
+XF_HD int mma_stats_part(int warp) { return warp / 4; }  // the warp's row half (warp_row0)
+XF_HD int ffma_stats_part(int tid) { return tid / 32; }  // the warp: rows ffma_row(tid, i)
+
+// Rows of part `part` that hold real positions (tile rows < count, the tile's valid rows).
+XF_HD int stats_part_rows(int bm, int count, int part, int elem_bytes) {
+  if (elem_bytes == 2) return imax(0, imin(bm / 2, count - part * (bm / 2)));
+  return count > part ? imin(bm / 8, (count - part + 7) / 8) : 0;
+}
+
+// The part's pivot: the z of its first tile row (valid whenever the part has a valid row).
+XF_HD int stats_pivot_row(int bm, int part, int elem_bytes) { return elem_bytes == 2 ? part * (bm / 2) : part; }
+
+// A thread's share of one column of its part: kRows values z[q], valid[q] whether row q is a real
+// position. The device reduces each over the part's threads (mma.sync: the butterfly; FFMA: none).
+template <int kRows>
+XF_HD float stats_lane_sum(const float (&z)[kRows], const bool (&valid)[kRows], float pivot) {
+  float s = 0.f;
+  XF_UNROLL
+  for (int q = 0; q < kRows; ++q) s += valid[q] ? z[q] - pivot : 0.f;
+  return s;
+}
+template <int kRows>
+XF_HD float stats_lane_m2(const float (&z)[kRows], const bool (&valid)[kRows], float pivot, float mu) {
+  float m2 = 0.f;
+  XF_UNROLL
+  for (int q = 0; q < kRows; ++q) {
+    const float d = (z[q] - pivot) - mu;
+    m2 = valid[q] ? fmaf(d, d, m2) : m2;
+  }
+  return m2;
+}
+XF_HD float stats_mean(float sum, int count) { return count > 0 ? sum / static_cast<float>(count) : 0.f; }
+
+// The moments area in shared memory: float (part, k, col), k = 0 pivot, 1 mu, 2 M2.
+XF_HD int stats_smem_index(int part, int k, int col) { return (part * 3 + k) * kBN + col; }
+XF_HD int stats_smem_bytes(int elem_bytes) { return stats_parts(elem_bytes) * 3 * kBN * 4; }
+
+// The partials in the workspace: float [tile][3][c_out] (k as above); int64, as tiles * 3 * c_out
+// may pass 2^31 where nothing else does.
+XF_HD int64_t stats_partial_offset(const Plan& p, int tile, int k, int co) {
+  return (static_cast<int64_t>(tile) * 3 + k) * p.c_out + co;
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Shared memory. The d tile is resident for the whole CTA; the halo buffers (phase 1) and the weight
 // ring (phase 2) share one region, since the phases never overlap (a barrier separates them).
 //
@@ -187,6 +283,8 @@ XF_HD int halo_source_offset(const Plan& p, const HaloBox& b, int pixel) {
 // - pixel table: the halo_source_offset of every box pixel of the current tile (int32).
 // - weight ring, kStages tiles. 16-bit (mma.sync): B tile [kBN][kBK + 8] (n rows, k contiguous; odd
 //   16-byte pitch again). fp32 (FFMA): [kBK][kBN] (k rows, n contiguous).
+// - training only (p.stats): the per-part moments of one Cout tile, fp32 [parts][3][kBN] (see
+//   stats_smem_index), after both phases' regions: the epilogue writes it while the ring is in flight.
 struct SmemLayout {
   int d_ld, d_bytes;
   int region;                       // byte offset of the shared phase region
@@ -194,6 +292,7 @@ struct SmemLayout {
   int halo[2], wts[2], table;       // byte offsets (phase 1)
   int ring_ld, ring_tile_elems;     // ring tile pitch and size in elements
   int ring;                         // byte offset (phase 2)
+  int stats;                        // byte offset of the statistics area (p.stats), else == total
   int total;                        // bytes of dynamic shared memory
 };
 
@@ -220,7 +319,8 @@ XF_HD SmemLayout smem_layout(const Plan& p, int elem_bytes) {
   }
   s.ring = s.region;
   const int phase2_end = s.ring + kStages * s.ring_tile_elems * elem_bytes;
-  s.total = align_up(imax(phase1_end, phase2_end), 128);
+  s.stats = align_up(imax(phase1_end, phase2_end), 128);
+  s.total = s.stats + (p.stats ? stats_smem_bytes(elem_bytes) : 0);
   return s;
 }
 
@@ -357,6 +457,194 @@ XF_HD int packed_dw_elems(const Plan& p) { return p.kh * p.kw * p.kp; }
 // Whether the epilogue of Cout tile nt of tile t stores whole element pairs with no masks.
 XF_HD bool full_tile(const Plan& p, const TileRange& t, int nt) {
   return t.count == p.bm && (nt + 1) * kBN <= p.c_out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The backward's grad_pw = grad_z^T d ([Cout, P] x [P, C], 16-bit types; sepconv_infer.cu,
+// grad_pw_tiled_kernel). A CTA owns one chunk of kBK input channels, one pass of up to kGpN output
+// channels and a split (a contiguous range of position tiles); per position tile it computes the
+// depthwise of its chunk once (depthwise_phase, into a [bm][kBK + 8] tile: d is computed once per
+// (position, channel) for Cout <= kGpN), loads the tile's grad_z rows [bm][kGpN] with cp.async
+// (zero past the tile's positions and past Cout, so padding rows add nothing), and accumulates
+// acc[c][co] += d[pos][c] grad_z[pos][co] with ldmatrix.trans + mma.sync: M = the kBK channels (2 m16
+// fragments), N = kGpN (8 warps x kGpN / 8 columns), K = the tile's positions. Each split writes its
+// fp32 partial [Cout][C]; the column sums add the splits in order.
+
+constexpr int kGpN = 768;                      // output channels per pass
+constexpr int kGpWarpCols = kGpN / (kThreads / 32);  // 96: columns per warp, 12 n8 fragments
+constexpr int kGpMaxSplits = 16;
+
+XF_HD int gp_chunks(const Plan& p) { return p.kp / kBK; }
+XF_HD int gp_passes(const Plan& p) { return ceil_div(p.c_out, kGpN); }
+XF_HD int gp_units(const Plan& p) { return gp_chunks(p) * gp_passes(p); }
+XF_HD int gp_ld_d() { return kBK + 8; }     // odd pitch in 16-byte units (ldmatrix without conflicts)
+XF_HD int gp_ld_gz() { return kGpN + 8; }
+
+// Work unit w of the grid: chunk (fastest: the CTAs reading the same grad_z rows run together), pass,
+// split.
+struct GpUnit {
+  int chunk, pass, split;
+};
+XF_HD GpUnit gp_unit(const Plan& p, int w) {
+  const int units = gp_units(p);
+  return {w % gp_chunks(p), (w % units) / gp_chunks(p), w / units};
+}
+
+// The position tiles of split s of `splits`: [begin, end), contiguous, as even as whole tiles allow.
+struct TileSpan {
+  int begin, end;
+};
+XF_HD TileSpan gp_split_tiles(const Plan& p, int s, int splits) {
+  const int tiles = num_tiles(p);
+  return {static_cast<int>(static_cast<int64_t>(tiles) * s / splits),
+          static_cast<int>(static_cast<int64_t>(tiles) * (s + 1) / splits)};
+}
+
+// Splits for `sms` multiprocessors, one CTA each: the count in 1..max_splits (and at most one per
+// tile) whose last wave is fullest (CTAs / sms closest below a whole number of waves), the smallest
+// such count on ties. max_splits bounds the partial buffer (the workspace is sized with it).
+XF_HD int gp_choose_splits(int units, int tiles, int sms, int max_splits) {
+  int best = 1;
+  double best_eff = -1.0;
+  for (int s = 1; s <= max_splits && s <= imax(tiles, 1); ++s) {
+    const int ctas = units * s;
+    const double eff = static_cast<double>(ctas) / (static_cast<double>(ceil_div(ctas, sms)) * sms);
+    if (eff > best_eff + 1e-9) best = s, best_eff = eff;
+  }
+  return best;
+}
+
+// Shared memory: the d tile and the grad_z tile, then the depthwise staging of SmemLayout (halo
+// buffers, weights, pixel table) after them (the fields the depthwise phase reads are the same).
+XF_HD SmemLayout gp_smem_layout(const Plan& p, int elem_bytes) {
+  SmemLayout s = smem_layout(p, elem_bytes);
+  s.d_ld = gp_ld_d();
+  s.d_bytes = p.bm * s.d_ld * elem_bytes;
+  s.ring_ld = gp_ld_gz();
+  s.ring = align_up(s.d_bytes, 128);
+  s.ring_tile_elems = p.bm * s.ring_ld;
+  s.region = align_up(s.ring + s.ring_tile_elems * elem_bytes, 128);
+  const int shift = s.region - s.halo[0];
+  s.halo[0] += shift, s.halo[1] += shift, s.wts[0] += shift, s.wts[1] += shift, s.table += shift;
+  s.stats = align_up(s.table + p.halo_rows * p.halo_cols * 4, 128);
+  s.total = s.stats;
+  return s;
+}
+XF_HD bool gp_fits_smem(const Plan& p, int elem_bytes, int max_smem) {
+  if (2 * static_cast<int64_t>(p.halo_rows) * p.halo_cols * kBK * elem_bytes > max_smem) return false;
+  return gp_smem_layout(p, elem_bytes).total <= max_smem;
+}
+// Tile candidates: 64 rows, then 32; ranges, then row segments (as tile_candidate).
+XF_HD TileChoice gp_tile_candidate(int i) { return {i < 4 ? 64 >> (i / 2) : 0, i % 2}; }
+
+// grad_z staging: a thread keeps one 8-element column vector of the tile and steps over rows, so its
+// source and destination advance by constant strides (no index math per copy): threads
+// tid < kGpGzThreads stage column gp_gz_col(tid) of rows gp_gz_row0(tid) + kGpGzRowStep k.
+constexpr int kGpGzVecs = kGpN / 8;                      // 96 vectors per row
+constexpr int kGpGzRowStep = kThreads / kGpGzVecs;       // 2 rows per step
+constexpr int kGpGzThreads = kGpGzRowStep * kGpGzVecs;   // 192: warps 0-5
+XF_HD int gp_gz_col(int tid) { return (tid % kGpGzVecs) * 8; }
+XF_HD int gp_gz_row0(int tid) { return tid / kGpGzVecs; }
+
+// ldmatrix.x4.trans addresses. A(m = channel, k = position) from d [k][m]: lane l gives row
+// k = 8 (l / 16) + l % 8, column m = 8 ((l / 8) % 2) of the 16 x 16 fragment; matrices 0..3 are
+// then (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15) = a0a1, a2a3, a4a5, a6a7.
+XF_HD int gp_a_k(int lane) { return (lane / 16) * 8 + lane % 8; }
+XF_HD int gp_a_m(int lane) { return ((lane / 8) % 2) * 8; }
+// B(k = position, n = co) from grad_z [k][n], n8 fragments 2j and 2j + 1: lane l gives row
+// k = 8 ((l / 8) % 2) + l % 8, column n = 8 (l / 16); registers 0, 1 = b0b1, b2b3 of fragment 2j,
+// 2, 3 those of 2j + 1.
+XF_HD int gp_b_k(int lane) { return ((lane / 8) % 2) * 8 + lane % 8; }
+XF_HD int gp_b_n(int lane) { return (lane / 16) * 8; }
+
+// Partial of split s: float [splits][Cout][C].
+XF_HD int64_t gp_partial_offset(const Plan& p, int split, int co, int c) {
+  return (static_cast<int64_t>(split) * p.c_out + co) * p.c + c;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The backward's grad_x and grad_dw (sepconv_infer.cu, dw_backward_tiled_kernel; stride 1, 3x3).
+// With stride 1 the depthwise's input gradient is a forward depthwise of grad_d with the taps flipped
+// and padding (k - 1) * dil - pad (dx_plan): the tile, halo and gather machinery of the forward, on
+// grad_d [N, Ho, Wo, C] as the "image" and tiles of input pixels. A CTA owns one chunk of kBK channels
+// and a split of the pixel tiles; per tile it stages grad_d's halo box for the chunk, and each thread,
+// for its rows and channel vector, reads x once and gathers every tap's grad_d once for both
+//   grad_x(pix) = [pre_relu: x > 0] * sum_taps grad_d(pix + pad - tap * dil) * w(tap) and
+//   grad_dw(tap) += grad_d(pix + pad - tap * dil) * pre(x)(pix) (depthwise_backward_rows).
+// grad_dw stays in registers across the split's tiles, is summed over the lanes of the channel vector
+// (xor shuffles from dx_lane_xor_first), then over the warps in shared memory, in order, into the
+// split's partial [C][taps]; the column sums add the splits.
+
+// The forward plan of the transposed depthwise: grad_d (ho x wo) in, the input grid (h x w) out. Valid
+// when the padding is at most the window's reach ((k - 1) * dil - pad >= 0, checked by dx_supported).
+XF_HD Plan dx_plan(int n, int c, int h, int w, int kh, int kw, int pad_h, int pad_w, int dil_h, int dil_w, int bm,
+                   int row_segments) {
+  const int h_out = h + 2 * pad_h - dil_h * (kh - 1), w_out = w + 2 * pad_w - dil_w * (kw - 1);
+  return make_plan(n, c, h_out, w_out, c, kh, kw, 1, 1, (kh - 1) * dil_h - pad_h, (kw - 1) * dil_w - pad_w, dil_h,
+                   dil_w, bm, row_segments);
+}
+XF_HD bool dx_supported(int kh, int kw, int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w) {
+  return kh == 3 && kw == 3 && stride_h == 1 && stride_w == 1 && pad_h <= (kh - 1) * dil_h &&
+         pad_w <= (kw - 1) * dil_w;
+}
+// The flipped weights: tap t of the transposed conv is tap taps - 1 - t of the forward's.
+XF_HD int dx_forward_tap(const Plan& p, int tap) { return p.kh * p.kw - 1 - tap; }
+
+// Shared memory: the depthwise staging of SmemLayout (no d tile), then the warps' grad_dw partials
+// fp32 [warps][taps][kBK] (dx_red_index).
+XF_HD SmemLayout dx_smem_layout(const Plan& p, int elem_bytes) {
+  SmemLayout s = smem_layout(p, elem_bytes);
+  const int shift = s.region;
+  s.d_ld = 0, s.d_bytes = 0, s.region = 0;
+  s.halo[0] -= shift, s.halo[1] -= shift, s.wts[0] -= shift, s.wts[1] -= shift, s.table -= shift;
+  s.ring = 0, s.ring_tile_elems = 0;
+  s.stats = align_up(s.table + p.halo_rows * p.halo_cols * 4, 128);  // the reduction area
+  s.total = align_up(s.stats + (kThreads / 32) * p.kh * p.kw * kBK * 4, 128);
+  return s;
+}
+XF_HD int dx_red_index(const Plan& p, int warp, int tap, int ch) { return (warp * p.kh * p.kw + tap) * kBK + ch; }
+XF_HD bool dx_fits_smem(const Plan& p, int elem_bytes, int max_smem) {
+  if (2 * static_cast<int64_t>(p.halo_rows) * p.halo_cols * kBK * elem_bytes > max_smem) return false;
+  return dx_smem_layout(p, elem_bytes).total <= max_smem;
+}
+
+// Lanes of a warp with the same channel vector differ by multiples of vectors_per_pixel: the xor
+// butterfly over them starts there and doubles up to 16.
+XF_HD int dx_lane_xor_first(int elem_bytes) { return vectors_per_pixel(elem_bytes); }
+
+// The split's grad_dw partial: float [splits][C][taps] (grad_dw's own layout per split).
+XF_HD int64_t dx_partial_offset(const Plan& p, int split, int c, int forward_tap) {
+  return (static_cast<int64_t>(split) * p.c + c) * (p.kh * p.kw) + forward_tap;
+}
+
+// Both gradients of kPos tile rows for one channel vector (see above), taps in the transposed conv's
+// row-major order, one gather per element-tap and two fma:
+//   gx[q][e] = fma(g, w(tap, e), gx[q][e]);  gw[tap][e] = fma(g, xr[q][e], gw[tap][e]),
+// g = grad_d(base[q] + tap offset, e). xr[q] must be 0 on rows that are not real pixels.
+template <int KH, int KW, int kPos, int kVec, class LoadG, class LoadW>
+XF_HD void depthwise_backward_rows(const Plan& p, const HaloBox& b, const int (&base)[kPos], LoadG&& load_g,
+                                   LoadW&& load_w, const float (&xr)[kPos][kVec], float (&gx)[kPos][kVec],
+                                   float (&gw)[KH * KW][kVec]) {
+  const int row_step = p.dil_h * b.cols;
+  XF_UNROLL
+  for (int i = 0; i < KH; ++i) {
+    XF_UNROLL
+    for (int j = 0; j < KW; ++j) {
+      float wv[kVec];
+      load_w(i * KW + j, wv);
+      const int off = i * row_step + j * p.dil_w;  // == halo_tap_offset(p, b, i, j)
+      XF_UNROLL
+      for (int q = 0; q < kPos; ++q) {
+        float g[kVec];
+        load_g(base[q] + off, g);
+        XF_UNROLL
+        for (int e = 0; e < kVec; ++e) {
+          gx[q][e] = fmaf(g[e], wv[e], gx[q][e]);
+          gw[i * KW + j][e] = fmaf(g[e], xr[q][e], gw[i * KW + j][e]);
+        }
+      }
+    }
+  }
 }
 
 }  // namespace infer

@@ -1,9 +1,14 @@
-"""Host-side checks of the CUDA inference kernel's index math (csrc/sepconv_infer_tiling.h).
+"""Host-side checks of the CUDA tiled kernel's index math (csrc/sepconv_infer_tiling.h).
 
-tests/cpp/test_infer_tiling.cpp includes the same header the kernel includes, compiled here with
-the host C++ compiler: tile coverage, halo boxes, the shared-memory layout, thread mappings, the
-depthwise of every tile bit-exact against a direct loop, and the ldmatrix / mma.sync fragment
-mapping against the PTX ISA layouts. No GPU and no CUDA toolkit needed.
+The C++ programs in tests/cpp include the same header the kernel includes, compiled here with the
+host C++ compiler. test_infer_tiling.cpp: tile coverage, halo boxes, the shared-memory layout, thread
+mappings, the depthwise of every tile bit-exact against a direct loop, and the ldmatrix / mma.sync
+fragment mapping against the PTX ISA layouts. test_train_stats.cpp: the training forward's BatchNorm
+statistics (per-part moments from the accumulator layout, their merge per tile and per channel)
+against double precision. test_grad_pw_tiling.cpp: the backward's tiled grad_pw (work units, splits,
+shared memory, ldmatrix.trans + mma.sync emulated against grad_z^T d). test_dw_backward_tiling.cpp:
+the backward's tiled grad_x / grad_dw (the transposed plan's gathers, the kernel emulated against a
+direct transposed convolution and weight gradient). No GPU and no CUDA toolkit needed.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "tests" / "cpp" / "test_infer_tiling.cpp"
+SOURCES = ["test_infer_tiling.cpp", "test_train_stats.cpp", "test_grad_pw_tiling.cpp", "test_dw_backward_tiling.cpp"]
 
 
 def _compiler() -> str | None:
@@ -26,14 +31,16 @@ def _compiler() -> str | None:
     return None
 
 
-def test_infer_tiling_index_math(tmp_path):
+@pytest.mark.parametrize("name", SOURCES)
+def test_tiling_index_math(tmp_path, name):
+    source = ROOT / "tests" / "cpp" / name
     cxx = _compiler()
     if cxx is None:
         pytest.skip("no host C++ compiler (c++, g++, clang++ or $CXX) to build the index-math checks")
-    binary = tmp_path / "test_infer_tiling"
-    build = subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Werror", f"-I{ROOT / 'csrc'}", str(SOURCE), "-o",
+    binary = tmp_path / source.stem
+    build = subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Werror", f"-I{ROOT / 'csrc'}", str(source), "-o",
                             str(binary)], capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, f"building {SOURCE.name} failed:\n{build.stdout}{build.stderr}"
+    assert build.returncode == 0, f"building {source.name} failed:\n{build.stdout}{build.stderr}"
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"index-math checks failed:\n{run.stdout}{run.stderr}"
     assert "0 failures" in run.stdout and "plans checked" in run.stdout, run.stdout

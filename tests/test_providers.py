@@ -45,14 +45,16 @@ SHAPES = {
     # 16 input channels: 16-byte weight rows, so the Triton provider reads the pointwise weight
     # through a TMA tensor descriptor (the interpreter runs that path too).
     "c16to24_k3": (16, 24, 3, (1, 1), (1, 1), (1, 1), 2, 6, 7),
+    # The CUDA backward's tiled grad_pw runs Cout in passes of 768: a second, partial pass.
+    "c8to776_k3": (8, 776, 3, (1, 1), (1, 1), (1, 1), 2, 5, 6),
 }
-LARGE = {"c70to130_k3", "c24to264_w150", "c16to40_s2_w600"}  # GPU only: an interpreter spends minutes on them
+LARGE = {"c70to130_k3", "c24to264_w150", "c16to40_s2_w600", "c8to776_k3"}  # GPU only: an interpreter spends minutes on them
 FLAGS = {"pre_post_res": (True, True, True), "plain": (False, False, False), "pre_only": (True, False, False),
          "post_res": (False, True, True)}
 CASES = [("c5to7_k3", "pre_post_res"), ("c19_s21_d12_n1", "pre_only"), ("c33to19_k5_s2_d2", "post_res"),
          ("c19to33_k2x4", "plain"), ("c70to130_k3", "pre_post_res"), ("c1to5_k1_s2", "post_res"),
          ("c19_s21_d12_n1", "pre_post_res"), ("c24to264_w150", "pre_post_res"), ("c16to40_s2_w600", "pre_only"),
-         ("c16to24_k3", "pre_post_res")]
+         ("c16to24_k3", "pre_post_res"), ("c8to776_k3", "pre_only")]
 
 
 @pytest.fixture(params=conformance_cases(), ids=lambda case: f"{case[0]}-{case[1]}")

@@ -109,6 +109,10 @@ static void check_smem(const Plan& p, int eb) {
                    static_cast<long>(s.wts[1]), static_cast<long>(s.table), static_cast<long>(s.ring)})
     EXPECT(off % 128 == 0);
   EXPECT(s.total % 128 == 0);
+  // Training: the statistics area after both phases' regions (written while the ring is in flight).
+  const Range stats{s.stats, s.stats + (p.stats ? stats_smem_bytes(eb) : 0)};
+  EXPECT(s.stats % 128 == 0 && stats.end == s.total);
+  for (Range r : {d, h0, h1, w0, w1, table, ring}) EXPECT(disjoint(r, stats) || !p.stats);
   EXPECT((s.ring_ld * eb) % 16 == 0);
   EXPECT((s.ring_tile_elems * eb) % 16 == 0);
   if (eb == 2) {  // 8 ldmatrix row addresses in 8 distinct 16-byte bank groups
@@ -454,6 +458,9 @@ int main() {
       {0, 8, 5, 5, 8, 3, 3, 1, 1, 1, 1, 1, 1},          // empty batch
       {1, 0, 5, 5, 4, 3, 3, 1, 1, 1, 1, 1, 1},          // no input channels
       {2, 8, 5, 5, 0, 3, 3, 1, 1, 1, 1, 1, 1},          // no output channels
+      // The backward's grad_d GEMM: a 1x1 unit over the output positions (c = Cout, c_out = C).
+      {2, 728, 19, 19, 728, 1, 1, 1, 1, 0, 0, 1, 1},
+      {3, 130, 13, 11, 70, 1, 1, 1, 1, 0, 0, 1, 1},
   };
   int checked = 0;
   for (const Geometry& g : geometries) {
@@ -469,6 +476,9 @@ int main() {
                 std::to_string(eb) + "B";
         check_tiles(p);
         check_smem(p, eb);
+        Plan train = p;
+        train.stats = 1;
+        check_smem(train, eb);
         check_thread_maps(p, eb);
         // The depthwise emulation is the slow check: the wide-channel layers once (middle flow at 128 rows).
         const bool depthwise = static_cast<long>(p.n) * p.h * p.w * p.c <= 600'000 && (p.c <= 128 || bm == 128);
@@ -498,16 +508,19 @@ int main() {
     for (int eb : {2, 4}) {
       for (int smem : {227 * 1024, 163 * 1024}) {
         if (eb == 4 && smem != 227 * 1024) continue;
-        int bm = 0, segments = 0;
-        for (int i = 0; tile_candidate(i, eb).bm > 0 && bm == 0; ++i) {
-          const Plan p = make_plan(256, u.c, u.hw, u.hw, u.c_out, 3, 3, 1, 1, 1, 1, 1, 1, tile_candidate(i, eb).bm,
-                                   tile_candidate(i, eb).row_segments);
-          if (fits_smem(p, eb, smem)) bm = p.bm, segments = p.row_segments;
+        for (int stats : {0, 1}) {  // inference and the training forward choose the same tiles
+          int bm = 0, segments = 0;
+          for (int i = 0; tile_candidate(i, eb).bm > 0 && bm == 0; ++i) {
+            Plan p = make_plan(256, u.c, u.hw, u.hw, u.c_out, 3, 3, 1, 1, 1, 1, 1, 1, tile_candidate(i, eb).bm,
+                               tile_candidate(i, eb).row_segments);
+            p.stats = stats;
+            if (fits_smem(p, eb, smem)) bm = p.bm, segments = p.row_segments;
+          }
+          EXPECT(segments == 0);  // Xception's widest rows (147) still fit full-width halo boxes
+          where = "tile choice c" + std::to_string(u.c) + " " + std::to_string(u.hw) + " " + std::to_string(eb) +
+                  "B smem " + std::to_string(smem) + " stats " + std::to_string(stats);
+          EXPECT(bm == (eb == 4 ? u.h100_fp32 : smem == 227 * 1024 ? u.h100_bf16 : u.a100_bf16));
         }
-        EXPECT(segments == 0);  // Xception's widest rows (147) still fit full-width halo boxes
-        where = "tile choice c" + std::to_string(u.c) + " " + std::to_string(u.hw) + " " + std::to_string(eb) +
-                "B smem " + std::to_string(smem);
-        EXPECT(bm == (eb == 4 ? u.h100_fp32 : smem == 227 * 1024 ? u.h100_bf16 : u.a100_bf16));
       }
     }
   }

@@ -14,11 +14,16 @@ copies of it for run-time flags (unmasked / masked stores, residual, post-ReLU; 
 element-wise staging): its plan names the path each iteration takes (`model.Path`, found by its
 instructions), and its two phases (depthwise into shared memory, then the pointwise over every Cout
 tile) run in sequence: one CTA per SM and a barrier between them, nothing in the SASS overlaps them.
-Training (forward: main loop with the statistics epilogue, merge, normalisation; backward: the dy
-reduction, grad_d, grad_pw, grad_x, grad_dw and their column sums) in bf16/fp16. fp32 training has
-no plan (its FMA block products add loops): `train` returns None and the unit is reported as not
-modelled. Where nvcc versioned a loop on a run-time flag (post_relu, pre_relu), the plan gives the
-version the layer runs its trips and the others 0; which SASS copy is which version is read from
+Training, bf16/fp16, as `run_sepconv_bn_train` and `run_sepconv_bn_train_backward` launch it on
+Xception's units (3x3, stride 1, C and Cout multiples of 8): the forward on the tiled kernel with its
+statistics epilogue (`<T, bm, 3, 3, true>`), the moments merge, the BatchNorm affine in fp32 and
+bn_apply; the backward's dy sums, the grad_z materialisation, grad_d on the tiled kernel's 1x1 GEMM
+plan (`<T, bm, 1, 1, false>`), grad_pw (`grad_pw_tiled_kernel`), grad_x and grad_dw
+(`dw_backward_tiled_kernel`), their weight packs and column sums. The fallbacks (the int64 kernels,
+and grad_pw / grad_x / grad_dw's older kernels for shapes the tiled ones decline) and fp32 training
+have no plan: `train` returns None (fp32) or raises NotImplementedError, and the unit is reported as
+not modelled. Where nvcc versioned a loop on a run-time flag (post_relu, pre_relu), the plan gives
+the version the layer runs its trips and the others 0; which SASS copy is which version is read from
 the instruction counts (`expect`).
 
 Cubins: `nvcc -cubin -gencode arch=compute_90a,code=sm_90a` (sm_80 for arch 80) of each csrc/*.cu,
@@ -190,7 +195,7 @@ def tiled_plan(unit: Unit, max_smem: int) -> Optional[cuda_tiling.TiledPlan]:
                               unit.e, max_smem)
 
 
-def _pack_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan) -> Launch:
+def _pack_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan, scale: bool = True) -> Launch:
     """pack_weights_kernel: one grid-stride pass over the packed pw, dw and scale/shift elements. nvcc
     made two copies of the loop, on `scale != nullptr`: the provider passes the folded BatchNorm scale."""
     total = p.cout_pad * p.kp + p.kh * p.kw * p.kp + p.cout_pad
@@ -203,8 +208,11 @@ def _pack_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan) -> Launch:
     kinds = [("pw element", pw, {store: 1}), ("dw element", dw, {"STG.E": 1, "STG.E.U16": 0}),
              ("scale and shift", p.cout_pad, {"STG.E": 2, "STG.E.U16": 0})]
     paths = [Path.make(what, n / total, {"STG.E.U16": 0, "STG.E": 0, **sig}) for what, n, sig in kinds]
-    loops = [LoopPlan("packed elements, with scale", trips, expect={"LDG": 8, "STG": 4}, paths=paths),
-             LoopPlan("packed elements, no scale", 0, expect={"LDG": 5, "STG": 4})]
+    # Without a scale (the training forward, the backward's packs) the other copy runs, all of its
+    # body counted each iteration (no paths: a small over-count on a small kernel).
+    loops = [LoopPlan("packed elements, with scale", trips if scale else 0, expect={"LDG": 8, "STG": 4},
+                      paths=paths if scale else None),
+             LoopPlan("packed elements, no scale", 0 if scale else trips, expect={"LDG": 5, "STG": 4})]
     nbytes = unit.weight_bytes() + unit.e * p.cout_pad * p.kp + 4 * (p.kh * p.kw * p.kp + 2 * p.cout_pad)
     return Launch(kernel="pack_weights_kernel", config="256", threads=256, grid=blocks, loops=loops,
                   dram_bytes=nbytes, compile=_compiler("sepconv_infer.cu", "pack_weights_kernel", arch, unit.dtype))
@@ -216,14 +224,14 @@ def _per_warp(f) -> float:
     return sum(f(w) for w in range(warps)) / warps
 
 
-def _pointwise_paths(unit: Unit, p: cuda_tiling.TiledPlan) -> list[Path]:
+def _pointwise_paths(unit: Unit, p: cuda_tiling.TiledPlan, flags: Optional[tuple] = None) -> list[Path]:
     """The ways through one iteration (one 32-channel stage of one Cout tile) of the pointwise loop,
     per warp, with their shares over the tiles of an image: the products (16-bit: skipped by a warp
     whose 32 columns all lie past Cout), and after the last stage of each Cout tile the epilogue:
     the unmasked copy for the flags the layer runs (residual, post-ReLU) where the position tile is
     full and the Cout tile lies inside Cout, else the masked element-by-element copy with the stores
     of the rows and columns that exist (a warp issues an instruction when any of its lanes runs it)."""
-    res, relu = bool(unit.shape.residual), bool(unit.shape.post_relu)
+    res, relu = flags if flags is not None else (bool(unit.shape.residual), bool(unit.shape.post_relu))
     warps = cuda_tiling.THREADS // 32
     shares: dict = {}
 
@@ -277,71 +285,96 @@ def _pointwise_paths(unit: Unit, p: cuda_tiling.TiledPlan) -> list[Path]:
     return [Path(what, n / total, signature) for (what, signature), n in shares.items()]
 
 
-def _tiled_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan) -> Launch:
-    """sepconv_infer_tiled_kernel<T, bm, 3, 3>: one 256-thread CTA per position tile; phase 1 stages
+def _mean_over_tiles(p: cuda_tiling.TiledPlan, f) -> float:
+    """Average over the tiles of an image and the CTA's warps of f(halo box pixels, warp)."""
+    pixels = [p.box_pixels(*p.tile(rem)) for rem in range(p.tiles_per_image)]
+    return sum(_per_warp(lambda w: f(px, w)) for px in pixels) / len(pixels)
+
+
+def _strided(total, first, step) -> int:
+    """Trips of `for (i = first; i < total; i += step)`."""
+    return cdiv(total - first, step) if total > first else 0
+
+
+def _staging_trips(p: cuda_tiling.TiledPlan) -> tuple[float, float, float]:
+    """Per warp and tile: (pixel-table trips, 16-byte halo staging trips, depthwise-weight trips) of the
+    depthwise phase (a warp runs a loop over its lanes' items as long as any lane has one)."""
+    vp = cuda_tiling.BK // (16 // p.elem)  # 16-byte vectors per staged pixel
+    slots = cuda_tiling.THREADS // vp
+    table = _mean_over_tiles(p, lambda px, w: _strided(px, 32 * w, cuda_tiling.THREADS))
+    halo = _mean_over_tiles(p, lambda px, w: max(_strided(px, sl, slots) for sl in range(w * 32 // vp, (w + 1) * 32 // vp)))
+    weights = _per_warp(lambda w: _strided(p.kh * p.kw * (cuda_tiling.BK // 4), 32 * w, cuda_tiling.THREADS))
+    return table, halo, weights
+
+
+def _depthwise_loops(p: cuda_tiling.TiledPlan, chunks: int, pre_relu: bool, phase: str = "",
+                     copies: tuple = (1, 4, 1, 4)) -> list[LoopPlan]:
+    """The depthwise phase's loops (depthwise_phase, sepconv_infer.cu) for `chunks` chunks per tile, the
+    16-byte staging path: the pixel table, the first chunk's staging, the chunk loop (its own code:
+    the chunk's math), the next chunk's staging in all but the last iteration, the pre-ReLU. `copies`:
+    the LDG per iteration of the loops nvcc made of the first chunk's element-wise staging (the forward
+    kernel: a remainder and a x4-unrolled loop per pre_relu; the backward's: a x4 loop per pre_relu)."""
+    table, halo, weights = _staging_trips(p)
+    later = (chunks - 1) / chunks
+    vp = cuda_tiling.BK // (16 // p.elem)  # 16-byte vectors per staged pixel
+    k_pos = max(1, p.bm // (cuda_tiling.THREADS // vp))
+    ffma = k_pos * (16 // p.elem) * p.kh * p.kw
+    # Warps whose first depthwise row lies past the tile skip the chunk's math (dw_active; bm < slots only).
+    active = _per_warp(lambda w: float(w * 32 // vp < p.bm))
+    return [
+        LoopPlan("pixel table of the halo box", table, expect={"STS": 1}, phase=phase),
+        LoopPlan("halo staging of chunk 0, 16-byte cp.async", halo, expect={"LDGSTS": 1, "LDS": 4}, phase=phase),
+        # The element-wise staging (x not 16-byte aligned or C not a multiple of a vector), a copy per
+        # pre_relu, each as a remainder and a x4-unrolled loop: not run by Xception's layers.
+        *[LoopPlan(f"element-wise halo staging of chunk 0 (x{k})", 0, expect={"LDG": k}, phase=phase)
+          for k in copies],
+        LoopPlan("depthwise weights of chunk 0", weights, expect={"LDGSTS": 1, "LDS": 3}, phase=phase),
+        LoopPlan(f"channel chunks of 32 ({chunks} per tile)", chunks, phase=phase,
+                 paths=[Path.make("the chunk's depthwise, 16-byte staging", active, {"FFMA": ffma, "LDG": 0}),
+                        Path.make("no rows of the tile (bm < slots), 16-byte staging", 1 - active,
+                                  {"FFMA": 0, "LDG": 0})]),
+        LoopPlan("halo staging of the next chunk", halo * later, expect={"LDGSTS": 1, "LDS": 4}, phase=phase),
+        *[LoopPlan("element-wise halo staging of the next chunk", 0, expect={"LDG": 4}, phase=phase)] * 2,
+        LoopPlan("depthwise weights of the next chunk", weights * later, expect={"LDGSTS": 1, "LDS": 3}, phase=phase),
+        LoopPlan("pre-ReLU of the staged chunk", halo if pre_relu else 0, expect={"LDS": 1, "STS": 1}, phase=phase),
+    ]
+
+
+def _tiled_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan, stats: bool = False,
+                  gemm: bool = False) -> Launch:
+    """sepconv_infer_tiled_kernel<T, bm, k, k, stats>: one 256-thread CTA per position tile; phase 1 stages
     the halo box chunk by chunk (32 channels, 16-byte cp.async, the pre-ReLU in place) and computes the
     depthwise into the resident d tile; phase 2 runs every Cout tile over it (16-bit: ldmatrix +
     mma.sync, fp32: FFMA) through a 3-stage cp.async weight ring, the epilogue once per Cout tile.
-    One CTA per SM (shared memory) and a barrier between the phases: they run in sequence."""
+    One CTA per SM (shared memory) and a barrier between the phases: they run in sequence.
+    stats: the training forward (z stored, the BatchNorm moments from the accumulators in the
+    epilogue; no residual, no post-ReLU). gemm: the backward's grad_d = grad_z pw, the same kernel on a
+    1x1 plan over the positions (grad_z the "image", a weight-1 depthwise)."""
     s = unit.shape
-    if unit.K != 3:
-        raise NotImplementedError("the plan covers the 3x3 instance (every Xception unit)")
-    if unit.C % (16 // unit.e):
+    if p.kh not in (1, 3):
+        raise NotImplementedError("the plan covers the 3x3 instance (every Xception unit) and the 1x1 GEMM")
+    if p.c % (16 // unit.e):
         raise NotImplementedError("C not a multiple of a 16-byte vector: the element-wise halo staging runs "
                                   "(not in Xception; no plan for its loop copies)")
-    vp = cuda_tiling.BK // (16 // unit.e)  # 16-byte vectors per staged pixel
-    slots = cuda_tiling.THREADS // vp
-    taps = unit.K * unit.K
-    wts_vectors = taps * (cuda_tiling.BK // 4)
-    pixels = [p.box_pixels(*p.tile(rem)) for rem in range(p.tiles_per_image)]
-
-    def mean_over_tiles(f):
-        return sum(_per_warp(lambda w: f(px, w)) for px in pixels) / len(pixels)
-
-    def strided(total, first, step):  # trips of `for (i = first; i < total; i += step)`
-        return cdiv(total - first, step) if total > first else 0
-
-    # A warp runs a loop over its lanes' items as long as any lane has one.
-    table = mean_over_tiles(lambda px, w: strided(px, 32 * w, cuda_tiling.THREADS))
-    halo = mean_over_tiles(lambda px, w: max(strided(px, sl, slots) for sl in range(w * 32 // vp, (w + 1) * 32 // vp)))
-    weights = _per_warp(lambda w: strided(wts_vectors, 32 * w, cuda_tiling.THREADS))
-    chunks = p.k_chunks
-    later = (chunks - 1) / chunks  # the chunk loop stages the next chunk in all but its last iteration
-    relu = halo if s.pre_relu else 0
-    k_pos = p.bm // slots if p.bm >= slots else 1
-    # Warps whose first depthwise row lies past the tile skip the depthwise (dw_active; bm < slots only).
-    active = _per_warp(lambda w: float(w * 32 // vp < p.bm))
-    dw = "depthwise"
-    loops = [
-        LoopPlan("pixel table of the halo box", table, expect={"STS": 1}, phase=dw),
-        LoopPlan("halo staging of chunk 0, 16-byte cp.async", halo, expect={"LDGSTS": 1, "LDS": 4}, phase=dw),
-        # The element-wise staging (x not 16-byte aligned or C not a multiple of a vector), a copy per
-        # pre_relu, each as a remainder and a x4-unrolled loop: not run by Xception's layers.
-        *[LoopPlan(f"element-wise halo staging of chunk 0 ({n})", 0, expect={"LDG": k}, phase=dw)
-          for n, k in (("remainder", 1), ("x4 unrolled", 4)) * 2],
-        LoopPlan("depthwise weights of chunk 0", weights, expect={"LDGSTS": 1, "LDS": 3}, phase=dw),
-        # The chunk loop's own code: the depthwise of the chunk (the thread's rows, all taps), with the
-        # 16-byte staging of the next chunk in all but the last iteration; not the element-wise copy.
-        LoopPlan("channel chunks of 32", chunks, expect={"FFMA": k_pos * (16 // unit.e) * taps}, phase=dw,
-                 paths=[Path.make("depthwise of the chunk, 16-byte staging", active,
-                                  {"FFMA": k_pos * (16 // unit.e) * taps, "LDG": 0}),
-                        Path.make("no rows of the tile (bm < slots), 16-byte staging", 1 - active,
-                                  {"FFMA": 0, "LDG": 0})]),
-        LoopPlan("halo staging of the next chunk", halo * later, expect={"LDGSTS": 1, "LDS": 4}, phase=dw),
-        *[LoopPlan("element-wise halo staging of the next chunk", 0, expect={"LDG": 4}, phase=dw)] * 2,
-        LoopPlan("depthwise weights of the next chunk", weights * later, expect={"LDGSTS": 1, "LDS": 3}, phase=dw),
-        LoopPlan("pre-ReLU of the staged chunk", relu, expect={"LDS": 1, "STS": 1}, phase=dw),
-        LoopPlan("pointwise stages (Cout tiles x 32-channel chunks)", p.stages, paths=_pointwise_paths(unit, p),
-                 phase="pointwise"),
-    ]
-    tag = f"{TYPE_TAG[unit.dtype][:-1]}Li{p.bm}ELi3ELi3EE"
-    nbytes = (unit.x_bytes() + unit.y_bytes() * (2 if s.residual else 1) + unit.e * p.cout_pad * p.kp
-              + 4 * (taps * p.kp + 2 * p.cout_pad))
+    taps = p.kh * p.kw
+    plain = stats or gemm  # the epilogue stores z (or grad_d): no residual, no post-ReLU
+    loops = [*_depthwise_loops(p, p.k_chunks, s.pre_relu and not gemm, phase="depthwise"),
+             LoopPlan("pointwise stages (Cout tiles x 32-channel chunks)", p.stages,
+                      paths=_pointwise_paths(unit, p, (False, False) if plain else None), phase="pointwise")]
+    tag = f"{TYPE_TAG[unit.dtype][:-1]}Li{p.bm}ELi{p.kh}ELi{p.kw}ELb{int(stats)}EE"
+    weights = unit.e * p.cout_pad * p.kp + 4 * (taps * p.kp + 2 * p.cout_pad)
+    if gemm:  # grad_z in, grad_d out
+        nbytes = unit.y_bytes() + unit.d_bytes() + weights
+    elif stats:  # x in; z and the per-tile moments out
+        nbytes = unit.x_bytes() + unit.y_bytes() + 12 * p.tiles * p.c_out + weights
+    else:
+        nbytes = unit.x_bytes() + unit.y_bytes() * (2 if s.residual else 1) + weights
     tiles = "row segments" if p.row_segments else "image ranges"
+    what = " (training: z + statistics)" if stats else " (grad_d GEMM, 1x1)" if gemm else ""
     return Launch(kernel="sepconv_infer_tiled_kernel", config=f"bm {p.bm} ({tiles}) x {cuda_tiling.BN} x "
-                  f"{cuda_tiling.BK}, t{cuda_tiling.THREADS}, {cuda_tiling.STAGES}-stage ring",
+                  f"{cuda_tiling.BK}, t{cuda_tiling.THREADS}, {cuda_tiling.STAGES}-stage ring{what}",
                   compile=_compiler("sepconv_infer.cu", "sepconv_infer_tiled_kernel", arch, unit.dtype,
-                                    dynamic_smem=p.smem_bytes(), tag=tag, threads=cuda_tiling.THREADS),
+                                    dynamic_smem=p.smem_bytes(stats), tag=tag, threads=cuda_tiling.THREADS),
                   grid=p.tiles, loops=loops, dram_bytes=nbytes, threads=cuda_tiling.THREADS,
                   useful_ffma=p.bm * p.kp * taps if unit.e == 2 else 0.0)
 
@@ -387,76 +420,138 @@ def _column_sum(unit: Unit, arch: int, rows: int, cols: int, out_bytes: int) -> 
                    grid=cdiv(cols, RED_COLS), loops=loops, dram_bytes=4 * rows * cols + out_bytes * cols)]
 
 
-def _stats_warps(c_out: int) -> float:
-    """Average warps (of 4) that run the statistics epilogue (threads n < 64 with a channel)."""
-    tiles = cdiv(c_out, BN)
-    return sum(min(2, cdiv(min(BN, c_out - t * BN), 32)) for t in range(tiles)) / tiles / (THREADS // 32)
+def _elementwise(unit: Unit, arch: int, source: str, kernel: str, vector: int, loops_of, dram_bytes: float) -> Launch:
+    """A grid-stride kernel over the P x Cout activations, `vector` elements per step (16 bytes):
+    loops_of(trips) gives its loop plans."""
+    steps = unit.P * unit.Cout // vector
+    blocks = min(cdiv(steps, 256), 1 << 20)  # elementwise_blocks
+    tag = f"{TYPE_TAG[unit.dtype][:-1]}Li{vector}EE"
+    return Launch(kernel=kernel, config=f"256, {vector} per step", threads=256, grid=blocks,
+                  loops=loops_of(steps / (blocks * 256)), dram_bytes=dram_bytes,
+                  compile=_compiler(source, kernel, arch, unit.dtype, tag=tag))
+
+
+def _vec_to_float(unit: Unit, arch: int, source: str) -> Launch:
+    """vec_to_float_kernel: Cout elements, at most one per thread; nvcc made a loop copy per dtype and
+    presence of the vector (7), of which one runs, a trip or none per thread: the copies are given 0
+    trips and the kernel counts its straight-line code (under a microsecond either way)."""
+    loops = [LoopPlan(f"elements (copy {i})", 0) for i in range(7)]
+    return Launch(kernel="vec_to_float_kernel", config="256", threads=256, grid=cdiv(unit.Cout, 256), loops=loops,
+                  dram_bytes=8 * unit.Cout, compile=_compiler(source, "vec_to_float_kernel", arch, unit.dtype))
+
+
+def _merge_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan) -> Launch:
+    """bn_stats_merge_kernel<TileCounts>: lane l of 8 merges tiles l, l + 8, ... (two per iteration); nvcc
+    made a loop copy per tile kind (row segments first, then image ranges)."""
+    per_lane = _per_warp(lambda w: _strided(p.tiles, w, RED_LANES) // 2)
+    loops = [LoopPlan("tiles, row segments (x2 unrolled)", per_lane if p.row_segments else 0, expect={"LDG": 6}),
+             LoopPlan("tiles, image ranges (x2 unrolled)", 0 if p.row_segments else per_lane, expect={"LDG": 6})]
+    return Launch(kernel="bn_stats_merge_kernel", config="32x8", threads=RED_COLS * RED_LANES,
+                  grid=cdiv(unit.Cout, RED_COLS), loops=loops, dram_bytes=12 * p.tiles * unit.Cout + 12 * unit.Cout,
+                  compile=_compiler("sepconv_infer.cu", "bn_stats_merge_kernel", arch, unit.dtype, tag="INS"))
+
+
+def _grad_pw_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan, splits: int) -> Launch:
+    """grad_pw_tiled_kernel<T, bm, 3, 3>: a CTA per (32-channel chunk, 768-wide Cout pass, split); per
+    position tile of its split: the grad_z rows (192 threads, a column vector each), the chunk's
+    depthwise (one chunk of the depthwise phase), the MMA over the tile's positions."""
+    chunks, passes = p.kp // cuda_tiling.BK, cdiv(p.c_out, cuda_tiling.GP_N)
+    units = chunks * passes
+    tiles_per_cta = p.tiles / splits
+    gz_trips = (p.bm // 2) / 4 * (6 / 8)  # rows / 2 per thread, x4 unrolled, warps 0-5
+    live = [sum(1 for pa in range(passes) if pa * cuda_tiling.GP_N + w * 96 < p.c_out) / passes
+            for w in range(cuda_tiling.THREADS // 32)]
+    share = sum(live) / len(live)
+    hmma = 2 * (96 // 8) * (p.bm // 16)
+    tile_paths = [Path.make("tile: products", share, {"HMMA": hmma, "LDG": 0}),
+                  Path.make("tile: warp past Cout", 1 - share, {"HMMA": 0, "LDG": 0})] if share < 1 else \
+        [Path.make("tile: products", 1.0, {"HMMA": hmma, "LDG": 0})]
+    loops = [LoopPlan("position tiles of the split", tiles_per_cta, paths=tile_paths),
+             LoopPlan("grad_z rows (x4 unrolled)", gz_trips, expect={"LDGSTS": 4}),
+             *_depthwise_loops(p, 1, unit.shape.pre_relu, copies=(4, 4))]
+    # Compulsory bytes: x once per pass, grad_z once, the partials. The grad_z rows are read by every
+    # chunk's CTA (23 in the middle flow): from L2 when those CTAs run together (the grid puts them next
+    # to each other), about 3 GB of L2 reads for the middle-flow unit, which the model does not bound.
+    nbytes = unit.x_bytes() * passes + unit.y_bytes() + 4 * splits * p.c_out * p.c
+    tag = f"{TYPE_TAG[unit.dtype][:-1]}Li{p.bm}ELi3ELi3EE"
+    return Launch(kernel="grad_pw_tiled_kernel", config=f"bm {p.bm} x 32 x {cuda_tiling.GP_N}, t256, "
+                  f"{units} units x {splits} splits", threads=cuda_tiling.THREADS, grid=units * splits, loops=loops,
+                  dram_bytes=nbytes, useful_ffma=tiles_per_cta * p.bm * cuda_tiling.BK * 9,
+                  compile=_compiler("sepconv_infer.cu", "grad_pw_tiled_kernel", arch, unit.dtype,
+                                    dynamic_smem=p.gp_smem_bytes(), tag=tag, threads=cuda_tiling.THREADS))
+
+
+def _dx_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan, splits: int) -> Launch:
+    """dw_backward_tiled_kernel<T, bm>: a CTA per (32-channel chunk, split of pixel tiles); per tile the
+    depthwise phase stages grad_d's halo for the chunk and each thread gathers every tap once for grad_x
+    and grad_dw (16-byte x loads and grad_x stores); then grad_dw over the lanes and warps."""
+    chunks = p.kp // cuda_tiling.BK
+    k_pos = max(1, p.bm // (cuda_tiling.THREADS // (cuda_tiling.BK // (16 // p.elem))))
+    loops = [LoopPlan("pixel tiles of the split", p.tiles / splits),
+             *_depthwise_loops(p, 1, False, copies=(4, 4)),
+             LoopPlan("grad_dw partial, 9 x 32 per CTA", _per_warp(lambda w: _strided(9 * 32, 32 * w, 256)),
+                      expect={"STG": 2})]
+    # The chunk loop's path: the 16-byte x loads and grad_x stores (not the element-wise copies).
+    loops[6] = LoopPlan("channel chunks of 32 (1 per tile)", 1, paths=[Path.make(
+        "gradients of the chunk, 16-byte x and grad_x", 1.0,
+        {"FFMA": 2 * k_pos * (16 // p.elem) * 9, "STG.E.128": k_pos, "STG.E.U16": 0, "LDG.E.U16": 0})])
+    nbytes = unit.d_bytes() + 2 * unit.x_bytes() + 4 * splits * p.c * 9
+    return Launch(kernel="dw_backward_tiled_kernel", config=f"bm {p.bm}, t256, {chunks} chunks x {splits} splits",
+                  threads=cuda_tiling.THREADS, grid=chunks * splits, loops=loops, dram_bytes=nbytes,
+                  useful_ffma=(p.tiles / splits) * p.bm * cuda_tiling.BK * 9 * 2,
+                  compile=_compiler("sepconv_infer.cu", "dw_backward_tiled_kernel", arch, unit.dtype,
+                                    dynamic_smem=p.dx_smem_bytes(), tag=f"{TYPE_TAG[unit.dtype][:-1]}Li{p.bm}EE",
+                                    threads=cuda_tiling.THREADS))
 
 
 def train(unit: Unit, arch: int, sms: int):
-    """Forward + backward of a training step, as ops.py runs them through the CUDA provider. fp32: the
-    block products are FFMA (BlockMma<float>: a loop over k, x4 unrolled, after the tile staging)
-    where 16-bit types issue HMMA in the chunk loop's own body."""
-    e, C, Cout, P, K = unit.e, unit.C, unit.Cout, unit.P, unit.K
-    fp32 = unit.dtype == "fp32"
-    hmma = None if fp32 else {"HMMA": 16}
-    ffma_product = [LoopPlan("fp32 block product over k (x4 unrolled)", BK / 4, expect={"FFMA": 128})] if fp32 else []
-    taps = K * K
+    """Forward + backward of a training step, as ops.py runs them through the CUDA provider, 16-bit
+    types on the tiled kernels (Xception's units: 3x3, stride 1, C and Cout multiples of 8):
+    forward: the weight pack, the tiled kernel with the statistics epilogue, the moments merge, the
+    BatchNorm weight and bias in fp32, bn_apply; backward: the dy sums, grad_z, grad_d (the tiled
+    kernel on the 1x1 GEMM plan), grad_pw (grad_pw_tiled_kernel), grad_x and grad_dw
+    (dw_backward_tiled_kernel), their column sums. fp32 (its FFMA products, and grad_pw on the int64
+    kernel) and the fallbacks have no plan: None, the unit is reported as not modelled."""
+    if unit.dtype == "fp32":
+        return None
     s = unit.shape
-    per_thread = BM // (THREADS // BK)
-    m_tiles, n_tiles = cdiv(P, BM), cdiv(Cout, BN)
+    if unit.K != 3 or s.stride != 1 or unit.C % 8 or unit.Cout % 8:
+        raise NotImplementedError("the training plan covers 3x3, stride 1, C and Cout multiples of 8")
+    e, C, Cout, P = unit.e, unit.C, unit.Cout, unit.P
+    from xception_fast.bench.static.machine import machine
+
+    max_smem = machine(arch).smem_per_block
+    fwd = cuda_tiling.choose(unit.batch, C, unit.H, unit.W, Cout, 3, s.stride, s.padding, s.dilation, e, max_smem,
+                             stats=True)
+    gemm = cuda_tiling.choose(unit.batch, Cout, unit.Ho, unit.Wo, C, 1, 1, 0, 1, e, max_smem)
+    gp = cuda_tiling.gp_choose(unit.batch, C, unit.H, unit.W, Cout, 3, s.stride, s.padding, s.dilation, e, max_smem)
+    dx = cuda_tiling.dx_choose(unit.batch, C, unit.Ho, unit.Wo, 3, s.stride, s.padding, s.dilation, e, max_smem)
+    if fwd is None or gemm is None or gp is None or dx is None:
+        raise NotImplementedError("a tiled training kernel declines this unit (the fallbacks have no plan)")
+    v = 16 // e
     kernels: list[list[Launch]] = []
 
-    # Forward main loop + statistics epilogue (two passes over the tile's rows, x16/x4/x1 unrolled).
-    rows = [BM] * (m_tiles - 1) + [P - BM * (m_tiles - 1)]
-    stat = [sum(unrolled(r, (16, 4, 1))[i] for r in rows) / m_tiles * _stats_warps(Cout) for i in range(3)]
-    loops = [
-        LoopPlan("fill_rows (row table)", 0.5, expect={"STS": 6}),
-        LoopPlan("input-channel chunks of 32", cdiv(C, BK), expect=hmma),
-        LoopPlan("depthwise taps i (run-time kh)", K),
-        LoopPlan("depthwise taps j (run-time kw)", K, expect={"FFMA": per_thread}),
-        LoopPlan("pointwise weight tile staging (x4 unrolled)", BN * BK // THREADS / 4, expect={"LDG": 4}),
-        *ffma_product,
-        *[LoopPlan(f"z store ({w})", t, expect={"STG": n}) for w, t, n in
-          zip(("remainder", "x4 unrolled"), unrolled(BM * BN // THREADS, (1, 4)), (1, 4))],
-        *[LoopPlan(f"statistics sum ({w})", t, expect={"LDS": n}) for w, t, n in
-          zip(("x16", "x4", "x1"), stat, (16, 4, 1))],
-        *[LoopPlan(f"statistics M2 ({w})", t, expect={"FFMA": n}) for w, t, n in
-          zip(("x16", "x4", "x1"), stat, (16, 4, 1))],
-    ]
-    kernels.append([Launch(kernel="sepconv_train_kernel", config=f"{BM}x{BN}x{BK} t{THREADS}", threads=THREADS,
-                           compile=_compiler("sepconv_forward.cu", "sepconv_train_kernel", arch, unit.dtype),
-                           grid=m_tiles * n_tiles, loops=loops,
-                           dram_bytes=unit.x_bytes() + unit.weight_bytes() + unit.y_bytes() + 12 * m_tiles * Cout,
-                           useful_ffma=BM * cdiv(C, BK) * BK * taps)])
-    merge = _per_lane_group(m_tiles, RED_LANES, (4, 1))
-    kernels.append([Launch(kernel="bn_stats_merge_kernel", config="32x8", threads=RED_COLS * RED_LANES,
-                           compile=_compiler("sepconv_forward.cu", "bn_stats_merge_kernel", arch, unit.dtype),
-                           grid=cdiv(Cout, RED_COLS), dram_bytes=12 * m_tiles * Cout + 12 * Cout,
-                           loops=[LoopPlan("row tiles (x4 unrolled)", merge[0], expect={"LDG": 12}),
-                                  LoopPlan("row tiles (remainder)", merge[1], expect={"LDG": 3})])])
-    total = P * Cout
-    blocks = min(cdiv(total, 256), 1 << 20)  # elementwise_blocks
-    kernels.append([Launch(kernel="bn_apply_kernel", config="256", threads=256,
-                           compile=_compiler("sepconv_forward.cu", "bn_apply_kernel", arch, unit.dtype),
-                           grid=blocks, loops=[LoopPlan("grid-stride elements", total / (blocks * 256),
-                                                        expect={"STG": 1})],
-                           dram_bytes=unit.y_bytes() * (3 if s.residual else 2))])
+    # Forward.
+    kernels.append([_pack_launch(unit, arch, fwd, scale=False)])
+    kernels.append([_tiled_launch(unit, arch, fwd, stats=True)])
+    kernels.append([_merge_launch(unit, arch, fwd)])
+    kernels.append([_vec_to_float(unit, arch, "sepconv_forward.cu")])
+    kernels.append([_vec_to_float(unit, arch, "sepconv_forward.cu")])
+    kernels.append([_elementwise(unit, arch, "sepconv_forward.cu", "bn_apply_kernel", v,
+                                 lambda t: [LoopPlan("grid-stride vectors", t, expect={"STG": 1})],
+                                 unit.y_bytes() * (3 if s.residual else 2))])
 
     # Backward: per-channel dy sums (a loop version per (post_relu, weight, bias); affine BN here).
     per = _rows_per_chunk(P, 2 * Cout)
     blocks = cdiv(P, per)
     rows = [per] * (blocks - 1) + [P - per * (blocks - 1)]
-    u = 16 if fp32 else 4  # nvcc unrolls the post-ReLU versions x4 in 16-bit types, x16 in fp32
-    group = [sum(x) / blocks for x in zip(*[_per_lane_group(r, RED_LANES, (1, u)) for r in rows])]
+    group = [sum(x) / blocks for x in zip(*[_per_lane_group(r, RED_LANES, (1, 4)) for r in rows])]
     group16 = [sum(x) / blocks for x in zip(*[_per_lane_group(r, RED_LANES, (1, 16)) for r in rows])]
-    versions = []
-    for ffma in ((1, u), (1, u), (1, u), (2, 2 * u)):  # post_relu with weight and/or bias, then with both
-        versions.append((ffma, group if s.post_relu and ffma == (2, 2 * u) else [0, 0]))
     loops = []
-    for (f1, fu), (t1, tu) in versions:
-        loops += [LoopPlan("rows (remainder)", t1, expect={"LDG": 2, "FFMA": f1}),
-                  LoopPlan(f"rows (x{u} unrolled)", tu, expect={"LDG": 2 * u, "FFMA": fu})]
+    for ffma in ((1, 4), (1, 4), (1, 4), (2, 8)):  # post_relu with weight and/or bias, then with both
+        t1, tu = group if s.post_relu and ffma == (2, 8) else (0, 0)
+        loops += [LoopPlan("rows (remainder)", t1, expect={"LDG": 2, "FFMA": ffma[0]}),
+                  LoopPlan("rows (x4 unrolled)", tu, expect={"LDG": 8, "FFMA": ffma[1]})]
     t1, t16 = group16 if not s.post_relu else (0, 0)
     loops += [LoopPlan("rows, no post-ReLU (remainder)", t1, expect={"LDG": 2, "FFMA": 1}),
               LoopPlan("rows, no post-ReLU (x16 unrolled)", t16, expect={"LDG": 32, "FFMA": 16})]
@@ -466,73 +561,28 @@ def train(unit: Unit, arch: int, sms: int):
                            dram_bytes=2 * unit.y_bytes() + 8 * blocks * Cout)])
     kernels.append(_column_sum(unit, arch, blocks, Cout, 4))
     kernels.append(_column_sum(unit, arch, blocks, Cout, 4))
-
-    # grad_d = grad_z @ pw (grad_z formed on the fly, a staging loop version per post_relu), fp32 out.
-    c_tiles, co_tiles = cdiv(C, BN), cdiv(Cout, BM)
-    staging = BM * BK // THREADS / 2
-    loops = [LoopPlan("output-channel chunks of 32", cdiv(Cout, BK), expect=hmma),
-             LoopPlan("grad_z tile, post-ReLU (x2 unrolled)", staging if s.post_relu else 0, expect={"STS": 2}),
-             LoopPlan("grad_z tile (x2 unrolled)", 0 if s.post_relu else staging, expect={"STS": 2}),
-             LoopPlan("pointwise weight tile staging (x4 unrolled)", BK * BN // THREADS / 4, expect={"LDG": 4}),
-             *ffma_product,
-             *[LoopPlan(f"grad_d store ({w})", t, expect={"STG": n}) for w, t, n in
-               zip(("remainder", "x4 unrolled"), unrolled(BM * BN // THREADS, (1, 4)), (1, 4))]]
-    kernels.append([Launch(kernel="grad_d_kernel", config=f"{BM}x{BN}x{BK} t{THREADS}", threads=THREADS,
-                           compile=_compiler("sepconv_backward.cu", "grad_d_kernel", arch, unit.dtype, train=True),
-                           grid=m_tiles * c_tiles, loops=loops,
-                           dram_bytes=2 * unit.y_bytes() + unit.weight_bytes() + 4 * P * C)])
-
-    # grad_pw = grad_z^T @ d, d recomputed, split over positions (a depthwise version per pre_relu).
-    k_chunks = cdiv(P, BK)
-    splits = min(cdiv(TARGET_BLOCKS, co_tiles * c_tiles), k_chunks)
-    max_splits = MAX_PARTIAL // (Cout * C * 4)
-    if splits > max_splits:
-        splits = max(max_splits, 1)
-    per_split = cdiv(k_chunks, splits)
-    splits = cdiv(k_chunks, per_split)
-    chunks = k_chunks / splits  # average chunks per split
-    loops = [LoopPlan("position chunks of 32 in the split", chunks, expect=hmma),
-             LoopPlan("fill_rows (32-row table)", 0.25, expect={"STS": 6}),
-             LoopPlan("grad_z tile, post-ReLU (x2 unrolled)", staging if s.post_relu else 0, expect={"STS": 2}),
-             LoopPlan("grad_z tile (x2 unrolled)", 0 if s.post_relu else staging, expect={"STS": 2}),
-             LoopPlan("depthwise taps i (run-time kh)", K),
-             LoopPlan("depthwise taps j, pre-ReLU", K if s.pre_relu else 0, expect={"FFMA": 16}),
-             LoopPlan("depthwise taps j", 0 if s.pre_relu else K, expect={"FFMA": 16}),
-             *ffma_product,
-             *[LoopPlan(f"partial store ({w})", t, expect={"STG": n}) for w, t, n in
-               zip(("remainder", "x4 unrolled"), unrolled(BM * BN // THREADS, (1, 4)), (1, 4))]]
-    kernels.append([Launch(kernel="grad_pw_kernel", config=f"{BM}x{BN}x{BK} t{THREADS}", threads=THREADS,
-                           compile=_compiler("sepconv_backward.cu", "grad_pw_kernel", arch, unit.dtype, train=True),
-                           grid=splits * co_tiles * c_tiles, loops=loops,
-                           dram_bytes=unit.x_bytes() + 2 * unit.y_bytes() + 4 * splits * Cout * C,
-                           useful_ffma=BK * chunks * BN * taps)])
+    kernels.append([_vec_to_float(unit, arch, "sepconv_backward.cu")])
+    kernels.append([_vec_to_float(unit, arch, "sepconv_backward.cu")])
+    relu = bool(s.post_relu)
+    kernels.append([_elementwise(unit, arch, "sepconv_backward.cu", "train_grad_z_kernel", v,
+                                 lambda t: [LoopPlan("grid-stride vectors, post-ReLU", t if relu else 0,
+                                                     expect={"STG": 1, "FFMA": 16}),
+                                            LoopPlan("grid-stride vectors", 0 if relu else t,
+                                                     expect={"STG": 1, "FFMA": 8})],
+                                 3 * unit.y_bytes())])
+    # grad_d = grad_z pw on the tiled kernel (1x1 plan over the positions), rounded to T.
+    kernels.append([_pack_launch(unit, arch, gemm, scale=False)])
+    kernels.append([_tiled_launch(unit, arch, gemm, gemm=True)])
+    # grad_pw = grad_z^T d, d recomputed once per position and channel.
+    splits = cuda_tiling.gp_choose_splits((gp.kp // cuda_tiling.BK) * cdiv(Cout, cuda_tiling.GP_N), gp.tiles, sms)
+    kernels.append([_pack_launch(unit, arch, gp, scale=False)])
+    kernels.append([_grad_pw_launch(unit, arch, gp, splits)])
     kernels.append(_column_sum(unit, arch, splits, Cout * C, e))
-
-    # grad_x: grid-stride over x's elements; the tap loop j unrolled x4 with its remainder before it.
-    x_total = unit.Q * C
-    blocks = min(cdiv(x_total, 256), 1 << 20)
-    kernels.append([Launch(kernel="grad_x_kernel", config="256", threads=256,
-                           compile=_compiler("sepconv_backward.cu", "grad_x_kernel", arch, unit.dtype),
-                           grid=blocks, dram_bytes=4 * P * C + 2 * unit.x_bytes(),
-                           loops=[LoopPlan("grid-stride elements", x_total / (blocks * 256), expect={"STG": 1}),
-                                  LoopPlan("taps i (remainder of j inside)", K, expect={"FFMA": 3}),
-                                  LoopPlan("taps j (x4 unrolled)", K // 4, expect={"FFMA": 4})])])
-
-    # grad_dw partials: one block per (position chunk, 32 channels, tap); a version per pre_relu.
-    per = _rows_per_chunk(P, C * taps)
-    chunks_dw = cdiv(P, per)
-    rows = [per] * (chunks_dw - 1) + [P - per * (chunks_dw - 1)]
-    group = [sum(x) / chunks_dw for x in zip(*[_per_lane_group(r, RED_LANES, (1, 4)) for r in rows])]
-    on, off = (group, [0, 0]) if s.pre_relu else ([0, 0], group)
-    loops = [LoopPlan("positions, pre-ReLU (remainder)", on[0], expect={"FFMA": 1}),
-             LoopPlan("positions, pre-ReLU (x4 unrolled)", on[1], expect={"FFMA": 4}),
-             LoopPlan("positions (remainder)", off[0], expect={"FFMA": 1}),
-             LoopPlan("positions (x4 unrolled)", off[1], expect={"FFMA": 4})]
-    kernels.append([Launch(kernel="grad_dw_partial_kernel", config="32x8", threads=RED_COLS * RED_LANES,
-                           compile=_compiler("sepconv_backward.cu", "grad_dw_partial_kernel", arch, unit.dtype),
-                           grid=chunks_dw * cdiv(C, RED_COLS) * taps, loops=loops,
-                           dram_bytes=4 * P * C + unit.x_bytes() + 4 * chunks_dw * C * taps)])
-    kernels.append(_column_sum(unit, arch, chunks_dw, C * taps, e))
+    # grad_x and grad_dw from one staging of grad_d.
+    dx_splits = cuda_tiling.gp_choose_splits(dx.kp // cuda_tiling.BK, dx.tiles, sms)
+    kernels.append([_pack_launch(unit, arch, dx, scale=False)])
+    kernels.append([_dx_launch(unit, arch, dx, dx_splits)])
+    kernels.append(_column_sum(unit, arch, dx_splits, C * 9, e))
     return kernels
 
 

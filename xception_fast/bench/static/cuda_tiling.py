@@ -1,10 +1,15 @@
-"""The tiling of the CUDA provider's tiled inference kernel, as its launcher computes it.
+"""The tiling of the CUDA provider's tiled kernels, as their launchers compute it.
 
 A transcription of csrc/sepconv_infer_tiling.h (make_plan, tile_range, halo_box, smem_layout,
 fits_smem, tile_candidate) and of the launcher's choice in csrc/sepconv_infer.cu (`run`: the first
 tile candidate whose shared memory fits; `fits_int32`; otherwise the int64 kernel), so that the
 static model's plan launches what the host would. tests/test_static_model.py checks it against the
 header compiled with a host compiler where one is present.
+
+The training path runs the same kernel with the statistics area (`stats`: its shared memory grows by
+the per-part moments), the backward's grad_d GEMM on a 1x1 plan over the positions (`choose` with
+k = 1), and two kernels of their own: grad_pw (`gp_choose`: gp_smem_layout, gp_tile_candidate,
+gp_choose_splits) and grad_x / grad_dw (`dx_choose`: dx_plan, dx_smem_layout).
 """
 
 from __future__ import annotations
@@ -80,8 +85,19 @@ class TiledPlan:
             cols = (self.w_out - 1) * self.stride + (self.kw - 1) * self.dil + 1
         return rows * cols
 
-    def smem_bytes(self) -> int:
-        """smem_layout(...).total: the dynamic shared memory of one CTA."""
+    def _phase1_offsets(self, base: int) -> tuple[int, int]:
+        """(table offset, end of the pixel table) of the depthwise staging laid out from `base`."""
+        halo_elems = self.halo_rows * self.halo_cols * BK
+        wts = self.kh * self.kw * BK * 4
+        halo1 = align_up(base + halo_elems * self.elem, 128)
+        wts0 = align_up(halo1 + halo_elems * self.elem, 128)
+        wts1 = align_up(wts0 + wts, 128)
+        table = align_up(wts1 + wts, 128)
+        return table, table + self.halo_rows * self.halo_cols * 4
+
+    def smem_bytes(self, stats: bool = False) -> int:
+        """smem_layout(...).total: the dynamic shared memory of one CTA (stats: the training forward's
+        moments area, stats_smem_bytes, after both phases)."""
         v = 16 // self.elem
         d_ld = self.kp + v
         region = align_up(self.bm * d_ld * self.elem, 128)
@@ -94,12 +110,35 @@ class TiledPlan:
         phase1 = table + self.halo_rows * self.halo_cols * 4
         ring_tile = BN * (BK + v) if self.elem == 2 else BK * BN
         phase2 = region + STAGES * ring_tile * self.elem
-        return align_up(max(phase1, phase2), 128)
+        return align_up(max(phase1, phase2), 128) + (stats_smem_bytes(self.elem) if stats else 0)
 
-    def fits(self, max_smem: int) -> bool:
+    def fits(self, max_smem: int, stats: bool = False) -> bool:
         if 2 * self.halo_rows * self.halo_cols * BK * self.elem > max_smem:
             return False
-        return self.smem_bytes() <= max_smem
+        return self.smem_bytes(stats) <= max_smem
+
+    def gp_smem_bytes(self) -> int:
+        """gp_smem_layout(...).total: the d tile [bm][BK + 8], the grad_z tile [bm][GP_N + 8], then the
+        depthwise staging."""
+        ring = align_up(self.bm * (BK + 8) * self.elem, 128)
+        region = align_up(ring + self.bm * (GP_N + 8) * self.elem, 128)
+        return align_up(self._phase1_offsets(region)[1], 128)
+
+    def dx_smem_bytes(self) -> int:
+        """dx_smem_layout(...).total: the depthwise staging from 0, then the warps' grad_dw partials."""
+        red = align_up(self._phase1_offsets(0)[1], 128)
+        return align_up(red + (THREADS // 32) * self.kh * self.kw * BK * 4, 128)
+
+    def fits_with(self, smem: int, max_smem: int) -> bool:
+        return 2 * self.halo_rows * self.halo_cols * BK * self.elem <= max_smem and smem <= max_smem
+
+
+def stats_smem_bytes(elem: int) -> int:
+    """stats_smem_bytes: per-part moments [parts][3][BN] fp32 (2 parts in 16-bit, 8 in fp32)."""
+    return (2 if elem == 2 else THREADS // 32) * 3 * BN * 4
+
+
+GP_N, GP_MAX_SPLITS = 768, 16  # kGpN, kGpMaxSplits
 
 
 def make_plan(n, c, h, w, c_out, k, stride, pad, dil, bm, row_segments, elem) -> TiledPlan:
@@ -135,12 +174,47 @@ def fits_int32(n, c, h, w, c_out, k, h_out, w_out, pad) -> bool:
             and h + 2 * pad < INT32_MAX and w + 2 * pad < INT32_MAX)
 
 
-def choose(n, c, h, w, c_out, k, stride, pad, dil, elem, max_smem) -> Optional[TiledPlan]:
+def choose(n, c, h, w, c_out, k, stride, pad, dil, elem, max_smem, stats: bool = False) -> Optional[TiledPlan]:
     """The plan the launcher runs, or None where it declines (the int64 kernel runs instead)."""
     for bm, seg in tile_candidates(elem):
         p = make_plan(n, c, h, w, c_out, k, stride, pad, dil, bm, seg, elem)
         if not fits_int32(n, c, h, w, c_out, k, p.h_out, p.w_out, pad):
             return None
-        if p.fits(max_smem):
+        if p.fits(max_smem, stats):
+            return p
+    return None
+
+
+def gp_choose(n, c, h, w, c_out, k, stride, pad, dil, elem, max_smem) -> Optional[TiledPlan]:
+    """The grad_pw kernel's plan (run_grad_pw: 16-bit, Cout % 8 == 0; 64 then 32 rows, ranges then
+    segments), or None where grad_pw_kernel runs instead."""
+    if elem != 2 or c_out % 8:
+        return None
+    for bm, seg in ((64, 0), (64, 1), (32, 0), (32, 1)):
+        p = make_plan(n, c, h, w, c_out, k, stride, pad, dil, bm, seg, elem)
+        if p.fits_with(p.gp_smem_bytes(), max_smem):
+            return p
+    return None
+
+
+def gp_choose_splits(units: int, tiles: int, sms: int, max_splits: int = GP_MAX_SPLITS) -> int:
+    """gp_choose_splits: the split count whose last wave is fullest (the smallest on ties)."""
+    best, best_eff = 1, -1.0
+    for s in range(1, min(max_splits, max(tiles, 1)) + 1):
+        ctas = units * s
+        eff = ctas / (cdiv(ctas, sms) * sms)
+        if eff > best_eff + 1e-9:
+            best, best_eff = s, eff
+    return best
+
+
+def dx_choose(n, c, h_out, w_out, k, stride, pad, dil, elem, max_smem) -> Optional[TiledPlan]:
+    """The grad_x / grad_dw kernel's plan (dx_plan: the transposed depthwise, stride 1, 3x3, on the
+    grad_d grid h_out x w_out), or None where grad_x_kernel and grad_dw_partial_kernel run."""
+    if k != 3 or stride != 1 or pad > 2 * dil:
+        return None
+    for bm, seg in tile_candidates(elem):
+        p = make_plan(n, c, h_out, w_out, c, k, 1, 2 * dil - pad, dil, bm, seg, elem)
+        if p.fits_with(p.dx_smem_bytes(), max_smem):
             return p
     return None

@@ -210,7 +210,7 @@ def shortest_path(function: Function, loop: Loop, signature: dict, loops: Sequen
     branch, along fall-throughs and forward branches) that holds exactly `signature[key]`
     instructions matching each key (see `matches`): the loop's own instructions on it, those of its
     inner loops left out (they count by their own trip counts). Raises SassError when no path does,
-    or on an indirect branch or an unconditional branch out of the loop."""
+    or on an indirect branch; an unconditional branch out of the loop is a dead end."""
     return list(_shortest_path(function, loop.start, loop.end, tuple(sorted(signature.items())),
                                tuple((l.start, l.end) for l in loops)))
 
@@ -239,8 +239,9 @@ def _shortest_path(function: Function, start: int, end: int, signature: tuple, l
         target = ins.branch_target()
         if ins.base == "BRX" or (ins.base == "BRA" and target is None):
             raise SassError(f"{where}: indirect branch at {ins.addr:#x}")
-        if ins.base == "BRA" and not start <= target <= end and not _conditional(ins):
-            raise SassError(f"{where}: branch out of the loop at {ins.addr:#x}")
+        # An unconditional branch out of the loop ends its block with no successor: no path through one
+        # iteration takes it (nvcc's out-of-line WARPSYNC.COLLECTIVE fallbacks of a shuffle sit inside
+        # the loop's address range and branch back to where they came from).
         loop_here = inner_of.get(ins.addr)
         if loop_here:
             if target is not None and target > loop_here[1] and target <= end:

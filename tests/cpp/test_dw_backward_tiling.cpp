@@ -1,0 +1,256 @@
+// Host-side checks of the index math of the backward's tiled grad_x / grad_dw kernel
+// (csrc/sepconv_infer_tiling.h, "grad_x and grad_dw"; dw_backward_tiled_kernel in sepconv_infer.cu)
+// against brute force. Built and run by tests/test_infer_tiling.py with the host compiler; no GPU and
+// no CUDA headers needed.
+//
+// Checked, per geometry (stride 1, 3x3, paddings 0..2 per side, dilations 1..2) and tile candidate:
+// the transposed plan's grid is the input's; every tap of every pixel gathers the grad_d position the
+// transposed convolution needs (or padding, exactly where that position does not exist); the shared
+// memory regions are disjoint and in bounds; the xor butterfly reaches exactly the lanes of a channel
+// vector; and the whole kernel emulated (staging as the depthwise phase stages, the flipped weights
+// as packed, depthwise_backward_rows per thread with the kernel's row masks, the grad_x stores and the
+// grad_dw partials) equals a direct transposed convolution and a direct weight gradient, each grad_x
+// element and each partial written exactly once (small integers: exact in float).
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "sepconv_infer_tiling.h"
+
+using namespace xception_fast::infer;
+
+static int failures = 0;
+static std::string where;
+
+#define EXPECT(cond)                                                                                  \
+  do {                                                                                                \
+    if (!(cond)) {                                                                                    \
+      if (++failures <= 40) std::printf("FAIL %s: %s (line %d)\n", where.c_str(), #cond, __LINE__); \
+    }                                                                                                 \
+  } while (0)
+
+static std::mt19937 rng(99);
+
+struct Unit {
+  int n, c, h, w, ph, pw, dh, dw;  // 3x3, stride 1
+};
+
+static void check_gather(const Unit& u, const Plan& p) {
+  const int ho = u.h + 2 * u.ph - 2 * u.dh, wo = u.w + 2 * u.pw - 2 * u.dw;  // grad_d's grid
+  EXPECT(p.h_out == u.h && p.w_out == u.w && p.h == ho && p.w == wo);
+  for (int tile = 0; tile < num_tiles(p); ++tile) {
+    const TileRange t = tile_range(p, tile);
+    const HaloBox b = halo_box(p, t);
+    for (int r = 0; r < t.count; ++r) {
+      const int q = t.q0 + r, hi = q / u.w, wi = q % u.w;
+      const int base = halo_base_pixel(p, t, b, r);
+      for (int tap = 0; tap < 9; ++tap) {
+        const int pixel = base + halo_tap_offset(p, b, tap / 3, tap % 3);
+        const int ft = dx_forward_tap(p, tap), i = ft / 3, j = ft % 3;  // the forward's tap
+        const int gh = hi + u.ph - i * u.dh, gw = wi + u.pw - j * u.dw;  // the output it fed
+        EXPECT(pixel >= 0 && pixel < b.rows * b.cols);
+        EXPECT(b.h0 + pixel / b.cols == gh && b.w0 + pixel % b.cols == gw);
+        const bool exists = gh >= 0 && gh < ho && gw >= 0 && gw < wo;
+        EXPECT((halo_source_offset(p, b, pixel) >= 0) == exists);
+      }
+    }
+  }
+}
+
+static void check_layout(const Plan& p, int eb) {
+  const SmemLayout s = dx_smem_layout(p, eb);
+  const long halo = static_cast<long>(p.halo_rows) * p.halo_cols * kBK * eb, wts = 4L * 9 * kBK;
+  const long spans[][2] = {{s.halo[0], s.halo[0] + halo},
+                           {s.halo[1], s.halo[1] + halo},
+                           {s.wts[0], s.wts[0] + wts},
+                           {s.wts[1], s.wts[1] + wts},
+                           {s.table, s.table + 4L * p.halo_rows * p.halo_cols},
+                           {s.stats, s.stats + 4L * (kThreads / 32) * 9 * kBK}};
+  for (int i = 0; i < 6; ++i) {
+    EXPECT(spans[i][0] >= 0 && spans[i][1] <= s.total && spans[i][0] % 128 == 0);
+    for (int j = i + 1; j < 6; ++j) EXPECT(spans[i][1] <= spans[j][0] || spans[j][1] <= spans[i][0]);
+  }
+  for (int warp = 0; warp < kThreads / 32; ++warp)
+    for (int tap = 0; tap < 9; ++tap)
+      for (int ch = 0; ch < kBK; ++ch) {
+        const int idx = dx_red_index(p, warp, tap, ch);
+        EXPECT(idx >= 0 && idx < (kThreads / 32) * 9 * kBK);
+      }
+}
+
+static void check_butterfly(int eb) {
+  for (int lane = 0; lane < 32; ++lane) {
+    std::vector<int> reached = {lane};
+    for (int m = dx_lane_xor_first(eb); m < 32; m *= 2) {
+      const size_t k = reached.size();
+      for (size_t i = 0; i < k; ++i) reached.push_back(reached[i] ^ m);
+    }
+    std::vector<int> seen(32, 0);
+    for (int l : reached) seen[l]++;
+    for (int l = 0; l < 32; ++l) EXPECT(seen[l] == (dw_cv(l, eb) == dw_cv(lane, eb) ? 1 : 0));
+  }
+}
+
+template <int kPos, int kVec>
+static void check_kernel(const Unit& u, const Plan& p, int eb, bool pre_relu, int splits) {
+  const int ho = p.h, wo = p.w, c = u.c;
+  std::vector<float> x(static_cast<size_t>(u.n) * u.h * u.w * c), gd(static_cast<size_t>(u.n) * ho * wo * c),
+      dw(static_cast<size_t>(c) * 9);
+  for (float& v : x) v = static_cast<float>(static_cast<int>(rng() % 7) - 3);
+  for (float& v : gd) v = static_cast<float>(static_cast<int>(rng() % 5) - 2);
+  for (float& v : dw) v = static_cast<float>(static_cast<int>(rng() % 5) - 2);
+  std::vector<float> packed(static_cast<size_t>(9) * p.kp, 0.f);  // PackMode::kFlipped
+  for (int tap = 0; tap < 9; ++tap)
+    for (int ci = 0; ci < c; ++ci) packed[packed_dw_offset(p, tap, ci)] = dw[ci * 9 + dx_forward_tap(p, tap)];
+  std::vector<float> gx(x.size(), 1e9f), partial(static_cast<size_t>(splits) * c * 9, 1e9f);
+  std::vector<int> gx_writes(x.size(), 0), partial_writes(partial.size(), 0);
+  for (int blk = 0; blk < gp_chunks(p) * splits; ++blk) {
+    const int chunk = blk % gp_chunks(p), split = blk / gp_chunks(p);
+    const TileSpan span = gp_split_tiles(p, split, splits);
+    std::vector<float> gw(static_cast<size_t>(kThreads) * 9 * kVec, 0.f);
+    for (int tile = span.begin; tile < span.end; ++tile) {
+      const TileRange t = tile_range(p, tile);
+      const HaloBox b = halo_box(p, t);
+      const int pixels = b.rows * b.cols;
+      std::vector<float> staged(static_cast<size_t>(pixels) * kBK);  // grad_d's box, 0 for padding / past C
+      for (int px = 0; px < pixels; ++px) {
+        const int off = halo_source_offset(p, b, px);
+        for (int ch = 0; ch < kBK; ++ch) {
+          const int cc = chunk * kBK + ch;
+          staged[px * kBK + ch] =
+              off >= 0 && cc < c ? gd[static_cast<size_t>(t.img) * ho * wo * c + off + cc] : 0.f;
+        }
+      }
+      for (int tid = 0; tid < kThreads; ++tid) {
+        if (!dw_active(tid, p.bm, eb)) continue;
+        const int cv = dw_cv(tid, eb), c0 = chunk * kBK + cv * kVec;
+        int base[kPos];
+        float xv[kPos][kVec], xr[kPos][kVec], g[kPos][kVec], w[9][kVec];
+        for (int q = 0; q < kPos; ++q) {
+          const int r = dw_row(tid, q, eb);
+          base[q] = halo_base_pixel(p, t, b, r);
+          for (int e = 0; e < kVec; ++e) {
+            const bool real = r < t.count && c0 + e < c;
+            const long off = (static_cast<long>(t.img) * u.h * u.w + t.q0 + r) * c + c0 + e;
+            xv[q][e] = real ? x[off] : 0.f;
+            xr[q][e] = pre_relu && xv[q][e] < 0.f ? 0.f : xv[q][e];
+            g[q][e] = 0.f;
+          }
+        }
+        for (int k = 0; k < 9; ++k)
+          for (int e = 0; e < kVec; ++e) w[k][e] = gw[(static_cast<size_t>(tid) * 9 + k) * kVec + e];
+        depthwise_backward_rows<3, 3, kPos, kVec>(
+            p, b, base,
+            [&](int pixel, float(&v)[kVec]) {
+              for (int e = 0; e < kVec; ++e) v[e] = staged.at(pixel * kBK + cv * kVec + e);
+            },
+            [&](int tap, float(&v)[kVec]) {
+              for (int e = 0; e < kVec; ++e) v[e] = packed[packed_dw_offset(p, tap, chunk * kBK + cv * kVec + e)];
+            },
+            xr, g, w);
+        for (int k = 0; k < 9; ++k)
+          for (int e = 0; e < kVec; ++e) gw[(static_cast<size_t>(tid) * 9 + k) * kVec + e] = w[k][e];
+        for (int q = 0; q < kPos; ++q) {
+          const int r = dw_row(tid, q, eb);
+          if (r >= t.count || c0 >= c) continue;  // the kernel's store mask
+          for (int e = 0; e < kVec; ++e) {
+            if (c0 + e >= c) continue;
+            const long off = (static_cast<long>(t.img) * u.h * u.w + t.q0 + r) * c + c0 + e;
+            gx[off] = pre_relu && !(xv[q][e] > 0.f) ? 0.f : g[q][e];
+            gx_writes[off]++;
+          }
+        }
+      }
+    }
+    // grad_dw: all threads of a channel vector (the butterfly and the warp sum), into the partial.
+    for (int tap = 0; tap < 9; ++tap)
+      for (int ch = 0; ch < kBK; ++ch) {
+        const int cc = chunk * kBK + ch;
+        float sum = 0.f;
+        for (int tid = 0; tid < kThreads; ++tid)
+          if (dw_cv(tid, eb) == ch / kVec) sum += gw[(static_cast<size_t>(tid) * 9 + tap) * kVec + ch % kVec];
+        if (cc >= c) continue;
+        const int64_t off = dx_partial_offset(p, split, cc, dx_forward_tap(p, tap));
+        EXPECT(off >= 0 && off < static_cast<int64_t>(partial.size()));
+        partial[off] = sum;
+        partial_writes[off]++;
+      }
+  }
+  for (int v : gx_writes) EXPECT(v == 1);
+  for (int v : partial_writes) EXPECT(v == 1);
+  // Direct: grad_x = mask * transposed conv of grad_d; grad_dw = sum over outputs of grad_d * pre(x).
+  for (int n = 0; n < u.n; ++n)
+    for (int hi = 0; hi < u.h; ++hi)
+      for (int wi = 0; wi < u.w; ++wi)
+        for (int cc = 0; cc < c; ++cc) {
+          float want = 0.f;
+          for (int i = 0; i < 3; ++i)
+            for (int j = 0; j < 3; ++j) {
+              const int gh = hi + u.ph - i * u.dh, gw2 = wi + u.pw - j * u.dw;
+              if (gh < 0 || gh >= ho || gw2 < 0 || gw2 >= wo) continue;
+              want += gd[((static_cast<size_t>(n) * ho + gh) * wo + gw2) * c + cc] * dw[cc * 9 + i * 3 + j];
+            }
+          const size_t off = ((static_cast<size_t>(n) * u.h + hi) * u.w + wi) * c + cc;
+          if (pre_relu && !(x[off] > 0.f)) want = 0.f;
+          EXPECT(gx[off] == want);
+        }
+  for (int cc = 0; cc < c; ++cc)
+    for (int i = 0; i < 3; ++i)
+      for (int j = 0; j < 3; ++j) {
+        float want = 0.f, got = 0.f;
+        for (int n = 0; n < u.n; ++n)
+          for (int oh = 0; oh < ho; ++oh)
+            for (int ow = 0; ow < wo; ++ow) {
+              const int hi = oh - u.ph + i * u.dh, wi = ow - u.pw + j * u.dw;
+              if (hi < 0 || hi >= u.h || wi < 0 || wi >= u.w) continue;
+              float xv = x[((static_cast<size_t>(n) * u.h + hi) * u.w + wi) * c + cc];
+              if (pre_relu && xv < 0.f) xv = 0.f;
+              want += gd[((static_cast<size_t>(n) * ho + oh) * wo + ow) * c + cc] * xv;
+            }
+        for (int s = 0; s < splits; ++s) got += partial[dx_partial_offset(p, s, cc, i * 3 + j)];
+        EXPECT(got == want);
+      }
+}
+
+int main() {
+  check_butterfly(2);
+  check_butterfly(4);
+  const std::vector<Unit> units = {
+      {2, 40, 7, 9, 1, 1, 1, 1},   // Xception's: same padding
+      {1, 19, 11, 10, 0, 2, 1, 1}, // valid rows, padding 2 columns
+      {2, 8, 9, 8, 2, 2, 2, 2},    // dilation 2
+      {1, 33, 6, 7, 1, 0, 1, 2},
+      {1, 16, 3, 140, 1, 1, 1, 1}, // row segments
+      {1, 8, 1, 1, 1, 1, 1, 1},    // one pixel, every tap outside but the centre
+      {0, 8, 5, 5, 1, 1, 1, 1},    // empty batch
+  };
+  int checked = 0;
+  for (const Unit& u : units) {
+    EXPECT(dx_supported(3, 3, 1, 1, u.ph, u.pw, u.dh, u.dw));
+    for (int eb : {2, 4})
+      for (int i = 0; tile_candidate(i, eb).bm > 0; ++i) {
+        const Plan p = dx_plan(u.n, u.c, u.h, u.w, 3, 3, u.ph, u.pw, u.dh, u.dw, tile_candidate(i, eb).bm,
+                               tile_candidate(i, eb).row_segments);
+        where = "n" + std::to_string(u.n) + " c" + std::to_string(u.c) + " " + std::to_string(u.h) + "x" +
+                std::to_string(u.w) + " pad" + std::to_string(u.ph) + "," + std::to_string(u.pw) + " dil" +
+                std::to_string(u.dh) + "," + std::to_string(u.dw) + " bm" + std::to_string(p.bm) +
+                (p.row_segments ? " segments " : " ranges ") + std::to_string(eb) + "B";
+        check_gather(u, p);
+        check_layout(p, eb);
+        for (int pre = 0; pre < 2; ++pre)
+          for (int splits : {1, 2}) {
+            if (splits > num_tiles(p) && splits > 1) continue;
+            if (eb == 4) check_kernel<dw_rows_per_thread(32, 4), 4>(u, p, eb, pre, splits);
+            if (eb == 2 && p.bm == 128) check_kernel<dw_rows_per_thread(128, 2), 8>(u, p, eb, pre, splits);
+            if (eb == 2 && p.bm != 128) check_kernel<1, 8>(u, p, eb, pre, splits);
+          }
+        ++checked;
+      }
+  }
+  where = "coverage";
+  EXPECT(!dx_supported(3, 3, 2, 1, 1, 1, 1, 1) && !dx_supported(5, 5, 1, 1, 2, 2, 1, 1) &&
+         !dx_supported(3, 3, 1, 1, 3, 1, 1, 1));
+  std::printf("%d plans checked, %d failures\n", checked, failures);
+  return failures == 0 ? 0 : 1;
+}
