@@ -468,12 +468,16 @@ BackwardPlan plan_backward(const ConvGeometry& g, bool inference, DType dtype, W
   plan.gemm_bytes = grad_d_tiled_workspace_size(g, dtype);
   plan.gemm = ws.take<char>(static_cast<int64_t>(plan.gemm_bytes));
   const int64_t pw_elems = g.c_out * g.c;
+  // The tiled kernels' grids: kBK-channel chunks (x Cout passes of kGpN for grad_pw) per split.
+  const int64_t chunks = ceil_div(std::max<int64_t>(g.c, 1), infer::kBK);
+  const int64_t gp_units = chunks * ceil_div(g.c_out, infer::kGpN);
+  const int gp_room = infer::gp_max_splits(static_cast<int>(std::min<int64_t>(gp_units, INT32_MAX)));
   plan.gp_max_splits = static_cast<int>(
-      pw_elems > 0 ? std::min<int64_t>(infer::kGpMaxSplits, std::max<int64_t>(1, kMaxPartialBytes / (pw_elems * 4))) : 1);
+      pw_elems > 0 ? std::min<int64_t>(gp_room, std::max<int64_t>(1, kMaxPartialBytes / (pw_elems * 4))) : 1);
   plan.pw_partial = ws.take<float>(std::max<int64_t>(plan.splits, plan.gp_max_splits) * pw_elems);
   plan.gp_bytes = grad_pw_tiled_workspace_size(g, dtype);
   plan.gp = ws.take<char>(static_cast<int64_t>(plan.gp_bytes));
-  plan.dx_max_splits = infer::kGpMaxSplits;
+  plan.dx_max_splits = infer::gp_max_splits(static_cast<int>(std::min<int64_t>(chunks, INT32_MAX)));
   const int64_t dw_rows = dw_backward_tiled_covers(g) ? std::max<int64_t>(plan.dw_chunks, plan.dx_max_splits)
                                                       : plan.dw_chunks;
   plan.dw_partial = ws.take<float>(dw_rows * g.c * taps);

@@ -472,7 +472,8 @@ XF_HD bool full_tile(const Plan& p, const TileRange& t, int nt) {
 
 constexpr int kGpN = 768;                      // output channels per pass
 constexpr int kGpWarpCols = kGpN / (kThreads / 32);  // 96: columns per warp, 12 n8 fragments
-constexpr int kGpMaxSplits = 16;
+constexpr int kGpMaxSplits = 16;  // splits tried on any grid (enough for the middle flow's 23 units)
+constexpr int kGpMaxSms = 256;    // the most SMs the workspace leaves room to fill (H100 132, B200 148)
 
 XF_HD int gp_chunks(const Plan& p) { return p.kp / kBK; }
 XF_HD int gp_passes(const Plan& p) { return ceil_div(p.c_out, kGpN); }
@@ -500,13 +501,23 @@ XF_HD TileSpan gp_split_tiles(const Plan& p, int s, int splits) {
           static_cast<int>(static_cast<int64_t>(tiles) * (s + 1) / splits)};
 }
 
-// Splits for `sms` multiprocessors, one CTA each: the count in 1..max_splits (and at most one per
-// tile) whose last wave is fullest (CTAs / sms closest below a whole number of waves), the smallest
-// such count on ties. max_splits bounds the partial buffer (the workspace is sized with it).
+// The most splits a grid of `units` CTAs per split may take on `sms` SMs: kGpMaxSplits, or as many as
+// one full wave needs where kGpMaxSplits cannot fill one (the entry flow: 2 units x 16 splits left 100
+// of 132 SMs idle). Beyond one wave, more splits only add partials for the column sums to add.
+XF_HD int gp_split_limit(int units, int sms) { return imax(kGpMaxSplits, ceil_div(sms, imax(units, 1))); }
+
+// The partials the workspace makes room for, for a grid of `units` CTAs per split (geometry only: the
+// workspace is sized before the SM count is known): the limit on a GPU with kGpMaxSms SMs.
+XF_HD int gp_max_splits(int units) { return gp_split_limit(units, kGpMaxSms); }
+
+// Splits for `sms` multiprocessors, one CTA each: the count in 1..gp_split_limit (and at most
+// max_splits, the workspace's room, and one per tile) whose last wave is fullest (CTAs / sms closest
+// below a whole number of waves), the smallest such count on ties.
 XF_HD int gp_choose_splits(int units, int tiles, int sms, int max_splits) {
   int best = 1;
   double best_eff = -1.0;
-  for (int s = 1; s <= max_splits && s <= imax(tiles, 1); ++s) {
+  const int limit = imin(imin(max_splits, gp_split_limit(units, sms)), imax(tiles, 1));
+  for (int s = 1; s <= limit; ++s) {
     const int ctas = units * s;
     const double eff = static_cast<double>(ctas) / (static_cast<double>(ceil_div(ctas, sms)) * sms);
     if (eff > best_eff + 1e-9) best = s, best_eff = eff;

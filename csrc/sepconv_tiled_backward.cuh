@@ -253,7 +253,7 @@ cudaError_t run_grad_pw(const GradPwParams& prm, cudaStream_t stream, int* split
     const Packed<T> packed = carve<T>(plan, ws);
     if (ws.bytes() > prm.workspace_bytes) return cudaErrorInvalidValue;
     const int tiles = num_tiles(plan);
-    *splits = gp_choose_splits(gp_units(plan), tiles, sms, imin(prm.max_splits, kGpMaxSplits));
+    *splits = gp_choose_splits(gp_units(plan), tiles, sms, prm.max_splits);
     if (tiles == 0 || g.c == 0 || g.c_out == 0) {
       *splits = 0;  // no partials: the column sums write zeros
       return cudaSuccess;

@@ -323,6 +323,47 @@ def test_the_tiled_plan_picks_the_launchers_tiles(tmp_path):
     assert {"declined", ("segments", 128), ("ranges", 128), ("ranges", 64), ("ranges", 32)} <= kinds, kinds
 
 
+_SPLITS = r"""
+#include <cstdio>
+#include <initializer_list>
+#include "sepconv_infer_tiling.h"
+using namespace xception_fast::infer;
+int main() {
+  for (int units = 1; units <= 40; ++units)
+    for (int sms : {1, 7, 108, 132, 148, 300})
+      for (int tiles : {1, 5, 70, 86528})
+        std::printf("%d %d\n", gp_max_splits(units), gp_choose_splits(units, tiles, sms, gp_max_splits(units)));
+}
+"""
+
+
+def test_the_split_choice_matches_the_launchers(tmp_path):
+    """cuda_tiling.gp_max_splits / gp_choose_splits (the model's split counts for the tiled grad_pw and
+    grad_x / grad_dw grids) against the header the launchers call, compiled with the host compiler."""
+    import sys as _sys
+
+    _sys.path.insert(0, HERE)
+    from test_infer_tiling import ROOT, _compiler
+
+    from xception_fast.bench.static import cuda_tiling
+
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip("no host C++ compiler (c++, g++, clang++ or $CXX) to build the tiling header")
+    source = tmp_path / "splits.cpp"
+    source.write_text(_SPLITS)
+    build = subprocess.run([cxx, "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(source), "-o", str(tmp_path / "s")],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    lines = subprocess.run([str(tmp_path / "s")], capture_output=True, text=True, check=True).stdout.splitlines()
+    cases = [(u, sms, t) for u in range(1, 41) for sms in (1, 7, 108, 132, 148, 300) for t in (1, 5, 70, 86528)]
+    for (units, sms, tiles), line in zip(cases, lines, strict=True):
+        got = (cuda_tiling.gp_max_splits(units), cuda_tiling.gp_choose_splits(units, tiles, sms))
+        assert got == tuple(map(int, line.split())), ((units, sms, tiles), got, line)
+    # The entry flow's 2-unit grids fill one wave of an H100's 132 SMs (the former cap: 32 CTAs).
+    assert cuda_tiling.gp_choose_splits(2, 86528, 132) == 66
+
+
 def _record(provider, kernel, layer="middle", mode="infer", estimate=100.0, **extra):
     base = dict(provider=provider, kernel=kernel, layer=layer, mode=mode, dtype="bf16", arch=90, batch=256,
                 label="static estimate (sm_90 model)", machine="H100 SXM", count=17, issue_us=estimate,

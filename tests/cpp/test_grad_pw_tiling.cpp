@@ -11,6 +11,7 @@
 // once, every real one exactly once), and the sum of the partials equal to grad_z^T d computed directly
 // (small integers: exact in float). d of padding rows is the clamped last position's, as the depthwise
 // phase leaves it: the zero grad_z rows must cancel it.
+#include <algorithm>
 #include <cstdio>
 #include <random>
 #include <string>
@@ -60,7 +61,7 @@ static void check_layout(const Plan& p) {
 
 static void check_grid(const Plan& p) {
   const int tiles = num_tiles(p);
-  for (int splits : {1, 2, 3, 7, kGpMaxSplits}) {
+  for (int splits : {1, 2, 3, 7, kGpMaxSplits, 66, 132, gp_max_splits(1)}) {
     if (splits > (tiles > 0 ? tiles : 1)) continue;
     std::vector<int> seen(static_cast<size_t>(gp_units(p)) * splits, 0);
     for (int w = 0; w < gp_units(p) * splits; ++w) {
@@ -95,15 +96,27 @@ static void check_grid(const Plan& p) {
 
 static void check_choose_splits() {
   where = "gp_choose_splits";
-  for (int units : {1, 3, 23, 46, 64, 200})
-    for (int sms : {108, 132})
+  for (int units : {1, 2, 3, 5, 23, 46, 64, 200})
+    for (int sms : {108, 132, 148})
       for (int tiles : {1, 5, 16, 722, 1444})
-        for (int max_splits : {1, 4, 16}) {
+        for (int max_splits : {1, 4, 16, 66, 256}) {
           const int s = gp_choose_splits(units, tiles, sms, max_splits);
-          EXPECT(s >= 1 && s <= max_splits && s <= tiles);
+          // The counts tried: at most the workspace's room, one per tile, and 16 or one wave's worth.
+          const int one_wave = (sms + units - 1) / units;
+          const int limit = std::min({max_splits, tiles, std::max(16, one_wave)});
+          EXPECT(s >= 1 && s <= limit);
           const auto eff = [&](int k) { return double(units * k) / (double((units * k + sms - 1) / sms) * sms); };
-          for (int k = 1; k <= max_splits && k <= tiles; ++k) EXPECT(eff(k) <= eff(s) + 1e-9);
+          for (int k = 1; k <= limit; ++k) EXPECT(eff(k) <= eff(s) + 1e-9 && (k >= s || eff(k) < eff(s) - 1e-9));
         }
+  // The workspace (sized without the SM count) has room for the choice on up to kGpMaxSms SMs.
+  for (int units = 1; units <= 300; ++units)
+    for (int sms = 1; sms <= kGpMaxSms; sms += 7) EXPECT(gp_max_splits(units) >= gp_split_limit(units, sms));
+  // The entry flow's grad_pw (64 -> 128 channels: 2 units) and grad_dw (2 chunks) on 132 SMs: one full
+  // wave, not 32 CTAs (the former cap of 16 splits).
+  EXPECT(gp_choose_splits(2, 86700, 132, gp_max_splits(2)) == 66);
+  EXPECT(gp_choose_splits(1, 86700, 132, gp_max_splits(1)) == 132);
+  // The middle flow (23 units) keeps its choice under the 16 splits.
+  EXPECT(gp_choose_splits(23, 1444, 132, gp_max_splits(23)) == gp_choose_splits(23, 1444, 132, kGpMaxSplits));
 }
 
 // ldmatrix.x4.trans as the PTX ISA defines it: lanes 8m..8m+7 give the row addresses of matrix m;
@@ -266,6 +279,20 @@ int main() {
   const int splits = gp_choose_splits(gp_units(middle), num_tiles(middle), 132, kGpMaxSplits);
   std::printf("middle flow grad_pw: bm 64, %d tiles, %d units x %d splits, %d bytes of shared memory\n",
               num_tiles(middle), gp_units(middle), splits, gp_smem_layout(middle, 2).total);
+  // The entry flow's block1.rep.0 (64 -> 128 channels, 147 x 147): every position tile in exactly one
+  // of the splits the launcher now picks on 132 SMs.
+  const Plan entry = make_plan(256, 64, 147, 147, 128, 3, 3, 1, 1, 1, 1, 1, 1, 64, 0);
+  where = "entry flow";
+  const int entry_splits = gp_choose_splits(gp_units(entry), num_tiles(entry), 132, gp_max_splits(gp_units(entry)));
+  EXPECT(gp_units(entry) * entry_splits == 132);
+  std::vector<int> entry_seen(num_tiles(entry), 0);
+  for (int s = 0; s < entry_splits; ++s) {
+    const TileSpan span = gp_split_tiles(entry, s, entry_splits);
+    for (int t = span.begin; t < span.end; ++t) entry_seen.at(t)++;
+  }
+  for (int v : entry_seen) EXPECT(v == 1);
+  std::printf("entry flow grad_pw: bm 64, %d tiles, %d units x %d splits\n", num_tiles(entry), gp_units(entry),
+              entry_splits);
   std::printf("%d plans checked, %d failures\n", checked, failures);
   return failures == 0 ? 0 : 1;
 }

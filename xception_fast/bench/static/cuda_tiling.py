@@ -138,7 +138,7 @@ def stats_smem_bytes(elem: int) -> int:
     return (2 if elem == 2 else THREADS // 32) * 3 * BN * 4
 
 
-GP_N, GP_MAX_SPLITS = 768, 16  # kGpN, kGpMaxSplits
+GP_N, GP_MAX_SPLITS, GP_MAX_SMS = 768, 16, 256  # kGpN, kGpMaxSplits, kGpMaxSms
 
 
 def make_plan(n, c, h, w, c_out, k, stride, pad, dil, bm, row_segments, elem) -> TiledPlan:
@@ -197,10 +197,22 @@ def gp_choose(n, c, h, w, c_out, k, stride, pad, dil, elem, max_smem) -> Optiona
     return None
 
 
-def gp_choose_splits(units: int, tiles: int, sms: int, max_splits: int = GP_MAX_SPLITS) -> int:
-    """gp_choose_splits: the split count whose last wave is fullest (the smallest on ties)."""
+def gp_split_limit(units: int, sms: int) -> int:
+    """gp_split_limit: kGpMaxSplits, or as many splits as one full wave needs where that cannot fill one."""
+    return max(GP_MAX_SPLITS, cdiv(sms, max(units, 1)))
+
+
+def gp_max_splits(units: int) -> int:
+    """gp_max_splits: the partials the workspace makes room for (the limit on kGpMaxSms SMs)."""
+    return gp_split_limit(units, GP_MAX_SMS)
+
+
+def gp_choose_splits(units: int, tiles: int, sms: int, max_splits: Optional[int] = None) -> int:
+    """gp_choose_splits: the split count whose last wave is fullest (the smallest on ties), up to
+    gp_split_limit, the workspace's room (gp_max_splits unless given) and one per tile."""
+    room = gp_max_splits(units) if max_splits is None else max_splits
     best, best_eff = 1, -1.0
-    for s in range(1, min(max_splits, max(tiles, 1)) + 1):
+    for s in range(1, min(room, gp_split_limit(units, sms), max(tiles, 1)) + 1):
         ctas = units * s
         eff = ctas / (cdiv(ctas, sms) * sms)
         if eff > best_eff + 1e-9:
