@@ -11,31 +11,9 @@
 // once, every real one exactly once), and the sum of the partials equal to grad_z^T d computed directly
 // (small integers: exact in float). d of padding rows is the clamped last position's, as the depthwise
 // phase leaves it: the zero grad_z rows must cancel it.
-#include <cstdio>
-#include <random>
-#include <string>
-#include <vector>
-
-#include "sepconv_infer_tiling.h"
-
-using namespace xception_fast::infer;
-
-static int failures = 0;
-static std::string where;
-
-#define EXPECT(cond)                                                                                  \
-  do {                                                                                                \
-    if (!(cond)) {                                                                                    \
-      if (++failures <= 40) std::printf("FAIL %s: %s (line %d)\n", where.c_str(), #cond, __LINE__); \
-    }                                                                                                 \
-  } while (0)
+#include "host_test.h"
 
 static std::mt19937 rng(77);
-
-struct Range {
-  long begin, end;
-};
-static bool disjoint(Range a, Range b) { return a.end <= b.begin || b.end <= a.begin; }
 
 static void check_layout(const Plan& p) {
   const SmemLayout s = gp_smem_layout(p, 2);
@@ -266,6 +244,5 @@ int main() {
   const int splits = gp_choose_splits(gp_units(middle), num_tiles(middle), 132, kGpMaxSplits);
   std::printf("middle flow grad_pw: bm 64, %d tiles, %d units x %d splits, %d bytes of shared memory\n",
               num_tiles(middle), gp_units(middle), splits, gp_smem_layout(middle, 2).total);
-  std::printf("%d plans checked, %d failures\n", checked, failures);
-  return failures == 0 ? 0 : 1;
+  return report(checked);
 }
