@@ -985,6 +985,18 @@ cudaError_t run_grad_d(const GradDParams& prm, cudaStream_t stream, bool* launch
   return run_plan<T, false>(u, plan, packed, out, stream);
 }
 
+// The workspace bytes carve<T> takes for `p`'s packed weights: fp32, or 2-byte elements for both 16-bit
+// types (bfloat16 packs as __half does).
+size_t packed_bytes(const Plan& p, DType dtype) {
+  Workspace ws(nullptr);
+  if (dtype == DType::kFloat32) {
+    carve<float>(p, ws);
+  } else {
+    carve<__half>(p, ws);
+  }
+  return ws.bytes();
+}
+
 }  // namespace
 }  // namespace infer
 
@@ -1000,13 +1012,7 @@ size_t dw_backward_tiled_workspace_size(const ConvGeometry& g, DType dtype) {
   const auto i = [](int64_t v) { return static_cast<int>(v); };
   const infer::Plan plan = infer::dx_plan(i(g.n), i(g.c), i(g.h), i(g.w), i(g.kh), i(g.kw), i(g.pad_h), i(g.pad_w),
                                           i(g.dil_h), i(g.dil_w), 64, 0);
-  Workspace ws(nullptr);
-  if (dtype == DType::kFloat32) {
-    infer::carve<float>(plan, ws);
-  } else {
-    infer::carve<__half>(plan, ws);
-  }
-  return ws.bytes();
+  return infer::packed_bytes(plan, dtype);
 }
 
 cudaError_t run_dw_backward_tiled(const DwBackwardParams& params, cudaStream_t stream, int* splits) {
@@ -1017,9 +1023,7 @@ cudaError_t run_dw_backward_tiled(const DwBackwardParams& params, cudaStream_t s
 
 size_t grad_pw_tiled_workspace_size(const ConvGeometry& g, DType dtype) {
   if (dtype == DType::kFloat32 || !infer::fits_int32(g)) return 0;
-  Workspace ws(nullptr);
-  infer::carve<__half>(infer::plan_for(g, {64, 0}), ws);
-  return ws.bytes();
+  return infer::packed_bytes(infer::plan_for(g, {64, 0}), dtype);
 }
 
 cudaError_t run_grad_pw_tiled(const GradPwParams& params, cudaStream_t stream, int* splits) {
@@ -1031,14 +1035,7 @@ cudaError_t run_grad_pw_tiled(const GradPwParams& params, cudaStream_t stream, i
 size_t grad_d_tiled_workspace_size(const ConvGeometry& g, DType dtype) {
   const ConvGeometry m = infer::gemm_geometry(g);
   if (!infer::fits_int32(m)) return 0;
-  const infer::Plan plan = infer::plan_for(m, {64, 0});
-  Workspace ws(nullptr);
-  if (dtype == DType::kFloat32) {
-    infer::carve<float>(plan, ws);
-  } else {
-    infer::carve<__half>(plan, ws);
-  }
-  return ws.bytes();
+  return infer::packed_bytes(infer::plan_for(m, {64, 0}), dtype);
 }
 
 cudaError_t run_grad_d_tiled(const GradDParams& params, cudaStream_t stream, bool* launched) {
@@ -1049,13 +1046,8 @@ cudaError_t run_grad_d_tiled(const GradDParams& params, cudaStream_t stream, boo
 
 size_t infer_tiled_workspace_size(const SepConvInferParams& params) {
   if (!infer::fits_int32(params.g)) return 0;
-  const infer::Plan plan = infer::plan_for(params.g, {64, 0});  // the packed sizes do not depend on the tiles
-  Workspace ws(nullptr);
-  switch (params.dtype) {
-    case DType::kFloat32: infer::carve<float>(plan, ws); break;
-    default: infer::carve<__half>(plan, ws); break;  // 2 bytes, as bfloat16
-  }
-  return ws.bytes();
+  // The packed sizes do not depend on the tiles.
+  return infer::packed_bytes(infer::plan_for(params.g, {64, 0}), params.dtype);
 }
 
 size_t train_tiled_workspace_size(const SepConvTrainParams& params) {

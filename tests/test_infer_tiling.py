@@ -8,7 +8,8 @@ statistics (per-part moments from the accumulator layout, their merge per tile a
 against double precision. test_grad_pw_tiling.cpp: the backward's tiled grad_pw (work units, splits,
 shared memory, ldmatrix.trans + mma.sync emulated against grad_z^T d). test_dw_backward_tiling.cpp:
 the backward's tiled grad_x / grad_dw (the transposed plan's gathers, the kernel emulated against a
-direct transposed convolution and weight gradient). No GPU and no CUDA toolkit needed.
+direct transposed convolution and weight gradient). They share tests/cpp/host_test.h (EXPECT, the
+failure count, the summary line checked here). No GPU and no CUDA toolkit needed.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The source distribution carries every file the CUDA build compiles (a missing header makes the
-extension unbuildable from an sdist; CI also builds and installs from one)."""
+extension unbuildable from an sdist; CI also builds and installs from one) and the host-side C++
+checks the tests build."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_manifest_includes_every_csrc_file(monkeypatch):
+def _manifest_files(monkeypatch) -> set[str]:
+    """The files MANIFEST.in puts in the sdist, as setuptools reads it."""
     if not (ROOT / "MANIFEST.in").is_file() or not (ROOT / "csrc").is_dir():
         pytest.skip("not a source checkout")
     from setuptools.command.egg_info import FileList
@@ -21,8 +23,15 @@ def test_manifest_includes_every_csrc_file(monkeypatch):
     for line in (ROOT / "MANIFEST.in").read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             files.process_template_line(line)
-    included = {Path(f).as_posix() for f in files.files}
-    wanted = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").iterdir() if p.is_file()}
+    return {Path(f).as_posix() for f in files.files}
+
+
+@pytest.mark.parametrize("folder", ["csrc", "tests/cpp"])
+def test_manifest_includes_every_file_of(monkeypatch, folder):
+    """csrc/: what setup.py compiles. tests/cpp/: the host-side checks tests/test_infer_tiling.py
+    builds, and the header they share."""
+    included = _manifest_files(monkeypatch)
+    wanted = {p.relative_to(ROOT).as_posix() for p in (ROOT / folder).iterdir() if p.is_file()}
     assert wanted and wanted <= included, f"MANIFEST.in leaves out {sorted(wanted - included)}"
 
 

@@ -11,24 +11,7 @@
 // as packed, depthwise_backward_rows per thread with the kernel's row masks, the grad_x stores and the
 // grad_dw partials) equals a direct transposed convolution and a direct weight gradient, each grad_x
 // element and each partial written exactly once (small integers: exact in float).
-#include <cstdio>
-#include <random>
-#include <string>
-#include <vector>
-
-#include "sepconv_infer_tiling.h"
-
-using namespace xception_fast::infer;
-
-static int failures = 0;
-static std::string where;
-
-#define EXPECT(cond)                                                                                  \
-  do {                                                                                                \
-    if (!(cond)) {                                                                                    \
-      if (++failures <= 40) std::printf("FAIL %s: %s (line %d)\n", where.c_str(), #cond, __LINE__); \
-    }                                                                                                 \
-  } while (0)
+#include "host_test.h"
 
 static std::mt19937 rng(99);
 
@@ -251,6 +234,5 @@ int main() {
   where = "coverage";
   EXPECT(!dx_supported(3, 3, 2, 1, 1, 1, 1, 1) && !dx_supported(5, 5, 1, 1, 2, 2, 1, 1) &&
          !dx_supported(3, 3, 1, 1, 3, 1, 1, 1));
-  std::printf("%d plans checked, %d failures\n", checked, failures);
-  return failures == 0 ? 0 : 1;
+  return report(checked);
 }

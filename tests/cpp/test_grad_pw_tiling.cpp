@@ -12,31 +12,10 @@
 // (small integers: exact in float). d of padding rows is the clamped last position's, as the depthwise
 // phase leaves it: the zero grad_z rows must cancel it.
 #include <algorithm>
-#include <cstdio>
-#include <random>
-#include <string>
-#include <vector>
 
-#include "sepconv_infer_tiling.h"
-
-using namespace xception_fast::infer;
-
-static int failures = 0;
-static std::string where;
-
-#define EXPECT(cond)                                                                                  \
-  do {                                                                                                \
-    if (!(cond)) {                                                                                    \
-      if (++failures <= 40) std::printf("FAIL %s: %s (line %d)\n", where.c_str(), #cond, __LINE__); \
-    }                                                                                                 \
-  } while (0)
+#include "host_test.h"
 
 static std::mt19937 rng(77);
-
-struct Range {
-  long begin, end;
-};
-static bool disjoint(Range a, Range b) { return a.end <= b.begin || b.end <= a.begin; }
 
 static void check_layout(const Plan& p) {
   const SmemLayout s = gp_smem_layout(p, 2);
@@ -293,6 +272,5 @@ int main() {
   for (int v : entry_seen) EXPECT(v == 1);
   std::printf("entry flow grad_pw: bm 64, %d tiles, %d units x %d splits\n", num_tiles(entry), gp_units(entry),
               entry_splits);
-  std::printf("%d plans checked, %d failures\n", checked, failures);
-  return failures == 0 ? 0 : 1;
+  return report(checked);
 }

@@ -16,26 +16,10 @@
 //   an emulated block product equals the direct one, every accumulator has one (row, column), and
 //   every output element of the layer is stored exactly once.
 #include <cmath>
-#include <cstdio>
 #include <cstdlib>
 #include <limits>
-#include <random>
-#include <string>
-#include <vector>
 
-#include "sepconv_infer_tiling.h"
-
-using namespace xception_fast::infer;
-
-static int failures = 0;
-static std::string where;
-
-#define EXPECT(cond)                                                                   \
-  do {                                                                                 \
-    if (!(cond)) {                                                                     \
-      if (++failures <= 40) std::printf("FAIL %s: %s (line %d)\n", where.c_str(), #cond, __LINE__); \
-    }                                                                                  \
-  } while (0)
+#include "host_test.h"
 
 struct Geometry {
   int n, c, h, w, c_out, kh, kw, sh, sw, ph, pw, dh, dw;
@@ -81,11 +65,6 @@ static void check_tiles(const Plan& p) {
 }
 
 // --- shared memory ----------------------------------------------------------------------------------
-
-struct Range {
-  long begin, end;
-};
-static bool disjoint(Range a, Range b) { return a.end <= b.begin || b.end <= a.begin; }
 
 static void check_smem(const Plan& p, int eb) {
   const SmemLayout s = smem_layout(p, eb);
@@ -527,6 +506,5 @@ int main() {
   const Plan middle = make_plan(256, 728, 19, 19, 728, 3, 3, 1, 1, 1, 1, 1, 1, 128, 0);
   std::printf("middle flow, bf16, bm 128: %d tiles, %d bytes of shared memory, halo box <= %d x %d\n",
               num_tiles(middle), smem_layout(middle, 2).total, middle.halo_rows, middle.halo_cols);
-  std::printf("%d plans checked, %d failures\n", checked, failures);
-  return failures == 0 ? 0 : 1;
+  return report(checked);
 }

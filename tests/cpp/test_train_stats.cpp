@@ -16,25 +16,9 @@
 // unit-scale data, per-channel scales from 1e-2 to 1e2, and a large mean with a small spread
 // (1e4 + N(0, 1e-2)), where statistics without the pivot lose most of the variance's digits.
 #include <cmath>
-#include <cstdio>
 #include <limits>
-#include <random>
-#include <string>
-#include <vector>
 
-#include "sepconv_infer_tiling.h"
-
-using namespace xception_fast::infer;
-
-static int failures = 0;
-static std::string where;
-
-#define EXPECT(cond)                                                                                  \
-  do {                                                                                                \
-    if (!(cond)) {                                                                                    \
-      if (++failures <= 40) std::printf("FAIL %s: %s (line %d)\n", where.c_str(), #cond, __LINE__); \
-    }                                                                                                 \
-  } while (0)
+#include "host_test.h"
 
 static std::mt19937 rng(2024);
 static const float kNaN = std::numeric_limits<float>::quiet_NaN();
@@ -282,6 +266,5 @@ int main() {
         }
         ++checked;
       }
-  std::printf("%d plans checked, %d failures\n", checked, failures);
-  return failures == 0 ? 0 : 1;
+  return report(checked);
 }
