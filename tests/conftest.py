@@ -37,3 +37,11 @@ def exact_float32():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh random seed, set as torch's; tests put it in their failure messages."""
+    value = int(torch.randint(0, 2**31 - 1, ()).item())
+    torch.manual_seed(value)
+    return value

@@ -20,7 +20,7 @@ import torch
 from xception_fast import SeparableConvBN2d, backends, mid_ops, reference
 from xception_fast.spec import UnitSpec
 from xception_fast.testing import (STATISTICS_RTOL, TOLERANCES, away_from_kink, compare_runs, conformance_cases,
-                                   randomize_batchnorm_, require_provider, rounded, run_op, unit_tensors)
+                                   provider_target, randomize_batchnorm_, rounded, run_op, unit_tensors)
 
 # (cin, cout, k, stride, padding, dilation, n, h, w)
 SHAPES = {
@@ -53,16 +53,7 @@ def mid_cases() -> list[tuple[str, str]]:
 
 @pytest.fixture(params=mid_cases(), ids=lambda case: f"{case[0]}-{case[1]}")
 def target(request, monkeypatch) -> tuple[str, torch.device]:
-    name, device = request.param
-    require_provider(name, device, monkeypatch)
-    return name, torch.device(device)
-
-
-@pytest.fixture
-def seed() -> int:
-    value = int(torch.randint(0, 2**31 - 1, ()).item())
-    torch.manual_seed(value)
-    return value
+    return provider_target(request.param, monkeypatch)
 
 
 def _vectors(n: int, device, dtype, affine: bool = True):

@@ -23,7 +23,7 @@ import torch
 from xception_fast import SeparableConvBN2d, backends, ops, reference
 from xception_fast.spec import UnitSpec
 from xception_fast.testing import (STATISTICS_RTOL, away_from_kink, check_output, compare_runs, conformance_cases,
-                                   randomize_batchnorm_, require_provider, rounded, run_op, unit_tensors)
+                                   provider_target, randomize_batchnorm_, rounded, run_op, unit_tensors)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Shapes: (cin, cout, k, stride, padding, dilation, n, h, w). Channels not multiples of 16 (5, 19, 33),
@@ -60,16 +60,7 @@ CASES = [("c5to7_k3", "pre_post_res"), ("c19_s21_d12_n1", "pre_only"), ("c33to19
 @pytest.fixture(params=conformance_cases(), ids=lambda case: f"{case[0]}-{case[1]}")
 def target(request, monkeypatch) -> tuple[str, torch.device]:
     """(provider, device) of this run; skips with the reason when the provider cannot run there."""
-    name, device = request.param
-    require_provider(name, device, monkeypatch)
-    return name, torch.device(device)
-
-
-@pytest.fixture
-def seed() -> int:
-    value = int(torch.randint(0, 2**31 - 1, ()).item())
-    torch.manual_seed(value)
-    return value
+    return provider_target(request.param, monkeypatch)
 
 
 def on_gpu_only(device: torch.device, what: str) -> None:

@@ -519,18 +519,26 @@ class TwoPhase:
 def sepconv_bn_infer(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, scale: Optional[Tensor],
                      shift: Optional[Tensor], residual: Optional[Tensor], spec: UnitSpec) -> Tensor:
     """y = post(z * scale + shift) + residual, z = pw(dw(pre(x))): one kernel launch."""
+    run, y, args = infer_operands(x, dw_weight, pw_weight, scale, shift, residual, spec)
+    if run is not None:
+        _sepconv_infer_kernel[run.grid](*args, POST_RELU=spec.post_relu, HAS_RESIDUAL=residual is not None,
+                                        **run.meta(spec.pre_relu))
+    return y
+
+
+def infer_operands(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, scale: Optional[Tensor],
+                   shift: Optional[Tensor], residual: Optional[Tensor], spec: UnitSpec):
+    """(run, y, args): the output y and `_sepconv_infer_kernel`'s TwoPhase and positional arguments;
+    run and args are None when y is empty (nothing to launch)."""
     geo, x, dw, pw = _prepare(x, dw_weight, pw_weight, spec)
     y = empty_nhwc(geo.out_shape, x.dtype, x.device)
     if y.numel() == 0:
-        return y
+        return None, y, None
     scale = vector_f32(scale, geo.Cout, 1.0, x.device)
     shift = vector_f32(shift, geo.Cout, 0.0, x.device)
     res = nhwc(residual.to(x.dtype)) if residual is not None else y  # y: never read without HAS_RESIDUAL
     run = TwoPhase(geo, x, dw, pw, per_sm=2)  # its configs include one of two programs per SM
-    _sepconv_infer_kernel[run.grid](*run.args(x, scale, shift, res, y), *geo.conv_args(),
-                                    POST_RELU=spec.post_relu, HAS_RESIDUAL=residual is not None,
-                                    **run.meta(spec.pre_relu))
-    return y
+    return run, y, (*run.args(x, scale, shift, res, y), *geo.conv_args())
 
 
 def sepconv_bn_train(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bn_weight: Optional[Tensor],

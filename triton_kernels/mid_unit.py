@@ -34,7 +34,7 @@ from .autotune import INTERPRET, elementwise_configs, position_split
 from .backward import dw_input_grad
 from .depthwise_pointwise import (Geometry, TwoPhase, _depthwise_chunk, _pre_f32, _prepare,
                                   _sepconv_grad_z_kernel, _sepconv_infer_kernel, _sepconv_train_kernel, _tap_rows,
-                                  depthwise_taps)
+                                  depthwise_taps, infer_operands)
 from .mid_act import BN_BATCH, BN_BIAS, BN_NONE, mid_act, mid_act_grad, mid_input, mid_normalize
 from .utils import INLINE_ASM, channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
 
@@ -340,17 +340,11 @@ def sepconv_mid_infer(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor], p
                       scale: Optional[Tensor], shift: Optional[Tensor], residual: Optional[Tensor],
                       spec: UnitSpec) -> Tensor:
     """y = post(pw(act(dw(pre(x)) + dw_bias)) * scale + shift) + residual: one kernel launch."""
-    geo, x, dw, pw = _prepare(x, dw_weight, pw_weight, spec)
-    y = empty_nhwc(geo.out_shape, x.dtype, x.device)
-    if y.numel() == 0:
+    run, y, args = infer_operands(x, dw_weight, pw_weight, scale, shift, residual, spec)
+    if run is None:
         return y
-    scale = vector_f32(scale, geo.Cout, 1.0, x.device)
-    shift = vector_f32(shift, geo.Cout, 0.0, x.device)
-    res = nhwc(residual.to(x.dtype)) if residual is not None else y  # y: never read without HAS_RESIDUAL
-    run = TwoPhase(geo, x, dw, pw, per_sm=2)
-    mid = _mid_vectors(run.k_slot, geo.C, x.device, shift=dw_bias)
-    _sepconv_infer_kernel[run.grid](*run.args(x, scale, shift, res, y), *geo.conv_args(),
-                                    POST_RELU=spec.post_relu, HAS_RESIDUAL=residual is not None,
+    mid = _mid_vectors(run.k_slot, run.geo.C, y.device, shift=dw_bias)
+    _sepconv_infer_kernel[run.grid](*args, POST_RELU=spec.post_relu, HAS_RESIDUAL=residual is not None,
                                     **run.meta(spec.pre_relu), mid_ptr=mid,
                                     **_mid_flags(spec, BN_BIAS if dw_bias is not None else BN_NONE))
     return y

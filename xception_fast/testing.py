@@ -117,6 +117,14 @@ def require_provider(name: str, device: torch.device | str, monkeypatch=None) ->
         pytest.skip(reason)
 
 
+def provider_target(case: tuple[str, str], monkeypatch) -> tuple[str, torch.device]:
+    """(provider, device) of a `conformance_cases` case, set up by `require_provider` (which skips
+    the test with the reason when the provider cannot run there)."""
+    name, device = case
+    require_provider(name, device, monkeypatch)
+    return name, torch.device(device)
+
+
 def conformance_cases() -> list[tuple[str, str]]:
     """(provider, device) for each fused provider in the registry: on the GPU when there is one or
     when the provider has no CPU test environment (then the test skips with the reason), else on CPU

@@ -101,13 +101,7 @@ class TiledPlan:
         v = 16 // self.elem
         d_ld = self.kp + v
         region = align_up(self.bm * d_ld * self.elem, 128)
-        halo_elems = self.halo_rows * self.halo_cols * BK
-        wts = self.kh * self.kw * BK * 4
-        halo1 = align_up(region + halo_elems * self.elem, 128)
-        wts0 = align_up(halo1 + halo_elems * self.elem, 128)
-        wts1 = align_up(wts0 + wts, 128)
-        table = align_up(wts1 + wts, 128)
-        phase1 = table + self.halo_rows * self.halo_cols * 4
+        phase1 = self._phase1_offsets(region)[1]
         ring_tile = BN * (BK + v) if self.elem == 2 else BK * BN
         phase2 = region + STAGES * ring_tile * self.elem
         return align_up(max(phase1, phase2), 128) + (stats_smem_bytes(self.elem) if stats else 0)
