@@ -47,6 +47,16 @@ DW_BLOCK_P, DW_BLOCK_C = (32, 16) if INTERPRET else (16, 64)  # the weight gradi
 # --- kernels --------------------------------------------------------------------------------------------
 
 @triton.jit
+def _split_channel_block(C, BLOCK_C: tl.constexpr):
+    """(s, c0, ci) of a split-reduction program (program id = s * channel blocks + block): its split
+    s, the first channel c0 of its block and the block's channels ci."""
+    c_tiles = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    s, c0 = pid // c_tiles, (pid % c_tiles) * BLOCK_C
+    return s, c0, c0 + tl.arange(0, BLOCK_C)
+
+
+@triton.jit
 def _depthwise_stats_kernel(
     x_ptr,  # [N, H, W, C] input (channels_last)
     dwt_ptr,  # [KH * KW, K_PAD] fp32 depthwise taps, zero past C
@@ -61,10 +71,7 @@ def _depthwise_stats_kernel(
     # (the mean of the split's first tile, so that |mean| >> std costs no precision) and of their
     # squares accumulate elementwise in registers: one cross-warp reduction per program, not per tile.
     C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
-    c_tiles = tl.cdiv(C, BLOCK_C)
-    pid = tl.program_id(0)
-    s, c0 = pid // c_tiles, (pid % c_tiles) * BLOCK_C
-    ci = c0 + tl.arange(0, BLOCK_C)
+    s, c0, ci = _split_channel_block(C, BLOCK_C)
     p_begin = s * chunk
     p_end = tl.minimum(p_begin + chunk, P)
     x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p_begin, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
@@ -159,6 +166,17 @@ def _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 
 
 
 @triton.jit
+def _grad_tile(x_ptr, gd_ptr, p0, p_end, ci, c_ok, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
+               BLOCK_P: tl.constexpr):
+    """`_tap_rows` of positions [p0, p0 + BLOCK_P) (below p_end), then their grad_d tile [BLOCK_P, BLOCK_C] fp32."""
+    x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w, BLOCK_P)
+    p = p0 + tl.arange(0, BLOCK_P)
+    gd = tl.load(gd_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], mask=p_mask[:, None] & c_ok[None, :],
+                 other=0.0).to(tl.float32)
+    return x_rows, ih0, iw0, p_mask, gd
+
+
+@triton.jit
 def _put(grad_dw, taps, t: tl.constexpr, acc):
     """Row t of grad_dw [KK_PAD, BLOCK_C] = acc [BLOCK_P, BLOCK_C] summed over its rows."""
     return tl.where(taps[:, None] == t, tl.sum(acc, axis=0)[None, :], grad_dw)
@@ -179,10 +197,7 @@ def _dw_weight_grad_kernel(
     # accumulator per tap and one cross-warp reduction per tap per program; other kernels reduce each
     # tile's products (a reduction per tap per tile: 36 barriers per tile on sm_90).
     C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
-    c_tiles = tl.cdiv(C, BLOCK_C)
-    pid = tl.program_id(0)
-    s, c0 = pid // c_tiles, (pid % c_tiles) * BLOCK_C
-    ci = c0 + tl.arange(0, BLOCK_C)
+    s, c0, ci = _split_channel_block(C, BLOCK_C)
     c_ok = ci < C
     p_end = tl.minimum(s * chunk + chunk, P)
     taps = tl.arange(0, KK_PAD)
@@ -191,11 +206,8 @@ def _dw_weight_grad_kernel(
         a00 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         a01, a02, a10, a11, a12, a20, a21, a22 = a00, a00, a00, a00, a00, a00, a00, a00
         for p0 in range(s * chunk, p_end, BLOCK_P):
-            x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h,
-                                                 pad_w, BLOCK_P)
-            p = p0 + tl.arange(0, BLOCK_P)
-            gd = tl.load(gd_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], mask=p_mask[:, None] & c_ok[None, :],
-                         other=0.0).to(tl.float32)
+            x_rows, ih0, iw0, p_mask, gd = _grad_tile(x_ptr, gd_ptr, p0, p_end, ci, c_ok, H, W, C, Ho, Wo, stride_h,
+                                                      stride_w, pad_h, pad_w, BLOCK_P)
             a00 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 0, 0, PRE_RELU)
             a01 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 0, 1, PRE_RELU)
             a02 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 0, 2, PRE_RELU)
@@ -210,11 +222,8 @@ def _dw_weight_grad_kernel(
         grad_dw = _put(_put(_put(grad_dw, taps, 6, a20), taps, 7, a21), taps, 8, a22)
     else:
         for p0 in range(s * chunk, p_end, BLOCK_P):
-            x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h,
-                                                 pad_w, BLOCK_P)
-            p = p0 + tl.arange(0, BLOCK_P)
-            gd = tl.load(gd_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], mask=p_mask[:, None] & c_ok[None, :],
-                         other=0.0).to(tl.float32)
+            x_rows, ih0, iw0, p_mask, gd = _grad_tile(x_ptr, gd_ptr, p0, p_end, ci, c_ok, H, W, C, Ho, Wo, stride_h,
+                                                      stride_w, pad_h, pad_w, BLOCK_P)
             for i in tl.static_range(KH):
                 for j in tl.static_range(KW):
                     contrib = tl.sum(_tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, i,
