@@ -23,6 +23,7 @@ def main(out_dir: str) -> None:
     ddp = nn.parallel.DistributedDataParallel(model)
     ddp(x[local]).backward(grad[local])
     results["ddp_grads"] = [p.grad for p in model.parameters()]
+    del ddp  # its reducer holds the process group: released before the group is destroyed
 
     # SyncBatchNorm. PyTorch's DDP refuses SyncBatchNorm on CPU modules ("only work with GPU
     # modules"), so the gradients are averaged here as DDP would average them.
@@ -36,6 +37,9 @@ def main(out_dir: str) -> None:
     results.update(y=y.detach(), x_grad=a.grad, grads=[p.grad for p in model.parameters()],
                    buffers=[b.clone() for b in model.buffers()])
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    # Both ranks reach the end before either tears gloo down: a rank that destroys the group while its
+    # peer still has traffic in flight can abort ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
