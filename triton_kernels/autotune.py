@@ -30,6 +30,10 @@ def interpreting() -> bool:
 
 
 INTERPRET = interpreting()
+# XCEPTION_FAST_TRITON_ONE_CONFIG=1: every kernel runs the first config of its list that fits the
+# dtype and GPU, untimed. For compute-sanitizer runs, where timing each config under the tool takes
+# minutes, and for quick checks; the benchmarks and users keep the autotuner.
+ONE_CONFIG = os.environ.get("XCEPTION_FAST_TRITON_ONE_CONFIG", "0") not in ("", "0")
 
 # The interpreter's one config per kernel: blocks of 16 channels, 32 positions.
 _PINNED_P, _PINNED_C = 32, 16
@@ -39,7 +43,7 @@ SLOT_ALIGN = 64
 
 
 def _configs(gpu: list[tuple], pinned: tuple, names: tuple[str, ...]) -> list[triton.Config]:
-    rows = [pinned] if INTERPRET else gpu
+    rows = [pinned] if INTERPRET else gpu[:1] if ONE_CONFIG else gpu
     return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
 
 
@@ -70,7 +74,8 @@ def prune_two_phase(configs: list[triton.Config], element_size: int, arch: int) 
 
 def _prune_for_device(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     x = named_args["x_ptr"]
-    return prune_two_phase(configs, x.element_size(), device_arch(x.device))
+    kept = prune_two_phase(configs, x.element_size(), device_arch(x.device))
+    return kept[:1] if ONE_CONFIG else kept
 
 
 def two_phase_configs(two_per_sm: bool = False, wide: bool = True) -> dict:
