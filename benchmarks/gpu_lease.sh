@@ -21,6 +21,8 @@
 # bounds every track; tracks still running then are stopped. CHECK_UNTIL (s, default 170): when the
 # check tracks are stopped so the timed rows get a quiet GPU. ARCHS (default 90a): the extension's
 # targets (the device's own only, to halve the build). SHAPES: the timed layers' slugs.
+# XCEPTION_FAST_COMMIT: the commit of the tree sent, recorded in the results files (set it from the
+# sending machine: the device's copy of .git may be stale, and the rows run outside the checkout).
 set -u
 
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
@@ -90,7 +92,7 @@ print(torch.cuda.get_device_properties(0))"
     echo "CC=${CC:-} CXX=${CXX:-}"
     for c in "${CC:-cc}" "${CXX:-c++}" /usr/bin/gcc /usr/bin/g++; do echo "== $c"; "$c" --version 2>&1 | head -1; done
     "$PY" -c "import torch" && grep -E "libstdc|libgcc" /proc/self/maps | awk '{print $6}' | sort -u
-    git -C "$ROOT" log -1 --format='commit %H %s' 2>/dev/null || echo "commit: not a git checkout"
+    echo "commit of the tree sent: ${XCEPTION_FAST_COMMIT:-not given}"
 }
 
 build_into() {  # build_into NAME [ENV=VALUE...]: pip install --target $W/NAME from a copy of the tree
