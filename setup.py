@@ -16,6 +16,9 @@ Two things that break a CUDA build on our machines are fixed here rather than in
   link fails. `find_cuda_home` follows the wrapper and sets CUDA_HOME before torch reads it.
 - `ATen/cuda/CUDAContext.h` includes cusparse.h and cublas_v2.h, which a minimal toolkit lacks;
   the nvidia-* wheels torch depends on ship them (site-packages/nvidia/*/include).
+- A C++ compiler that links libstdc++ statically (a `g++` wrapper adding `-static-libstdc++`, seen
+  on a GPU machine through CC/CXX) gives a library that builds but breaks at its first ostream use:
+  see LINK_ARGS.
 """
 
 from __future__ import annotations
@@ -37,6 +40,17 @@ PACKAGE = "xception_fast"
 EXTENSION = f"{PACKAGE}._C"
 BUILD_INFO_FILE = "_build_info.json"
 DEFAULT_ARCHS = "80;90a"
+# The library must use the process's libstdc++.so.6 (the one torch uses), never a copy of its own.
+# With a static copy linked in, its functions run against the shared library's data: Python's
+# -Wl,-Bsymbolic-functions (Ubuntu's LDSHARED) binds the copy's functions inside our library, while
+# data symbols such as the locale facet ids resolve to the libstdc++.so.6 already loaded by torch.
+# Facets are then looked up with the other copy's indices: the first number written to an ostream
+# (build_info(), any c10::str in a TORCH_CHECK) segfaulted on the GPU machine and silently stopped the
+# stream here. An explicit -lstdc++ among our arguments comes before the driver's static one, so
+# every libstdc++ symbol resolves against libstdc++.so.6 and nothing is taken from libstdc++.a;
+# --exclude-libs,ALL keeps whatever a static archive might still add private to our library
+# (data included), should a compiler wrapper force static linking in another way.
+LINK_ARGS = ["-lstdc++", "-Wl,--exclude-libs,ALL"]
 
 
 def log(message: str) -> None:
@@ -262,6 +276,7 @@ def build_info(plan: dict) -> dict:
         "nvcc_version": plan["nvcc_version"],
         "cuda_home": plan["cuda_home"],
         "cuda_archs": plan["archs"],
+        "link_args": LINK_ARGS,
         "debug": os.environ.get("DEBUG", "0") == "1",
         "python": sys.version.split()[0],
     }
@@ -350,6 +365,7 @@ def _extensions() -> tuple[list, dict]:
         depends=depends,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=LINK_ARGS,
     )
     build_ext = _with_build_info(BuildExtension).with_options(use_ninja=True)
     return [extension], {"build_py": BuildPy, "build_ext": build_ext}
