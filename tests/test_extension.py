@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -225,6 +227,7 @@ def _fake_install(tmp_path, monkeypatch, library: bytes | None, info: dict | Non
         (tmp_path / "_build_info.json").write_text(json.dumps(info))
     monkeypatch.setattr(_extension, "_package_dir", lambda: tmp_path)
     monkeypatch.setattr(_extension, "_installed_files", lambda: [])
+    monkeypatch.setattr(_extension, "_cache_dir", lambda: tmp_path / "cache")
     monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
     return lib
 
@@ -258,6 +261,56 @@ def test_fake_broken_library_does_not_raise(fresh_status, tmp_path, monkeypatch)
     status = _extension.status()
     assert not status.loaded
     assert "failed" in status.reason
+
+
+def test_library_crashing_on_first_use_is_not_loaded(fresh_status, tmp_path, monkeypatch):
+    """A library that kills the process that loads it (as one linked with its own libstdc++ did on
+    its first call) kills the probe's child process only: not loaded, the signal in the reason."""
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        pytest.skip("needs a C compiler to build the crashing library")
+    source = tmp_path / "crash.c"
+    source.write_text("#include <signal.h>\n__attribute__((constructor)) static void crash(void) { raise(SIGSEGV); }\n")
+    lib = _fake_install(tmp_path, monkeypatch, None, {"cuda_extension": "built", "torch_version": str(torch.__version__)})
+    subprocess.run([gcc, "-shared", "-fPIC", str(source), "-o", str(lib)], check=True, timeout=120)
+    status = _extension.status()
+    assert not status.loaded and status.path == str(lib)
+    assert "failed in a child process, which was killed by SIGSEGV" in status.reason
+    assert "rebuild" in status.reason
+    assert not list((tmp_path / "cache").glob("probe-ok-*"))  # a failure is not cached
+
+
+def test_probe_passes_once_then_is_cached(fresh_status, tmp_path, monkeypatch):
+    """The built library passes the child-process probe; the next load skips the child."""
+    monkeypatch.setattr(_extension, "_cache_dir", lambda: tmp_path)
+    status = _require_extension()
+    assert len(list(tmp_path.glob("probe-ok-*"))) == 1
+    _extension.status.cache_clear()
+
+    def no_child(*args, **kwargs):
+        raise AssertionError("probed again despite a cached pass")
+
+    monkeypatch.setattr(_extension.subprocess, "run", no_child)
+    assert _extension.status().loaded and _extension.status().path == status.path
+
+
+def test_library_uses_the_shared_libstdcxx():
+    """The installed library needs libstdc++.so.6 and defines none of libstdc++'s own symbols: a
+    library with a copy of its own broke on its first ostream use (setup.py's LINK_ARGS)."""
+    status = _extension.status()
+    if status.path is None:
+        _require_extension()
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("needs readelf (binutils)")
+    dynamic = subprocess.run([readelf, "-d", status.path], capture_output=True, text=True, check=True).stdout
+    assert "[libstdc++.so.6]" in dynamic, dynamic
+    symbols = subprocess.run([readelf, "--dyn-syms", "-W", status.path], capture_output=True, text=True,
+                             check=True).stdout
+    own = [line.split()[-1] for line in symbols.splitlines()
+           if len(line.split()) >= 8 and line.split()[6] != "UND"
+           and line.split()[-1].startswith(("_ZNSt6locale", "_ZNSt8ios_base"))]
+    assert not own, f"the library defines libstdc++ symbols: {own[:5]}"
 
 
 def test_fake_no_library(fresh_status, tmp_path, monkeypatch):

@@ -14,15 +14,26 @@ Where the library is looked for, in order:
 `_build_info.json`, written by setup.py next to the library, is read before loading: a library
 built against another torch than the running one is not loaded (the C++ ABI differs and loading
 it could crash the process), and the reason says how to rebuild.
+
+Before the library is loaded here, a child process loads it and makes the first calls (build_info,
+a tensor op given CPU tensors): a library that crashes on its first call (one built by a compiler
+that linked its own libstdc++, see setup.py's LINK_ARGS) then kills the child, not this process,
+and the cuda provider is reported unavailable with the reason. A passed probe is remembered in a
+cache directory (keyed by the library file and the torch build), so it costs one child per build.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.machinery
 import importlib.metadata
 import json
+import os
+import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -35,6 +46,30 @@ BUILD_INFO_FILE = "_build_info.json"
 REBUILD = "rebuild with `pip install --no-build-isolation --no-deps .` (or `pip install .`)"
 TENSOR_OPS = ("sepconv_bn_infer", "sepconv_bn_infer_backward", "sepconv_bn_train", "bn_backward_reduce",
               "sepconv_bn_train_backward")
+
+
+PROBE_TIMEOUT_S = 300
+# Run by a child process: load the library and make the calls that first format text in it.
+PROBE = """
+import json, sys
+import torch
+torch.ops.load_library(sys.argv[1])
+ops = torch.ops.xception_fast_cuda
+info = ops.build_info()
+try:
+    json.loads(info)
+except ValueError:
+    sys.exit(f"build_info() returned malformed JSON: {info!r}")
+grad = torch.zeros(1, 2, 3, 3)
+vec = torch.zeros(2)
+try:
+    ops.bn_backward_reduce(grad, grad, vec, vec, vec, vec, True)
+except RuntimeError as exc:
+    if "must be a CUDA tensor" not in str(exc):
+        sys.exit(f"a tensor op given CPU tensors raised an unexpected error: {exc}")
+else:
+    sys.exit("a tensor op given CPU tensors did not raise")
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +155,44 @@ def _mismatch(built: str, running: str, path: Path) -> str:
     return reason
 
 
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "xception_fast"
+
+
+def _probe_marker(library: Path) -> Path:
+    stat = library.stat()
+    key = f"{library.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{torch.__version__}|{torch.__file__}"
+    return _cache_dir() / f"probe-ok-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
+
+
+def _probe(library: Path) -> Optional[str]:
+    """None when a child process loaded the library and its first calls worked (or did so before,
+    per the cache); otherwise why not."""
+    marker = _probe_marker(library)
+    if marker.is_file():
+        return None
+    try:
+        done = subprocess.run([sys.executable, "-c", PROBE, str(library)], capture_output=True, text=True,
+                              timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"a child process that loaded {library} did not finish in {PROBE_TIMEOUT_S} s"
+    if done.returncode != 0:
+        if done.returncode < 0:
+            how = f"was killed by {signal.Signals(-done.returncode).name}"
+        else:
+            how = f"exited with status {done.returncode}"
+        tail = done.stderr.strip()[-800:] or "no output"
+        return (f"the first calls into {library} failed in a child process, which {how} ({tail}); a library "
+                f"linked with its own copy of libstdc++ does this: {REBUILD}")
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{library}\n")
+    except OSError:
+        pass  # no writable cache: probe again next time
+    return None
+
+
 def _load() -> ExtensionStatus:
     library, info_path = _locate()
     info = _read_build_info(info_path)
@@ -143,6 +216,9 @@ def _load() -> ExtensionStatus:
     built_against = info.get("torch_version")
     if built_against and str(built_against) != running:
         return ExtensionStatus(False, _mismatch(str(built_against), running, library), path, info)
+    failed = _probe(library)
+    if failed is not None:
+        return ExtensionStatus(False, failed, path, info)
     try:
         torch.ops.load_library(str(library))
     except Exception as exc:  # noqa: BLE001 (OSError, RuntimeError: any failure is a reason, not a crash)
