@@ -177,6 +177,8 @@ def _probe(library: Path) -> Optional[str]:
                               timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return f"a child process that loaded {library} did not finish in {PROBE_TIMEOUT_S} s"
+    except OSError:
+        return None  # no interpreter to start (an embedded Python): load it here, unprobed
     if done.returncode != 0:
         if done.returncode < 0:
             how = f"was killed by {signal.Signals(-done.returncode).name}"
