@@ -180,10 +180,12 @@ def _probe(library: Path) -> Optional[str]:
     except OSError:
         return None  # no interpreter to start (an embedded Python): load it here, unprobed
     if done.returncode != 0:
+        how = f"exited with status {done.returncode}"
         if done.returncode < 0:
-            how = f"was killed by {signal.Signals(-done.returncode).name}"
-        else:
-            how = f"exited with status {done.returncode}"
+            try:
+                how = f"was killed by {signal.Signals(-done.returncode).name}"
+            except ValueError:
+                how = f"was killed by signal {-done.returncode}"
         tail = done.stderr.strip()[-800:] or "no output"
         return (f"the first calls into {library} failed in a child process, which {how} ({tail}); a library "
                 f"linked with its own copy of libstdc++ does this: {REBUILD}")
