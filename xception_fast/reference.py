@@ -7,6 +7,14 @@ Low-precision inputs are rounded where the unfused modules would store them: the
 pointwise outputs in the input dtype, the normalised output computed in float32 and stored in the
 input dtype, the residual added in the input dtype.
 
+The BatchNorm steps run two ways that compute the same function (see `aten_batchnorm`): on CUDA
+tensors of float16/bfloat16/float32, aten's own BatchNorm kernels, those `F.batch_norm` and
+`SyncBatchNorm` run (one pass each, reading the input dtype, computing in float32); elsewhere (the
+CPU, float64) elementwise ops in the accumulation dtype. They differ by float32 rounding only
+(association, a possible fused multiply-add), and in two places the kernels' form decides: the
+post-ReLU's backward mask is taken on the stored (rounded) BatchNorm output, as the unfused ReLU
+takes it, and a zero may come out as +0 where the composed form gives -0.
+
 Every function takes the unit's `UnitSpec` (xception_fast.spec) but `bn_backward_reduce`, which
 needs only its post-ReLU flag. Shapes: x [N, C, H, W], dw_weight [C, 1, kh, kw], pw_weight
 [Cout, C, 1, 1], per-channel vectors [Cout], residual / grad_y / z [N, Cout, Ho, Wo]. Outputs are
@@ -122,12 +130,101 @@ def _empty_vector(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
+# --- BatchNorm steps on aten's CUDA kernels ----------------------------------------------------------
+# torch.ops.aten's SyncBatchNorm kernels (batch_norm_update_stats, batch_norm_elemt,
+# batch_norm_backward_reduce, batch_norm_backward_elemt) have CUDA implementations only. Each is one
+# pass over the activation in its own dtype with float32 statistics, where the composed form below
+# makes float32 copies of it (28-86 bytes per element against 2-6 in bfloat16: benchmarks/NOTES.md).
+_ATEN = torch.ops.aten
+_ATEN_BN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def aten_batchnorm(t: Tensor) -> bool:
+    """Whether the BatchNorm steps on `t` (z, or the depthwise output d) run aten's CUDA kernels."""
+    return t.device.type == "cuda" and t.dtype in _ATEN_BN_DTYPES and t.numel() > 0
+
+
+def _stat_vector(v: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    # The kernels read per-channel vectors as contiguous float32 (or all in the input dtype).
+    return None if v is None else v.to(accumulation_dtype(like.dtype)).contiguous()
+
+
+def _bn_elemt(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor) -> Tensor:
+    """aten: weight * (z - mean) * invstd + bias in float32, stored in z's dtype, channels-last."""
+    v = [_stat_vector(t, z) for t in (weight, bias, mean, invstd)]
+    return _ATEN.batch_norm_elemt(to_channels_last(z), *v, 0.0)
+
+
+def _scale_shift_stored(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor]) -> Tensor:
+    """aten: z * scale + shift in float32, stored in z's dtype (z itself when both are absent). With
+    mean 0 and invstd 1 the kernel's rounding is the composed form's: w * (z - 0) * 1 + b rounds once
+    for the product and once for the sum."""
+    if scale is None and shift is None:
+        return z
+    acc = accumulation_dtype(z.dtype)
+    zero = torch.zeros(z.shape[1], dtype=acc, device=z.device)
+    return _bn_elemt(z, scale, shift, zero, torch.ones_like(zero))
+
+
+def _epilogue(y: Tensor, residual: Optional[Tensor], post_relu: bool) -> Tensor:
+    """post(y) + residual in y's dtype, in place: y is a temporary of the caller's."""
+    if post_relu:
+        y = y.relu_()
+    if residual is not None:
+        y = y.add_(residual)
+    return to_channels_last(y)
+
+
+def _stored_grad(grad_y: Tensor, y: Optional[Tensor], like: Tensor) -> Tensor:
+    """grad_y in `like`'s dtype and channels-last, zero where the stored BatchNorm output y (if given:
+    the post-ReLU's input) is not > 0 (NaN included, as the composed mask)."""
+    g = to_channels_last(grad_y.to(like.dtype))
+    return g if y is None else to_channels_last(torch.where(y > 0, g, 0))
+
+
+def _bn_sums(g: Tensor, z: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """aten: (sum g, sum g * (z - mean)) per channel in float32; g and z channels-last."""
+    v = _stat_vector(mean, z)
+    sum_dy, sum_dy_xmu, _, _ = _ATEN.batch_norm_backward_reduce(g, to_channels_last(z), v, torch.ones_like(v), None,
+                                                              True, False, False)
+    return sum_dy, sum_dy_xmu
+
+
+def _folded_bn_backward(grad_y: Tensor, z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                        post_relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_z in z's dtype, grad_scale, grad_shift) of y = post(z * scale + shift); absent scale/shift
+    give empty gradients."""
+    if aten_batchnorm(z):
+        y = _scale_shift_stored(z, scale, shift) if post_relu else None
+        g = _stored_grad(grad_y, y, z)
+        grad_scale, grad_shift = _empty_vector(z), _empty_vector(z)
+        if scale is not None or shift is not None:
+            sum_g, sum_gz = _bn_sums(g, z, torch.zeros(z.shape[1], dtype=accumulation_dtype(z.dtype), device=z.device))
+            grad_scale = sum_gz.to(scale.dtype) if scale is not None else grad_scale
+            grad_shift = sum_g.to(shift.dtype) if shift is not None else grad_shift
+        grad_z = _scale_shift_stored(g, scale, None)
+        return grad_z, grad_scale, grad_shift
+    g = _relu_mask(grad_y, _affine(z, scale, shift), post_relu)
+    acc = g.dtype
+    grad_scale = (g * z.to(acc)).sum(_CHANNEL_DIMS).to(scale.dtype) if scale is not None else _empty_vector(z)
+    grad_shift = g.sum(_CHANNEL_DIMS).to(shift.dtype) if shift is not None else _empty_vector(z)
+    grad_z = (g * _per_channel(scale, acc) if scale is not None else g).to(z.dtype)
+    return grad_z, grad_scale, grad_shift
+
+
+def _scale_shift_act(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], residual: Optional[Tensor],
+                     post_relu: bool) -> Tensor:
+    """post(z * scale + shift) + residual, stored in z's dtype; z is the caller's temporary."""
+    if aten_batchnorm(z):
+        return _epilogue(_scale_shift_stored(z, scale, shift), residual, post_relu)
+    return _finish(_affine(z, scale, shift), z.dtype, residual, post_relu)
+
+
 def sepconv_bn_infer(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, scale: Optional[Tensor],
                      shift: Optional[Tensor], residual: Optional[Tensor], spec: UnitSpec) -> Tensor:
     """y = post(z * scale + shift) + residual, z = pw(dw(pre(x))): BatchNorm folded (inference)."""
     _, d = _depthwise(x, dw_weight, spec)
-    z = F.conv2d(d, pw_weight)
-    return _finish(_affine(z, scale, shift), x.dtype, residual, spec.post_relu)
+    return _scale_shift_act(F.conv2d(d, pw_weight), scale, shift, residual, spec.post_relu)
 
 
 def sepconv_bn_infer_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, pw_weight: Tensor,
@@ -136,12 +233,8 @@ def sepconv_bn_infer_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, pw_w
     """(grad_x, grad_dw_weight, grad_pw_weight, grad_scale, grad_shift); absent scale/shift give
     empty gradients. The forward is recomputed: nothing but x is saved."""
     _, d = _depthwise(x, dw_weight, spec)
-    z = F.conv2d(d, pw_weight)
-    g = _relu_mask(grad_y, _affine(z, scale, shift), spec.post_relu)
-    acc = g.dtype
-    grad_scale = (g * z.to(acc)).sum(_CHANNEL_DIMS).to(scale.dtype) if scale is not None else _empty_vector(x)
-    grad_shift = g.sum(_CHANNEL_DIMS).to(shift.dtype) if shift is not None else _empty_vector(x)
-    grad_z = (g * _per_channel(scale, acc) if scale is not None else g).to(x.dtype)
+    grad_z, grad_scale, grad_shift = _folded_bn_backward(grad_y, F.conv2d(d, pw_weight), scale, shift,
+                                                         spec.post_relu)
     grad_x, grad_dw, grad_pw = _backward_convs(grad_z, x, dw_weight, pw_weight, spec)
     return grad_x, grad_dw, grad_pw, grad_scale, grad_shift
 
@@ -169,14 +262,27 @@ def sepconv_bn_train(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bn_weight:
 def bn_act(z: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
            residual: Optional[Tensor], post_relu: bool) -> Tensor:
     """y = post(((z - mean) * invstd) * bn_weight + bn_bias) + residual: the normalisation step."""
+    if aten_batchnorm(z):
+        return _epilogue(_bn_elemt(z, bn_weight, bn_bias, mean, invstd), residual, post_relu)
     _, y = _normalize(z, mean, invstd, bn_weight, bn_bias)
     return _finish(y, z.dtype, residual, post_relu)
+
+
+def _bn_transform(t: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """((t - mean) * invstd) * weight + bias computed in float32, stored in t's dtype."""
+    if aten_batchnorm(t):
+        return _bn_elemt(t, weight, bias, mean, invstd)
+    return _normalize(t, mean, invstd, weight, bias)[1].to(t.dtype)
 
 
 def bn_backward_reduce(grad_y: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
                        bn_bias: Optional[Tensor], post_relu: bool) -> tuple[Tensor, Tensor]:
     """(sum_dy, sum_dy_xhat) per channel in the accumulation dtype, dy masked by the post-ReLU.
     These are the BatchNorm bias and weight gradients."""
+    if aten_batchnorm(z):
+        y = _bn_elemt(z, bn_weight, bn_bias, mean, invstd) if post_relu else None
+        sum_dy, sum_dy_xmu = _bn_sums(_stored_grad(grad_y, y, z), z, mean)
+        return sum_dy, sum_dy_xmu * _stat_vector(invstd, z)
     xhat, y = _normalize(z, mean, invstd, bn_weight, bn_bias)
     g = _relu_mask(grad_y, y, post_relu)
     return g.sum(_CHANNEL_DIMS), (g * xhat).sum(_CHANNEL_DIMS)
@@ -188,12 +294,37 @@ def sepconv_bn_train_backward(grad_y: Tensor, x: Tensor, z: Tensor, dw_weight: T
     """(grad_x, grad_dw_weight, grad_pw_weight). mean_dy and mean_dy_xhat are the reductions of
     `bn_backward_reduce` divided by the number of values per channel (all ranks' under SyncBN)."""
     grad_z = _bn_input_grad(grad_y, z, mean, invstd, bn_weight, bn_bias, mean_dy, mean_dy_xhat, spec.post_relu)
-    return _backward_convs(grad_z.to(x.dtype), x, dw_weight, pw_weight, spec)
+    return _backward_convs(grad_z, x, dw_weight, pw_weight, spec)
 
 
 def _bn_input_grad(grad_y: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
                    bn_bias: Optional[Tensor], mean_dy: Tensor, mean_dy_xhat: Tensor, post_relu: bool) -> Tensor:
-    """The gradient of a batch-statistics BatchNorm's input z (accumulation dtype), dy masked by the post-ReLU."""
+    """The gradient of a batch-statistics BatchNorm's input z, stored in z's dtype, dy masked by the
+    post-ReLU."""
+    if not aten_batchnorm(z):
+        return _bn_input_grad_composed(grad_y, z, mean, invstd, bn_weight, bn_bias, mean_dy, mean_dy_xhat,
+                                       post_relu).to(z.dtype)
+    y = _bn_elemt(z, bn_weight, bn_bias, mean, invstd) if post_relu else None
+    return _bn_backward_elemt(_stored_grad(grad_y, y, z), z, mean, invstd, bn_weight, mean_dy, mean_dy_xhat)
+
+
+def _bn_backward_elemt(g: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], mean_dy: Tensor,
+                       mean_dy_xhat: Tensor) -> Tensor:
+    """aten: (g - mean_dy - x_hat * mean_dy_xhat) * invstd * weight in float32, stored in z's dtype;
+    g channels-last in z's dtype."""
+    inv, m_dy_xhat = _stat_vector(invstd, z), _stat_vector(mean_dy_xhat, z)
+    # The kernel takes mean(dy * (z - mean)) = mean(dy * x_hat) / invstd; with invstd 0 that term is 0
+    # (NaN stays NaN), as x_hat's is in the composed form.
+    m_dy_xmu = torch.where(inv != 0, m_dy_xhat / inv, m_dy_xhat * 0)
+    count = torch.ones(1, dtype=torch.int32, device=z.device)  # the means are already per value
+    return _ATEN.batch_norm_backward_elemt(g, to_channels_last(z), _stat_vector(mean, z), inv,
+                                           _stat_vector(weight, z), _stat_vector(mean_dy, z), m_dy_xmu, count)
+
+
+def _bn_input_grad_composed(grad_y: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
+                            bn_bias: Optional[Tensor], mean_dy: Tensor, mean_dy_xhat: Tensor,
+                            post_relu: bool) -> Tensor:
+    """`_bn_input_grad` in the accumulation dtype, composed from elementwise ops."""
     xhat, y = _normalize(z, mean, invstd, bn_weight, bn_bias)
     g = _relu_mask(grad_y, y, post_relu)
     acc = g.dtype
@@ -233,6 +364,8 @@ def _batch_stats(t: Tensor) -> tuple[Tensor, Tensor]:
     if t.numel() == 0:
         return (torch.zeros(t.shape[1], dtype=acc, device=t.device),
                 torch.ones(t.shape[1], dtype=acc, device=t.device))
+    if aten_batchnorm(t):  # one Welford pass, float32 (the kernel F.batch_norm's training runs)
+        return _ATEN.batch_norm_update_stats(t, None, None, 0.0)
     var, mean = torch.var_mean(t.to(acc), dim=_CHANNEL_DIMS, correction=0)
     return mean, var
 
@@ -249,7 +382,7 @@ def _mid_infer_forward(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor], 
 def _mid_bn_act(d: Tensor, mid_mean: Tensor, mid_invstd: Tensor, mid_weight: Optional[Tensor],
                 mid_bias: Optional[Tensor], spec: UnitSpec) -> tuple[Tensor, Tensor]:
     """(u = midBN(d), a = act(u)) for the depthwise output d, with the given batch statistics."""
-    u = _normalize(d, mid_mean, mid_invstd, mid_weight, mid_bias)[1].to(d.dtype) if spec.mid_norm else d
+    u = _bn_transform(d, mid_mean, mid_invstd, mid_weight, mid_bias) if spec.mid_norm else d
     return u, MID_FUNCTIONS[spec.mid_act](u)
 
 
@@ -258,7 +391,7 @@ def sepconv_mid_infer(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor], p
                       spec: UnitSpec) -> Tensor:
     """y = post(pw(act(dw(pre(x)) + dw_bias)) * scale + shift) + residual: both BatchNorms folded."""
     z = _mid_infer_forward(x, dw_weight, dw_bias, pw_weight, spec)[3]
-    return _finish(_affine(z, scale, shift), x.dtype, residual, spec.post_relu)
+    return _scale_shift_act(z, scale, shift, residual, spec.post_relu)
 
 
 def sepconv_mid_infer_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor],
@@ -267,11 +400,7 @@ def sepconv_mid_infer_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, dw_
     """(grad_x, grad_dw_weight, grad_dw_bias, grad_pw_weight, grad_scale, grad_shift); absent optional
     inputs give empty gradients. The forward is recomputed from x."""
     xr, u, a, z = _mid_infer_forward(x, dw_weight, dw_bias, pw_weight, spec)
-    g = _relu_mask(grad_y, _affine(z, scale, shift), spec.post_relu)
-    acc = g.dtype
-    grad_scale = (g * z.to(acc)).sum(_CHANNEL_DIMS).to(scale.dtype) if scale is not None else _empty_vector(x)
-    grad_shift = g.sum(_CHANNEL_DIMS).to(shift.dtype) if shift is not None else _empty_vector(x)
-    grad_z = (g * _per_channel(scale, acc) if scale is not None else g).to(x.dtype)
+    grad_z, grad_scale, grad_shift = _folded_bn_backward(grad_y, z, scale, shift, spec.post_relu)
     grad_a, grad_pw = _pw_backward(grad_z, a, pw_weight)
     grad_u = _mid_act_backward(grad_a, u, spec.mid_act)
     grad_dw_bias = grad_u.sum(_CHANNEL_DIMS).to(dw_bias.dtype) if dw_bias is not None else _empty_vector(x)
@@ -306,10 +435,20 @@ def sepconv_mid_train_backward(grad_y: Tensor, x: Tensor, z: Tensor, dw_weight: 
     grad_z = _bn_input_grad(grad_y, z, mean, invstd, bn_weight, bn_bias, mean_dy, mean_dy_xhat, spec.post_relu)
     xr, d = _depthwise(x, dw_weight, spec)
     u, a = _mid_bn_act(d, mid_mean, mid_invstd, mid_weight, mid_bias, spec)
-    grad_a, grad_pw = _pw_backward(grad_z.to(x.dtype), a, pw_weight)
+    grad_a, grad_pw = _pw_backward(grad_z, a, pw_weight)
     grad_u = _mid_act_backward(grad_a, u, spec.mid_act)
     grad_mid_weight, grad_mid_bias = _empty_vector(x), _empty_vector(x)
-    if spec.mid_norm:
+    if spec.mid_norm and aten_batchnorm(d):
+        g = to_channels_last(grad_u)
+        count = d.numel() // d.shape[1]
+        sum_g, sum_g_dmu = _bn_sums(g, d, mid_mean)
+        sum_g_dhat = sum_g_dmu * _stat_vector(mid_invstd, d)
+        grad_u = _bn_backward_elemt(g, d, mid_mean, mid_invstd, mid_weight, sum_g / count, sum_g_dhat / count)
+        if mid_weight is not None:
+            grad_mid_weight = sum_g_dhat.to(mid_weight.dtype)
+        if mid_bias is not None:
+            grad_mid_bias = sum_g.to(mid_bias.dtype)
+    elif spec.mid_norm:
         acc = accumulation_dtype(x.dtype)
         g, dhat = grad_u.to(acc), _normalize(d, mid_mean, mid_invstd, None, None)[0]
         sum_g, sum_g_dhat = g.sum(_CHANNEL_DIMS), (g * dhat).sum(_CHANNEL_DIMS)
