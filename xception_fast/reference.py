@@ -145,7 +145,8 @@ def aten_batchnorm(t: Tensor) -> bool:
 
 
 def _stat_vector(v: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
-    # The kernels read per-channel vectors as contiguous float32 (or all in the input dtype).
+    # The kernels read the statistics as contiguous float32 (the accumulation dtype) and the affine
+    # parameters in it too once they differ from the input's dtype: all go in that dtype.
     return None if v is None else v.to(accumulation_dtype(like.dtype)).contiguous()
 
 
