@@ -16,12 +16,14 @@ folded inference output bit for bit (its rounding is the same by construction).
 
 from __future__ import annotations
 
+import inspect
+import types
 from dataclasses import replace
 
 import pytest
 import torch
 
-from xception_fast import reference
+from xception_fast import reference, verify
 from xception_fast.spec import UnitSpec
 from xception_fast.testing import away_from_kink, check_output, rounded, unit_tensors
 
@@ -258,3 +260,15 @@ def test_cpu_and_float64_stay_composed():
             assert reference.aten_batchnorm(torch.zeros(1, 2, 3, 3, dtype=dtype, device="cuda"))
         assert not reference.aten_batchnorm(torch.zeros(1, 2, 3, 3, dtype=torch.float64, device="cuda"))
         assert not reference.aten_batchnorm(torch.zeros(0, 2, 3, 3, device="cuda"))
+
+
+def test_the_self_check_baseline_is_the_composed_form():
+    # verify.py computes the reference's own error (half a fused provider's allowance) inside
+    # composed_batchnorm(): the code the CPU tests run, not the aten path only a GPU exercises.
+    cuda_bf16 = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, numel=lambda: 8)
+    assert reference.aten_batchnorm(cuda_bf16)
+    with reference.composed_batchnorm():
+        assert not reference.aten_batchnorm(cuda_bf16)
+    assert reference.aten_batchnorm(cuda_bf16)
+    source = inspect.getsource(verify._check_op)
+    assert "with reference.composed_batchnorm():" in source
