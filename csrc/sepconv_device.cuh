@@ -496,42 +496,41 @@ struct ArrayCounts {
   __device__ int64_t operator()(int64_t t) const { return counts[t]; }
 };
 
-// One pass over n partials (merge order: sepconv_stats_merge.h). Block: 32 channels x 8 lanes; grid:
-// merge_groups(n) x col_blocks blocks, the channel blocks of one group adjacent (they read the same
-// rows of partials). kFinal: n <= kMergeGroup, one group, the statistics written.
-template <class Counts, bool kFinal>
+// One pass over n partials (merge order: sepconv_stats_merge.h). Block: 32 channels x 8 lanes, one
+// group of 32 channels at a time; grid: col_blocks x (groups, or as many as a grid holds), the channel
+// blocks of one group adjacent (they read the same rows of partials), striding over the groups. kFinal:
+// n <= kMergeGroup: one group (all of its leaves empty when n == 0: mean 0, var 1), the statistics written.
+template <bool kFinal, class Counts>
 __global__ void __launch_bounds__(kRedCols* kRedLanes)
     bn_stats_merge_kernel(const float* __restrict__ partial, int64_t n, Counts counts, int64_t c_out,
                           unsigned int col_blocks, float eps, MergeOut out) {
-  using infer::merge_offset;
   using infer::Moments;
   static_assert(infer::kMergeLanes == kRedLanes, "one lane of the merge per row of the block");
   __shared__ Moments lane_moments[kRedLanes][kRedCols];
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const unsigned int g = blockIdx.x / col_blocks;
-  const int64_t co = static_cast<int64_t>(blockIdx.x - g * col_blocks) * kRedCols + tx;
-  Moments lane{0, 0.f, 0.f, 0.f};
-  if (co < c_out) {
-    const auto load = [&](int64_t t) {
-      return Moments{counts(t), partial[merge_offset(t, 0, c_out, co)], partial[merge_offset(t, 1, c_out, co)],
-                     partial[merge_offset(t, 2, c_out, co)]};
-    };
-    lane = infer::merge_lane(load, n, g, ty);
-  }
-  lane_moments[ty][tx] = lane;
-  __syncthreads();
-  if (ty != 0 || co >= c_out) return;
-  Moments lanes[kRedLanes];
+  const int64_t co = static_cast<int64_t>(blockIdx.x % col_blocks) * kRedCols + tx;
+  const int64_t groups = kFinal ? 1 : infer::merge_groups(n);
+  const auto value = [=](int64_t t, int k) { return partial[infer::merge_offset(t, k, c_out, co)]; };
+  for (int64_t g = blockIdx.x / col_blocks; g < groups; g += gridDim.x / col_blocks) {
+    Moments lane{0, 0.f, 0.f, 0.f};
+    if (co < c_out) lane = infer::merge_lane(counts, value, n, g, ty);
+    lane_moments[ty][tx] = lane;
+    __syncthreads();
+    if (ty == 0 && co < c_out) {
+      Moments lanes[kRedLanes];
 #pragma unroll
-  for (int l = 0; l < kRedLanes; ++l) lanes[l] = lane_moments[l][tx];
-  infer::merge_tree(lanes);
-  if constexpr (kFinal) {
-    infer::finalize_moments(lanes[0], eps, out.mean[co], out.var[co], out.invstd[co]);
-  } else {
-    out.partial[merge_offset(g, 0, c_out, co)] = lanes[0].pivot;
-    out.partial[merge_offset(g, 1, c_out, co)] = lanes[0].mu;
-    out.partial[merge_offset(g, 2, c_out, co)] = lanes[0].m2;
-    if (co == 0) out.counts[g] = lanes[0].count;
+      for (int l = 0; l < kRedLanes; ++l) lanes[l] = lane_moments[l][tx];
+      infer::merge_tree(lanes);
+      if constexpr (kFinal) {
+        infer::finalize_moments(lanes[0], eps, out.mean[co], out.var[co], out.invstd[co]);
+      } else {
+        out.partial[infer::merge_offset(g, 0, c_out, co)] = lanes[0].pivot;
+        out.partial[infer::merge_offset(g, 1, c_out, co)] = lanes[0].mu;
+        out.partial[infer::merge_offset(g, 2, c_out, co)] = lanes[0].m2;
+        if (co == 0) out.counts[g] = lanes[0].count;
+      }
+    }
+    __syncthreads();  // lane_moments is rewritten for the next group
   }
 }
 
@@ -554,18 +553,20 @@ template <class Counts>
 cudaError_t launch_bn_stats_merge(const float* partial, int64_t n, Counts counts, int64_t c_out, float eps,
                                   MergeScratch scratch, float* mean, float* var, float* invstd, cudaStream_t stream) {
   const int64_t col_blocks = ceil_div(c_out, kRedCols);
-  const int64_t groups = infer::merge_is_final(n) ? 1 : infer::merge_groups(n);
-  if (!fits_grid_x(groups * col_blocks)) return cudaErrorInvalidConfiguration;
-  const unsigned int grid = static_cast<unsigned int>(groups * col_blocks);
+  const int64_t max_grid = 0x7fffffff;
+  if (col_blocks > max_grid) return cudaErrorInvalidConfiguration;
+  const bool final = infer::merge_is_final(n);
+  const int64_t groups = final ? 1 : infer::merge_groups(n);
+  const int64_t grid = (groups < max_grid / col_blocks ? groups : max_grid / col_blocks) * col_blocks;
   const dim3 block(kRedCols, kRedLanes);
-  if (infer::merge_is_final(n)) {
-    bn_stats_merge_kernel<Counts, true><<<grid, block, 0, stream>>>(
-        partial, n, counts, c_out, static_cast<unsigned int>(col_blocks), eps, MergeOut{nullptr, nullptr, mean, var, invstd});
+  const unsigned int cb = static_cast<unsigned int>(col_blocks);
+  if (final) {
+    bn_stats_merge_kernel<true, Counts><<<static_cast<unsigned int>(grid), block, 0, stream>>>(
+        partial, n, counts, c_out, cb, eps, MergeOut{nullptr, nullptr, mean, var, invstd});
     return cudaGetLastError();
   }
-  bn_stats_merge_kernel<Counts, false><<<grid, block, 0, stream>>>(
-      partial, n, counts, c_out, static_cast<unsigned int>(col_blocks), eps,
-      MergeOut{scratch.partial, scratch.counts, nullptr, nullptr, nullptr});
+  bn_stats_merge_kernel<false, Counts><<<static_cast<unsigned int>(grid), block, 0, stream>>>(
+      partial, n, counts, c_out, cb, eps, MergeOut{scratch.partial, scratch.counts, nullptr, nullptr, nullptr});
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const MergeScratch rest{scratch.partial + groups * 3 * c_out, scratch.counts + groups};

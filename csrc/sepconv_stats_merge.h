@@ -63,15 +63,25 @@ XF_HD void merge_tree(Moments (&m)[kN]) {
   }
 }
 
-// Lane `lane`'s share of group g over n partials: its leaves (load(t) gives partial t's Moments; leaves
-// past n are empty and not loaded), merged as a tree.
-template <class Load>
-XF_HD Moments merge_lane(const Load& load, int64_t n, int64_t g, int lane) {
+// Lane `lane`'s share of group g over n partials, merged as a tree: partial t holds count(t) values,
+// its moments k = 0 pivot, 1 mu, 2 M2 are value(t, k); leaves past n are empty and not read. The counts
+// come first, in a loop of their own: a kernel then keeps one copy of the loads and merges whatever
+// branches count() takes.
+template <class Count, class Value>
+XF_HD Moments merge_lane(const Count& count, const Value& value, int64_t n, int64_t g, int lane) {
   Moments m[kMergeLeaves];
   XF_UNROLL
   for (int i = 0; i < kMergeLeaves; ++i) {
     const int64_t t = merge_leaf(g, lane, i);
-    m[i] = t < n ? load(t) : Moments{0, 0.f, 0.f, 0.f};
+    m[i].count = t < n ? count(t) : 0;
+  }
+  XF_UNROLL
+  for (int i = 0; i < kMergeLeaves; ++i) {
+    const int64_t t = merge_leaf(g, lane, i);
+    const bool live = t < n;
+    m[i].pivot = live ? value(t, 0) : 0.f;
+    m[i].mu = live ? value(t, 1) : 0.f;
+    m[i].m2 = live ? value(t, 2) : 0.f;
   }
   merge_tree(m);
   return m[0];

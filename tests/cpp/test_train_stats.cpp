@@ -144,8 +144,9 @@ static void level1_ffma(const Plan& p, const TileRange& t, int nt, Z&& zt, std::
 // Level 3 as bn_stats_merge_kernel's passes run it (launch_bn_stats_merge, sepconv_device.cuh): over
 // n partials `partial` [n][3][c_out] with counts count(t), each pass's blocks (group g, channel co)
 // emulated lane by lane with the header's functions, the passes' outputs in one scratch area of
-// merge_scratch_partials(n) partials, pass after pass. Checked: every partial read once per channel in
-// each pass, every scratch slot (moments and counts) written once, the scratch used to its end.
+// merge_scratch_partials(n) partials, pass after pass. Checked: every partial's three moments read once
+// per channel in each pass, every scratch slot (moments and counts) written once, the scratch used to
+// its end.
 // Returns the final pass's moments per channel (what finalize_moments turns into the statistics).
 static std::vector<Moments> merge_passes(const std::vector<float>& partial, int64_t n,
                                          std::function<int64_t(int64_t)> count, int c_out) {
@@ -163,14 +164,13 @@ static std::vector<Moments> merge_passes(const std::vector<float>& partial, int6
     std::vector<int> reads(static_cast<size_t>(n) * c_out, 0);
     for (int64_t g = 0; g < groups; ++g)
       for (int co = 0; co < c_out; ++co) {
-        auto load = [&](int64_t t) {
-          EXPECT(t >= 0 && t < n);
+        auto value = [&](int64_t t, int k) {
+          EXPECT(t >= 0 && t < n && k >= 0 && k < 3);
           reads[t * c_out + co]++;
-          return Moments{count(t), src[merge_offset(t, 0, c_out, co)], src[merge_offset(t, 1, c_out, co)],
-                         src[merge_offset(t, 2, c_out, co)]};
+          return src[merge_offset(t, k, c_out, co)];
         };
         Moments lanes[kMergeLanes];
-        for (int l = 0; l < kMergeLanes; ++l) lanes[l] = merge_lane(load, n, g, l);
+        for (int l = 0; l < kMergeLanes; ++l) lanes[l] = merge_lane(count, value, n, g, l);
         merge_tree(lanes);
         if (final) {
           result[co] = lanes[0];
@@ -189,7 +189,7 @@ static std::vector<Moments> merge_passes(const std::vector<float>& partial, int6
           count_writes[out + g]++;
         }
       }
-    for (int r : reads) EXPECT(r == 1);
+    for (int r : reads) EXPECT(r == 3);  // pivot, mu and M2 of each partial, once
     if (final) break;
     src = scratch.data() + out * 3 * c_out;
     count = [&scratch_counts, out](int64_t t) { return scratch_counts[out + t]; };
@@ -257,9 +257,8 @@ static void check_stats(const Plan& p, int eb, Dist dist) {
   for (int t = 0; t < tiles; ++t)
     for (int k = 0; k < 3; ++k)
       for (int co = 0; co < p.c_out; ++co) EXPECT(stats_partial_offset(p, t, k, co) == merge_offset(t, k, p.c_out, co));
-  const std::vector<Moments> merged =
-      merge_passes(partial, tiles, [&](int64_t t) { return static_cast<int64_t>(tile_range(p, static_cast<int>(t)).count); },
-                   p.c_out);
+  const auto tile_count = [&](int64_t t) { return static_cast<int64_t>(tile_range(p, static_cast<int>(t)).count); };
+  const std::vector<Moments> merged = merge_passes(partial, tiles, tile_count, p.c_out);
   for (int co = 0; co < p.c_out; ++co) {
     const Moments acc = merged[co];
     EXPECT(acc.count == positions);
