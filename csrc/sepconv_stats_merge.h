@@ -8,12 +8,12 @@
 // each waiting for its loads: 3.3 ms on an H200, for 66 MB of partials.
 //
 // The order. A pass turns n partials into ceil(n / kMergeGroup): group g (partials 64 g .. 64 g + 63)
-// of 32 channels is one 32 x 8 block; lane l loads its 8 leaves 64 g + 8 l .. + 7 (all loads in
-// flight at once) and merges them as a binary tree (merge_tree), then lane 0 merges the 8 lane results
-// as a binary tree. So a group is a perfect binary tree of 64 leaves, the leaves past n empty (an empty
-// side changes nothing). Passes repeat while more than kMergeGroup partials remain; the last pass (one
-// group) finalises mean, var and invstd. The order depends on n alone (no atomics, the same result on
-// every GPU), and the rounding error of a tree grows with its depth (log2 n) rather than with n.
+// of 32 channels is one iteration of a 32 x 8 block; lane l loads its 8 leaves 64 g + 8 l .. + 7 (all
+// loads in flight at once) and merges them as a binary tree (merge_tree), then lane 0 merges the 8 lane
+// results as a binary tree. So a group is a perfect binary tree of 64 leaves, the leaves past n empty
+// (an empty side changes nothing). Passes repeat while more than kMergeGroup partials remain; the last
+// pass (one group) finalises mean, var and invstd. The order depends on n alone (no atomics, the same
+// result on every GPU), and the rounding error of a tree grows with its depth (log2 n) rather than n.
 #pragma once
 
 #include <cstdint>
