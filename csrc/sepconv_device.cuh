@@ -27,6 +27,7 @@
 
 #include "sepconv_infer_tiling.h"
 #include "sepconv_params.h"
+#include "sepconv_stats_merge.h"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "xception_fast: the CUDA kernels need sm_80 or newer (bf16 wmma); set XCEPTION_FAST_CUDA_ARCHS to 80 or above"
@@ -477,33 +478,100 @@ inline cudaError_t launch_column_sum(const float* partial, int64_t rows, int64_t
 }
 
 // ---------------------------------------------------------------------------------------------------
-// The batch statistics from per-tile moments (level 3 of the statistics in sepconv_infer_tiling.h):
+// The batch statistics from per-tile moments (level 3 of the statistics, sepconv_stats_merge.h):
 // partial[(t * 3 + k) * c_out + co], k = 0 pivot, 1 mu, 2 M2 (stats_partial_offset), tile t holding
-// counts(t) positions. Block: 32 channels x 8 lanes; lane l merges tiles l, l + 8, ... in order, lane 0
-// then merges the lanes in order. Writes mean, var (biased) and invstd; no tiles (an empty batch):
-// mean 0, var 1. Grid: ceil(c_out / 32) blocks.
-template <class Counts>
+// counts(t) positions; writes mean, var (biased) and invstd; no tiles (an empty batch): mean 0, var 1.
+
+// Where a pass writes: the next pass's partials [groups][3][c_out] and counts [groups] (a group's count
+// is the same for every channel), or, in the final pass, the statistics [c_out].
+struct MergeOut {
+  float* partial;
+  int64_t* counts;
+  float *mean, *var, *invstd;
+};
+
+// The counts of a pass's own partials, for the pass after it.
+struct ArrayCounts {
+  const int64_t* counts;
+  __device__ int64_t operator()(int64_t t) const { return counts[t]; }
+};
+
+// One pass over n partials (merge order: sepconv_stats_merge.h). Block: 32 channels x 8 lanes, one
+// group of 32 channels at a time; grid: col_blocks x (groups, or as many as a grid holds), the channel
+// blocks of one group adjacent (they read the same rows of partials), striding over the groups. kFinal:
+// n <= kMergeGroup: one group (all of its leaves empty when n == 0: mean 0, var 1), the statistics written.
+template <bool kFinal, class Counts>
 __global__ void __launch_bounds__(kRedCols* kRedLanes)
-    bn_stats_merge_kernel(const float* __restrict__ partial, int64_t tiles, Counts counts, int64_t c_out, float eps,
-                          float* __restrict__ mean, float* __restrict__ var, float* __restrict__ invstd) {
+    bn_stats_merge_kernel(const float* __restrict__ partial, int64_t n, Counts counts, int64_t c_out,
+                          unsigned int col_blocks, float eps, MergeOut out) {
   using infer::Moments;
+  static_assert(infer::kMergeLanes == kRedLanes, "one lane of the merge per row of the block");
   __shared__ Moments lane_moments[kRedLanes][kRedCols];
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t co = static_cast<int64_t>(blockIdx.x) * kRedCols + tx;
-  Moments acc{0, 0.f, 0.f, 0.f};
-  if (co < c_out) {
-    for (int64_t t = ty; t < tiles; t += kRedLanes) {
-      const Moments tile{counts(t), partial[(t * 3 + 0) * c_out + co], partial[(t * 3 + 1) * c_out + co],
-                         partial[(t * 3 + 2) * c_out + co]};
-      infer::merge_moments(acc, tile);
+  const int64_t co = static_cast<int64_t>(blockIdx.x % col_blocks) * kRedCols + tx;
+  const int64_t groups = kFinal ? 1 : infer::merge_groups(n);
+  const auto value = [=](int64_t t, int k) { return partial[infer::merge_offset(t, k, c_out, co)]; };
+  for (int64_t g = blockIdx.x / col_blocks; g < groups; g += gridDim.x / col_blocks) {
+    Moments lane{0, 0.f, 0.f, 0.f};
+    if (co < c_out) lane = infer::merge_lane(counts, value, n, g, ty);
+    lane_moments[ty][tx] = lane;
+    __syncthreads();
+    if (ty == 0 && co < c_out) {
+      Moments lanes[kRedLanes];
+#pragma unroll
+      for (int l = 0; l < kRedLanes; ++l) lanes[l] = lane_moments[l][tx];
+      infer::merge_tree(lanes);
+      if constexpr (kFinal) {
+        infer::finalize_moments(lanes[0], eps, out.mean[co], out.var[co], out.invstd[co]);
+      } else {
+        out.partial[infer::merge_offset(g, 0, c_out, co)] = lanes[0].pivot;
+        out.partial[infer::merge_offset(g, 1, c_out, co)] = lanes[0].mu;
+        out.partial[infer::merge_offset(g, 2, c_out, co)] = lanes[0].m2;
+        if (co == 0) out.counts[g] = lanes[0].count;
+      }
     }
+    __syncthreads();  // lane_moments is rewritten for the next group
   }
-  lane_moments[ty][tx] = acc;
-  __syncthreads();
-  if (ty == 0 && co < c_out) {
-    for (int l = 1; l < kRedLanes; ++l) infer::merge_moments(acc, lane_moments[l][tx]);
-    infer::finalize_moments(acc, eps, mean[co], var[co], invstd[co]);
+}
+
+// The workspace of the passes before the final one, for up to `tiles` tiles (merge_scratch_partials).
+struct MergeScratch {
+  float* partial;   // [merge_scratch_partials(tiles)][3][c_out], pass after pass
+  int64_t* counts;  // [merge_scratch_partials(tiles)]
+};
+
+inline MergeScratch take_merge_scratch(Workspace& ws, int64_t tiles, int64_t c_out) {
+  const int64_t partials = infer::merge_scratch_partials(tiles);
+  MergeScratch s;
+  s.partial = ws.take<float>(partials * 3 * c_out);
+  s.counts = ws.take<int64_t>(partials);
+  return s;
+}
+
+// The passes over n = tiles partials, each launch after the one it reads; c_out > 0.
+template <class Counts>
+cudaError_t launch_bn_stats_merge(const float* partial, int64_t n, Counts counts, int64_t c_out, float eps,
+                                  MergeScratch scratch, float* mean, float* var, float* invstd, cudaStream_t stream) {
+  const int64_t col_blocks = ceil_div(c_out, kRedCols);
+  const int64_t max_grid = 0x7fffffff;
+  if (col_blocks > max_grid) return cudaErrorInvalidConfiguration;
+  const bool final = infer::merge_is_final(n);
+  const int64_t groups = final ? 1 : infer::merge_groups(n);
+  const int64_t grid = (groups < max_grid / col_blocks ? groups : max_grid / col_blocks) * col_blocks;
+  const dim3 block(kRedCols, kRedLanes);
+  const unsigned int cb = static_cast<unsigned int>(col_blocks);
+  if (final) {
+    bn_stats_merge_kernel<true, Counts><<<static_cast<unsigned int>(grid), block, 0, stream>>>(
+        partial, n, counts, c_out, cb, eps, MergeOut{nullptr, nullptr, mean, var, invstd});
+    return cudaGetLastError();
   }
+  bn_stats_merge_kernel<false, Counts><<<static_cast<unsigned int>(grid), block, 0, stream>>>(
+      partial, n, counts, c_out, cb, eps, MergeOut{scratch.partial, scratch.counts, nullptr, nullptr, nullptr});
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const MergeScratch rest{scratch.partial + groups * 3 * c_out, scratch.counts + groups};
+  return launch_bn_stats_merge(scratch.partial, groups, ArrayCounts{scratch.counts}, c_out, eps, rest, mean, var,
+                               invstd, stream);
 }
 
 }  // namespace

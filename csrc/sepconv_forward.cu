@@ -19,7 +19,7 @@
 //   tile (Cout / 64 times in all), which costs CUDA-core FLOPs but no memory traffic.
 // - Training: z and the batch statistics come from the tiled kernel (run_sepconv_bn_train_tiled in
 //   sepconv_infer.cu: z stored from the accumulators, per-tile moments (pivot, mu, M2) merged per
-//   channel by bn_stats_merge_kernel, sepconv_device.cuh). sepconv_train_kernel<T> below is its int64
+//   channel by bn_stats_merge_kernel's passes, sepconv_device.cuh). sepconv_train_kernel<T> below is its int64
 //   fallback, on the old main loop: its epilogue stores z (rounded to T) and per-block moments of the
 //   rounded z with the block's first z as pivot, merged by the same kernel. bn_apply_kernel<T> then
 //   computes y = post(((z - mean) * invstd) * w + b) + residual.
@@ -156,6 +156,7 @@ struct TrainPlan {
   float* invstd;   // [Cout]
   float* affine;   // [2][Cout]: the BatchNorm weight and bias in fp32 (vec_to_float_kernel)
   float* partial;  // [m_tiles][3][Cout]
+  MergeScratch merge;  // the merge passes' partials (take_merge_scratch)
 };
 
 TrainPlan plan_train(const ConvGeometry& g, Workspace& ws) {
@@ -165,6 +166,7 @@ TrainPlan plan_train(const ConvGeometry& g, Workspace& ws) {
   plan.m_tiles = ceil_div(positions_out(g), kBM);
   plan.n_tiles = ceil_div(g.c_out, kBN);
   plan.partial = ws.take<float>(plan.m_tiles * 3 * g.c_out);
+  plan.merge = take_merge_scratch(ws, plan.m_tiles, g.c_out);
   return plan;
 }
 
@@ -205,9 +207,9 @@ cudaError_t launch_train(const SepConvTrainParams& p, cudaStream_t stream) {
       sepconv_train_kernel<T><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p, plan.n_tiles,
                                                                                          plan.partial);
     }
-    bn_stats_merge_kernel<<<static_cast<unsigned int>(ceil_div(g.c_out, kRedCols)), dim3(kRedCols, kRedLanes), 0,
-                            stream>>>(plan.partial, plan.m_tiles, FixedCounts{positions}, g.c_out,
-                                      static_cast<float>(p.eps), p.mean, p.var, plan.invstd);
+    err = launch_bn_stats_merge(plan.partial, plan.m_tiles, FixedCounts{positions}, g.c_out, static_cast<float>(p.eps),
+                                plan.merge, p.mean, p.var, plan.invstd, stream);
+    if (err != cudaSuccess) return err;
   }
   const int64_t total = positions * g.c_out;
   if (total > 0) {

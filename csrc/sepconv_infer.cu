@@ -26,7 +26,7 @@
 // (scale 1 and shift -0, exact for every value; no post-ReLU, no residual) and, before that, the
 // BatchNorm moments of each (tile, Cout tile) from the accumulator registers (tile_stats_mma /
 // tile_stats_ffma: per part in registers and shuffles, the parts merged through a small shared-memory
-// area, one partial per tile and channel); bn_stats_merge_kernel then merges the tiles per channel.
+// area, one partial per tile and channel); bn_stats_merge_kernel's passes then merge the tiles per channel.
 // The statistics math is in sepconv_infer_tiling.h and checked by tests/cpp/test_train_stats.cpp.
 //
 // Cases routed to the int64 kernel of sepconv_forward.cu (the launcher returns *launched = false):
@@ -909,10 +909,11 @@ int64_t max_tiles(const ConvGeometry& g) {
 
 // Training workspace: invstd [Cout] and the fp32 BatchNorm affine [2][Cout] first (as the int64 path's
 // plan_train: bn_apply_kernel reads them there), then the packed weights, then the partials
-// [max_tiles][3][Cout].
+// [max_tiles][3][Cout] and the merge passes' scratch.
 struct TrainCarve {
   float* invstd;
   float* partial;
+  MergeScratch merge;  // the merge passes' partials, for max_tiles(g)
 };
 template <typename T>
 TrainCarve carve_train(const ConvGeometry& g, const Plan& plan, Workspace& ws, Packed<T>* packed) {
@@ -921,6 +922,7 @@ TrainCarve carve_train(const ConvGeometry& g, const Plan& plan, Workspace& ws, P
   ws.take<float>(2 * g.c_out);
   *packed = carve<T>(plan, ws);
   r.partial = ws.take<float>(max_tiles(g) * 3 * g.c_out);
+  r.merge = take_merge_scratch(ws, max_tiles(g), g.c_out);
   return r;
 }
 
@@ -942,10 +944,8 @@ cudaError_t run_train(const SepConvTrainParams& prm, cudaStream_t stream, bool* 
     err = run_plan<T, true>(prm, plan, packed, out, stream);
     if (err != cudaSuccess) return err;
   }
-  const unsigned int blocks = static_cast<unsigned int>(::xception_fast::ceil_div(g.c_out, kRedCols));
-  bn_stats_merge_kernel<<<blocks, dim3(kRedCols, kRedLanes), 0, stream>>>(
-      c.partial, tiles, TileCounts{plan}, g.c_out, static_cast<float>(prm.eps), prm.mean, prm.var, c.invstd);
-  return cudaGetLastError();
+  return launch_bn_stats_merge(c.partial, tiles, TileCounts{plan}, g.c_out, static_cast<float>(prm.eps), c.merge,
+                               prm.mean, prm.var, c.invstd, stream);
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -193,8 +193,8 @@ XF_HD int halo_source_offset(const Plan& p, const HaloBox& b, int pixel) {
 //    Pivot: the part's first row (stats_pivot_row).
 // 2. The parts of one Cout tile, through shared memory, merged in part order by thread `col`: one
 //    partial per (tile, channel) in the workspace (stats_partial_offset: pivot, mu, M2).
-// 3. The tiles of one channel, by the merge kernel (bn_stats_merge_kernel): lane l of 8 merges tiles
-//    l, l + 8, ... in order, then lane 0 merges the lanes in order; the count of tile t is
+// 3. The tiles of one channel, by the merge kernel (bn_stats_merge_kernel): groups of 64 tiles merged
+//    as binary trees in parallel, pass after pass (sepconv_stats_merge.h); the count of tile t is
 //    tile_range(p, t).count.
 
 struct Moments {

@@ -214,11 +214,14 @@ def test_cuda_inference_models_the_tiled_kernel(cuda_records):
 def test_cuda_training_models_the_tiled_kernels(cuda_records):
     """Training (forward + backward) through the CUDA provider, bf16, middle-flow unit: the tiled kernels
     (the forward with its statistics epilogue, grad_d on the 1x1 GEMM plan, grad_pw and grad_x /
-    grad_dw) and the small ones around them, 20 launches, about 1.25 ms (benchmarks/NOTES.md; it was
-    about 38 ms on the old kernels)."""
+    grad_dw) and the small ones around them, 21 launches (the statistics merge in two passes: 768 tile
+    partials -> 12 -> 1), about 1.25 ms (benchmarks/NOTES.md; it was about 38 ms on the old kernels)."""
     records = cuda_records["cuda"]["records"]
     train = _cuda(records, "train", "unit_total")
-    assert train["kernels"] == 20
+    assert train["kernels"] == 21
+    merge = [r for r in _cuda(records, "train") if r["kernel"] == "bn_stats_merge_kernel"]
+    assert [r["grid"] for r in merge] == [12 * 23, 23] and "768 -> 12" in merge[0]["config"]
+    assert sum(r["estimate_us"] for r in merge) < 8  # was 10.9 us in one pass of 96 tiles per lane
     assert 900 <= train["estimate_us"] <= 1500
     names = [r["kernel"] for r in _cuda(records, "train") if r["kernel"] != "unit_total"]
     assert {"sepconv_infer_tiled_kernel", "bn_stats_merge_kernel", "grad_pw_tiled_kernel",
@@ -362,6 +365,51 @@ def test_the_split_choice_matches_the_launchers(tmp_path):
         assert got == tuple(map(int, line.split())), ((units, sms, tiles), got, line)
     # The entry flow's 2-unit grids fill one wave of an H100's 132 SMs (the former cap: 32 CTAs).
     assert cuda_tiling.gp_choose_splits(2, 86528, 132) == 66
+
+
+_MERGE = r"""
+#include <cstdio>
+#include <initializer_list>
+#include "sepconv_stats_merge.h"
+using namespace xception_fast::infer;
+int main() {
+  for (long long n : {NS}) {
+    std::printf("%lld", static_cast<long long>(merge_scratch_partials(n)));
+    for (int64_t m = n; ; m = merge_groups(m)) {
+      std::printf(" %lld", static_cast<long long>(m));
+      if (merge_is_final(m)) break;
+    }
+    std::printf("\n");
+  }
+}
+"""
+
+
+def test_the_merge_passes_match_the_launchers(tmp_path):
+    """cuda_plans.merge_passes (the model's launches of the statistics merge) against the header the
+    launcher runs (sepconv_stats_merge.h), compiled with the host compiler: the partial count each pass
+    reads, and the scratch they fill."""
+    import sys as _sys
+
+    _sys.path.insert(0, HERE)
+    from test_infer_tiling import ROOT, _compiler
+
+    from xception_fast.bench.static import cuda_plans
+
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip("no host C++ compiler (c++, g++, clang++ or $CXX) to build the merge header")
+    ns = [0, 1, 63, 64, 65, 768, 4096, 4097, 43264, 262145, 10**9]
+    source = tmp_path / "merge.cpp"
+    source.write_text(_MERGE.replace("NS", ", ".join(map(str, ns))))
+    build = subprocess.run([cxx, "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(source), "-o", str(tmp_path / "m")],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    lines = subprocess.run([str(tmp_path / "m")], capture_output=True, text=True, check=True).stdout.splitlines()
+    for n, line in zip(ns, lines, strict=True):
+        scratch, *passes = map(int, line.split())
+        assert cuda_plans.merge_passes(n) == passes and sum(passes[1:]) == scratch, (n, line)
+    assert cuda_plans.merge_passes(43264) == [43264, 676, 11]  # the entry flow: two passes, then the final
 
 
 def _record(provider, kernel, layer="middle", mode="infer", estimate=100.0, **extra):

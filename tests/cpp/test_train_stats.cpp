@@ -9,19 +9,30 @@
 //    with the padding rows of the MMA tile holding the z of the tile's last position, as in the kernel;
 // 2. the parts of a Cout tile through the shared-memory moments area (stats_smem_index), merged in
 //    part order into one partial per (tile, channel) (stats_partial_offset);
-// 3. the tiles of a channel as bn_stats_merge_kernel merges them (8 lanes, then lane 0).
+// 3. the tiles of a channel as bn_stats_merge_kernel's passes merge them (csrc/sepconv_stats_merge.h:
+//    groups of 64 partials as binary trees, lane by lane, pass after pass), through a scratch area
+//    laid out as take_merge_scratch lays it out.
 // Checked: every shared-memory slot and every partial written exactly once, part counts against a
 // brute-force count of each part's valid rows, the pivot row inside its part, the counts adding up to
 // the tile's and the batch's positions, and mean / biased var / invstd against double precision for
 // unit-scale data, per-channel scales from 1e-2 to 1e2, and a large mean with a small spread
 // (1e4 + N(0, 1e-2)), where statistics without the pivot lose most of the variance's digits.
+// Level 3 on its own (check_merge_passes): synthetic partials at partial counts around the group size
+// and its powers (1 to 262,145: up to three passes before the final one), per-partial counts that
+// differ (the last partial short, some empty with NaN payloads), means of 1e4 with spreads of a few
+// ulps (variances 2.5e-5 and 1e-6), against two-pass mean and variance in double over the values behind
+// the partials; every partial read once per channel and pass, every scratch slot written once.
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 
 #include "host_test.h"
+#include "sepconv_stats_merge.h"
 
 static std::mt19937 rng(2024);
 static const float kNaN = std::numeric_limits<float>::quiet_NaN();
+static double worst_merge_var = 0;  // printed: how far inside its tolerance check_merge_passes ran
 
 // The data distributions of z (one per check).
 enum Dist { kUnit, kScaled, kLargeMean };
@@ -130,6 +141,67 @@ static void level1_ffma(const Plan& p, const TileRange& t, int nt, Z&& zt, std::
   }
 }
 
+// Level 3 as bn_stats_merge_kernel's passes run it (launch_bn_stats_merge, sepconv_device.cuh): over
+// n partials `partial` [n][3][c_out] with counts count(t), each pass's blocks (group g, channel co)
+// emulated lane by lane with the header's functions, the passes' outputs in one scratch area of
+// merge_scratch_partials(n) partials, pass after pass. Checked: every partial's three moments read once
+// per channel in each pass, every scratch slot (moments and counts) written once, the scratch used to
+// its end.
+// Returns the final pass's moments per channel (what finalize_moments turns into the statistics).
+static std::vector<Moments> merge_passes(const std::vector<float>& partial, int64_t n,
+                                         std::function<int64_t(int64_t)> count, int c_out) {
+  if (c_out == 0) return {};  // the launchers return before the merge
+  const int64_t scratch_partials = merge_scratch_partials(n);
+  std::vector<float> scratch(static_cast<size_t>(scratch_partials) * 3 * c_out, kNaN);
+  std::vector<int64_t> scratch_counts(static_cast<size_t>(scratch_partials), -1);
+  std::vector<int> writes(scratch.size(), 0), count_writes(scratch_counts.size(), 0);
+  std::vector<Moments> result(c_out);
+  const float* src = partial.data();
+  int64_t out = 0;  // the current pass's first output partial in the scratch
+  for (;;) {
+    const bool final = merge_is_final(n);
+    const int64_t groups = final ? 1 : merge_groups(n);
+    std::vector<int> reads(static_cast<size_t>(n) * c_out, 0);
+    for (int64_t g = 0; g < groups; ++g)
+      for (int co = 0; co < c_out; ++co) {
+        auto value = [&](int64_t t, int k) {
+          EXPECT(t >= 0 && t < n && k >= 0 && k < 3);
+          reads[t * c_out + co]++;
+          return src[merge_offset(t, k, c_out, co)];
+        };
+        Moments lanes[kMergeLanes];
+        for (int l = 0; l < kMergeLanes; ++l) lanes[l] = merge_lane(count, value, n, g, l);
+        merge_tree(lanes);
+        if (final) {
+          result[co] = lanes[0];
+          continue;
+        }
+        const float vals[3] = {lanes[0].pivot, lanes[0].mu, lanes[0].m2};
+        for (int k = 0; k < 3; ++k) {
+          const int64_t off = out * 3 * c_out + merge_offset(g, k, c_out, co);
+          EXPECT(off >= 0 && off < static_cast<int64_t>(scratch.size()));
+          if (off < 0 || off >= static_cast<int64_t>(scratch.size())) continue;
+          scratch[off] = vals[k];
+          writes[off]++;
+        }
+        if (co == 0 && out + g < scratch_partials) {
+          scratch_counts[out + g] = lanes[0].count;
+          count_writes[out + g]++;
+        }
+      }
+    for (int r : reads) EXPECT(r == 3);  // pivot, mu and M2 of each partial, once
+    if (final) break;
+    src = scratch.data() + out * 3 * c_out;
+    count = [&scratch_counts, out](int64_t t) { return scratch_counts[out + t]; };
+    n = groups;
+    out += groups;
+  }
+  EXPECT(out == scratch_partials);
+  for (int w : writes) EXPECT(w == 1);
+  for (int w : count_writes) EXPECT(w == 1);
+  return result;
+}
+
 static void check_stats(const Plan& p, int eb, Dist dist) {
   const long positions = static_cast<long>(p.n) * p.h_out * p.w_out;
   const std::vector<float> z = make_z(positions, p.c_out, dist);
@@ -180,19 +252,15 @@ static void check_stats(const Plan& p, int eb, Dist dist) {
   }
   for (int w : partial_writes) EXPECT(w == 1);
 
-  // Level 3, as bn_stats_merge_kernel (8 lanes), then the reference in double.
+  // Level 3, as bn_stats_merge_kernel's passes, then the reference in double.
   const double var_tol = dist == kLargeMean ? 2e-3 : 2e-5;
+  for (int t = 0; t < tiles; ++t)
+    for (int k = 0; k < 3; ++k)
+      for (int co = 0; co < p.c_out; ++co) EXPECT(stats_partial_offset(p, t, k, co) == merge_offset(t, k, p.c_out, co));
+  const auto tile_count = [&](int64_t t) { return static_cast<int64_t>(tile_range(p, static_cast<int>(t)).count); };
+  const std::vector<Moments> merged = merge_passes(partial, tiles, tile_count, p.c_out);
   for (int co = 0; co < p.c_out; ++co) {
-    Moments lanes[8];
-    for (int l = 0; l < 8; ++l) {
-      lanes[l] = Moments{0, 0.f, 0.f, 0.f};
-      for (int t = l; t < tiles; t += 8)
-        merge_moments(lanes[l], Moments{tile_range(p, t).count, partial[stats_partial_offset(p, t, 0, co)],
-                                        partial[stats_partial_offset(p, t, 1, co)],
-                                        partial[stats_partial_offset(p, t, 2, co)]});
-    }
-    Moments acc = lanes[0];
-    for (int l = 1; l < 8; ++l) merge_moments(acc, lanes[l]);
+    const Moments acc = merged[co];
     EXPECT(acc.count == positions);
     float mean, var, invstd;
     finalize_moments(acc, 1e-5f, mean, var, invstd);
@@ -235,16 +303,82 @@ static void check_merge() {
   EXPECT(mean == 0.f && var == 1.f && std::fabs(invstd - 1.f / std::sqrt(1.f + 1e-5f)) == 0.f);
 }
 
+// Level 3 on its own: n synthetic partials per channel, each the moments of `count` values computed as
+// level 2 leaves them (pivot the first value, mu and M2 about it in fp32), merged by merge_passes, then
+// finalised, against two-pass statistics in double of all the values. Channels: unit normal; mean 1e4
+// with std 5e-3 and 1e-3 (5 and 1 ulps of fp32 at 1e4: the values differ in their last bits, variances
+// about 2.5e-5 and 1e-6); mean -3e3 with std 0.5; mean 0 with std 1e3.
+static void check_merge_passes() {
+  const int64_t sizes[] = {0, 1, 2, 7, 63, 64, 65, 127, 129, 4095, 4096, 4097, 262145};
+  const float means[] = {0.f, 1e4f, 1e4f, -3e3f, 0.f}, stds[] = {1.f, 5e-3f, 1e-3f, 0.5f, 1e3f};
+  constexpr int kC = 5;
+  std::normal_distribution<float> normal(0.f, 1.f);
+  for (int64_t n : sizes) {
+    where = "merge passes n=" + std::to_string(n);
+    // Counts per partial: up to 130 (a tile's positions), fewer for large n (the value count stays
+    // small); the last partial short, every 17th empty with NaN moments (skipped whatever they hold).
+    const int max_count = n > 10000 ? 6 : 130;
+    std::uniform_int_distribution<int> count_dist(1, max_count);
+    std::vector<int64_t> counts(static_cast<size_t>(n));
+    for (int64_t t = 0; t < n; ++t) counts[t] = t % 17 == 5 ? 0 : count_dist(rng);
+    if (n > 1) counts[n - 1] = 1 + counts[n - 1] / 3;
+    std::vector<float> partial(static_cast<size_t>(n) * 3 * kC, kNaN);
+    std::vector<std::vector<float>> values(kC);
+    int64_t total = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      total += counts[t];
+      for (int co = 0; co < kC; ++co) {
+        if (counts[t] == 0) continue;  // an empty partial: its NaN moments stay
+        std::vector<float> v(static_cast<size_t>(counts[t]));
+        for (float& x : v) x = means[co] + stds[co] * normal(rng);
+        values[co].insert(values[co].end(), v.begin(), v.end());
+        const float pivot = v[0];
+        float sum = 0.f, m2 = 0.f;
+        for (float x : v) sum += x - pivot;
+        const float mu = stats_mean(sum, static_cast<int>(v.size()));
+        for (float x : v) m2 = std::fmaf((x - pivot) - mu, (x - pivot) - mu, m2);
+        partial[merge_offset(t, 0, kC, co)] = pivot;
+        partial[merge_offset(t, 1, kC, co)] = mu;
+        partial[merge_offset(t, 2, kC, co)] = m2;
+      }
+    }
+    const std::vector<Moments> merged = merge_passes(partial, n, [&](int64_t t) { return counts[t]; }, kC);
+    for (int co = 0; co < kC; ++co) {
+      EXPECT(merged[co].count == total);
+      float mean, var, invstd;
+      finalize_moments(merged[co], 1e-5f, mean, var, invstd);
+      double ref_mean = 0, ref_var = 1;
+      if (total > 0) {
+        double s1 = 0, s2 = 0;
+        for (float x : values[co]) s1 += x;
+        ref_mean = s1 / total;
+        for (float x : values[co]) s2 += (x - ref_mean) * (x - ref_mean);
+        ref_var = s2 / total;
+      }
+      // The mean to a few ulps of its size plus 1e-5 of a standard deviation; the variance to 1e-5
+      // relative (fp32 rounds to 6e-8: a tree of depth log2(n) over short partials stays well inside).
+      EXPECT(ref_var > 0 || total < 2);
+      EXPECT(std::fabs(mean - ref_mean) <= 1e-5 * std::sqrt(ref_var) + 4 * std::fabs(ref_mean) * 6e-8);
+      EXPECT(std::fabs(var - ref_var) <= 1e-5 * ref_var);
+      EXPECT(std::fabs(invstd - 1.0 / std::sqrt(ref_var + 1e-5)) <= 1e-5 / std::sqrt(ref_var + 1e-5));
+      worst_merge_var = std::max(worst_merge_var, total > 0 ? std::fabs(var - ref_var) / ref_var : 0.0);
+    }
+  }
+  std::printf("merge passes: worst relative variance error %.2e\n", worst_merge_var);
+}
+
 struct Geometry {
   int n, c, h, w, c_out, kh, kw, sh, sw, ph, pw, dh, dw;
 };
 
 int main() {
   check_merge();
+  check_merge_passes();
   const std::vector<Geometry> geometries = {
       {2, 728, 19, 19, 728, 3, 3, 1, 1, 1, 1, 1, 1},  // Xception middle flow
       {2, 5, 7, 9, 7, 3, 3, 1, 1, 1, 1, 1, 1},
       {3, 70, 13, 11, 130, 3, 3, 1, 1, 1, 1, 1, 1},   // two Cout tiles, the second partial
+      {5, 8, 41, 37, 12, 3, 3, 1, 1, 1, 1, 1, 1},     // 60 to 240 tiles: a merge pass before the final one
       {1, 19, 11, 10, 19, 3, 3, 2, 1, 1, 2, 1, 2},
       {1, 16, 3, 300, 9, 3, 3, 1, 1, 1, 1, 1, 1},     // row segments
       {1, 8, 1, 1, 3, 3, 3, 1, 1, 1, 1, 1, 1},        // one position

@@ -16,9 +16,9 @@ instructions), and its two phases (depthwise into shared memory, then the pointw
 tile) run in sequence: one CTA per SM and a barrier between them, nothing in the SASS overlaps them.
 Training, bf16/fp16, as `run_sepconv_bn_train` and `run_sepconv_bn_train_backward` launch it on
 Xception's units (3x3, stride 1, C and Cout multiples of 8): the forward on the tiled kernel with its
-statistics epilogue (`<T, bm, 3, 3, true>`), the moments merge, the BatchNorm affine in fp32 and
-bn_apply; the backward's dy sums, the grad_z materialisation, grad_d on the tiled kernel's 1x1 GEMM
-plan (`<T, bm, 1, 1, false>`), grad_pw (`grad_pw_tiled_kernel`), grad_x and grad_dw
+statistics epilogue (`<T, bm, 3, 3, true>`), the moments merge's passes, the BatchNorm affine in
+fp32 and bn_apply; the backward's dy sums, the grad_z materialisation, grad_d on the tiled kernel's
+1x1 GEMM plan (`<T, bm, 1, 1, false>`), grad_pw (`grad_pw_tiled_kernel`), grad_x and grad_dw
 (`dw_backward_tiled_kernel`), their weight packs and column sums. The fallbacks (the int64 kernels,
 and grad_pw / grad_x / grad_dw's older kernels for shapes the tiled ones decline) and fp32 training
 have no plan: `train` returns None (fp32) or raises NotImplementedError, and the unit is reported as
@@ -440,15 +440,67 @@ def _vec_to_float(unit: Unit, arch: int, source: str) -> Launch:
                   dram_bytes=8 * unit.Cout, compile=_compiler(source, "vec_to_float_kernel", arch, unit.dtype))
 
 
-def _merge_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan) -> Launch:
-    """bn_stats_merge_kernel<TileCounts>: lane l of 8 merges tiles l, l + 8, ... (two per iteration); nvcc
-    made a loop copy per tile kind (row segments first, then image ranges)."""
-    per_lane = _per_warp(lambda w: _strided(p.tiles, w, RED_LANES) // 2)
-    loops = [LoopPlan("tiles, row segments (x2 unrolled)", per_lane if p.row_segments else 0, expect={"LDG": 6}),
-             LoopPlan("tiles, image ranges (x2 unrolled)", 0 if p.row_segments else per_lane, expect={"LDG": 6})]
-    return Launch(kernel="bn_stats_merge_kernel", config="32x8", threads=RED_COLS * RED_LANES,
-                  grid=cdiv(unit.Cout, RED_COLS), loops=loops, dram_bytes=12 * p.tiles * unit.Cout + 12 * unit.Cout,
-                  compile=_compiler("sepconv_infer.cu", "bn_stats_merge_kernel", arch, unit.dtype, tag="INS"))
+MERGE_LEAVES, MERGE_GROUP = 8, 64  # csrc/sepconv_stats_merge.h: kMergeLeaves, kMergeGroup
+
+
+def merge_passes(tiles: int) -> list[int]:
+    """The partial counts the launches of launch_bn_stats_merge read, in order: a pass turns n partials
+    into ceil(n / 64) while n > 64, then the final pass reads the rest (sepconv_stats_merge.h)."""
+    counts = [tiles]
+    while counts[-1] > MERGE_GROUP:
+        counts.append(cdiv(counts[-1], MERGE_GROUP))
+    return counts
+
+
+def _merge_paths(n: int, final: bool, first: bool, row_segments: bool) -> list[Path]:
+    """The ways through one group of a merge pass over n partials, per warp (a warp is one lane: 32
+    channels), with their shares over the pass's groups (all full but the last). Lane l of a group with
+    `left` partials merges k = min(8, left - 8 l) leaves: k - 1 merges of two non-empty sides, each an
+    fp64 division (MUFU.RCP64H); warp 0 then merges the non-empty lanes and stores (a pass: the three
+    moments and, predicated, the count; the final pass: mean, var, invstd, their fp32 division and
+    square root). The first pass reads the tiles' counts (TileCounts: an integer division per tile, two
+    for row segments, MUFU.RCP). Merges with an empty side branch around the division: a lower bound."""
+    groups = 1 if final else cdiv(n, MERGE_GROUP)
+    shares: dict = {}
+    for count, left in ((groups - 1, MERGE_GROUP), (1, n - (groups - 1) * MERGE_GROUP)):
+        lanes = [min(max(left - MERGE_LEAVES * l, 0), MERGE_LEAVES) for l in range(RED_LANES)]
+        for l, k in enumerate(lanes):
+            divs = max(k - 1, 0)
+            rcp = k * (2 if row_segments else 1) if first else 0
+            stores = 0
+            if l == 0:
+                divs += max(sum(1 for x in lanes if x) - 1, 0)
+                stores = 3 if final else 4
+                rcp += 2 if final else 0
+            sig = {"MUFU.RCP64H": divs, "MUFU.RCP": rcp, "STG": stores, **({"MUFU.RSQ": int(l == 0)} if final else {})}
+            key = tuple(sorted(sig.items()))
+            shares[key] = shares.get(key, 0) + count / groups / RED_LANES
+    return [Path(f"{dict(key)['MUFU.RCP64H']} merges, {dict(key)['STG']} stores", share, key)
+            for key, share in shares.items() if share > 0]
+
+
+def _merge_launches(unit: Unit, arch: int, p: cuda_tiling.TiledPlan) -> list[Launch]:
+    """bn_stats_merge_kernel<final, Counts>, one launch per pass (`merge_passes`): a 32 x 8 block per
+    (group of 64 partials, 32 channels), one trip of its loop over the groups; the paths through it in
+    `_merge_paths`. Bytes: the partials read (and their int64 counts after the first pass), the next
+    pass's written."""
+    cols = cdiv(unit.Cout, RED_COLS)
+    passes = merge_passes(p.tiles)
+    launches = []
+    for i, n in enumerate(passes):
+        final = i == len(passes) - 1
+        groups = 1 if final else cdiv(n, MERGE_GROUP)
+        what = "final pass" if final else f"pass {i + 1}"
+        counts = "TileCounts" if i == 0 else "ArrayCounts"
+        tag = f"ILb{int(final)}E" + ("NS_5infer" if i == 0 else "NS0_11ArrayCountsE")
+        written = 12 * unit.Cout if final else 12 * groups * unit.Cout + 8 * groups
+        nbytes = 12 * n * unit.Cout + (8 * n if i else 0) + written
+        launches.append(Launch(
+            kernel="bn_stats_merge_kernel", config=f"32x8, {what}: {n} -> {1 if final else groups} ({counts})",
+            threads=RED_COLS * RED_LANES, grid=groups * cols, dram_bytes=nbytes,
+            loops=[LoopPlan("groups of the CTA (one)", 1, paths=_merge_paths(n, final, i == 0, bool(p.row_segments)))],
+            compile=_compiler("sepconv_infer.cu", "bn_stats_merge_kernel", arch, unit.dtype, tag=tag)))
+    return launches
 
 
 def _grad_pw_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan, splits: int) -> Launch:
@@ -507,8 +559,8 @@ def _dx_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan, splits: int) -> 
 def train(unit: Unit, arch: int, sms: int):
     """Forward + backward of a training step, as ops.py runs them through the CUDA provider, 16-bit
     types on the tiled kernels (Xception's units: 3x3, stride 1, C and Cout multiples of 8):
-    forward: the weight pack, the tiled kernel with the statistics epilogue, the moments merge, the
-    BatchNorm weight and bias in fp32, bn_apply; backward: the dy sums, grad_z, grad_d (the tiled
+    forward: the weight pack, the tiled kernel with the statistics epilogue, the moments merge (its
+    passes), the BatchNorm weight and bias in fp32, bn_apply; backward: the dy sums, grad_z, grad_d (the tiled
     kernel on the 1x1 GEMM plan), grad_pw (grad_pw_tiled_kernel), grad_x and grad_dw
     (dw_backward_tiled_kernel), their column sums. fp32 (its FFMA products, and grad_pw on the int64
     kernel) and the fallbacks have no plan: None, the unit is reported as not modelled."""
@@ -534,7 +586,7 @@ def train(unit: Unit, arch: int, sms: int):
     # Forward.
     kernels.append([_pack_launch(unit, arch, fwd, scale=False)])
     kernels.append([_tiled_launch(unit, arch, fwd, stats=True)])
-    kernels.append([_merge_launch(unit, arch, fwd)])
+    kernels += [[launch] for launch in _merge_launches(unit, arch, fwd)]
     kernels.append([_vec_to_float(unit, arch, "sepconv_forward.cu")])
     kernels.append([_vec_to_float(unit, arch, "sepconv_forward.cu")])
     kernels.append([_elementwise(unit, arch, "sepconv_forward.cu", "bn_apply_kernel", v,
