@@ -6,8 +6,9 @@
 #   bash benchmarks/gpu_lease.sh OUTDIR [check] [bench]   (default: both)
 #
 # check: the extension built twice into separate folders (the machine's default compilers, and the
-#        system g++), each loaded in a child process (a crash there is recorded, with a cuda-gdb
-#        backtrace); the Triton self-check per dtype and the conformance suite, one config per kernel,
+#        system g++: the first GPU machine's CC/CXX wrappers linked libstdc++ statically, which
+#        setup.py now counters), each loaded in a child process (a crash there is recorded, with a
+#        cuda-gdb backtrace); the Triton self-check per dtype and the conformance suite, one config per kernel,
 #        from a source copy; with a library that loads: the CUDA self-check, conformance, memcheck.
 # bench: Triton compile warm-up per layer shape in parallel, then (after check) timed rows one at a
 #        time on a quiet GPU: layers, per-kernel times and autotuner picks, then models.
