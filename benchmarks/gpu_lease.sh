@@ -167,6 +167,8 @@ check_plan() {
     XCEPTION_FAST_TRITON_ONE_CONFIG=1 track conformance-triton 160 conformance "$TSRC" -n 4 -k "triton" \
         tests/test_providers.py tests/test_mid_providers.py &
     pids+=($!)
+    track reference-aten 120 conformance "$TSRC" tests/test_reference_aten.py &
+    pids+=($!)
     wait "$b1" "$b2"
     cuda_tracks &
     pids+=($!)
@@ -190,7 +192,7 @@ bench_plan() {
     track bench-layers 240 bench --models none --shapes $SHAPES --providers $providers
     # shellcheck disable=SC2086
     track kernel-times 90 with_path "$(cat "$W/bench_path")" "$PY" -m xception_fast.bench.kernel_times \
-        --shapes $SHAPES --providers ${providers% reference eager} eager --out "$W/results/kernel_times.json"
+        --shapes $SHAPES --providers $providers --out "$W/results/kernel_times.json"
     track bench-models-cudnn 200 bench --no-layers --models xception_fast legacy_xception inception_v3 \
         --batch 256 --providers reference eager
     track bench-models-triton 200 bench --no-layers --models xception_fast --batch 256 --providers triton
