@@ -105,8 +105,10 @@ def test_pairs_use_the_autotuners_config_variants_and_summed_calls(fixture):
 def test_calibration_corrects_upwards_and_the_fit_recovers_known_constants(fixture):
     records, measured = fixture
     rows = compare.pair(records, measured)
-    for r in rows:  # the fitted model is slower than the bound everywhere: every rate it uses is below peak
-        assert calibration.group_us(r["records"]) >= r["estimate_us"]
+    for r in rows:  # issue and tensor rates below the model's peaks: slower than the bound there (DRAM on the
+        # measured GPU was faster than the model's H100 figure, so a DRAM-bound kernel may come out below it)
+        if all(max(x["issue_us"] or 0, x["mma_us"]) > x["dram_us"] for x in r["records"]):
+            assert calibration.group_us(r["records"]) >= r["estimate_us"]
     t = next(r for r in rows if r["provider"] == "triton")["records"][0]
     # 8 warps, 1 CTA/SM: 2 warps per scheduler; at 6.25 clocks per issue, 0.32 of the issue rate.
     assert calibration.issue_eff(t, calibration.FITTED) == pytest.approx(2 / calibration.FITTED.latency_cycles)
@@ -120,6 +122,8 @@ def test_calibration_corrects_upwards_and_the_fit_recovers_known_constants(fixtu
     assert got.launch_us == pytest.approx(2.0, abs=0.6)
     assert all(abs(v / r["measured_us"] - 1) < 0.05 for r in rows if r["provider"] in calibration.FUSED
                for v in [calibration.group_us(r["records"], got)])
+    held = calibration.fit(rows, fixed={"dram_eff": 1.0})
+    assert held.dram_eff == 1.0 and held.latency_cycles != 1.0
     assert replace(got, fitted_on="x").label.startswith("calibrated static estimate (sm_90 model, fitted on x")
 
 

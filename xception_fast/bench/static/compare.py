@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from xception_fast.bench.static import calibration, report
+from xception_fast.bench.static.machine import machine
 
 # Template variants of one CUDA kernel that the model plans as separate launches: (a pattern on the
 # demangled name, a substring of the model record's config).
@@ -187,14 +188,15 @@ def pair(records: list[dict], measured: dict) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], cal: Optional[calibration.Calibration] = None, source: str = "") -> str:
+def markdown(rows: list[dict], cal: Optional[calibration.Calibration] = None, source: str = "",
+             fixed: Optional[dict] = None) -> str:
     """The per-kernel table: static estimate (the raw lower bound), its bound, the measured time, the
     ratio; with `cal`, the calibrated static estimate and its leave-one-out prediction beside them."""
     arch_label = "static estimate (sm_90 model)"
     head = ["| provider | unit | mode | kernel | config | launches | bound | " + arch_label + " us | measured us | "
             "measured / estimate |" + (" calibrated us | measured / calibrated | leave-one-out us |" if cal else "")]
     head.append("|---|---|---|---|---|---:|---|---:|---:|---:|" + ("---:|---:|---:|" if cal else ""))
-    loo = calibration.leave_one_out(rows) if cal else {}
+    loo = calibration.leave_one_out(rows, fixed) if cal else {}
     lines = []
     for i, r in enumerate(sorted(rows, key=lambda r: (r["provider"] == "unfused", r["provider"], r["mode"],
                                                        r["layer"], -r["measured_us"]))):
@@ -212,7 +214,7 @@ def markdown(rows: list[dict], cal: Optional[calibration.Calibration] = None, so
              "sides. measured / estimate above 1: the model is optimistic by that factor.")
     if cal:
         intro += (f" Calibrated: the {cal.label}; leave-one-out: the same fit without that row, then its "
-                  "prediction (fused-provider rows only: the fit uses no eager row).")
+                  "prediction (the fused rows fit the fused constants, the eager rows the library ones).")
     return "\n".join([intro, ""] + head + lines) + "\n"
 
 
@@ -223,6 +225,8 @@ def main(argv=None) -> int:
                    help="static records (files or folders; --all-configs runs, so the autotuner's picks are there)")
     p.add_argument("--fit", action="store_true",
                    help="fit the calibration on these rows and print its constants (else use calibration.FITTED)")
+    p.add_argument("--copy-gbps", type=float, default=None,
+                   help="hold DRAM at this measured copy bandwidth (the run's `rates.copy_gbps`) instead of fitting it")
     p.add_argument("--markdown", help="also write the table to this file")
     args = p.parse_args(argv)
     measured = json.loads(Path(args.measured).read_text())
@@ -231,10 +235,11 @@ def main(argv=None) -> int:
         print("error: no measured kernel pairs with a static record (same unit, provider, mode, dtype, batch)",
               file=sys.stderr)
         return 1
-    cal = calibration.fit(rows) if args.fit else calibration.FITTED
-    text = markdown(rows, cal, source=f"{measured.get('device', 'GPU')}, {Path(args.measured).name}")
+    fixed = {"dram_eff": args.copy_gbps / (machine(90).dram_tbps * 1e3)} if args.copy_gbps else None
+    cal = calibration.fit(rows, fixed=fixed) if args.fit else calibration.FITTED
+    text = markdown(rows, cal, source=f"{measured.get('device', 'GPU')}, {Path(args.measured).name}", fixed=fixed)
     if args.fit:
-        text += "\n" + calibration.describe(cal, rows) + "\n"
+        text += "\n" + calibration.describe(cal, rows, fixed) + "\n"
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)

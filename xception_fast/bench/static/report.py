@@ -88,7 +88,7 @@ def markdown(records: list[dict]) -> str:
         lines += [f"Columns marked *calibrated*: the **{calibration.FITTED.label}**, the same counts with the "
                   "achieved issue rate (by resident warps per scheduler), tensor rate, DRAM bandwidth and launch "
                   "cost fitted on that GPU run's per-kernel times (`xception_fast.bench.static.calibration`). An "
-                  "estimate, not a bound and not a measurement.", ""]
+                  "estimate, not a bound and not a measurement. " + calibration.FITTED_SUMMARY, ""]
     keys = sorted({(r["dtype"], r["mode"]) for r in records}, key=lambda k: (k[0], k[1] != "infer"))
     for dtype, mode in keys:
         rows = [r for r in records if r["dtype"] == dtype and r["mode"] == mode]
