@@ -75,6 +75,12 @@ def _flag(r: dict) -> str:
     return ", ".join(parts)
 
 
+def _calibrated(r: dict) -> str:
+    """The calibrated estimate, with the config it is for where the calibrated model picks another one."""
+    other = r.get("calibrated_config")
+    return _us(r.get("calibrated_us")) + (f" ({other})" if other and other != r.get("config") else "")
+
+
 def markdown(records: list[dict]) -> str:
     if not records:
         return "No static records.\n"
@@ -87,7 +93,8 @@ def markdown(records: list[dict]) -> str:
     if any(r.get("calibrated_us") is not None for r in records):
         lines += [f"Columns marked *calibrated*: the **{calibration.FITTED.label}**, the same counts with the "
                   "achieved issue rate (by resident warps per scheduler), tensor rate, DRAM bandwidth and launch "
-                  "cost fitted on that GPU run's per-kernel times (`xception_fast.bench.static.calibration`). An "
+                  "cost fitted on that GPU run's per-kernel times (`xception_fast.bench.static.calibration`), each kernel "
+                  "in the autotune config the calibrated model picks (named where it is not the bound's pick). An "
                   "estimate, not a bound and not a measurement. " + calibration.FITTED_SUMMARY, ""]
     keys = sorted({(r["dtype"], r["mode"]) for r in records}, key=lambda k: (k[0], k[1] != "infer"))
     for dtype, mode in keys:
@@ -125,7 +132,7 @@ def markdown(records: list[dict]) -> str:
                 lines.append(
                     f"| {r['provider']} | {r['layer']} | {r['kernel']} | {r.get('config', '')} | {_us(r['issue_us'])} | "
                     f"{_us(r['mma_us'])} | {_us(r['dram_us'])} | **{_us(r['estimate_us'])}** | "
-                    f"{_us(r.get('calibrated_us'))} | {r.get('bound', '')} | "
+                    f"{_calibrated(r)} | {r.get('bound', '')} | "
                     f"{r['tensor_op']} | {r['regs']} | {r['smem_bytes'] / 1024:.0f} | {r['ctas_per_sm']} | "
                     f"{r.get('waves', 0):.1f} | {_flag(r)} |")
             lines.append("")
