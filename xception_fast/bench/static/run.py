@@ -7,6 +7,8 @@ when every Xception layer was modelled, a `model_total` (each layer's unit total
 units of that shape, 34 in all). Beside the fused providers: `roofline` (the unit's floor:
 max(FLOPs at the MMA peak, compulsory bytes at DRAM bandwidth)) and `unfused` (eager cuDNN's
 separate kernels, each at its own roofline; an optimistic estimate of the baseline, never measured).
+On sm_90 every kernel record and total also has `calibrated_us` (`calibration`: the calibrated static
+estimate, in the config the calibrated model picks, `calibrated_config` where that is another one).
 """
 
 from __future__ import annotations
