@@ -148,7 +148,7 @@ def pair(records: list[dict], measured: dict) -> list[dict]:
         if not mine:
             continue
         present = {r["kernel"] for r in mine}
-        groups: dict = defaultdict(lambda: {"us": 0.0, "calls": 0.0, "names": []})
+        groups: dict = defaultdict(lambda: {"us": 0.0, "calls": 0.0})
         for full, t in m["kernels"].items():
             if provider == "unfused":
                 short = next((n for pattern, names in _EAGER if pattern.search(full) for n in names if n in present),
@@ -162,7 +162,6 @@ def pair(records: list[dict], measured: dict) -> list[dict]:
             g = groups[(short, tag)]
             g["us"] += t["us"]
             g["calls"] += t["calls"]
-            g["names"].append(full)
         for (kernel, tag), g in groups.items():
             launches = [r for r in mine if r["kernel"] == kernel and variant_of_record(r) == tag]
             chosen = [r for r in launches if r.get("chosen", True)]
@@ -173,7 +172,7 @@ def pair(records: list[dict], measured: dict) -> list[dict]:
                 if by_pick:
                     chosen, config_from = by_pick, "autotuner"
                 else:
-                    config_from = "model (autotuner's pick not modelled)"
+                    config_from = "model: no record of the autotuner's pick, run --all-configs"
             if not chosen:
                 continue
             top = max(chosen, key=lambda r: r["estimate_us"])
