@@ -14,7 +14,10 @@ constants (H100 SXM, A100), `run` for the records and totals, `report` for the J
 Modules: `sass` (disassembly, loops, dynamic counts), `machine`, `model` (LoopPlan, Launch,
 Compiled, estimate), `triton_compile` (compile without a GPU, as the JIT specialises), `geometry`
 (a unit's sizes), `triton_plans` and `cuda_plans` (the providers' launch plans: the only modules that
-know the kernels' structure), `run`, `report`, `cli`.
+know the kernels' structure), `run`, `report`, `cli`; `calibration` (the calibrated static estimate:
+the same counts at the issue, tensor and DRAM rates a GPU run reached, fitted on its per-kernel
+times; a separate column, the raw bound stays) and `compare` (the per-kernel model-vs-measured table
+and the fit: `python -m xception_fast.bench.static.compare KERNEL_TIMES.json --static ... --fit`).
 
 How to add (or update) a kernel's plan
 --------------------------------------

@@ -155,6 +155,7 @@ class Estimate:
     # {phase: {"issue_us", "mma_us"}} where the plan names phases (else empty); they run in sequence
     # where one CTA per SM runs them (another CTA's phase could fill the gaps otherwise).
     phases: dict = field(default_factory=dict)
+    warps: int = 0  # per CTA: with ctas_per_sm, the warps each scheduler can switch between (calibration)
 
     @property
     def phases_in_sequence(self) -> bool:
@@ -365,7 +366,7 @@ def estimate(launch: Launch, machine: Machine) -> Estimate:
         dram_bytes=launch.dram_bytes, mma_flops=flops * launch.grid,
         # Without tensor instructions the products are FFMAs too: the ratio would not be the depthwise's.
         dw_dup=(ffma / launch.useful_ffma) if launch.useful_ffma and flops else None, bar_per_iter=bar, mma_wait=wait,
-        loop_trips=trips, phases=phases)
+        loop_trips=trips, phases=phases, warps=warps)
 
 
 def library_gemm(kernel: str, machine: Machine, m: int, n: int, k: int, operand: str, dram_bytes: float) -> Estimate:

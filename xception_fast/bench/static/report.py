@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional
 
+from xception_fast.bench.static import calibration
 from xception_fast.bench.static.machine import machine
 
 DEFAULT_DIR = Path("benchmarks") / "results" / "static"
@@ -74,6 +75,12 @@ def _flag(r: dict) -> str:
     return ", ".join(parts)
 
 
+def _calibrated(r: dict) -> str:
+    """The calibrated estimate, with the config it is for where the calibrated model picks another one."""
+    other = r.get("calibrated_config")
+    return _us(r.get("calibrated_us")) + (f" ({other})" if other and other != r.get("config") else "")
+
+
 def markdown(records: list[dict]) -> str:
     if not records:
         return "No static records.\n"
@@ -83,22 +90,34 @@ def markdown(records: list[dict]) -> str:
              f"Every figure below is a **{label(arch)}**: dynamic SASS instruction counts, tensor-instruction "
              "FLOPs and compulsory bytes divided by the model machine's peak rates, the largest of the three "
              "per kernel. A lower bound under the model, not a measurement. Times in microseconds.", ""]
+    if any(r.get("calibrated_us") is not None for r in records):
+        lines += [f"Columns marked *calibrated*: the **{calibration.FITTED.label}**, the same counts with the "
+                  "achieved issue rate (by resident warps per scheduler), tensor rate, DRAM bandwidth and launch "
+                  "cost fitted on that GPU run's per-kernel times (`xception_fast.bench.static.calibration`), each kernel "
+                  "in the autotune config the calibrated model picks (named where it is not the bound's pick). An "
+                  "estimate, not a bound and not a measurement. " + calibration.FITTED_SUMMARY, ""]
     keys = sorted({(r["dtype"], r["mode"]) for r in records}, key=lambda k: (k[0], k[1] != "infer"))
     for dtype, mode in keys:
         rows = [r for r in records if r["dtype"] == dtype and r["mode"] == mode]
         totals = {(r["provider"], r["layer"]): r for r in rows if r["kernel"] in ("unit_total", "model_total")}
         providers = [p for p in _COLUMNS if any(k[0] == p for k in totals)]
+        calibrated = [p for p in providers if any(r.get("calibrated_us") is not None for k, r in totals.items()
+                                                  if k[0] == p)]
         layers = list(dict.fromkeys(r["layer"] for r in rows if r["kernel"] == "unit_total"))
         what = "inference" if mode == "infer" else "training forward + backward"
         lines += [f"### Units, {what}, {dtype} ({label(arch)})", "",
-                  "| layer | units | " + " | ".join(_WHAT[p] for p in providers) + " |",
-                  "|---|---:|" + "---:|" * len(providers)]
+                  "| layer | units | " + " | ".join([_WHAT[p] for p in providers]
+                                                     + [f"{p} calibrated" for p in calibrated]) + " |",
+                  "|---|---:|" + "---:|" * (len(providers) + len(calibrated))]
         for layer in layers + (["all"] if any(k[1] == "all" for k in totals) else []):
             count = next((totals[(p, layer)].get("count") for p in providers if (p, layer) in totals), "")
             cells = []
             for p in providers:
                 r = totals.get((p, layer))
                 cells.append(_us(r["estimate_us"]) if r else "not modelled")
+            for p in calibrated:
+                r = totals.get((p, layer))
+                cells.append(_us(r.get("calibrated_us")) if r else "not modelled")
             name = "**model (34 units, time x units)**" if layer == "all" else layer
             lines.append(f"| {name} | {count} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -106,13 +125,14 @@ def markdown(records: list[dict]) -> str:
                    ("unit_total", "model_total") and r.get("chosen", True)]
         if kernels:
             lines += [f"### Kernels, {what}, {dtype} ({label(arch)})", "",
-                      "| provider | layer | kernel | config | issue | MMA | DRAM | estimate | bound | op | regs | "
-                      "smem KB | CTAs/SM | waves | flags |",
-                      "|---|---|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---|"]
+                      "| provider | layer | kernel | config | issue | MMA | DRAM | estimate | calibrated | bound | op | "
+                      "regs | smem KB | CTAs/SM | waves | flags |",
+                      "|---|---|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---|"]
             for r in kernels:
                 lines.append(
                     f"| {r['provider']} | {r['layer']} | {r['kernel']} | {r.get('config', '')} | {_us(r['issue_us'])} | "
-                    f"{_us(r['mma_us'])} | {_us(r['dram_us'])} | **{_us(r['estimate_us'])}** | {r.get('bound', '')} | "
+                    f"{_us(r['mma_us'])} | {_us(r['dram_us'])} | **{_us(r['estimate_us'])}** | "
+                    f"{_calibrated(r)} | {r.get('bound', '')} | "
                     f"{r['tensor_op']} | {r['regs']} | {r['smem_bytes'] / 1024:.0f} | {r['ctas_per_sm']} | "
                     f"{r.get('waves', 0):.1f} | {_flag(r)} |")
             lines.append("")
@@ -139,14 +159,17 @@ def versus_measured(records: list[dict], measured: list[dict]) -> str:
             r = static.get(key)
             if r is None:
                 continue
-            est = r["estimate_us"]
+            est, cal, got = r["estimate_us"], r.get("calibrated_us"), row["median_ms"] * 1e3
             lines.append(f"| {row['name']} | {row['provider']} | {row['mode']} | {row['dtype']} | {row['batch']} | "
-                         f"{_us(est)} | {_us(row['median_ms'] * 1e3)} | {row['median_ms'] * 1e3 / est:.2f} | {gpu} |")
+                         f"{_us(est)} | {_us(got)} | {got / est:.2f} | {_us(cal)} | "
+                         f"{f'{got / cal:.2f}' if cal else '-'} | {gpu} |")
     if not lines:
         return ""
     arch = records[0]["arch"]
     return "\n".join([f"### Model vs measurement, per unit ({label(arch)} beside GPU medians)", "",
                       "measured / estimate: 1.0 would be a kernel at the model's bound; the model is a lower bound, "
-                      "so values below 1 mean the model is wrong and must be corrected.", "",
+                      "so values below 1 mean the model is wrong and must be corrected. Calibrated: the "
+                      f"{calibration.FITTED.label}.", "",
                       "| unit | provider | mode | dtype | batch | static estimate us | measured us | measured / "
-                      "estimate | GPU |", "|---|---|---|---|---:|---:|---:|---:|---|"] + lines) + "\n"
+                      "estimate | calibrated us | measured / calibrated | GPU |",
+                      "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"] + lines) + "\n"

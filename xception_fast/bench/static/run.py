@@ -7,6 +7,8 @@ when every Xception layer was modelled, a `model_total` (each layer's unit total
 units of that shape, 34 in all). Beside the fused providers: `roofline` (the unit's floor:
 max(FLOPs at the MMA peak, compulsory bytes at DRAM bandwidth)) and `unfused` (eager cuDNN's
 separate kernels, each at its own roofline; an optimistic estimate of the baseline, never measured).
+On sm_90 every kernel record and total also has `calibrated_us` (`calibration`: the calibrated static
+estimate, in the config the calibrated model picks, `calibrated_config` where that is another one).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 from xception_fast import backends
 from xception_fast.bench.shapes import UnitShape, aligned_unit_shapes, unit_shapes
-from xception_fast.bench.static import model, triton_plans
+from xception_fast.bench.static import calibration, model, triton_plans
 from xception_fast.bench.static.geometry import Unit
 from xception_fast.bench.static.machine import Machine, machine as machine_for
 from xception_fast.spec import UnitSpec
@@ -72,15 +74,22 @@ def _base(provider: str, kernel: str, layer: str, mode: str, dtype: str, m: Mach
                 label=m.label, machine=m.name, batch=batch, unit=shape.slug, count=shape.count)
 
 
+def with_calibrated(record: dict) -> dict:
+    """`calibrated_us`: the calibrated static estimate (`calibration.FITTED`, fitted on sm_90
+    measurements; None on other architectures), beside the raw lower bound `estimate_us`."""
+    record["calibrated_us"] = calibration.calibrated_us(record) if record.get("arch") == 90 else None
+    return record
+
+
 def kernel_record(est: model.Estimate, base: dict, candidates: int) -> dict:
-    return {**base, "issue_us": est.issue_us, "mma_us": est.mma_us, "dram_us": est.dram_us,
+    return with_calibrated({**base, "issue_us": est.issue_us, "mma_us": est.mma_us, "dram_us": est.dram_us,
             "estimate_us": est.estimate_us, "floor_us": None, "regs": est.regs, "spill_bytes": est.spill_bytes,
-            "smem_bytes": est.smem_bytes, "ctas_per_sm": est.ctas_per_sm, "tensor_op": est.tensor_op,
+            "smem_bytes": est.smem_bytes, "ctas_per_sm": est.ctas_per_sm, "warps": est.warps, "tensor_op": est.tensor_op,
             "bound": est.bound, "config": est.config, "configs_modelled": candidates, "grid": est.grid,
             "waves": est.waves, "warp_instr_per_cta": est.warp_instr_per_cta, "dram_bytes": est.dram_bytes,
             "mma_flops": est.mma_flops, "dw_dup": est.dw_dup, "bar_per_iter": est.bar_per_iter,
             "mma_wait": est.mma_wait, "loop_trips": est.loop_trips, "phases": est.phases or None,
-            "phases_in_sequence": est.phases_in_sequence if est.phases else None, "overlapped_us": est.overlapped_us}
+            "phases_in_sequence": est.phases_in_sequence if est.phases else None, "overlapped_us": est.overlapped_us})
 
 
 def best_launch(candidates: Sequence[model.Launch], m: Machine) -> tuple[model.Estimate, list[model.Estimate]]:
@@ -92,11 +101,28 @@ def best_launch(candidates: Sequence[model.Launch], m: Machine) -> tuple[model.E
     return min(fitting, key=lambda e: e.estimate_us), estimates
 
 
+def calibrated_choice(estimates: Sequence[model.Estimate], base: dict) -> dict:
+    """The calibrated model's own pick among the configs: {"calibrated_us": its calibrated estimate,
+    "calibrated_config": its config}. The raw pick (the record's config) is the fastest under the bound;
+    under the calibrated rates another config can win (e.g. 8 warps per CTA over 4, at one CTA per SM),
+    and the unit's calibrated total should be what an autotuner would reach, so it sums these. Configs that
+    spill are left out where one does not: the model counts a spill's instructions, not its local-memory
+    latency, and rates the extra CTA a register cap buys at full value; on the 2026-11-29 H200 run the
+    autotuner rejected the spilling `maxnreg=128` config on all three shapes the calibration prefers it on."""
+    fitting = [e for e in estimates if e.ctas_per_sm > 0] or list(estimates)
+    fitting = [e for e in fitting if not e.spill_bytes] or fitting
+    scored = [(with_calibrated(kernel_record(e, base, len(estimates)))["calibrated_us"], e.config) for e in fitting]
+    if any(v is None for v, _ in scored):
+        return {}
+    value, config = min(scored, key=lambda t: t[0])
+    return {"calibrated_us": value, "calibrated_config": config}
+
+
 def _total(records: list[dict], base: dict, floor_us: Optional[float]) -> dict:
     out = {**base, "kernel": "unit_total", "floor_us": floor_us, "regs": None, "spill_bytes": None,
            "smem_bytes": None, "ctas_per_sm": None, "tensor_op": None}
-    for key in ("issue_us", "mma_us", "dram_us", "estimate_us"):
-        values = [r[key] for r in records]
+    for key in ("issue_us", "mma_us", "dram_us", "estimate_us", "calibrated_us"):
+        values = [r.get(key) for r in records]
         out[key] = None if any(v is None for v in values) else sum(values)
     out["kernels"] = len(records)
     return out
@@ -186,10 +212,11 @@ def static_records(arch: int = 90, dtypes: Sequence[str] = ("bf16",), layers: Op
                 totals_of.setdefault("roofline", []).append(records[-1])
                 rows = []
                 for kernel, mma_us, dram_us in unfused_kernels(unit, mode, m):
-                    rows.append({**_base("unfused", kernel, layer, mode, dtype, m, shape, batch), "issue_us": None,
-                                 "mma_us": mma_us, "dram_us": dram_us, "estimate_us": max(mma_us, dram_us),
-                                 "floor_us": None, "regs": None, "spill_bytes": None, "smem_bytes": None,
-                                 "ctas_per_sm": None, "tensor_op": "HGMMA" if mma_us and arch >= 90 else None})
+                    rows.append(with_calibrated({
+                        **_base("unfused", kernel, layer, mode, dtype, m, shape, batch), "issue_us": None,
+                        "mma_us": mma_us, "dram_us": dram_us, "estimate_us": max(mma_us, dram_us), "floor_us": None,
+                        "regs": None, "spill_bytes": None, "smem_bytes": None, "ctas_per_sm": None,
+                        "tensor_op": "HGMMA" if mma_us and arch >= 90 else None}))
                 total = _total(rows, _base("unfused", "unit_total", layer, mode, dtype, m, shape, batch), floor)
                 records += rows + [total]
                 totals_of.setdefault("unfused", []).append(total)
@@ -210,7 +237,8 @@ def static_records(arch: int = 90, dtypes: Sequence[str] = ("bf16",), layers: Op
                         for candidates in launches:
                             est, every = best_launch(candidates, m)
                             base = _base(provider, est.kernel, layer, mode, dtype, m, shape, batch)
-                            rows.append({**kernel_record(est, base, len(every)), "chosen": True})
+                            rows.append({**kernel_record(est, base, len(every)), "chosen": True,
+                                         **calibrated_choice(every, base)})
                             if all_configs:  # the other configs, beside the totals (which use the chosen one)
                                 others += [{**kernel_record(e, base, len(every)), "chosen": False}
                                            for e in every if e is not est]
@@ -233,8 +261,8 @@ def static_records(arch: int = 90, dtypes: Sequence[str] = ("bf16",), layers: Op
                            "unit": "all", "count": sum(t["count"] for t in totals),
                            "regs": None, "spill_bytes": None, "smem_bytes": None, "ctas_per_sm": None,
                            "tensor_op": None}
-                    for key in ("issue_us", "mma_us", "dram_us", "estimate_us", "floor_us"):
-                        values = [t[key] for t in totals]
+                    for key in ("issue_us", "mma_us", "dram_us", "estimate_us", "floor_us", "calibrated_us"):
+                        values = [t.get(key) for t in totals]
                         out[key] = None if any(v is None for v in values) else \
                             sum(v * t["count"] for v, t in zip(values, totals))
                     records.append(out)

@@ -78,7 +78,8 @@ def _compiler(kernel, config, arch: int, dtype: str, constexprs: dict, ints: dic
 
 def _label(config) -> str:
     blocks = "x".join(str(v) for v in config.kwargs.values())
-    return f"{blocks} w{config.num_warps} s{config.num_stages}"
+    cap = f" r{config.maxnreg}" if getattr(config, "maxnreg", None) else ""  # two configs may differ only there
+    return f"{blocks} w{config.num_warps} s{config.num_stages}{cap}"
 
 
 def _launches(kernel, unit: Unit, arch: int, constexprs: dict, ints: dict, plan) -> list[Launch]:
