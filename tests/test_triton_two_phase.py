@@ -51,8 +51,8 @@ def test_weight_descriptor_and_pointer_paths_agree(provider, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_stored_and_recomputed_depthwise_give_the_same_gradients(provider, monkeypatch, dtype):
-    """grad_pw from the d that `_dw_output_grad_kernel` stores and from d recomputed in the weight-gradient
-    kernel: the same FMAs in the same order, rounded alike, so bitwise the same gradients (stride 2,
+    """grad_pw from the d that `_dw_weight_grad_kernel` stores and from d recomputed in the pointwise
+    weight-gradient kernel: the same FMAs in the same order, rounded alike, so bitwise the same gradients (stride 2,
     dilation 2, k=5, a NaN in x among them)."""
     from xception_fast.triton_kernels import backward
 
@@ -101,3 +101,40 @@ def test_program_splits_cover_the_positions_in_whole_tiles():
     if align == 128:  # the GPU's tiles: the middle-flow grad_pw in exactly 3 waves, the entry flow's
         assert autotune.balanced_split(92416, 36, 132) == (11, 8448)  # single tile on every SM
         assert autotune.balanced_split(256 * 147 * 147, 1, 132)[0] == 132
+
+
+def test_exact_matmul_switches_the_cublas_flags_off_and_restores_them():
+    """grad_d goes through torch.matmul: inside `exact_matmul` no TF32 for fp32 (whichever API the caller
+    used: PyTorch refuses to read a flag set through the other one), fp32 accumulation for fp16/bf16;
+    outside, the caller's flags exactly as they were. The flags are global state, settable without a GPU."""
+    from xception_fast.triton_kernels.backward import exact_matmul
+
+    flags = torch.backends.cuda.matmul
+    saved = (flags.allow_fp16_reduced_precision_reduction, flags.allow_bf16_reduced_precision_reduction,
+             flags.allow_fp16_accumulation, flags.allow_tf32)
+    try:
+        flags.allow_tf32 = True  # the legacy API (torch.set_float32_matmul_precision("high") sets it too)
+        with exact_matmul(torch.float32):
+            assert not flags.allow_tf32
+        assert flags.allow_tf32
+        flags.allow_tf32 = False
+        flags.fp32_precision = "tf32"  # the new API
+        with exact_matmul(torch.float32):
+            assert flags.fp32_precision == "ieee"
+        assert flags.fp32_precision == "tf32"
+        flags.fp32_precision = "none"  # back to a state both APIs can read
+
+        flags.allow_fp16_reduced_precision_reduction = True
+        flags.allow_bf16_reduced_precision_reduction = True
+        flags.allow_fp16_accumulation = True
+        with exact_matmul(torch.float16):
+            assert not flags.allow_fp16_reduced_precision_reduction and not flags.allow_fp16_accumulation
+        assert flags.allow_fp16_reduced_precision_reduction and flags.allow_fp16_accumulation
+        with exact_matmul(torch.bfloat16):
+            assert not flags.allow_bf16_reduced_precision_reduction
+        assert flags.allow_bf16_reduced_precision_reduction
+    finally:
+        flags.fp32_precision = "none"
+        flags.allow_tf32 = saved[3]
+        flags.allow_fp16_reduced_precision_reduction, flags.allow_bf16_reduced_precision_reduction = saved[:2]
+        flags.allow_fp16_accumulation = saved[2]

@@ -31,6 +31,7 @@ def kernels():
     from xception_fast.triton_kernels.autotune import SUM_BLOCK_M, SUM_BLOCK_S
 
     fixed = dict(BLOCK_S=SUM_BLOCK_S, BLOCK_M=SUM_BLOCK_M, BLOCK_C=SUM_BLOCK_M)
+    dw_blocks = dict(BLOCK_P=backward.DW_BLOCK_P, BLOCK_C=backward.DW_BLOCK_C)
     # The mid variant: the two-phase kernels with their mid code on, and every activation and its
     # derivative once (the interpreter runs Python's math, not the GPU compiler's).
     mid = [
@@ -38,7 +39,6 @@ def kernels():
         (depthwise_pointwise._sepconv_train_kernel, dict(MID_BN=2, MID_ACT="silu")),
         (depthwise_pointwise._sepconv_grad_z_kernel, dict(MID_BN=1, MID_ACT="hardswish")),
         (mid_unit._depthwise_stats_kernel, dict(BLOCK_P=mid_unit.STATS_BLOCK_P, BLOCK_C=mid_unit.STATS_BLOCK_C)),
-        (mid_unit._dw_weight_grad_kernel, dict(BLOCK_P=mid_unit.DW_BLOCK_P, BLOCK_C=mid_unit.DW_BLOCK_C)),
     ] + [(mid_unit._mid_recompute_kernel, dict(MID_BN=2, MID_ACT=act)) for act in MID_ACTIVATIONS] \
         + [(mid_unit._mid_act_grad_kernel, dict(MID_BN=2, MID_ACT=act)) for act in MID_ACTIVATIONS]
     return mid + [
@@ -53,8 +53,8 @@ def kernels():
         # Both ways of getting d (read back, recomputed); unit and 2-pixel strides.
         (backward._pw_weight_grad_kernel, dict(D_STORED=True)),
         (backward._pw_weight_grad_kernel, dict(D_STORED=False)),
-        (backward._dw_output_grad_kernel, dict(STORE_D=True)),
-        (backward._dw_output_grad_kernel, dict(STORE_D=False)),
+        (backward._dw_weight_grad_kernel, dict(dw_blocks, STORE_D=True)),
+        (backward._dw_weight_grad_kernel, dict(dw_blocks, STORE_D=False)),
         (backward._dw_input_grad_kernel, dict(STRIDE_H=1, STRIDE_W=1)),
         (backward._dw_input_grad_kernel, dict(STRIDE_H=2, STRIDE_W=2)),
     ]

@@ -177,18 +177,6 @@ def balanced_split(positions: int, tiles: int, sms: int, max_waves: int = 4) -> 
     return best[1], best[2]
 
 
-def dw_output_grad_configs() -> list[triton.Config]:
-    """grad of the depthwise output: [BLOCK_P, BLOCK_CI] tiles, a product over Cout in BLOCK_CO steps."""
-    gpu = [
-        (64, 64, 64, 4, 1),
-        (128, 64, 32, 8, 1),
-        (64, 128, 64, 8, 1),
-        (64, 64, 32, 4, 1),
-        (64, 64, 64, 8, 2),
-    ]
-    return _configs(gpu, (_PINNED_P, _PINNED_C, _PINNED_C, 4, 1), ("BLOCK_P", "BLOCK_CO", "BLOCK_CI"))
-
-
 def dw_input_grad_configs() -> list[triton.Config]:
     """Transposed depthwise gather: [BLOCK_P, BLOCK_C] tiles; small per-thread tiles, because the
     compiler hoists all k x k taps' loads and 32 elements per thread reached 250 registers."""

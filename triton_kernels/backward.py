@@ -1,11 +1,14 @@
 """Backward of the fused unit: pointwise and depthwise gradients, the depthwise output recomputed.
 
 With g_z = grad of z [P, Cout] (positions x output channels), d = dw(pre(x)) [P, C]:
-- grad_d  = g_z @ W_pw          `_dw_output_grad_kernel`: a tl.dot over Cout; the same kernel
-                                  reduces grad_dw = sum_p grad_d * x_tap while grad_d is in
-                                  registers ([S, C, KH*KW] partials) and stores grad_d once; with
-                                  the taps loaded it also recomputes d and stores it, where
-                                  grad_pw would otherwise recompute it per Cout tile.
+- grad_d  = g_z @ W_pw          `torch.matmul` (cuBLAS) under `exact_matmul`: operands and result in the
+                                  input dtype, fp32 accumulation, no TF32. (A tl.dot kernel that also
+                                  reduced grad_dw took 1.62 ms on an H200 for the middle-flow unit,
+                                  where cuBLAS's dgrad of the same shape takes about 0.2 ms.)
+- grad_dw = sum_p grad_d * pre(x)_tap   `_dw_weight_grad_kernel`: a split reduction over positions
+                                  ([S, C, KH*KW] partials) that reads x and grad_d once; shared with
+                                  the mid variant. With the taps loaded it also recomputes d and stores
+                                  it (STORE_D), where grad_pw would otherwise recompute it per Cout tile.
 - grad_pw = g_z^T @ d           `_pw_weight_grad_kernel`: a split-K reduction over positions
                                   ([S, Cout, C] fp32 partials), d read back or recomputed.
 - grad_x  = dw^T(grad_d) * [x > 0 if pre-ReLU]   `_dw_input_grad_kernel`: the transposed depthwise
@@ -13,17 +16,17 @@ With g_z = grad of z [P, Cout] (positions x output channels), d = dw(pre(x)) [P,
 g_z is materialised once, in the input dtype, and read by both products: in training by
 `batchnorm.grad_z` (an elementwise pass over grad_y and z), in inference by the two-phase forward
 that recomputes z (`depthwise_pointwise._sepconv_grad_z_kernel`), unless g_z is grad_y itself.
-(Rebuilding it from grad_y and z inside every tile of both products cost 12-23 rebuilds.)
 
 grad_d is the one intermediate that goes to memory: grad_x needs it under the whole k x k
 neighbourhood of each input position, i.e. across program tiles (the unfused path stores it too).
-All reductions are deterministic: fixed splits over positions, then `batchnorm.sum_rows`.
-Rounding follows the reference: g_z and grad_d in the input dtype, weight grads accumulated in fp32
-and stored in the weight dtype.
+All reductions of the Triton kernels are deterministic: fixed splits over positions, then
+`batchnorm.sum_rows`. Rounding follows the reference: g_z and grad_d in the input dtype, weight
+grads accumulated in fp32 and stored in the weight dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -34,14 +37,14 @@ from torch import Tensor
 from xception_fast.spec import UnitSpec
 
 from . import batchnorm
-from .autotune import (balanced_split, device_arch, dw_input_grad_configs, dw_output_grad_configs, position_bucket,
+from .autotune import (INTERPRET, balanced_split, device_arch, dw_input_grad_configs, position_bucket,
                        position_split, pw_grad_tile, pw_weight_grad_configs, sm_count)
 from .depthwise_pointwise import (Geometry, _depthwise_chunk, _mma, _pre_f32, _prepare, _tap_rows, depthwise_taps,
                                   recompute_grad_z)
 from .utils import INLINE_ASM, channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
 
 
-# grad_pw reads a stored d (written by `_dw_output_grad_kernel`) once its recompute would run this many
+# grad_pw reads a stored d (written by `_dw_weight_grad_kernel`) once its recompute would run this many
 # times (Cout tiles): a middle-flow unit, 3 tiles of 256, 373 -> 110 us; with one tile (the entry flow)
 # the store and the re-read cost more DRAM time than the one recompute (static estimate (sm_90 model)).
 STORE_D_FROM_TILES = 2
@@ -68,7 +71,7 @@ def _pw_weight_grad_kernel(
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
 ):
     # A split-K GEMM over positions: program (s, tile) owns one [BLOCK_CO, BLOCK_CI] block of the
-    # weight gradient and the positions of split s. d is read from d_ptr where `_dw_output_grad_kernel`
+    # weight gradient and the positions of split s. d is read from d_ptr where `_dw_weight_grad_kernel`
     # stored it (D_STORED: the host's choice when Cout spans several BLOCK_CO tiles), else recomputed
     # from x with the forward's depthwise chunk (inline-PTX ReLU and widening), once per program: with
     # one Cout tile that is cheaper than storing and re-reading d. The host picks BLOCK_CO and the
@@ -104,78 +107,140 @@ def _pw_weight_grad_kernel(
     tl.store(part_ptr + offs, acc, mask=co_mask[:, None] & (ci < C)[None, :])
 
 
-@triton.autotune(configs=dw_output_grad_configs(), key=["C", "Cout", "P_BUCKET", "KH", "KW"])
+# Fixed blocks of the depthwise weight gradient (its position split must not depend on an autotuned
+# config): 3 x 3 keeps 9 fp32 accumulators of a tile in registers (10 with the d it stores).
+DW_BLOCK_P, DW_BLOCK_C = (32, 16) if INTERPRET else (16, 64)
+
+
 @triton.jit
-def _dw_output_grad_kernel(
+def _split_channel_block(C, BLOCK_C: tl.constexpr):
+    """(s, c0, ci) of a split-reduction program (program id = s * channel blocks + block): its split
+    s, the first channel c0 of its block and the block's channels ci."""
+    c_tiles = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    s, c0 = pid // c_tiles, (pid % c_tiles) * BLOCK_C
+    return s, c0, c0 + tl.arange(0, BLOCK_C)
+
+
+@triton.jit
+def _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, i: tl.constexpr,
+         j: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, STORE_D: tl.constexpr):
+    """(gd * pre(x) under tap (i, j) of each position, d + that tap's term if STORE_D), [BLOCK_P,
+    BLOCK_C] fp32, zero outside the image. d sums the taps from zero in the forward's order
+    (`_depthwise_chunk`), so the stored d is bitwise the one `_pw_weight_grad_kernel` would recompute."""
+    ih = ih0 + i * dil_h
+    iw = iw0 + j * dil_w
+    ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    xv = tl.load(x_rows[:, None] + ((i * dil_h * W + j * dil_w) * C + ci)[None, :], mask=ok[:, None] & c_ok[None, :],
+                 other=0.0)
+    xv = _pre_f32(xv, PRE_RELU, False)
+    if STORE_D:
+        d += xv * tl.load(dwt_ptr + (i * KW + j) * C + ci, mask=c_ok, other=0.0)[None, :]
+    return gd * xv, d
+
+
+@triton.jit
+def _grad_tile(x_ptr, gd_ptr, p0, p_end, ci, c_ok, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
+               BLOCK_P: tl.constexpr):
+    """`_tap_rows` of positions [p0, p0 + BLOCK_P) (below p_end), then their grad_d tile [BLOCK_P, BLOCK_C] fp32."""
+    x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w, BLOCK_P)
+    p = p0 + tl.arange(0, BLOCK_P)
+    gd = tl.load(gd_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], mask=p_mask[:, None] & c_ok[None, :],
+                 other=0.0).to(tl.float32)
+    return x_rows, ih0, iw0, p_mask, gd
+
+
+@triton.jit
+def _put(grad_dw, taps, t: tl.constexpr, acc):
+    """Row t of grad_dw [KK_PAD, BLOCK_C] = acc [BLOCK_P, BLOCK_C] summed over its rows."""
+    return tl.where(taps[:, None] == t, tl.sum(acc, axis=0)[None, :], grad_dw)
+
+
+@triton.jit
+def _store_d(d_ptr, d, p0, p_mask, ci, c_ok, C, STORE_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    if STORE_D:
+        p = p0 + tl.arange(0, BLOCK_P)
+        tl.store(d_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], d.to(d_ptr.dtype.element_ty),
+                 mask=p_mask[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _dw_weight_grad_kernel(
     # pointers
     x_ptr,  # [N, H, W, C] input (channels_last)
-    pw_ptr,  # [Cout, C] pointwise weight
-    gz_ptr,  # [P, Cout] grad of z, input dtype
-    gd_ptr,  # [P, C] out: grad of the depthwise output, input dtype
+    gd_ptr,  # [P, C] grad of the depthwise output
     part_ptr,  # [S, C, KH * KW] fp32 out: per split, grad of the depthwise weight
     dwt_ptr,  # [KH * KW, C] fp32 depthwise taps (read only if STORE_D)
     d_ptr,  # [P, C] out (only if STORE_D): the depthwise output d, input dtype, for `_pw_weight_grad_kernel`
     # sizes
-    P, P_BUCKET, chunk, H, W, C, Ho, Wo, Cout,  # P_BUCKET: the autotuning key only
+    P, chunk, H, W, C, Ho, Wo,
     # convolution
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     # meta-parameters
-    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr,
-    C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr, STORE_D: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, KK_PAD: tl.constexpr, PRE_RELU: tl.constexpr, C_ALIGN: tl.constexpr,
+    STORE_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # grad_dw needs pre(x) under every tap, so d = dw(pre(x)) costs one FMA per tap more (STORE_D):
-    # the forward's FMA order from zero, rounded to the input dtype as the forward's slot is.
+    # grad_dw[c, tap] = sum_p grad_d[p, c] * pre(x)[tap of p, c]: a split reduction over positions
+    # (deterministic: fixed splits, then `batchnorm.sum_rows`). For 3 x 3 (Xception's), one register
+    # accumulator per tap and one cross-warp reduction per tap per program; other kernel sizes reduce
+    # each tile's products (a reduction per tap per tile: 36 barriers per tile on sm_90).
     C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
-    Cout = Cout // COUT_ALIGN * COUT_ALIGN
-    ci_tiles = tl.cdiv(C, BLOCK_CI)
-    pid = tl.program_id(0)
-    s, pid_ci = pid // ci_tiles, pid % ci_tiles
-    ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
-    ci_mask = ci < C
+    s, c0, ci = _split_channel_block(C, BLOCK_C)
+    c_ok = ci < C
     p_end = tl.minimum(s * chunk + chunk, P)
-    # grad_dw accumulates in the program's own row of the partials, [C, KH * KW], tap by tap (a
-    # [KH * KW, BLOCK_CI] register accumulator cost a layout conversion through shared memory per tap).
-    # A tile's store and the next tile's load of the same element may be made by different threads:
-    # a barrier at the end of each tile orders them.
-    part = part_ptr + s.to(tl.int64) * C * (KH * KW) + ci * (KH * KW)
-    for p0 in range(s * chunk, p_end, BLOCK_P):
-        # The taps addressed as the forward's `_depthwise_chunk` does: one row pointer per position,
-        # each tap a scalar offset from it (int64 index math once per tile, not once per tap).
-        x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
-                                             BLOCK_P)
-        p = p0 + tl.arange(0, BLOCK_P)
-        gd = tl.zeros((BLOCK_P, BLOCK_CI), dtype=tl.float32)
-        for co0 in range(0, Cout, BLOCK_CO):
-            co = co0 + tl.arange(0, BLOCK_CO)
-            co_mask = co < Cout
-            gz = tl.load(gz_ptr + p.to(tl.int64)[:, None] * Cout + co[None, :],
-                         mask=p_mask[:, None] & co_mask[None, :], other=0.0)
-            wt = tl.load(pw_ptr + co[:, None] * C + ci[None, :], mask=co_mask[:, None] & ci_mask[None, :], other=0.0)
-            gd = _mma(gz, wt, gd)
-        gd_low = gd.to(gd_ptr.dtype.element_ty)  # stored, and used below, in the input dtype
-        tl.store(gd_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], gd_low,
-                 mask=p_mask[:, None] & ci_mask[None, :])
-        gdf = gd_low.to(tl.float32)
-        d = tl.zeros((BLOCK_P, BLOCK_CI), dtype=tl.float32)
-        for i in tl.static_range(KH):
-            ih = ih0 + i * dil_h
-            row_ok = p_mask & (ih >= 0) & (ih < H)
-            for j in tl.static_range(KW):
-                iw = iw0 + j * dil_w
-                ok = row_ok & (iw >= 0) & (iw < W)
-                xv = tl.load(x_rows[:, None] + ((i * dil_h * W + j * dil_w) * C + ci)[None, :],
-                             mask=ok[:, None] & ci_mask[None, :], other=0.0)
-                xv = _pre_f32(xv, PRE_RELU, ASM)
-                contrib = tl.sum(gdf * xv, axis=0)
-                seen = tl.load(part + (i * KW + j), mask=ci_mask & (p0 > s * chunk), other=0.0)
-                tl.store(part + (i * KW + j), seen + contrib, mask=ci_mask)
-                if STORE_D:
-                    d += xv * tl.load(dwt_ptr + (i * KW + j) * C + ci, mask=ci_mask, other=0.0)[None, :]
-        if STORE_D:
-            tl.store(d_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], d.to(d_ptr.dtype.element_ty),
-                     mask=p_mask[:, None] & ci_mask[None, :])
-        tl.debug_barrier()  # this tile's grad_dw stores before the next tile's loads (see `part`)
+    taps = tl.arange(0, KK_PAD)
+    grad_dw = tl.zeros((KK_PAD, BLOCK_C), dtype=tl.float32)  # row t: tap t = i * KW + j
+    if KH == 3 and KW == 3:
+        a00 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        a01, a02, a10, a11, a12, a20, a21, a22 = a00, a00, a00, a00, a00, a00, a00, a00
+        for p0 in range(s * chunk, p_end, BLOCK_P):
+            x_rows, ih0, iw0, p_mask, gd = _grad_tile(x_ptr, gd_ptr, p0, p_end, ci, c_ok, H, W, C, Ho, Wo, stride_h,
+                                                      stride_w, pad_h, pad_w, BLOCK_P)
+            d = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+            t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 0, 0, KW,
+                        PRE_RELU, STORE_D)
+            a00 += t
+            t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 0, 1, KW,
+                        PRE_RELU, STORE_D)
+            a01 += t
+            t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 0, 2, KW,
+                        PRE_RELU, STORE_D)
+            a02 += t
+            t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 1, 0, KW,
+                        PRE_RELU, STORE_D)
+            a10 += t
+            t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 1, 1, KW,
+                        PRE_RELU, STORE_D)
+            a11 += t
+            t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 1, 2, KW,
+                        PRE_RELU, STORE_D)
+            a12 += t
+            t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 2, 0, KW,
+                        PRE_RELU, STORE_D)
+            a20 += t
+            t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 2, 1, KW,
+                        PRE_RELU, STORE_D)
+            a21 += t
+            t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 2, 2, KW,
+                        PRE_RELU, STORE_D)
+            a22 += t
+            _store_d(d_ptr, d, p0, p_mask, ci, c_ok, C, STORE_D, BLOCK_P)
+        grad_dw = _put(_put(_put(grad_dw, taps, 0, a00), taps, 1, a01), taps, 2, a02)
+        grad_dw = _put(_put(_put(grad_dw, taps, 3, a10), taps, 4, a11), taps, 5, a12)
+        grad_dw = _put(_put(_put(grad_dw, taps, 6, a20), taps, 7, a21), taps, 8, a22)
+    else:
+        for p0 in range(s * chunk, p_end, BLOCK_P):
+            x_rows, ih0, iw0, p_mask, gd = _grad_tile(x_ptr, gd_ptr, p0, p_end, ci, c_ok, H, W, C, Ho, Wo, stride_h,
+                                                      stride_w, pad_h, pad_w, BLOCK_P)
+            d = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+            for i in tl.static_range(KH):
+                for j in tl.static_range(KW):
+                    t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, i, j, KW,
+                                PRE_RELU, STORE_D)
+                    grad_dw = tl.where(taps[:, None] == i * KW + j, grad_dw + tl.sum(t, axis=0)[None, :], grad_dw)
+            _store_d(d_ptr, d, p0, p_mask, ci, c_ok, C, STORE_D, BLOCK_P)
+    offs = s.to(tl.int64) * C * (KH * KW) + ci[None, :] * (KH * KW) + taps[:, None]
+    tl.store(part_ptr + offs, grad_dw, mask=(taps < KH * KW)[:, None] & c_ok[None, :])
 
 
 @triton.autotune(configs=dw_input_grad_configs(), key=["C", "Q_BUCKET", "KH", "KW", "STRIDE_H", "STRIDE_W"])
@@ -243,50 +308,104 @@ def _dw_input_grad_kernel(
 
 # --- host side ------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def exact_matmul(dtype: torch.dtype):
+    """torch.matmul (cuBLAS) with the contract's arithmetic inside the block: fp32 operands multiplied
+    in fp32 (no TF32), half operands accumulated in fp32 (no fp16 accumulation, no reduced-precision
+    split-K reduction). Global cuBLAS flags are switched only where the caller set them otherwise,
+    through the API the caller used (PyTorch refuses to read a TF32 flag set through the other one),
+    and restored on the way out."""
+    flags = torch.backends.cuda.matmul
+    changed = []  # (flag, value to restore)
+    if dtype == torch.float32:
+        try:
+            if flags.allow_tf32:  # set through the legacy API (or torch.set_float32_matmul_precision)
+                changed.append(("allow_tf32", True))
+        except RuntimeError:  # set through the new API, where reading the legacy flag is refused
+            if flags.fp32_precision == "tf32":
+                changed.append(("fp32_precision", "tf32"))
+    else:
+        name = "fp16" if dtype == torch.float16 else "bf16"
+        reduced = f"allow_{name}_reduced_precision_reduction"
+        if getattr(flags, reduced, False):  # (with split-K: PyTorch allows no other setting beside it)
+            changed.append((reduced, True))
+        if dtype == torch.float16 and getattr(flags, "allow_fp16_accumulation", False):
+            changed.append(("allow_fp16_accumulation", True))
+    for flag, _ in changed:
+        setattr(flags, flag, "ieee" if flag == "fp32_precision" else False)
+    try:
+        yield
+    finally:
+        for flag, value in changed:
+            setattr(flags, flag, value)
+
+
+def _as_matrix(t: Tensor) -> Tensor:
+    """A channels_last [N, C, H, W] tensor as its [N * H * W, C] matrix (a view)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
 def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight: Tensor, pw_weight: Tensor,
                     pre_relu: bool, grad_z: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_dw_weight, grad_pw_weight) from g_z [N, Cout, Ho, Wo] channels_last in x's dtype."""
     device = x.device
-    grad_x = empty_nhwc((geo.N, geo.C, geo.H, geo.W), x.dtype, device)
-    kk = geo.KH * geo.KW
     if geo.P == 0 or geo.C == 0 or geo.Cout == 0:
-        return (grad_x.zero_(), torch.zeros_like(dw_weight, memory_format=torch.contiguous_format),
+        return (empty_nhwc((geo.N, geo.C, geo.H, geo.W), x.dtype, device).zero_(),
+                torch.zeros_like(dw_weight, memory_format=torch.contiguous_format),
                 torch.zeros_like(pw_weight, memory_format=torch.contiguous_format))
-    conv = geo.conv_args()
-    asm = INLINE_ASM and device.type == "cuda"  # PTX: never in the interpreter
-    common = dict(KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu), **geo.align())
+    # grad_d [P, C] (the memory of an [N, C, Ho, Wo] channels_last tensor): rounded to x's dtype once,
+    # as the reference's 1x1 convolution backward returns it.
+    gz = _as_matrix(grad_z)
+    with exact_matmul(x.dtype):
+        grad_d = torch.matmul(gz, pw.view(geo.Cout, geo.C))
 
-    # grad_d and grad_dw first: with several Cout tiles of grad_pw, that kernel also stores d once, and
-    # grad_pw reads it instead of recomputing the depthwise once per Cout tile.
+    # grad_dw next: with several Cout tiles of grad_pw, that kernel also stores d once, and grad_pw
+    # reads it instead of recomputing the depthwise once per Cout tile.
     block_co, block_ci = pw_grad_tile(x.dtype, device_arch(device), geo.Cout)
     store_d = triton.cdiv(geo.Cout, block_co) >= STORE_D_FROM_TILES
-    grad_d = empty_nhwc((geo.N, geo.C, geo.Ho, geo.Wo), x.dtype, device)
-    d = empty_nhwc((geo.N, geo.C, geo.Ho, geo.Wo), x.dtype, device) if store_d else grad_d  # grad_d: unused
-    splits, chunk = position_split(geo.P, triton.cdiv(geo.C, 64), device)
-    part_dw = new_empty((splits, geo.C, kk), torch.float32, device)
-
-    def grid_d(meta):
-        return (splits * triton.cdiv(geo.C, meta["BLOCK_CI"]),)
-
+    d = new_empty((geo.P, geo.C), x.dtype, device) if store_d else None
     dwt = depthwise_taps(dw, geo, geo.C)
-    _dw_output_grad_kernel[grid_d](x, pw, grad_z, grad_d, part_dw, dwt, d, geo.P,
-                                   position_bucket(geo.P), chunk, geo.H, geo.W, geo.C, geo.Ho, geo.Wo, geo.Cout, *conv,
-                                   ASM=asm, STORE_D=store_d, **common)
-    grad_dw = batchnorm.sum_rows(part_dw.view(splits, -1), dw_weight.dtype).view(dw_weight.shape)
+    grad_dw = dw_weight_grad(geo, x, grad_d, dw_weight, pre_relu, dwt, d)
 
     splits, chunk = balanced_split(geo.P, triton.cdiv(geo.Cout, block_co) * triton.cdiv(geo.C, block_ci),
                                    sm_count(device))
     part_pw = new_empty((splits, geo.Cout, geo.C), torch.float32, device)
     k_slot = triton.cdiv(geo.C, block_ci) * block_ci
     grid_pw = (splits * triton.cdiv(geo.Cout, block_co) * triton.cdiv(geo.C, block_ci),)
-    _pw_weight_grad_kernel[grid_pw](x, depthwise_taps(dw, geo, k_slot), d, grad_z, part_pw, geo.P,
+    _pw_weight_grad_kernel[grid_pw](x, depthwise_taps(dw, geo, k_slot), d if store_d else x, grad_z, part_pw, geo.P,
                                     position_bucket(geo.P), chunk, geo.H, geo.W, geo.C, geo.Ho, geo.Wo, geo.Cout,
-                                    k_slot, *conv, ASM=asm, D_STORED=store_d,
-                                    BLOCK_CO=block_co, BLOCK_CI=block_ci, **common)
+                                    k_slot, *geo.conv_args(), KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu),
+                                    ASM=INLINE_ASM and device.type == "cuda",  # PTX: never in the interpreter
+                                    D_STORED=store_d, BLOCK_CO=block_co, BLOCK_CI=block_ci, **geo.align())
     grad_pw = batchnorm.sum_rows(part_pw.view(splits, -1), pw_weight.dtype).view(pw_weight.shape)
 
+    grad_x = empty_nhwc((geo.N, geo.C, geo.H, geo.W), x.dtype, device)
     dw_input_grad(geo, grad_d, dwt, x, grad_x, pre_relu)
     return grad_x, grad_dw, grad_pw
+
+
+def dw_weight_grad(geo: Geometry, x: Tensor, grad_d: Tensor, dw_weight: Tensor, pre_relu: bool,
+                   dwt: Optional[Tensor] = None, d: Optional[Tensor] = None) -> Tensor:
+    """grad of the depthwise weight (shaped and typed as dw_weight) from grad_d [P, C] in x's dtype;
+    with d [P, C] given, d = dw(pre(x)) is stored there too (dwt: `depthwise_taps(dw, geo, C)`)."""
+    device, c, kk = x.device, geo.C, geo.KH * geo.KW
+    splits, chunk = position_split(geo.P, triton.cdiv(c, DW_BLOCK_C), device)
+    part = new_empty((splits, c, kk), torch.float32, device)
+    store_d = d is not None
+    _dw_weight_grad_kernel[(splits * triton.cdiv(c, DW_BLOCK_C),)](
+        x, grad_d, part, dwt if store_d else part, d if store_d else grad_d, geo.P, chunk, geo.H, geo.W, c, geo.Ho,
+        geo.Wo, *geo.conv_args(), KH=geo.KH, KW=geo.KW, KK_PAD=triton.next_power_of_2(kk), PRE_RELU=bool(pre_relu),
+        C_ALIGN=channel_align(c), STORE_D=store_d, BLOCK_P=DW_BLOCK_P, BLOCK_C=DW_BLOCK_C)
+    return batchnorm.sum_rows(part.view(splits, -1), dw_weight.dtype).view(dw_weight.shape)
+
+
+def dw_backward(geo: Geometry, x: Tensor, dw: Tensor, dw_weight: Tensor, grad_d: Tensor,
+                pre_relu: bool) -> tuple[Tensor, Tensor]:
+    """(grad_x, grad_dw_weight) from grad_d [P, C] in x's dtype; x, dw as `_prepare` returns them."""
+    grad_dw = dw_weight_grad(geo, x, grad_d, dw_weight, pre_relu)
+    grad_x = empty_nhwc((geo.N, geo.C, geo.H, geo.W), x.dtype, x.device)
+    dw_input_grad(geo, grad_d, depthwise_taps(dw, geo, geo.C), x, grad_x, pre_relu)
+    return grad_x, grad_dw
 
 
 def dw_input_grad(geo: Geometry, grad_d: Tensor, dwt: Tensor, x: Tensor, grad_x: Tensor, pre_relu: bool) -> None:

@@ -13,8 +13,8 @@ The four functions of `xception_fast.reference` for `UnitSpec.mid` (`sepconv_mid
   module keeps d and a saved from the forward); the two pointwise products are plain GEMMs on them
   (torch.matmul: cuBLAS, nothing for Triton to fuse there); `_mid_act_grad_kernel` applies the
   activation's derivative; the mid BatchNorm's backward is `batchnorm.dy_sums` + `batchnorm.grad_z`
-  (the pointwise BatchNorm's kernels, with t as the normalised input); `_dw_weight_grad_kernel`
-  reduces the depthwise weight gradient and `backward.dw_input_grad` the input gradient.
+  (the pointwise BatchNorm's kernels, with t as the normalised input); `backward.dw_backward` (the
+  base variant's `_dw_weight_grad_kernel` and `_dw_input_grad_kernel`) the depthwise gradients.
 Rounding follows the reference: t, u = midBN(t), a, grad_a, grad_u and grad_d in the input dtype.
 """
 
@@ -31,8 +31,8 @@ from xception_fast.spec import UnitSpec
 
 from . import batchnorm
 from .autotune import INTERPRET, elementwise_configs, position_split
-from .backward import dw_input_grad
-from .depthwise_pointwise import (Geometry, TwoPhase, _depthwise_chunk, _pre_f32, _prepare,
+from .backward import _as_matrix, _split_channel_block, dw_backward
+from .depthwise_pointwise import (Geometry, TwoPhase, _depthwise_chunk, _prepare,
                                   _sepconv_grad_z_kernel, _sepconv_infer_kernel, _sepconv_train_kernel, _tap_rows,
                                   depthwise_taps, infer_operands)
 from .mid_act import BN_BATCH, BN_BIAS, BN_NONE, mid_act, mid_act_grad, mid_input, mid_normalize
@@ -41,20 +41,9 @@ from .utils import INLINE_ASM, channel_align, check_dtype, empty_nhwc, new_empty
 # Fixed blocks of the kernels whose position split must not depend on an autotuned config. The
 # statistics pass keeps two fp32 accumulators of a tile in registers: short tiles.
 STATS_BLOCK_P, STATS_BLOCK_C = (32, 16) if INTERPRET else (16, 64)
-DW_BLOCK_P, DW_BLOCK_C = (32, 16) if INTERPRET else (16, 64)  # the weight gradient: 9 accumulators
 
 
 # --- kernels --------------------------------------------------------------------------------------------
-
-@triton.jit
-def _split_channel_block(C, BLOCK_C: tl.constexpr):
-    """(s, c0, ci) of a split-reduction program (program id = s * channel blocks + block): its split
-    s, the first channel c0 of its block and the block's channels ci."""
-    c_tiles = tl.cdiv(C, BLOCK_C)
-    pid = tl.program_id(0)
-    s, c0 = pid // c_tiles, (pid % c_tiles) * BLOCK_C
-    return s, c0, c0 + tl.arange(0, BLOCK_C)
-
 
 @triton.jit
 def _depthwise_stats_kernel(
@@ -153,86 +142,6 @@ def _mid_act_grad_kernel(
     tl.store(gu_ptr + offs, mid_act_grad(g, u, MID_ACT).to(gu_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, i: tl.constexpr, j: tl.constexpr,
-                 PRE_RELU: tl.constexpr):
-    """gd * pre(x) under tap (i, j) of each position, [BLOCK_P, BLOCK_C] fp32, zero outside the image."""
-    ih = ih0 + i * dil_h
-    iw = iw0 + j * dil_w
-    ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    xv = tl.load(x_rows[:, None] + ((i * dil_h * W + j * dil_w) * C + ci)[None, :], mask=ok[:, None] & c_ok[None, :],
-                 other=0.0)
-    return gd * _pre_f32(xv, PRE_RELU, False)
-
-
-@triton.jit
-def _grad_tile(x_ptr, gd_ptr, p0, p_end, ci, c_ok, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
-               BLOCK_P: tl.constexpr):
-    """`_tap_rows` of positions [p0, p0 + BLOCK_P) (below p_end), then their grad_d tile [BLOCK_P, BLOCK_C] fp32."""
-    x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w, BLOCK_P)
-    p = p0 + tl.arange(0, BLOCK_P)
-    gd = tl.load(gd_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], mask=p_mask[:, None] & c_ok[None, :],
-                 other=0.0).to(tl.float32)
-    return x_rows, ih0, iw0, p_mask, gd
-
-
-@triton.jit
-def _put(grad_dw, taps, t: tl.constexpr, acc):
-    """Row t of grad_dw [KK_PAD, BLOCK_C] = acc [BLOCK_P, BLOCK_C] summed over its rows."""
-    return tl.where(taps[:, None] == t, tl.sum(acc, axis=0)[None, :], grad_dw)
-
-
-@triton.jit
-def _dw_weight_grad_kernel(
-    x_ptr,  # [N, H, W, C] input (channels_last)
-    gd_ptr,  # [P, C] grad of the depthwise output
-    part_ptr,  # [S, C, KH * KW] fp32 out: per split, grad of the depthwise weight
-    P, chunk, H, W, C, Ho, Wo,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, KK_PAD: tl.constexpr, PRE_RELU: tl.constexpr, C_ALIGN: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # grad_dw[c, tap] = sum_p grad_d[p, c] * pre(x)[tap of p, c]: a split reduction over positions
-    # (deterministic: fixed splits, then `batchnorm.sum_rows`). For 3 x 3 (Xception's), one register
-    # accumulator per tap and one cross-warp reduction per tap per program; other kernels reduce each
-    # tile's products (a reduction per tap per tile: 36 barriers per tile on sm_90).
-    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
-    s, c0, ci = _split_channel_block(C, BLOCK_C)
-    c_ok = ci < C
-    p_end = tl.minimum(s * chunk + chunk, P)
-    taps = tl.arange(0, KK_PAD)
-    grad_dw = tl.zeros((KK_PAD, BLOCK_C), dtype=tl.float32)  # row t: tap t = i * KW + j
-    if KH == 3 and KW == 3:
-        a00 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        a01, a02, a10, a11, a12, a20, a21, a22 = a00, a00, a00, a00, a00, a00, a00, a00
-        for p0 in range(s * chunk, p_end, BLOCK_P):
-            x_rows, ih0, iw0, p_mask, gd = _grad_tile(x_ptr, gd_ptr, p0, p_end, ci, c_ok, H, W, C, Ho, Wo, stride_h,
-                                                      stride_w, pad_h, pad_w, BLOCK_P)
-            a00 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 0, 0, PRE_RELU)
-            a01 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 0, 1, PRE_RELU)
-            a02 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 0, 2, PRE_RELU)
-            a10 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 1, 0, PRE_RELU)
-            a11 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 1, 1, PRE_RELU)
-            a12 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 1, 2, PRE_RELU)
-            a20 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 2, 0, PRE_RELU)
-            a21 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 2, 1, PRE_RELU)
-            a22 += _tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, 2, 2, PRE_RELU)
-        grad_dw = _put(_put(_put(grad_dw, taps, 0, a00), taps, 1, a01), taps, 2, a02)
-        grad_dw = _put(_put(_put(grad_dw, taps, 3, a10), taps, 4, a11), taps, 5, a12)
-        grad_dw = _put(_put(_put(grad_dw, taps, 6, a20), taps, 7, a21), taps, 8, a22)
-    else:
-        for p0 in range(s * chunk, p_end, BLOCK_P):
-            x_rows, ih0, iw0, p_mask, gd = _grad_tile(x_ptr, gd_ptr, p0, p_end, ci, c_ok, H, W, C, Ho, Wo, stride_h,
-                                                      stride_w, pad_h, pad_w, BLOCK_P)
-            for i in tl.static_range(KH):
-                for j in tl.static_range(KW):
-                    contrib = tl.sum(_tap_product(gd, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, i,
-                                                  j, PRE_RELU), axis=0)
-                    grad_dw = tl.where(taps[:, None] == i * KW + j, grad_dw + contrib[None, :], grad_dw)
-    offs = s.to(tl.int64) * C * (KH * KW) + ci[None, :] * (KH * KW) + taps[:, None]
-    tl.store(part_ptr + offs, grad_dw, mask=(taps < KH * KW)[:, None] & c_ok[None, :])
-
-
 # --- host side ------------------------------------------------------------------------------------------
 
 def _mid_flags(spec: UnitSpec, mid_bn: int) -> dict:
@@ -280,11 +189,6 @@ def _as_nchw(m: Tensor, geo: Geometry) -> Tensor:
     return m.view(geo.N, geo.Ho, geo.Wo, -1).permute(0, 3, 1, 2)
 
 
-def _as_matrix(t: Tensor) -> Tensor:
-    """A channels_last [N, C, H, W] tensor as its [N * H * W, C] matrix."""
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-
-
 def _zero_grads(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, *vectors: Optional[Tensor]) -> tuple:
     """Gradients of an empty unit (no positions or no channels): zeros, empty for absent vectors."""
     return (empty_nhwc(x.shape, x.dtype, x.device).zero_(),
@@ -318,23 +222,6 @@ def _convs_backward(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, grad_z: Te
     _mid_act_grad_kernel[grid](grad_a, t, mid, grad_u, geo.P, c, width, C_ALIGN=channel_align(c),
                                **_mid_flags(spec, mid_bn))
     return t, grad_u, grad_pw
-
-
-def _dw_backward(geo: Geometry, x: Tensor, dw: Tensor, dw_weight: Tensor, grad_d: Tensor,
-                 pre_relu: bool) -> tuple[Tensor, Tensor]:
-    """(grad_x, grad_dw_weight) from grad_d [P, C] in x's dtype."""
-    device, c, kk = x.device, geo.C, geo.KH * geo.KW
-    conv = geo.conv_args()
-    splits, chunk = position_split(geo.P, triton.cdiv(c, DW_BLOCK_C), device)
-    part = new_empty((splits, c, kk), torch.float32, device)
-    _dw_weight_grad_kernel[(splits * triton.cdiv(c, DW_BLOCK_C),)](
-        x, grad_d, part, geo.P, chunk, geo.H, geo.W, c, geo.Ho, geo.Wo, *conv, KH=geo.KH, KW=geo.KW,
-        KK_PAD=triton.next_power_of_2(kk), PRE_RELU=bool(pre_relu), C_ALIGN=channel_align(c),
-        BLOCK_P=DW_BLOCK_P, BLOCK_C=DW_BLOCK_C)
-    grad_dw = batchnorm.sum_rows(part.view(splits, -1), dw_weight.dtype).view(dw_weight.shape)
-    grad_x = empty_nhwc((geo.N, c, geo.H, geo.W), x.dtype, device)
-    dw_input_grad(geo, grad_d, depthwise_taps(dw, geo, c), x, grad_x, pre_relu)
-    return grad_x, grad_dw
 
 
 def _plain_sums(g: Tensor) -> tuple[Tensor, Tensor]:
@@ -388,7 +275,7 @@ def sepconv_mid_infer_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, dw_
         sums = torch.stack(_plain_sums(gy)) if shift is not None else None
     mid = _mid_vectors(_pad(geo.C), geo.C, device, shift=dw_bias)
     _, grad_u, grad_pw = _convs_backward(geo, xc, dw, pw, grad_z, spec, mid, mid_bn)
-    grad_x, grad_dw = _dw_backward(geo, xc, dw, dw_weight, grad_u, spec.pre_relu)
+    grad_x, grad_dw = dw_backward(geo, xc, dw, dw_weight, grad_u, spec.pre_relu)
     empty = x.new_empty((0,))
     grad_dw_bias = _plain_sums(_as_nchw(grad_u, geo))[0].to(dw_bias.dtype) if dw_bias is not None else empty
     grad_scale = sums[1].to(scale.dtype, copy=True) if scale is not None else empty
@@ -463,5 +350,5 @@ def sepconv_mid_train_backward(grad_y: Tensor, x: Tensor, z: Tensor, dw_weight: 
             grad_mid_weight = sum_g_that.to(mid_weight.dtype)
         if mid_bias is not None:
             grad_mid_bias = sum_g.to(mid_bias.dtype)
-    grad_x, grad_dw = _dw_backward(geo, xc, dw, dw_weight, grad_d, spec.pre_relu)
+    grad_x, grad_dw = dw_backward(geo, xc, dw, dw_weight, grad_d, spec.pre_relu)
     return (grad_x, grad_dw, grad_pw.view(pw_weight.shape).to(pw_weight.dtype), grad_mid_weight, grad_mid_bias)

@@ -157,7 +157,7 @@ def _sum_rows(unit: Unit, arch: int, rows: int, cols: int, out_bytes: int) -> li
 
 def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     """Training forward (main loop + statistics, merge, normalise) and backward (dy sums, g_z,
-    grad_d + grad_dw (+ d), grad_pw, grad_x), as `ops.py` runs them through the Triton provider."""
+    grad_d in cuBLAS, grad_dw (+ d), grad_pw, grad_x), as `ops.py` runs them through the Triton provider."""
     from xception_fast.triton_kernels import backward as bw
     from xception_fast.triton_kernels import batchnorm as bn
     from xception_fast.triton_kernels import depthwise_pointwise as dp
@@ -203,21 +203,31 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     if unit.shape.mid:
         return kernels + _mid_backward(unit, arch, sms)
 
+    from xception_fast.bench.static.machine import machine
+    from xception_fast.bench.static.model import library_gemm
+
     bwd_flags = _flags(unit)
     block_co, block_ci = pw_grad_tile(torch.float32 if unit.dtype == "fp32" else torch.bfloat16, arch, Cout)
     store_d = cdiv(Cout, block_co) >= bw.STORE_D_FROM_TILES  # as `backward._backward_convs` decides
 
-    # grad of the depthwise output (stored) and of the depthwise weight; d stored too where grad_pw reads it.
-    splits, chunk = position_split(P, cdiv(C, 64), sms)
+    # grad of the depthwise output: g_z @ W_pw in cuBLAS (`backward.exact_matmul`). fp32 runs IEEE
+    # products there (no TF32); the library model has no FFMA GEMM rate, so its fp32 figure is TF32's:
+    # optimistic (the static records are bf16).
+    operand = "tf32" if unit.dtype == "fp32" else unit.dtype
+    kernels.append([library_gemm("cublas_grad_d", machine(arch), P, C, Cout, operand,
+                                 unit.y_bytes() + e * C * Cout + unit.d_bytes())])
 
-    def dwo(m):
-        return (splits * cdiv(C, m["BLOCK_CI"]),
-                [LoopPlan("position tiles of the split", unit.split_trips(splits, chunk, m["BLOCK_P"])),
-                 LoopPlan("output-channel blocks (tl.dot)", cdiv(Cout, m["BLOCK_CO"]), pipelined=True)],
-                unit.y_bytes() + unit.x_bytes() + unit.d_bytes() * (2 if store_d else 1) + 4 * splits * C * kk, 0.0)
-
-    kernels.append(_launches(bw._dw_output_grad_kernel, unit, arch, dict(bwd_flags, STORE_D=store_d),
-                             _sizes(unit, chunk=chunk), dwo))
+    # grad of the depthwise weight: reads x and grad_d once; stores d where grad_pw reads it.
+    splits, chunk = position_split(P, cdiv(C, MID_BLOCK), sms)
+    fixed = dict(KH=unit.K, KW=unit.K, KK_PAD=1 << (kk - 1).bit_length(), PRE_RELU=unit.shape.pre_relu,
+                 C_ALIGN=_channel_align(C), STORE_D=store_d, BLOCK_P=STATS_BLOCK_P, BLOCK_C=MID_BLOCK)
+    kernels.append(_launches(bw._dw_weight_grad_kernel, unit, arch, fixed, _sizes(unit, chunk=chunk),
+                             lambda m: (splits * cdiv(C, MID_BLOCK),
+                                        [LoopPlan("position tiles of the split",
+                                                  unit.split_trips(splits, chunk, STATS_BLOCK_P))],
+                                        unit.d_bytes() * (2 if store_d else 1) + unit.x_bytes() + 4 * splits * C * kk,
+                                        _dw_ffma(unit, STATS_BLOCK_P, MID_BLOCK,
+                                                 unit.split_trips(splits, chunk, STATS_BLOCK_P)) if store_d else 0.0)))
     kernels.append(_sum_rows(unit, arch, splits, C * kk, e))
 
     # grad of the pointwise weight: split-K over positions in whole waves; d read back where it was
@@ -270,7 +280,8 @@ def _merge_statistics(unit: Unit, arch: int, splits: int, channels: int, chunk: 
 
 
 # --- the mid variant (`triton_kernels/mid_unit.py`) -------------------------------------------------------
-STATS_BLOCK_P, MID_BLOCK = 16, 64  # mid_unit.STATS_BLOCK_P / STATS_BLOCK_C (= DW_BLOCK_P / DW_BLOCK_C) on a GPU
+# mid_unit.STATS_BLOCK_P / STATS_BLOCK_C (= backward.DW_BLOCK_P / DW_BLOCK_C) on a GPU
+STATS_BLOCK_P, MID_BLOCK = 16, 64
 
 
 def _mid_width(unit: Unit) -> int:
@@ -299,6 +310,7 @@ def _mid_backward(unit: Unit, arch: int, sms: int) -> list[list]:
     (`model.library_gemm`), the activation's derivative, the mid BatchNorm's backward, grad_dw, grad_x."""
     from xception_fast.bench.static.machine import machine
     from xception_fast.bench.static.model import library_gemm
+    from xception_fast.triton_kernels import backward as bw
     from xception_fast.triton_kernels import batchnorm as bn
     from xception_fast.triton_kernels import mid_unit as mu
 
@@ -332,8 +344,8 @@ def _mid_backward(unit: Unit, arch: int, sms: int) -> list[list]:
                                  lambda m: (tiles(m), [], 3 * d, 0.0)))
     splits, chunk = position_split(P, cdiv(C, MID_BLOCK), sms)
     fixed = dict(KH=unit.K, KW=unit.K, KK_PAD=1 << (kk - 1).bit_length(), PRE_RELU=unit.shape.pre_relu,
-                 C_ALIGN=_channel_align(C), BLOCK_P=STATS_BLOCK_P, BLOCK_C=MID_BLOCK)
-    kernels.append(_launches(mu._dw_weight_grad_kernel, unit, arch, fixed, _sizes(unit, chunk=chunk),
+                 C_ALIGN=_channel_align(C), STORE_D=False, BLOCK_P=STATS_BLOCK_P, BLOCK_C=MID_BLOCK)
+    kernels.append(_launches(bw._dw_weight_grad_kernel, unit, arch, fixed, _sizes(unit, chunk=chunk),
                              lambda m: (splits * cdiv(C, MID_BLOCK),
                                         [LoopPlan("position tiles of the split",
                                                   unit.split_trips(splits, chunk, STATS_BLOCK_P))],
