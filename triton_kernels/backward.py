@@ -124,7 +124,7 @@ def _split_channel_block(C, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, i: tl.constexpr,
-         j: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, STORE_D: tl.constexpr):
+         j: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr, STORE_D: tl.constexpr):
     """(gd * pre(x) under tap (i, j) of each position, d + that tap's term if STORE_D), [BLOCK_P,
     BLOCK_C] fp32, zero outside the image. d sums the taps from zero in the forward's order
     (`_depthwise_chunk`), so the stored d is bitwise the one `_pw_weight_grad_kernel` would recompute."""
@@ -133,7 +133,7 @@ def _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_p
     ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     xv = tl.load(x_rows[:, None] + ((i * dil_h * W + j * dil_w) * C + ci)[None, :], mask=ok[:, None] & c_ok[None, :],
                  other=0.0)
-    xv = _pre_f32(xv, PRE_RELU, False)
+    xv = _pre_f32(xv, PRE_RELU, ASM)
     if STORE_D:
         d += xv * tl.load(dwt_ptr + (i * KW + j) * C + ci, mask=c_ok, other=0.0)[None, :]
     return gd * xv, d
@@ -177,8 +177,8 @@ def _dw_weight_grad_kernel(
     # convolution
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     # meta-parameters
-    KH: tl.constexpr, KW: tl.constexpr, KK_PAD: tl.constexpr, PRE_RELU: tl.constexpr, C_ALIGN: tl.constexpr,
-    STORE_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, KK_PAD: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr,
+    C_ALIGN: tl.constexpr, STORE_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # grad_dw[c, tap] = sum_p grad_d[p, c] * pre(x)[tap of p, c]: a split reduction over positions
     # (deterministic: fixed splits, then `batchnorm.sum_rows`). For 3 x 3 (Xception's), one register
@@ -198,31 +198,31 @@ def _dw_weight_grad_kernel(
                                                       stride_w, pad_h, pad_w, BLOCK_P)
             d = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
             t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 0, 0, KW,
-                        PRE_RELU, STORE_D)
+                        PRE_RELU, ASM, STORE_D)
             a00 += t
             t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 0, 1, KW,
-                        PRE_RELU, STORE_D)
+                        PRE_RELU, ASM, STORE_D)
             a01 += t
             t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 0, 2, KW,
-                        PRE_RELU, STORE_D)
+                        PRE_RELU, ASM, STORE_D)
             a02 += t
             t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 1, 0, KW,
-                        PRE_RELU, STORE_D)
+                        PRE_RELU, ASM, STORE_D)
             a10 += t
             t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 1, 1, KW,
-                        PRE_RELU, STORE_D)
+                        PRE_RELU, ASM, STORE_D)
             a11 += t
             t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 1, 2, KW,
-                        PRE_RELU, STORE_D)
+                        PRE_RELU, ASM, STORE_D)
             a12 += t
             t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 2, 0, KW,
-                        PRE_RELU, STORE_D)
+                        PRE_RELU, ASM, STORE_D)
             a20 += t
             t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 2, 1, KW,
-                        PRE_RELU, STORE_D)
+                        PRE_RELU, ASM, STORE_D)
             a21 += t
             t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 2, 2, KW,
-                        PRE_RELU, STORE_D)
+                        PRE_RELU, ASM, STORE_D)
             a22 += t
             _store_d(d_ptr, d, p0, p_mask, ci, c_ok, C, STORE_D, BLOCK_P)
         grad_dw = _put(_put(_put(grad_dw, taps, 0, a00), taps, 1, a01), taps, 2, a02)
@@ -236,7 +236,7 @@ def _dw_weight_grad_kernel(
             for i in tl.static_range(KH):
                 for j in tl.static_range(KW):
                     t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, i, j, KW,
-                                PRE_RELU, STORE_D)
+                                PRE_RELU, ASM, STORE_D)
                     grad_dw = tl.where(taps[:, None] == i * KW + j, grad_dw + tl.sum(t, axis=0)[None, :], grad_dw)
             _store_d(d_ptr, d, p0, p_mask, ci, c_ok, C, STORE_D, BLOCK_P)
     offs = s.to(tl.int64) * C * (KH * KW) + ci[None, :] * (KH * KW) + taps[:, None]
@@ -395,7 +395,8 @@ def dw_weight_grad(geo: Geometry, x: Tensor, grad_d: Tensor, dw_weight: Tensor, 
     _dw_weight_grad_kernel[(splits * triton.cdiv(c, DW_BLOCK_C),)](
         x, grad_d, part, dwt if store_d else part, d if store_d else grad_d, geo.P, chunk, geo.H, geo.W, c, geo.Ho,
         geo.Wo, *geo.conv_args(), KH=geo.KH, KW=geo.KW, KK_PAD=triton.next_power_of_2(kk), PRE_RELU=bool(pre_relu),
-        C_ALIGN=channel_align(c), STORE_D=store_d, BLOCK_P=DW_BLOCK_P, BLOCK_C=DW_BLOCK_C)
+        ASM=INLINE_ASM and device.type == "cuda", C_ALIGN=channel_align(c), STORE_D=store_d, BLOCK_P=DW_BLOCK_P,
+        BLOCK_C=DW_BLOCK_C)
     return batchnorm.sum_rows(part.view(splits, -1), dw_weight.dtype).view(dw_weight.shape)
 
 
