@@ -31,7 +31,7 @@ from xception_fast.spec import UnitSpec
 
 from . import batchnorm
 from .autotune import INTERPRET, elementwise_configs, position_split
-from .backward import _as_matrix, _split_channel_block, dw_backward
+from .backward import _as_matrix, _split_channel_block, dw_backward, exact_matmul
 from .depthwise_pointwise import (Geometry, TwoPhase, _depthwise_chunk, _prepare,
                                   _sepconv_grad_z_kernel, _sepconv_infer_kernel, _sepconv_train_kernel, _tap_rows,
                                   depthwise_taps, infer_operands)
@@ -213,9 +213,10 @@ def _convs_backward(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, grad_z: Te
                                 geo.Wo, width, *geo.conv_args(), KH=geo.KH, KW=geo.KW, PRE_RELU=spec.pre_relu,
                                 C_ALIGN=channel_align(c), **_mid_flags(spec, mid_bn))
     gz = _as_matrix(grad_z)
-    grad_pw = torch.matmul(gz.t(), a)
-    del a
-    grad_a = torch.matmul(gz, pw.view(geo.Cout, c))
+    with exact_matmul(x.dtype):
+        grad_pw = torch.matmul(gz.t(), a)
+        del a
+        grad_a = torch.matmul(gz, pw.view(geo.Cout, c))
     if not spec.mid_act:  # no activation: grad_u is grad_a
         return t, grad_a, grad_pw
     grad_u = new_empty((geo.P, c), x.dtype, device)
