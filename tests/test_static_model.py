@@ -436,9 +436,9 @@ def test_report_labels_the_model_and_sets_it_beside_measurements():
         {"kind": "layer", "status": "ok", "name": "middle-728x728-19", "provider": "triton", "mode": "infer",
          "dtype": "bf16", "batch": 256, "median_ms": 2.234}]}]
     side = report.versus_measured(records, measured)
-    assert "| middle-728x728-19 | triton | infer | bf16 | 256 | 1,117 | 2,234 | 2.00 | - | - | NVIDIA H100 |" in side
+    assert "| middle-728x728-19 | triton | infer | bf16 | 256 | 1,117 | 2,234 | 2.00 | - | - | NVIDIA H100 | unknown |" in side
     records[-1]["calibrated_us"] = 1500.0  # the calibrated static estimate, beside the raw bound
-    assert "| 1,117 | 2,234 | 2.00 | 1,500 | 1.49 | NVIDIA H100 |" in report.versus_measured(records, measured)
+    assert "| 1,117 | 2,234 | 2.00 | 1,500 | 1.49 | NVIDIA H100 | unknown |" in report.versus_measured(records, measured)
     assert "triton calibrated" in report.markdown(records)
     assert report.versus_measured(records, [{"rows": []}]) == ""
 

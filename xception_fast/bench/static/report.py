@@ -150,7 +150,9 @@ def versus_measured(records: list[dict], measured: list[dict]) -> str:
               if r["kernel"] == "unit_total"}
     lines = []
     for data in measured:
-        gpu = (data.get("environment") or {}).get("gpu_name") or "GPU"
+        env = data.get("environment") or {}
+        gpu = env.get("gpu_name") or "GPU"
+        commit = (env.get("commit") or "unknown")[:7]
         for row in data.get("rows", []):
             if row.get("kind") != "layer" or row.get("status") != "ok":
                 continue
@@ -162,14 +164,16 @@ def versus_measured(records: list[dict], measured: list[dict]) -> str:
             est, cal, got = r["estimate_us"], r.get("calibrated_us"), row["median_ms"] * 1e3
             lines.append(f"| {row['name']} | {row['provider']} | {row['mode']} | {row['dtype']} | {row['batch']} | "
                          f"{_us(est)} | {_us(got)} | {got / est:.2f} | {_us(cal)} | "
-                         f"{f'{got / cal:.2f}' if cal else '-'} | {gpu} |")
+                         f"{f'{got / cal:.2f}' if cal else '-'} | {gpu} | {commit} |")
     if not lines:
         return ""
     arch = records[0]["arch"]
     return "\n".join([f"### Model vs measurement, per unit ({label(arch)} beside GPU medians)", "",
                       "measured / estimate: 1.0 would be a kernel at the model's bound; the model is a lower bound, "
                       "so values below 1 mean the model is wrong and must be corrected. Calibrated: the "
-                      f"{calibration.FITTED.label}.", "",
+                      f"{calibration.FITTED.label}. The estimates are of the kernels in this tree; the "
+                      "measurements, of the commit named in the row: where a provider's kernels changed in "
+                      "between, its row sets two different versions side by side.", "",
                       "| unit | provider | mode | dtype | batch | static estimate us | measured us | measured / "
-                      "estimate | calibrated us | measured / calibrated | GPU |",
-                      "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"] + lines) + "\n"
+                      "estimate | calibrated us | measured / calibrated | GPU | measured at |",
+                      "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"] + lines) + "\n"
