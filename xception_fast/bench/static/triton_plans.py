@@ -218,16 +218,8 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
                                  unit.y_bytes() + e * C * Cout + unit.d_bytes())])
 
     # grad of the depthwise weight: reads x and grad_d once; stores d where grad_pw reads it.
-    splits, chunk = position_split(P, cdiv(C, MID_BLOCK), sms)
-    fixed = dict(KH=unit.K, KW=unit.K, KK_PAD=1 << (kk - 1).bit_length(), PRE_RELU=unit.shape.pre_relu,
-                 C_ALIGN=_channel_align(C), STORE_D=store_d, BLOCK_P=STATS_BLOCK_P, BLOCK_C=MID_BLOCK)
-    kernels.append(_launches(bw._dw_weight_grad_kernel, unit, arch, fixed, _sizes(unit, chunk=chunk),
-                             lambda m: (splits * cdiv(C, MID_BLOCK),
-                                        [LoopPlan("position tiles of the split",
-                                                  unit.split_trips(splits, chunk, STATS_BLOCK_P))],
-                                        unit.d_bytes() * (2 if store_d else 1) + unit.x_bytes() + 4 * splits * C * kk,
-                                        _dw_ffma(unit, STATS_BLOCK_P, MID_BLOCK,
-                                                 unit.split_trips(splits, chunk, STATS_BLOCK_P)) if store_d else 0.0)))
+    splits, dw_grad = _dw_weight_grad(unit, arch, sms, store_d)
+    kernels.append(dw_grad)
     kernels.append(_sum_rows(unit, arch, splits, C * kk, e))
 
     # grad of the pointwise weight: split-K over positions in whole waves; d read back where it was
@@ -250,6 +242,22 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     # grad of the input: the transposed depthwise as a gather.
     kernels.append(_dw_input_grad(unit, arch))
     return kernels
+
+
+def _dw_weight_grad(unit: Unit, arch: int, sms: int, store_d: bool) -> tuple[int, list[Launch]]:
+    """(splits, launches) of `backward._dw_weight_grad_kernel`, shared by both backwards: x and grad_d
+    read once, d stored (and its depthwise FMAs counted) where `store_d`, fp32 partial rows out."""
+    from xception_fast.triton_kernels import backward as bw
+
+    P, C, kk = unit.P, unit.C, unit.K * unit.K
+    splits, chunk = position_split(P, cdiv(C, MID_BLOCK), sms)
+    fixed = dict(KH=unit.K, KW=unit.K, KK_PAD=1 << (kk - 1).bit_length(), PRE_RELU=unit.shape.pre_relu,
+                 C_ALIGN=_channel_align(C), STORE_D=store_d, BLOCK_P=STATS_BLOCK_P, BLOCK_C=MID_BLOCK)
+    trips = unit.split_trips(splits, chunk, STATS_BLOCK_P)
+    return splits, _launches(bw._dw_weight_grad_kernel, unit, arch, fixed, _sizes(unit, chunk=chunk),
+                             lambda m: (splits * cdiv(C, MID_BLOCK), [LoopPlan("position tiles of the split", trips)],
+                                        unit.d_bytes() * (2 if store_d else 1) + unit.x_bytes() + 4 * splits * C * kk,
+                                        _dw_ffma(unit, STATS_BLOCK_P, MID_BLOCK, trips) if store_d else 0.0))
 
 
 def _dw_input_grad(unit: Unit, arch: int) -> list[Launch]:
@@ -342,14 +350,8 @@ def _mid_backward(unit: Unit, arch: int, sms: int) -> list[list]:
         kernels.append(_sum_rows(unit, arch, splits, 2 * C, 4))
         kernels.append(_launches(bn._bn_grad_z_kernel, unit, arch, plain, dict(P=P, C=C),
                                  lambda m: (tiles(m), [], 3 * d, 0.0)))
-    splits, chunk = position_split(P, cdiv(C, MID_BLOCK), sms)
-    fixed = dict(KH=unit.K, KW=unit.K, KK_PAD=1 << (kk - 1).bit_length(), PRE_RELU=unit.shape.pre_relu,
-                 C_ALIGN=_channel_align(C), STORE_D=False, BLOCK_P=STATS_BLOCK_P, BLOCK_C=MID_BLOCK)
-    kernels.append(_launches(bw._dw_weight_grad_kernel, unit, arch, fixed, _sizes(unit, chunk=chunk),
-                             lambda m: (splits * cdiv(C, MID_BLOCK),
-                                        [LoopPlan("position tiles of the split",
-                                                  unit.split_trips(splits, chunk, STATS_BLOCK_P))],
-                                        d + unit.x_bytes() + 4 * splits * C * kk, 0.0)))
+    splits, dw_grad = _dw_weight_grad(unit, arch, sms, store_d=False)
+    kernels.append(dw_grad)
     kernels.append(_sum_rows(unit, arch, splits, C * kk, e))
     kernels.append(_dw_input_grad(unit, arch))
     return kernels
