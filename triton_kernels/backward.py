@@ -157,6 +157,23 @@ def _put(grad_dw, taps, t: tl.constexpr, acc):
 
 
 @triton.jit
+def _tap_row(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, i: tl.constexpr,
+             PRE_RELU: tl.constexpr, ASM: tl.constexpr, STORE_D: tl.constexpr, a0, a1, a2):
+    """Row i of a 3 x 3 kernel: its three taps' products added to their register accumulators (and
+    to d where it is stored)."""
+    t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, i, 0, 3, PRE_RELU, ASM,
+                STORE_D)
+    a0 += t
+    t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, i, 1, 3, PRE_RELU, ASM,
+                STORE_D)
+    a1 += t
+    t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, i, 2, 3, PRE_RELU, ASM,
+                STORE_D)
+    a2 += t
+    return d, a0, a1, a2
+
+
+@triton.jit
 def _store_d(d_ptr, d, p0, p_mask, ci, c_ok, C, STORE_D: tl.constexpr, BLOCK_P: tl.constexpr):
     if STORE_D:
         p = p0 + tl.arange(0, BLOCK_P)
@@ -197,33 +214,12 @@ def _dw_weight_grad_kernel(
             x_rows, ih0, iw0, p_mask, gd = _grad_tile(x_ptr, gd_ptr, p0, p_end, ci, c_ok, H, W, C, Ho, Wo, stride_h,
                                                       stride_w, pad_h, pad_w, BLOCK_P)
             d = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-            t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 0, 0, KW,
-                        PRE_RELU, ASM, STORE_D)
-            a00 += t
-            t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 0, 1, KW,
-                        PRE_RELU, ASM, STORE_D)
-            a01 += t
-            t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 0, 2, KW,
-                        PRE_RELU, ASM, STORE_D)
-            a02 += t
-            t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 1, 0, KW,
-                        PRE_RELU, ASM, STORE_D)
-            a10 += t
-            t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 1, 1, KW,
-                        PRE_RELU, ASM, STORE_D)
-            a11 += t
-            t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 1, 2, KW,
-                        PRE_RELU, ASM, STORE_D)
-            a12 += t
-            t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 2, 0, KW,
-                        PRE_RELU, ASM, STORE_D)
-            a20 += t
-            t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 2, 1, KW,
-                        PRE_RELU, ASM, STORE_D)
-            a21 += t
-            t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 2, 2, KW,
-                        PRE_RELU, ASM, STORE_D)
-            a22 += t
+            d, a00, a01, a02 = _tap_row(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 0,
+                                        PRE_RELU, ASM, STORE_D, a00, a01, a02)
+            d, a10, a11, a12 = _tap_row(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 1,
+                                        PRE_RELU, ASM, STORE_D, a10, a11, a12)
+            d, a20, a21, a22 = _tap_row(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 2,
+                                        PRE_RELU, ASM, STORE_D, a20, a21, a22)
             _store_d(d_ptr, d, p0, p_mask, ci, c_ok, C, STORE_D, BLOCK_P)
         grad_dw = _put(_put(_put(grad_dw, taps, 0, a00), taps, 1, a01), taps, 2, a02)
         grad_dw = _put(_put(_put(grad_dw, taps, 3, a10), taps, 4, a11), taps, 5, a12)
