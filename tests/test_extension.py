@@ -227,7 +227,7 @@ def _fake_install(tmp_path, monkeypatch, library: bytes | None, info: dict | Non
         (tmp_path / "_build_info.json").write_text(json.dumps(info))
     monkeypatch.setattr(_extension, "_package_dir", lambda: tmp_path)
     monkeypatch.setattr(_extension, "_installed_files", lambda: [])
-    monkeypatch.setattr(_extension, "_cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setenv("XCEPTION_FAST_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
     return lib
 
@@ -282,7 +282,7 @@ def test_library_crashing_on_first_use_is_not_loaded(fresh_status, tmp_path, mon
 
 def test_probe_passes_once_then_is_cached(fresh_status, tmp_path, monkeypatch):
     """The built library passes the child-process probe; the next load skips the child."""
-    monkeypatch.setattr(_extension, "_cache_dir", lambda: tmp_path)
+    monkeypatch.setenv("XCEPTION_FAST_CACHE_DIR", str(tmp_path))
     status = _require_extension()
     assert len(list(tmp_path.glob("probe-ok-*"))) == 1
     _extension.status.cache_clear()

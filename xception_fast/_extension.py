@@ -18,8 +18,9 @@ it could crash the process), and the reason says how to rebuild.
 Before the library is loaded here, a child process loads it and makes the first calls (build_info,
 a tensor op given CPU tensors): a library that crashes on its first call (one built by a compiler
 that linked its own libstdc++, see setup.py's LINK_ARGS) then kills the child, not this process,
-and the cuda provider is reported unavailable with the reason. A passed probe is remembered in a
-cache directory (keyed by the library file and the torch build), so it costs one child per build.
+and the cuda provider is reported unavailable with the reason. A passed probe is remembered in the
+self-check's cache directory (`verify.cache_dir()`), keyed by the library file and the torch build,
+so it costs one child per build.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import hashlib
 import importlib.machinery
 import importlib.metadata
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -155,15 +155,12 @@ def _mismatch(built: str, running: str, path: Path) -> str:
     return reason
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "xception_fast"
-
-
 def _probe_marker(library: Path) -> Path:
     stat = library.stat()
     key = f"{library.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{torch.__version__}|{torch.__file__}"
-    return _cache_dir() / f"probe-ok-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
+    from xception_fast.verify import cache_dir  # the self-check's cache (verify imports the providers)
+
+    return cache_dir() / f"probe-ok-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
 
 
 def _probe(library: Path) -> Optional[str]:
