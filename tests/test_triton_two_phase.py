@@ -50,25 +50,54 @@ def test_weight_descriptor_and_pointer_paths_agree(provider, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_stored_and_recomputed_depthwise_give_the_same_gradients(provider, monkeypatch, dtype):
-    """grad_pw from the d that `_dw_weight_grad_kernel` stores and from d recomputed in the pointwise
-    weight-gradient kernel: the same FMAs in the same order, rounded alike, so bitwise the same gradients (stride 2,
-    dilation 2, k=5, a NaN in x among them)."""
+def test_a_given_depthwise_output_gives_the_stored_ones_gradients(provider, dtype):
+    """`backward._backward_convs` with d given (a [P_pad, K_pitch] buffer whose first P rows and C
+    columns are d, NaN elsewhere) and with d stored by `_dw_weight_grad_kernel`: the same gradients.
+    The stored d is the reference's depthwise output rounded to the input dtype (stride 2, dilation 2,
+    k=5, a NaN in x that must reach grad_pw through d)."""
     from xception_fast.triton_kernels import backward
+    from xception_fast.triton_kernels.depthwise_pointwise import _prepare, depthwise_taps
+    from xception_fast.triton_kernels.utils import nhwc
 
-    x, dw, pw = _unit(19, 33, dtype)
+    x, _, pw = _unit(19, 33, dtype)
     dw = (torch.randn(19, 1, 5, 5, device=DEVICE) / 5).to(dtype)
     x[1, 4, 3, 3] = float("nan")  # under taps: stride 2, dilation 2 and padding 3 sample odd rows
     spec = UnitSpec((5, 5), stride=(2, 2), padding=(3, 3), dilation=(2, 2), pre_relu=True)
-    grad_y = torch.randn(2, 33, *spec.output_hw(6, 7), device=DEVICE).to(dtype)
-    outs = []
-    for tiles in (1, 10 ** 9):  # always stored, never stored
-        monkeypatch.setattr(backward, "STORE_D_FROM_TILES", tiles)
-        outs.append(provider.sepconv_bn_infer_backward(grad_y, x, dw, pw, None, None, spec))
-    for stored, recomputed in zip(*outs):
-        assert torch.equal(stored.isnan(), recomputed.isnan())
-        assert torch.equal(stored.nan_to_num(), recomputed.nan_to_num())
-    assert outs[0][2].isnan().any()  # the NaN reached grad_pw through d
+    geo, xc, dwm, pwm = _prepare(x, dw, pw, spec)
+    grad_z = nhwc(torch.randn(2, 33, geo.Ho, geo.Wo, device=DEVICE).to(dtype))
+
+    stored_d = torch.full((geo.P, geo.C), float("nan"), dtype=dtype, device=DEVICE)  # poisoned
+    taps = depthwise_taps(dwm, geo, backward.taps_pitch(geo.C))
+    backward.dw_weight_grad(geo, xc, torch.zeros_like(stored_d), dw, True, taps, stored_d)
+    want = reference._depthwise(x, dw, spec)[1].permute(0, 2, 3, 1).reshape(geo.P, geo.C)
+    torch.testing.assert_close(stored_d, want, equal_nan=True, **({} if dtype == torch.float32 else
+                                                                   dict(atol=2e-3, rtol=2e-3)))
+    assert stored_d.isnan().any()
+
+    buffer = torch.full((geo.P + 5, geo.C + 13), float("nan"), dtype=dtype, device=DEVICE)
+    buffer[:geo.P, :geo.C] = stored_d
+    given = backward._backward_convs(geo, xc, dwm, pwm, dw, pw, True, grad_z, d=buffer)
+    stored = backward._backward_convs(geo, xc, dwm, pwm, dw, pw, True, grad_z)
+    for a, b in zip(given, stored):
+        assert torch.equal(a.isnan(), b.isnan())
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+    assert given[2].isnan().any() and not given[2].isnan().all()  # the NaN reached grad_pw through d, only there
+    with pytest.raises(ValueError, match="row-major"):
+        backward._backward_convs(geo, xc, dwm, pwm, dw, pw, True, grad_z, d=buffer.t())
+
+
+def test_a_wider_weight_dtype_gets_an_fp32_accumulated_weight_gradient():
+    """grad_pw of half operands for an fp32 weight: fp32 accumulation rounded once to fp32, not the
+    half-precision product widened afterwards."""
+    from xception_fast.triton_kernels.backward import _weight_grad_product
+
+    gz = torch.randn(300, 24, device=DEVICE).half()
+    d = torch.randn(300, 40, device=DEVICE).half()
+    got = _weight_grad_product(gz, d, torch.float32)
+    exact = gz.double().t() @ d.double()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_weight_grad_product(gz, d, torch.float16).double(), exact, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -85,8 +114,7 @@ def test_nan_input_propagates_like_the_reference(provider, dtype):
 
 
 def test_program_splits_cover_the_positions_in_whole_tiles():
-    """Every position in exactly one split, chunks in whole tiles (POSITION_ALIGN), and the
-    weight-gradient split count filling whole waves when it can."""
+    """Every position in exactly one program of the two-phase kernels, chunks in whole tiles (POSITION_ALIGN)."""
     from xception_fast.triton_kernels import autotune
 
     align = autotune.POSITION_ALIGN
@@ -94,13 +122,6 @@ def test_program_splits_cover_the_positions_in_whole_tiles():
         for sms, per_sm in ((132, 1), (132, 2), (108, 1), (3, 1)):
             programs, chunk = autotune.persistent_split(positions, sms, per_sm)
             assert chunk % align == 0 and (programs - 1) * chunk < positions <= programs * chunk
-        splits, chunk = autotune.balanced_split(positions, 36, 132)
-        assert chunk % align == 0 and (splits - 1) * chunk < positions <= splits * chunk
-        splits, chunk = autotune.balanced_split(positions, 1, 132)  # one weight tile: more splits allowed
-        assert chunk % align == 0 and (splits - 1) * chunk < positions <= splits * chunk
-    if align == 128:  # the GPU's tiles: the middle-flow grad_pw in exactly 3 waves, the entry flow's
-        assert autotune.balanced_split(92416, 36, 132) == (11, 8448)  # single tile on every SM
-        assert autotune.balanced_split(256 * 147 * 147, 1, 132)[0] == 132
 
 
 def test_exact_matmul_switches_the_cublas_flags_off_and_restores_them():

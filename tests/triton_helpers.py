@@ -31,7 +31,6 @@ def kernels():
     from xception_fast.triton_kernels.autotune import SUM_BLOCK_M, SUM_BLOCK_S
 
     fixed = dict(BLOCK_S=SUM_BLOCK_S, BLOCK_M=SUM_BLOCK_M, BLOCK_C=SUM_BLOCK_M)
-    dw_blocks = dict(BLOCK_P=backward.DW_BLOCK_P, BLOCK_C=backward.DW_BLOCK_C)
     # The mid variant: the two-phase kernels with their mid code on, and every activation and its
     # derivative once (the interpreter runs Python's math, not the GPU compiler's).
     mid = [
@@ -50,11 +49,9 @@ def kernels():
         (batchnorm._bn_grad_z_kernel, {}),
         (batchnorm._bn_backward_reduce_kernel, {}),
         (batchnorm._sum_rows_kernel, fixed),
-        # Both ways of getting d (read back, recomputed); unit and 2-pixel strides.
-        (backward._pw_weight_grad_kernel, dict(D_STORED=True)),
-        (backward._pw_weight_grad_kernel, dict(D_STORED=False)),
-        (backward._dw_weight_grad_kernel, dict(dw_blocks, STORE_D=True)),
-        (backward._dw_weight_grad_kernel, dict(dw_blocks, STORE_D=False)),
+        # d stored (the base variant) or not (the mid variant, or d given); unit and 2-pixel strides.
+        (backward._dw_weight_grad_kernel, dict(zip(("BLOCK_P", "BLOCK_C"), backward.DW_BLOCKS[True]), STORE_D=True)),
+        (backward._dw_weight_grad_kernel, dict(zip(("BLOCK_P", "BLOCK_C"), backward.DW_BLOCKS[False]), STORE_D=False)),
         (backward._dw_input_grad_kernel, dict(STRIDE_H=1, STRIDE_W=1)),
         (backward._dw_input_grad_kernel, dict(STRIDE_H=2, STRIDE_W=2)),
     ]

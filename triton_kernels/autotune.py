@@ -17,7 +17,6 @@ chunks of the split kernels (see `position_split`) never end inside a tile.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -116,36 +115,6 @@ def two_phase_configs(two_per_sm: bool = False, wide: bool = True) -> dict:
     return dict(configs=configs, prune_configs_by={"early_config_prune": _prune_for_device})
 
 
-def pw_weight_grad_configs() -> list[triton.Config]:
-    """grad of the pointwise weight: BLOCK_P positions per step of the split-K loop. The weight tile
-    (BLOCK_CO, BLOCK_CI) is the host's (`pw_grad_tile`): the split count depends on it. No third
-    stage: with the depthwise recomputed and a 256-wide tile it needs 248 KB of shared memory (sm_90
-    has 227), and where it fits it estimates no faster (static estimate (sm_90 model))."""
-    gpu = [
-        (64, 8, 2),
-        (32, 8, 2),
-        (64, 4, 2),
-    ]
-    return _configs(gpu, (_PINNED_P, 4, 1), ("BLOCK_P",))
-
-
-def pw_grad_tile(dtype: torch.dtype, arch: int, cout: int = 256) -> tuple[int, int]:
-    """(BLOCK_CO, BLOCK_CI) of the weight-gradient GEMM: on Hopper up to 256 output channels (d, on the
-    CUDA cores, is recomputed Cout / BLOCK_CO times), no wider than Cout rounded up to a power of two
-    (a 128-channel layer in a 256-wide tile wastes half the MMA), with 64 input channels (each g_z
-    tile serves more of them: 455 instructions per 64 x 32 block of work on sm_90 against 545 at 32);
-    128 x 32 on older GPUs and 32 x 32 in fp32 (an FMA product, every operand in registers): the
-    largest that compiled without spills. 16 x 16 in the interpreter, so that the tests see several
-    tiles."""
-    if INTERPRET:
-        return _PINNED_C, _PINNED_C
-    if dtype == torch.float32:
-        return 32, 32
-    if arch >= 90:
-        return min(256, max(64, triton.next_power_of_2(cout))), 64
-    return 128, 32
-
-
 def device_arch(device: torch.device) -> int:
     """sm_XY as XY (90 for an H100); 90 off the GPU, where it only picks tile sizes."""
     if device.type != "cuda":
@@ -157,24 +126,6 @@ def device_arch(device: torch.device) -> int:
 def sm_count(device: torch.device) -> int:
     """The SMs the split kernels spread over; 3 in the interpreter (several programs, few of them)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
-
-
-def balanced_split(positions: int, tiles: int, sms: int, max_waves: int = 4) -> tuple[int, int]:
-    """(splits, chunk) for a split-K kernel of `tiles` output tiles: the split count (each split a
-    multiple of POSITION_ALIGN positions; at most enough for `max_waves` waves, and at least 16 may be
-    tried) whose splits x tiles programs come closest to whole waves over `sms` SMs (ties: fewer
-    splits, smaller partial buffers). A middle-flow grad_pw (92,416 positions, 36 tiles, 132 SMs): 11
-    splits, exactly 3 waves; an entry-flow one (64 -> 128 channels, one tile): 132 splits, one wave
-    (a cap of 16 splits left 116 SMs idle there)."""
-    best = None
-    for want in range(1, max(16, max_waves * sms // max(tiles, 1)) + 1):
-        chunk = max(triton.cdiv(triton.cdiv(positions, want), POSITION_ALIGN) * POSITION_ALIGN, POSITION_ALIGN)
-        splits = triton.cdiv(positions, chunk)
-        waves = splits * tiles / sms
-        score = (waves / math.ceil(waves), -splits)
-        if best is None or score > best[0]:
-            best = (score, splits, chunk)
-    return best[1], best[2]
 
 
 def dw_input_grad_configs() -> list[triton.Config]:

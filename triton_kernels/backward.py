@@ -8,19 +8,20 @@ With g_z = grad of z [P, Cout] (positions x output channels), d = dw(pre(x)) [P,
 - grad_dw = sum_p grad_d * pre(x)_tap   `_dw_weight_grad_kernel`: a split reduction over positions
                                   ([S, C, KH*KW] partials) that reads x and grad_d once; shared with
                                   the mid variant. With the taps loaded it also recomputes d and stores
-                                  it (STORE_D), where grad_pw would otherwise recompute it per Cout tile.
-- grad_pw = g_z^T @ d           `_pw_weight_grad_kernel`: a split-K reduction over positions
-                                  ([S, Cout, C] fp32 partials), d read back or recomputed.
+                                  it in the input dtype (STORE_D), unless the caller already has d.
+- grad_pw = g_z^T @ d           `torch.matmul` (cuBLAS) under `exact_matmul`, as grad_d. (A split-K
+                                  tl.dot kernel took 437 us on an H200 for the middle-flow unit, where
+                                  cuBLAS's wgrad of the same shape takes 142 us.)
 - grad_x  = dw^T(grad_d) * [x > 0 if pre-ReLU]   `_dw_input_grad_kernel`: the transposed depthwise
                                   conv as a gather over the taps (no atomics).
 g_z is materialised once, in the input dtype, and read by both products: in training by
 `batchnorm.grad_z` (an elementwise pass over grad_y and z), in inference by the two-phase forward
 that recomputes z (`depthwise_pointwise._sepconv_grad_z_kernel`), unless g_z is grad_y itself.
 
-grad_d is the one intermediate that goes to memory: grad_x needs it under the whole k x k
-neighbourhood of each input position, i.e. across program tiles (the unfused path stores it too).
-All reductions of the Triton kernels are deterministic: fixed splits over positions, then
-`batchnorm.sum_rows`. Rounding follows the reference: g_z and grad_d in the input dtype, weight
+grad_d and d are the intermediates that go to memory: grad_x needs grad_d under the whole k x k
+neighbourhood of each input position, i.e. across program tiles, and cuBLAS reads d as a GEMM operand
+(the unfused path stores both too). All reductions of the Triton kernels are deterministic: fixed
+splits over positions, then `batchnorm.sum_rows`. Rounding follows the reference: g_z and grad_d in the input dtype, weight
 grads accumulated in fp32 and stored in the weight dtype.
 """
 
@@ -37,79 +38,25 @@ from torch import Tensor
 from xception_fast.spec import UnitSpec
 
 from . import batchnorm
-from .autotune import (INTERPRET, balanced_split, device_arch, dw_input_grad_configs, position_bucket,
-                       position_split, pw_grad_tile, pw_weight_grad_configs, sm_count)
-from .depthwise_pointwise import (Geometry, _depthwise_chunk, _mma, _pre_f32, _prepare, _tap_rows, depthwise_taps,
-                                  recompute_grad_z)
+from .autotune import INTERPRET, dw_input_grad_configs, position_bucket, position_split
+from .depthwise_pointwise import Geometry, _pre_f32, _prepare, _tap_rows, depthwise_taps, recompute_grad_z
 from .utils import INLINE_ASM, channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
-
-
-# grad_pw reads a stored d (written by `_dw_weight_grad_kernel`) once its recompute would run this many
-# times (Cout tiles): a middle-flow unit, 3 tiles of 256, 373 -> 110 us; with one tile (the entry flow)
-# the store and the re-read cost more DRAM time than the one recompute (static estimate (sm_90 model)).
-STORE_D_FROM_TILES = 2
 
 
 # --- kernels --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=pw_weight_grad_configs(), key=["C", "Cout", "P_BUCKET", "KH", "KW"])
-@triton.jit
-def _pw_weight_grad_kernel(
-    # pointers
-    x_ptr,  # [N, H, W, C] input (channels_last; read unless D_STORED)
-    dwt_ptr,  # [KH * KW, K_SLOT] fp32 depthwise taps (`depthwise_pointwise.depthwise_taps`)
-    d_ptr,  # [P, C] the depthwise output in the input dtype (read only if D_STORED)
-    gz_ptr,  # [P, Cout] grad of z, input dtype
-    part_ptr,  # [S, Cout, C] fp32 out: per split, sum over its positions of g_z^T d
-    # sizes
-    P, P_BUCKET, chunk, H, W, C, Ho, Wo, Cout, K_SLOT,
-    # convolution
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    # meta-parameters
-    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr, C_ALIGN: tl.constexpr,
-    COUT_ALIGN: tl.constexpr, D_STORED: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
-):
-    # A split-K GEMM over positions: program (s, tile) owns one [BLOCK_CO, BLOCK_CI] block of the
-    # weight gradient and the positions of split s. d is read from d_ptr where `_dw_weight_grad_kernel`
-    # stored it (D_STORED: the host's choice when Cout spans several BLOCK_CO tiles), else recomputed
-    # from x with the forward's depthwise chunk (inline-PTX ReLU and widening), once per program: with
-    # one Cout tile that is cheaper than storing and re-reading d. The host picks BLOCK_CO and the
-    # split count so that the programs fill whole waves of the SMs (`autotune.balanced_split`).
-    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
-    Cout = Cout // COUT_ALIGN * COUT_ALIGN
-    # Weight tiles of one split are neighbours in launch order (they share its x and g_z).
-    co_tiles = tl.cdiv(Cout, BLOCK_CO)
-    ci_tiles = tl.cdiv(C, BLOCK_CI)
-    pid = tl.program_id(0)
-    s, tile = pid // (co_tiles * ci_tiles), pid % (co_tiles * ci_tiles)
-    co = (tile // ci_tiles) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    ci0 = (tile % ci_tiles) * BLOCK_CI
-    ci = ci0 + tl.arange(0, BLOCK_CI)
-    co_mask = co < Cout
-    p_end = tl.minimum(s * chunk + chunk, P)
-    acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
-    for p0 in range(s * chunk, p_end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_mask = p < p_end
-        gz = tl.load(gz_ptr + p.to(tl.int64)[:, None] * Cout + co[None, :],
-                     mask=p_mask[:, None] & co_mask[None, :], other=0.0)
-        if D_STORED:
-            d = tl.load(d_ptr + p.to(tl.int64)[:, None] * C + ci[None, :],
-                        mask=p_mask[:, None] & (ci < C)[None, :], other=0.0)
-        else:
-            x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h,
-                                                 pad_w, BLOCK_P)
-            d = _depthwise_chunk(x_rows, ih0, iw0, p_mask, dwt_ptr, ci0, C, H, W, K_SLOT, dil_h, dil_w,
-                                 KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_CI).to(x_ptr.dtype.element_ty)
-        acc = _mma(tl.trans(gz), d, acc)
-    offs = s.to(tl.int64) * Cout * C + co[:, None] * C + ci[None, :]
-    tl.store(part_ptr + offs, acc, mask=co_mask[:, None] & (ci < C)[None, :])
+# Fixed blocks (BLOCK_P, BLOCK_C) of the depthwise weight gradient (its position split must not depend on
+# an autotuned config), by STORE_D: 3 x 3 keeps 9 fp32 accumulators of a tile in registers, 10 with d.
+# With d stored, 16 x 32 compiles to 128 registers on sm_90 (four 4-warp CTAs per SM) where 16 x 64 needs
+# 172 (two); without d, 16 x 64 fits 128 (calibrated static estimate (sm_90 model): benchmarks/NOTES.md).
+DW_BLOCKS = {True: (32, 16), False: (32, 16)} if INTERPRET else {True: (16, 32), False: (16, 64)}
 
 
-# Fixed blocks of the depthwise weight gradient (its position split must not depend on an autotuned
-# config): 3 x 3 keeps 9 fp32 accumulators of a tile in registers (10 with the d it stores).
-DW_BLOCK_P, DW_BLOCK_C = (32, 16) if INTERPRET else (16, 64)
+def taps_pitch(channels: int) -> int:
+    """Row pitch of the depthwise taps the backward passes (`depthwise_taps(dw, geo, taps_pitch(C))`):
+    C rounded up to the stored-d channel block, so `_dw_weight_grad_kernel` loads them unmasked."""
+    block = DW_BLOCKS[True][1]
+    return triton.cdiv(channels, block) * block
 
 
 @triton.jit
@@ -123,11 +70,11 @@ def _split_channel_block(C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, i: tl.constexpr,
+def _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i: tl.constexpr,
          j: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr, STORE_D: tl.constexpr):
     """(gd * pre(x) under tap (i, j) of each position, d + that tap's term if STORE_D), [BLOCK_P,
     BLOCK_C] fp32, zero outside the image. d sums the taps from zero in the forward's order
-    (`_depthwise_chunk`), so the stored d is bitwise the one `_pw_weight_grad_kernel` would recompute."""
+    (`depthwise_pointwise._depthwise_chunk`'s, the forward's)."""
     ih = ih0 + i * dil_h
     iw = iw0 + j * dil_w
     ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -135,7 +82,7 @@ def _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_p
                  other=0.0)
     xv = _pre_f32(xv, PRE_RELU, ASM)
     if STORE_D:
-        d += xv * tl.load(dwt_ptr + (i * KW + j) * C + ci, mask=c_ok, other=0.0)[None, :]
+        d += xv * tl.load(dwt_ptr + (i * KW + j) * K_SLOT + ci)[None, :]  # zero past C: no mask
     return gd * xv, d
 
 
@@ -157,17 +104,20 @@ def _put(grad_dw, taps, t: tl.constexpr, acc):
 
 
 @triton.jit
-def _tap_row(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, i: tl.constexpr,
+def _tap_row(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i: tl.constexpr,
              PRE_RELU: tl.constexpr, ASM: tl.constexpr, STORE_D: tl.constexpr, a0, a1, a2):
     """Row i of a 3 x 3 kernel: its three taps' products added to their register accumulators (and
     to d where it is stored)."""
-    t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, i, 0, 3, PRE_RELU, ASM,
+    t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i, 0, 3,
+                PRE_RELU, ASM,
                 STORE_D)
     a0 += t
-    t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, i, 1, 3, PRE_RELU, ASM,
+    t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i, 1, 3,
+                PRE_RELU, ASM,
                 STORE_D)
     a1 += t
-    t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, i, 2, 3, PRE_RELU, ASM,
+    t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i, 2, 3,
+                PRE_RELU, ASM,
                 STORE_D)
     a2 += t
     return d, a0, a1, a2
@@ -187,10 +137,10 @@ def _dw_weight_grad_kernel(
     x_ptr,  # [N, H, W, C] input (channels_last)
     gd_ptr,  # [P, C] grad of the depthwise output
     part_ptr,  # [S, C, KH * KW] fp32 out: per split, grad of the depthwise weight
-    dwt_ptr,  # [KH * KW, C] fp32 depthwise taps (read only if STORE_D)
-    d_ptr,  # [P, C] out (only if STORE_D): the depthwise output d, input dtype, for `_pw_weight_grad_kernel`
-    # sizes
-    P, chunk, H, W, C, Ho, Wo,
+    dwt_ptr,  # [KH * KW, K_SLOT] fp32 depthwise taps, zero past C (read only if STORE_D)
+    d_ptr,  # [P, C] out (only if STORE_D): the depthwise output d, input dtype, for grad_pw
+    # sizes (K_SLOT: the taps' row pitch, a multiple of BLOCK_C)
+    P, chunk, H, W, C, Ho, Wo, K_SLOT,
     # convolution
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     # meta-parameters
@@ -214,11 +164,14 @@ def _dw_weight_grad_kernel(
             x_rows, ih0, iw0, p_mask, gd = _grad_tile(x_ptr, gd_ptr, p0, p_end, ci, c_ok, H, W, C, Ho, Wo, stride_h,
                                                       stride_w, pad_h, pad_w, BLOCK_P)
             d = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-            d, a00, a01, a02 = _tap_row(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 0,
+            d, a00, a01, a02 = _tap_row(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr,
+                                        K_SLOT, 0,
                                         PRE_RELU, ASM, STORE_D, a00, a01, a02)
-            d, a10, a11, a12 = _tap_row(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 1,
+            d, a10, a11, a12 = _tap_row(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr,
+                                        K_SLOT, 1,
                                         PRE_RELU, ASM, STORE_D, a10, a11, a12)
-            d, a20, a21, a22 = _tap_row(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, 2,
+            d, a20, a21, a22 = _tap_row(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr,
+                                        K_SLOT, 2,
                                         PRE_RELU, ASM, STORE_D, a20, a21, a22)
             _store_d(d_ptr, d, p0, p_mask, ci, c_ok, C, STORE_D, BLOCK_P)
         grad_dw = _put(_put(_put(grad_dw, taps, 0, a00), taps, 1, a01), taps, 2, a02)
@@ -231,7 +184,8 @@ def _dw_weight_grad_kernel(
             d = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
             for i in tl.static_range(KH):
                 for j in tl.static_range(KW):
-                    t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, i, j, KW,
+                    t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i, j,
+                                KW,
                                 PRE_RELU, ASM, STORE_D)
                     grad_dw = tl.where(taps[:, None] == i * KW + j, grad_dw + tl.sum(t, axis=0)[None, :], grad_dw)
             _store_d(d_ptr, d, p0, p_mask, ci, c_ok, C, STORE_D, BLOCK_P)
@@ -244,11 +198,11 @@ def _dw_weight_grad_kernel(
 def _dw_input_grad_kernel(
     # pointers
     gd_ptr,  # [N, Ho, Wo, C] grad of the depthwise output
-    dwt_ptr,  # [KH * KW, C] fp32 depthwise taps (tap-major: one contiguous vector load per tap)
+    dwt_ptr,  # [KH * KW, K_SLOT] fp32 depthwise taps (tap-major: one contiguous vector load per tap)
     x_ptr,  # [N, H, W, C] input (read only if PRE_RELU, for its mask)
     gx_ptr,  # [N, H, W, C] out: grad of x
     # sizes
-    Q, Q_BUCKET, H, W, C, Ho, Wo,  # Q_BUCKET: the autotuning key only
+    Q, Q_BUCKET, H, W, C, Ho, Wo, K_SLOT,  # Q_BUCKET: the autotuning key only; K_SLOT: the taps' row pitch
     # convolution (the strides are compile-time: Xception's are 1 and 2)
     pad_h, pad_w, dil_h, dil_w,
     # meta-parameters
@@ -292,7 +246,7 @@ def _dw_input_grad_kernel(
             else:
                 ptrs = gd_ptr + ((n.to(tl.int64) * Ho + oh) * Wo + ow)[:, None] * C + c[None, :]
             g = tl.load(ptrs, mask=ok[:, None] & c_mask[None, :], other=0.0)
-            wv = tl.load(dwt_ptr + (i * KW + j) * C + c, mask=c_mask, other=0.0)
+            wv = tl.load(dwt_ptr + (i * KW + j) * K_SLOT + c, mask=c_mask, other=0.0)
             acc += g.to(tl.float32) * wv[None, :]
     offs = q.to(tl.int64)[:, None] * C + c[None, :]
     mask = q_mask[:, None] & c_mask[None, :]
@@ -341,9 +295,29 @@ def _as_matrix(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
+def _weight_grad_product(gz: Tensor, d: Tensor, dtype: torch.dtype) -> Tensor:
+    """grad_pw [Cout, C] = g_z^T @ d (both in the input dtype), accumulated in fp32 and rounded once to
+    `dtype`, the weight's, as the reference's 1x1 convolution backward rounds it. Where the weight has
+    the input's dtype (the only case the public ops accept) that is torch.matmul's own result; a wider
+    weight dtype gets an fp32-output product: cuBLAS's `torch.mm(..., out_dtype=float32)` where this
+    torch has it for the device, else the operands widened (their products are exact in fp32)."""
+    with exact_matmul(gz.dtype):
+        if dtype == gz.dtype:
+            return torch.matmul(gz.t(), d)
+        if gz.dtype in (torch.float16, torch.bfloat16) and gz.device.type == "cuda" and _HAS_MM_OUT_DTYPE:
+            return torch.mm(gz.t(), d, out_dtype=torch.float32).to(dtype)
+        return torch.matmul(gz.t().float(), d.float()).to(dtype)
+
+
+_HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # aten::mm.dtype (CUDA only; absent from older torch)
+
+
 def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight: Tensor, pw_weight: Tensor,
-                    pre_relu: bool, grad_z: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_x, grad_dw_weight, grad_pw_weight) from g_z [N, Cout, Ho, Wo] channels_last in x's dtype."""
+                    pre_relu: bool, grad_z: Optional[Tensor], d: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_dw_weight, grad_pw_weight) from g_z [N, Cout, Ho, Wo] channels_last in x's dtype.
+    `d`: the depthwise output dw(pre(x)) rounded to x's dtype, where the caller already has it: [P, C]
+    row-major, or a [P_pad, K_pitch] buffer whose first P rows and C columns are d (its pitch is kept:
+    a view, no copy). Without it, `_dw_weight_grad_kernel` stores d while it has the taps loaded."""
     device = x.device
     if geo.P == 0 or geo.C == 0 or geo.Cout == 0:
         return (empty_nhwc((geo.N, geo.C, geo.H, geo.W), x.dtype, device).zero_(),
@@ -355,25 +329,18 @@ def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight:
     with exact_matmul(x.dtype):
         grad_d = torch.matmul(gz, pw.view(geo.Cout, geo.C))
 
-    # grad_dw next: with several Cout tiles of grad_pw, that kernel also stores d once, and grad_pw
-    # reads it instead of recomputing the depthwise once per Cout tile.
-    block_co, block_ci = pw_grad_tile(x.dtype, device_arch(device), geo.Cout)
-    store_d = triton.cdiv(geo.Cout, block_co) >= STORE_D_FROM_TILES
-    d = new_empty((geo.P, geo.C), x.dtype, device) if store_d else None
-    dwt = depthwise_taps(dw, geo, geo.C)
-    grad_dw = dw_weight_grad(geo, x, grad_d, dw_weight, pre_relu, dwt, d)
-
-    splits, chunk = balanced_split(geo.P, triton.cdiv(geo.Cout, block_co) * triton.cdiv(geo.C, block_ci),
-                                   sm_count(device))
-    part_pw = new_empty((splits, geo.Cout, geo.C), torch.float32, device)
-    k_slot = triton.cdiv(geo.C, block_ci) * block_ci
-    grid_pw = (splits * triton.cdiv(geo.Cout, block_co) * triton.cdiv(geo.C, block_ci),)
-    _pw_weight_grad_kernel[grid_pw](x, depthwise_taps(dw, geo, k_slot), d if store_d else x, grad_z, part_pw, geo.P,
-                                    position_bucket(geo.P), chunk, geo.H, geo.W, geo.C, geo.Ho, geo.Wo, geo.Cout,
-                                    k_slot, *geo.conv_args(), KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu),
-                                    ASM=INLINE_ASM and device.type == "cuda",  # PTX: never in the interpreter
-                                    D_STORED=store_d, BLOCK_CO=block_co, BLOCK_CI=block_ci, **geo.align())
-    grad_pw = batchnorm.sum_rows(part_pw.view(splits, -1), pw_weight.dtype).view(pw_weight.shape)
+    dwt = depthwise_taps(dw, geo, taps_pitch(geo.C))
+    if d is None:
+        d = new_empty((geo.P, geo.C), x.dtype, device)
+        grad_dw = dw_weight_grad(geo, x, grad_d, dw_weight, pre_relu, dwt, d)
+    else:
+        if d.dim() != 2 or d.shape[0] < geo.P or d.shape[1] < geo.C or d.stride(1) != 1 or d.dtype != x.dtype:
+            raise ValueError(f"d must be a row-major [>= {geo.P}, >= {geo.C}] {x.dtype} matrix, got "
+                             f"{d.dtype} {list(d.shape)} with strides {d.stride()}")
+        d = d[:geo.P, :geo.C]
+        grad_dw = dw_weight_grad(geo, x, grad_d, dw_weight, pre_relu)
+    grad_pw = _weight_grad_product(gz, d, pw_weight.dtype).view(pw_weight.shape)
+    del d  # a stored d is freed before grad_x is allocated
 
     grad_x = empty_nhwc((geo.N, geo.C, geo.H, geo.W), x.dtype, device)
     dw_input_grad(geo, grad_d, dwt, x, grad_x, pre_relu)
@@ -383,16 +350,19 @@ def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight:
 def dw_weight_grad(geo: Geometry, x: Tensor, grad_d: Tensor, dw_weight: Tensor, pre_relu: bool,
                    dwt: Optional[Tensor] = None, d: Optional[Tensor] = None) -> Tensor:
     """grad of the depthwise weight (shaped and typed as dw_weight) from grad_d [P, C] in x's dtype;
-    with d [P, C] given, d = dw(pre(x)) is stored there too (dwt: `depthwise_taps(dw, geo, C)`)."""
+    with d [P, C] given, d = dw(pre(x)) is stored there too (dwt: `depthwise_taps(dw, geo, taps_pitch(C))`)."""
     device, c, kk = x.device, geo.C, geo.KH * geo.KW
-    splits, chunk = position_split(geo.P, triton.cdiv(c, DW_BLOCK_C), device)
-    part = new_empty((splits, c, kk), torch.float32, device)
     store_d = d is not None
-    _dw_weight_grad_kernel[(splits * triton.cdiv(c, DW_BLOCK_C),)](
+    block_p, block_c = DW_BLOCKS[store_d]
+    splits, chunk = position_split(geo.P, triton.cdiv(c, block_c), device)
+    part = new_empty((splits, c, kk), torch.float32, device)
+    if store_d:
+        assert dwt.shape[1] % block_c == 0 and dwt.shape[1] >= c, "the taps' pitch must be taps_pitch(C)"
+    _dw_weight_grad_kernel[(splits * triton.cdiv(c, block_c),)](
         x, grad_d, part, dwt if store_d else part, d if store_d else grad_d, geo.P, chunk, geo.H, geo.W, c, geo.Ho,
-        geo.Wo, *geo.conv_args(), KH=geo.KH, KW=geo.KW, KK_PAD=triton.next_power_of_2(kk), PRE_RELU=bool(pre_relu),
-        ASM=INLINE_ASM and device.type == "cuda", C_ALIGN=channel_align(c), STORE_D=store_d, BLOCK_P=DW_BLOCK_P,
-        BLOCK_C=DW_BLOCK_C)
+        geo.Wo, dwt.shape[1] if store_d else c, *geo.conv_args(), KH=geo.KH, KW=geo.KW,
+        KK_PAD=triton.next_power_of_2(kk), PRE_RELU=bool(pre_relu), ASM=INLINE_ASM and device.type == "cuda",
+        C_ALIGN=channel_align(c), STORE_D=store_d, BLOCK_P=block_p, BLOCK_C=block_c)
     return batchnorm.sum_rows(part.view(splits, -1), dw_weight.dtype).view(dw_weight.shape)
 
 
@@ -407,7 +377,7 @@ def dw_backward(geo: Geometry, x: Tensor, dw: Tensor, dw_weight: Tensor, grad_d:
 
 def dw_input_grad(geo: Geometry, grad_d: Tensor, dwt: Tensor, x: Tensor, grad_x: Tensor, pre_relu: bool) -> None:
     """grad_x [N, C, H, W] channels_last = the transposed depthwise of grad_d [N, Ho, Wo, C] (x's dtype),
-    through the pre-ReLU's mask; dwt: `depthwise_taps(dw, geo, C)`."""
+    through the pre-ReLU's mask; dwt: `depthwise_taps(dw, geo, width)`, any width >= C."""
     q = geo.N * geo.H * geo.W
 
     def grid_x(meta):
@@ -415,7 +385,7 @@ def dw_input_grad(geo: Geometry, grad_d: Tensor, dwt: Tensor, x: Tensor, grad_x:
 
     (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = geo.stride, geo.padding, geo.dilation
     _dw_input_grad_kernel[grid_x](grad_d, dwt, x, grad_x, q, position_bucket(q), geo.H, geo.W, geo.C, geo.Ho, geo.Wo,
-                                  pad_h, pad_w, dil_h, dil_w, KH=geo.KH, KW=geo.KW, STRIDE_H=stride_h,
+                                  dwt.shape[1], pad_h, pad_w, dil_h, dil_w, KH=geo.KH, KW=geo.KW, STRIDE_H=stride_h,
                                   STRIDE_W=stride_w, PRE_RELU=bool(pre_relu), C_ALIGN=channel_align(geo.C))
 
 

@@ -90,11 +90,6 @@ def _compile(kernel, config_key, arch, dtype, constexprs, ints, pointer_types):
         if maxnreg is not None:
             options["maxnreg"] = maxnreg
     given.setdefault("W_TMA", arch >= 90)
-    if "BLOCK_CO" in jit.arg_names and "BLOCK_CO" not in given:  # the weight-gradient tile is the host's
-        import torch
-
-        from xception_fast.triton_kernels.autotune import pw_grad_tile
-        given["BLOCK_CO"], given["BLOCK_CI"] = pw_grad_tile(torch.float32 if dtype == "fp32" else torch.bfloat16, arch)
     signature, constants, attrs = {}, {}, {}
     for index, param in enumerate(jit.params):
         name = param.name

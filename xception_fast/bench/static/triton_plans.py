@@ -30,12 +30,6 @@ POSITION_ALIGN = 128  # triton_kernels.autotune.POSITION_ALIGN on a GPU
 SUM_BLOCK_S, SUM_BLOCK_M = 32, 128  # triton_kernels.autotune.SUM_BLOCK_S/M on a GPU
 
 
-def balanced_split(positions: int, tiles: int, sms: int) -> tuple[int, int]:
-    """`triton_kernels.autotune.balanced_split` on a GPU."""
-    from xception_fast.triton_kernels.autotune import balanced_split as split
-    return split(positions, tiles, sms)
-
-
 def position_split(positions: int, other_programs: int, sms: int) -> tuple[int, int]:
     """`triton_kernels.autotune.position_split` on a GPU with `sms` SMs (4 programs per SM)."""
     want = max(1, 4 * sms // max(other_programs, 1))
@@ -157,11 +151,10 @@ def _sum_rows(unit: Unit, arch: int, rows: int, cols: int, out_bytes: int) -> li
 
 def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     """Training forward (main loop + statistics, merge, normalise) and backward (dy sums, g_z,
-    grad_d in cuBLAS, grad_dw (+ d), grad_pw, grad_x), as `ops.py` runs them through the Triton provider."""
-    from xception_fast.triton_kernels import backward as bw
+    grad_d in cuBLAS, grad_dw (+ d), grad_pw in cuBLAS, grad_x), as `ops.py` runs them through the Triton
+    provider."""
     from xception_fast.triton_kernels import batchnorm as bn
     from xception_fast.triton_kernels import depthwise_pointwise as dp
-    from xception_fast.triton_kernels.autotune import pw_grad_tile
 
     e, C, Cout, P = unit.e, unit.C, unit.Cout, unit.P
     kk = unit.K * unit.K
@@ -206,42 +199,31 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     from xception_fast.bench.static.machine import machine
     from xception_fast.bench.static.model import library_gemm
 
-    bwd_flags = _flags(unit)
-    block_co, block_ci = pw_grad_tile(torch.float32 if unit.dtype == "fp32" else torch.bfloat16, arch, Cout)
-    store_d = cdiv(Cout, block_co) >= bw.STORE_D_FROM_TILES  # as `backward._backward_convs` decides
-
-    # grad of the depthwise output: g_z @ W_pw in cuBLAS (`backward.exact_matmul`). fp32 runs IEEE
+    # The two pointwise products in cuBLAS (`backward.exact_matmul`), at their roofline. fp32 runs IEEE
     # products there (no TF32); the library model has no FFMA GEMM rate, so its fp32 figure is TF32's:
     # optimistic (the static records are bf16).
-    operand = "tf32" if unit.dtype == "fp32" else unit.dtype
-    kernels.append([library_gemm("cublas_grad_d", machine(arch), P, C, Cout, operand,
+    gpu, operand = machine(arch), "tf32" if unit.dtype == "fp32" else unit.dtype
+    kernels.append([library_gemm("cublas_grad_d", gpu, P, C, Cout, operand,
                                  unit.y_bytes() + e * C * Cout + unit.d_bytes())])
 
-    # grad of the depthwise weight: reads x and grad_d once; stores d where grad_pw reads it.
-    splits, dw_grad = _dw_weight_grad(unit, arch, sms, store_d)
+    # grad of the depthwise weight: reads x and grad_d once, stores d for grad_pw.
+    splits, dw_grad = _dw_weight_grad(unit, arch, sms, store_d=True)
     kernels.append(dw_grad)
     kernels.append(_sum_rows(unit, arch, splits, C * kk, e))
-
-    # grad of the pointwise weight: split-K over positions in whole waves; d read back where it was
-    # stored, else recomputed (once: a single Cout tile).
-    tiles = cdiv(Cout, block_co) * cdiv(C, block_ci)
-    splits, chunk = balanced_split(P, tiles, sms)
-
-    def pw(m):
-        trips = unit.split_trips(splits, chunk, m["BLOCK_P"])
-        loop = "position steps of the split (" + ("d loaded" if store_d else "depthwise") + " + tl.dot)"
-        return (splits * tiles, [LoopPlan(loop, trips, pipelined=True)],
-                (unit.d_bytes() if store_d else unit.x_bytes()) + unit.y_bytes() + 4 * splits * Cout * C,
-                0.0 if store_d else _dw_ffma(unit, m["BLOCK_P"], block_ci, trips))
-
-    kernels.append(_launches(bw._pw_weight_grad_kernel, unit, arch,
-                             dict(bwd_flags, BLOCK_CO=block_co, BLOCK_CI=block_ci, D_STORED=store_d),
-                             _sizes(unit, chunk=chunk, K_SLOT=cdiv(C, block_ci) * block_ci), pw))
-    kernels.append(_sum_rows(unit, arch, splits, Cout * C, e))
+    kernels.append([library_gemm("cublas_grad_pw", gpu, Cout, C, P, operand,
+                                 unit.y_bytes() + unit.d_bytes() + e * Cout * C)])
 
     # grad of the input: the transposed depthwise as a gather.
-    kernels.append(_dw_input_grad(unit, arch))
+    kernels.append(_dw_input_grad(unit, arch, _taps_pitch(C)))
     return kernels
+
+
+# backward.DW_BLOCKS (BLOCK_P, BLOCK_C by STORE_D) and backward.taps_pitch on a GPU
+DW_BLOCKS = {True: (16, 32), False: (16, 64)}
+
+
+def _taps_pitch(channels: int) -> int:
+    return cdiv(channels, DW_BLOCKS[True][1]) * DW_BLOCKS[True][1]
 
 
 def _dw_weight_grad(unit: Unit, arch: int, sms: int, store_d: bool) -> tuple[int, list[Launch]]:
@@ -250,18 +232,21 @@ def _dw_weight_grad(unit: Unit, arch: int, sms: int, store_d: bool) -> tuple[int
     from xception_fast.triton_kernels import backward as bw
 
     P, C, kk = unit.P, unit.C, unit.K * unit.K
-    splits, chunk = position_split(P, cdiv(C, MID_BLOCK), sms)
+    block_p, block_c = DW_BLOCKS[store_d]
+    splits, chunk = position_split(P, cdiv(C, block_c), sms)
     fixed = dict(KH=unit.K, KW=unit.K, KK_PAD=1 << (kk - 1).bit_length(), PRE_RELU=unit.shape.pre_relu,
-                 C_ALIGN=_channel_align(C), STORE_D=store_d, BLOCK_P=STATS_BLOCK_P, BLOCK_C=MID_BLOCK)
-    trips = unit.split_trips(splits, chunk, STATS_BLOCK_P)
-    return splits, _launches(bw._dw_weight_grad_kernel, unit, arch, fixed, _sizes(unit, chunk=chunk),
-                             lambda m: (splits * cdiv(C, MID_BLOCK), [LoopPlan("position tiles of the split", trips)],
+                 C_ALIGN=_channel_align(C), STORE_D=store_d, BLOCK_P=block_p, BLOCK_C=block_c)
+    trips = unit.split_trips(splits, chunk, block_p)
+    ints = _sizes(unit, chunk=chunk, K_SLOT=_taps_pitch(C) if store_d else C)
+    return splits, _launches(bw._dw_weight_grad_kernel, unit, arch, fixed, ints,
+                             lambda m: (splits * cdiv(C, block_c), [LoopPlan("position tiles of the split", trips)],
                                         unit.d_bytes() * (2 if store_d else 1) + unit.x_bytes() + 4 * splits * C * kk,
-                                        _dw_ffma(unit, STATS_BLOCK_P, MID_BLOCK, trips) if store_d else 0.0))
+                                        _dw_ffma(unit, block_p, block_c, trips) if store_d else 0.0))
 
 
-def _dw_input_grad(unit: Unit, arch: int) -> list[Launch]:
-    """grad of the input: the transposed depthwise as a gather (`backward._dw_input_grad_kernel`)."""
+def _dw_input_grad(unit: Unit, arch: int, taps_pitch: int) -> list[Launch]:
+    """grad of the input: the transposed depthwise as a gather (`backward._dw_input_grad_kernel`), the
+    taps' rows `taps_pitch` apart."""
     from xception_fast.triton_kernels import backward as bw
 
     C = unit.C
@@ -274,7 +259,8 @@ def _dw_input_grad(unit: Unit, arch: int) -> list[Launch]:
                      dict(KH=unit.K, KW=unit.K, STRIDE_H=unit.conv_ints()["stride_h"],
                           STRIDE_W=unit.conv_ints()["stride_w"], PRE_RELU=unit.shape.pre_relu,
                           C_ALIGN=_channel_align(C)),
-                     dict(Q=unit.Q, H=unit.H, W=unit.W, C=C, Ho=unit.Ho, Wo=unit.Wo, **unit.conv_ints()), dwi)
+                     dict(Q=unit.Q, H=unit.H, W=unit.W, C=C, Ho=unit.Ho, Wo=unit.Wo, K_SLOT=taps_pitch,
+                          **unit.conv_ints()), dwi)
 
 
 def _merge_statistics(unit: Unit, arch: int, splits: int, channels: int, chunk: int) -> list[Launch]:
@@ -288,7 +274,7 @@ def _merge_statistics(unit: Unit, arch: int, splits: int, channels: int, chunk: 
 
 
 # --- the mid variant (`triton_kernels/mid_unit.py`) -------------------------------------------------------
-# mid_unit.STATS_BLOCK_P / STATS_BLOCK_C (= backward.DW_BLOCK_P / DW_BLOCK_C) on a GPU
+# mid_unit.STATS_BLOCK_P / STATS_BLOCK_C on a GPU
 STATS_BLOCK_P, MID_BLOCK = 16, 64
 
 
@@ -353,7 +339,7 @@ def _mid_backward(unit: Unit, arch: int, sms: int) -> list[list]:
     splits, dw_grad = _dw_weight_grad(unit, arch, sms, store_d=False)
     kernels.append(dw_grad)
     kernels.append(_sum_rows(unit, arch, splits, C * kk, e))
-    kernels.append(_dw_input_grad(unit, arch))
+    kernels.append(_dw_input_grad(unit, arch, C))  # `backward.dw_backward`: taps C wide
     return kernels
 
 
