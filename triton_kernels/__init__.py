@@ -6,8 +6,8 @@ with its signatures, semantics, output dtypes and strides, run as fused Triton k
 
 - depthwise_pointwise.py: the fused depthwise + pointwise main loop and its forward epilogues.
 - batchnorm.py: statistics merge, normalisation, the dy reductions, deterministic partial sums.
-- backward.py: pointwise and depthwise gradients (the depthwise output recomputed, or stored once by
-  the grad_d kernel where grad_pw would recompute it per output-channel tile).
+- backward.py: pointwise and depthwise gradients (the two pointwise products in cuBLAS; the depthwise
+  output recomputed and stored once by the depthwise weight-gradient kernel, for grad_pw).
 - mid_unit.py, mid_act.py: the mid variant (dw -> BN -> act -> pw -> BN; `xception_fast.mid_ops`).
 - autotune.py: configs per kernel (one pinned config under the interpreter).
 """

@@ -21,8 +21,8 @@ that recomputes z (`depthwise_pointwise._sepconv_grad_z_kernel`), unless g_z is 
 grad_d and d are the intermediates that go to memory: grad_x needs grad_d under the whole k x k
 neighbourhood of each input position, i.e. across program tiles, and cuBLAS reads d as a GEMM operand
 (the unfused path stores both too). All reductions of the Triton kernels are deterministic: fixed
-splits over positions, then `batchnorm.sum_rows`. Rounding follows the reference: g_z and grad_d in the input dtype, weight
-grads accumulated in fp32 and stored in the weight dtype.
+splits over positions, then `batchnorm.sum_rows`. Rounding follows the reference: g_z, grad_d and d in
+the input dtype, weight grads accumulated in fp32 and stored in the weight dtype.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ def _split_channel_block(C, BLOCK_C: tl.constexpr):
 def _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i: tl.constexpr,
          j: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr, STORE_D: tl.constexpr):
     """(gd * pre(x) under tap (i, j) of each position, d + that tap's term if STORE_D), [BLOCK_P,
-    BLOCK_C] fp32, zero outside the image. d sums the taps from zero in the forward's order
-    (`depthwise_pointwise._depthwise_chunk`'s, the forward's)."""
+    BLOCK_C] fp32, zero outside the image. d sums the taps from zero in the order of the forward's
+    `depthwise_pointwise._depthwise_chunk`."""
     ih = ih0 + i * dil_h
     iw = iw0 + j * dil_w
     ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -313,7 +313,8 @@ _HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # aten::mm.dtype (CUDA 
 
 
 def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight: Tensor, pw_weight: Tensor,
-                    pre_relu: bool, grad_z: Optional[Tensor], d: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                    pre_relu: bool, grad_z: Optional[Tensor],
+                    d: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_dw_weight, grad_pw_weight) from g_z [N, Cout, Ho, Wo] channels_last in x's dtype.
     `d`: the depthwise output dw(pre(x)) rounded to x's dtype, where the caller already has it: [P, C]
     row-major, or a [P_pad, K_pitch] buffer whose first P rows and C columns are d (its pitch is kept:
