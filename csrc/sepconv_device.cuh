@@ -141,6 +141,25 @@ struct alignas(kV * sizeof(T) == 16 ? 16 : alignof(T)) Elems {
   }
 };
 
+// kV consecutive fp32 per-channel values v[co .. co + kV - 1] of an element-wise kernel's step: 16-byte
+// loads (kV / 4 of them) where kV is a multiple of 4 (the caller's vector_path then checked v's
+// alignment, and co is a multiple of kV), else one load each. One vector load per 4 channels: scalar
+// loads of 8 channels per element group cost 8 L1 wavefronts per warp-wide load, and left the
+// element-wise kernels at a third to a half of the copy bandwidth (benchmarks/NOTES.md).
+template <int kV>
+__device__ __forceinline__ void load_channels(const float* __restrict__ v, int64_t co, float (&out)[kV]) {
+  if constexpr (kV % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < kV / 4; ++i) {
+      const float4 f = *reinterpret_cast<const float4*>(v + co + 4 * i);
+      out[4 * i] = f.x, out[4 * i + 1] = f.y, out[4 * i + 2] = f.z, out[4 * i + 3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kV; ++i) out[i] = v[co + i];
+  }
+}
+
 // An optional per-channel vector as fp32 [n], `absent` where it is null: the element-wise kernels then
 // read plain floats (no dtype switch per element). absent = 1 for a scale (x * 1 == x), -0 for a shift
 // (x + -0 == x, signed zeros included).

@@ -115,7 +115,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // y = post(((z - mean) * invstd) * w + b) + residual, kV elements (consecutive channels) per step:
-// 16-byte vectors where vector_path allows, else one element.
+// 16-byte vectors where vector_path allows (the per-channel vectors then as 16-byte loads too), else
+// one element.
 template <typename T, int kV>
 __global__ void __launch_bounds__(256)
     bn_apply_kernel(const SepConvTrainParams p, const float* __restrict__ invstd, const float* __restrict__ weight,
@@ -131,11 +132,16 @@ __global__ void __launch_bounds__(256)
     const E zv = E::load(z + idx);
     E rv, out;
     if (residual != nullptr) rv = E::load(residual + idx);
+    float mean[kV], inv[kV], w[kV], b[kV];
+    load_channels<kV>(p.mean, co, mean);
+    load_channels<kV>(invstd, co, inv);
+    load_channels<kV>(weight, co, w);
+    load_channels<kV>(bias, co, b);
 #pragma unroll
     for (int e = 0; e < kV; ++e) {
-      float v = (to_float(zv.v[e]) - p.mean[co + e]) * invstd[co + e];
-      v = v * weight[co + e];  // 1 where there is no weight, -0 where there is no bias: exact
-      v = v + bias[co + e];
+      float v = (to_float(zv.v[e]) - mean[e]) * inv[e];
+      v = v * w[e];  // 1 where there is no weight, -0 where there is no bias: exact
+      v = v + b[e];
       v = round_to<T>(v);
       if (p.post_relu) v = relu(v);
       if (residual != nullptr) v = v + to_float(rv.v[e]);
@@ -218,7 +224,9 @@ cudaError_t launch_train(const SepConvTrainParams& p, cudaStream_t stream) {
     vec_to_float_kernel<<<elementwise_blocks(g.c_out), 256, 0, stream>>>(p.bn_weight, 1.f, g.c_out, weight);
     vec_to_float_kernel<<<elementwise_blocks(g.c_out), 256, 0, stream>>>(p.bn_bias, -0.f, g.c_out, bias);
     constexpr int kV = 16 / sizeof(T);
-    if (vector_path<T>(g.c_out, {p.z.ptr, p.y.ptr, p.residual.ptr})) {
+    // The per-channel vectors: mean (the op's output), invstd and the affine (the workspace's first
+    // buffers, 256-byte aligned; bias at c_out floats, a multiple of the vector on this path).
+    if (vector_path<T>(g.c_out, {p.z.ptr, p.y.ptr, p.residual.ptr, p.mean, plan.invstd, weight, bias})) {
       bn_apply_kernel<T, kV><<<elementwise_blocks(total / kV), 256, 0, stream>>>(p, plan.invstd, weight, bias, total);
     } else {
       bn_apply_kernel<T, 1><<<elementwise_blocks(total), 256, 0, stream>>>(p, plan.invstd, weight, bias, total);

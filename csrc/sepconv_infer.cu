@@ -72,11 +72,6 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
 
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
@@ -215,11 +210,9 @@ struct Args {
   float* partial;        // training forward (kStats): the per-tile moments, see stats_partial_offset
 };
 
-// What the pack kernel packs. kGemm (the backward's grad_d GEMM, run_grad_d_tiled): the plan is a 1x1
-// "depthwise" of weight 1 (d = its input, exactly) and pw is the forward's [Cout][C] weight read
-// transposed, B(k = co, n = c) = pw[co][c]. kFlipped (the backward's grad_x): the depthwise taps
-// reversed (dx_forward_tap).
-enum class PackMode { kForward, kGemm, kFlipped };
+// What the pack kernel packs. kFlipped (the backward's grad_x): the depthwise taps reversed
+// (dx_forward_tap).
+enum class PackMode { kForward, kFlipped };
 
 // Weights and the affine vectors, padded into the workspace (see packed_pw_offset).
 template <typename T>
@@ -236,13 +229,11 @@ __global__ void __launch_bounds__(256)
     if (idx < pw_elems) {
       const int co = idx / p.kp, ci = idx - co * p.kp;
       const bool real = co < p.c_out && ci < p.c && pw != nullptr;  // no pw (grad_x): zeros
-      pwp[packed_pw_offset(p, co, ci, sizeof(T))] =
-          real ? pw[mode == PackMode::kGemm ? ci * p.c_out + co : co * p.c + ci] : from_float<T>(0.f);
+      pwp[packed_pw_offset(p, co, ci, sizeof(T))] = real ? pw[co * p.c + ci] : from_float<T>(0.f);
     } else if (idx < pw_elems + dw_elems) {
       const int j = idx - pw_elems, tap = j / p.kp, ci = j - tap * p.kp;
       const int src_tap = mode == PackMode::kFlipped ? dx_forward_tap(p, tap) : tap;
-      dwp[packed_dw_offset(p, tap, ci)] =
-          ci < p.c ? (mode == PackMode::kGemm ? 1.f : to_float(dw[ci * taps + src_tap])) : 0.f;
+      dwp[packed_dw_offset(p, tap, ci)] = ci < p.c ? to_float(dw[ci * taps + src_tap]) : 0.f;
     } else {
       const int co = idx - pw_elems - dw_elems;
       const bool real = co < p.c_out;
@@ -255,14 +246,13 @@ __global__ void __launch_bounds__(256)
 // ---------------------------------------------------------------------------------------------------
 // Phase 1: the d tile
 
-// The depthwise of one chunk for this thread's rows (see depthwise_rows): src / wsrc point at the
-// thread's channel vector in the staged halo / weights, dst at its first d element, rows dst_step apart.
+// The depthwise of one chunk for this thread's rows (see depthwise_rows) into fp32 accumulators: src /
+// wsrc point at the thread's channel vector in the staged halo / weights.
 template <typename T, int KH, int KW, int kPos>
-__device__ __forceinline__ void depthwise_chunk(const Plan& p, const HaloBox& b, const int (&base)[kPos], const T* src,
-                                                const float* wsrc, T* dst, int dst_step) {
+__device__ __forceinline__ void depthwise_acc(const Plan& p, const HaloBox& b, const int (&base)[kPos], const T* src,
+                                              const float* wsrc, float (&acc)[kPos][Vec16<T>::kVec]) {
   using V = Vec16<T>;
   constexpr int kVec = V::kVec;
-  float acc[kPos][kVec];
 #pragma unroll
   for (int q = 0; q < kPos; ++q)
 #pragma unroll
@@ -278,14 +268,22 @@ __device__ __forceinline__ void depthwise_chunk(const Plan& p, const HaloBox& b,
         }
       },
       acc);
+}
+
+// The same, rounded to T into the shared d tile: dst at the thread's first d element, rows dst_step apart.
+template <typename T, int KH, int KW, int kPos>
+__device__ __forceinline__ void depthwise_chunk(const Plan& p, const HaloBox& b, const int (&base)[kPos], const T* src,
+                                                const float* wsrc, T* dst, int dst_step) {
+  float acc[kPos][Vec16<T>::kVec];
+  depthwise_acc<T, KH, KW, kPos>(p, b, base, src, wsrc, acc);
 #pragma unroll
-  for (int q = 0; q < kPos; ++q) *reinterpret_cast<uint4*>(dst + q * dst_step) = V::pack(acc[q]);
+  for (int q = 0; q < kPos; ++q) *reinterpret_cast<uint4*>(dst + q * dst_step) = Vec16<T>::pack(acc[q]);
 }
 
 // The staging of chunks ck_begin .. ck_end - 1 of the tile's halo box (and their depthwise weights),
 // each handed to chunk_fn(staged channel vector, its weights, c0, base) on the threads that have rows.
-// Ends with a barrier. The forward computes all chunks (d_tile_phase), the grad_pw kernel one, the
-// depthwise backward (on grad_d) one.
+// Ends with a barrier. The forward and the backward's d store compute all chunks, the depthwise
+// backward (on grad_d) one per CTA.
 template <typename T, int BM, int KH, int KW, class ChunkFn>
 __device__ __forceinline__ void depthwise_phase(const Plan& p, const Args<T>& a, const SmemLayout& L,
                                                 unsigned char* smem, const TileRange& t, const HaloBox& b,
@@ -798,10 +796,8 @@ cudaError_t launch(const Plan& plan, const Args<T>& args, int smem_bytes, cudaSt
 
 template <typename T, int BM, bool kStats>
 cudaError_t launch_k(const Plan& plan, const Args<T>& args, int smem_bytes, cudaStream_t stream) {
-  // 3x3 (every Xception unit) with the taps unrolled at compile time, and 1x1 (the backward's grad_d
-  // GEMM); any other size at run time.
+  // 3x3 (every Xception unit) with the taps unrolled at compile time; any other size at run time.
   if (plan.kh == 3 && plan.kw == 3) return launch<T, BM, 3, 3, kStats>(plan, args, smem_bytes, stream);
-  if (plan.kh == 1 && plan.kw == 1 && !kStats) return launch<T, BM, 1, 1, false>(plan, args, smem_bytes, stream);
   return launch<T, BM, 0, 0, kStats>(plan, args, smem_bytes, stream);
 }
 
@@ -844,7 +840,6 @@ struct Outputs {
   T* y;                // y, or z in training
   bool post_relu;      // inference only
   float* partial;      // training only: the per-tile moments
-  PackMode mode;       // kForward, or kGemm for the grad_d GEMM
 };
 
 // Packs the weights and launches the tiled kernel for `plan` (bm > 0).
@@ -855,7 +850,7 @@ cudaError_t run_plan(const UnitParams& prm, const Plan& plan, const Packed<T>& p
   const int pack_total = packed_pw_elems(plan) + packed_dw_elems(plan) + plan.cout_pad;
   pack_weights_kernel<T><<<elementwise_blocks(pack_total), 256, 0, stream>>>(
       plan, static_cast<const T*>(prm.dw_weight), static_cast<const T*>(prm.pw_weight), out.scale, out.shift,
-      out.mode, packed.dw, packed.pw, packed.scale, packed.shift);
+      PackMode::kForward, packed.dw, packed.pw, packed.scale, packed.shift);
 
   Args<T> args;
   args.x = static_cast<const T*>(prm.x.ptr);
@@ -885,7 +880,7 @@ cudaError_t run_infer(const SepConvInferParams& prm, cudaStream_t stream, bool* 
   *launched = true;
   if (num_tiles(plan) == 0 || prm.g.c_out == 0) return cudaSuccess;
   const Outputs<T> out{prm.scale, prm.shift, static_cast<const T*>(prm.residual.ptr), static_cast<T*>(prm.y.ptr),
-                       prm.post_relu, nullptr, PackMode::kForward};
+                       prm.post_relu, nullptr};
   return run_plan<T, false>(prm, plan, packed, out, stream);
 }
 
@@ -940,7 +935,7 @@ cudaError_t run_train(const SepConvTrainParams& prm, cudaStream_t stream, bool* 
   if (g.c_out == 0) return cudaSuccess;
   const int64_t tiles = num_tiles(plan);
   if (tiles > 0) {
-    const Outputs<T> out{Vec{}, Vec{}, nullptr, static_cast<T*>(prm.z.ptr), false, c.partial, PackMode::kForward};
+    const Outputs<T> out{Vec{}, Vec{}, nullptr, static_cast<T*>(prm.z.ptr), false, c.partial};
     err = run_plan<T, true>(prm, plan, packed, out, stream);
     if (err != cudaSuccess) return err;
   }
@@ -949,41 +944,9 @@ cudaError_t run_train(const SepConvTrainParams& prm, cudaStream_t stream, bool* 
 }
 
 // ---------------------------------------------------------------------------------------------------
-// The backward's grad_pw and grad_x / grad_dw kernels and launchers
+// The backward's d store and grad_x / grad_dw kernels and launchers
 
 #include "sepconv_tiled_backward.cuh"
-
-// ---------------------------------------------------------------------------------------------------
-// The backward's grad_d = grad_z pw ([P, Cout] x [Cout, C], rounded to T): the same kernel on a 1x1
-// geometry over the output positions (grad_z as the image, Cout its channels, C the outputs), the
-// depthwise a copy (weight 1), scale 1 and shift -0: z = grad_d, stored in T as the unfused
-// convolution backward stores it.
-
-ConvGeometry gemm_geometry(const ConvGeometry& g) {
-  ConvGeometry m;
-  m.n = g.n, m.c = g.c_out, m.h = g.h_out, m.w = g.w_out;
-  m.c_out = g.c, m.h_out = g.h_out, m.w_out = g.w_out;
-  m.kh = m.kw = 1;
-  return m;
-}
-
-template <typename T>
-cudaError_t run_grad_d(const GradDParams& prm, cudaStream_t stream, bool* launched) {
-  UnitParams u;
-  u.g = gemm_geometry(prm.g);
-  u.x.ptr = const_cast<void*>(prm.grad_z);
-  u.pw_weight = const_cast<void*>(prm.pw_weight);
-  Plan plan;
-  cudaError_t err = choose_plan(u.g, sizeof(T), 0, &plan);
-  if (err != cudaSuccess || plan.bm == 0) return err;
-  Workspace ws(prm.workspace);
-  const Packed<T> packed = carve<T>(plan, ws);
-  if (ws.bytes() > prm.workspace_bytes) return cudaErrorInvalidValue;
-  *launched = true;
-  if (num_tiles(plan) == 0 || u.g.c_out == 0) return cudaSuccess;
-  const Outputs<T> out{Vec{}, Vec{}, nullptr, static_cast<T*>(prm.grad_d), false, nullptr, PackMode::kGemm};
-  return run_plan<T, false>(u, plan, packed, out, stream);
-}
 
 // The workspace bytes carve<T> takes for `p`'s packed weights: fp32, or 2-byte elements for both 16-bit
 // types (bfloat16 packs as __half does).
@@ -1021,27 +984,15 @@ cudaError_t run_dw_backward_tiled(const DwBackwardParams& params, cudaStream_t s
   return XF_DTYPE_SWITCH(params.dtype, T, [&] { return infer::run_dw_backward<T>(params, stream, splits); });
 }
 
-size_t grad_pw_tiled_workspace_size(const ConvGeometry& g, DType dtype) {
-  if (dtype == DType::kFloat32 || !infer::fits_int32(g)) return 0;
-  return infer::packed_bytes(infer::plan_for(g, {64, 0}), dtype);
+size_t d_store_tiled_workspace_size(const ConvGeometry& g, DType dtype) {
+  if (!infer::fits_int32(g)) return 0;
+  return infer::packed_bytes(infer::plan_for(g, {32, 0}), dtype);
 }
 
-cudaError_t run_grad_pw_tiled(const GradPwParams& params, cudaStream_t stream, int* splits) {
-  *splits = -1;
-  if (!infer::fits_int32(params.g) || params.max_splits < 1) return cudaSuccess;
-  return XF_DTYPE_SWITCH(params.dtype, T, [&] { return infer::run_grad_pw<T>(params, stream, splits); });
-}
-
-size_t grad_d_tiled_workspace_size(const ConvGeometry& g, DType dtype) {
-  const ConvGeometry m = infer::gemm_geometry(g);
-  if (!infer::fits_int32(m)) return 0;
-  return infer::packed_bytes(infer::plan_for(m, {64, 0}), dtype);
-}
-
-cudaError_t run_grad_d_tiled(const GradDParams& params, cudaStream_t stream, bool* launched) {
+cudaError_t run_d_store_tiled(const DStoreParams& params, cudaStream_t stream, bool* launched) {
   *launched = false;
-  if (!infer::fits_int32(infer::gemm_geometry(params.g))) return cudaSuccess;
-  return XF_DTYPE_SWITCH(params.dtype, T, [&] { return infer::run_grad_d<T>(params, stream, launched); });
+  if (!infer::fits_int32(params.g)) return cudaSuccess;
+  return XF_DTYPE_SWITCH(params.dtype, T, [&] { return infer::run_d_store<T>(params, stream, launched); });
 }
 
 size_t infer_tiled_workspace_size(const SepConvInferParams& params) {

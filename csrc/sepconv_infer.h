@@ -23,43 +23,27 @@ cudaError_t run_sepconv_bn_infer_tiled(const SepConvInferParams& params, cudaStr
 size_t train_tiled_workspace_size(const SepConvTrainParams& params);
 cudaError_t run_sepconv_bn_train_tiled(const SepConvTrainParams& params, cudaStream_t stream, bool* launched);
 
-// The backward's grad_d = grad_z pw on the tiled kernel (a 1x1 unit over the output positions):
-// grad_z [P, Cout] and grad_d [P, C] in `dtype`, NHWC-contiguous; pw the forward's [Cout, C] weight.
-struct GradDParams {
-  ConvGeometry g;  // the unit's geometry
-  DType dtype = DType::kFloat32;
-  const void* grad_z = nullptr;
-  const void* pw_weight = nullptr;
-  void* grad_d = nullptr;
-  void* workspace = nullptr;  // grad_d_tiled_workspace_size bytes (its packed weights)
-  size_t workspace_bytes = 0;
-};
-size_t grad_d_tiled_workspace_size(const ConvGeometry& g, DType dtype);
-cudaError_t run_grad_d_tiled(const GradDParams& params, cudaStream_t stream, bool* launched);
-
-// The backward's grad_pw = grad_z^T d on the tiled machinery (16-bit types, Cout % 8 == 0): d
-// recomputed once per (position, channel) by the depthwise phase, fp32 partials [splits][Cout][C]
-// for the caller's column sums. *splits: the number of partials written (0: none, the sums are
-// zeros), or -1 when the tiled kernel does not cover `params` (the caller's kernel runs instead).
-struct GradPwParams {
+// The backward's d = dw(pre(x)) [P, C] in `dtype` (the A operand of cuBLAS's grad_pw = grad_z^T d) on
+// the tiled kernel's depthwise phase: one pass that reads x once and writes d once. *launched false
+// when the tiled machinery does not cover `params` (the caller's int64 kernel runs instead).
+struct DStoreParams {
   ConvGeometry g;
   DType dtype = DType::kFloat32;
   const void* x = nullptr;          // [N, H, W, C]
   const void* dw_weight = nullptr;  // [C, kh, kw]
   bool pre_relu = false;
-  const void* grad_z = nullptr;     // [P, Cout]
-  float* partial = nullptr;         // room for max_splits partials
-  int max_splits = 0;
-  void* workspace = nullptr;        // grad_pw_tiled_workspace_size bytes (the packed weights)
+  void* d = nullptr;                // [N, Ho, Wo, C]
+  void* workspace = nullptr;        // d_store_tiled_workspace_size bytes (the packed depthwise weights)
   size_t workspace_bytes = 0;
 };
-size_t grad_pw_tiled_workspace_size(const ConvGeometry& g, DType dtype);
-cudaError_t run_grad_pw_tiled(const GradPwParams& params, cudaStream_t stream, int* splits);
+size_t d_store_tiled_workspace_size(const ConvGeometry& g, DType dtype);
+cudaError_t run_d_store_tiled(const DStoreParams& params, cudaStream_t stream, bool* launched);
 
 // The backward's grad_x and grad_dw on the tiled machinery (stride 1, 3x3, padding at most the
 // window's reach; every dtype): grad_d's halo staged once per tile and chunk, x read once, grad_x
-// stored, grad_dw as fp32 partials [splits][C][taps] for the caller's column sums. *splits as for
-// run_grad_pw_tiled (-1: not covered, the caller's kernels run instead).
+// stored, grad_dw as fp32 partials [splits][C][taps] for the caller's column sums. *splits: the number
+// of partials written (0: none, the sums are zeros), or -1 when the tiled kernel does not cover
+// `params` (the caller's kernels run instead).
 struct DwBackwardParams {
   ConvGeometry g;
   DType dtype = DType::kFloat32;

@@ -460,36 +460,14 @@ XF_HD bool full_tile(const Plan& p, const TileRange& t, int nt) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// The backward's grad_pw = grad_z^T d ([Cout, P] x [P, C], 16-bit types; sepconv_infer.cu,
-// grad_pw_tiled_kernel). A CTA owns one chunk of kBK input channels, one pass of up to kGpN output
-// channels and a split (a contiguous range of position tiles); per position tile it computes the
-// depthwise of its chunk once (depthwise_phase, into a [bm][kBK + 8] tile: d is computed once per
-// (position, channel) for Cout <= kGpN), loads the tile's grad_z rows [bm][kGpN] with cp.async
-// (zero past the tile's positions and past Cout, so padding rows add nothing), and accumulates
-// acc[c][co] += d[pos][c] grad_z[pos][co] with ldmatrix.trans + mma.sync: M = the kBK channels (2 m16
-// fragments), N = kGpN (8 warps x kGpN / 8 columns), K = the tile's positions. Each split writes its
-// fp32 partial [Cout][C]; the column sums add the splits in order.
+// Splits of the backward's tiled kernels over position tiles (dw_backward_tiled_kernel): a grid of
+// `units` CTAs per split (one per channel chunk), each split a contiguous range of position tiles;
+// each split writes its fp32 partial and the column sums add the splits in order.
 
-constexpr int kGpN = 768;                      // output channels per pass
-constexpr int kGpWarpCols = kGpN / (kThreads / 32);  // 96: columns per warp, 12 n8 fragments
-constexpr int kGpMaxSplits = 16;  // splits tried on any grid (enough for the middle flow's 23 units)
+constexpr int kGpMaxSplits = 16;  // splits tried on any grid (enough for the middle flow's 23 chunks)
 constexpr int kGpMaxSms = 256;    // the most SMs the workspace leaves room to fill (H100 132, B200 148)
 
 XF_HD int gp_chunks(const Plan& p) { return p.kp / kBK; }
-XF_HD int gp_passes(const Plan& p) { return ceil_div(p.c_out, kGpN); }
-XF_HD int gp_units(const Plan& p) { return gp_chunks(p) * gp_passes(p); }
-XF_HD int gp_ld_d() { return kBK + 8; }     // odd pitch in 16-byte units (ldmatrix without conflicts)
-XF_HD int gp_ld_gz() { return kGpN + 8; }
-
-// Work unit w of the grid: chunk (fastest: the CTAs reading the same grad_z rows run together), pass,
-// split.
-struct GpUnit {
-  int chunk, pass, split;
-};
-XF_HD GpUnit gp_unit(const Plan& p, int w) {
-  const int units = gp_units(p);
-  return {w % gp_chunks(p), (w % units) / gp_chunks(p), w / units};
-}
 
 // The position tiles of split s of `splits`: [begin, end), contiguous, as even as whole tiles allow.
 struct TileSpan {
@@ -523,54 +501,6 @@ XF_HD int gp_choose_splits(int units, int tiles, int sms, int max_splits) {
     if (eff > best_eff + 1e-9) best = s, best_eff = eff;
   }
   return best;
-}
-
-// Shared memory: the d tile and the grad_z tile, then the depthwise staging of SmemLayout (halo
-// buffers, weights, pixel table) after them (the fields the depthwise phase reads are the same).
-XF_HD SmemLayout gp_smem_layout(const Plan& p, int elem_bytes) {
-  SmemLayout s = smem_layout(p, elem_bytes);
-  s.d_ld = gp_ld_d();
-  s.d_bytes = p.bm * s.d_ld * elem_bytes;
-  s.ring_ld = gp_ld_gz();
-  s.ring = align_up(s.d_bytes, 128);
-  s.ring_tile_elems = p.bm * s.ring_ld;
-  s.region = align_up(s.ring + s.ring_tile_elems * elem_bytes, 128);
-  const int shift = s.region - s.halo[0];
-  s.halo[0] += shift, s.halo[1] += shift, s.wts[0] += shift, s.wts[1] += shift, s.table += shift;
-  s.stats = align_up(s.table + p.halo_rows * p.halo_cols * 4, 128);
-  s.total = s.stats;
-  return s;
-}
-XF_HD bool gp_fits_smem(const Plan& p, int elem_bytes, int max_smem) {
-  if (2 * static_cast<int64_t>(p.halo_rows) * p.halo_cols * kBK * elem_bytes > max_smem) return false;
-  return gp_smem_layout(p, elem_bytes).total <= max_smem;
-}
-// Tile candidates: 64 rows, then 32; ranges, then row segments (as tile_candidate).
-XF_HD TileChoice gp_tile_candidate(int i) { return {i < 4 ? 64 >> (i / 2) : 0, i % 2}; }
-
-// grad_z staging: a thread keeps one 8-element column vector of the tile and steps over rows, so its
-// source and destination advance by constant strides (no index math per copy): threads
-// tid < kGpGzThreads stage column gp_gz_col(tid) of rows gp_gz_row0(tid) + kGpGzRowStep k.
-constexpr int kGpGzVecs = kGpN / 8;                      // 96 vectors per row
-constexpr int kGpGzRowStep = kThreads / kGpGzVecs;       // 2 rows per step
-constexpr int kGpGzThreads = kGpGzRowStep * kGpGzVecs;   // 192: warps 0-5
-XF_HD int gp_gz_col(int tid) { return (tid % kGpGzVecs) * 8; }
-XF_HD int gp_gz_row0(int tid) { return tid / kGpGzVecs; }
-
-// ldmatrix.x4.trans addresses. A(m = channel, k = position) from d [k][m]: lane l gives row
-// k = 8 (l / 16) + l % 8, column m = 8 ((l / 8) % 2) of the 16 x 16 fragment; matrices 0..3 are
-// then (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15) = a0a1, a2a3, a4a5, a6a7.
-XF_HD int gp_a_k(int lane) { return (lane / 16) * 8 + lane % 8; }
-XF_HD int gp_a_m(int lane) { return ((lane / 8) % 2) * 8; }
-// B(k = position, n = co) from grad_z [k][n], n8 fragments 2j and 2j + 1: lane l gives row
-// k = 8 ((l / 8) % 2) + l % 8, column n = 8 (l / 16); registers 0, 1 = b0b1, b2b3 of fragment 2j,
-// 2, 3 those of 2j + 1.
-XF_HD int gp_b_k(int lane) { return ((lane / 8) % 2) * 8 + lane % 8; }
-XF_HD int gp_b_n(int lane) { return (lane / 16) * 8; }
-
-// Partial of split s: float [splits][Cout][C].
-XF_HD int64_t gp_partial_offset(const Plan& p, int split, int co, int c) {
-  return (static_cast<int64_t>(split) * p.c_out + co) * p.c + c;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -656,6 +586,33 @@ XF_HD void depthwise_backward_rows(const Plan& p, const HaloBox& b, const int (&
       }
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The backward's d store (sepconv_infer.cu, d_store_kernel): d = dw(pre(x)) [P, C] in T for cuBLAS's
+// grad_pw = grad_z^T d. One CTA per position tile runs the forward's depthwise phase over every chunk
+// and each thread stores its rows' channel vector straight from the accumulators: element (row r of
+// tile t, channel c) goes to d_store_offset; rows past the tile's count and channels past C are not
+// stored (the staging zero-fills them). No d tile and no weight ring: the shared memory is the
+// depthwise staging alone, so small tiles suffice (64 and 32 rows in 16-bit, 32 in fp32).
+
+XF_HD SmemLayout ds_smem_layout(const Plan& p, int elem_bytes) {
+  SmemLayout s = dx_smem_layout(p, elem_bytes);
+  s.total = s.stats;  // no reduction area
+  return s;
+}
+XF_HD bool ds_fits_smem(const Plan& p, int elem_bytes, int max_smem) {
+  if (2 * static_cast<int64_t>(p.halo_rows) * p.halo_cols * kBK * elem_bytes > max_smem) return false;
+  return ds_smem_layout(p, elem_bytes).total <= max_smem;
+}
+// Tile candidates: 16-bit 64 rows, then 32; fp32 32; ranges of an image, then row segments.
+XF_HD TileChoice ds_tile_candidate(int i, int elem_bytes) {
+  const int sizes = elem_bytes == 2 ? 2 : 1;
+  return {i < 2 * sizes ? 64 >> (i / 2 + (elem_bytes == 2 ? 0 : 1)) : 0, i % 2};
+}
+// The element offset in d [P, C] of tile t's row r, channel c.
+XF_HD int64_t d_store_offset(const Plan& p, const TileRange& t, int r, int c) {
+  return (static_cast<int64_t>(t.img) * p.h_out * p.w_out + t.q0 + r) * p.c + c;
 }
 
 }  // namespace infer

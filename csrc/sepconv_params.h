@@ -5,8 +5,7 @@
 // out of the .cu files keeps nvcc's compile short. All sizes, strides and offsets are 64-bit:
 // activations of a large batch can exceed 2^31 elements.
 //
-// Scratch memory: each op may need a device workspace (partial reductions, the fp32 gradient of the
-// depthwise output, ...). The host asks `workspace_size(params)` for its size in bytes, allocates it
+// Scratch memory: each op may need a device workspace (partial reductions, packed weights, ...). The host asks `workspace_size(params)` for its size in bytes, allocates it
 // with PyTorch's caching allocator on the current stream and sets `workspace` / `workspace_bytes`;
 // the launcher carves it up the same way (the layout depends on the geometry only).
 //
@@ -73,14 +72,24 @@ struct SepConvInferParams : UnitParams {
   Tensor4 y;         // out: output-shaped, channels_last
 };
 
+// The backward's [positions, channels] intermediates in the activations' dtype, contiguous, allocated by
+// the host. A backward runs in three steps on one stream: the first launch (run_*_backward_grad_z)
+// writes grad_z and d; the host's two cuBLAS products (xception_fast_ops.cpp) form
+// grad_d = grad_z pw and grad_pw = grad_z^T d; the second launch (run_*_backward_dw) reads grad_d.
+struct BackwardIntermediates {
+  void* grad_z = nullptr;  // [P, Cout]: the gradient of the pointwise output, rounded to T
+  void* d = nullptr;       // [P, C]: the depthwise output dw(pre(x)), rounded to T as the forward stores it
+  void* grad_d = nullptr;  // [P, C]: the gradient of d (grad_z pw), rounded to T
+};
+
 // Gradients of SepConvInferParams' unit; the depthwise output is recomputed from x.
 struct SepConvInferBackwardParams : UnitParams {
   Tensor4 grad_y;
   Vec scale, shift;                // optional
   Tensor4 grad_x;                  // out: x-shaped, channels_last
   void* grad_dw_weight = nullptr;  // out: [C, kh, kw]
-  void* grad_pw_weight = nullptr;  // out: [Cout, C]
   Vec grad_scale, grad_shift;      // out: ptr nullptr when scale/shift are absent (then empty tensors)
+  BackwardIntermediates mid;
 };
 
 // Training forward: z = pw(dw(pre(x))), batch mean and biased var of z per channel, and
@@ -125,7 +134,7 @@ struct SepConvTrainBackwardParams : UnitParams, BnBackwardInputs {
   const float* mean_dy_xhat = nullptr;
   Tensor4 grad_x;                  // out
   void* grad_dw_weight = nullptr;  // out
-  void* grad_pw_weight = nullptr;  // out
+  BackwardIntermediates mid;
 };
 
 // Defined in sepconv_forward.cu: the virtual architectures nvcc compiled it for (__CUDA_ARCH_LIST__),
@@ -141,9 +150,13 @@ size_t workspace_size(const SepConvTrainBackwardParams& params);
 // Launchers: enqueue the op's kernels on `stream` and return cudaGetLastError(). They handle empty
 // tensors (n == 0). cudaErrorInvalidValue: a layout or workspace the kernels do not accept.
 cudaError_t run_sepconv_bn_infer(const SepConvInferParams& params, cudaStream_t stream);
-cudaError_t run_sepconv_bn_infer_backward(const SepConvInferBackwardParams& params, cudaStream_t stream);
 cudaError_t run_sepconv_bn_train(const SepConvTrainParams& params, cudaStream_t stream);
 cudaError_t run_bn_backward_reduce(const BnBackwardReduceParams& params, cudaStream_t stream);
-cudaError_t run_sepconv_bn_train_backward(const SepConvTrainBackwardParams& params, cudaStream_t stream);
+// The backwards' two launches (see BackwardIntermediates), with the same params and workspace:
+// grad_z (inference: and grad_scale / grad_shift) and d; then grad_x and grad_dw from mid.grad_d.
+cudaError_t run_sepconv_bn_infer_backward_grad_z(const SepConvInferBackwardParams& params, cudaStream_t stream);
+cudaError_t run_sepconv_bn_infer_backward_dw(const SepConvInferBackwardParams& params, cudaStream_t stream);
+cudaError_t run_sepconv_bn_train_backward_grad_z(const SepConvTrainBackwardParams& params, cudaStream_t stream);
+cudaError_t run_sepconv_bn_train_backward_dw(const SepConvTrainBackwardParams& params, cudaStream_t stream);
 
 }  // namespace xception_fast

@@ -7,7 +7,9 @@
 // Each CUDA implementation: checks its inputs (checks.h), guards x's device, makes the inputs
 // channels_last / contiguous, allocates the outputs and the kernels' scratch workspace, fills the
 // params struct (sepconv_params.h; the unit's part in unit_params) and calls the launcher
-// (sepconv_forward.cu, sepconv_backward.cu) on the current stream.
+// (sepconv_forward.cu, sepconv_backward.cu) on the current stream. The two backward ops run in three
+// steps on that stream: a launch that writes grad_z and d, the two pointwise products on cuBLAS
+// (pointwise_grads, under ExactMatmulGuard), a launch that forms grad_x and grad_dw from grad_d.
 // The CPU registrations only raise a clear error instead of PyTorch's "Could not run ... 'CPU'".
 //
 // Debugging: XCEPTION_FAST_POISON_OUTPUTS=1 (read at every call) fills freshly allocated outputs
@@ -19,12 +21,15 @@
 #include <sstream>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -138,6 +143,74 @@ BnBackwardInputs bn_backward_inputs(const Tensor& gyc, const Tensor& zc, const T
           vec(bias_c)};
 }
 
+// --- the backward's pointwise products on cuBLAS -------------------------------------------------------
+
+// The contract's arithmetic for torch.matmul inside its scope (triton_kernels.backward.exact_matmul is
+// the Python twin): fp32 with exact fp32 products, no TF32 (at::NoTF32Guard: a thread-local override
+// that cuBLAS and cuBLASLt honour, whichever API set the global flag); fp16 / bf16 accumulated in fp32
+// with no reduced-precision split-K reduction and no fp16 accumulation. Those global flags are
+// switched only where they were set otherwise and restored on the way out. Their getter returns a
+// bool in older torch and a CuBLASReductionOption in newer; the setter's split-K argument defaults
+// to true in both, so set(false) / set(true) mean the same in each.
+class ExactMatmulGuard {
+ public:
+  explicit ExactMatmulGuard(at::ScalarType dtype) {
+    at::Context& ctx = at::globalContext();
+    if (dtype == at::kHalf) {
+      fp16_reduction_ = allows_reduced(ctx.allowFP16ReductionCuBLAS());
+      if (fp16_reduction_) ctx.setAllowFP16ReductionCuBLAS(false);
+      fp16_accumulation_ = ctx.allowFP16AccumulationCuBLAS();
+      if (fp16_accumulation_) ctx.setAllowFP16AccumulationCuBLAS(false);
+    } else if (dtype == at::kBFloat16) {
+      bf16_reduction_ = allows_reduced(ctx.allowBF16ReductionCuBLAS());
+      if (bf16_reduction_) ctx.setAllowBF16ReductionCuBLAS(false);
+    }
+  }
+  ~ExactMatmulGuard() {
+    at::Context& ctx = at::globalContext();
+    if (fp16_reduction_) ctx.setAllowFP16ReductionCuBLAS(true);
+    if (fp16_accumulation_) ctx.setAllowFP16AccumulationCuBLAS(true);
+    if (bf16_reduction_) ctx.setAllowBF16ReductionCuBLAS(true);
+  }
+  ExactMatmulGuard(const ExactMatmulGuard&) = delete;
+  ExactMatmulGuard& operator=(const ExactMatmulGuard&) = delete;
+
+ private:
+  template <typename Option>
+  static bool allows_reduced(Option option) {
+    if constexpr (std::is_same_v<Option, bool>) {
+      return option;
+    } else {  // anything but the default keeps the reduction in fp32 already
+      return option == Option::AllowReducedPrecisionWithSplitK;
+    }
+  }
+
+  at::NoTF32Guard no_tf32_;
+  bool fp16_reduction_ = false, fp16_accumulation_ = false, bf16_reduction_ = false;
+};
+
+// The backward's [positions, channels] buffers (sepconv_params.h, BackwardIntermediates), in x's dtype.
+struct Intermediates {
+  Tensor grad_z, d, grad_d;
+  BackwardIntermediates pointers() const { return {grad_z.data_ptr(), d.data_ptr(), grad_d.data_ptr()}; }
+};
+
+Intermediates backward_intermediates(const ConvGeometry& g, const Tensor& x) {
+  const int64_t positions = g.n * g.h_out * g.w_out;
+  return {fresh(at::empty({positions, g.c_out}, x.options())), fresh(at::empty({positions, g.c}, x.options())),
+          fresh(at::empty({positions, g.c}, x.options()))};
+}
+
+// grad_d = grad_z pw ([P, Cout] x [Cout, C]) and grad_pw = grad_z^T d ([Cout, P] x [P, C]) on cuBLAS,
+// both in x's dtype from fp32 accumulators (as the reference's convolution_backward stores them), on the
+// current stream: after the first launch, before the second.
+void pointwise_grads(Intermediates& m, const Tensor& pwc, Tensor& grad_pw) {
+  const ExactMatmulGuard exact(m.grad_z.scalar_type());
+  at::mm_out(m.grad_d, m.grad_z, pwc.view({pwc.size(0), pwc.size(1)}));
+  Tensor grad_pw_2d = grad_pw.view({grad_pw.size(0), grad_pw.size(1)});
+  at::mm_out(grad_pw_2d, m.grad_z.t(), m.d);
+}
+
 // --- CUDA implementations ----------------------------------------------------------------------------
 
 Tensor sepconv_bn_infer_cuda(const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight,
@@ -183,12 +256,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sepconv_bn_infer_backward_cud
   Tensor grad_shift = fresh(shift_c.defined() ? at::empty_like(shift_c) : empty_vector(0, x, x.scalar_type()));
 
   // Absent scale/shift: no gradient to write (the empty tensors above are returned).
+  Intermediates mid = backward_intermediates(g, x);
   SepConvInferBackwardParams p{unit_params(g, xc, dwc, pwc, pre_relu, post_relu), tensor4(gyc), vec(scale_c),
-                               vec(shift_c), tensor4(grad_x), grad_dw.data_ptr(), grad_pw.data_ptr(),
+                               vec(shift_c), tensor4(grad_x), grad_dw.data_ptr(),
                                scale_c.defined() ? vec(grad_scale) : Vec{},
-                               shift_c.defined() ? vec(grad_shift) : Vec{}};
+                               shift_c.defined() ? vec(grad_shift) : Vec{}, mid.pointers()};
   const Tensor ws = attach_workspace(p, x);
-  check_launch(run_sepconv_bn_infer_backward(p, current_stream()), "sepconv_bn_infer_backward");
+  check_launch(run_sepconv_bn_infer_backward_grad_z(p, current_stream()), "sepconv_bn_infer_backward (grad_z, d)");
+  pointwise_grads(mid, pwc, grad_pw);
+  check_launch(run_sepconv_bn_infer_backward_dw(p, current_stream()), "sepconv_bn_infer_backward (grad_x, grad_dw)");
   return {grad_x, grad_dw, grad_pw, grad_scale, grad_shift};
 }
 
@@ -276,12 +352,15 @@ std::tuple<Tensor, Tensor, Tensor> sepconv_bn_train_backward_cuda(
   Tensor grad_dw = fresh(at::empty(dw_weight.sizes(), dw_weight.options()));
   Tensor grad_pw = fresh(at::empty(pw_weight.sizes(), pw_weight.options()));
 
+  Intermediates mid = backward_intermediates(g, x);
   SepConvTrainBackwardParams p{unit_params(g, xc, dwc, pwc, pre_relu, post_relu),
                                bn_backward_inputs(gyc, zc, mean_c, invstd_c, weight_c, bias_c),
                                mean_dy_c.data_ptr<float>(), mean_dy_xhat_c.data_ptr<float>(), tensor4(grad_x),
-                               grad_dw.data_ptr(), grad_pw.data_ptr()};
+                               grad_dw.data_ptr(), mid.pointers()};
   const Tensor ws = attach_workspace(p, x);
-  check_launch(run_sepconv_bn_train_backward(p, current_stream()), "sepconv_bn_train_backward");
+  check_launch(run_sepconv_bn_train_backward_grad_z(p, current_stream()), "sepconv_bn_train_backward (grad_z, d)");
+  pointwise_grads(mid, pwc, grad_pw);
+  check_launch(run_sepconv_bn_train_backward_dw(p, current_stream()), "sepconv_bn_train_backward (grad_x, grad_dw)");
   return {grad_x, grad_dw, grad_pw};
 }
 

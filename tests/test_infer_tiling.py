@@ -5,8 +5,9 @@ host C++ compiler. test_infer_tiling.cpp: tile coverage, halo boxes, the shared-
 mappings, the depthwise of every tile bit-exact against a direct loop, and the ldmatrix / mma.sync
 fragment mapping against the PTX ISA layouts. test_train_stats.cpp: the training forward's BatchNorm
 statistics (per-part moments from the accumulator layout, their merge per tile and per channel)
-against double precision. test_grad_pw_tiling.cpp: the backward's tiled grad_pw (work units, splits,
-shared memory, ldmatrix.trans + mma.sync emulated against grad_z^T d). test_dw_backward_tiling.cpp:
+against double precision. test_d_store_tiling.cpp: the backward's d store for cuBLAS's grad_pw (the
+kernel emulated against a direct depthwise, every element of d written once) and the splits of the
+tiled grad_x / grad_dw. test_dw_backward_tiling.cpp:
 the backward's tiled grad_x / grad_dw (the transposed plan's gathers, the kernel emulated against a
 direct transposed convolution and weight gradient). They share tests/cpp/host_test.h (EXPECT, the
 failure count, the summary line checked here). No GPU and no CUDA toolkit needed.
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ["test_infer_tiling.cpp", "test_train_stats.cpp", "test_grad_pw_tiling.cpp", "test_dw_backward_tiling.cpp"]
+SOURCES = ["test_infer_tiling.cpp", "test_train_stats.cpp", "test_d_store_tiling.cpp", "test_dw_backward_tiling.cpp"]
 
 
 def _compiler() -> str | None:

@@ -17,10 +17,11 @@ tile) run in sequence: one CTA per SM and a barrier between them, nothing in the
 Training, bf16/fp16, as `run_sepconv_bn_train` and `run_sepconv_bn_train_backward` launch it on
 Xception's units (3x3, stride 1, C and Cout multiples of 8): the forward on the tiled kernel with its
 statistics epilogue (`<T, bm, 3, 3, true>`), the moments merge's passes, the BatchNorm affine in
-fp32 and bn_apply; the backward's dy sums, the grad_z materialisation, grad_d on the tiled kernel's
-1x1 GEMM plan (`<T, bm, 1, 1, false>`), grad_pw (`grad_pw_tiled_kernel`), grad_x and grad_dw
-(`dw_backward_tiled_kernel`), their weight packs and column sums. The fallbacks (the int64 kernels,
-and grad_pw / grad_x / grad_dw's older kernels for shapes the tiled ones decline) and fp32 training
+fp32 and bn_apply; the backward's dy sums, the grad_z materialisation, the d store for cuBLAS
+(`d_store_kernel`), grad_d and grad_pw on cuBLAS (library calls at their roofline, as the Triton plan
+models its torch.matmul), grad_x and grad_dw (`dw_backward_tiled_kernel`), their weight packs and
+column sums. The fallbacks (the int64 kernels, and d / grad_x / grad_dw's older kernels for shapes
+the tiled ones decline) and fp32 training
 have no plan: `train` returns None (fp32) or raises NotImplementedError, and the unit is reported as
 not modelled. Where nvcc versioned a loop on a run-time flag (post_relu, pre_relu), the plan gives
 the version the layer runs its trips and the others 0; which SASS copy is which version is read from
@@ -340,37 +341,32 @@ def _depthwise_loops(p: cuda_tiling.TiledPlan, chunks: int, pre_relu: bool, phas
     ]
 
 
-def _tiled_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan, stats: bool = False,
-                  gemm: bool = False) -> Launch:
+def _tiled_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan, stats: bool = False) -> Launch:
     """sepconv_infer_tiled_kernel<T, bm, k, k, stats>: one 256-thread CTA per position tile; phase 1 stages
     the halo box chunk by chunk (32 channels, 16-byte cp.async, the pre-ReLU in place) and computes the
     depthwise into the resident d tile; phase 2 runs every Cout tile over it (16-bit: ldmatrix +
     mma.sync, fp32: FFMA) through a 3-stage cp.async weight ring, the epilogue once per Cout tile.
     One CTA per SM (shared memory) and a barrier between the phases: they run in sequence.
     stats: the training forward (z stored, the BatchNorm moments from the accumulators in the
-    epilogue; no residual, no post-ReLU). gemm: the backward's grad_d = grad_z pw, the same kernel on a
-    1x1 plan over the positions (grad_z the "image", a weight-1 depthwise)."""
+    epilogue; no residual, no post-ReLU)."""
     s = unit.shape
-    if p.kh not in (1, 3):
-        raise NotImplementedError("the plan covers the 3x3 instance (every Xception unit) and the 1x1 GEMM")
+    if p.kh != 3:
+        raise NotImplementedError("the plan covers the 3x3 instance (every Xception unit)")
     if p.c % (16 // unit.e):
         raise NotImplementedError("C not a multiple of a 16-byte vector: the element-wise halo staging runs "
                                   "(not in Xception; no plan for its loop copies)")
     taps = p.kh * p.kw
-    plain = stats or gemm  # the epilogue stores z (or grad_d): no residual, no post-ReLU
-    loops = [*_depthwise_loops(p, p.k_chunks, s.pre_relu and not gemm, phase="depthwise"),
+    loops = [*_depthwise_loops(p, p.k_chunks, s.pre_relu, phase="depthwise"),
              LoopPlan("pointwise stages (Cout tiles x 32-channel chunks)", p.stages,
-                      paths=_pointwise_paths(unit, p, (False, False) if plain else None), phase="pointwise")]
+                      paths=_pointwise_paths(unit, p, (False, False) if stats else None), phase="pointwise")]
     tag = f"{TYPE_TAG[unit.dtype][:-1]}Li{p.bm}ELi{p.kh}ELi{p.kw}ELb{int(stats)}EE"
     weights = unit.e * p.cout_pad * p.kp + 4 * (taps * p.kp + 2 * p.cout_pad)
-    if gemm:  # grad_z in, grad_d out
-        nbytes = unit.y_bytes() + unit.d_bytes() + weights
-    elif stats:  # x in; z and the per-tile moments out
+    if stats:  # x in; z and the per-tile moments out
         nbytes = unit.x_bytes() + unit.y_bytes() + 12 * p.tiles * p.c_out + weights
     else:
         nbytes = unit.x_bytes() + unit.y_bytes() * (2 if s.residual else 1) + weights
     tiles = "row segments" if p.row_segments else "image ranges"
-    what = " (training: z + statistics)" if stats else " (grad_d GEMM, 1x1)" if gemm else ""
+    what = " (training: z + statistics)" if stats else ""
     return Launch(kernel="sepconv_infer_tiled_kernel", config=f"bm {p.bm} ({tiles}) x {cuda_tiling.BN} x "
                   f"{cuda_tiling.BK}, t{cuda_tiling.THREADS}, {cuda_tiling.STAGES}-stage ring{what}",
                   compile=_compiler("sepconv_infer.cu", "sepconv_infer_tiled_kernel", arch, unit.dtype,
@@ -382,7 +378,7 @@ def _tiled_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan, stats: bool =
 # --- training -------------------------------------------------------------------------------------------
 
 RED_COLS, RED_LANES = 32, 8  # kRedCols x kRedLanes blocks of the reductions
-TARGET_BLOCKS, MIN_ROWS, MAX_ROW_CHUNKS, MAX_PARTIAL = 1024, 256, 1024, 256 << 20  # sepconv_backward.cu
+MIN_ROWS, MAX_ROW_CHUNKS, MAX_PARTIAL = 256, 1024, 256 << 20  # sepconv_backward.cu
 
 
 def unrolled(n: int, factors: tuple) -> list:
@@ -503,34 +499,23 @@ def _merge_launches(unit: Unit, arch: int, p: cuda_tiling.TiledPlan) -> list[Lau
     return launches
 
 
-def _grad_pw_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan, splits: int) -> Launch:
-    """grad_pw_tiled_kernel<T, bm, 3, 3>: a CTA per (32-channel chunk, 768-wide Cout pass, split); per
-    position tile of its split: the grad_z rows (192 threads, a column vector each), the chunk's
-    depthwise (one chunk of the depthwise phase), the MMA over the tile's positions."""
-    chunks, passes = p.kp // cuda_tiling.BK, cdiv(p.c_out, cuda_tiling.GP_N)
-    units = chunks * passes
-    tiles_per_cta = p.tiles / splits
-    gz_trips = (p.bm // 2) / 4 * (6 / 8)  # rows / 2 per thread, x4 unrolled, warps 0-5
-    live = [sum(1 for pa in range(passes) if pa * cuda_tiling.GP_N + w * 96 < p.c_out) / passes
-            for w in range(cuda_tiling.THREADS // 32)]
-    share = sum(live) / len(live)
-    hmma = 2 * (96 // 8) * (p.bm // 16)
-    tile_paths = [Path.make("tile: products", share, {"HMMA": hmma, "LDG": 0}),
-                  Path.make("tile: warp past Cout", 1 - share, {"HMMA": 0, "LDG": 0})] if share < 1 else \
-        [Path.make("tile: products", 1.0, {"HMMA": hmma, "LDG": 0})]
-    loops = [LoopPlan("position tiles of the split", tiles_per_cta, paths=tile_paths),
-             LoopPlan("grad_z rows (x4 unrolled)", gz_trips, expect={"LDGSTS": 4}),
-             *_depthwise_loops(p, 1, unit.shape.pre_relu, copies=(4, 4))]
-    # Compulsory bytes: x once per pass, grad_z once, the partials. The grad_z rows are read by every
-    # chunk's CTA (23 in the middle flow): from L2 when those CTAs run together (the grid puts them next
-    # to each other), about 3 GB of L2 reads for the middle-flow unit, which the model does not bound.
-    nbytes = unit.x_bytes() * passes + unit.y_bytes() + 4 * splits * p.c_out * p.c
+def _d_store_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan) -> Launch:
+    """d_store_kernel<T, bm, 3, 3>: one CTA per position tile, the forward's depthwise phase over every
+    32-channel chunk, each thread storing its rows' channel vector (16-byte stores) from its
+    accumulators: d [P, C] in T for cuBLAS's grad_pw. x read once, d written once."""
+    loops = _depthwise_loops(p, p.k_chunks, unit.shape.pre_relu)  # nvcc's staging copies as the forward's
+    k_pos = max(1, p.bm // (cuda_tiling.THREADS // (cuda_tiling.BK // (16 // p.elem))))
+    # The chunk loop's path: the chunk's FFMA and its 16-byte stores (not the element-wise copy).
+    loops[7] = LoopPlan(f"channel chunks of 32 ({p.k_chunks} per tile)", p.k_chunks, paths=[Path.make(
+        "the chunk's depthwise and its 16-byte d stores", 1.0,
+        {"FFMA": k_pos * (16 // p.elem) * 9, "STG.E.128": k_pos, "LDG": 0})])
     tag = f"{TYPE_TAG[unit.dtype][:-1]}Li{p.bm}ELi3ELi3EE"
-    return Launch(kernel="grad_pw_tiled_kernel", config=f"bm {p.bm} x 32 x {cuda_tiling.GP_N}, t256, "
-                  f"{units} units x {splits} splits", threads=cuda_tiling.THREADS, grid=units * splits, loops=loops,
-                  dram_bytes=nbytes, useful_ffma=tiles_per_cta * p.bm * cuda_tiling.BK * 9,
-                  compile=_compiler("sepconv_infer.cu", "grad_pw_tiled_kernel", arch, unit.dtype,
-                                    dynamic_smem=p.gp_smem_bytes(), tag=tag, threads=cuda_tiling.THREADS))
+    return Launch(kernel="d_store_kernel", config=f"bm {p.bm}, t256, {p.k_chunks} chunks per tile",
+                  threads=cuda_tiling.THREADS, grid=p.tiles, loops=loops,
+                  dram_bytes=unit.x_bytes() + unit.d_bytes() + 4 * 9 * p.kp,
+                  useful_ffma=p.bm * p.kp * 9,
+                  compile=_compiler("sepconv_infer.cu", "d_store_kernel", arch, unit.dtype,
+                                    dynamic_smem=p.ds_smem_bytes(), tag=tag, threads=cuda_tiling.THREADS))
 
 
 def _dx_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan, splits: int) -> Launch:
@@ -560,10 +545,10 @@ def train(unit: Unit, arch: int, sms: int):
     """Forward + backward of a training step, as ops.py runs them through the CUDA provider, 16-bit
     types on the tiled kernels (Xception's units: 3x3, stride 1, C and Cout multiples of 8):
     forward: the weight pack, the tiled kernel with the statistics epilogue, the moments merge (its
-    passes), the BatchNorm weight and bias in fp32, bn_apply; backward: the dy sums, grad_z, grad_d (the tiled
-    kernel on the 1x1 GEMM plan), grad_pw (grad_pw_tiled_kernel), grad_x and grad_dw
-    (dw_backward_tiled_kernel), their column sums. fp32 (its FFMA products, and grad_pw on the int64
-    kernel) and the fallbacks have no plan: None, the unit is reported as not modelled."""
+    passes), the BatchNorm weight and bias in fp32, bn_apply; backward: the dy sums, grad_z, d
+    (d_store_kernel), grad_d and grad_pw on cuBLAS (library calls at their roofline), grad_x and grad_dw
+    (dw_backward_tiled_kernel), their column sums. fp32 (its FFMA products) and the fallbacks have no
+    plan: None, the unit is reported as not modelled."""
     if unit.dtype == "fp32":
         return None
     s = unit.shape
@@ -575,10 +560,9 @@ def train(unit: Unit, arch: int, sms: int):
     max_smem = machine(arch).smem_per_block
     fwd = cuda_tiling.choose(unit.batch, C, unit.H, unit.W, Cout, 3, s.stride, s.padding, s.dilation, e, max_smem,
                              stats=True)
-    gemm = cuda_tiling.choose(unit.batch, Cout, unit.Ho, unit.Wo, C, 1, 1, 0, 1, e, max_smem)
-    gp = cuda_tiling.gp_choose(unit.batch, C, unit.H, unit.W, Cout, 3, s.stride, s.padding, s.dilation, e, max_smem)
+    ds = cuda_tiling.ds_choose(unit.batch, C, unit.H, unit.W, 3, s.stride, s.padding, s.dilation, e, max_smem)
     dx = cuda_tiling.dx_choose(unit.batch, C, unit.Ho, unit.Wo, 3, s.stride, s.padding, s.dilation, e, max_smem)
-    if fwd is None or gemm is None or gp is None or dx is None:
+    if fwd is None or ds is None or dx is None:
         raise NotImplementedError("a tiled training kernel declines this unit (the fallbacks have no plan)")
     v = 16 // e
     kernels: list[list[Launch]] = []
@@ -615,21 +599,23 @@ def train(unit: Unit, arch: int, sms: int):
     kernels.append(_column_sum(unit, arch, blocks, Cout, 4))
     kernels.append([_vec_to_float(unit, arch, "sepconv_backward.cu")])
     kernels.append([_vec_to_float(unit, arch, "sepconv_backward.cu")])
-    relu = bool(s.post_relu)
+    # One loop (the post-ReLU test is a select inside it); the six per-channel vectors as 16-byte loads.
     kernels.append([_elementwise(unit, arch, "sepconv_backward.cu", "train_grad_z_kernel", v,
-                                 lambda t: [LoopPlan("grid-stride vectors, post-ReLU", t if relu else 0,
-                                                     expect={"STG": 1, "FFMA": 16}),
-                                            LoopPlan("grid-stride vectors", 0 if relu else t,
-                                                     expect={"STG": 1, "FFMA": 8})],
+                                 lambda t: [LoopPlan("grid-stride vectors", t,
+                                                     expect={"STG": 1, "LDG": 14})],
                                  3 * unit.y_bytes())])
-    # grad_d = grad_z pw on the tiled kernel (1x1 plan over the positions), rounded to T.
-    kernels.append([_pack_launch(unit, arch, gemm, scale=False)])
-    kernels.append([_tiled_launch(unit, arch, gemm, gemm=True)])
-    # grad_pw = grad_z^T d, d recomputed once per position and channel.
-    splits = cuda_tiling.gp_choose_splits((gp.kp // cuda_tiling.BK) * cdiv(Cout, cuda_tiling.GP_N), gp.tiles, sms)
-    kernels.append([_pack_launch(unit, arch, gp, scale=False)])
-    kernels.append([_grad_pw_launch(unit, arch, gp, splits)])
-    kernels.append(_column_sum(unit, arch, splits, Cout * C, e))
+    # d stored once for cuBLAS, then the two pointwise products on cuBLAS (xception_fast_ops.cpp,
+    # pointwise_grads): library calls, modelled at their roofline (`model.library_gemm`), as the Triton
+    # plan models its torch.matmul.
+    from xception_fast.bench.static.model import library_gemm
+
+    kernels.append([_pack_launch(unit, arch, ds, scale=False)])
+    kernels.append([_d_store_launch(unit, arch, ds)])
+    gpu = machine(arch)
+    kernels.append([library_gemm("cublas_grad_d", gpu, P, C, Cout, unit.dtype,
+                                 unit.y_bytes() + e * C * Cout + unit.d_bytes())])
+    kernels.append([library_gemm("cublas_grad_pw", gpu, Cout, C, P, unit.dtype,
+                                 unit.y_bytes() + unit.d_bytes() + e * C * Cout)])
     # grad_x and grad_dw from one staging of grad_d.
     dx_splits = cuda_tiling.gp_choose_splits(dx.kp // cuda_tiling.BK, dx.tiles, sms)
     kernels.append([_pack_launch(unit, arch, dx, scale=False)])

@@ -7,9 +7,9 @@ static model's plan launches what the host would. tests/test_static_model.py che
 header compiled with a host compiler where one is present.
 
 The training path runs the same kernel with the statistics area (`stats`: its shared memory grows by
-the per-part moments), the backward's grad_d GEMM on a 1x1 plan over the positions (`choose` with
-k = 1), and two kernels of their own: grad_pw (`gp_choose`: gp_smem_layout, gp_tile_candidate,
-gp_choose_splits) and grad_x / grad_dw (`dx_choose`: dx_plan, dx_smem_layout).
+the per-part moments), and the backward two kernels of their own: the d store for cuBLAS's grad_pw
+(`ds_choose`: ds_smem_layout, ds_tile_candidate) and grad_x / grad_dw (`dx_choose`: dx_plan,
+dx_smem_layout, gp_choose_splits).
 """
 
 from __future__ import annotations
@@ -111,12 +111,9 @@ class TiledPlan:
             return False
         return self.smem_bytes(stats) <= max_smem
 
-    def gp_smem_bytes(self) -> int:
-        """gp_smem_layout(...).total: the d tile [bm][BK + 8], the grad_z tile [bm][GP_N + 8], then the
-        depthwise staging."""
-        ring = align_up(self.bm * (BK + 8) * self.elem, 128)
-        region = align_up(ring + self.bm * (GP_N + 8) * self.elem, 128)
-        return align_up(self._phase1_offsets(region)[1], 128)
+    def ds_smem_bytes(self) -> int:
+        """ds_smem_layout(...).total: the depthwise staging from 0, nothing else."""
+        return align_up(self._phase1_offsets(0)[1], 128)
 
     def dx_smem_bytes(self) -> int:
         """dx_smem_layout(...).total: the depthwise staging from 0, then the warps' grad_dw partials."""
@@ -132,7 +129,7 @@ def stats_smem_bytes(elem: int) -> int:
     return (2 if elem == 2 else THREADS // 32) * 3 * BN * 4
 
 
-GP_N, GP_MAX_SPLITS, GP_MAX_SMS = 768, 16, 256  # kGpN, kGpMaxSplits, kGpMaxSms
+GP_MAX_SPLITS, GP_MAX_SMS = 16, 256  # kGpMaxSplits, kGpMaxSms
 
 
 def make_plan(n, c, h, w, c_out, k, stride, pad, dil, bm, row_segments, elem) -> TiledPlan:
@@ -179,15 +176,17 @@ def choose(n, c, h, w, c_out, k, stride, pad, dil, elem, max_smem, stats: bool =
     return None
 
 
-def gp_choose(n, c, h, w, c_out, k, stride, pad, dil, elem, max_smem) -> Optional[TiledPlan]:
-    """The grad_pw kernel's plan (run_grad_pw: 16-bit, Cout % 8 == 0; 64 then 32 rows, ranges then
-    segments), or None where grad_pw_kernel runs instead."""
-    if elem != 2 or c_out % 8:
-        return None
-    for bm, seg in ((64, 0), (64, 1), (32, 0), (32, 1)):
-        p = make_plan(n, c, h, w, c_out, k, stride, pad, dil, bm, seg, elem)
-        if p.fits_with(p.gp_smem_bytes(), max_smem):
-            return p
+def ds_choose(n, c, h, w, k, stride, pad, dil, elem, max_smem) -> Optional[TiledPlan]:
+    """The backward's d store plan (run_d_store: the depthwise alone, c_out 0; 16-bit 64 then 32 rows,
+    fp32 32; ranges then segments), or None where d_store_fallback_kernel runs instead."""
+    rows = (64, 32) if elem == 2 else (32,)
+    for bm in rows:
+        for seg in (0, 1):
+            p = make_plan(n, c, h, w, 0, k, stride, pad, dil, bm, seg, elem)
+            if not fits_int32(n, c, h, w, 0, k, p.h_out, p.w_out, pad):
+                return None
+            if p.fits_with(p.ds_smem_bytes(), max_smem):
+                return p
     return None
 
 

@@ -1,0 +1,196 @@
+// Host-side checks of the index math of the backward's d store (csrc/sepconv_infer_tiling.h, the "d store"
+// section; d_store_kernel in sepconv_tiled_backward.cuh) and of the splits the tiled grad_x / grad_dw
+// kernel takes, against brute force. Built and run by tests/test_infer_tiling.py with the host
+// compiler; no GPU and no CUDA headers needed.
+//
+// Checked, per geometry (odd sizes, stride 2, dilation 2, C not a multiple of the vector, row
+// segments, one position), element size and tile candidate: the shared-memory layout (the staging
+// regions disjoint, aligned, in bounds); the whole kernel emulated (the halo staged per chunk as the
+// depthwise phase stages it, the pre-ReLU, depthwise_rows on each active thread's rows, the stores
+// with the kernel's masks at d_store_offset): every (position, channel) of d written exactly once,
+// nothing outside it, each value bit-equal to a direct depthwise with the same fma order. Then the
+// split choice (gp_choose_splits) against a brute-force search and the splits' tile coverage.
+#include <algorithm>
+#include <cmath>
+
+#include "host_test.h"
+
+static std::mt19937 rng(77);
+
+static void check_layout(const Plan& p, int elem) {
+  const SmemLayout s = ds_smem_layout(p, elem);
+  const long halo = static_cast<long>(p.halo_rows) * p.halo_cols * kBK * elem;
+  const Range h0{s.halo[0], s.halo[0] + halo}, h1{s.halo[1], s.halo[1] + halo};
+  const long wts = 4L * p.kh * p.kw * kBK;
+  const Range w0{s.wts[0], s.wts[0] + wts}, w1{s.wts[1], s.wts[1] + wts};
+  const Range table{s.table, s.table + 4L * p.halo_rows * p.halo_cols};
+  const Range all[] = {h0, h1, w0, w1, table};
+  for (int i = 0; i < 5; ++i) {
+    EXPECT(all[i].begin >= 0 && all[i].end <= s.total && all[i].begin % 128 == 0);
+    for (int j = i + 1; j < 5; ++j) EXPECT(disjoint(all[i], all[j]));
+  }
+}
+
+// The kernel on every tile, thread and chunk, against the direct depthwise.
+template <int kVec>
+static void check_kernel(const Plan& p, bool pre_relu) {
+  const int elem = 16 / kVec, taps = p.kh * p.kw;
+  const long positions = static_cast<long>(p.n) * p.h_out * p.w_out;
+  std::vector<float> x(static_cast<size_t>(p.n) * p.h * p.w * p.c), dw(static_cast<size_t>(p.c) * taps);
+  for (float& v : x) v = static_cast<float>(static_cast<int>(rng() % 9) - 4) * 0.25f;
+  for (float& v : dw) v = static_cast<float>(static_cast<int>(rng() % 7) - 3) * 0.5f;
+  const auto pre = [&](float v) { return pre_relu && v < 0.f ? 0.f : v; };
+  std::vector<float> d(positions * p.c, NAN);
+  std::vector<int> written(d.size(), 0);
+  long stray = 0;
+  std::vector<float> halo(static_cast<size_t>(p.halo_rows) * p.halo_cols * kBK), wts(static_cast<size_t>(taps) * kBK);
+  for (int tile = 0; tile < num_tiles(p); ++tile) {
+    const TileRange t = tile_range(p, tile);
+    const HaloBox b = halo_box(p, t);
+    const long img = static_cast<long>(t.img) * p.h * p.w * p.c;
+    for (int ck = 0; ck < k_chunks(p); ++ck) {
+      const int c0 = ck * kBK;
+      for (int pixel = 0; pixel < b.rows * b.cols; ++pixel) {  // stage: zeros for padding and past C
+        const int off = halo_source_offset(p, b, pixel);
+        for (int ch = 0; ch < kBK; ++ch)
+          halo[pixel * kBK + ch] = off >= 0 && c0 + ch < p.c ? pre(x.at(img + off + c0 + ch)) : 0.f;
+      }
+      for (int tap = 0; tap < taps; ++tap)
+        for (int ch = 0; ch < kBK; ++ch) wts[tap * kBK + ch] = c0 + ch < p.c ? dw[(c0 + ch) * taps + tap] : 0.f;
+      for (int tid = 0; tid < kThreads; ++tid) {
+        if (!dw_active(tid, p.bm, elem)) continue;
+        const int cv = dw_cv(tid, elem), r = dw_row(tid, 0, elem), c = c0 + cv * kVec;
+        const int base[1] = {halo_base_pixel(p, t, b, r)};
+        float acc[1][kVec] = {};
+        const auto load_x = [&](int pixel, float(&v)[kVec]) {
+          for (int e = 0; e < kVec; ++e) v[e] = halo.at(pixel * kBK + cv * kVec + e);
+        };
+        const auto load_w = [&](int tap, float(&v)[kVec]) {
+          for (int e = 0; e < kVec; ++e) v[e] = wts[tap * kBK + cv * kVec + e];
+        };
+        if (p.kh == 3 && p.kw == 3) {
+          depthwise_rows<3, 3, 1, kVec>(p, b, base, load_x, load_w, acc);
+        } else {
+          depthwise_rows<0, 0, 1, kVec>(p, b, base, load_x, load_w, acc);
+        }
+        if (r >= t.count || c >= p.c) continue;  // the kernel's masks
+        for (int e = 0; e < kVec; ++e) {
+          if (c + e >= p.c) continue;
+          const int64_t off = d_store_offset(p, t, r, c) + e;
+          if (off < 0 || off >= static_cast<int64_t>(d.size())) {
+            ++stray;
+            continue;
+          }
+          d[off] = acc[0][e];
+          written[off]++;
+        }
+      }
+    }
+  }
+  EXPECT(stray == 0);
+  for (int v : written) EXPECT(v == 1);
+  // Direct: output (n, ho, wo), taps in row-major order, one fmaf each (depthwise_rows' order).
+  long wrong = 0;
+  for (long pos = 0; pos < positions; ++pos) {
+    const long n = pos / (p.h_out * p.w_out), ho = pos / p.w_out % p.h_out, wo = pos % p.w_out;
+    for (int c = 0; c < p.c; ++c) {
+      float acc = 0.f;
+      for (int i = 0; i < p.kh; ++i)
+        for (int j = 0; j < p.kw; ++j) {
+          const long hi = ho * p.stride_h - p.pad_h + i * p.dil_h, wi = wo * p.stride_w - p.pad_w + j * p.dil_w;
+          const float v = hi >= 0 && hi < p.h && wi >= 0 && wi < p.w ? pre(x[((n * p.h + hi) * p.w + wi) * p.c + c]) : 0.f;
+          acc = std::fmaf(v, dw[c * p.kh * p.kw + i * p.kw + j], acc);
+        }
+      if (!(d[pos * p.c + c] == acc)) ++wrong;
+    }
+  }
+  EXPECT(wrong == 0);
+}
+
+static void check_choose_splits() {
+  where = "gp_choose_splits";
+  for (int units : {1, 2, 3, 5, 23, 46, 64, 200})
+    for (int sms : {108, 132, 148})
+      for (int tiles : {1, 5, 16, 722, 1444})
+        for (int max_splits : {1, 4, 16, 66, 256}) {
+          const int s = gp_choose_splits(units, tiles, sms, max_splits);
+          // The counts tried: at most the workspace's room, one per tile, and 16 or one wave's worth.
+          const int one_wave = (sms + units - 1) / units;
+          const int limit = std::min({max_splits, tiles, std::max(16, one_wave)});
+          EXPECT(s >= 1 && s <= limit);
+          const auto eff = [&](int k) { return double(units * k) / (double((units * k + sms - 1) / sms) * sms); };
+          for (int k = 1; k <= limit; ++k) EXPECT(eff(k) <= eff(s) + 1e-9 && (k >= s || eff(k) < eff(s) - 1e-9));
+        }
+  // The workspace (sized without the SM count) has room for the choice on up to kGpMaxSms SMs.
+  for (int units = 1; units <= 300; ++units)
+    for (int sms = 1; sms <= kGpMaxSms; sms += 7) EXPECT(gp_max_splits(units) >= gp_split_limit(units, sms));
+  // The entry flow's grad_dw (2 chunks) on 132 SMs: one full wave, not 32 CTAs (a cap of 16 splits).
+  EXPECT(gp_choose_splits(2, 86700, 132, gp_max_splits(2)) == 66);
+  EXPECT(gp_choose_splits(1, 86700, 132, gp_max_splits(1)) == 132);
+  EXPECT(gp_choose_splits(23, 1444, 132, gp_max_splits(23)) == gp_choose_splits(23, 1444, 132, kGpMaxSplits));
+  // Every position tile in exactly one split, the splits contiguous.
+  const Plan p = make_plan(2, 40, 7, 9, 40, 3, 3, 1, 1, 1, 1, 1, 1, 32, 0);
+  for (int splits : {1, 2, 3, num_tiles(p)}) {
+    std::vector<int> seen(num_tiles(p), 0);
+    int next = 0;
+    for (int s = 0; s < splits; ++s) {
+      const TileSpan span = gp_split_tiles(p, s, splits);
+      EXPECT(span.begin == next && span.end > span.begin);
+      next = span.end;
+      for (int t = span.begin; t < span.end; ++t) seen.at(t)++;
+    }
+    EXPECT(next == num_tiles(p));
+    for (int v : seen) EXPECT(v == 1);
+  }
+}
+
+struct Geometry {
+  int n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw;
+};
+
+int main() {
+  check_choose_splits();
+  const std::vector<Geometry> geometries = {
+      {2, 40, 7, 9, 3, 3, 1, 1, 1, 1, 1, 1},
+      {1, 33, 11, 10, 3, 3, 2, 1, 1, 2, 1, 2},  // C not a multiple of a vector, stride 2, dilation 2
+      {2, 64, 13, 11, 3, 3, 2, 2, 1, 1, 1, 1},
+      {1, 24, 9, 12, 3, 3, 1, 1, 2, 2, 2, 2},   // dilation 2
+      {1, 16, 6, 7, 5, 3, 1, 1, 2, 1, 1, 1},    // 5x3: the run-time taps
+      {1, 8, 3, 150, 3, 3, 1, 1, 1, 1, 1, 1},   // row segments
+      {1, 8, 1, 1, 3, 3, 1, 1, 1, 1, 1, 1},     // one position
+  };
+  int checked = 0;
+  for (int elem : {2, 4})
+    for (const Geometry& g : geometries)
+      for (int i = 0; ds_tile_candidate(i, elem).bm > 0; ++i) {
+        const TileChoice choice = ds_tile_candidate(i, elem);
+        const Plan p = make_plan(g.n, g.c, g.h, g.w, 0, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, choice.bm,
+                                 choice.row_segments);
+        for (int pre_relu = 0; pre_relu < 2; ++pre_relu) {
+          where = "elem" + std::to_string(elem) + " n" + std::to_string(g.n) + " c" + std::to_string(g.c) + " " +
+                  std::to_string(g.h) + "x" + std::to_string(g.w) + " k" + std::to_string(g.kh) + "x" +
+                  std::to_string(g.kw) + " bm" + std::to_string(p.bm) + (p.row_segments ? " segments" : " ranges") +
+                  (pre_relu ? " relu" : "");
+          EXPECT(p.cout_pad == 0 && packed_pw_elems(p) == 0);  // c_out 0: nothing packed for a pointwise
+          check_layout(p, elem);
+          if (elem == 2) {
+            check_kernel<8>(p, pre_relu);
+          } else {
+            check_kernel<4>(p, pre_relu);
+          }
+          ++checked;
+        }
+      }
+  // The candidates: 64 then 32 rows in 16-bit, 32 in fp32, ranges before segments.
+  where = "candidates";
+  EXPECT(ds_tile_candidate(0, 2).bm == 64 && ds_tile_candidate(1, 2).row_segments == 1 &&
+         ds_tile_candidate(2, 2).bm == 32 && ds_tile_candidate(4, 2).bm == 0);
+  EXPECT(ds_tile_candidate(0, 4).bm == 32 && ds_tile_candidate(1, 4).bm == 32 && ds_tile_candidate(2, 4).bm == 0);
+  // Xception's middle flow on an H100 (227 KB): the d store's tile and shared memory.
+  const Plan middle = make_plan(256, 728, 19, 19, 0, 3, 3, 1, 1, 1, 1, 1, 1, 64, 0);
+  where = "middle flow";
+  EXPECT(ds_fits_smem(middle, 2, 227 * 1024));
+  std::printf("middle flow d store: bm 64, %d tiles, %d bytes of shared memory\n", num_tiles(middle),
+              ds_smem_layout(middle, 2).total);
+  return report(checked);
+}
