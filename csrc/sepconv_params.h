@@ -5,8 +5,9 @@
 // out of the .cu files keeps nvcc's compile short. All sizes, strides and offsets are 64-bit:
 // activations of a large batch can exceed 2^31 elements.
 //
-// Scratch memory: each op may need a device workspace (partial reductions, packed weights, ...). The host asks `workspace_size(params)` for its size in bytes, allocates it
-// with PyTorch's caching allocator on the current stream and sets `workspace` / `workspace_bytes`;
+// Scratch memory: each op may need a device workspace (partial reductions, packed weights, ...). The
+// host asks `workspace_size(params)` for its size in bytes, allocates it with PyTorch's caching
+// allocator on the current stream and sets `workspace` / `workspace_bytes`;
 // the launcher carves it up the same way (the layout depends on the geometry only).
 //
 // Shapes: x [N, C, H, W], dw_weight [C, 1, kh, kw], pw_weight [Cout, C, 1, 1], per-channel vectors

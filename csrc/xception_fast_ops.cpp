@@ -146,17 +146,22 @@ BnBackwardInputs bn_backward_inputs(const Tensor& gyc, const Tensor& zc, const T
 // --- the backward's pointwise products on cuBLAS -------------------------------------------------------
 
 // The contract's arithmetic for torch.matmul inside its scope (triton_kernels.backward.exact_matmul is
-// the Python twin): fp32 with exact fp32 products, no TF32 (at::NoTF32Guard: a thread-local override
-// that cuBLAS and cuBLASLt honour, whichever API set the global flag); fp16 / bf16 accumulated in fp32
-// with no reduced-precision split-K reduction and no fp16 accumulation. Those global flags are
-// switched only where they were set otherwise and restored on the way out. Their getter returns a
-// bool in older torch and a CuBLASReductionOption in newer; the setter's split-K argument defaults
-// to true in both, so set(false) / set(true) mean the same in each.
+// the Python twin): fp32 with exact fp32 products, no TF32; fp16 / bf16 accumulated in fp32 with no
+// reduced-precision split-K reduction and no fp16 accumulation. The global flags are switched only
+// where they were set otherwise, and restored on the way out. fp32: the matmul precision through the
+// enum API (torch >= 2.10, which both the GPU machines' 2.11 and CI's 2.14 have; the legacy TF32 flag
+// is kept in step by torch), plus at::NoTF32Guard, the thread-local override the cuBLAS handle's math
+// mode honours. The reduction getters return a bool in older torch and a CuBLASReductionOption in
+// newer; the setters' split-K argument defaults to true in both, so set(false) / set(true) mean the
+// same in each.
 class ExactMatmulGuard {
  public:
   explicit ExactMatmulGuard(at::ScalarType dtype) {
     at::Context& ctx = at::globalContext();
-    if (dtype == at::kHalf) {
+    if (dtype == at::kFloat) {
+      fp32_tf32_ = ctx.float32Precision(kCuda, kMatmul) == at::Float32Precision::TF32;
+      if (fp32_tf32_) ctx.setFloat32Precision(kCuda, kMatmul, at::Float32Precision::IEEE);
+    } else if (dtype == at::kHalf) {
       fp16_reduction_ = allows_reduced(ctx.allowFP16ReductionCuBLAS());
       if (fp16_reduction_) ctx.setAllowFP16ReductionCuBLAS(false);
       fp16_accumulation_ = ctx.allowFP16AccumulationCuBLAS();
@@ -168,6 +173,7 @@ class ExactMatmulGuard {
   }
   ~ExactMatmulGuard() {
     at::Context& ctx = at::globalContext();
+    if (fp32_tf32_) ctx.setFloat32Precision(kCuda, kMatmul, at::Float32Precision::TF32);
     if (fp16_reduction_) ctx.setAllowFP16ReductionCuBLAS(true);
     if (fp16_accumulation_) ctx.setAllowFP16AccumulationCuBLAS(true);
     if (bf16_reduction_) ctx.setAllowBF16ReductionCuBLAS(true);
@@ -176,6 +182,9 @@ class ExactMatmulGuard {
   ExactMatmulGuard& operator=(const ExactMatmulGuard&) = delete;
 
  private:
+  static constexpr at::Float32Backend kCuda = at::Float32Backend::CUDA;
+  static constexpr at::Float32Op kMatmul = at::Float32Op::MATMUL;
+
   template <typename Option>
   static bool allows_reduced(Option option) {
     if constexpr (std::is_same_v<Option, bool>) {
@@ -186,7 +195,7 @@ class ExactMatmulGuard {
   }
 
   at::NoTF32Guard no_tf32_;
-  bool fp16_reduction_ = false, fp16_accumulation_ = false, bf16_reduction_ = false;
+  bool fp32_tf32_ = false, fp16_reduction_ = false, fp16_accumulation_ = false, bf16_reduction_ = false;
 };
 
 // The backward's [positions, channels] buffers (sepconv_params.h, BackwardIntermediates), in x's dtype.

@@ -45,7 +45,8 @@ SHAPES = {
     # 16 input channels: 16-byte weight rows, so the Triton provider reads the pointwise weight
     # through a TMA tensor descriptor (the interpreter runs that path too).
     "c16to24_k3": (16, 24, 3, (1, 1), (1, 1), (1, 1), 2, 6, 7),
-    # The CUDA backward's tiled grad_pw runs Cout in passes of 768: a second, partial pass.
+    # Cout past 768 (7 Cout tiles of 128, the last partial) on few input channels: the cuBLAS products
+    # of the CUDA backward on a tall-thin shape.
     "c8to776_k3": (8, 776, 3, (1, 1), (1, 1), (1, 1), 2, 5, 6),
 }
 LARGE = {"c70to130_k3", "c24to264_w150", "c16to40_s2_w600", "c8to776_k3"}  # GPU only: an interpreter spends minutes on them
@@ -156,6 +157,20 @@ def test_larger_layer_many_blocks(target, train, dtype, seed):
     on_gpu_only(target[1], "a middle-flow layer")
     middle_flow = (728, 728, 3, (1, 1), (1, 1), (1, 1), 8, 19, 19)
     (_train_case if train else _infer_case)(target, middle_flow, "pre_post_res", dtype, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_cuda_int64_kernels_on_a_window_no_tile_fits(target, train, dtype, seed):
+    """A 41 x 41 window: no tiled kernel's halo box fits in shared memory, so the CUDA provider runs its
+    int64 kernels (the forward, the backward's d store, grad_x and grad_dw) around the cuBLAS products;
+    9 input channels (element-wise stores), 16 output channels."""
+    provider, device = target
+    if provider != "cuda":
+        pytest.skip("the CUDA provider's int64 kernels")
+    on_gpu_only(device, "the CUDA provider")
+    large_window = (9, 16, 41, (1, 1), (20, 20), (1, 1), 1, 24, 24)
+    (_train_case if train else _infer_case)(target, large_window, "pre_post_res", dtype, seed)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

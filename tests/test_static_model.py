@@ -213,28 +213,35 @@ def test_cuda_inference_models_the_tiled_kernel(cuda_records):
 
 def test_cuda_training_models_the_tiled_kernels(cuda_records):
     """Training (forward + backward) through the CUDA provider, bf16, middle-flow unit: the tiled kernels
-    (the forward with its statistics epilogue, grad_d on the 1x1 GEMM plan, grad_pw and grad_x /
-    grad_dw) and the small ones around them, 21 launches (the statistics merge in two passes: 768 tile
-    partials -> 12 -> 1), about 1.25 ms (benchmarks/NOTES.md; it was about 38 ms on the old kernels)."""
+    (the forward with its statistics epilogue, the d store, grad_x / grad_dw), the two pointwise
+    products on cuBLAS (library calls at their roofline) and the small kernels around them, 20 launches
+    (the statistics merge in two passes: 768 tile partials -> 12 -> 1)."""
     records = cuda_records["cuda"]["records"]
     train = _cuda(records, "train", "unit_total")
-    assert train["kernels"] == 21
+    assert train["kernels"] == 20
     merge = [r for r in _cuda(records, "train") if r["kernel"] == "bn_stats_merge_kernel"]
     assert [r["grid"] for r in merge] == [12 * 23, 23] and "768 -> 12" in merge[0]["config"]
     assert sum(r["estimate_us"] for r in merge) < 8  # was 10.9 us in one pass of 96 tiles per lane
-    assert 900 <= train["estimate_us"] <= 1500
+    assert 700 <= train["estimate_us"] <= 1200
     names = [r["kernel"] for r in _cuda(records, "train") if r["kernel"] != "unit_total"]
-    assert {"sepconv_infer_tiled_kernel", "bn_stats_merge_kernel", "grad_pw_tiled_kernel",
-            "dw_backward_tiled_kernel"} <= set(names) and "sepconv_train_kernel" not in names
-    assert names.count("sepconv_infer_tiled_kernel") == 2  # the forward and the grad_d GEMM
-    forward, gemm = [r for r in _cuda(records, "train") if r["kernel"] == "sepconv_infer_tiled_kernel"]
-    assert "statistics" in forward["config"] and "GEMM" in gemm["config"]
+    assert {"sepconv_infer_tiled_kernel", "bn_stats_merge_kernel", "d_store_kernel", "dw_backward_tiled_kernel",
+            "cublas_grad_d", "cublas_grad_pw"} <= set(names)
+    assert "grad_pw_tiled_kernel" not in names and "sepconv_train_kernel" not in names
+    assert names.count("sepconv_infer_tiled_kernel") == 1  # the forward; grad_d is cuBLAS's now
+    forward = _cuda(records, "train", "sepconv_infer_tiled_kernel")
+    assert "statistics" in forward["config"]
     assert forward["mma_flops"] == 2 * 256 * 3 * 128 * 736 * 736  # the inference kernel's products
     for r in _cuda(records, "train"):
         if r["kernel"] != "unit_total":
             assert r["spill_bytes"] == 0 and r["label"] == "static estimate (sm_90 model)", r["kernel"]
-    grad_pw = _cuda(records, "train", "grad_pw_tiled_kernel")
-    assert grad_pw["tensor_op"] == "HMMA" and grad_pw["estimate_us"] < 0.3 * train["estimate_us"]
+    # The products at the tensor roofline: 2 P C Cout FLOPs each, P = 256 x 19 x 19.
+    for name in ("cublas_grad_d", "cublas_grad_pw"):
+        gemm = _cuda(records, "train", name)
+        assert gemm["config"] == "library (roofline)" and gemm["mma_flops"] == 2 * 256 * 361 * 728 * 728
+    # The d store: one CTA per 64-position tile, x read and d written once (2 x 134.5 MB in bf16).
+    store = _cuda(records, "train", "d_store_kernel")
+    assert store["grid"] == 256 * 6 and store["dram_bytes"] >= 2 * 256 * 361 * 728 * 2
+    assert store["estimate_us"] < 0.15 * train["estimate_us"]
     assert any(name.startswith("sepconv_infer-sm_90a") for name in cuda_records["cache"])  # cached by source hash
 
 
@@ -365,6 +372,63 @@ def test_the_split_choice_matches_the_launchers(tmp_path):
         assert got == tuple(map(int, line.split())), ((units, sms, tiles), got, line)
     # The entry flow's 2-unit grids fill one wave of an H100's 132 SMs (the former cap: 32 CTAs).
     assert cuda_tiling.gp_choose_splits(2, 86528, 132) == 66
+
+
+_D_STORE = r"""
+#include <cstdio>
+#include "sepconv_infer_tiling.h"
+using namespace xception_fast::infer;
+int main() {
+  // n, c, h, w, stride, elem, max_smem: the d store launcher's search (run_d_store)
+  int shapes[][7] = {SHAPES};
+  for (auto& s : shapes) {
+    Plan chosen{};
+    int found = 0;
+    for (int i = 0; ds_tile_candidate(i, s[5]).bm > 0 && !found; ++i) {
+      const TileChoice t = ds_tile_candidate(i, s[5]);
+      chosen = make_plan(s[0], s[1], s[2], s[3], 0, 3, 3, s[4], s[4], 1, 1, 1, 1, t.bm, t.row_segments);
+      found = ds_fits_smem(chosen, s[5], s[6]);
+    }
+    std::printf("%d %d %d %d\n", found ? chosen.bm : 0, found ? chosen.row_segments : 0,
+                found ? num_tiles(chosen) : 0, found ? ds_smem_layout(chosen, s[5]).total : 0);
+  }
+}
+"""
+
+
+def test_the_d_store_plan_picks_the_launchers_tiles(tmp_path):
+    """cuda_tiling.ds_choose (the model's transcription of the d store's tile choice) against the header
+    its launcher calls, compiled with the host compiler: every Xception unit in 16-bit and fp32 on the
+    H100 and A100 limits, stride 2, and a shape that takes row segments."""
+    import sys as _sys
+
+    _sys.path.insert(0, HERE)
+    from test_infer_tiling import ROOT, _compiler
+
+    from xception_fast.bench.shapes import unit_shapes
+    from xception_fast.bench.static import cuda_tiling
+    from xception_fast.bench.static.machine import A100_SXM, H100_SXM
+
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip("no host C++ compiler (c++, g++, clang++ or $CXX) to build the tiling header")
+    shapes = [(4, s.in_channels, s.height, s.width, 1, e, m.smem_per_block)
+              for s in unit_shapes(299) for e in (2, 4) for m in (H100_SXM, A100_SXM)]
+    shapes += [(2, 64, 9, 700, 1, 2, H100_SXM.smem_per_block), (2, 96, 33, 35, 2, 2, H100_SXM.smem_per_block),
+               (1, 8, 5, 300, 2, 4, A100_SXM.smem_per_block)]
+    source = tmp_path / "d_store.cpp"
+    source.write_text(_D_STORE.replace("SHAPES", ", ".join("{" + ", ".join(map(str, s)) + "}" for s in shapes)))
+    build = subprocess.run([cxx, "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(source), "-o", str(tmp_path / "d")],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    lines = subprocess.run([str(tmp_path / "d")], capture_output=True, text=True, check=True).stdout.splitlines()
+    kinds = set()
+    for (n, c, h, w, stride, e, smem), line in zip(shapes, lines, strict=True):
+        p = cuda_tiling.ds_choose(n, c, h, w, 3, stride, 1, 1, e, smem)
+        got = (0, 0, 0, 0) if p is None else (p.bm, p.row_segments, p.tiles, p.ds_smem_bytes())
+        assert got == tuple(map(int, line.split())), ((n, c, h, w, stride, e, smem), got, line)
+        kinds.add(None if p is None else ("segments" if p.row_segments else "ranges", p.bm))
+    assert {("ranges", 64), ("ranges", 32), ("segments", 64)} <= kinds, kinds
 
 
 _MERGE = r"""

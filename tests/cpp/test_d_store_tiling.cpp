@@ -98,7 +98,8 @@ static void check_kernel(const Plan& p, bool pre_relu) {
       for (int i = 0; i < p.kh; ++i)
         for (int j = 0; j < p.kw; ++j) {
           const long hi = ho * p.stride_h - p.pad_h + i * p.dil_h, wi = wo * p.stride_w - p.pad_w + j * p.dil_w;
-          const float v = hi >= 0 && hi < p.h && wi >= 0 && wi < p.w ? pre(x[((n * p.h + hi) * p.w + wi) * p.c + c]) : 0.f;
+          const bool inside = hi >= 0 && hi < p.h && wi >= 0 && wi < p.w;
+          const float v = inside ? pre(x[((n * p.h + hi) * p.w + wi) * p.c + c]) : 0.f;
           acc = std::fmaf(v, dw[c * p.kh * p.kw + i * p.kw + j], acc);
         }
       if (!(d[pos * p.c + c] == acc)) ++wrong;

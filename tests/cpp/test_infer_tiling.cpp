@@ -437,7 +437,7 @@ int main() {
       {0, 8, 5, 5, 8, 3, 3, 1, 1, 1, 1, 1, 1},          // empty batch
       {1, 0, 5, 5, 4, 3, 3, 1, 1, 1, 1, 1, 1},          // no input channels
       {2, 8, 5, 5, 0, 3, 3, 1, 1, 1, 1, 1, 1},          // no output channels
-      // The backward's grad_d GEMM: a 1x1 unit over the output positions (c = Cout, c_out = C).
+      // 1x1 windows (no halo) over many channels.
       {2, 728, 19, 19, 728, 1, 1, 1, 1, 0, 0, 1, 1},
       {3, 130, 13, 11, 70, 1, 1, 1, 1, 0, 0, 1, 1},
   };
