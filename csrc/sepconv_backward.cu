@@ -173,12 +173,13 @@ __global__ void __launch_bounds__(kRedCols* kRedLanes)
 
 // ---------------------------------------------------------------------------------------------------
 // grad_z materialised (training): from grad_y, z and the per-channel vectors, once, in T. kV consecutive
-// channels per step (c_out % kV == 0); the six per-channel vectors as 16-byte loads where kV allows.
+// channels per step (c_out % kV == 0); the six per-channel vectors as 16-byte loads where kV allows;
+// the post-ReLU a template flag (each instance's loop holds only its own arithmetic).
 
-template <typename T, int kV>
+template <typename T, int kV, bool kPostRelu>
 __global__ void __launch_bounds__(256)
     train_grad_z_kernel(const T* __restrict__ grad_y, const T* __restrict__ z, const GradZChannels ch, int64_t c_out,
-                        bool post_relu, T* __restrict__ out, int64_t total) {
+                        T* __restrict__ out, int64_t total) {
   using E = Elems<T, kV>;
   for (int64_t step = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; step < total / kV;
        step += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -195,7 +196,7 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int e = 0; e < kV; ++e) {
       r.v[e] = from_float<T>(train_grad_z<T>(to_float(gy.v[e]), to_float(zv.v[e]), mean[e], inv[e], w[e], b[e],
-                                             mdy[e], mdyx[e], post_relu));
+                                             mdy[e], mdyx[e], kPostRelu));
     }
     r.store(out + idx);
   }
@@ -502,13 +503,20 @@ cudaError_t launch_train_backward_grad_z(const SepConvTrainBackwardParams& p, cu
     T* out = static_cast<T*>(p.mid.grad_z);
     // The per-channel vectors too: 16-byte loads need them aligned (bias at c_out floats, a multiple
     // of the vector on this path).
-    if (vector_path<T>(g.c_out, {grad_y, z, out, ch.mean, ch.invstd, ch.weight, ch.bias, ch.mean_dy,
-                                 ch.mean_dy_xhat})) {
-      train_grad_z_kernel<T, kV><<<elementwise_blocks(z_total / kV), 256, 0, stream>>>(grad_y, z, ch, g.c_out,
-                                                                                      p.post_relu, out, z_total);
+    const bool vectors = vector_path<T>(g.c_out, {grad_y, z, out, ch.mean, ch.invstd, ch.weight, ch.bias, ch.mean_dy,
+                                                  ch.mean_dy_xhat});
+    // The post-ReLU as a template flag: each loop holds only its own arithmetic.
+    const auto launch = [&](auto kernel, int64_t steps) {
+      kernel<<<elementwise_blocks(steps), 256, 0, stream>>>(grad_y, z, ch, g.c_out, out, z_total);
+    };
+    if (vectors && p.post_relu) {
+      launch(train_grad_z_kernel<T, kV, true>, z_total / kV);
+    } else if (vectors) {
+      launch(train_grad_z_kernel<T, kV, false>, z_total / kV);
+    } else if (p.post_relu) {
+      launch(train_grad_z_kernel<T, 1, true>, z_total);
     } else {
-      train_grad_z_kernel<T, 1><<<elementwise_blocks(z_total), 256, 0, stream>>>(grad_y, z, ch, g.c_out, p.post_relu,
-                                                                                 out, z_total);
+      launch(train_grad_z_kernel<T, 1, false>, z_total);
     }
   }
   return launch_d_store<T>(p, plan, p.mid.d, stream);

@@ -605,10 +605,13 @@ XF_HD bool ds_fits_smem(const Plan& p, int elem_bytes, int max_smem) {
   if (2 * static_cast<int64_t>(p.halo_rows) * p.halo_cols * kBK * elem_bytes > max_smem) return false;
   return ds_smem_layout(p, elem_bytes).total <= max_smem;
 }
-// Tile candidates: 16-bit 64 rows, then 32; fp32 32; ranges of an image, then row segments.
+// Tile candidates: 16-bit 64 rows, then 32; fp32 32; row segments first (make_plan gives ranges of an
+// image where a row is narrower than the tile). With no pointwise to feed, the staging is the kernel's
+// cost: a segment stages (window rows) x (bm + window - 1) pixels for bm positions, a range of a wide
+// image about two full-width boxes (the entry flow's 147-wide rows: 4 x 149 pixels for 64 positions).
 XF_HD TileChoice ds_tile_candidate(int i, int elem_bytes) {
   const int sizes = elem_bytes == 2 ? 2 : 1;
-  return {i < 2 * sizes ? 64 >> (i / 2 + (elem_bytes == 2 ? 0 : 1)) : 0, i % 2};
+  return {i < 2 * sizes ? 64 >> (i / 2 + (elem_bytes == 2 ? 0 : 1)) : 0, 1 - i % 2};
 }
 // The element offset in d [P, C] of tile t's row r, channel c.
 XF_HD int64_t d_store_offset(const Plan& p, const TileRange& t, int r, int c) {

@@ -182,10 +182,11 @@ int main() {
           ++checked;
         }
       }
-  // The candidates: 64 then 32 rows in 16-bit, 32 in fp32, ranges before segments.
+  // The candidates: 64 then 32 rows in 16-bit, 32 in fp32, row segments before ranges.
   where = "candidates";
-  EXPECT(ds_tile_candidate(0, 2).bm == 64 && ds_tile_candidate(1, 2).row_segments == 1 &&
-         ds_tile_candidate(2, 2).bm == 32 && ds_tile_candidate(4, 2).bm == 0);
+  EXPECT(ds_tile_candidate(0, 2).bm == 64 && ds_tile_candidate(0, 2).row_segments == 1 &&
+         ds_tile_candidate(1, 2).row_segments == 0 && ds_tile_candidate(2, 2).bm == 32 &&
+         ds_tile_candidate(4, 2).bm == 0);
   EXPECT(ds_tile_candidate(0, 4).bm == 32 && ds_tile_candidate(1, 4).bm == 32 && ds_tile_candidate(2, 4).bm == 0);
   // Xception's middle flow on an H100 (227 KB): the d store's tile and shared memory.
   const Plan middle = make_plan(256, 728, 19, 19, 0, 3, 3, 1, 1, 1, 1, 1, 1, 64, 0);

@@ -416,12 +416,13 @@ def _column_sum(unit: Unit, arch: int, rows: int, cols: int, out_bytes: int) -> 
                    grid=cdiv(cols, RED_COLS), loops=loops, dram_bytes=4 * rows * cols + out_bytes * cols)]
 
 
-def _elementwise(unit: Unit, arch: int, source: str, kernel: str, vector: int, loops_of, dram_bytes: float) -> Launch:
+def _elementwise(unit: Unit, arch: int, source: str, kernel: str, vector: int, loops_of, dram_bytes: float,
+                 flag: Optional[bool] = None) -> Launch:
     """A grid-stride kernel over the P x Cout activations, `vector` elements per step (16 bytes):
-    loops_of(trips) gives its loop plans."""
+    loops_of(trips) gives its loop plans; `flag`: the instance of a trailing bool template argument."""
     steps = unit.P * unit.Cout // vector
     blocks = min(cdiv(steps, 256), 1 << 20)  # elementwise_blocks
-    tag = f"{TYPE_TAG[unit.dtype][:-1]}Li{vector}EE"
+    tag = f"{TYPE_TAG[unit.dtype][:-1]}Li{vector}E{'' if flag is None else f'Lb{int(flag)}E'}E"
     return Launch(kernel=kernel, config=f"256, {vector} per step", threads=256, grid=blocks,
                   loops=loops_of(steps / (blocks * 256)), dram_bytes=dram_bytes,
                   compile=_compiler(source, kernel, arch, unit.dtype, tag=tag))
@@ -510,7 +511,8 @@ def _d_store_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan) -> Launch:
         "the chunk's depthwise and its 16-byte d stores", 1.0,
         {"FFMA": k_pos * (16 // p.elem) * 9, "STG.E.128": k_pos, "LDG": 0})])
     tag = f"{TYPE_TAG[unit.dtype][:-1]}Li{p.bm}ELi3ELi3EE"
-    return Launch(kernel="d_store_kernel", config=f"bm {p.bm}, t256, {p.k_chunks} chunks per tile",
+    tiles = "row segments" if p.row_segments else "image ranges"
+    return Launch(kernel="d_store_kernel", config=f"bm {p.bm} ({tiles}), t256, {p.k_chunks} chunks per tile",
                   threads=cuda_tiling.THREADS, grid=p.tiles, loops=loops,
                   dram_bytes=unit.x_bytes() + unit.d_bytes() + 4 * 9 * p.kp,
                   useful_ffma=p.bm * p.kp * 9,
@@ -599,11 +601,12 @@ def train(unit: Unit, arch: int, sms: int):
     kernels.append(_column_sum(unit, arch, blocks, Cout, 4))
     kernels.append([_vec_to_float(unit, arch, "sepconv_backward.cu")])
     kernels.append([_vec_to_float(unit, arch, "sepconv_backward.cu")])
-    # One loop (the post-ReLU test is a select inside it); the six per-channel vectors as 16-byte loads.
+    # The instance for the layer's post-ReLU (a template flag); grad_y, z and the per-channel vectors as
+    # 16-byte loads (the BatchNorm bias only for the post-ReLU's test).
+    loads = 2 + 2 * (6 if s.post_relu else 5)
     kernels.append([_elementwise(unit, arch, "sepconv_backward.cu", "train_grad_z_kernel", v,
-                                 lambda t: [LoopPlan("grid-stride vectors", t,
-                                                     expect={"STG": 1, "LDG": 14})],
-                                 3 * unit.y_bytes())])
+                                 lambda t: [LoopPlan("grid-stride vectors", t, expect={"STG": 1, "LDG": loads})],
+                                 3 * unit.y_bytes(), flag=bool(s.post_relu))])
     # d stored once for cuBLAS, then the two pointwise products on cuBLAS (xception_fast_ops.cpp,
     # pointwise_grads): library calls, modelled at their roofline (`model.library_gemm`), as the Triton
     # plan models its torch.matmul.

@@ -178,10 +178,11 @@ def choose(n, c, h, w, c_out, k, stride, pad, dil, elem, max_smem, stats: bool =
 
 def ds_choose(n, c, h, w, k, stride, pad, dil, elem, max_smem) -> Optional[TiledPlan]:
     """The backward's d store plan (run_d_store: the depthwise alone, c_out 0; 16-bit 64 then 32 rows,
-    fp32 32; ranges then segments), or None where d_store_fallback_kernel runs instead."""
+    fp32 32; row segments first, ranges where a row is narrower than the tile), or None where
+    d_store_fallback_kernel runs instead."""
     rows = (64, 32) if elem == 2 else (32,)
     for bm in rows:
-        for seg in (0, 1):
+        for seg in (1, 0):
             p = make_plan(n, c, h, w, 0, k, stride, pad, dil, bm, seg, elem)
             if not fits_int32(n, c, h, w, 0, k, p.h_out, p.w_out, pad):
                 return None
