@@ -24,7 +24,7 @@
 //   g * xhat, g = grad_y masked by the post-ReLU recomputed from z; then column sums.
 // - d = dw(pre(x)) rounded to T as the forward stores it: d_store_kernel (sepconv_tiled_backward.cuh,
 //   the tiled forward's depthwise phase, x read once) where it covers the unit; otherwise
-//   d_store_fallback_kernel<T> below (depthwise_tile).
+//   d_store_fallback_kernel<T> below (one element per thread).
 // - grad_x and grad_dw: stride 1, 3x3: dw_backward_tiled_kernel (sepconv_tiled_backward.cuh: grad_d's
 //   halo staged once per tile and chunk, both gradients from one gather per element-tap); otherwise
 //   grad_x_kernel<T> (the transposed depthwise conv of grad_d, a gather over the taps whose output
@@ -203,27 +203,32 @@ __global__ void __launch_bounds__(256)
 }
 
 // ---------------------------------------------------------------------------------------------------
-// d = dw(pre(x)) [P, C] in T: the int64 fallback of the tiled d store (sepconv_tiled_backward.cuh).
-// Block (position tile of kDsRows, channel chunk of kBK = blockIdx.y): the depthwise of the tile into
-// shared memory (depthwise_tile: rounded to T as the forward stores it), then stored, masked. 32 rows:
-// with 64, ptxas keeps one fp32 accumulator on the stack.
-constexpr int kDsRows = 32;
-
+// d = dw(pre(x)) [P, C] in T: the int64 fallback of the tiled d store (sepconv_tiled_backward.cuh), for
+// what it declines (offsets past int32, a halo box larger than shared memory). One element per thread
+// and step, along C (coalesced): the taps in row-major order with one fma each, as the tiled kernels
+// and depthwise_tile accumulate, rounded to T once.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(256)
     d_store_fallback_kernel(const ConvGeometry g, const T* __restrict__ x, const T* __restrict__ dw, bool pre_relu,
-                            T* __restrict__ d) {
-  __shared__ RowTable<kDsRows> rows;
-  __shared__ T tile[kDsRows * kBK];
-  const int64_t positions = g.n * g.h_out * g.w_out;
-  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kDsRows, c0 = static_cast<int64_t>(blockIdx.y) * kBK;
-  fill_rows<kDsRows>(g, p0, rows);
-  __syncthreads();
-  depthwise_tile<T, kDsRows, kBK>(g, x, dw, pre_relu, c0, rows, tile, kBK);
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < kDsRows * kBK; idx += kThreads) {
-    const int64_t pos = p0 + idx / kBK, c = c0 + idx % kBK;  // along C: coalesced
-    if (pos < positions && c < g.c) d[pos * g.c + c] = tile[idx];
+                            T* __restrict__ d, int64_t total) {
+  const int64_t taps = g.kh * g.kw;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = idx % g.c, pos = idx / g.c;
+    const int64_t wo = pos % g.w_out, ho = (pos / g.w_out) % g.h_out, n = pos / (g.w_out * g.h_out);
+    const T* x_img = x + n * g.h * g.w * g.c;
+    float acc = 0.f;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t hi = ho * g.stride_h - g.pad_h + i * g.dil_h;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t wi = wo * g.stride_w - g.pad_w + j * g.dil_w;
+        if (hi < 0 || hi >= g.h || wi < 0 || wi >= g.w) continue;  // zero padding: adds nothing
+        float v = to_float(x_img[(hi * g.w + wi) * g.c + c]);
+        if (pre_relu) v = relu(v);
+        acc = fmaf(v, to_float(dw[c * taps + i * g.kw + j]), acc);
+      }
+    }
+    d[idx] = from_float<T>(acc);
   }
 }
 
@@ -394,13 +399,10 @@ cudaError_t launch_d_store(const UnitParams& u, const BackwardPlan& plan, void* 
   bool launched = false;
   cudaError_t err = run_d_store_tiled(ds, stream, &launched);
   if (err != cudaSuccess || launched) return err;
-  const int64_t c_chunks = ceil_div(g.c, kBK), p_tiles = ceil_div(plan.positions, kDsRows);
-  if (!fits_grid_x(p_tiles) || c_chunks > 65535) return cudaErrorInvalidConfiguration;
-  if (p_tiles > 0 && c_chunks > 0) {
-    const dim3 grid(static_cast<unsigned int>(p_tiles), static_cast<unsigned int>(c_chunks));
-    d_store_fallback_kernel<T><<<grid, kThreads, 0, stream>>>(g, static_cast<const T*>(u.x.ptr),
-                                                              static_cast<const T*>(u.dw_weight), u.pre_relu,
-                                                              static_cast<T*>(d));
+  const int64_t total = plan.positions * g.c;
+  if (total > 0) {
+    d_store_fallback_kernel<T><<<elementwise_blocks(total), 256, 0, stream>>>(
+        g, static_cast<const T*>(u.x.ptr), static_cast<const T*>(u.dw_weight), u.pre_relu, static_cast<T*>(d), total);
   }
   return cudaGetLastError();
 }
