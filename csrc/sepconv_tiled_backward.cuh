@@ -2,7 +2,8 @@
 // sepconv_infer.cu's translation unit, included there inside its namespaces after the forward's
 // launcher (they use its device pieces: the depthwise phase, the weight pack, the tile choice). Not a
 // standalone header. Index math: the "d store" and "grad_x and grad_dw" sections of
-// sepconv_infer_tiling.h, host-tested by tests/cpp/test_dw_backward_tiling.cpp.
+// sepconv_infer_tiling.h, host-tested by tests/cpp/test_d_store_tiling.cpp and
+// tests/cpp/test_dw_backward_tiling.cpp.
 #pragma once
 
 // ---------------------------------------------------------------------------------------------------
