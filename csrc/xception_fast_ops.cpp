@@ -148,19 +148,27 @@ BnBackwardInputs bn_backward_inputs(const Tensor& gyc, const Tensor& zc, const T
 // The contract's arithmetic for torch.matmul inside its scope (triton_kernels.backward.exact_matmul is
 // the Python twin): fp32 with exact fp32 products, no TF32; fp16 / bf16 accumulated in fp32 with no
 // reduced-precision split-K reduction and no fp16 accumulation. The global flags are switched only
-// where they were set otherwise, and restored on the way out. fp32: the matmul precision through the
-// enum API (torch >= 2.10, which both the GPU machines' 2.11 and CI's 2.14 have; the legacy TF32 flag
-// is kept in step by torch), plus at::NoTF32Guard, the thread-local override the cuBLAS handle's math
-// mode honours. The reduction getters return a bool in older torch and a CuBLASReductionOption in
+// where they were set otherwise, and restored on the way out. fp32: at::NoTF32Guard, the thread-local
+// override the cuBLAS handle's math mode honours (every torch this builds against), plus, where the
+// build's torch is known to have it (the enum API, checked against 2.14), the global matmul precision,
+// which torch's cuBLASLt path reads instead; older torch takes the guard alone, which covers the
+// default cuBLAS path (a build against an older torch must not fail on an API it lacks: the GPU
+// machines ran 2.11). The reduction getters return a bool in older torch and a CuBLASReductionOption in
 // newer; the setters' split-K argument defaults to true in both, so set(false) / set(true) mean the
 // same in each.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 14)
+#define XCEPTION_FAST_FP32_PRECISION_ENUM 1
+#endif
+
 class ExactMatmulGuard {
  public:
   explicit ExactMatmulGuard(at::ScalarType dtype) {
     at::Context& ctx = at::globalContext();
     if (dtype == at::kFloat) {
+#ifdef XCEPTION_FAST_FP32_PRECISION_ENUM
       fp32_tf32_ = ctx.float32Precision(kCuda, kMatmul) == at::Float32Precision::TF32;
       if (fp32_tf32_) ctx.setFloat32Precision(kCuda, kMatmul, at::Float32Precision::IEEE);
+#endif
     } else if (dtype == at::kHalf) {
       fp16_reduction_ = allows_reduced(ctx.allowFP16ReductionCuBLAS());
       if (fp16_reduction_) ctx.setAllowFP16ReductionCuBLAS(false);
@@ -173,7 +181,9 @@ class ExactMatmulGuard {
   }
   ~ExactMatmulGuard() {
     at::Context& ctx = at::globalContext();
+#ifdef XCEPTION_FAST_FP32_PRECISION_ENUM
     if (fp32_tf32_) ctx.setFloat32Precision(kCuda, kMatmul, at::Float32Precision::TF32);
+#endif
     if (fp16_reduction_) ctx.setAllowFP16ReductionCuBLAS(true);
     if (fp16_accumulation_) ctx.setAllowFP16AccumulationCuBLAS(true);
     if (bf16_reduction_) ctx.setAllowBF16ReductionCuBLAS(true);
@@ -182,8 +192,10 @@ class ExactMatmulGuard {
   ExactMatmulGuard& operator=(const ExactMatmulGuard&) = delete;
 
  private:
+#ifdef XCEPTION_FAST_FP32_PRECISION_ENUM
   static constexpr at::Float32Backend kCuda = at::Float32Backend::CUDA;
   static constexpr at::Float32Op kMatmul = at::Float32Op::MATMUL;
+#endif
 
   template <typename Option>
   static bool allows_reduced(Option option) {
