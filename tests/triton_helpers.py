@@ -31,16 +31,16 @@ def kernels():
     from xception_fast.triton_kernels.autotune import SUM_BLOCK_M, SUM_BLOCK_S
 
     fixed = dict(BLOCK_S=SUM_BLOCK_S, BLOCK_M=SUM_BLOCK_M, BLOCK_C=SUM_BLOCK_M)
-    # The mid variant: the two-phase kernels with their mid code on, and every activation and its
-    # derivative once (the interpreter runs Python's math, not the GPU compiler's).
+    # The mid variant: the depthwise kernel with its mid code on (both BatchNorm modes), and every
+    # activation and its derivative once (the interpreter runs Python's math, not the GPU compiler's).
     mid = [
-        (depthwise_pointwise._sepconv_infer_kernel, dict(MID_BN=1, MID_ACT="gelu")),
-        (depthwise_pointwise._sepconv_train_kernel, dict(MID_BN=2, MID_ACT="silu")),
-        (depthwise_pointwise._sepconv_grad_z_kernel, dict(MID_BN=1, MID_ACT="hardswish")),
+        (depthwise_pointwise._depthwise_kernel, dict(MID_BN=1, MID_ACT="gelu")),
+        (depthwise_pointwise._depthwise_kernel, dict(MID_BN=2, MID_ACT="silu")),
         (mid_unit._depthwise_stats_kernel, dict(BLOCK_P=mid_unit.STATS_BLOCK_P, BLOCK_C=mid_unit.STATS_BLOCK_C)),
     ] + [(mid_unit._mid_recompute_kernel, dict(MID_BN=2, MID_ACT=act)) for act in MID_ACTIVATIONS] \
         + [(mid_unit._mid_act_grad_kernel, dict(MID_BN=2, MID_ACT=act)) for act in MID_ACTIVATIONS]
     return mid + [
+        (depthwise_pointwise._depthwise_kernel, {}),
         (depthwise_pointwise._sepconv_infer_kernel, {}),
         (depthwise_pointwise._sepconv_train_kernel, {}),
         (depthwise_pointwise._sepconv_grad_z_kernel, {}),
@@ -63,7 +63,7 @@ def configs_for(kernel, dtype: str, arch: int) -> list:
 
     configs = getattr(kernel, "configs", [None])
     if getattr(kernel, "early_config_prune", None) is not None:
-        configs = autotune.prune_two_phase(configs, 4 if dtype == "fp32" else 2, arch)
+        configs = autotune.prune_gemm(configs, 4 if dtype == "fp32" else 2, arch)
     return configs
 
 

@@ -37,7 +37,7 @@ ONE_CONFIG = os.environ.get("XCEPTION_FAST_TRITON_ONE_CONFIG", "0") not in ("", 
 # The interpreter's one config per kernel: blocks of 16 channels, 32 positions.
 _PINNED_P, _PINNED_C = 32, 16
 POSITION_ALIGN = _PINNED_P if INTERPRET else 128
-# The two-phase kernels' scratch slots are C rounded up to this many columns (every BLOCK_K divides it).
+# The depthwise output d's rows are C rounded up to this many columns (every BLOCK_K and BLOCK_D divides it).
 SLOT_ALIGN = 64
 
 
@@ -53,9 +53,9 @@ def _set_weight_block(nargs: dict) -> None:
         op.block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-def prune_two_phase(configs: list[triton.Config], element_size: int, arch: int) -> list[triton.Config]:
-    """The configs worth compiling for this element size and architecture (spills and shared memory
-    checked on sm_90 and sm_80 with tests/triton_helpers.py):
+def prune_gemm(configs: list[triton.Config], element_size: int, arch: int) -> list[triton.Config]:
+    """The GEMM configs worth compiling for this element size and architecture (spills and shared
+    memory checked on sm_90 and sm_80 with tests/triton_helpers.py):
     - fp32 (an IEEE FMA product, no tensor cores: accumulator and operands all in registers) only
       the small tiles, 16-bit types only the tensor-core ones;
     - BLOCK_N = 256 only on Hopper (wgmma keeps A and B in shared memory; mma.sync spills);
@@ -67,52 +67,60 @@ def prune_two_phase(configs: list[triton.Config], element_size: int, arch: int) 
         return (bn < 256 or arch >= 90) and c.num_stages * (bp + bn) * bk * element_size <= 160 * 1024
 
     kept = [c for c in configs if fits(c)]
-    assert kept, "no two-phase config fits"
+    assert kept, "no GEMM config fits"
     return kept
 
 
 def _prune_for_device(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    x = named_args["x_ptr"]
-    kept = prune_two_phase(configs, x.element_size(), device_arch(x.device))
+    d = named_args["d_ptr"]
+    kept = prune_gemm(configs, d.element_size(), device_arch(d.device))
     return kept[:1] if ONE_CONFIG else kept
 
 
-def two_phase_configs(two_per_sm: bool = False, wide: bool = True) -> dict:
-    """The two-phase kernels (depthwise_pointwise.py): (BLOCK_P positions, BLOCK_N out channels,
-    BLOCK_K in channels per GEMM K-step, BLOCK_D per depthwise chunk, warps, GEMM pipeline stages).
+def gemm_configs() -> dict:
+    """The GEMM kernels of the forward (depthwise_pointwise.py): (BLOCK_P positions, BLOCK_N out
+    channels, BLOCK_K in channels per K-step, warps, pipeline stages), launched two programs per SM.
 
-    128-position tiles: the pointwise GEMM's M side, and the rows of a scratch slot. BLOCK_N 256 is
-    the widest wgmma; 728 channels pad to 768 (3 tiles of 256, 5.5% of the MMA wasted). BLOCK_P
-    divides POSITION_ALIGN (the programs' chunks are multiples of it), BLOCK_K divides SLOT_ALIGN and
-    BLOCK_D divides BLOCK_K. 32-channel depthwise chunks: 64 made the 128 x 256 configs spill on
-    Triton 3.6 (two copies of 9 taps x 32 elements live per thread).
-    The last two rows are for fp32 (see `prune_two_phase`). `two_per_sm` adds a config capped at 128
-    registers (two 8-warp programs per SM: one program's depthwise phase overlaps the other's MMA;
-    the inference kernel spills 64 bytes in its epilogue there, the others far more: the autotuner
-    weighs it on the GPU). Returned as the autotune
-    keyword arguments (configs, the TMA block pre-hook, pruning by dtype and architecture).
-    `wide=False` (the training forward) leaves out BLOCK_N = 256: the statistics epilogue spills there;
-    and adds 128 x 64 with 4 warps, one warpgroup: the depthwise is not computed twice (once per
-    warpgroup of an 8-warp MMA layout), and the narrow statistics epilogue is cheap (static estimate
-    (sm_90 model): 241 -> 205 us on a middle-flow unit, 1,460 -> 1,100 us on block1.rep.0). In the
-    inference kernel the same tile spills on the entry flow and gains under 3%: not listed there.
-    """
+    128-position tiles: the GEMM's M side. BLOCK_N 256 is the widest wgmma; 728 channels pad to 768
+    (3 tiles of 256, 5.5% of the MMA wasted). BLOCK_P divides POSITION_ALIGN (the programs' chunks
+    are multiples of it), BLOCK_K divides SLOT_ALIGN (d's row pitch). Without the depthwise phase's
+    registers the kernels hold the accumulator, the pipeline's addresses and an epilogue quarter:
+    every kernel gets the 256-wide tile (the training epilogue too), 128 x 128 at 128 registers (two
+    CTAs per SM) and a 16-warp 128 x 256 tile (4 warps per scheduler; it spills 176 B in the
+    training epilogue). Pruned by the calibrated static estimate (sm_90 model; benchmarks/NOTES.md,
+    "Triton forward in two launches"): 128 x 256 x 32 with 4 stages (1.3x the 64-wide K step on the
+    middle unit) and 4-warp 128 x 128 (1.7x). The last two rows are for fp32 (see `prune_gemm`). Returned as the autotune keyword arguments (configs,
+    the TMA block pre-hook, pruning by dtype and architecture)."""
     gpu = [
-        (128, 256, 64, 32, 8, 3),
-        (128, 128, 64, 32, 8, 3),
-        (128, 256, 32, 32, 8, 4),
-        (128, 128, 32, 32, 8, 3),
-        (64, 64, 16, 16, 4, 2),
-        (32, 64, 32, 32, 4, 1),
-    ] + ([(128, 128, 32, 32, 8, 3, 128)] if two_per_sm else [])
-    gpu = [row for row in gpu if wide or row[1] < 256] + ([] if wide else [(128, 64, 64, 32, 4, 3)])
-    # The interpreter: depthwise chunks narrower than the K-step, so the tests cover BLOCK_D < BLOCK_K.
-    pinned = [(_PINNED_P, _PINNED_C, _PINNED_C, _PINNED_C // 2, 4, 1)]
-    names = ("BLOCK_P", "BLOCK_N", "BLOCK_K", "BLOCK_D")
-    configs = [triton.Config(dict(zip(names, row[:4])), num_warps=row[4], num_stages=row[5],
-                             maxnreg=row[6] if len(row) > 6 else None, pre_hook=_set_weight_block)
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 16, 3),
+        (64, 64, 16, 4, 2),
+        (32, 64, 32, 4, 1),
+    ]
+    pinned = [(_PINNED_P, _PINNED_C, _PINNED_C, 4, 1)]
+    names = ("BLOCK_P", "BLOCK_N", "BLOCK_K")
+    configs = [triton.Config(dict(zip(names, row[:3])), num_warps=row[3], num_stages=row[4],
+                             pre_hook=_set_weight_block)
                for row in (pinned if INTERPRET else gpu)]
     return dict(configs=configs, prune_configs_by={"early_config_prune": _prune_for_device})
+
+
+def depthwise_configs() -> list[triton.Config]:
+    """`depthwise_pointwise._depthwise_kernel`: (BLOCK_P positions, BLOCK_D channels, warps). Many
+    small programs, several per SM, so that enough loads are in flight for the DRAM bandwidth; 8-16
+    elements of the tile per thread (the k x k taps' loads are hoisted: 32 a thread reached 250
+    registers in `_dw_input_grad_kernel`; 64 x 64 with 8 warps compiled like 32 x 64 with 4 at one CTA
+    per SM and was pruned). BLOCK_P divides POSITION_ALIGN and BLOCK_D divides
+    SLOT_ALIGN: the grid covers d [P_pad, K_SLOT] exactly, so the stores need no mask. The
+    interpreter: 16-channel chunks, so that a 19-channel layer spans full, partial and empty ones."""
+    gpu = [
+        (32, 64, 4, 1),
+        (64, 32, 4, 1),
+        (128, 64, 8, 1),
+        (16, 64, 4, 1),
+    ]
+    return _configs(gpu, (_PINNED_P, _PINNED_C, 4, 1), ("BLOCK_P", "BLOCK_D"))
 
 
 def device_arch(device: torch.device) -> int:
@@ -175,7 +183,7 @@ def position_split(positions: int, other_programs: int, device: torch.device) ->
 
 
 def persistent_split(positions: int, sms: int, per_sm: int = 1) -> tuple[int, int]:
-    """(programs, chunk) of the two-phase kernels: `per_sm` persistent programs per SM (one per
+    """(programs, chunk) of the forward's GEMM kernels: `per_sm` persistent programs per SM (one per
     `sm_count` in the interpreter: three, so tests see several programs and tiles each), each owning `chunk`
     consecutive positions (a multiple of POSITION_ALIGN: whole tiles). For a middle-flow unit at batch
     256 (92,416 positions, 132 SMs, per_sm 1): 121 programs of 768 positions, 6 tiles of 128 each.

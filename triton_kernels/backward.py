@@ -417,7 +417,7 @@ def sepconv_bn_infer_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, pw_w
         sums = torch.zeros((2, c), dtype=torch.float32, device=device)
         grad_z = None
     elif post_relu or scale is not None:
-        grad_z, sums = recompute_grad_z(gy, xc, dw, pw, geo, scale32, shift32, pre_relu, post_relu)
+        grad_z, sums, _ = recompute_grad_z(gy, xc, dw, pw, geo, scale32, shift32, pre_relu, post_relu)
     else:  # g_z = grad_y: nothing to recompute; grad_shift (if wanted) is a plain sum of grad_y
         grad_z = nhwc(gy.to(x.dtype))
         if shift is not None:

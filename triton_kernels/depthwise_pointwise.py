@@ -1,43 +1,44 @@
-"""Fused depthwise k x k + pointwise 1x1 convolution: the two-phase forward and its three epilogues.
+"""Fused depthwise k x k + pointwise 1x1 convolution: the forward in two launches, three epilogues.
 
 Layout: every activation is channels_last, addressed as a row-major [positions, channels] matrix
 (position p = (n * Ho + oh) * Wo + ow); weights as contiguous matrices.
 
-Design (PERFORMANCE.md, "design C"): persistent programs, one or two per SM. Program s owns the
-positions [s * chunk, (s + 1) * chunk) (`autotune.persistent_split`) and a scratch slot
-[BLOCK_P, K_SLOT] in the input dtype (K_SLOT: C rounded up to 64; 132 slots of 128 x 768 bf16 are
-26 MB, so they live in L2; the inference kernel launches two programs per SM, 52 MB of slots, of
-which only the running programs' are live). For each tile of BLOCK_P positions:
-1. depthwise phase: d = dw(pre(x)) for every input channel, BLOCK_D channels at a time, in fp32
-   FMAs, rounded to the input dtype (where the unfused path stores it) and written to the slot.
-   Computed once per position tile and reused by every Cout tile (the previous design recomputed
-   it Cout / BLOCK_CO times and converted each tap to the MMA layout: 10x the instructions).
-2. a barrier: the slot is written and read by different threads of the program.
-3. pointwise phase: for each Cout tile a K loop over the slot, software-pipelined (the config's
-   num_stages), the weight through a TMA tensor descriptor where its rows are 16-byte aligned
-   (W_TMA), then the epilogue.
-4. a barrier: the next tile's depthwise phase overwrites the slot.
+Design: two kernels per forward, each at the occupancy its own work wants.
+1. `_depthwise_kernel`: d = dw(pre(x)) (the mid variant: act(midBN(dw(pre(x)))), `mid_act`) in fp32
+   FMAs, rounded to the input dtype (where the unfused path stores it), into a buffer d [P_pad,
+   K_SLOT] (P rounded up to POSITION_ALIGN, C up to SLOT_ALIGN) with zeros in the padding. A 2-D grid
+   of small programs (a tile of positions x a chunk of channels), several CTAs per SM: it reads x
+   once and writes d once, and is meant to run at the DRAM bandwidth.
+2. a GEMM kernel per epilogue, persistent (two programs per SM, `autotune.persistent_split`):
+   program s owns the positions [s * chunk, (s + 1) * chunk); for each tile of BLOCK_P positions and
+   each Cout tile a K loop over the tile's rows of d, software-pipelined (the config's num_stages),
+   the weight through a TMA tensor descriptor where its rows are 16-byte aligned (W_TMA), then the
+   epilogue on the accumulator's four column quarters. d is read unmasked (its padding is zero).
+Why not one kernel: the previous design ran both phases in one persistent program per SM,
+the depthwise into a per-program scratch slot in L2, a barrier, then the GEMM over the slot. On an
+H200 (bf16, batch 256) it measured 535 us for a middle-flow unit's inference (0.75 TB/s, 183
+TFLOP/s: latency-bound at 2 warps per scheduler, the depthwise's loads and FMAs and the MMA in
+sequence), 2,164 us on the entry unit against a DRAM floor of about 500 us. The split pays one
+write and one read of d (65 us of DRAM on the middle unit, 332 us on the entry unit, at the
+measured 4.27 TB/s) for kernels that each fill the SMs (benchmarks/NOTES.md, "Triton forward in
+two launches").
 
-Epilogues (one kernel each, same two phases):
+Epilogues (one GEMM kernel each, `_pointwise_tile` and the same program split):
 - `_sepconv_infer_kernel`: y = post(z * scale + shift) + residual, stored once.
 - `_sepconv_train_kernel`: stores z and per-program, per-channel statistics (a reference value,
   the mean's offset from it, M2; the count follows from the chunk), merged tile by tile with Chan's
   formula in the program's own row of the buffer, then across programs by
   `batchnorm.merge_statistics`, then normalised by `batchnorm.normalize`.
-- `_sepconv_grad_z_kernel`: inference backward, which saves nothing but x: recomputes z, applies
-  the post-ReLU mask to grad_y, stores grad_z = g * scale and per-program sums of g and g * z.
-
-The slot is read back with ordinary loads, ordered after the stores by `tl.debug_barrier()`
-(bar.sync orders global memory between the threads of a CTA). Reading it through TMA instead
-would need a proxy fence (`fence.proxy.async.global`, inline asm) that the CPU interpreter cannot
-check: not done.
+- `_sepconv_grad_z_kernel`: inference backward, which saves nothing but x: recomputes d and z,
+  applies the post-ReLU mask to grad_y, stores grad_z = g * scale and per-program sums of g and g * z.
+The statistics and sums are read back by the program's next tile from addresses other threads
+stored: a barrier (`tl.debug_barrier`, bar.sync) ends each tile of those two kernels.
 
 Triton versions: everything here exists in Triton 3.6 (the GPU machines') and 3.8: host-side
-`TensorDescriptor` (3.4+), `tl.range(num_stages=)`, `Config(maxnreg=)`, `tl.inline_asm_elementwise`.
+`TensorDescriptor` (3.4+), `tl.range(num_stages=)`, `tl.inline_asm_elementwise`.
 
 Design limit: positions are int32 (N*H*W and N*Ho*Wo at most 2^30, checked on the host); element
-offsets of the activations are int64.
-"""
+offsets of the activations and of d are int64."""
 
 from __future__ import annotations
 
@@ -51,14 +52,14 @@ from torch import Tensor
 from xception_fast.spec import UnitSpec
 
 from . import batchnorm
-from .autotune import POSITION_ALIGN, SLOT_ALIGN, persistent_split, position_bucket, sm_count, two_phase_configs
+from .autotune import (POSITION_ALIGN, SLOT_ALIGN, depthwise_configs, gemm_configs, persistent_split, position_bucket,
+                       sm_count)
 from .mid_act import mid_transform
 from .utils import (INLINE_ASM, channel_align, check_dtype, check_positions, empty_nhwc, matrix, new_empty, nhwc,
                     vector_f32, weight_operand)
 
-SLOT_ROWS = tl.constexpr(POSITION_ALIGN)  # rows of one program's slot: every BLOCK_P divides it
-SLOT_COLS = tl.constexpr(SLOT_ALIGN)  # K_SLOT is a multiple of it
-KEY = ["C", "Cout", "P_BUCKET", "KH", "KW", "W_TMA"]
+SLOT_COLS = tl.constexpr(SLOT_ALIGN)  # K_SLOT (d's row pitch) is a multiple of it
+KEY = ["C", "Cout", "P_BUCKET", "W_TMA"]
 
 
 # --- device helpers -------------------------------------------------------------------------------------
@@ -143,68 +144,37 @@ def _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_
 
 
 @triton.jit
-def _depthwise_phase(x_ptr, dwt_ptr, slot_ptr, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
-                     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                     KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr,
-                     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                     mid_ptr=None, MID_BN: tl.constexpr = 0, MID_ACT: tl.constexpr = ""):
-    """slot[:, :C rounded up to BLOCK_K] = dw(pre(x)) of positions p0 + [0, BLOCK_P), in the slot's
-    dtype, BLOCK_D channels at a time (BLOCK_D divides BLOCK_K: a narrower chunk than the GEMM's
-    K-step keeps the depthwise phase's registers down); rows past p_end and channels past C are
-    written as zeros (the pointwise phase reads them). The mid variant (MID_BN, MID_ACT; `mid_act`)
-    turns the tile into act(midBN(d)) in registers before the store: the slot holds the MMA operand."""
-    x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
-                                         BLOCK_P)
-    slot = slot_ptr + tl.arange(0, BLOCK_P)[:, None] * K_SLOT + tl.arange(0, BLOCK_D)[None, :]
-    # One stage: these loads feed CUDA-core FMAs; staging them through shared memory buys nothing.
-    for c0 in tl.range(0, tl.cdiv(C, BLOCK_K) * BLOCK_K, BLOCK_D, num_stages=1):
-        d = _depthwise_chunk(x_rows, ih0, iw0, p_mask, dwt_ptr, c0, C, H, W, K_SLOT, dil_h, dil_w,
-                             KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_D)
-        if MID_BN != 0 or MID_ACT != "":
-            d = mid_transform(d, mid_ptr, c0 + tl.arange(0, BLOCK_D), K_SLOT, slot_ptr, MID_BN, MID_ACT)
-            d = tl.where(p_mask[:, None], d, 0.0)  # act(midBN(0)) need not be 0
-        tl.store(slot + c0, d.to(slot_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _program(slot_ptr, P, chunk, C, Cout, K_SLOT, C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr):
-    """The two-phase kernels' common start: (C, Cout, K_SLOT, program id, its first position, its
-    end, its scratch slot). C, Cout and K_SLOT come back rounded down to their alignment: no-ops (the
-    host checked them) that tell the compiler the rows are 16-byte aligned, so that loads vectorise
-    (and the slot's rows qualify for cp.async)."""
+def _program(P, chunk, C, Cout, K_SLOT, C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr):
+    """The GEMM kernels' common start: (C, Cout, K_SLOT, program id, its first position, its end).
+    C, Cout and K_SLOT come back rounded down to their alignment: no-ops (the host checked them) that
+    tell the compiler the rows are 16-byte aligned, so that loads vectorise (and d's rows qualify for
+    cp.async)."""
     C = C // C_ALIGN * C_ALIGN
     Cout = Cout // COUT_ALIGN * COUT_ALIGN
     K_SLOT = K_SLOT // SLOT_COLS * SLOT_COLS
     pid = tl.program_id(0)
     p_begin = pid * chunk
     p_end = tl.minimum(p_begin + chunk, P)
-    return C, Cout, K_SLOT, pid, p_begin, p_end, slot_ptr + pid.to(tl.int64) * SLOT_ROWS * K_SLOT
+    return C, Cout, K_SLOT, pid, p_begin, p_end
 
 
 @triton.jit
-def _phase_one(x_ptr, dwt_ptr, slot, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
-               stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-               KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr,
-               BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-               mid_ptr, MID_BN: tl.constexpr, MID_ACT: tl.constexpr):
-    """The depthwise phase of the tile at p0 into the slot, then the barrier that lets every thread of
-    the program read it; returns the tile's positions and their mask for the pointwise phase."""
-    _depthwise_phase(x_ptr, dwt_ptr, slot, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
-                     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_K, BLOCK_D,
-                     mid_ptr, MID_BN, MID_ACT)
-    tl.debug_barrier()
+def _tile(d_ptr, p0, p_end, K_SLOT, BLOCK_P: tl.constexpr):
+    """The tile at p0: its rows of d (int64 offset: P_pad x K_SLOT may pass 2^31), its positions and
+    their mask for the epilogues."""
     p = p0 + tl.arange(0, BLOCK_P)
-    return p, p < p_end
+    return d_ptr + tl.cast(p0, tl.int64) * K_SLOT, p, p < p_end
 
 
 @triton.jit
-def _pointwise_tile(slot_ptr, pw_op, n0, C, K_SLOT, Cout, W_TMA: tl.constexpr,
+def _pointwise_tile(a_ptr, pw_op, n0, C, K_SLOT, Cout, W_TMA: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_P, BLOCK_N] fp32 = slot @ pw[n0 : n0 + BLOCK_N]^T. pw_op is the [Cout, C] weight: a TMA
+    """[BLOCK_P, BLOCK_N] fp32 = d[rows of the tile] @ pw[n0 : n0 + BLOCK_N]^T; a_ptr: the tile's
+    first row of d (pitch K_SLOT, zero past C and past P: read unmasked). pw_op is the [Cout, C] weight: a TMA
     descriptor (W_TMA; out-of-bounds rows and columns read as zero) or a pointer (masked loads)."""
     kk = tl.arange(0, BLOCK_K)
     co = n0 + tl.arange(0, BLOCK_N)
-    a_ptrs = slot_ptr + tl.arange(0, BLOCK_P)[:, None] * K_SLOT + kk[None, :]
+    a_ptrs = a_ptr + tl.arange(0, BLOCK_P)[:, None] * K_SLOT + kk[None, :]
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(C, BLOCK_K) * BLOCK_K, BLOCK_K):
         a = tl.load(a_ptrs + k0)
@@ -325,39 +295,64 @@ def _grad_z_epilogue(acc, p, p_mask, n0, scale_ptr, shift_ptr, gy_ptr, gz_ptr, s
     tl.store(out + Cout, sum_gz, mask=co_mask)
 
 
-# --- kernels: the same two phases, three epilogues --------------------------------------------------------
-# Shared arguments: x_ptr [N, H, W, C] input (channels_last); dwt_ptr [KH * KW, K_SLOT] fp32 depthwise
-# taps (tap-major, zero-padded); pw_op [Cout, C] pointwise weight (pointer or TMA descriptor); slot_ptr
-# [programs * POSITION_ALIGN, K_SLOT] scratch in the input dtype. P_BUCKET: the autotuning key only.
+# --- kernels ---------------------------------------------------------------------------------------------
 
-@triton.autotune(**two_phase_configs(two_per_sm=True), key=KEY)
+@triton.autotune(configs=depthwise_configs(), key=["C", "P_BUCKET", "KH", "KW"])
+@triton.jit
+def _depthwise_kernel(
+    x_ptr,  # [N, H, W, C] input (channels_last)
+    dwt_ptr,  # [KH * KW, K_SLOT] fp32 depthwise taps (tap-major, zero past C)
+    d_ptr,  # [P_pad, K_SLOT] out, input dtype: every element written, zeros past P and past C
+    P, P_BUCKET, H, W, C, Ho, Wo, K_SLOT,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr, C_ALIGN: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    # the mid variant (`mid_act`): [3, K_SLOT] fp32 vectors, never read when both are off
+    mid_ptr=None, MID_BN: tl.constexpr = 0, MID_ACT: tl.constexpr = "",
+):
+    # Program (position tile, channel chunk): d = dw(pre(x)) in fp32 FMAs, rounded to the input dtype
+    # (where the unfused path stores it). The grid covers d exactly (BLOCK_P divides POSITION_ALIGN,
+    # BLOCK_D divides SLOT_ALIGN), so the store needs no mask; the padding comes out as zeros because
+    # the loads there are masked to 0 and the taps are 0 past C. The mid variant stores the pointwise
+    # operand act(midBN(d)) instead (`mid_transform`; its vectors are zero past C, so those columns stay 0).
+    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
+    K_SLOT = K_SLOT // SLOT_COLS * SLOT_COLS
+    p0 = tl.program_id(0) * BLOCK_P
+    c0 = tl.program_id(1) * BLOCK_D
+    x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, P, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w, BLOCK_P)
+    d = _depthwise_chunk(x_rows, ih0, iw0, p_mask, dwt_ptr, c0, C, H, W, K_SLOT, dil_h, dil_w,
+                         KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_D)
+    if MID_BN != 0 or MID_ACT != "":
+        d = mid_transform(d, mid_ptr, c0 + tl.arange(0, BLOCK_D), K_SLOT, d_ptr, MID_BN, MID_ACT)
+        d = tl.where(p_mask[:, None], d, 0.0)  # act(midBN(0)) need not be 0
+    rows = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
+    tl.store(d_ptr + rows[:, None] * K_SLOT + (c0 + tl.arange(0, BLOCK_D))[None, :], d.to(d_ptr.dtype.element_ty))
+
+
+# The GEMM kernels: the same persistent loop, three epilogues. Shared arguments: d_ptr [P_pad, K_SLOT]
+# the depthwise kernel's output in the input dtype; pw_op [Cout, C] pointwise weight (pointer or TMA
+# descriptor). P_BUCKET: the autotuning key only.
+
+@triton.autotune(**gemm_configs(), key=KEY)
 @triton.jit
 def _sepconv_infer_kernel(
     # pointers
-    x_ptr, dwt_ptr, pw_op, slot_ptr,
+    d_ptr, pw_op,
     scale_ptr,  # [Cout] fp32 (1 where absent)
     shift_ptr,  # [Cout] fp32 (0 where absent)
     res_ptr,  # [N, Ho, Wo, Cout] residual (read only if HAS_RESIDUAL)
     y_ptr,  # [N, Ho, Wo, Cout] output
     # sizes
-    P, P_BUCKET, chunk, H, W, C, Ho, Wo, Cout, K_SLOT,
-    # convolution
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    P, P_BUCKET, chunk, C, Cout, K_SLOT,
     # meta-parameters
-    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, POST_RELU: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr, W_TMA: tl.constexpr,
-    ASM: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    # the mid variant (`mid_act`): [3, K_SLOT] fp32 vectors, never read when both are off
-    mid_ptr=None, MID_BN: tl.constexpr = 0, MID_ACT: tl.constexpr = "",
+    POST_RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr,
+    W_TMA: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    C, Cout, K_SLOT, pid, p_begin, p_end, slot = _program(slot_ptr, P, chunk, C, Cout, K_SLOT, C_ALIGN, COUT_ALIGN)
+    C, Cout, K_SLOT, pid, p_begin, p_end = _program(P, chunk, C, Cout, K_SLOT, C_ALIGN, COUT_ALIGN)
     for p0 in range(p_begin, p_end, BLOCK_P):
-        p, p_mask = _phase_one(x_ptr, dwt_ptr, slot, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
-                               stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_K,
-                               BLOCK_D, mid_ptr, MID_BN, MID_ACT)
+        a_ptr, p, p_mask = _tile(d_ptr, p0, p_end, K_SLOT, BLOCK_P)
         for n0 in range(0, Cout, BLOCK_N):
-            acc = _pointwise_tile(slot, pw_op, n0, C, K_SLOT, Cout, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
+            acc = _pointwise_tile(a_ptr, pw_op, n0, C, K_SLOT, Cout, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
             q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
             Q: tl.constexpr = BLOCK_N // 4
             _infer_epilogue(q0, p, p_mask, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, POST_RELU, HAS_RESIDUAL, Q)
@@ -367,34 +362,26 @@ def _sepconv_infer_kernel(
                             HAS_RESIDUAL, Q)
             _infer_epilogue(q3, p, p_mask, n0 + 3 * Q, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, POST_RELU,
                             HAS_RESIDUAL, Q)
-        tl.debug_barrier()
 
 
-@triton.autotune(**two_phase_configs(wide=False), key=KEY)
+@triton.autotune(**gemm_configs(), key=KEY)
 @triton.jit
 def _sepconv_train_kernel(
     # pointers
-    x_ptr, dwt_ptr, pw_op, slot_ptr,
+    d_ptr, pw_op,
     z_ptr,  # [N, Ho, Wo, Cout] pre-BN output
     stats_ptr,  # [3, S, Cout] fp32: per program, (reference value, mean - reference value, M2)
     # sizes
-    P, P_BUCKET, chunk, H, W, C, Ho, Wo, Cout, K_SLOT, S,
-    # convolution
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    P, P_BUCKET, chunk, C, Cout, K_SLOT, S,
     # meta-parameters
-    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, C_ALIGN: tl.constexpr,
-    COUT_ALIGN: tl.constexpr, W_TMA: tl.constexpr, ASM: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    # the mid variant (`mid_act`): [3, K_SLOT] fp32 vectors, never read when both are off
-    mid_ptr=None, MID_BN: tl.constexpr = 0, MID_ACT: tl.constexpr = "",
+    C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr, W_TMA: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    C, Cout, K_SLOT, pid, p_begin, p_end, slot = _program(slot_ptr, P, chunk, C, Cout, K_SLOT, C_ALIGN, COUT_ALIGN)
+    C, Cout, K_SLOT, pid, p_begin, p_end = _program(P, chunk, C, Cout, K_SLOT, C_ALIGN, COUT_ALIGN)
     for p0 in range(p_begin, p_end, BLOCK_P):
-        p, p_mask = _phase_one(x_ptr, dwt_ptr, slot, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
-                               stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_K,
-                               BLOCK_D, mid_ptr, MID_BN, MID_ACT)
+        a_ptr, p, p_mask = _tile(d_ptr, p0, p_end, K_SLOT, BLOCK_P)
         for n0 in range(0, Cout, BLOCK_N):
-            acc = _pointwise_tile(slot, pw_op, n0, C, K_SLOT, Cout, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
+            acc = _pointwise_tile(a_ptr, pw_op, n0, C, K_SLOT, Cout, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
             q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
             Q: tl.constexpr = BLOCK_N // 4
             seen = (p0 - p_begin).to(tl.float32)
@@ -403,37 +390,30 @@ def _sepconv_train_kernel(
             _train_epilogue(q1, p, p_mask, cnt, n0 + Q, z_ptr, stats_ptr, pid, S, Cout, seen, Q)
             _train_epilogue(q2, p, p_mask, cnt, n0 + 2 * Q, z_ptr, stats_ptr, pid, S, Cout, seen, Q)
             _train_epilogue(q3, p, p_mask, cnt, n0 + 3 * Q, z_ptr, stats_ptr, pid, S, Cout, seen, Q)
-        tl.debug_barrier()
+        tl.debug_barrier()  # the next tile reads back this one's statistics, stored by other threads
 
 
-@triton.autotune(**two_phase_configs(), key=KEY)
+@triton.autotune(**gemm_configs(), key=KEY)
 @triton.jit
 def _sepconv_grad_z_kernel(
     # pointers
-    x_ptr, dwt_ptr, pw_op, slot_ptr,
+    d_ptr, pw_op,
     scale_ptr,  # [Cout] fp32 (1 where absent)
     shift_ptr,  # [Cout] fp32 (0 where absent)
     gy_ptr,  # [N, Ho, Wo, Cout] grad of y (channels_last, any float dtype)
     gz_ptr,  # [N, Ho, Wo, Cout] out: grad of z, input dtype
     sums_ptr,  # [S, 2, Cout] fp32 out: per program, sum of g (grad shift) and of g * z (grad scale)
     # sizes
-    P, P_BUCKET, chunk, H, W, C, Ho, Wo, Cout, K_SLOT,
-    # convolution
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    P, P_BUCKET, chunk, C, Cout, K_SLOT,
     # meta-parameters
-    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, POST_RELU: tl.constexpr,
-    C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr, W_TMA: tl.constexpr, ASM: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    # the mid variant (`mid_act`): [3, K_SLOT] fp32 vectors, never read when both are off
-    mid_ptr=None, MID_BN: tl.constexpr = 0, MID_ACT: tl.constexpr = "",
+    POST_RELU: tl.constexpr, C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr, W_TMA: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    C, Cout, K_SLOT, pid, p_begin, p_end, slot = _program(slot_ptr, P, chunk, C, Cout, K_SLOT, C_ALIGN, COUT_ALIGN)
+    C, Cout, K_SLOT, pid, p_begin, p_end = _program(P, chunk, C, Cout, K_SLOT, C_ALIGN, COUT_ALIGN)
     for p0 in range(p_begin, p_end, BLOCK_P):
-        p, p_mask = _phase_one(x_ptr, dwt_ptr, slot, p0, p_end, H, W, C, Ho, Wo, K_SLOT,
-                               stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_K,
-                               BLOCK_D, mid_ptr, MID_BN, MID_ACT)
+        a_ptr, p, p_mask = _tile(d_ptr, p0, p_end, K_SLOT, BLOCK_P)
         for n0 in range(0, Cout, BLOCK_N):
-            acc = _pointwise_tile(slot, pw_op, n0, C, K_SLOT, Cout, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
+            acc = _pointwise_tile(a_ptr, pw_op, n0, C, K_SLOT, Cout, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
             q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
             Q: tl.constexpr = BLOCK_N // 4
             first = p0 == p_begin
@@ -445,7 +425,7 @@ def _sepconv_grad_z_kernel(
                              first, POST_RELU, Q)
             _grad_z_epilogue(q3, p, p_mask, n0 + 3 * Q, scale_ptr, shift_ptr, gy_ptr, gz_ptr, sums_ptr, pid, Cout,
                              first, POST_RELU, Q)
-        tl.debug_barrier()
+        tl.debug_barrier()  # the next tile reads back this one's sums, stored by other threads
 
 
 # --- host side ------------------------------------------------------------------------------------------
@@ -488,86 +468,115 @@ def depthwise_taps(dw: Tensor, geo: Geometry, width: int) -> Tensor:
     return taps
 
 
-class TwoPhase:
-    """The launch arguments the three two-phase kernels share: the program split, the scratch slots,
-    the depthwise taps [KH * KW, K_SLOT] fp32 and the pointwise weight operand."""
+def slot_width(channels: int) -> int:
+    """K_SLOT, the row pitch of d: C rounded up to SLOT_ALIGN (every BLOCK_K and BLOCK_D divides it)."""
+    return triton.cdiv(channels, SLOT_ALIGN) * SLOT_ALIGN
 
-    def __init__(self, geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, per_sm: int = 1):
-        device = x.device
-        self.k_slot = triton.cdiv(geo.C, SLOT_ALIGN) * SLOT_ALIGN
-        self.programs, self.chunk = persistent_split(geo.P, sm_count(device), per_sm)
-        self.dwt = depthwise_taps(dw, geo, self.k_slot)
-        self.slot = new_empty((self.programs * POSITION_ALIGN, self.k_slot), x.dtype, device)
+
+def depthwise(x: Tensor, dw: Tensor, geo: Geometry, pre_relu: bool, mid: Optional[Tensor] = None, mid_bn: int = 0,
+              mid_act: str = "", out: Optional[Tensor] = None) -> Tensor:
+    """d [P_pad, K_SLOT] in x's dtype (P_pad: P rounded up to POSITION_ALIGN): dw(pre(x)), or for the
+    mid variant act(midBN(.)) with `mid` [3, K_SLOT] fp32 (`mid_act`); zeros past P and past C, which
+    the GEMM kernels read unmasked. x, dw as `_prepare` returns them; `out`: a buffer to fill instead
+    of a new one (its previous contents never show)."""
+    k_slot = slot_width(geo.C)
+    rows = triton.cdiv(geo.P, POSITION_ALIGN) * POSITION_ALIGN
+    d = out if out is not None else new_empty((rows, k_slot), x.dtype, x.device)
+    assert d.shape == (rows, k_slot) and d.is_contiguous() and d.dtype == x.dtype
+    if d.numel() == 0:
+        return d
+
+    def grid(meta):
+        return (rows // meta["BLOCK_P"], k_slot // meta["BLOCK_D"])
+
+    _depthwise_kernel[grid](x, depthwise_taps(dw, geo, k_slot), d, geo.P, position_bucket(geo.P), geo.H, geo.W, geo.C,
+                            geo.Ho, geo.Wo, k_slot, *geo.conv_args(), KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu),
+                            ASM=INLINE_ASM and x.device.type == "cuda",  # PTX: never in the interpreter
+                            C_ALIGN=channel_align(geo.C), mid_ptr=mid, MID_BN=mid_bn, MID_ACT=mid_act)
+    return d
+
+
+class Pointwise:
+    """The launch arguments the three GEMM kernels share: d, the persistent program split (two
+    programs per SM: the configs without the depthwise's registers fit two), the weight operand."""
+
+    def __init__(self, geo: Geometry, d: Tensor, pw: Tensor):
+        self.programs, self.chunk = persistent_split(geo.P, sm_count(d.device), 2)
         self.pw_op, self.w_tma = weight_operand(pw.view(geo.Cout, geo.C))
-        self.asm = INLINE_ASM and device.type == "cuda"  # PTX: never in the interpreter
-        self.geo = geo
+        self.d, self.geo = d, geo
 
     def grid(self, meta) -> tuple[int]:
         return (self.programs,)
 
-    def args(self, x: Tensor, *tensors: Tensor) -> tuple:
-        """(pointers..., sizes) up to K_SLOT; the kernels' own tensors go between x and the sizes."""
+    def args(self, *tensors: Tensor) -> tuple:
+        """(pointers..., sizes) up to K_SLOT; the kernels' own tensors go between pw_op and the sizes."""
         geo = self.geo
-        return (x, self.dwt, self.pw_op, self.slot, *tensors, geo.P, position_bucket(geo.P), self.chunk, geo.H,
-                geo.W, geo.C, geo.Ho, geo.Wo, geo.Cout, self.k_slot)
+        return (self.d, self.pw_op, *tensors, geo.P, position_bucket(geo.P), self.chunk, geo.C, geo.Cout,
+                self.d.shape[1])
 
-    def meta(self, pre_relu: bool) -> dict:
-        geo = self.geo
-        return dict(KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu), W_TMA=self.w_tma, ASM=self.asm, **geo.align())
+    def meta(self) -> dict:
+        return dict(W_TMA=self.w_tma, **self.geo.align())
 
 
 def sepconv_bn_infer(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, scale: Optional[Tensor],
-                     shift: Optional[Tensor], residual: Optional[Tensor], spec: UnitSpec) -> Tensor:
-    """y = post(z * scale + shift) + residual, z = pw(dw(pre(x))): one kernel launch."""
-    run, y, args = infer_operands(x, dw_weight, pw_weight, scale, shift, residual, spec)
-    if run is not None:
-        _sepconv_infer_kernel[run.grid](*args, POST_RELU=spec.post_relu, HAS_RESIDUAL=residual is not None,
-                                        **run.meta(spec.pre_relu))
-    return y
-
-
-def infer_operands(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, scale: Optional[Tensor],
-                   shift: Optional[Tensor], residual: Optional[Tensor], spec: UnitSpec):
-    """(run, y, args): the output y and `_sepconv_infer_kernel`'s TwoPhase and positional arguments;
-    run and args are None when y is empty (nothing to launch)."""
+                     shift: Optional[Tensor], residual: Optional[Tensor], spec: UnitSpec,
+                     mid: Optional[Tensor] = None, mid_bn: int = 0) -> Tensor:
+    """y = post(z * scale + shift) + residual, z = pw(dw(pre(x))): the depthwise kernel, then the GEMM
+    kernel with the affine epilogue. The mid variant (`mid_unit`): `mid` [3, slot_width(C)] fp32 and
+    mid_bn, spec.mid_act, applied by the depthwise kernel."""
     geo, x, dw, pw = _prepare(x, dw_weight, pw_weight, spec)
     y = empty_nhwc(geo.out_shape, x.dtype, x.device)
     if y.numel() == 0:
-        return None, y, None
+        return y
     scale = vector_f32(scale, geo.Cout, 1.0, x.device)
     shift = vector_f32(shift, geo.Cout, 0.0, x.device)
     res = nhwc(residual.to(x.dtype)) if residual is not None else y  # y: never read without HAS_RESIDUAL
-    run = TwoPhase(geo, x, dw, pw, per_sm=2)  # its configs include one of two programs per SM
-    return run, y, (*run.args(x, scale, shift, res, y), *geo.conv_args())
+    run = Pointwise(geo, depthwise(x, dw, geo, spec.pre_relu, mid, mid_bn, spec.mid_act or ""), pw)
+    _sepconv_infer_kernel[run.grid](*run.args(scale, shift, res, y), POST_RELU=spec.post_relu,
+                                    HAS_RESIDUAL=residual is not None, **run.meta())
+    return y
 
 
 def sepconv_bn_train(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bn_weight: Optional[Tensor],
                      bn_bias: Optional[Tensor], residual: Optional[Tensor], spec: UnitSpec,
                      eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, z, mean, biased var): main loop + statistics epilogue, statistics merge, normalisation."""
+    """(y, z, mean, biased var): depthwise, GEMM + statistics epilogue, statistics merge, normalisation."""
     geo, x, dw, pw = _prepare(x, dw_weight, pw_weight, spec)
-    z = empty_nhwc(geo.out_shape, x.dtype, x.device)
     if geo.P == 0 or geo.Cout == 0:  # as the reference: mean 0, var 1 for an empty batch
-        mean = torch.zeros(geo.Cout, dtype=torch.float32, device=x.device)
-        var = torch.ones(geo.Cout, dtype=torch.float32, device=x.device)
-        return empty_nhwc(geo.out_shape, x.dtype, x.device), z, mean, var
-    run = TwoPhase(geo, x, dw, pw)
-    stats = new_empty((3, run.programs, geo.Cout), torch.float32, x.device)
-    _sepconv_train_kernel[run.grid](*run.args(x, z, stats), run.programs, *geo.conv_args(),
-                                    **run.meta(spec.pre_relu))
-    mean, var = batchnorm.merge_statistics(stats, geo.P, run.chunk)
+        return empty_forward(geo, x)
+    z, mean, var = train_gemm(geo, depthwise(x, dw, geo, spec.pre_relu), pw)
     invstd = torch.rsqrt(var + eps)  # as the reference (and ops.py's backward) compute it
     y = batchnorm.normalize(z, mean, invstd, bn_weight, bn_bias, residual, spec.post_relu)
     return y, z, mean, var
 
 
+def empty_forward(geo: Geometry, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, z, mean 0, var 1) of a training forward with no positions or no output channels."""
+    mean = torch.zeros(geo.Cout, dtype=torch.float32, device=x.device)
+    var = torch.ones(geo.Cout, dtype=torch.float32, device=x.device)
+    return empty_nhwc(geo.out_shape, x.dtype, x.device), empty_nhwc(geo.out_shape, x.dtype, x.device), mean, var
+
+
+def train_gemm(geo: Geometry, d: Tensor, pw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(z, mean, biased var): the GEMM kernel with the statistics epilogue on d, then the merge."""
+    z = empty_nhwc(geo.out_shape, d.dtype, d.device)
+    run = Pointwise(geo, d, pw)
+    stats = new_empty((3, run.programs, geo.Cout), torch.float32, d.device)
+    _sepconv_train_kernel[run.grid](*run.args(z, stats), run.programs, **run.meta())
+    mean, var = batchnorm.merge_statistics(stats, geo.P, run.chunk)
+    return z, mean, var
+
+
 def recompute_grad_z(grad_y: Tensor, x: Tensor, dw: Tensor, pw: Tensor, geo: Geometry, scale: Tensor,
-                     shift: Tensor, pre_relu: bool, post_relu: bool) -> tuple[Tensor, Tensor]:
-    """Inference backward's first pass: (grad_z, sums [2, Cout] fp32 of g and g * z). x, dw, pw as
-    `_prepare` returns them; scale/shift fp32 vectors."""
+                     shift: Tensor, pre_relu: bool, post_relu: bool, mid: Optional[Tensor] = None,
+                     mid_bn: int = 0, mid_act: str = "") -> tuple[Tensor, Tensor, Tensor]:
+    """Inference backward's first pass: (grad_z, sums [2, Cout] fp32 of g and g * z, d): d the depthwise
+    kernel's output as a [P, C] view (row pitch K_SLOT), the pointwise operand, which the weight
+    gradient can read instead of recomputing it. x, dw, pw as
+    `_prepare` returns them; scale/shift fp32 vectors; mid, mid_bn, mid_act as `depthwise`."""
     grad_z = empty_nhwc(geo.out_shape, x.dtype, x.device)
-    run = TwoPhase(geo, x, dw, pw)
+    run = Pointwise(geo, depthwise(x, dw, geo, pre_relu, mid, mid_bn, mid_act), pw)
     sums = new_empty((run.programs, 2, geo.Cout), torch.float32, x.device)
-    _sepconv_grad_z_kernel[run.grid](*run.args(x, scale, shift, grad_y, grad_z, sums), *geo.conv_args(),
-                                     POST_RELU=bool(post_relu), **run.meta(pre_relu))
-    return grad_z, batchnorm.sum_rows(sums.view(run.programs, 2 * geo.Cout)).view(2, geo.Cout)
+    _sepconv_grad_z_kernel[run.grid](*run.args(scale, shift, grad_y, grad_z, sums), POST_RELU=bool(post_relu),
+                                     **run.meta())
+    return grad_z, batchnorm.sum_rows(sums.view(run.programs, 2 * geo.Cout)).view(2, geo.Cout), run.d[:geo.P, :geo.C]

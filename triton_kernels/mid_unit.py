@@ -1,13 +1,13 @@
 """The mid variant in Triton: dw -> mid BN -> act -> pw -> BN, the aligned Xception / MobileNet V1 unit.
 
 The four functions of `xception_fast.reference` for `UnitSpec.mid` (`sepconv_mid_*`):
-- inference: ONE launch of the two-phase inference kernel, the depthwise phase applying the folded
-  bias and the activation to the tile in registers before it stores it to the slot (`mid_act`).
+- inference: the base variant's two launches, the depthwise kernel applying the folded bias and
+  the activation to its tile in registers before it stores d, the pointwise operand (`mid_act`).
 - training forward: `_depthwise_stats_kernel` reads x once and writes per-split partial statistics
   of the depthwise output (rounded to the input dtype, as the unfused path stores it), in the format
   of the pointwise statistics, merged by Chan's formula in `batchnorm.merge_statistics`; nothing
-  else is stored. Then the two-phase training kernel normalises with them and activates the tile as
-  it forms the MMA operand.
+  else is stored. Then the depthwise kernel normalises with them and activates its tile as it
+  stores the pointwise operand, and the GEMM kernel with the statistics epilogue runs on it.
 - backward: the depthwise output t and the operand a = act(midBN(t)) are recomputed from x once
   (`_mid_recompute_kernel`: two temporaries [P, C] for the length of the backward, where the unfused
   module keeps d and a saved from the forward); the two pointwise products are plain GEMMs on them
@@ -32,9 +32,8 @@ from xception_fast.spec import UnitSpec
 from . import batchnorm
 from .autotune import INTERPRET, elementwise_configs, position_split
 from .backward import _as_matrix, _split_channel_block, dw_backward, exact_matmul
-from .depthwise_pointwise import (Geometry, TwoPhase, _depthwise_chunk, _prepare,
-                                  _sepconv_grad_z_kernel, _sepconv_infer_kernel, _sepconv_train_kernel, _tap_rows,
-                                  depthwise_taps, infer_operands)
+from .depthwise_pointwise import (Geometry, _depthwise_chunk, _prepare, _tap_rows, depthwise, depthwise_taps,
+                                  empty_forward, recompute_grad_z, sepconv_bn_infer, slot_width, train_gemm)
 from .mid_act import BN_BATCH, BN_BIAS, BN_NONE, mid_act, mid_act_grad, mid_input, mid_normalize
 from .utils import INLINE_ASM, channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
 
@@ -236,23 +235,19 @@ def _plain_sums(g: Tensor) -> tuple[Tensor, Tensor]:
 def sepconv_mid_infer(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor], pw_weight: Tensor,
                       scale: Optional[Tensor], shift: Optional[Tensor], residual: Optional[Tensor],
                       spec: UnitSpec) -> Tensor:
-    """y = post(pw(act(dw(pre(x)) + dw_bias)) * scale + shift) + residual: one kernel launch."""
-    run, y, args = infer_operands(x, dw_weight, pw_weight, scale, shift, residual, spec)
-    if run is None:
-        return y
-    mid = _mid_vectors(run.k_slot, run.geo.C, y.device, shift=dw_bias)
-    _sepconv_infer_kernel[run.grid](*args, POST_RELU=spec.post_relu, HAS_RESIDUAL=residual is not None,
-                                    **run.meta(spec.pre_relu), mid_ptr=mid,
-                                    **_mid_flags(spec, BN_BIAS if dw_bias is not None else BN_NONE))
-    return y
+    """y = post(pw(act(dw(pre(x)) + dw_bias)) * scale + shift) + residual: the depthwise kernel (bias and
+    activation applied to its tile), then the GEMM kernel with the affine epilogue."""
+    mid = _mid_vectors(slot_width(x.shape[1]), x.shape[1], x.device, shift=dw_bias)
+    return sepconv_bn_infer(x, dw_weight, pw_weight, scale, shift, residual, spec, mid,
+                            BN_BIAS if dw_bias is not None else BN_NONE)
 
 
 def sepconv_mid_infer_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor],
                                pw_weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                                spec: UnitSpec) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_dw_weight, grad_dw_bias, grad_pw_weight, grad_scale, grad_shift); empty [0] for
-    absent inputs. Only x is saved: z is recomputed (by the two-phase kernel) where the post-ReLU's mask
-    or grad_scale needs it."""
+    absent inputs. Only x is saved: z is recomputed (the depthwise and GEMM kernels) where the post-ReLU's
+    mask or grad_scale needs it."""
     geo, xc, dw, pw = _prepare(x, dw_weight, pw_weight, spec)
     device, c = x.device, geo.Cout
     if geo.P == 0 or geo.C == 0 or c == 0:
@@ -262,15 +257,10 @@ def sepconv_mid_infer_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, dw_
     mid_bn = BN_BIAS if dw_bias is not None else BN_NONE
     gy = nhwc(grad_y)
     if spec.post_relu or scale is not None:
-        grad_z = empty_nhwc(geo.out_shape, x.dtype, device)
-        run = TwoPhase(geo, xc, dw, pw)
-        part = new_empty((run.programs, 2, c), torch.float32, device)
-        _sepconv_grad_z_kernel[run.grid](*run.args(xc, vector_f32(scale, c, 1.0, device),
-                                                   vector_f32(shift, c, 0.0, device), gy, grad_z, part),
-                                         *geo.conv_args(), POST_RELU=spec.post_relu, **run.meta(spec.pre_relu),
-                                         mid_ptr=_mid_vectors(run.k_slot, geo.C, device, shift=dw_bias),
-                                         **_mid_flags(spec, mid_bn))
-        sums = batchnorm.sum_rows(part.view(run.programs, 2 * c)).view(2, c)
+        grad_z, sums, _ = recompute_grad_z(gy, xc, dw, pw, geo, vector_f32(scale, c, 1.0, device),
+                                           vector_f32(shift, c, 0.0, device), spec.pre_relu, spec.post_relu,
+                                           _mid_vectors(slot_width(geo.C), geo.C, device, shift=dw_bias), mid_bn,
+                                           spec.mid_act or "")
     else:  # g_z = grad_y: nothing to recompute
         grad_z = nhwc(gy.to(x.dtype))
         sums = torch.stack(_plain_sums(gy)) if shift is not None else None
@@ -288,11 +278,11 @@ def sepconv_mid_train(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, mid_weigh
                       mid_bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                       residual: Optional[Tensor], spec: UnitSpec, mid_eps: float,
                       eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(y, z, mid_mean, mid_var, mean, var): the statistics pass over x, then the two-phase training
-    kernel with the mid BatchNorm and activation in its depthwise phase, the merge, the normalisation."""
+    """(y, z, mid_mean, mid_var, mean, var): the statistics pass over x, then the depthwise kernel with
+    the mid BatchNorm and activation, the GEMM kernel with the statistics epilogue, the merge, the
+    normalisation."""
     geo, x, dw, pw = _prepare(x, dw_weight, pw_weight, spec)
     device = x.device
-    z = empty_nhwc(geo.out_shape, x.dtype, device)
     empty = x.new_empty((0,))
     mid_mean, mid_var = empty, empty.clone()
     if spec.mid_norm:
@@ -302,17 +292,13 @@ def sepconv_mid_train(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, mid_weigh
         else:
             mid_mean, mid_var = depthwise_statistics(x, dw, geo, spec.pre_relu)
     if geo.P == 0 or geo.Cout == 0:  # as the reference: mean 0, var 1 for an empty batch
-        mean = torch.zeros(geo.Cout, dtype=torch.float32, device=device)
-        var = torch.ones(geo.Cout, dtype=torch.float32, device=device)
-        return empty_nhwc(geo.out_shape, x.dtype, device), z, mid_mean, mid_var, mean, var
-    run = TwoPhase(geo, x, dw, pw)
-    mid = _batch_vectors(run.k_slot, geo.C, device, mid_mean, torch.rsqrt(mid_var + mid_eps), mid_weight,
-                         mid_bias) if spec.mid_norm else _mid_vectors(run.k_slot, geo.C, device)
-    stats = new_empty((3, run.programs, geo.Cout), torch.float32, device)
-    _sepconv_train_kernel[run.grid](*run.args(x, z, stats), run.programs, *geo.conv_args(),
-                                    **run.meta(spec.pre_relu), mid_ptr=mid,
-                                    **_mid_flags(spec, BN_BATCH if spec.mid_norm else BN_NONE))
-    mean, var = batchnorm.merge_statistics(stats, geo.P, run.chunk)
+        y, z, mean, var = empty_forward(geo, x)
+        return y, z, mid_mean, mid_var, mean, var
+    width = slot_width(geo.C)
+    mid = _batch_vectors(width, geo.C, device, mid_mean, torch.rsqrt(mid_var + mid_eps), mid_weight,
+                         mid_bias) if spec.mid_norm else _mid_vectors(width, geo.C, device)
+    d = depthwise(x, dw, geo, spec.pre_relu, mid, BN_BATCH if spec.mid_norm else BN_NONE, spec.mid_act or "")
+    z, mean, var = train_gemm(geo, d, pw)
     y = batchnorm.normalize(z, mean, torch.rsqrt(var + eps), bn_weight, bn_bias, residual, spec.post_relu)
     return y, z, mid_mean, mid_var, mean, var
 

@@ -19,7 +19,7 @@ FP32_POINTERS = frozenset({"dwt_ptr", "scale_ptr", "shift_ptr", "stats_ptr", "su
                            "w_ptr", "b_ptr", "mdy_ptr", "mdyx_ptr", "part_ptr", "mid_ptr"})
 # Constexpr flags used when a caller gives none: the most demanding variant (every optional input
 # present, 3x3, channels 8-aligned: the 728-channel case).
-# ASM: the two-phase kernels' inline PTX, on for a GPU. W_TMA (the pointwise weight through a TMA
+# ASM: the depthwise kernels' inline PTX, on for a GPU. W_TMA (the pointwise weight through a TMA
 # descriptor, `pw_op`) defaults to the architecture's: Hopper and later.
 DEFAULT_FLAGS = dict(KH=3, KW=3, KK_PAD=16, PRE_RELU=True, POST_RELU=True, HAS_RESIDUAL=True, ASM=True,
                      C_ALIGN=8, COUT_ALIGN=8, MID_BN=0, MID_ACT="")  # MID_*: the plain unit, no mid variant

@@ -38,26 +38,43 @@ def position_split(positions: int, other_programs: int, sms: int) -> tuple[int, 
 
 
 def persistent_split(positions: int, sms: int, per_sm: int) -> tuple[int, int]:
-    """`triton_kernels.autotune.persistent_split` on a GPU: (programs, chunk) of the two-phase kernels."""
+    """`triton_kernels.autotune.persistent_split` on a GPU: (programs, chunk) of the forward's GEMM kernels."""
     chunk = max(cdiv(cdiv(positions, sms * per_sm), POSITION_ALIGN) * POSITION_ALIGN, POSITION_ALIGN)
     return cdiv(positions, chunk), chunk
 
 
-def _two_phase(unit: Unit, programs: int, chunk: int, m: dict, arch: int) -> tuple[list, float]:
-    """The two-phase kernels' loops (`triton_kernels/depthwise_pointwise.py`) and depthwise FMAs per CTA:
-    position tiles of the program; per tile, depthwise chunks of BLOCK_D, then Cout tiles, each with
-    a pipelined K loop; on Hopper (the weight through TMA) the out-of-line retry loop of the TMA
-    barrier wait, counted as never retrying."""
-    tiles = unit.split_trips(programs, chunk, m["BLOCK_P"])
-    k_steps = cdiv(unit.C, m["BLOCK_K"])
-    chunks = k_steps * m["BLOCK_K"] // m["BLOCK_D"]
-    loops = [LoopPlan("position tiles of the program", tiles),
-             LoopPlan("depthwise chunks (written to the slot)", chunks),
+def _slot_width(unit: Unit) -> int:
+    return cdiv(unit.C, 64) * 64  # depthwise_pointwise.slot_width: d's row pitch K_SLOT
+
+
+def _d_bytes(unit: Unit) -> int:
+    """d [P_pad, K_SLOT] of the forward (`depthwise_pointwise.depthwise`), padding included."""
+    return cdiv(unit.P, POSITION_ALIGN) * POSITION_ALIGN * _slot_width(unit) * unit.e
+
+
+def _depthwise(unit: Unit, arch: int, training: bool) -> list[Launch]:
+    """`depthwise_pointwise._depthwise_kernel`: one CTA per (position tile, channel chunk) of d, no
+    run-time loop (the taps are unrolled); reads x once, writes d once."""
+    from xception_fast.triton_kernels import depthwise_pointwise as dp
+
+    rows, k_slot = cdiv(unit.P, POSITION_ALIGN) * POSITION_ALIGN, _slot_width(unit)
+    flags = dict(KH=unit.K, KW=unit.K, PRE_RELU=unit.shape.pre_relu, C_ALIGN=_channel_align(unit.C),
+                 **_mid_flags(unit, training))
+    return _launches(dp._depthwise_kernel, unit, arch, flags, _sizes(unit, K_SLOT=k_slot),
+                     lambda m: ((rows // m["BLOCK_P"]) * (k_slot // m["BLOCK_D"]), [],
+                                unit.x_bytes() + _d_bytes(unit), _dw_ffma(unit, m["BLOCK_P"], m["BLOCK_D"], 1)))
+
+
+def _gemm_loops(unit: Unit, programs: int, chunk: int, m: dict, arch: int) -> list[LoopPlan]:
+    """The forward's GEMM kernels' loops (`triton_kernels/depthwise_pointwise.py`): position tiles of
+    the program, Cout tiles, each with a pipelined K loop over d; on Hopper (the weight through TMA)
+    the out-of-line retry loop of the TMA barrier wait, counted as never retrying."""
+    loops = [LoopPlan("position tiles of the program", unit.split_trips(programs, chunk, m["BLOCK_P"])),
              LoopPlan("output-channel tiles", cdiv(unit.Cout, m["BLOCK_N"])),
-             LoopPlan("K steps over the slot (tl.dot)", k_steps, pipelined=True)]
+             LoopPlan("K steps over d (tl.dot)", cdiv(unit.C, m["BLOCK_K"]), pipelined=True)]
     if arch >= 90:
         loops.append(LoopPlan("TMA barrier wait retries (out of line)", 0))
-    return loops, _dw_ffma(unit, m["BLOCK_P"], m["BLOCK_D"], chunks * tiles)
+    return loops
 
 
 def _channel_align(channels: int) -> int:
@@ -79,6 +96,9 @@ def _label(config) -> str:
 def _launches(kernel, unit: Unit, arch: int, constexprs: dict, ints: dict, plan) -> list[Launch]:
     """One Launch per autotune config (or one for a plain kernel); `plan(meta)` -> (grid, loops, bytes, ffma)."""
     configs = getattr(kernel, "configs", None) or [None]
+    if getattr(kernel, "early_config_prune", None) is not None:  # as the autotuner prunes on the device
+        from xception_fast.triton_kernels.autotune import prune_gemm
+        configs = prune_gemm(configs, 4 if unit.dtype == "fp32" else 2, arch)
     out = []
     for config in configs:
         meta = dict(config.kwargs) if config is not None else dict(constexprs)
@@ -96,8 +116,8 @@ def _flags(unit: Unit, **extra) -> dict:
                 C_ALIGN=_channel_align(unit.C), COUT_ALIGN=_channel_align(unit.Cout), **extra)
 
 
-def _two_phase_ints(unit: Unit, chunk: int, **extra) -> dict:
-    return _sizes(unit, chunk=chunk, K_SLOT=cdiv(unit.C, 64) * 64, **extra)
+def _gemm_ints(unit: Unit, chunk: int, **extra) -> dict:
+    return _sizes(unit, chunk=chunk, K_SLOT=_slot_width(unit), **extra)
 
 
 def _sizes(unit: Unit, **extra) -> dict:
@@ -110,17 +130,17 @@ def _dw_ffma(unit: Unit, block_p: int, block_ci: int, steps: float) -> float:
 
 
 def infer(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
+    """The depthwise kernel, then the GEMM kernel with the affine epilogue (`sepconv_bn_infer`)."""
     from xception_fast.triton_kernels import depthwise_pointwise as dp
 
-    programs, chunk = persistent_split(unit.P, sms, 2)  # as `sepconv_bn_infer` launches it
+    programs, chunk = persistent_split(unit.P, sms, 2)  # as `depthwise_pointwise.Pointwise` splits
 
     def plan(m):
-        loops, ffma = _two_phase(unit, programs, chunk, m, arch)
-        nbytes = unit.x_bytes() + unit.weight_bytes() + unit.y_bytes() * (2 if unit.shape.residual else 1)
-        return programs, loops, nbytes, ffma
+        nbytes = _d_bytes(unit) + unit.weight_bytes() + unit.y_bytes() * (2 if unit.shape.residual else 1)
+        return programs, _gemm_loops(unit, programs, chunk, m, arch), nbytes, 0.0
 
-    flags = _flags(unit, **_mid_flags(unit, training=False))
-    return [_launches(dp._sepconv_infer_kernel, unit, arch, flags, _two_phase_ints(unit, chunk), plan)]
+    return [_depthwise(unit, arch, training=False),
+            _launches(dp._sepconv_infer_kernel, unit, arch, _flags(unit), _gemm_ints(unit, chunk), plan)]
 
 
 def _mid(unit: Unit):
@@ -129,7 +149,7 @@ def _mid(unit: Unit):
 
 
 def _mid_flags(unit: Unit, training: bool) -> dict:
-    """The two-phase kernels' mid-variant constexprs (`triton_kernels/mid_act.py`)."""
+    """The depthwise kernel's mid-variant constexprs (`triton_kernels/mid_act.py`)."""
     spec = _mid(unit)
     bn = (2 if training else 1) if spec.mid_norm else 0
     return dict(MID_BN=bn, MID_ACT=spec.mid_act or "")
@@ -160,17 +180,18 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     kk = unit.K * unit.K
     kernels: list[list[Launch]] = []
 
-    # Forward: the two-phase main loop with the statistics epilogue, one program per SM.
-    splits, chunk = persistent_split(P, sms, 1)
+    # Forward: the depthwise kernel, then the GEMM kernel with the statistics epilogue (two programs per SM).
+    splits, chunk = persistent_split(P, sms, 2)
 
     def fwd(m):
-        loops, ffma = _two_phase(unit, splits, chunk, m, arch)
-        return splits, loops, unit.x_bytes() + unit.weight_bytes() + unit.y_bytes() + 12 * splits * Cout, ffma
+        return (splits, _gemm_loops(unit, splits, chunk, m, arch),
+                _d_bytes(unit) + unit.weight_bytes() + unit.y_bytes() + 12 * splits * Cout, 0.0)
 
     if _mid(unit).mid_norm:
         kernels += _mid_statistics(unit, arch, sms)
-    kernels.append(_launches(dp._sepconv_train_kernel, unit, arch, _flags(unit, **_mid_flags(unit, training=True)),
-                             _two_phase_ints(unit, chunk, S=splits), fwd))
+    kernels.append(_depthwise(unit, arch, training=True))
+    kernels.append(_launches(dp._sepconv_train_kernel, unit, arch, _flags(unit), _gemm_ints(unit, chunk, S=splits),
+                             fwd))
     kernels.append(_merge_statistics(unit, arch, splits, Cout, chunk))
     kernels.append(_launches(
         bn._bn_apply_kernel, unit, arch, dict(POST_RELU=unit.shape.post_relu, HAS_RESIDUAL=unit.shape.residual,

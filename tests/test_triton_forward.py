@@ -1,6 +1,7 @@
-"""The Triton provider's own paths beyond the conformance suite (tests/test_providers.py): the weight
-read through a TMA descriptor or through pointers, NaN through the packed pre-ReLU, and the program
-splits the launches rely on. Under the CPU interpreter without a GPU (fp32, small shapes)."""
+"""The Triton provider's own paths beyond the conformance suite (tests/test_providers.py): the
+depthwise kernel's output d (its zero padding, which the GEMM kernels read unmasked), the weight read
+through a TMA descriptor or through pointers, NaN through the packed pre-ReLU, and the program splits
+the launches rely on. Under the CPU interpreter without a GPU (fp32, small shapes)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,40 @@ def _unit(cin, cout, dtype=torch.float32):
     dw = (torch.randn(cin, 1, 3, 3, device=DEVICE) / 3).to(dtype)
     pw = (torch.randn(cout, cin, 1, 1, device=DEVICE) / cin ** 0.5).to(dtype)
     return x, dw, pw
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("mid", [None, "bias-gelu"], ids=str)
+def test_depthwise_output_is_exact_and_zero_padded_over_a_nan_buffer(provider, dtype, mid):
+    """`depthwise` fills every element of d [P_pad, K_SLOT], starting from a buffer of NaN: dw(pre(x))
+    rounded to the input dtype in [:P, :C] (the reference's depthwise convolution, pre-ReLU and stride 2
+    and dilation 2 included), zeros in the padding rows and columns, which the GEMM reads unmasked.
+    The mid variant's bias and activation (gelu(0 + 0) = 0 past C; not 0 for the padded rows)."""
+    from xception_fast.triton_kernels import autotune
+    from xception_fast.triton_kernels import depthwise_pointwise as dp
+    from xception_fast.triton_kernels.mid_act import BN_BIAS, BN_NONE
+    from xception_fast.triton_kernels.mid_unit import _mid_vectors
+
+    x, dw, _ = _unit(19, 8, dtype)
+    dw = (torch.randn(19, 1, 5, 5, device=DEVICE) / 5).to(dtype)
+    spec = UnitSpec((5, 5), stride=(2, 2), padding=(3, 3), dilation=(2, 2), pre_relu=True)
+    geo, xc, dwm, pw = dp._prepare(x, dw, torch.ones(8, 19, 1, 1, dtype=dtype, device=DEVICE), spec)
+    rows, width = -(-geo.P // autotune.POSITION_ALIGN) * autotune.POSITION_ALIGN, dp.slot_width(geo.C)
+    assert rows > geo.P and width > geo.C  # both paddings present
+    bias = torch.randn(19, device=DEVICE) if mid else None
+    vectors = _mid_vectors(width, geo.C, DEVICE, shift=bias) if mid else None
+    out = torch.full((rows, width), float("nan"), dtype=dtype, device=DEVICE)
+    d = dp.depthwise(xc, dwm, geo, spec.pre_relu, vectors, BN_BIAS if mid else BN_NONE, "gelu" if mid else "",
+                     out=out)
+    assert d.data_ptr() == out.data_ptr() and not d.isnan().any()
+    assert torch.equal(d[geo.P:], torch.zeros_like(d[geo.P:]))
+    assert torch.equal(d[:, geo.C:], torch.zeros_like(d[:, geo.C:]))
+    want = torch.nn.functional.conv2d(torch.relu(x.float()), dw.float(), None, spec.stride, spec.padding,
+                                      spec.dilation, groups=19)
+    if mid:
+        want = torch.nn.functional.gelu((want.to(dtype).float() + bias[None, :, None, None]).to(dtype).float())
+    want = want.to(dtype).permute(0, 2, 3, 1).reshape(geo.P, geo.C)
+    torch.testing.assert_close(d[:geo.P, :geo.C], want, atol=1e-5 if dtype == torch.float32 else 2e-3, rtol=1e-3)
 
 
 def test_weight_descriptor_and_pointer_paths_agree(provider, monkeypatch):
