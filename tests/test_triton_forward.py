@@ -69,8 +69,8 @@ def test_depthwise_output_is_exact_and_zero_padded_over_a_nan_buffer(provider, d
 
 
 def test_weight_descriptor_and_pointer_paths_agree(provider, monkeypatch):
-    """The pointwise weight through a TMA tensor descriptor and through masked pointer loads: the same
-    values in the same order, so bitwise the same result."""
+    """The GEMM's operands (d and the pointwise weight) through TMA tensor descriptors and through
+    pointer loads: the same values in the same order, so bitwise the same result."""
     from xception_fast.triton_kernels import utils
 
     x, dw, pw = _unit(16, 24)

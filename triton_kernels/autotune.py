@@ -47,10 +47,12 @@ def _configs(gpu: list[tuple], pinned: tuple, names: tuple[str, ...]) -> list[tr
 
 
 def _set_weight_block(nargs: dict) -> None:
-    """Autotune pre-hook: a TMA descriptor's block is the config's weight tile [BLOCK_N, BLOCK_K]."""
-    op = nargs["pw_op"]
-    if not isinstance(op, torch.Tensor):
-        op.block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+    """Autotune pre-hook: a TMA descriptor's block is the config's tile, [BLOCK_N, BLOCK_K] of the
+    weight, [BLOCK_P, BLOCK_K] of d."""
+    for name, rows in (("pw_op", "BLOCK_N"), ("d_op", "BLOCK_P")):
+        op = nargs.get(name)
+        if op is not None and not isinstance(op, torch.Tensor):
+            op.block_shape = [nargs[rows], nargs["BLOCK_K"]]
 
 
 def prune_gemm(configs: list[triton.Config], element_size: int, arch: int) -> list[triton.Config]:
@@ -72,7 +74,8 @@ def prune_gemm(configs: list[triton.Config], element_size: int, arch: int) -> li
 
 
 def _prune_for_device(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    d = named_args["d_ptr"]
+    d = named_args["d_op"]
+    d = d if isinstance(d, torch.Tensor) else d.base  # a TensorDescriptor keeps its tensor
     kept = prune_gemm(configs, d.element_size(), device_arch(d.device))
     return kept[:1] if ONE_CONFIG else kept
 

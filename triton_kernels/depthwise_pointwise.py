@@ -12,8 +12,9 @@ Design: two kernels per forward, each at the occupancy its own work wants.
 2. a GEMM kernel per epilogue, persistent (two programs per SM, `autotune.persistent_split`):
    program s owns the positions [s * chunk, (s + 1) * chunk); for each tile of BLOCK_P positions and
    each Cout tile a K loop over the tile's rows of d, software-pipelined (the config's num_stages),
-   the weight through a TMA tensor descriptor where its rows are 16-byte aligned (W_TMA), then the
-   epilogue on the accumulator's four column quarters. d is read unmasked (its padding is zero).
+   d and the weight through TMA tensor descriptors where TMA applies (A_TMA, W_TMA: Hopper, rows
+   16-byte aligned), then the epilogue on the accumulator's four column quarters. d is read
+   unmasked (its padding is zero).
 Why not one kernel: the previous design ran both phases in one persistent program per SM,
 the depthwise into a per-program scratch slot in L2, a barrier, then the GEMM over the slot. On an
 H200 (bf16, batch 256) it measured 535 us for a middle-flow unit's inference (0.75 TB/s, 183
@@ -59,7 +60,7 @@ from .utils import (INLINE_ASM, channel_align, check_dtype, check_positions, emp
                     vector_f32, weight_operand)
 
 SLOT_COLS = tl.constexpr(SLOT_ALIGN)  # K_SLOT (d's row pitch) is a multiple of it
-KEY = ["C", "Cout", "P_BUCKET", "W_TMA"]
+KEY = ["C", "Cout", "P_BUCKET", "A_TMA", "W_TMA"]
 
 
 # --- device helpers -------------------------------------------------------------------------------------
@@ -159,25 +160,29 @@ def _program(P, chunk, C, Cout, K_SLOT, C_ALIGN: tl.constexpr, COUT_ALIGN: tl.co
 
 
 @triton.jit
-def _tile(d_ptr, p0, p_end, K_SLOT, BLOCK_P: tl.constexpr):
-    """The tile at p0: its rows of d (int64 offset: P_pad x K_SLOT may pass 2^31), its positions and
-    their mask for the epilogues."""
+def _tile(p0, p_end, BLOCK_P: tl.constexpr):
+    """The positions of the tile at p0 and their mask, for the epilogues."""
     p = p0 + tl.arange(0, BLOCK_P)
-    return d_ptr + tl.cast(p0, tl.int64) * K_SLOT, p, p < p_end
+    return p, p < p_end
 
 
 @triton.jit
-def _pointwise_tile(a_ptr, pw_op, n0, C, K_SLOT, Cout, W_TMA: tl.constexpr,
+def _pointwise_tile(d_op, p0, pw_op, n0, C, K_SLOT, Cout, A_TMA: tl.constexpr, W_TMA: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_P, BLOCK_N] fp32 = d[rows of the tile] @ pw[n0 : n0 + BLOCK_N]^T; a_ptr: the tile's
-    first row of d (pitch K_SLOT, zero past C and past P: read unmasked). pw_op is the [Cout, C] weight: a TMA
-    descriptor (W_TMA; out-of-bounds rows and columns read as zero) or a pointer (masked loads)."""
+    """[BLOCK_P, BLOCK_N] fp32 = d[p0 : p0 + BLOCK_P] @ pw[n0 : n0 + BLOCK_N]^T. d_op is d [P_pad,
+    K_SLOT] (zero past C and past P: read unmasked): a TMA descriptor (A_TMA) or a pointer (int64
+    row offsets: P_pad x K_SLOT may pass 2^31). pw_op is the [Cout, C] weight: a TMA descriptor
+    (W_TMA; out-of-bounds rows and columns read as zero) or a pointer (masked loads)."""
     kk = tl.arange(0, BLOCK_K)
     co = n0 + tl.arange(0, BLOCK_N)
-    a_ptrs = a_ptr + tl.arange(0, BLOCK_P)[:, None] * K_SLOT + kk[None, :]
+    if not A_TMA:
+        a_ptrs = d_op + tl.cast(p0, tl.int64) * K_SLOT + tl.arange(0, BLOCK_P)[:, None] * K_SLOT + kk[None, :]
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(C, BLOCK_K) * BLOCK_K, BLOCK_K):
-        a = tl.load(a_ptrs + k0)
+        if A_TMA:
+            a = d_op.load([p0, k0])
+        else:
+            a = tl.load(a_ptrs + k0)
         if W_TMA:
             b = pw_op.load([n0, k0]).T
         else:
@@ -329,15 +334,15 @@ def _depthwise_kernel(
     tl.store(d_ptr + rows[:, None] * K_SLOT + (c0 + tl.arange(0, BLOCK_D))[None, :], d.to(d_ptr.dtype.element_ty))
 
 
-# The GEMM kernels: the same persistent loop, three epilogues. Shared arguments: d_ptr [P_pad, K_SLOT]
-# the depthwise kernel's output in the input dtype; pw_op [Cout, C] pointwise weight (pointer or TMA
-# descriptor). P_BUCKET: the autotuning key only.
+# The GEMM kernels: the same persistent loop, three epilogues. Shared arguments: d_op [P_pad, K_SLOT]
+# the depthwise kernel's output in the input dtype and pw_op [Cout, C] the pointwise weight, each a
+# pointer or a TMA descriptor (A_TMA, W_TMA). P_BUCKET: the autotuning key only.
 
 @triton.autotune(**gemm_configs(), key=KEY)
 @triton.jit
 def _sepconv_infer_kernel(
     # pointers
-    d_ptr, pw_op,
+    d_op, pw_op,
     scale_ptr,  # [Cout] fp32 (1 where absent)
     shift_ptr,  # [Cout] fp32 (0 where absent)
     res_ptr,  # [N, Ho, Wo, Cout] residual (read only if HAS_RESIDUAL)
@@ -346,13 +351,14 @@ def _sepconv_infer_kernel(
     P, P_BUCKET, chunk, C, Cout, K_SLOT,
     # meta-parameters
     POST_RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr,
-    W_TMA: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    A_TMA: tl.constexpr, W_TMA: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     C, Cout, K_SLOT, pid, p_begin, p_end = _program(P, chunk, C, Cout, K_SLOT, C_ALIGN, COUT_ALIGN)
     for p0 in range(p_begin, p_end, BLOCK_P):
-        a_ptr, p, p_mask = _tile(d_ptr, p0, p_end, K_SLOT, BLOCK_P)
+        p, p_mask = _tile(p0, p_end, BLOCK_P)
         for n0 in range(0, Cout, BLOCK_N):
-            acc = _pointwise_tile(a_ptr, pw_op, n0, C, K_SLOT, Cout, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
+            acc = _pointwise_tile(d_op, p0, pw_op, n0, C, K_SLOT, Cout, A_TMA, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
             q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
             Q: tl.constexpr = BLOCK_N // 4
             _infer_epilogue(q0, p, p_mask, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, POST_RELU, HAS_RESIDUAL, Q)
@@ -368,20 +374,20 @@ def _sepconv_infer_kernel(
 @triton.jit
 def _sepconv_train_kernel(
     # pointers
-    d_ptr, pw_op,
+    d_op, pw_op,
     z_ptr,  # [N, Ho, Wo, Cout] pre-BN output
     stats_ptr,  # [3, S, Cout] fp32: per program, (reference value, mean - reference value, M2)
     # sizes
     P, P_BUCKET, chunk, C, Cout, K_SLOT, S,
     # meta-parameters
-    C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr, W_TMA: tl.constexpr,
+    C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     C, Cout, K_SLOT, pid, p_begin, p_end = _program(P, chunk, C, Cout, K_SLOT, C_ALIGN, COUT_ALIGN)
     for p0 in range(p_begin, p_end, BLOCK_P):
-        a_ptr, p, p_mask = _tile(d_ptr, p0, p_end, K_SLOT, BLOCK_P)
+        p, p_mask = _tile(p0, p_end, BLOCK_P)
         for n0 in range(0, Cout, BLOCK_N):
-            acc = _pointwise_tile(a_ptr, pw_op, n0, C, K_SLOT, Cout, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
+            acc = _pointwise_tile(d_op, p0, pw_op, n0, C, K_SLOT, Cout, A_TMA, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
             q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
             Q: tl.constexpr = BLOCK_N // 4
             seen = (p0 - p_begin).to(tl.float32)
@@ -397,7 +403,7 @@ def _sepconv_train_kernel(
 @triton.jit
 def _sepconv_grad_z_kernel(
     # pointers
-    d_ptr, pw_op,
+    d_op, pw_op,
     scale_ptr,  # [Cout] fp32 (1 where absent)
     shift_ptr,  # [Cout] fp32 (0 where absent)
     gy_ptr,  # [N, Ho, Wo, Cout] grad of y (channels_last, any float dtype)
@@ -406,14 +412,15 @@ def _sepconv_grad_z_kernel(
     # sizes
     P, P_BUCKET, chunk, C, Cout, K_SLOT,
     # meta-parameters
-    POST_RELU: tl.constexpr, C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr, W_TMA: tl.constexpr,
+    POST_RELU: tl.constexpr, C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr, A_TMA: tl.constexpr,
+    W_TMA: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     C, Cout, K_SLOT, pid, p_begin, p_end = _program(P, chunk, C, Cout, K_SLOT, C_ALIGN, COUT_ALIGN)
     for p0 in range(p_begin, p_end, BLOCK_P):
-        a_ptr, p, p_mask = _tile(d_ptr, p0, p_end, K_SLOT, BLOCK_P)
+        p, p_mask = _tile(p0, p_end, BLOCK_P)
         for n0 in range(0, Cout, BLOCK_N):
-            acc = _pointwise_tile(a_ptr, pw_op, n0, C, K_SLOT, Cout, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
+            acc = _pointwise_tile(d_op, p0, pw_op, n0, C, K_SLOT, Cout, A_TMA, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
             q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
             Q: tl.constexpr = BLOCK_N // 4
             first = p0 == p_begin
@@ -503,6 +510,7 @@ class Pointwise:
     def __init__(self, geo: Geometry, d: Tensor, pw: Tensor):
         self.programs, self.chunk = persistent_split(geo.P, sm_count(d.device), 2)
         self.pw_op, self.w_tma = weight_operand(pw.view(geo.Cout, geo.C))
+        self.d_op, self.a_tma = weight_operand(d)  # the same TMA rules; d's rows are always 16-byte aligned
         self.d, self.geo = d, geo
 
     def grid(self, meta) -> tuple[int]:
@@ -511,11 +519,11 @@ class Pointwise:
     def args(self, *tensors: Tensor) -> tuple:
         """(pointers..., sizes) up to K_SLOT; the kernels' own tensors go between pw_op and the sizes."""
         geo = self.geo
-        return (self.d, self.pw_op, *tensors, geo.P, position_bucket(geo.P), self.chunk, geo.C, geo.Cout,
+        return (self.d_op, self.pw_op, *tensors, geo.P, position_bucket(geo.P), self.chunk, geo.C, geo.Cout,
                 self.d.shape[1])
 
     def meta(self) -> dict:
-        return dict(W_TMA=self.w_tma, **self.geo.align())
+        return dict(A_TMA=self.a_tma, W_TMA=self.w_tma, **self.geo.align())
 
 
 def sepconv_bn_infer(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, scale: Optional[Tensor],

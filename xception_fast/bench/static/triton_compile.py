@@ -19,8 +19,8 @@ FP32_POINTERS = frozenset({"dwt_ptr", "scale_ptr", "shift_ptr", "stats_ptr", "su
                            "w_ptr", "b_ptr", "mdy_ptr", "mdyx_ptr", "part_ptr", "mid_ptr"})
 # Constexpr flags used when a caller gives none: the most demanding variant (every optional input
 # present, 3x3, channels 8-aligned: the 728-channel case).
-# ASM: the depthwise kernels' inline PTX, on for a GPU. W_TMA (the pointwise weight through a TMA
-# descriptor, `pw_op`) defaults to the architecture's: Hopper and later.
+# ASM: the depthwise kernels' inline PTX, on for a GPU. W_TMA and A_TMA (the pointwise weight `pw_op`
+# and the depthwise output `d_op` through TMA descriptors) default to the architecture's: Hopper and later.
 DEFAULT_FLAGS = dict(KH=3, KW=3, KK_PAD=16, PRE_RELU=True, POST_RELU=True, HAS_RESIDUAL=True, ASM=True,
                      C_ALIGN=8, COUT_ALIGN=8, MID_BN=0, MID_ACT="")  # MID_*: the plain unit, no mid variant
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "bfloat16": "bf16", "float16": "fp16",
@@ -90,6 +90,7 @@ def _compile(kernel, config_key, arch, dtype, constexprs, ints, pointer_types):
         if maxnreg is not None:
             options["maxnreg"] = maxnreg
     given.setdefault("W_TMA", arch >= 90)
+    given.setdefault("A_TMA", arch >= 90)
     signature, constants, attrs = {}, {}, {}
     for index, param in enumerate(jit.params):
         name = param.name
@@ -98,7 +99,9 @@ def _compile(kernel, config_key, arch, dtype, constexprs, ints, pointer_types):
             constants[name] = given.get(name, DEFAULT_FLAGS.get(name))
         elif name == "pw_op" and given["W_TMA"]:  # the pointwise weight as a TMA descriptor of the config's tile
             signature[name] = f"tensordesc<{dtype}[{given['BLOCK_N']},{given['BLOCK_K']}]>"
-        elif name.endswith("_ptr") or name == "pw_op":
+        elif name == "d_op" and given["A_TMA"]:  # the depthwise output d likewise
+            signature[name] = f"tensordesc<{dtype}[{given['BLOCK_P']},{given['BLOCK_K']}]>"
+        elif name.endswith("_ptr") or name in ("pw_op", "d_op"):
             element = pointer_types.get(name, "fp32" if name in FP32_POINTERS else dtype)
             signature[name] = "*" + element
             attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
