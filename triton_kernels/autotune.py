@@ -89,7 +89,7 @@ def gemm_configs() -> dict:
     are multiples of it), BLOCK_K divides SLOT_ALIGN (d's row pitch). Without the depthwise phase's
     registers the kernels hold the accumulator, the pipeline's addresses and an epilogue quarter:
     every kernel gets the 256-wide tile (the training epilogue too), 128 x 128 at 128 registers (two
-    CTAs per SM) and a 16-warp 128 x 256 tile (4 warps per scheduler; it spills 176 B in the
+    CTAs per SM) and a 16-warp 128 x 256 tile (4 warps per scheduler; it spills 152 B in the
     training epilogue). Pruned by the calibrated static estimate (sm_90 model; benchmarks/NOTES.md,
     "Triton forward in two launches"): 128 x 256 x 32 with 4 stages (1.3x the 64-wide K step on the
     middle unit) and 4-warp 128 x 128 (1.7x). The last two rows are for fp32 (see `prune_gemm`). Returned as the autotune keyword arguments (configs,
