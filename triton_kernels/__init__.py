@@ -4,7 +4,7 @@ The `triton` provider: the functions of `xception_fast.reference` (five, and fou
 with its signatures, semantics, output dtypes and strides, run as fused Triton kernels on CUDA tensors
 (or on CPU tensors under the interpreter, TRITON_INTERPRET=1, set before triton is imported).
 
-- depthwise_pointwise.py: the fused depthwise + pointwise main loop and its forward epilogues.
+- depthwise_pointwise.py: the forward: the depthwise kernel, then the pointwise GEMM kernels with their epilogues.
 - batchnorm.py: statistics merge, normalisation, the dy reductions, deterministic partial sums.
 - backward.py: pointwise and depthwise gradients (the two pointwise products in cuBLAS; the depthwise
   output recomputed and stored once by the depthwise weight-gradient kernel, for grad_pw).

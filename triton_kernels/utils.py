@@ -50,7 +50,7 @@ def matrix(weight: Tensor, dtype: torch.dtype) -> Tensor:
 WEIGHT_TMA = os.environ.get("XCEPTION_FAST_TRITON_TMA", "1") not in ("", "0")
 
 
-# Inline PTX in the depthwise phase (`depthwise_pointwise._pre_f32`, GPU only); =0 for the plain
+# Inline PTX in the depthwise kernels (`depthwise_pointwise._pre_f32`, GPU only); =0 for the plain
 # triton.language path that the interpreter tests, to compare the two on a GPU.
 INLINE_ASM = os.environ.get("XCEPTION_FAST_TRITON_ASM", "1") not in ("", "0")
 
