@@ -45,8 +45,8 @@ def matrix(weight: Tensor, dtype: torch.dtype) -> Tensor:
     return to_contiguous(weight.to(dtype))
 
 
-# The pointwise weight through a TMA tensor descriptor (Hopper and later; the interpreter reads it
-# too). XCEPTION_FAST_TRITON_TMA=0 turns it off, for comparisons.
+# The forward GEMM's operands (the pointwise weight and d) through TMA tensor descriptors (Hopper and
+# later; the interpreter reads them too). XCEPTION_FAST_TRITON_TMA=0 turns it off, for comparisons.
 WEIGHT_TMA = os.environ.get("XCEPTION_FAST_TRITON_TMA", "1") not in ("", "0")
 
 
@@ -56,9 +56,9 @@ INLINE_ASM = os.environ.get("XCEPTION_FAST_TRITON_ASM", "1") not in ("", "0")
 
 
 def weight_operand(pw: Tensor) -> tuple[object, bool]:
-    """(operand, is_descriptor) for a [Cout, C] contiguous weight: a TensorDescriptor where TMA applies
-    (rows 16-byte aligned, as TMA requires; a Hopper GPU or the interpreter), else the tensor itself.
-    The descriptor's block shape is set per autotune config (`autotune._set_weight_block`)."""
+    """(operand, is_descriptor) for a contiguous matrix (the [Cout, C] weight, or d): a TensorDescriptor
+    where TMA applies (rows 16-byte aligned, as TMA requires; a Hopper GPU or the interpreter), else the
+    tensor itself. The descriptor's block shape is set per autotune config (`autotune._set_weight_block`)."""
     aligned = pw.stride(0) * pw.element_size() % 16 == 0 and pw.data_ptr() % 16 == 0
     hopper = pw.device.type != "cuda" or torch.cuda.get_device_capability(pw.device)[0] >= 9
     if not (WEIGHT_TMA and aligned and hopper and pw.is_contiguous()):
