@@ -505,8 +505,8 @@ def depthwise(x: Tensor, dw: Tensor, geo: Geometry, pre_relu: bool, mid: Optiona
 
 class Pointwise:
     """The launch arguments the three GEMM kernels share: d, the persistent program split (two
-    programs per SM: the 128 x 128 configs fit two at 128-138 registers; a wider tile runs them in two
-    waves), the operands (TMA descriptors where they apply)."""
+    programs per SM: the 128 x 128 configs fit two where they compile to 128 registers; a wider
+    tile runs them in two waves), the operands (TMA descriptors where they apply)."""
 
     def __init__(self, geo: Geometry, d: Tensor, pw: Tensor):
         self.programs, self.chunk = persistent_split(geo.P, sm_count(d.device), 2)
