@@ -92,8 +92,9 @@ def gemm_configs() -> dict:
     CTAs per SM) and a 16-warp 128 x 256 tile (4 warps per scheduler; it spills 152 B in the
     training epilogue). Pruned by the calibrated static estimate (sm_90 model; benchmarks/NOTES.md,
     "Triton forward in two launches"): 128 x 256 x 32 with 4 stages (1.3x the 64-wide K step on the
-    middle unit) and 4-warp 128 x 128 (1.7x). The last two rows are for fp32 (see `prune_gemm`). Returned as the autotune keyword arguments (configs,
-    the TMA block pre-hook, pruning by dtype and architecture)."""
+    middle unit) and 4-warp 128 x 128 (1.7x). The last two rows are for fp32 (see `prune_gemm`).
+    Returned as the autotune keyword arguments (configs, the TMA block pre-hook, pruning by dtype and
+    architecture)."""
     gpu = [
         (128, 256, 64, 8, 3),
         (128, 128, 64, 8, 3),
