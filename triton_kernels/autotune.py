@@ -89,7 +89,7 @@ def gemm_configs() -> dict:
     are multiples of it), BLOCK_K divides SLOT_ALIGN (d's row pitch). Without the depthwise phase's
     registers the kernels hold the accumulator, the pipeline's addresses and an epilogue quarter:
     every kernel gets the 256-wide tile (the training epilogue too), 128 x 128 at 128 registers (two
-    CTAs per SM) and a 16-warp 128 x 256 tile (4 warps per scheduler; it spills 152 B in the
+    CTAs per SM) and a 16-warp 128 x 256 tile (4 warps per scheduler; it spills 176 B in the
     training epilogue). Pruned by the calibrated static estimate (sm_90 model; benchmarks/NOTES.md,
     "Triton forward in two launches"): 128 x 256 x 32 with 4 stages (1.3x the 64-wide K step on the
     middle unit) and 4-warp 128 x 128 (1.7x). The last two rows are for fp32 (see `prune_gemm`).
@@ -111,18 +111,21 @@ def gemm_configs() -> dict:
 
 
 def depthwise_configs() -> list[triton.Config]:
-    """`depthwise_pointwise._depthwise_kernel`: (BLOCK_P positions, BLOCK_D channels, warps). Many
-    small programs, several per SM, so that enough loads are in flight for the DRAM bandwidth; 8-16
-    elements of the tile per thread (the k x k taps' loads are hoisted: 32 a thread reached 250
-    registers in `_dw_input_grad_kernel`; 64 x 64 with 8 warps compiled like 32 x 64 with 4 at one CTA
-    per SM and was pruned). BLOCK_P divides POSITION_ALIGN and BLOCK_D divides
-    SLOT_ALIGN: the grid covers d [P_pad, K_SLOT] exactly, so the stores need no mask. The
+    """`depthwise_pointwise._depthwise_kernel`: (BLOCK_P positions, BLOCK_D channels, warps). Small
+    programs, several per SM, so that enough loads are in flight. The kernel is issue-bound (about
+    45 instructions per element of d on sm_90), so the list spans the trade of elements per thread
+    (the per-tap address and mask work shared by more of them: 64 x 64 w4, 32 a thread, 176
+    registers, 2 CTAs per SM) against resident warps (16 x 32 w2, 8 a thread, 88 registers, 11
+    CTAs); the two tie in the calibrated static estimate (sm_90 model): 171 us on a middle-flow
+    unit. Pruned there: 16 x 64 w4 and 64 x 32 w4 (185-194 us), 32 x 64 w2 (219 registers, 341 us),
+    64 x 64 w8 (the code of 32 x 64 w4 at one CTA per SM). BLOCK_P divides POSITION_ALIGN and BLOCK_D
+    divides SLOT_ALIGN: the grid covers d [P_pad, K_SLOT] exactly, so the stores need no mask. The
     interpreter: 16-channel chunks, so that a 19-channel layer spans full, partial and empty ones."""
     gpu = [
+        (64, 64, 4, 1),
+        (16, 32, 2, 1),
         (32, 64, 4, 1),
-        (64, 32, 4, 1),
         (128, 64, 8, 1),
-        (16, 64, 4, 1),
     ]
     return _configs(gpu, (_PINNED_P, _PINNED_C, 4, 1), ("BLOCK_P", "BLOCK_D"))
 
