@@ -121,6 +121,27 @@ def test_a_given_depthwise_output_gives_the_stored_ones_gradients(provider, dtyp
         backward._backward_convs(geo, xc, dwm, pwm, dw, pw, True, grad_z, d=buffer.t())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_the_forward_and_the_backward_make_the_same_depthwise_output(provider, dtype):
+    """d from the forward's `_depthwise_kernel` (which the inference backward hands to `_backward_convs`)
+    and d stored by `_dw_weight_grad_kernel`: the same FMAs in the same tap order, so bitwise equal (a
+    NaN in x included), and handing one over instead of storing the other changes no gradient."""
+    from xception_fast.triton_kernels import backward
+    from xception_fast.triton_kernels import depthwise_pointwise as dp
+
+    x, _, pw = _unit(19, 33, dtype)
+    dw = (torch.randn(19, 1, 5, 5, device=DEVICE) / 5).to(dtype)
+    x[1, 4, 3, 3] = float("nan")
+    spec = UnitSpec((5, 5), stride=(2, 2), padding=(3, 3), dilation=(2, 2), pre_relu=True, post_relu=True)
+    geo, xc, dwm, _ = dp._prepare(x, dw, pw, spec)
+    stored = torch.full((geo.P, geo.C), float("nan"), dtype=dtype, device=DEVICE)
+    taps = dp.depthwise_taps(dwm, geo, backward.taps_pitch(geo.C))
+    backward.dw_weight_grad(geo, xc, torch.zeros_like(stored), dw, True, taps, stored)
+    d = dp.depthwise(xc, dwm, geo, True)[:geo.P, :geo.C]
+    assert stored.isnan().any() and torch.equal(d.isnan(), stored.isnan())
+    assert torch.equal(d.nan_to_num(), stored.nan_to_num())
+
+
 def test_a_wider_weight_dtype_gets_an_fp32_accumulated_weight_gradient():
     """grad_pw of half operands for an fp32 weight: fp32 accumulation rounded once to fp32, not the
     half-precision product widened afterwards."""
@@ -149,7 +170,7 @@ def test_nan_input_propagates_like_the_reference(provider, dtype):
 
 
 def test_program_splits_cover_the_positions_in_whole_tiles():
-    """Every position in exactly one program of the two-phase kernels, chunks in whole tiles (POSITION_ALIGN)."""
+    """Every position in exactly one program of the forward's GEMM kernels, chunks in whole tiles (POSITION_ALIGN)."""
     from xception_fast.triton_kernels import autotune
 
     align = autotune.POSITION_ALIGN

@@ -413,11 +413,12 @@ def sepconv_bn_infer_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, pw_w
     device, c = x.device, geo.Cout
     gy = nhwc(grad_y)
     scale32, shift32 = vector_f32(scale, c, 1.0, device), vector_f32(shift, c, 0.0, device)
+    d = None  # the depthwise output, where the recompute of z already made it
     if geo.P == 0 or c == 0:
         sums = torch.zeros((2, c), dtype=torch.float32, device=device)
         grad_z = None
     elif post_relu or scale is not None:
-        grad_z, sums, _ = recompute_grad_z(gy, xc, dw, pw, geo, scale32, shift32, pre_relu, post_relu)
+        grad_z, sums, d = recompute_grad_z(gy, xc, dw, pw, geo, scale32, shift32, pre_relu, post_relu)
     else:  # g_z = grad_y: nothing to recompute; grad_shift (if wanted) is a plain sum of grad_y
         grad_z = nhwc(gy.to(x.dtype))
         if shift is not None:
@@ -426,7 +427,7 @@ def sepconv_bn_infer_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, pw_w
             sums = torch.stack(batchnorm.dy_sums(gy, gy, zeros, ones, ones, zeros, False))
         else:
             sums = None
-    grad_x, grad_dw, grad_pw = _backward_convs(geo, xc, dw, pw, dw_weight, pw_weight, pre_relu, grad_z)
+    grad_x, grad_dw, grad_pw = _backward_convs(geo, xc, dw, pw, dw_weight, pw_weight, pre_relu, grad_z, d)
     empty = x.new_empty((0,))
     grad_scale = sums[1].to(scale.dtype, copy=True) if scale is not None else empty
     grad_shift = sums[0].to(shift.dtype, copy=True) if shift is not None else empty
