@@ -15,8 +15,9 @@ With g_z = grad of z [P, Cout] (positions x output channels), d = dw(pre(x)) [P,
 - grad_x  = dw^T(grad_d) * [x > 0 if pre-ReLU]   `_dw_input_grad_kernel`: the transposed depthwise
                                   conv as a gather over the taps (no atomics).
 g_z is materialised once, in the input dtype, and read by both products: in training by
-`batchnorm.grad_z` (an elementwise pass over grad_y and z), in inference by the two-phase forward
-that recomputes z (`depthwise_pointwise._sepconv_grad_z_kernel`), unless g_z is grad_y itself.
+`batchnorm.grad_z` (an elementwise pass over grad_y and z), in inference by the forward's two launches
+that recompute d and z (`depthwise_pointwise.recompute_grad_z`; the d it stores is handed on to grad_pw),
+unless g_z is grad_y itself.
 
 grad_d and d are the intermediates that go to memory: grad_x needs grad_d under the whole k x k
 neighbourhood of each input position, i.e. across program tiles, and cuBLAS reads d as a GEMM operand
