@@ -385,7 +385,7 @@ ReducePlan plan_reduce(const BnBackwardReduceParams& p, Workspace& ws) {
 
 // d = dw(pre(x)) into mid.d: the tiled d store first; it declines what it cannot index or stage.
 template <typename T>
-cudaError_t launch_d_store(const UnitParams& u, const BackwardPlan& plan, void* d, cudaStream_t stream) {
+cudaError_t launch_d_store(const UnitParams& u, void* d, void* ds_workspace, size_t ds_bytes, cudaStream_t stream) {
   const ConvGeometry& g = u.g;
   DStoreParams ds;
   ds.g = g;
@@ -394,12 +394,12 @@ cudaError_t launch_d_store(const UnitParams& u, const BackwardPlan& plan, void* 
   ds.dw_weight = u.dw_weight;
   ds.pre_relu = u.pre_relu;
   ds.d = d;
-  ds.workspace = plan.ds;
-  ds.workspace_bytes = plan.ds_bytes;
+  ds.workspace = ds_workspace;
+  ds.workspace_bytes = ds_bytes;
   bool launched = false;
   cudaError_t err = run_d_store_tiled(ds, stream, &launched);
   if (err != cudaSuccess || launched) return err;
-  const int64_t total = plan.positions * g.c;
+  const int64_t total = g.n * g.h_out * g.w_out * g.c;
   if (total > 0) {
     d_store_fallback_kernel<T><<<elementwise_blocks(total), 256, 0, stream>>>(
         g, static_cast<const T*>(u.x.ptr), static_cast<const T*>(u.dw_weight), u.pre_relu, static_cast<T*>(d), total);
@@ -475,7 +475,7 @@ cudaError_t launch_infer_backward_grad_z(const SepConvInferBackwardParams& p, cu
     err = launch_column_sum(plan.part_shift, plan.m_tiles, g.c_out, p.grad_shift.ptr, p.grad_shift.dtype, stream);
     if (err != cudaSuccess) return err;
   }
-  return launch_d_store<T>(p, plan, p.mid.d, stream);
+  return launch_d_store<T>(p, p.mid.d, plan.ds, plan.ds_bytes, stream);
 }
 
 template <typename T>
@@ -521,7 +521,7 @@ cudaError_t launch_train_backward_grad_z(const SepConvTrainBackwardParams& p, cu
       launch(train_grad_z_kernel<T, 1, false>, z_total);
     }
   }
-  return launch_d_store<T>(p, plan, p.mid.d, stream);
+  return launch_d_store<T>(p, p.mid.d, plan.ds, plan.ds_bytes, stream);
 }
 
 template <typename T, typename Params>
@@ -579,6 +579,10 @@ size_t workspace_size(const SepConvTrainBackwardParams& params) {
   Workspace ws(nullptr);
   plan_backward(params.g, /*inference=*/false, params.dtype, ws);
   return ws.bytes();
+}
+
+cudaError_t run_d_store(const UnitParams& u, void* d, void* ds, size_t ds_bytes, cudaStream_t stream) {
+  return XF_DTYPE_SWITCH(u.dtype, T, [&] { return launch_d_store<T>(u, d, ds, ds_bytes, stream); });
 }
 
 cudaError_t run_sepconv_bn_infer_backward_grad_z(const SepConvInferBackwardParams& p, cudaStream_t stream) {

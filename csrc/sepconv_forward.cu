@@ -1,38 +1,31 @@
-// Forward kernels of the xception_fast CUDA provider (inference and training) and the launchers
-// run_sepconv_bn_infer / run_sepconv_bn_train.
+// Forward kernels of the xception_fast CUDA provider (inference and training) and their launchers.
 //
-// STATUS: compiled for sm_80 and sm_90a with nvcc 13.0; NOT YET RUN ON A GPU. Nothing here has been
-// checked numerically: tests/test_providers.py and `python -m xception_fast verify --full` are the
-// check, on a GPU; `auto` runs this provider only on a device where its self-check has passed.
+// STATUS: compiled for sm_80 and sm_90a with nvcc 13.0; NOT YET RUN ON A GPU in this form:
+// tests/test_providers.py and `python -m xception_fast verify --full` are the check, on a GPU.
 //
-// Design (sepconv_device.cuh holds the shared pieces):
-// - Inference runs the tiled kernel of sepconv_infer.cu; sepconv_infer_kernel<T> below is its
-//   int64 fallback for what that kernel declines (a d tile too large for shared memory, offsets past
-//   int32): one block per (64 output positions) x (64 output channels) tile, 128
-//   threads. For each chunk of 32 input channels: the depthwise result (pre-ReLU, fp32 accumulation,
-//   rounded to T as the unfused depthwise conv stores it) for 64 positions x 32 channels goes to
-//   shared memory as the A tile, the pointwise weight tile (32 x 64) as the B tile, and the block
-//   multiplies them (fp16/bf16: tensor cores via nvcuda::wmma, fp32 accumulators; fp32: FMA on CUDA
-//   cores). The epilogue goes through shared memory: z rounded to T, * scale + shift (each optional,
-//   fp32), rounded to T, post-ReLU, + residual (in T, after the ReLU), coalesced stores along Cout.
-//   The depthwise output never touches device memory; it is recomputed once per 64-channel output
-//   tile (Cout / 64 times in all), which costs CUDA-core FLOPs but no memory traffic.
-// - Training: z and the batch statistics come from the tiled kernel (run_sepconv_bn_train_tiled in
-//   sepconv_infer.cu: z stored from the accumulators, per-tile moments (pivot, mu, M2) merged per
-//   channel by bn_stats_merge_kernel's passes, sepconv_device.cuh). sepconv_train_kernel<T> below is its int64
-//   fallback, on the old main loop: its epilogue stores z (rounded to T) and per-block moments of the
-//   rounded z with the block's first z as pivot, merged by the same kernel. bn_apply_kernel<T> then
-//   computes y = post(((z - mean) * invstd) * w + b) + residual.
-// - Deterministic: no atomics; every reduction has a fixed order.
-// - Grid: a 1-D grid of m_tiles * n_tiles blocks, the n tiles of one m tile adjacent (they read the
-//   same input rows, which then come from L2).
-//
-// Not verified yet (check first on the GPU): the wmma fragment layouts (col-major B here), the
-// bank-conflict-free-ness and speed of anything, and the statistics merge's numerics.
+// Both forward ops run in three steps on the current stream (xception_fast_ops.cpp), each a pass that
+// can run near its roofline, where the earlier single fused kernel ran its depthwise and its GEMM in
+// sequence at one CTA per SM (benchmarks/NOTES.md, "CUDA forward in three steps"):
+// 1. d = dw(pre(x)) [P, C] in T, rounded where the unfused depthwise conv stores it: the backward's d
+//    store (run_d_store, sepconv_backward.cu: d_store_kernel on the tiled depthwise phase of
+//    sepconv_infer.cu, its int64 fallback where that declines). run_sepconv_bn_*_d.
+// 2. z = d pw^T [P, Cout] in T on cuBLAS (the host, under ExactMatmulGuard), written into y's buffer
+//    (inference) or the z output (training): cuBLAS stores z in T from fp32 accumulators, which is
+//    the contract's rounding of z (the unfused 1x1 conv stores it in T).
+// 3. Inference: infer_epilogue_kernel, y = post(round(z * scale + shift)) + residual in place over z
+//    (run_sepconv_bn_infer_epilogue). Training (run_sepconv_bn_train_stats_apply):
+//    z_stats_partial_kernel (per-row-block moments of the stored z), bn_stats_merge_kernel's passes
+//    (mean, var, invstd), the BatchNorm affine in fp32, bn_apply_kernel.
+// The element-wise kernels take 16-byte vectors of T (and 16-byte loads of the fp32 per-channel
+// vectors) where Cout is a multiple of the vector and every pointer is aligned, one element per step
+// otherwise; their index math is in sepconv_elementwise.h (host-tested by
+// tests/cpp/test_forward_elementwise.cpp). All flat offsets are int64: every size the host accepts.
+// Deterministic: no atomics; every reduction has a fixed order.
 
 #include <cstdint>
 
 #include "sepconv_device.cuh"
+#include "sepconv_elementwise.h"
 #include "sepconv_infer.h"
 #include "sepconv_params.h"
 
@@ -40,79 +33,121 @@ namespace xception_fast {
 
 namespace {
 
-// ---------------------------------------------------------------------------------------------------
-// Inference
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads) sepconv_infer_kernel(const SepConvInferParams p, int64_t n_tiles) {
-  __shared__ ForwardSmem<T> s;
-  const ConvGeometry& g = p.g;
-  [[maybe_unused]] const auto [m_tile, m0, n0] = run_forward_tile<T>(p, n_tiles, s);
-
-  const int64_t positions = g.n * g.h_out * g.w_out;
-  const T* residual = static_cast<const T*>(p.residual.ptr);
-  T* y = static_cast<T*>(p.y.ptr);
-  for (int idx = threadIdx.x; idx < kBM * kBN; idx += kThreads) {
-    const int m = idx / kBN;
-    const int n = idx % kBN;  // consecutive threads: consecutive channels of one position
-    const int64_t pos = m0 + m;
-    const int64_t co = n0 + n;
-    if (pos >= positions || co >= g.c_out) continue;
-    float v = round_to<T>(s.c[m * kLdC + n]);  // z as the unfused pointwise conv stores it
-    if (p.scale.ptr != nullptr) v = v * load_vec(p.scale, co);
-    if (p.shift.ptr != nullptr) v = v + load_vec(p.shift, co);
-    v = round_to<T>(v);
-    if (p.post_relu) v = relu(v);
-    const int64_t out = pos * g.c_out + co;
-    if (residual != nullptr) v = v + to_float(residual[out]);  // added in T: rounded once, below
-    y[out] = from_float<T>(v);
-  }
-}
+int64_t positions_out(const ConvGeometry& g) { return g.n * g.h_out * g.w_out; }
 
 // ---------------------------------------------------------------------------------------------------
-// Training: main loop + statistics epilogue, merge, normalisation
+// Inference epilogue
 
-// Partial statistics layout: partial[(m_tile * 3 + k) * Cout + co], k = 0: pivot, 1: mu, 2: M2.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    sepconv_train_kernel(const SepConvTrainParams p, int64_t n_tiles, float* __restrict__ partial) {
-  __shared__ ForwardSmem<T> s;
-  const ConvGeometry& g = p.g;
-  const auto [m_tile, m0, n0] = run_forward_tile<T>(p, n_tiles, s);
-
-  const int64_t positions = g.n * g.h_out * g.w_out;
-  T* z = static_cast<T*>(p.z.ptr);
-  // z rounded to T: stored, and kept in s.c for the statistics (which are those of the stored z).
-  for (int idx = threadIdx.x; idx < kBM * kBN; idx += kThreads) {
-    const int m = idx / kBN;
-    const int n = idx % kBN;
-    const int64_t pos = m0 + m;
-    const int64_t co = n0 + n;
-    const float v = round_to<T>(s.c[m * kLdC + n]);
-    s.c[m * kLdC + n] = v;
-    if (pos < positions && co < g.c_out) z[pos * g.c_out + co] = from_float<T>(v);
-  }
-  __syncthreads();
-
-  // One thread per channel of the tile, two passes over the tile's valid rows (row 0 always is).
-  const int rows = static_cast<int>(positions - m0 < kBM ? positions - m0 : kBM);
-  const int n = threadIdx.x;
-  const int64_t co = n0 + n;
-  if (n < kBN && co < g.c_out) {
-    const float pivot = s.c[n];
-    float sum = 0.f;
-    for (int m = 0; m < rows; ++m) sum += s.c[m * kLdC + n] - pivot;
-    const float mu = sum / static_cast<float>(rows);
-    float m2 = 0.f;
-    for (int m = 0; m < rows; ++m) {
-      const float d = (s.c[m * kLdC + n] - pivot) - mu;
-      m2 = fmaf(d, d, m2);
+// y = post(round_T(z * scale + shift)) + residual with the rounding points of the unfused modules: z
+// as stored in T, the affine as two separately rounded fp32 ops (no fused multiply-add, as the
+// reference's mul and add), rounded to T, post-ReLU, the residual added in fp32 and rounded once (T + T).
+// scale / shift: fp32 [Cout] (1 and -0 where absent: exact). y may be z (each element is read, then
+// written, by the same thread): no __restrict__ on them.
+template <typename T, int kV>
+__global__ void __launch_bounds__(256)
+    infer_epilogue_kernel(const T* z, const float* __restrict__ scale, const float* __restrict__ shift,
+                          const T* __restrict__ residual, T* y, int64_t c_out, int64_t total, bool post_relu) {
+  using E = Elems<T, kV>;
+  const int64_t steps = infer::elem_steps(total, kV);
+  for (int64_t step = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; step < steps;
+       step += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const infer::ElemStep s = infer::elem_step(step, kV, c_out);
+    const E zv = E::load(z + s.first);
+    E rv, out;
+    if (residual != nullptr) rv = E::load(residual + s.first);
+    float sc[kV], sh[kV];
+    load_channels<kV>(scale, s.co, sc);
+    load_channels<kV>(shift, s.co, sh);
+#pragma unroll
+    for (int e = 0; e < kV; ++e) {
+      float v = round_to<T>(__fadd_rn(__fmul_rn(to_float(zv.v[e]), sc[e]), sh[e]));
+      if (post_relu) v = relu(v);
+      if (residual != nullptr) v = v + to_float(rv.v[e]);
+      out.v[e] = from_float<T>(v);
     }
-    partial[(m_tile * 3 + 0) * g.c_out + co] = pivot;
-    partial[(m_tile * 3 + 1) * g.c_out + co] = mu;
-    partial[(m_tile * 3 + 2) * g.c_out + co] = m2;
+    out.store(y + s.first);
   }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Training: the statistics of the stored z, the normalisation
+
+// Per (row block, channel) moments of z [rows, c_out] (the order: sepconv_elementwise.h): each
+// thread kV channels (one 16-byte vector, or one element) of its lane's rows, a group of 8 rows in
+// registers at a time with exact two-pass moments about its first row, merged into the lane's moments
+// (merge_moments); then the 8 lanes of each channel merged as a binary tree through shared memory.
+// partial[(block * 3 + k) * c_out + co], k = 0 pivot, 1 mu, 2 M2 (merge_offset), for bn_stats_merge_kernel.
+// Two blocks per SM for the element-wise instance (ptxas otherwise spills it at 64 registers); the
+// vector one needs more than 128 registers (8 channels' moments) and keeps one.
+template <typename T, int kV>
+__global__ void __launch_bounds__(infer::kStatsCols* infer::kStatsLanes, kV == 1 ? 2 : 1)
+    z_stats_partial_kernel(const T* __restrict__ z, int64_t rows, int64_t c_out, float* __restrict__ partial) {
+  using infer::Moments;
+  using E = Elems<T, kV>;
+  constexpr int kRows = infer::kStatsGroupRows;
+  __shared__ Moments lane_moments[infer::kStatsLanes][infer::kStatsCols];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t block = blockIdx.x;
+  const int64_t co0 = (static_cast<int64_t>(blockIdx.y) * infer::kStatsCols + tx) * kV;  // the thread's first channel
+  const bool live = co0 < c_out;  // the whole vector: kV divides c_out on the vector path
+
+  Moments m[kV];
+#pragma unroll
+  for (int e = 0; e < kV; ++e) m[e] = Moments{0, 0.f, 0.f, 0.f};
+#pragma unroll 1
+  for (int j = 0; j < infer::kStatsGroups; ++j) {
+    E zr[kRows];    // the group's rows as stored (T): unpacked channel by channel below
+    int count = 0;  // the group's valid rows: a prefix (rows grow with i)
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      const int64_t row = infer::stats_row(block, ty, j, i);
+      if (live && row < rows) {
+        zr[i] = E::load(z + row * c_out + co0);
+        count = i + 1;
+      }
+    }
+    if (count == 0) continue;
+#pragma unroll
+    for (int e = 0; e < kV; ++e) {
+      const float pivot = to_float(zr[0].v[e]);
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < kRows; ++i)
+        if (i < count) sum += to_float(zr[i].v[e]) - pivot;
+      const float mu = sum / static_cast<float>(count);
+      float m2 = 0.f;
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const float d = (to_float(zr[i].v[e]) - pivot) - mu;
+        if (i < count) m2 = fmaf(d, d, m2);
+      }
+      infer::merge_moments(m[e], Moments{count, pivot, mu, m2});
+    }
+  }
+  // Unrolled: m[e] stays in registers.
+#pragma unroll
+  for (int e = 0; e < kV; ++e) {
+    lane_moments[ty][tx] = m[e];
+    __syncthreads();
+    if (ty == 0 && live) {
+      Moments lanes[infer::kStatsLanes];
+#pragma unroll
+      for (int l = 0; l < infer::kStatsLanes; ++l) lanes[l] = lane_moments[l][tx];
+      infer::merge_tree(lanes);
+      const int64_t co = co0 + e;
+      partial[infer::merge_offset(block, 0, c_out, co)] = lanes[0].pivot;
+      partial[infer::merge_offset(block, 1, c_out, co)] = lanes[0].mu;
+      partial[infer::merge_offset(block, 2, c_out, co)] = lanes[0].m2;
+    }
+    __syncthreads();  // lane_moments is rewritten for the next channel
+  }
+}
+
+// Row block t's count, for the merge's first pass.
+struct StatsCounts {
+  int64_t rows;
+  __device__ int64_t operator()(int64_t t) const { return infer::stats_block_count(t, rows); }
+};
 
 // y = post(((z - mean) * invstd) * w + b) + residual, kV elements (consecutive channels) per step:
 // 16-byte vectors where vector_path allows (the per-channel vectors then as 16-byte loads too), else
@@ -126,17 +161,18 @@ __global__ void __launch_bounds__(256)
   const T* z = static_cast<const T*>(p.z.ptr);
   const T* residual = static_cast<const T*>(p.residual.ptr);
   T* y = static_cast<T*>(p.y.ptr);
-  for (int64_t step = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; step < total / kV;
+  const int64_t steps = infer::elem_steps(total, kV);
+  for (int64_t step = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; step < steps;
        step += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t idx = step * kV, co = idx % c_out;  // co + kV - 1 < c_out: c_out % kV == 0
-    const E zv = E::load(z + idx);
+    const infer::ElemStep s = infer::elem_step(step, kV, c_out);
+    const E zv = E::load(z + s.first);
     E rv, out;
-    if (residual != nullptr) rv = E::load(residual + idx);
+    if (residual != nullptr) rv = E::load(residual + s.first);
     float mean[kV], inv[kV], w[kV], b[kV];
-    load_channels<kV>(p.mean, co, mean);
-    load_channels<kV>(invstd, co, inv);
-    load_channels<kV>(weight, co, w);
-    load_channels<kV>(bias, co, b);
+    load_channels<kV>(p.mean, s.co, mean);
+    load_channels<kV>(invstd, s.co, inv);
+    load_channels<kV>(weight, s.co, w);
+    load_channels<kV>(bias, s.co, b);
 #pragma unroll
     for (int e = 0; e < kV; ++e) {
       float v = (to_float(zv.v[e]) - mean[e]) * inv[e];
@@ -147,85 +183,125 @@ __global__ void __launch_bounds__(256)
       if (residual != nullptr) v = v + to_float(rv.v[e]);
       out.v[e] = from_float<T>(v);
     }
-    out.store(y + idx);
+    out.store(y + s.first);
   }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Workspaces (the layout depends on the geometry and dtype only)
+
+// Inference: the scale and shift in fp32 [2][Cout], then the d store's packed weights.
+struct InferPlan {
+  float* affine;
+  void* ds;
+  size_t ds_bytes;
+};
+
+InferPlan plan_infer(const ConvGeometry& g, DType dtype, Workspace& ws) {
+  InferPlan plan;
+  plan.affine = ws.take<float>(2 * g.c_out);
+  plan.ds_bytes = d_store_tiled_workspace_size(g, dtype);
+  plan.ds = ws.take<char>(static_cast<int64_t>(plan.ds_bytes));
+  return plan;
+}
+
+// Training: invstd [Cout], the BatchNorm affine in fp32 [2][Cout], the row blocks' moments and the merge
+// passes' scratch, then the d store's packed weights.
+struct TrainPlan {
+  float* invstd;
+  float* affine;
+  int64_t row_blocks;
+  float* partial;      // [row_blocks][3][Cout]
+  MergeScratch merge;  // the merge passes' partials (take_merge_scratch)
+  void* ds;
+  size_t ds_bytes;
+};
+
+TrainPlan plan_train(const ConvGeometry& g, DType dtype, Workspace& ws) {
+  TrainPlan plan;
+  plan.invstd = ws.take<float>(g.c_out);
+  plan.affine = ws.take<float>(2 * g.c_out);
+  plan.row_blocks = infer::stats_row_blocks(positions_out(g));
+  plan.partial = ws.take<float>(plan.row_blocks * 3 * g.c_out);
+  plan.merge = take_merge_scratch(ws, plan.row_blocks, g.c_out);
+  plan.ds_bytes = d_store_tiled_workspace_size(g, dtype);
+  plan.ds = ws.take<char>(static_cast<int64_t>(plan.ds_bytes));
+  return plan;
+}
+
+bool infer_layout_ok(const SepConvInferParams& p) {
+  const ConvGeometry& g = p.g;
+  return is_nhwc(p.x, g.n, g.c, g.h, g.w) && is_nhwc(p.y, g.n, g.c_out, g.h_out, g.w_out) &&
+         (p.residual.ptr == nullptr || is_nhwc(p.residual, g.n, g.c_out, g.h_out, g.w_out));
+}
+
+bool train_layout_ok(const SepConvTrainParams& p) {
+  const ConvGeometry& g = p.g;
+  return is_nhwc(p.x, g.n, g.c, g.h, g.w) && is_nhwc(p.y, g.n, g.c_out, g.h_out, g.w_out) &&
+         is_nhwc(p.z, g.n, g.c_out, g.h_out, g.w_out) &&
+         (p.residual.ptr == nullptr || is_nhwc(p.residual, g.n, g.c_out, g.h_out, g.w_out));
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Launchers
 
-int64_t positions_out(const ConvGeometry& g) { return g.n * g.h_out * g.w_out; }
-
-// The int64 training path's workspace: invstd first, as the tiled path's (run_sepconv_bn_train_tiled).
-struct TrainPlan {
-  int64_t m_tiles, n_tiles;
-  float* invstd;   // [Cout]
-  float* affine;   // [2][Cout]: the BatchNorm weight and bias in fp32 (vec_to_float_kernel)
-  float* partial;  // [m_tiles][3][Cout]
-  MergeScratch merge;  // the merge passes' partials (take_merge_scratch)
-};
-
-TrainPlan plan_train(const ConvGeometry& g, Workspace& ws) {
-  TrainPlan plan;
-  plan.invstd = ws.take<float>(g.c_out);
-  plan.affine = ws.take<float>(2 * g.c_out);
-  plan.m_tiles = ceil_div(positions_out(g), kBM);
-  plan.n_tiles = ceil_div(g.c_out, kBN);
-  plan.partial = ws.take<float>(plan.m_tiles * 3 * g.c_out);
-  plan.merge = take_merge_scratch(ws, plan.m_tiles, g.c_out);
-  return plan;
+template <typename T>
+cudaError_t launch_infer_epilogue(const SepConvInferParams& p, const InferPlan& plan, cudaStream_t stream) {
+  const ConvGeometry& g = p.g;
+  const int64_t total = positions_out(g) * g.c_out;
+  if (total == 0) return cudaSuccess;
+  float* scale = plan.affine;
+  float* shift = plan.affine + g.c_out;
+  vec_to_float_kernel<<<elementwise_blocks(g.c_out), 256, 0, stream>>>(p.scale, 1.f, g.c_out, scale);
+  vec_to_float_kernel<<<elementwise_blocks(g.c_out), 256, 0, stream>>>(p.shift, -0.f, g.c_out, shift);
+  T* y = static_cast<T*>(p.y.ptr);
+  const T* residual = static_cast<const T*>(p.residual.ptr);
+  constexpr int kV = 16 / sizeof(T);
+  // The workspace's buffers are 256-byte aligned; shift starts c_out floats in, a multiple of kV here.
+  if (vector_path<T>(g.c_out, {y, residual, scale, shift})) {
+    infer_epilogue_kernel<T, kV><<<elementwise_blocks(total / kV), 256, 0, stream>>>(y, scale, shift, residual, y,
+                                                                                    g.c_out, total, p.post_relu);
+  } else {
+    infer_epilogue_kernel<T, 1><<<elementwise_blocks(total), 256, 0, stream>>>(y, scale, shift, residual, y, g.c_out,
+                                                                              total, p.post_relu);
+  }
+  return cudaGetLastError();
 }
 
-// Positions of the int64 path's tile t (kBM rows, the last one partial), for the merge kernel.
-struct FixedCounts {
-  int64_t positions;
-  __device__ int64_t operator()(int64_t t) const { return positions - t * kBM < kBM ? positions - t * kBM : kBM; }
-};
-
-template <typename T>
-cudaError_t launch_infer(const SepConvInferParams& p, cudaStream_t stream) {
-  const ConvGeometry& g = p.g;
-  const int64_t m_tiles = ceil_div(positions_out(g), kBM);
-  const int64_t n_tiles = ceil_div(g.c_out, kBN);
-  const int64_t blocks = m_tiles * n_tiles;
-  if (blocks == 0) return cudaSuccess;
-  if (!fits_grid_x(blocks)) return cudaErrorInvalidConfiguration;
-  sepconv_infer_kernel<T><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p, n_tiles);
+template <typename T, int kV>
+cudaError_t launch_z_stats(const SepConvTrainParams& p, const TrainPlan& plan, cudaStream_t stream) {
+  const int64_t col_blocks = ceil_div(ceil_div(p.g.c_out, kV), infer::kStatsCols);
+  if (!fits_grid_x(plan.row_blocks) || col_blocks > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned int>(plan.row_blocks), static_cast<unsigned int>(col_blocks));
+  z_stats_partial_kernel<T, kV><<<grid, dim3(infer::kStatsCols, infer::kStatsLanes), 0, stream>>>(
+      static_cast<const T*>(p.z.ptr), positions_out(p.g), p.g.c_out, plan.partial);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_train(const SepConvTrainParams& p, cudaStream_t stream) {
+cudaError_t launch_train_stats_apply(const SepConvTrainParams& p, const TrainPlan& plan, cudaStream_t stream) {
   const ConvGeometry& g = p.g;
-  Workspace ws(p.workspace);
-  const TrainPlan plan = plan_train(g, ws);
-  if (ws.bytes() > p.workspace_bytes) return cudaErrorInvalidValue;
   if (g.c_out == 0) return cudaSuccess;
   const int64_t positions = positions_out(g);
-  // z and the statistics: the tiled kernel (sepconv_infer.cu) first; it declines what it does not cover.
-  bool launched = false;
-  cudaError_t err = run_sepconv_bn_train_tiled(p, stream, &launched);
-  if (err != cudaSuccess) return err;
-  if (!launched) {
-    const int64_t blocks = plan.m_tiles * plan.n_tiles;
-    if (!fits_grid_x(blocks)) return cudaErrorInvalidConfiguration;
-    if (blocks > 0) {
-      sepconv_train_kernel<T><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p, plan.n_tiles,
-                                                                                         plan.partial);
-    }
-    err = launch_bn_stats_merge(plan.partial, plan.m_tiles, FixedCounts{positions}, g.c_out, static_cast<float>(p.eps),
-                                plan.merge, p.mean, p.var, plan.invstd, stream);
+  constexpr int kV = 16 / sizeof(T);
+  cudaError_t err = cudaSuccess;
+  if (plan.row_blocks > 0) {
+    err = vector_path<T>(g.c_out, {p.z.ptr}) ? launch_z_stats<T, kV>(p, plan, stream)
+                                              : launch_z_stats<T, 1>(p, plan, stream);
     if (err != cudaSuccess) return err;
   }
+  // No row blocks (an empty batch): the final pass over none writes mean 0, var 1.
+  err = launch_bn_stats_merge(plan.partial, plan.row_blocks, StatsCounts{positions}, g.c_out,
+                              static_cast<float>(p.eps), plan.merge, p.mean, p.var, plan.invstd, stream);
+  if (err != cudaSuccess) return err;
   const int64_t total = positions * g.c_out;
   if (total > 0) {
     float* weight = plan.affine;
     float* bias = plan.affine + g.c_out;
     vec_to_float_kernel<<<elementwise_blocks(g.c_out), 256, 0, stream>>>(p.bn_weight, 1.f, g.c_out, weight);
     vec_to_float_kernel<<<elementwise_blocks(g.c_out), 256, 0, stream>>>(p.bn_bias, -0.f, g.c_out, bias);
-    constexpr int kV = 16 / sizeof(T);
-    // The per-channel vectors: mean (the op's output), invstd and the affine (the workspace's first
-    // buffers, 256-byte aligned; bias at c_out floats, a multiple of the vector on this path).
+    // The per-channel vectors: mean (the op's output), invstd and the affine (the workspace's buffers,
+    // 256-byte aligned; bias at c_out floats, a multiple of the vector on this path).
     if (vector_path<T>(g.c_out, {p.z.ptr, p.y.ptr, p.residual.ptr, p.mean, plan.invstd, weight, bias})) {
       bn_apply_kernel<T, kV><<<elementwise_blocks(total / kV), 256, 0, stream>>>(p, plan.invstd, weight, bias, total);
     } else {
@@ -245,36 +321,48 @@ const char* compiled_cuda_arch_list() {
 #endif
 }
 
-size_t workspace_size(const SepConvInferParams& params) { return infer_tiled_workspace_size(params); }
+size_t workspace_size(const SepConvInferParams& params) {
+  Workspace ws(nullptr);
+  plan_infer(params.g, params.dtype, ws);
+  return ws.bytes();
+}
 
 size_t workspace_size(const SepConvTrainParams& params) {
   Workspace ws(nullptr);
-  plan_train(params.g, ws);
-  const size_t tiled = train_tiled_workspace_size(params);
-  return ws.bytes() > tiled ? ws.bytes() : tiled;
+  plan_train(params.g, params.dtype, ws);
+  return ws.bytes();
 }
 
-cudaError_t run_sepconv_bn_infer(const SepConvInferParams& p, cudaStream_t stream) {
-  const ConvGeometry& g = p.g;
-  if (!is_nhwc(p.x, g.n, g.c, g.h, g.w) || !is_nhwc(p.y, g.n, g.c_out, g.h_out, g.w_out) ||
-      (p.residual.ptr != nullptr && !is_nhwc(p.residual, g.n, g.c_out, g.h_out, g.w_out))) {
-    return cudaErrorInvalidValue;
-  }
-  // The tiled kernel (sepconv_infer.cu) first; it declines what it does not cover (see there).
-  bool launched = false;
-  const cudaError_t err = run_sepconv_bn_infer_tiled(p, stream, &launched);
-  if (launched || err != cudaSuccess) return err;
-  return XF_DTYPE_SWITCH(p.dtype, T, [&] { return launch_infer<T>(p, stream); });
+cudaError_t run_sepconv_bn_infer_d(const SepConvInferParams& p, cudaStream_t stream) {
+  if (!infer_layout_ok(p)) return cudaErrorInvalidValue;
+  Workspace ws(p.workspace);
+  const InferPlan plan = plan_infer(p.g, p.dtype, ws);
+  if (ws.bytes() > p.workspace_bytes) return cudaErrorInvalidValue;
+  return run_d_store(p, p.d, plan.ds, plan.ds_bytes, stream);
 }
 
-cudaError_t run_sepconv_bn_train(const SepConvTrainParams& p, cudaStream_t stream) {
-  const ConvGeometry& g = p.g;
-  if (!is_nhwc(p.x, g.n, g.c, g.h, g.w) || !is_nhwc(p.y, g.n, g.c_out, g.h_out, g.w_out) ||
-      !is_nhwc(p.z, g.n, g.c_out, g.h_out, g.w_out) ||
-      (p.residual.ptr != nullptr && !is_nhwc(p.residual, g.n, g.c_out, g.h_out, g.w_out))) {
-    return cudaErrorInvalidValue;
-  }
-  return XF_DTYPE_SWITCH(p.dtype, T, [&] { return launch_train<T>(p, stream); });
+cudaError_t run_sepconv_bn_infer_epilogue(const SepConvInferParams& p, cudaStream_t stream) {
+  if (!infer_layout_ok(p)) return cudaErrorInvalidValue;
+  Workspace ws(p.workspace);
+  const InferPlan plan = plan_infer(p.g, p.dtype, ws);
+  if (ws.bytes() > p.workspace_bytes) return cudaErrorInvalidValue;
+  return XF_DTYPE_SWITCH(p.dtype, T, [&] { return launch_infer_epilogue<T>(p, plan, stream); });
+}
+
+cudaError_t run_sepconv_bn_train_d(const SepConvTrainParams& p, cudaStream_t stream) {
+  if (!train_layout_ok(p)) return cudaErrorInvalidValue;
+  Workspace ws(p.workspace);
+  const TrainPlan plan = plan_train(p.g, p.dtype, ws);
+  if (ws.bytes() > p.workspace_bytes) return cudaErrorInvalidValue;
+  return run_d_store(p, p.d, plan.ds, plan.ds_bytes, stream);
+}
+
+cudaError_t run_sepconv_bn_train_stats_apply(const SepConvTrainParams& p, cudaStream_t stream) {
+  if (!train_layout_ok(p)) return cudaErrorInvalidValue;
+  Workspace ws(p.workspace);
+  const TrainPlan plan = plan_train(p.g, p.dtype, ws);
+  if (ws.bytes() > p.workspace_bytes) return cudaErrorInvalidValue;
+  return XF_DTYPE_SWITCH(p.dtype, T, [&] { return launch_train_stats_apply<T>(p, plan, stream); });
 }
 
 }  // namespace xception_fast

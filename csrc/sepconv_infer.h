@@ -1,5 +1,5 @@
-// The tiled kernel (sepconv_infer.cu), inference and training forward: entry points used by
-// sepconv_forward.cu.
+// Entry points of the tiled depthwise machinery (sepconv_infer.cu) and of the shared d store
+// (sepconv_backward.cu), used by sepconv_forward.cu and sepconv_backward.cu.
 #pragma once
 
 #include <cstddef>
@@ -9,19 +9,6 @@
 #include "sepconv_params.h"
 
 namespace xception_fast {
-
-// Bytes of workspace the tiled kernel needs (its packed weights); 0 when it never takes `params`.
-size_t infer_tiled_workspace_size(const SepConvInferParams& params);
-
-// Launches the tiled kernel when it covers `params` and sets *launched; otherwise leaves *launched
-// false and returns cudaSuccess, and the caller runs the int64 kernel (sepconv_forward.cu).
-cudaError_t run_sepconv_bn_infer_tiled(const SepConvInferParams& params, cudaStream_t stream, bool* launched);
-
-// The training forward's first part on the tiled kernel: z, then the batch mean and var (into params)
-// and invstd (the workspace's first float buffer, [Cout], where bn_apply_kernel reads it). The same
-// contract as the int64 path: *launched false when the tiled kernel does not cover `params`.
-size_t train_tiled_workspace_size(const SepConvTrainParams& params);
-cudaError_t run_sepconv_bn_train_tiled(const SepConvTrainParams& params, cudaStream_t stream, bool* launched);
 
 // The backward's d = dw(pre(x)) [P, C] in `dtype` (the A operand of cuBLAS's grad_pw = grad_z^T d) on
 // the tiled kernel's depthwise phase: one pass that reads x once and writes d once. *launched false
@@ -38,6 +25,11 @@ struct DStoreParams {
 };
 size_t d_store_tiled_workspace_size(const ConvGeometry& g, DType dtype);
 cudaError_t run_d_store_tiled(const DStoreParams& params, cudaStream_t stream, bool* launched);
+
+// d = dw(pre(x)) [P, C] of the unit `u` into d: the tiled d store, or its int64 fallback
+// (d_store_fallback_kernel, sepconv_backward.cu) where the tiled one declines. ds: its packed weights,
+// d_store_tiled_workspace_size(u.g, u.dtype) bytes. The forwards' first step and the backwards' d.
+cudaError_t run_d_store(const UnitParams& u, void* d, void* ds, size_t ds_bytes, cudaStream_t stream);
 
 // The backward's grad_x and grad_dw on the tiled machinery (stride 1, 3x3, padding at most the
 // window's reach; every dtype): grad_d's halo staged once per tile and chunk, x read once, grad_x

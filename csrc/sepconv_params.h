@@ -66,11 +66,14 @@ struct UnitParams {
   size_t workspace_bytes = 0;
 };
 
-// y = post(pw(dw(pre(x))) * scale + shift) + residual.
+// y = post(pw(dw(pre(x))) * scale + shift) + residual. The forward runs in three steps on one stream
+// (sepconv_forward.cu): run_sepconv_bn_infer_d writes d; the host's cuBLAS product writes
+// z = d pw^T into y's buffer; run_sepconv_bn_infer_epilogue turns z into y in place.
 struct SepConvInferParams : UnitParams {
   Vec scale, shift;  // optional
   Tensor4 residual;  // optional, output-shaped
-  Tensor4 y;         // out: output-shaped, channels_last
+  Tensor4 y;         // out: output-shaped, channels_last (z between the steps)
+  void* d = nullptr;  // [P, C] in the activations' dtype, contiguous, allocated by the host
 };
 
 // The backward's [positions, channels] intermediates in the activations' dtype, contiguous, allocated by
@@ -95,7 +98,9 @@ struct SepConvInferBackwardParams : UnitParams {
 
 // Training forward: z = pw(dw(pre(x))), batch mean and biased var of z per channel, and
 // y = post((z - mean) * rsqrt(var + eps) * bn_weight + bn_bias) + residual.
-// An empty batch gives mean 0 and var 1 (as xception_fast.reference).
+// An empty batch gives mean 0 and var 1 (as xception_fast.reference). Three steps, as the inference
+// forward: run_sepconv_bn_train_d writes d, the host's cuBLAS product z = d pw^T,
+// run_sepconv_bn_train_stats_apply the statistics and y.
 struct SepConvTrainParams : UnitParams {
   Vec bn_weight, bn_bias;  // optional
   Tensor4 residual;        // optional
@@ -104,6 +109,7 @@ struct SepConvTrainParams : UnitParams {
   float* mean = nullptr;   // out: [Cout]
   float* var = nullptr;    // out: [Cout], biased
   double eps = 1e-5;
+  void* d = nullptr;      // [P, C] in the activations' dtype, contiguous, allocated by the host
 };
 
 // What both BatchNorm-backward ops read: grad_y and z [N, Cout, Ho, Wo], the batch statistics and
@@ -150,8 +156,11 @@ size_t workspace_size(const BnBackwardReduceParams& params);
 size_t workspace_size(const SepConvTrainBackwardParams& params);
 // Launchers: enqueue the op's kernels on `stream` and return cudaGetLastError(). They handle empty
 // tensors (n == 0). cudaErrorInvalidValue: a layout or workspace the kernels do not accept.
-cudaError_t run_sepconv_bn_infer(const SepConvInferParams& params, cudaStream_t stream);
-cudaError_t run_sepconv_bn_train(const SepConvTrainParams& params, cudaStream_t stream);
+// The forwards' steps (see SepConvInferParams, SepConvTrainParams), with the same params and workspace.
+cudaError_t run_sepconv_bn_infer_d(const SepConvInferParams& params, cudaStream_t stream);
+cudaError_t run_sepconv_bn_infer_epilogue(const SepConvInferParams& params, cudaStream_t stream);
+cudaError_t run_sepconv_bn_train_d(const SepConvTrainParams& params, cudaStream_t stream);
+cudaError_t run_sepconv_bn_train_stats_apply(const SepConvTrainParams& params, cudaStream_t stream);
 cudaError_t run_bn_backward_reduce(const BnBackwardReduceParams& params, cudaStream_t stream);
 // The backwards' two launches (see BackwardIntermediates), with the same params and workspace:
 // grad_z (inference: and grad_scale / grad_shift) and d; then grad_x and grad_dw from mid.grad_d.

@@ -6,10 +6,13 @@
 //
 // Each CUDA implementation: checks its inputs (checks.h), guards x's device, makes the inputs
 // channels_last / contiguous, allocates the outputs and the kernels' scratch workspace, fills the
-// params struct (sepconv_params.h; the unit's part in unit_params) and calls the launcher
-// (sepconv_forward.cu, sepconv_backward.cu) on the current stream. The two backward ops run in three
-// steps on that stream: a launch that writes grad_z and d, the two pointwise products on cuBLAS
-// (pointwise_grads, under ExactMatmulGuard), a launch that forms grad_x and grad_dw from grad_d.
+// params struct (sepconv_params.h; the unit's part in unit_params) and calls the launchers
+// (sepconv_forward.cu, sepconv_backward.cu) on the current stream. The two forward ops run in three
+// steps on that stream: a launch that writes d = dw(pre(x)), the pointwise product z = d pw^T on
+// cuBLAS (pointwise_forward, under ExactMatmulGuard), a launch that forms y (inference: in place over
+// z; training: the batch statistics of z, then y). The two backward ops too: a launch that writes
+// grad_z and d, the two pointwise products on cuBLAS (pointwise_grads), a launch that forms grad_x
+// and grad_dw from grad_d.
 // The CPU registrations only raise a clear error instead of PyTorch's "Could not run ... 'CPU'".
 //
 // Debugging: XCEPTION_FAST_POISON_OUTPUTS=1 (read at every call) fills freshly allocated outputs
@@ -232,6 +235,20 @@ void pointwise_grads(Intermediates& m, const Tensor& pwc, Tensor& grad_pw) {
   at::mm_out(grad_pw_2d, m.grad_z.t(), m.d);
 }
 
+// The forwards' d [P, C] in x's dtype: the A operand of pointwise_forward.
+Tensor forward_d(const ConvGeometry& g, const Tensor& x) {
+  return fresh(at::empty({g.n * g.h_out * g.w_out, g.c}, x.options()));
+}
+
+// z = d pw^T ([P, C] x [C, Cout]) on cuBLAS into out, an output-shaped channels_last tensor (its memory
+// is [P, Cout] row-major), in x's dtype from fp32 accumulators: the contract's z (the unfused 1x1
+// conv stores it in T). On the current stream, between the forward's two launches.
+void pointwise_forward(const Tensor& d, const Tensor& pwc, Tensor& out) {
+  const ExactMatmulGuard exact(d.scalar_type());
+  Tensor out_2d = out.permute({0, 2, 3, 1}).view({d.size(0), pwc.size(0)});
+  at::mm_out(out_2d, d, pwc.view({pwc.size(0), pwc.size(1)}).t());
+}
+
 // --- CUDA implementations ----------------------------------------------------------------------------
 
 Tensor sepconv_bn_infer_cuda(const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight,
@@ -248,11 +265,14 @@ Tensor sepconv_bn_infer_cuda(const Tensor& x, const Tensor& dw_weight, const Ten
   const Tensor scale_c = optional_contiguous(scale), shift_c = optional_contiguous(shift);
   const Tensor residual_c = optional_channels_last(residual);
   Tensor y = fresh(empty_channels_last({g.n, g.c_out, g.h_out, g.w_out}, x));
+  const Tensor d = forward_d(g, x);
 
   SepConvInferParams p{unit_params(g, xc, dwc, pwc, pre_relu, post_relu), vec(scale_c), vec(shift_c),
-                       optional_tensor4(residual_c), tensor4(y)};
+                       optional_tensor4(residual_c), tensor4(y), d.data_ptr()};
   const Tensor ws = attach_workspace(p, x);
-  check_launch(run_sepconv_bn_infer(p, current_stream()), "sepconv_bn_infer");
+  check_launch(run_sepconv_bn_infer_d(p, current_stream()), "sepconv_bn_infer (d)");
+  pointwise_forward(d, pwc, y);  // z, in y's buffer
+  check_launch(run_sepconv_bn_infer_epilogue(p, current_stream()), "sepconv_bn_infer (epilogue)");
   return y;
 }
 
@@ -308,11 +328,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sepconv_bn_train_cuda(
   Tensor mean = fresh(empty_vector(g.c_out, x, at::kFloat));
   Tensor var = fresh(empty_vector(g.c_out, x, at::kFloat));
 
+  const Tensor d = forward_d(g, x);
+
   SepConvTrainParams p{unit_params(g, xc, dwc, pwc, pre_relu, post_relu), vec(weight_c), vec(bias_c),
                        optional_tensor4(residual_c), tensor4(y), tensor4(z), mean.data_ptr<float>(),
-                       var.data_ptr<float>(), eps};
+                       var.data_ptr<float>(), eps, d.data_ptr()};
   const Tensor ws = attach_workspace(p, x);
-  check_launch(run_sepconv_bn_train(p, current_stream()), "sepconv_bn_train");
+  check_launch(run_sepconv_bn_train_d(p, current_stream()), "sepconv_bn_train (d)");
+  pointwise_forward(d, pwc, z);
+  check_launch(run_sepconv_bn_train_stats_apply(p, current_stream()), "sepconv_bn_train (statistics, y)");
   return {y, z, mean, var};
 }
 

@@ -4,8 +4,10 @@ The C++ programs in tests/cpp include the same header the kernel includes, compi
 host C++ compiler. test_infer_tiling.cpp: tile coverage, halo boxes, the shared-memory layout, thread
 mappings, the depthwise of every tile bit-exact against a direct loop, and the ldmatrix / mma.sync
 fragment mapping against the PTX ISA layouts. test_train_stats.cpp: the training forward's BatchNorm
-statistics (per-part moments from the accumulator layout, their merge per tile and per channel)
-against double precision. test_d_store_tiling.cpp: the backward's d store for cuBLAS's grad_pw (the
+statistics (z_stats_partial_kernel's row-block moments of the stored z, their merge per channel)
+against double precision. test_forward_elementwise.cpp: the forward's element-wise passes over
+[P, Cout] (the inference epilogue, bn_apply: the vector / element split, every element written once,
+the channel of each vector lane). test_d_store_tiling.cpp: the backward's d store for cuBLAS's grad_pw (the
 kernel emulated against a direct depthwise, every element of d written once) and the splits of the
 tiled grad_x / grad_dw. test_dw_backward_tiling.cpp:
 the backward's tiled grad_x / grad_dw (the transposed plan's gathers, the kernel emulated against a
@@ -23,7 +25,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ["test_infer_tiling.cpp", "test_train_stats.cpp", "test_d_store_tiling.cpp", "test_dw_backward_tiling.cpp"]
+SOURCES = ["test_infer_tiling.cpp", "test_train_stats.cpp", "test_d_store_tiling.cpp", "test_dw_backward_tiling.cpp",
+           "test_forward_elementwise.cpp"]
 
 
 def _compiler() -> str | None:
