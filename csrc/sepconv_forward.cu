@@ -23,6 +23,7 @@
 // Deterministic: no atomics; every reduction has a fixed order.
 
 #include <cstdint>
+#include <type_traits>
 
 #include "sepconv_device.cuh"
 #include "sepconv_elementwise.h"
@@ -42,11 +43,12 @@ int64_t positions_out(const ConvGeometry& g) { return g.n * g.h_out * g.w_out; }
 // as stored in T, the affine as two separately rounded fp32 ops (no fused multiply-add, as the
 // reference's mul and add), rounded to T, post-ReLU, the residual added in fp32 and rounded once (T + T).
 // scale / shift: fp32 [Cout] (1 and -0 where absent: exact). y may be z (each element is read, then
-// written, by the same thread): no __restrict__ on them.
-template <typename T, int kV>
+// written, by the same thread): no __restrict__ on them. The residual and the post-ReLU are template
+// flags: a loop body without branches (a run-time residual test left two copies of the math in it).
+template <typename T, int kV, bool kResidual, bool kPostRelu>
 __global__ void __launch_bounds__(256)
     infer_epilogue_kernel(const T* z, const float* __restrict__ scale, const float* __restrict__ shift,
-                          const T* __restrict__ residual, T* y, int64_t c_out, int64_t total, bool post_relu) {
+                          const T* __restrict__ residual, T* y, int64_t c_out, int64_t total) {
   using E = Elems<T, kV>;
   const int64_t steps = infer::elem_steps(total, kV);
   for (int64_t step = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; step < steps;
@@ -54,15 +56,15 @@ __global__ void __launch_bounds__(256)
     const infer::ElemStep s = infer::elem_step(step, kV, c_out);
     const E zv = E::load(z + s.first);
     E rv, out;
-    if (residual != nullptr) rv = E::load(residual + s.first);
+    if constexpr (kResidual) rv = E::load(residual + s.first);
     float sc[kV], sh[kV];
     load_channels<kV>(scale, s.co, sc);
     load_channels<kV>(shift, s.co, sh);
 #pragma unroll
     for (int e = 0; e < kV; ++e) {
       float v = round_to<T>(__fadd_rn(__fmul_rn(to_float(zv.v[e]), sc[e]), sh[e]));
-      if (post_relu) v = relu(v);
-      if (residual != nullptr) v = v + to_float(rv.v[e]);
+      if constexpr (kPostRelu) v = relu(v);
+      if constexpr (kResidual) v = v + to_float(rv.v[e]);
       out.v[e] = from_float<T>(v);
     }
     out.store(y + s.first);
@@ -75,7 +77,7 @@ __global__ void __launch_bounds__(256)
 // Per (row block, channel) moments of z [rows, c_out] (the order: sepconv_elementwise.h): each
 // thread kV channels (one 16-byte vector, or one element) of its lane's rows, a group of 8 rows in
 // registers at a time with exact two-pass moments about its first row, merged into the lane's moments
-// (merge_moments); then the 8 lanes of each channel merged as a binary tree through shared memory.
+// (merge_moments' arithmetic, one division for the thread's channels); then the 8 lanes of each channel merged as a binary tree through shared memory.
 // partial[(block * 3 + k) * c_out + co], k = 0 pivot, 1 mu, 2 M2 (merge_offset), for bn_stats_merge_kernel.
 // Two blocks per SM for the element-wise instance (ptxas otherwise spills it at 64 registers); the
 // vector one needs more than 128 registers (8 channels' moments) and keeps one.
@@ -107,6 +109,8 @@ __global__ void __launch_bounds__(infer::kStatsCols* infer::kStatsLanes, kV == 1
       }
     }
     if (count == 0) continue;
+    // Every channel of the thread has merged the same rows: one fraction for all (merge_moments_frac).
+    const float frac = infer::merge_fraction(m[0].count, count);
 #pragma unroll
     for (int e = 0; e < kV; ++e) {
       const float pivot = to_float(zr[0].v[e]);
@@ -121,7 +125,7 @@ __global__ void __launch_bounds__(infer::kStatsCols* infer::kStatsLanes, kV == 1
         const float d = (to_float(zr[i].v[e]) - pivot) - mu;
         if (i < count) m2 = fmaf(d, d, m2);
       }
-      infer::merge_moments(m[e], Moments{count, pivot, mu, m2});
+      infer::merge_moments_frac(m[e], Moments{count, pivot, mu, m2}, frac);
     }
   }
   // Unrolled: m[e] stays in registers.
@@ -256,14 +260,26 @@ cudaError_t launch_infer_epilogue(const SepConvInferParams& p, const InferPlan& 
   vec_to_float_kernel<<<elementwise_blocks(g.c_out), 256, 0, stream>>>(p.shift, -0.f, g.c_out, shift);
   T* y = static_cast<T*>(p.y.ptr);
   const T* residual = static_cast<const T*>(p.residual.ptr);
-  constexpr int kV = 16 / sizeof(T);
   // The workspace's buffers are 256-byte aligned; shift starts c_out floats in, a multiple of kV here.
-  if (vector_path<T>(g.c_out, {y, residual, scale, shift})) {
-    infer_epilogue_kernel<T, kV><<<elementwise_blocks(total / kV), 256, 0, stream>>>(y, scale, shift, residual, y,
-                                                                                    g.c_out, total, p.post_relu);
+  const bool vectors = vector_path<T>(g.c_out, {y, residual, scale, shift});
+  const auto launch = [&](auto kv, auto res, auto relu) {
+    constexpr int kV = decltype(kv)::value;
+    infer_epilogue_kernel<T, kV, decltype(res)::value, decltype(relu)::value>
+        <<<elementwise_blocks(total / kV), 256, 0, stream>>>(y, scale, shift, residual, y, g.c_out, total);
+  };
+  const auto with_flags = [&](auto kv) {
+    using Yes = std::true_type;
+    using No = std::false_type;
+    if (residual != nullptr) {
+      p.post_relu ? launch(kv, Yes{}, Yes{}) : launch(kv, Yes{}, No{});
+    } else {
+      p.post_relu ? launch(kv, No{}, Yes{}) : launch(kv, No{}, No{});
+    }
+  };
+  if (vectors) {
+    with_flags(std::integral_constant<int, 16 / sizeof(T)>{});
   } else {
-    infer_epilogue_kernel<T, 1><<<elementwise_blocks(total), 256, 0, stream>>>(y, scale, shift, residual, y, g.c_out,
-                                                                              total, p.post_relu);
+    with_flags(std::integral_constant<int, 1>{});
   }
   return cudaGetLastError();
 }

@@ -218,6 +218,23 @@ XF_HD void merge_moments(Moments& a, const Moments& b) {
   a.count = total;
 }
 
+// merge_moments for b.count > 0 with frac_b = b.count / (a.count + b.count) given: sets of several
+// channels with the same counts (z_stats_partial_kernel's channel vectors) share one division. The same
+// arithmetic as merge_moments.
+XF_HD float merge_fraction(int64_t a_count, int64_t b_count) {
+  return static_cast<float>(static_cast<double>(b_count) / static_cast<double>(a_count + b_count));
+}
+XF_HD void merge_moments_frac(Moments& a, const Moments& b, float frac_b) {
+  if (a.count == 0) {
+    a = b;
+    return;
+  }
+  const float delta = (b.pivot - a.pivot) + (b.mu - a.mu);
+  a.mu = a.mu + delta * frac_b;
+  a.m2 = a.m2 + b.m2 + delta * delta * (static_cast<float>(a.count) * frac_b);
+  a.count = a.count + b.count;
+}
+
 // mean, biased var and 1 / sqrt(var + eps) of merged moments; an empty batch gives mean 0, var 1 (as
 // the reference).
 XF_HD void finalize_moments(const Moments& m, float eps, float& mean, float& var, float& invstd) {

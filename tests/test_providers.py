@@ -36,9 +36,9 @@ SHAPES = {
     "c19to33_k2x4": (19, 33, (2, 4), (1, 1), (0, 1), (1, 1), 2, 5, 6),
     "c70to130_k3": (70, 130, 3, (1, 1), (1, 1), (1, 1), 3, 13, 11),
     "c1to5_k1_s2": (1, 5, 1, (2, 2), (0, 0), (1, 1), 2, 7, 7),
-    # The CUDA tiled inference kernel's other paths: C a multiple of 8 (16-byte halo loads), tiles
-    # spanning two output rows of a wide image, several Cout tiles of 128 with a partial last one,
-    # full tiles with whole-pair stores; a row so wide (stride 2, 300 outputs) that full-width halo
+    # The CUDA d store's other paths: C a multiple of 8 (16-byte halo loads and d stores), tiles
+    # spanning two output rows of a wide image; Cout a multiple of 8 (the forward's epilogue and
+    # statistics on 16-byte vectors); a row so wide (stride 2, 300 outputs) that full-width halo
     # boxes do not fit in shared memory and the tiles are row segments (a partial last one).
     "c24to264_w150": (24, 264, 3, (1, 1), (1, 1), (1, 1), 2, 3, 150),
     "c16to40_s2_w600": (16, 40, 3, (2, 2), (1, 1), (1, 1), 1, 5, 600),
@@ -160,11 +160,21 @@ def test_larger_layer_many_blocks(target, train, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_train_statistics_over_many_row_blocks(target, dtype, seed):
+    """20,000 positions: the CUDA training forward's statistics take 79 row blocks of 256, so the
+    moments merge runs a pass before its final one; Cout 24 (16-byte vectors in every dtype) and the
+    shape again with Cout 21 (one element per step)."""
+    on_gpu_only(target[1], "20,000 positions")
+    for cout in (24, 21):
+        _train_case(target, (8, cout, 3, (1, 1), (1, 1), (1, 1), 2, 100, 100), "pre_post_res", dtype, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_cuda_int64_kernels_on_a_window_no_tile_fits(target, train, dtype, seed):
     """A 41 x 41 window: no tiled kernel's halo box fits in shared memory, so the CUDA provider runs its
-    int64 kernels (the forward, the backward's d store, grad_x and grad_dw) around the cuBLAS products;
-    9 input channels (element-wise stores), 16 output channels."""
+    int64 kernels (the d store of the forward and the backward, grad_x and grad_dw) around the cuBLAS
+    products; 9 input channels (element-wise stores), 16 output channels."""
     provider, device = target
     if provider != "cuda":
         pytest.skip("the CUDA provider's int64 kernels")

@@ -147,6 +147,7 @@ static void check_stats(int64_t rows, int c_out, int kv, Dist dist) {
             }
             EXPECT(prefix);
             if (count == 0) continue;
+            const float frac = merge_fraction(lane_m[ty][0].count, count);
             for (int e = 0; e < kv; ++e) {
               const float pivot = v[0][e];
               float sum = 0.f;
@@ -154,7 +155,11 @@ static void check_stats(int64_t rows, int c_out, int kv, Dist dist) {
               const float mu = sum / static_cast<float>(count);
               float m2 = 0.f;
               for (int i = 0; i < count; ++i) m2 = std::fmaf((v[i][e] - pivot) - mu, (v[i][e] - pivot) - mu, m2);
-              merge_moments(lane_m[ty][e], Moments{count, pivot, mu, m2});
+              Moments same = lane_m[ty][e];  // merge_moments_frac against merge_moments: the same bits
+              merge_moments(same, Moments{count, pivot, mu, m2});
+              merge_moments_frac(lane_m[ty][e], Moments{count, pivot, mu, m2}, frac);
+              EXPECT(same.count == lane_m[ty][e].count && same.mu == lane_m[ty][e].mu && same.m2 == lane_m[ty][e].m2 &&
+                     same.pivot == lane_m[ty][e].pivot);
             }
           }
         if (!live) continue;

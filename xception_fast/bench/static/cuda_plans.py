@@ -5,27 +5,21 @@ partially; a plan gives the trip count of the loop as compiled and pins the unro
 with `expect` (instructions per iteration, inner loops excluded), so a compiler or source change
 that alters it fails loudly instead of skewing the estimate.
 
-Modelled: inference as the host runs it (`run_sepconv_bn_infer`): `pack_weights_kernel`, then the
-tiled kernel of sepconv_infer.cu (`sepconv_infer_tiled_kernel<T, bm, 3, 3>`, the tiling the
-launcher picks, see `cuda_tiling`), in every dtype; the int64 kernel `sepconv_infer_kernel` only
-where the launcher declines (no tile fits shared memory: fp32 C = 1536 on an H100; fp32 C >= 1024 on
-an A100). The tiled kernel's loop bodies hold code that runs once per Cout tile (the epilogue) and
-copies of it for run-time flags (unmasked / masked stores, residual, post-ReLU; 16-byte /
-element-wise staging): its plan names the path each iteration takes (`model.Path`, found by its
-instructions), and its two phases (depthwise into shared memory, then the pointwise over every Cout
-tile) run in sequence: one CTA per SM and a barrier between them, nothing in the SASS overlaps them.
-Training, bf16/fp16, as `run_sepconv_bn_train` and `run_sepconv_bn_train_backward` launch it on
-Xception's units (3x3, stride 1, C and Cout multiples of 8): the forward on the tiled kernel with its
-statistics epilogue (`<T, bm, 3, 3, true>`), the moments merge's passes, the BatchNorm affine in
-fp32 and bn_apply; the backward's dy sums, the grad_z materialisation, the d store for cuBLAS
-(`d_store_kernel`), grad_d and grad_pw on cuBLAS (library calls at their roofline, as the Triton plan
-models its torch.matmul), grad_x and grad_dw (`dw_backward_tiled_kernel`), their weight packs and
-column sums. The fallbacks (the int64 kernels, and d / grad_x / grad_dw's older kernels for shapes
-the tiled ones decline) and fp32 training
-have no plan: `train` returns None (fp32) or raises NotImplementedError, and the unit is reported as
-not modelled. Where nvcc versioned a loop on a run-time flag (post_relu, pre_relu), the plan gives
-the version the layer runs its trips and the others 0; which SASS copy is which version is read from
-the instruction counts (`expect`).
+Modelled: both forwards as the host runs them (xception_fast_ops.cpp, three steps): the d store
+(`pack_weights_kernel`, `d_store_kernel<T, bm, 3, 3>` on the tiled depthwise phase, the tiling its
+launcher picks, see `cuda_tiling.ds_choose`), z = d pw^T on cuBLAS (a library call at its roofline,
+`model.library_gemm`, as the backward's products and the Triton plan's torch.matmul), then inference:
+the scale and shift in fp32 and `infer_epilogue_kernel` (in place over z); training: the statistics'
+partials (`z_stats_partial_kernel`), the moments merge's passes, the BatchNorm affine in fp32 and
+`bn_apply_kernel`. Inference in every dtype; training, bf16/fp16, with the backward as
+`run_sepconv_bn_train_backward` launches it on Xception's units (3x3, stride 1, C and Cout multiples
+of 8): the dy sums, the grad_z materialisation, the d store, grad_d and grad_pw on cuBLAS, grad_x and
+grad_dw (`dw_backward_tiled_kernel`), their weight packs and column sums. The fallbacks (the int64
+d store, grad_x and grad_dw kernels for shapes the tiled ones decline, the element-wise staging for C
+not a multiple of a vector) and fp32 training have no plan: `train` returns None (fp32) or raises
+NotImplementedError, and the unit is reported as not modelled. Where nvcc versioned a loop on a
+run-time flag (post_relu, pre_relu), the plan gives the version the layer runs its trips and the
+others 0; which SASS copy is which version is read from the instruction counts (`expect`).
 
 Cubins: `nvcc -cubin -gencode arch=compute_90a,code=sm_90a` (sm_80 for arch 80) of each csrc/*.cu,
 with csrc/ as include directory, cached under `cache_dir()` by a hash of the sources, flags and nvcc
@@ -147,53 +141,59 @@ def _compiler(source: str, kernel: str, arch: int, dtype: str, dynamic_smem: int
     return build
 
 
-def _fallback(unit: Unit, arch: int) -> list[Launch]:
-    """sepconv_infer_kernel (sepconv_forward.cu): 64 positions x 64 output channels per 128-thread
-    block, 32-channel chunks; the int64 kernel the host runs where the tiled one declines."""
-    per_thread = BM // (THREADS // BK)  # depthwise rows per thread (depthwise_tile's kPerThread)
-    fp32 = unit.dtype == "fp32"
-    loops = [
-        # fill_rows: rows r = tid, tid + 128, ... < 64: warps 0-1 one iteration, warps 2-3 none.
-        LoopPlan("fill_rows (row table)", 0.5, expect={"STS": 6}),
-        # 16-bit types: 2 x 2 wmma 16x16x16 fragments per warp and 16-wide k step (HMMA.16816 x 16).
-        LoopPlan("input-channel chunks of 32", cdiv(unit.C, BK), expect=None if fp32 else {"HMMA": 16}),
-        LoopPlan("depthwise taps i (run-time kh)", unit.K),
-        LoopPlan("depthwise taps j (run-time kw)", unit.K, expect={"FFMA": per_thread}),
-        # pw tile staging: 64 x 32 elements / 128 threads = 16 per thread, unrolled x4 by nvcc.
-        LoopPlan("pointwise weight tile staging (x4 unrolled)", BN * BK // THREADS / 4, expect={"LDG": 4}),
-    ]
-    if fp32:  # BlockMma<float>: k = 0..31, `#pragma unroll 4`, an 8 x 4 FMA micro-tile per k
-        loops.append(LoopPlan("fp32 block product over k (x4 unrolled)", BK / 4, expect={"FFMA": 128}))
-    # epilogue: 64 x 64 / 128 = 32 per thread, unrolled x2.
-    loops.append(LoopPlan("epilogue (x2 unrolled)", BM * BN // THREADS / 2, expect={"STG": 2}))
-    grid = cdiv(unit.P, BM) * cdiv(unit.Cout, BN)
-    nbytes = unit.x_bytes() + unit.weight_bytes() + unit.y_bytes() * (2 if unit.shape.residual else 1)
-    return [Launch(kernel="sepconv_infer_kernel", config=f"{BM}x{BN}x{BK} t{THREADS} (int64 fallback)",
-                   compile=_compiler("sepconv_forward.cu", "sepconv_infer_kernel", arch, unit.dtype),
-                   grid=grid, loops=loops, dram_bytes=nbytes, threads=THREADS,
-                   useful_ffma=BM * cdiv(unit.C, BK) * BK * unit.K * unit.K)]
+def _d_store_plan(unit: Unit, max_smem: int) -> cuda_tiling.TiledPlan:
+    """The d store's tiling on a GPU with `max_smem` bytes of shared memory per block; raises
+    NotImplementedError where its plan does not apply (the int64 fallback, the element-wise staging)."""
+    s = unit.shape
+    if unit.K != 3:
+        raise NotImplementedError("the d store's plan covers the 3x3 instance (every Xception unit)")
+    if unit.C % (16 // unit.e):
+        raise NotImplementedError("C not a multiple of a 16-byte vector: the element-wise staging runs "
+                                  "(not in Xception; no plan for its loop copies)")
+    ds = cuda_tiling.ds_choose(unit.batch, unit.C, unit.H, unit.W, 3, s.stride, s.padding, s.dilation, unit.e,
+                               max_smem)
+    if ds is None:
+        raise NotImplementedError("the tiled d store declines this unit (its int64 fallback has no plan)")
+    return ds
+
+
+def _pointwise_forward(unit: Unit, arch: int) -> list[list[Launch]]:
+    """The forwards' first two steps: the d store (weight pack, d_store_kernel) and z = d pw^T on
+    cuBLAS (xception_fast_ops.cpp, pointwise_forward): d read, the weights, z written."""
+    from xception_fast.bench.static.machine import machine
+    from xception_fast.bench.static.model import library_gemm
+
+    gpu = machine(arch)
+    ds = _d_store_plan(unit, gpu.smem_per_block)
+    gemm = library_gemm("cublas_z", gpu, unit.P, unit.Cout, unit.C, unit.dtype,
+                        unit.d_bytes() + unit.e * unit.C * unit.Cout + unit.y_bytes())
+    return [[_pack_launch(unit, arch, ds, scale=False)], [_d_store_launch(unit, arch, ds)], [gemm]]
+
+
+def _vector(unit: Unit) -> int:
+    """Elements per step of the forward's element-wise passes: 16 bytes where Cout allows (the aligned
+    buffers of the provider), else one."""
+    v = 16 // unit.e
+    return v if unit.Cout % v == 0 else 1
 
 
 def infer(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
-    """What run_sepconv_bn_infer (sepconv_forward.cu) launches: the weight pack and the tiled kernel
-    of sepconv_infer.cu, or the int64 kernel where the tiled one declines (see `tiled_plan`)."""
-    from xception_fast.bench.static.machine import machine
-
-    plan = tiled_plan(unit, machine(arch).smem_per_block)
-    if plan is None:
-        return [_fallback(unit, arch)]
-    return [[_pack_launch(unit, arch, plan)], [_tiled_launch(unit, arch, plan)]]
-
-
-# --- the tiled inference kernel (sepconv_infer.cu) -------------------------------------------------------
-
-
-def tiled_plan(unit: Unit, max_smem: int) -> Optional[cuda_tiling.TiledPlan]:
-    """The tiling the launcher picks for this unit on a GPU with `max_smem` bytes of shared memory per
-    block, or None where it runs the int64 kernel instead."""
+    """What sepconv_bn_infer launches (xception_fast_ops.cpp): the d store, z on cuBLAS into y's buffer,
+    the scale and shift in fp32, infer_epilogue_kernel over z in place (z read, y written, the residual
+    read)."""
     s = unit.shape
-    return cuda_tiling.choose(unit.batch, unit.C, unit.H, unit.W, unit.Cout, unit.K, s.stride, s.padding, s.dilation,
-                              unit.e, max_smem)
+    v = _vector(unit)
+    # The instance for the layer's residual and post-ReLU (template flags).
+    flags = f"Lb{int(bool(s.residual))}ELb{int(bool(s.post_relu))}E"
+    steps = unit.P * unit.Cout // v
+    blocks = min(cdiv(steps, 256), 1 << 20)  # elementwise_blocks
+    epilogue = Launch(kernel="infer_epilogue_kernel", config=f"256, {v} per step", threads=256, grid=blocks,
+                      loops=[LoopPlan("grid-stride vectors", steps / (blocks * 256), expect={"STG": 1})],
+                      dram_bytes=unit.y_bytes() * (3 if s.residual else 2) + 8 * unit.Cout,
+                      compile=_compiler("sepconv_forward.cu", "infer_epilogue_kernel", arch, unit.dtype,
+                                        tag=f"{TYPE_TAG[unit.dtype][:-1]}Li{v}E{flags}E", threads=256))
+    return [*_pointwise_forward(unit, arch), [_vec_to_float(unit, arch, "sepconv_forward.cu")],
+            [_vec_to_float(unit, arch, "sepconv_forward.cu")], [epilogue]]
 
 
 def _pack_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan, scale: bool = True) -> Launch:
@@ -223,67 +223,6 @@ def _per_warp(f) -> float:
     """Average over the CTA's 8 warps of f(warp)."""
     warps = cuda_tiling.THREADS // 32
     return sum(f(w) for w in range(warps)) / warps
-
-
-def _pointwise_paths(unit: Unit, p: cuda_tiling.TiledPlan, flags: Optional[tuple] = None) -> list[Path]:
-    """The ways through one iteration (one 32-channel stage of one Cout tile) of the pointwise loop,
-    per warp, with their shares over the tiles of an image: the products (16-bit: skipped by a warp
-    whose 32 columns all lie past Cout), and after the last stage of each Cout tile the epilogue:
-    the unmasked copy for the flags the layer runs (residual, post-ReLU) where the position tile is
-    full and the Cout tile lies inside Cout, else the masked element-by-element copy with the stores
-    of the rows and columns that exist (a warp issues an instruction when any of its lanes runs it)."""
-    res, relu = flags if flags is not None else (bool(unit.shape.residual), bool(unit.shape.post_relu))
-    warps = cuda_tiling.THREADS // 32
-    shares: dict = {}
-
-    def add(what, signature, n):
-        key = (what, tuple(sorted(signature.items())))
-        shares[key] = shares.get(key, 0) + n
-
-    # Opcodes of the epilogue copies: the unmasked one stores (and adds the residual) a pair at a time,
-    # the masked one element by element; the post-ReLU is 4 instructions per row in both types (4
-    # pairs x 1 packed max in 16-bit, 2 pairs x 2 selects in fp32).
-    if p.elem == 2:
-        pair_st, pair_ld, elem_st, elem_ld, relu_op, pairs_per_row = "STG.E", "LDG.E", "STG.E.U16", "LDG.E.U16", \
-            "HMNMX2", 4
-    else:
-        pair_st, pair_ld, elem_st, elem_ld, relu_op, pairs_per_row = "STG.E.64", "LDG.E.64", "STG.E", "LDG.E", \
-            "FSEL", 2
-    relu_per_row = 4
-    mf = p.bm // 32  # 16-bit: m16 fragments per warp
-    for rem in range(p.tiles_per_image):
-        _, count = p.tile(rem)
-        for nt in range(p.cout_tiles):
-            full = count == p.bm and (nt + 1) * cuda_tiling.BN <= p.c_out
-            for w in range(warps):
-                if p.elem == 2:  # a warp owns (bm / 2) x 32 of the tile: rows 8 lanes deep, pairs 8 apart
-                    live = nt * cuda_tiling.BN + (w % 4) * 32 < p.c_out
-                    work = {"HMMA": 8 * mf if live else 0}
-                    rows = [(w // 4) * (p.bm // 2) + 16 * i + 8 * h for i in range(mf) for h in range(2)]
-                    cols = [nt * cuda_tiling.BN + (w % 4) * 32 + 8 * j for j in range(4)]
-                else:  # a thread owns rows warp + 8 i (warp-uniform) and 4 columns: pairs 2 apart
-                    work = {"FFMA": 512}
-                    rows = [w + 8 * i for i in range(p.bm // 8)]
-                    cols = [nt * cuda_tiling.BN + k for k in (0, 2)]
-                # The stores fix the copy (none, unmasked or masked); a flag that is on adds its
-                # instructions. One that is off adds no key: nvcc may keep a copy's instructions
-                # predicated off rather than branch around them (the unmasked post-ReLU copy issues the
-                # residual loads either way), and the shortest path takes the cheapest copy that fits.
-                none = {pair_st: 0, elem_st: 0}
-                add("products", {**work, **none}, p.k_chunks - 1)
-                if full:
-                    n = len(rows) * pairs_per_row
-                    sig = {**none, pair_st: n, **({pair_ld: n} if res else {}),
-                           **({relu_op: len(rows) * relu_per_row} if relu else {})}
-                    add("products + epilogue, unmasked", {**work, **sig}, 1)
-                else:
-                    valid = [r for r in rows if r < count]
-                    stored = len(valid) * sum((c < p.c_out) + (c + 1 < p.c_out) for c in cols)
-                    sig = {**none, elem_st: stored, **({elem_ld: stored} if res else {}),
-                           **({relu_op: len(valid) * relu_per_row} if relu else {})}
-                    add("products + epilogue, masked", {**work, **sig}, 1)
-    total = sum(shares.values())
-    return [Path(what, n / total, signature) for (what, signature), n in shares.items()]
 
 
 def _mean_over_tiles(p: cuda_tiling.TiledPlan, f) -> float:
@@ -339,40 +278,6 @@ def _depthwise_loops(p: cuda_tiling.TiledPlan, chunks: int, pre_relu: bool, phas
         LoopPlan("depthwise weights of the next chunk", weights * later, expect={"LDGSTS": 1, "LDS": 3}, phase=phase),
         LoopPlan("pre-ReLU of the staged chunk", halo if pre_relu else 0, expect={"LDS": 1, "STS": 1}, phase=phase),
     ]
-
-
-def _tiled_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan, stats: bool = False) -> Launch:
-    """sepconv_infer_tiled_kernel<T, bm, k, k, stats>: one 256-thread CTA per position tile; phase 1 stages
-    the halo box chunk by chunk (32 channels, 16-byte cp.async, the pre-ReLU in place) and computes the
-    depthwise into the resident d tile; phase 2 runs every Cout tile over it (16-bit: ldmatrix +
-    mma.sync, fp32: FFMA) through a 3-stage cp.async weight ring, the epilogue once per Cout tile.
-    One CTA per SM (shared memory) and a barrier between the phases: they run in sequence.
-    stats: the training forward (z stored, the BatchNorm moments from the accumulators in the
-    epilogue; no residual, no post-ReLU)."""
-    s = unit.shape
-    if p.kh != 3:
-        raise NotImplementedError("the plan covers the 3x3 instance (every Xception unit)")
-    if p.c % (16 // unit.e):
-        raise NotImplementedError("C not a multiple of a 16-byte vector: the element-wise halo staging runs "
-                                  "(not in Xception; no plan for its loop copies)")
-    taps = p.kh * p.kw
-    loops = [*_depthwise_loops(p, p.k_chunks, s.pre_relu, phase="depthwise"),
-             LoopPlan("pointwise stages (Cout tiles x 32-channel chunks)", p.stages,
-                      paths=_pointwise_paths(unit, p, (False, False) if stats else None), phase="pointwise")]
-    tag = f"{TYPE_TAG[unit.dtype][:-1]}Li{p.bm}ELi{p.kh}ELi{p.kw}ELb{int(stats)}EE"
-    weights = unit.e * p.cout_pad * p.kp + 4 * (taps * p.kp + 2 * p.cout_pad)
-    if stats:  # x in; z and the per-tile moments out
-        nbytes = unit.x_bytes() + unit.y_bytes() + 12 * p.tiles * p.c_out + weights
-    else:
-        nbytes = unit.x_bytes() + unit.y_bytes() * (2 if s.residual else 1) + weights
-    tiles = "row segments" if p.row_segments else "image ranges"
-    what = " (training: z + statistics)" if stats else ""
-    return Launch(kernel="sepconv_infer_tiled_kernel", config=f"bm {p.bm} ({tiles}) x {cuda_tiling.BN} x "
-                  f"{cuda_tiling.BK}, t{cuda_tiling.THREADS}, {cuda_tiling.STAGES}-stage ring{what}",
-                  compile=_compiler("sepconv_infer.cu", "sepconv_infer_tiled_kernel", arch, unit.dtype,
-                                    dynamic_smem=p.smem_bytes(stats), tag=tag, threads=cuda_tiling.THREADS),
-                  grid=p.tiles, loops=loops, dram_bytes=nbytes, threads=cuda_tiling.THREADS,
-                  useful_ffma=p.bm * p.kp * taps if unit.e == 2 else 0.0)
 
 
 # --- training -------------------------------------------------------------------------------------------
@@ -449,26 +354,25 @@ def merge_passes(tiles: int) -> list[int]:
     return counts
 
 
-def _merge_paths(n: int, final: bool, first: bool, row_segments: bool) -> list[Path]:
+def _merge_paths(n: int, final: bool) -> list[Path]:
     """The ways through one group of a merge pass over n partials, per warp (a warp is one lane: 32
     channels), with their shares over the pass's groups (all full but the last). Lane l of a group with
     `left` partials merges k = min(8, left - 8 l) leaves: k - 1 merges of two non-empty sides, each an
     fp64 division (MUFU.RCP64H); warp 0 then merges the non-empty lanes and stores (a pass: the three
     moments and, predicated, the count; the final pass: mean, var, invstd, their fp32 division and
-    square root). The first pass reads the tiles' counts (TileCounts: an integer division per tile, two
-    for row segments, MUFU.RCP). Merges with an empty side branch around the division: a lower bound."""
+    square root). The first pass computes the row blocks' counts (StatsCounts: a subtraction and a
+    minimum, no division). Merges with an empty side branch around the division: a lower bound."""
     groups = 1 if final else cdiv(n, MERGE_GROUP)
     shares: dict = {}
     for count, left in ((groups - 1, MERGE_GROUP), (1, n - (groups - 1) * MERGE_GROUP)):
         lanes = [min(max(left - MERGE_LEAVES * l, 0), MERGE_LEAVES) for l in range(RED_LANES)]
         for l, k in enumerate(lanes):
             divs = max(k - 1, 0)
-            rcp = k * (2 if row_segments else 1) if first else 0
-            stores = 0
+            rcp = stores = 0
             if l == 0:
                 divs += max(sum(1 for x in lanes if x) - 1, 0)
                 stores = 3 if final else 4
-                rcp += 2 if final else 0
+                rcp = 2 if final else 0
             sig = {"MUFU.RCP64H": divs, "MUFU.RCP": rcp, "STG": stores, **({"MUFU.RSQ": int(l == 0)} if final else {})}
             key = tuple(sorted(sig.items()))
             shares[key] = shares.get(key, 0) + count / groups / RED_LANES
@@ -476,28 +380,47 @@ def _merge_paths(n: int, final: bool, first: bool, row_segments: bool) -> list[P
             for key, share in shares.items() if share > 0]
 
 
-def _merge_launches(unit: Unit, arch: int, p: cuda_tiling.TiledPlan) -> list[Launch]:
+def _merge_launches(unit: Unit, arch: int, partials: int) -> list[Launch]:
     """bn_stats_merge_kernel<final, Counts>, one launch per pass (`merge_passes`): a 32 x 8 block per
     (group of 64 partials, 32 channels), one trip of its loop over the groups; the paths through it in
     `_merge_paths`. Bytes: the partials read (and their int64 counts after the first pass), the next
     pass's written."""
     cols = cdiv(unit.Cout, RED_COLS)
-    passes = merge_passes(p.tiles)
+    passes = merge_passes(partials)
     launches = []
     for i, n in enumerate(passes):
         final = i == len(passes) - 1
         groups = 1 if final else cdiv(n, MERGE_GROUP)
         what = "final pass" if final else f"pass {i + 1}"
-        counts = "TileCounts" if i == 0 else "ArrayCounts"
-        tag = f"ILb{int(final)}E" + ("NS_5infer" if i == 0 else "NS0_11ArrayCountsE")
+        counts = "StatsCounts" if i == 0 else "ArrayCounts"
+        tag = f"ILb{int(final)}ENS0_11{counts}E"
         written = 12 * unit.Cout if final else 12 * groups * unit.Cout + 8 * groups
         nbytes = 12 * n * unit.Cout + (8 * n if i else 0) + written
         launches.append(Launch(
             kernel="bn_stats_merge_kernel", config=f"32x8, {what}: {n} -> {1 if final else groups} ({counts})",
             threads=RED_COLS * RED_LANES, grid=groups * cols, dram_bytes=nbytes,
-            loops=[LoopPlan("groups of the CTA (one)", 1, paths=_merge_paths(n, final, i == 0, bool(p.row_segments)))],
-            compile=_compiler("sepconv_infer.cu", "bn_stats_merge_kernel", arch, unit.dtype, tag=tag)))
+            loops=[LoopPlan("groups of the CTA (one)", 1, paths=_merge_paths(n, final))],
+            compile=_compiler("sepconv_forward.cu", "bn_stats_merge_kernel", arch, unit.dtype, tag=tag)))
     return launches
+
+
+STATS_COLS, STATS_LANES, STATS_GROUPS, STATS_BLOCK_ROWS = 32, 8, 4, 256  # csrc/sepconv_elementwise.h
+
+
+def _z_stats_launch(unit: Unit, arch: int) -> Launch:
+    """z_stats_partial_kernel<T, kV>: a 32 x 8 block per (row block of 256, 32 channel vectors); each
+    thread loads its lane's 4 groups of 8 rows (one 16-byte vector each: 8 LDG.128 per group in
+    flight), two-pass moments per channel in registers, the lanes merged through shared memory. Bytes:
+    z read once, the partials [row blocks][3][Cout] written."""
+    v = _vector(unit)
+    blocks = cdiv(unit.P, STATS_BLOCK_ROWS)
+    cols = cdiv(cdiv(unit.Cout, v), STATS_COLS)
+    loops = [LoopPlan(f"row groups of a lane ({STATS_GROUPS} x 8 rows)", STATS_GROUPS, expect=None)]
+    return Launch(kernel="z_stats_partial_kernel", config=f"32x8, {v} per thread, {blocks} row blocks of 256",
+                  threads=STATS_COLS * STATS_LANES, grid=blocks * cols, loops=loops,
+                  dram_bytes=unit.y_bytes() + 12 * blocks * unit.Cout,
+                  compile=_compiler("sepconv_forward.cu", "z_stats_partial_kernel", arch, unit.dtype,
+                                    tag=f"{TYPE_TAG[unit.dtype][:-1]}Li{v}EE", threads=STATS_COLS * STATS_LANES))
 
 
 def _d_store_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan) -> Launch:
@@ -546,8 +469,8 @@ def _dx_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan, splits: int) -> 
 def train(unit: Unit, arch: int, sms: int):
     """Forward + backward of a training step, as ops.py runs them through the CUDA provider, 16-bit
     types on the tiled kernels (Xception's units: 3x3, stride 1, C and Cout multiples of 8):
-    forward: the weight pack, the tiled kernel with the statistics epilogue, the moments merge (its
-    passes), the BatchNorm weight and bias in fp32, bn_apply; backward: the dy sums, grad_z, d
+    forward: the d store and z on cuBLAS (`_pointwise_forward`), the statistics' partials, the moments
+    merge (its passes), the BatchNorm weight and bias in fp32, bn_apply; backward: the dy sums, grad_z, d
     (d_store_kernel), grad_d and grad_pw on cuBLAS (library calls at their roofline), grad_x and grad_dw
     (dw_backward_tiled_kernel), their column sums. fp32 (its FFMA products) and the fallbacks have no
     plan: None, the unit is reported as not modelled."""
@@ -560,19 +483,17 @@ def train(unit: Unit, arch: int, sms: int):
     from xception_fast.bench.static.machine import machine
 
     max_smem = machine(arch).smem_per_block
-    fwd = cuda_tiling.choose(unit.batch, C, unit.H, unit.W, Cout, 3, s.stride, s.padding, s.dilation, e, max_smem,
-                             stats=True)
     ds = cuda_tiling.ds_choose(unit.batch, C, unit.H, unit.W, 3, s.stride, s.padding, s.dilation, e, max_smem)
     dx = cuda_tiling.dx_choose(unit.batch, C, unit.Ho, unit.Wo, 3, s.stride, s.padding, s.dilation, e, max_smem)
-    if fwd is None or ds is None or dx is None:
+    if ds is None or dx is None:
         raise NotImplementedError("a tiled training kernel declines this unit (the fallbacks have no plan)")
     v = 16 // e
     kernels: list[list[Launch]] = []
 
     # Forward.
-    kernels.append([_pack_launch(unit, arch, fwd, scale=False)])
-    kernels.append([_tiled_launch(unit, arch, fwd, stats=True)])
-    kernels += [[launch] for launch in _merge_launches(unit, arch, fwd)]
+    kernels += _pointwise_forward(unit, arch)
+    kernels.append([_z_stats_launch(unit, arch)])
+    kernels += [[launch] for launch in _merge_launches(unit, arch, cdiv(P, STATS_BLOCK_ROWS))]
     kernels.append([_vec_to_float(unit, arch, "sepconv_forward.cu")])
     kernels.append([_vec_to_float(unit, arch, "sepconv_forward.cu")])
     kernels.append([_elementwise(unit, arch, "sepconv_forward.cu", "bn_apply_kernel", v,
