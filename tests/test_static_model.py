@@ -193,56 +193,53 @@ def _cuda(records, mode="infer", kernel=None):
     return rows if kernel is None else next(r for r in rows if r["kernel"] == kernel)
 
 
-def test_cuda_inference_models_the_tiled_kernel(cuda_records):
-    """Middle-flow unit, bf16, sm_90: the weight pack, then the tiled kernel (bm 128, 3 tiles per 19x19
-    image, 6 Cout tiles of 128 over 23 chunks of 32 channels); its MMA FLOPs are exactly those of
-    the padded tiles the warps compute (a warp whose 32 columns lie past Cout = 728 skips them:
-    736 columns), and its two phases run in sequence (one CTA per SM)."""
+def test_cuda_inference_models_the_three_steps(cuda_records):
+    """Middle-flow unit, bf16, sm_90: the d store (its weight pack, d_store_kernel: one CTA per
+    64-position tile, 6 per 19x19 image), z = d pw^T on cuBLAS (a library call at its roofline), the
+    scale and shift in fp32 and the epilogue over z in place (16-byte vectors, at the DRAM bound:
+    z read, y written; this unit has no residual)."""
     records = cuda_records["cuda"]["records"]
-    assert [r["kernel"] for r in _cuda(records)] == ["pack_weights_kernel", "sepconv_infer_tiled_kernel", "unit_total"]
-    tiled = _cuda(records, kernel="sepconv_infer_tiled_kernel")
-    assert tiled["tensor_op"] == "HMMA" and tiled["spill_bytes"] == 0 and tiled["ctas_per_sm"] == 1
-    assert tiled["grid"] == 256 * 3
-    assert tiled["mma_flops"] == 2 * 256 * 3 * 128 * 736 * 736
-    phases = tiled["phases"]
-    assert list(phases) == ["depthwise", "pointwise"] and tiled["phases_in_sequence"]
-    assert phases["depthwise"]["mma_us"] == 0 and phases["pointwise"]["mma_us"] == pytest.approx(tiled["mma_us"])
-    serial = phases["depthwise"]["issue_us"] + max(phases["pointwise"]["issue_us"], phases["pointwise"]["mma_us"])
-    assert tiled["estimate_us"] == pytest.approx(max(serial, tiled["dram_us"]))
-    assert tiled["overlapped_us"] < tiled["estimate_us"]
-    # benchmarks/NOTES.md: about 0.26 ms in sequence, the depthwise phase about 0.07 ms.
-    assert 60 <= phases["depthwise"]["issue_us"] <= 90
-    assert 220 <= tiled["estimate_us"] <= 300
-    assert tiled["label"] == "static estimate (sm_90 model)"
-    pack = _cuda(records, kernel="pack_weights_kernel")
-    assert pack["estimate_us"] < 0.05 * tiled["estimate_us"]
+    assert [r["kernel"] for r in _cuda(records)] == ["pack_weights_kernel", "d_store_kernel", "cublas_z",
+                                                     "vec_to_float_kernel", "vec_to_float_kernel",
+                                                     "infer_epilogue_kernel", "unit_total"]
+    store = _cuda(records, kernel="d_store_kernel")
+    assert store["grid"] == 256 * 6 and store["spill_bytes"] == 0
+    gemm = _cuda(records, kernel="cublas_z")
+    assert gemm["config"] == "library (roofline)" and gemm["mma_flops"] == 2 * 256 * 361 * 728 * 728
+    epilogue = _cuda(records, kernel="infer_epilogue_kernel")
+    assert epilogue["config"] == "256, 8 per step" and epilogue["spill_bytes"] == 0
+    assert epilogue["bound"] == "dram" and epilogue["dram_bytes"] >= 2 * 256 * 361 * 728 * 2  # z in, y out
+    total = _cuda(records, kernel="unit_total")
+    # benchmarks/NOTES.md, "CUDA forward in three steps": about 0.31 ms (the fused kernel: 0.26 ms).
+    assert 250 <= total["estimate_us"] <= 400
+    for r in _cuda(records):
+        if r["kernel"] != "unit_total":
+            assert r["label"] == "static estimate (sm_90 model)", r["kernel"]
 
 
-def test_cuda_training_models_the_tiled_kernels(cuda_records):
-    """Training (forward + backward) through the CUDA provider, bf16, middle-flow unit: the tiled kernels
-    (the forward with its statistics epilogue, the d store, grad_x / grad_dw), the two pointwise
-    products on cuBLAS (library calls at their roofline) and the small kernels around them, 20 launches
-    (the statistics merge in two passes: 768 tile partials -> 12 -> 1)."""
+def test_cuda_training_models_the_three_step_forward_and_the_backward(cuda_records):
+    """Training (forward + backward) through the CUDA provider, bf16, middle-flow unit: the forward's d
+    store, z on cuBLAS, the statistics' partials (361 row blocks of 256), the moments merge in two
+    passes (361 -> 6 -> 1), the affine and bn_apply; the backward's tiled kernels, its two products on
+    cuBLAS and the small kernels around them: 22 launches."""
     records = cuda_records["cuda"]["records"]
     train = _cuda(records, "train", "unit_total")
-    assert train["kernels"] == 20
+    assert train["kernels"] == 22
     merge = [r for r in _cuda(records, "train") if r["kernel"] == "bn_stats_merge_kernel"]
-    assert [r["grid"] for r in merge] == [12 * 23, 23] and "768 -> 12" in merge[0]["config"]
-    assert sum(r["estimate_us"] for r in merge) < 8  # was 10.9 us in one pass of 96 tiles per lane
-    assert 700 <= train["estimate_us"] <= 1200
+    assert [r["grid"] for r in merge] == [6 * 23, 23] and "361 -> 6" in merge[0]["config"]
+    assert 800 <= train["estimate_us"] <= 1300
     names = [r["kernel"] for r in _cuda(records, "train") if r["kernel"] != "unit_total"]
-    assert {"sepconv_infer_tiled_kernel", "bn_stats_merge_kernel", "d_store_kernel", "dw_backward_tiled_kernel",
-            "cublas_grad_d", "cublas_grad_pw"} <= set(names)
-    assert "grad_pw_tiled_kernel" not in names and "sepconv_train_kernel" not in names
-    assert names.count("sepconv_infer_tiled_kernel") == 1  # the forward; grad_d is cuBLAS's now
-    forward = _cuda(records, "train", "sepconv_infer_tiled_kernel")
-    assert "statistics" in forward["config"]
-    assert forward["mma_flops"] == 2 * 256 * 3 * 128 * 736 * 736  # the inference kernel's products
+    assert {"z_stats_partial_kernel", "bn_stats_merge_kernel", "d_store_kernel", "dw_backward_tiled_kernel",
+            "cublas_z", "cublas_grad_d", "cublas_grad_pw", "bn_apply_kernel"} <= set(names)
+    assert "sepconv_infer_tiled_kernel" not in names and "sepconv_train_kernel" not in names
+    assert names.count("d_store_kernel") == 2  # the forward's and the backward's
+    stats = _cuda(records, "train", "z_stats_partial_kernel")
+    assert stats["grid"] == 361 * 3 and stats["dram_bytes"] >= 256 * 361 * 728 * 2
     for r in _cuda(records, "train"):
         if r["kernel"] != "unit_total":
             assert r["spill_bytes"] == 0 and r["label"] == "static estimate (sm_90 model)", r["kernel"]
     # The products at the tensor roofline: 2 P C Cout FLOPs each, P = 256 x 19 x 19.
-    for name in ("cublas_grad_d", "cublas_grad_pw"):
+    for name in ("cublas_z", "cublas_grad_d", "cublas_grad_pw"):
         gemm = _cuda(records, "train", name)
         assert gemm["config"] == "library (roofline)" and gemm["mma_flops"] == 2 * 256 * 361 * 728 * 728
     # The d store: one CTA per 64-position tile, x read and d written once (2 x 134.5 MB in bf16).
@@ -250,6 +247,7 @@ def test_cuda_training_models_the_tiled_kernels(cuda_records):
     assert store["grid"] == 256 * 6 and store["dram_bytes"] >= 2 * 256 * 361 * 728 * 2
     assert store["estimate_us"] < 0.15 * train["estimate_us"]
     assert any(name.startswith("sepconv_infer-sm_90a") for name in cuda_records["cache"])  # cached by source hash
+    assert any(name.startswith("sepconv_forward-sm_90a") for name in cuda_records["cache"])
 
 
 def test_cuda_fp32_training_is_not_modelled(cuda_records):
@@ -259,21 +257,23 @@ def test_cuda_fp32_training_is_not_modelled(cuda_records):
     assert not [r for r in records if r["provider"] == "cuda"]
 
 
-def test_cuda_tiled_kernel_on_sm80(cuda_records):
-    """A100 model: 163 KB of shared memory per block gives 64-row tiles for C = 728 (the sm_80 build)."""
+def test_cuda_forward_on_sm80(cuda_records):
+    """A100 model: the same three steps from the sm_80 build (the d store's 64-row tiles, the epilogue)."""
     records = cuda_records["cuda80"]["records"]
-    tiled = _cuda(records, kernel="sepconv_infer_tiled_kernel")
-    assert tiled["config"].startswith("bm 64 ") and tiled["grid"] == 256 * 6
-    assert tiled["arch"] == 80 and tiled["label"] == "static estimate (sm_80 model)"
-    assert tiled["mma_flops"] == 2 * 256 * 6 * 64 * 736 * 736
+    store = _cuda(records, kernel="d_store_kernel")
+    assert store["config"].startswith("bm 64 ") and store["grid"] == 256 * 6
+    assert store["arch"] == 80 and store["label"] == "static estimate (sm_80 model)"
+    epilogue = _cuda(records, kernel="infer_epilogue_kernel")
+    assert epilogue["arch"] == 80 and epilogue["spill_bytes"] == 0
     assert any(name.startswith("sepconv_infer-sm_80") for name in cuda_records["cache"])
+    assert any(name.startswith("sepconv_forward-sm_80") for name in cuda_records["cache"])
 
 
-def test_a_wrong_path_in_the_tiled_plan_fails_naming_the_kernel(cuda_records):
-    """The instrument fails loudly when the SASS has no path the plan declares (here: an unmasked
-    epilogue with one store too many)."""
+def test_a_wrong_path_in_the_d_store_plan_fails_naming_the_kernel(cuda_records):
+    """The instrument fails loudly when the SASS has no path the plan declares (here: the d store's
+    chunk loop with one 16-byte store too many)."""
     error = cuda_records["cuda"]["wrong_path"]
-    assert error is not None and "sepconv_infer_tiled_kernel" in error and "no path" in error
+    assert error is not None and "d_store_kernel" in error and "no path" in error
 
 
 _CHOICE = r"""

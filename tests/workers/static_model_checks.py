@@ -190,7 +190,7 @@ def wait_depths() -> dict:
 
 
 def wrong_tiled_path():
-    """The middle unit's tiled-kernel plan with one store too many on its unmasked epilogue path: the
+    """The middle unit's d-store plan with one 16-byte store too many on its chunk loop's path: the
     error the instrument raises (None if it raises none)."""
     import dataclasses
 
@@ -200,10 +200,12 @@ def wrong_tiled_path():
 
     shape = next(s for s in unit_shapes(299) if run.layer_name(s) == "middle")
     launch = cuda_plans.infer(Unit(shape, 256, "bf16"), 90, H100_SXM.sms)[1][0]
+    assert launch.kernel == "d_store_kernel", launch.kernel
     loops = list(launch.loops)
-    paths = [model.Path.make(p.what, p.share, {k: v + (k == "STG.E") for k, v in p.signature})
-             if "unmasked" in p.what else p for p in loops[-1].paths]
-    loops[-1] = dataclasses.replace(loops[-1], paths=paths)
+    i = next(i for i, loop in enumerate(loops) if loop.paths and any("d stores" in p.what for p in loop.paths))
+    paths = [model.Path.make(p.what, p.share, {k: v + (k == "STG.E.128") for k, v in p.signature})
+             if "d stores" in p.what else p for p in loops[i].paths]
+    loops[i] = dataclasses.replace(loops[i], paths=paths)
     try:
         model.estimate(dataclasses.replace(launch, loops=loops), H100_SXM)
     except model.PlanMismatch as exc:
