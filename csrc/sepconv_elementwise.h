@@ -29,26 +29,33 @@ XF_HD int elem_width(int64_t c_out, int elem_bytes, bool aligned16) {
   return aligned16 && c_out % kv == 0 ? kv : 1;
 }
 
-// The training statistics' partials (z_stats_partial_kernel): z [rows, c_out] in row blocks of
-// kStatsBlockRows rows; in a block, lane l (threadIdx.y) owns kStatsGroups groups of kStatsGroupRows
-// rows, row i of group j being block row (j * kStatsGroupRows + i) * kStatsLanes + l (a warp reads one
-// row: 32 consecutive channel vectors). A group's moments are exact two-pass sums held in registers
-// (pivot: its first row), the groups of a lane merged in order, then the lanes as a binary tree
-// (merge_tree): one partial per (row block, channel), merged by bn_stats_merge_kernel.
-constexpr int kStatsLanes = 8;
+// The training statistics' partials (z_stats_partial_kernel): z [rows, c_out] in row blocks; a block
+// of kStatsThreads threads is `cols` channel vectors (threadIdx.x) by lanes = kStatsThreads / cols row
+// lanes (threadIdx.y), cols 32, or 16 / 8 where a row has fewer vectors (the entry flow's 128
+// channels: 16 vectors of 8), so that few threads of a block have no channel. In a block, lane l owns
+// kStatsGroups groups of kStatsGroupRows rows, row i of group j being block row
+// (j * kStatsGroupRows + i) * lanes + l (a warp reads whole rows: consecutive channel vectors). A
+// group's moments are exact two-pass sums held in registers (pivot: its first row), the groups of a
+// lane merged in order, then the lanes as a binary tree (merge_tree): one partial per (row block,
+// channel), merged by bn_stats_merge_kernel.
+constexpr int kStatsThreads = 256;
 constexpr int kStatsGroupRows = 8;
 constexpr int kStatsGroups = 4;
-constexpr int kStatsBlockRows = kStatsLanes * kStatsGroupRows * kStatsGroups;  // 256
-constexpr int kStatsCols = 32;  // channel vectors per block (threadIdx.x)
+constexpr int kStatsMinLanes = 8;  // 32 columns: the smallest row blocks, the most partials (the workspace)
 
-XF_HD int64_t stats_row_blocks(int64_t rows) { return (rows + kStatsBlockRows - 1) / kStatsBlockRows; }
-XF_HD int64_t stats_row(int64_t block, int lane, int group, int i) {
-  return block * kStatsBlockRows + static_cast<int64_t>(group * kStatsGroupRows + i) * kStatsLanes + lane;
+XF_HD int stats_cols(int64_t vectors_per_row) { return vectors_per_row > 16 ? 32 : vectors_per_row > 8 ? 16 : 8; }
+XF_HD int stats_lanes(int cols) { return kStatsThreads / cols; }
+XF_HD int64_t stats_block_rows(int lanes) { return static_cast<int64_t>(lanes) * kStatsGroupRows * kStatsGroups; }
+XF_HD int64_t stats_row_blocks(int64_t rows, int lanes) {
+  return (rows + stats_block_rows(lanes) - 1) / stats_block_rows(lanes);
+}
+XF_HD int64_t stats_row(int64_t block, int lane, int group, int i, int lanes) {
+  return block * stats_block_rows(lanes) + static_cast<int64_t>(group * kStatsGroupRows + i) * lanes + lane;
 }
 // Rows of row block `block` (its partial's count).
-XF_HD int64_t stats_block_count(int64_t block, int64_t rows) {
-  const int64_t left = rows - block * kStatsBlockRows;
-  return left < kStatsBlockRows ? left : kStatsBlockRows;
+XF_HD int64_t stats_block_count(int64_t block, int64_t rows, int lanes) {
+  const int64_t left = rows - block * stats_block_rows(lanes);
+  return left < stats_block_rows(lanes) ? left : stats_block_rows(lanes);
 }
 
 }  // namespace infer

@@ -77,20 +77,21 @@ __global__ void __launch_bounds__(256)
 // Per (row block, channel) moments of z [rows, c_out] (the order: sepconv_elementwise.h): each
 // thread kV channels (one 16-byte vector, or one element) of its lane's rows, a group of 8 rows in
 // registers at a time with exact two-pass moments about its first row, merged into the lane's moments
-// (merge_moments' arithmetic, one division for the thread's channels); then the 8 lanes of each channel merged as a binary tree through shared memory.
+// (merge_moments' arithmetic, one division for the thread's channels); then the kLanes lanes of each
+// channel merged as a binary tree through shared memory. Block: kCols channel vectors x kLanes lanes.
 // partial[(block * 3 + k) * c_out + co], k = 0 pivot, 1 mu, 2 M2 (merge_offset), for bn_stats_merge_kernel.
-// Two blocks per SM for the element-wise instance (ptxas otherwise spills it at 64 registers); the
-// vector one needs more than 128 registers (8 channels' moments) and keeps one.
-template <typename T, int kV>
-__global__ void __launch_bounds__(infer::kStatsCols* infer::kStatsLanes, kV == 1 ? 2 : 1)
+// Two blocks per SM for the element-wise instances (ptxas otherwise spills them at 64 registers); the
+// vector ones need more than 128 registers (8 channels' moments) and keep one.
+template <typename T, int kV, int kCols>
+__global__ void __launch_bounds__(infer::kStatsThreads, kV == 1 ? 2 : 1)
     z_stats_partial_kernel(const T* __restrict__ z, int64_t rows, int64_t c_out, float* __restrict__ partial) {
   using infer::Moments;
   using E = Elems<T, kV>;
-  constexpr int kRows = infer::kStatsGroupRows;
-  __shared__ Moments lane_moments[infer::kStatsLanes][infer::kStatsCols];
+  constexpr int kRows = infer::kStatsGroupRows, kLanes = infer::kStatsThreads / kCols;
+  __shared__ Moments lane_moments[kLanes][kCols];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t block = blockIdx.x;
-  const int64_t co0 = (static_cast<int64_t>(blockIdx.y) * infer::kStatsCols + tx) * kV;  // the thread's first channel
+  const int64_t co0 = (static_cast<int64_t>(blockIdx.y) * kCols + tx) * kV;  // the thread's first channel
   const bool live = co0 < c_out;  // the whole vector: kV divides c_out on the vector path
 
   Moments m[kV];
@@ -102,7 +103,7 @@ __global__ void __launch_bounds__(infer::kStatsCols* infer::kStatsLanes, kV == 1
     int count = 0;  // the group's valid rows: a prefix (rows grow with i)
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
-      const int64_t row = infer::stats_row(block, ty, j, i);
+      const int64_t row = infer::stats_row(block, ty, j, i, kLanes);
       if (live && row < rows) {
         zr[i] = E::load(z + row * c_out + co0);
         count = i + 1;
@@ -134,14 +135,23 @@ __global__ void __launch_bounds__(infer::kStatsCols* infer::kStatsLanes, kV == 1
     lane_moments[ty][tx] = m[e];
     __syncthreads();
     if (ty == 0 && live) {
-      Moments lanes[infer::kStatsLanes];
+      // The binary tree over the kLanes lanes as trees of 8 lanes, then a tree over those: the same
+      // merges in the same order as merge_tree<kLanes>, with 8 lanes in registers at a time.
+      constexpr int kSub = kLanes / 8;
+      Moments sub[kSub];
 #pragma unroll
-      for (int l = 0; l < infer::kStatsLanes; ++l) lanes[l] = lane_moments[l][tx];
-      infer::merge_tree(lanes);
+      for (int t = 0; t < kSub; ++t) {
+        Moments lanes[8];
+#pragma unroll
+        for (int l = 0; l < 8; ++l) lanes[l] = lane_moments[8 * t + l][tx];
+        infer::merge_tree(lanes);
+        sub[t] = lanes[0];
+      }
+      infer::merge_tree(sub);
       const int64_t co = co0 + e;
-      partial[infer::merge_offset(block, 0, c_out, co)] = lanes[0].pivot;
-      partial[infer::merge_offset(block, 1, c_out, co)] = lanes[0].mu;
-      partial[infer::merge_offset(block, 2, c_out, co)] = lanes[0].m2;
+      partial[infer::merge_offset(block, 0, c_out, co)] = sub[0].pivot;
+      partial[infer::merge_offset(block, 1, c_out, co)] = sub[0].mu;
+      partial[infer::merge_offset(block, 2, c_out, co)] = sub[0].m2;
     }
     __syncthreads();  // lane_moments is rewritten for the next channel
   }
@@ -150,7 +160,8 @@ __global__ void __launch_bounds__(infer::kStatsCols* infer::kStatsLanes, kV == 1
 // Row block t's count, for the merge's first pass.
 struct StatsCounts {
   int64_t rows;
-  __device__ int64_t operator()(int64_t t) const { return infer::stats_block_count(t, rows); }
+  int lanes;
+  __device__ int64_t operator()(int64_t t) const { return infer::stats_block_count(t, rows, lanes); }
 };
 
 // y = post(((z - mean) * invstd) * w + b) + residual, kV elements (consecutive channels) per step:
@@ -214,9 +225,9 @@ InferPlan plan_infer(const ConvGeometry& g, DType dtype, Workspace& ws) {
 struct TrainPlan {
   float* invstd;
   float* affine;
-  int64_t row_blocks;
-  float* partial;      // [row_blocks][3][Cout]
-  MergeScratch merge;  // the merge passes' partials (take_merge_scratch)
+  int64_t max_row_blocks;  // at the smallest row blocks (the launch may take fewer, larger ones)
+  float* partial;          // [row blocks][3][Cout]
+  MergeScratch merge;      // the merge passes' partials (take_merge_scratch)
   void* ds;
   size_t ds_bytes;
 };
@@ -225,9 +236,9 @@ TrainPlan plan_train(const ConvGeometry& g, DType dtype, Workspace& ws) {
   TrainPlan plan;
   plan.invstd = ws.take<float>(g.c_out);
   plan.affine = ws.take<float>(2 * g.c_out);
-  plan.row_blocks = infer::stats_row_blocks(positions_out(g));
-  plan.partial = ws.take<float>(plan.row_blocks * 3 * g.c_out);
-  plan.merge = take_merge_scratch(ws, plan.row_blocks, g.c_out);
+  plan.max_row_blocks = infer::stats_row_blocks(positions_out(g), infer::kStatsMinLanes);
+  plan.partial = ws.take<float>(plan.max_row_blocks * 3 * g.c_out);
+  plan.merge = take_merge_scratch(ws, plan.max_row_blocks, g.c_out);
   plan.ds_bytes = d_store_tiled_workspace_size(g, dtype);
   plan.ds = ws.take<char>(static_cast<int64_t>(plan.ds_bytes));
   return plan;
@@ -284,14 +295,28 @@ cudaError_t launch_infer_epilogue(const SepConvInferParams& p, const InferPlan& 
   return cudaGetLastError();
 }
 
-template <typename T, int kV>
-cudaError_t launch_z_stats(const SepConvTrainParams& p, const TrainPlan& plan, cudaStream_t stream) {
-  const int64_t col_blocks = ceil_div(ceil_div(p.g.c_out, kV), infer::kStatsCols);
-  if (!fits_grid_x(plan.row_blocks) || col_blocks > 65535) return cudaErrorInvalidConfiguration;
-  const dim3 grid(static_cast<unsigned int>(plan.row_blocks), static_cast<unsigned int>(col_blocks));
-  z_stats_partial_kernel<T, kV><<<grid, dim3(infer::kStatsCols, infer::kStatsLanes), 0, stream>>>(
+// The statistics' partials with kV channels per thread: the block shape for Cout (stats_cols), its row
+// blocks; returns their count in *blocks.
+template <typename T, int kV, int kCols>
+cudaError_t launch_z_stats_cols(const SepConvTrainParams& p, const TrainPlan& plan, int64_t blocks, cudaStream_t stream) {
+  const int64_t col_blocks = ceil_div(ceil_div(p.g.c_out, kV), kCols);
+  if (!fits_grid_x(blocks) || col_blocks > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned int>(blocks), static_cast<unsigned int>(col_blocks));
+  z_stats_partial_kernel<T, kV, kCols><<<grid, dim3(kCols, infer::kStatsThreads / kCols), 0, stream>>>(
       static_cast<const T*>(p.z.ptr), positions_out(p.g), p.g.c_out, plan.partial);
   return cudaGetLastError();
+}
+
+template <typename T, int kV>
+cudaError_t launch_z_stats(const SepConvTrainParams& p, const TrainPlan& plan, int* lanes, int64_t* blocks,
+                           cudaStream_t stream) {
+  const int cols = infer::stats_cols(ceil_div(p.g.c_out, kV));
+  *lanes = infer::stats_lanes(cols);
+  *blocks = infer::stats_row_blocks(positions_out(p.g), *lanes);
+  if (*blocks == 0) return cudaSuccess;
+  if (cols == 32) return launch_z_stats_cols<T, kV, 32>(p, plan, *blocks, stream);
+  if (cols == 16) return launch_z_stats_cols<T, kV, 16>(p, plan, *blocks, stream);
+  return launch_z_stats_cols<T, kV, 8>(p, plan, *blocks, stream);
 }
 
 template <typename T>
@@ -300,14 +325,13 @@ cudaError_t launch_train_stats_apply(const SepConvTrainParams& p, const TrainPla
   if (g.c_out == 0) return cudaSuccess;
   const int64_t positions = positions_out(g);
   constexpr int kV = 16 / sizeof(T);
-  cudaError_t err = cudaSuccess;
-  if (plan.row_blocks > 0) {
-    err = vector_path<T>(g.c_out, {p.z.ptr}) ? launch_z_stats<T, kV>(p, plan, stream)
-                                              : launch_z_stats<T, 1>(p, plan, stream);
-    if (err != cudaSuccess) return err;
-  }
+  int lanes = 0;
+  int64_t blocks = 0;  // at most plan.max_row_blocks: lanes >= kStatsMinLanes
+  cudaError_t err = vector_path<T>(g.c_out, {p.z.ptr}) ? launch_z_stats<T, kV>(p, plan, &lanes, &blocks, stream)
+                                                        : launch_z_stats<T, 1>(p, plan, &lanes, &blocks, stream);
+  if (err != cudaSuccess) return err;
   // No row blocks (an empty batch): the final pass over none writes mean 0, var 1.
-  err = launch_bn_stats_merge(plan.partial, plan.row_blocks, StatsCounts{positions}, g.c_out,
+  err = launch_bn_stats_merge(plan.partial, blocks, StatsCounts{positions, lanes}, g.c_out,
                               static_cast<float>(p.eps), plan.merge, p.mean, p.var, plan.invstd, stream);
   if (err != cudaSuccess) return err;
   const int64_t total = positions * g.c_out;

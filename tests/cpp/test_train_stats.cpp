@@ -6,10 +6,11 @@
 //
 // The two kernels are emulated with the headers' own functions, in the kernels' order:
 // 1. z_stats_partial_kernel (sepconv_forward.cu) over the stored z [rows, Cout]: per row block, column
-//    block and thread (kV channels: 1, 4 or 8), the lane's groups of 8 rows (stats_row) with exact
-//    two-pass moments about the group's first row, merged in group order (merge_moments), then the 8
-//    lanes of each channel as a binary tree (merge_tree): one partial per (row block, channel)
-//    (merge_offset);
+//    block and thread (kV channels: 1, 4 or 8; the block shape stats_cols picks: 32, 16 or 8 channel
+//    vectors by 8, 16 or 32 lanes), the lane's groups of 8 rows (stats_row) with exact two-pass
+//    moments about the group's first row, merged in group order (merge_moments_frac, checked bit-equal
+//    to merge_moments), then the lanes of each channel as trees of 8 and a tree over those (checked
+//    bit-equal to merge_tree over all lanes): one partial per (row block, channel) (merge_offset);
 // 2. the row blocks of a channel as bn_stats_merge_kernel's passes merge them (groups of 64 partials
 //    as binary trees, lane by lane, pass after pass), through a scratch area laid out as
 //    take_merge_scratch lays it out.
@@ -113,28 +114,55 @@ static std::vector<Moments> merge_passes(const std::vector<float>& partial, int6
   return result;
 }
 
-// z_stats_partial_kernel over z [rows, c_out] with kv channels per thread, then the merge.
+// merge_tree over all n lanes (the reference order) against the kernel's trees of 8 lanes and a tree
+// over those: the same bits.
+template <int kN>
+static Moments whole_tree(const std::vector<Moments>& lanes) {
+  Moments m[kN];
+  for (int l = 0; l < kN; ++l) m[l] = lanes[l];
+  merge_tree(m);
+  return m[0];
+}
+template <int kSub>
+static Moments tree_of_trees(const std::vector<Moments>& lanes) {
+  Moments sub[kSub];
+  for (int t = 0; t < kSub; ++t) {
+    Moments m[8];
+    for (int l = 0; l < 8; ++l) m[l] = lanes[8 * t + l];
+    merge_tree(m);
+    sub[t] = m[0];
+  }
+  merge_tree(sub);
+  return sub[0];
+}
+
+// z_stats_partial_kernel over z [rows, c_out] with kv channels per thread (the block shape the launcher
+// picks: stats_cols), then the merge.
 static void check_stats(int64_t rows, int c_out, int kv, Dist dist) {
   const long positions = static_cast<long>(rows);
   const std::vector<float> z = make_z(positions, c_out, dist);
-  const int64_t blocks = stats_row_blocks(rows);
+  const int cols = stats_cols((c_out + kv - 1) / kv), lanes = stats_lanes(cols);
+  EXPECT(cols * lanes == kStatsThreads && lanes >= kStatsMinLanes && lanes % 8 == 0);
+  EXPECT(cols == 32 || (c_out + kv - 1) / kv <= cols);  // narrower blocks only where a row has fewer vectors
+  const int64_t blocks = stats_row_blocks(rows, lanes);
+  EXPECT(blocks <= stats_row_blocks(rows, kStatsMinLanes));  // the workspace's bound
   std::vector<float> partial(static_cast<size_t>(blocks) * 3 * c_out, kNaN);
   std::vector<int> partial_writes(partial.size(), 0), reads(z.size(), 0);
-  const int64_t col_blocks = ((c_out + kv - 1) / kv + kStatsCols - 1) / kStatsCols;
+  const int64_t col_blocks = ((c_out + kv - 1) / kv + cols - 1) / cols;
   for (int64_t block = 0; block < blocks; ++block)
     for (int64_t cb = 0; cb < col_blocks; ++cb)
-      for (int tx = 0; tx < kStatsCols; ++tx) {
-        const int64_t co0 = (cb * kStatsCols + tx) * kv;
+      for (int tx = 0; tx < cols; ++tx) {
+        const int64_t co0 = (cb * cols + tx) * kv;
         const bool live = co0 < c_out;
-        std::vector<std::vector<Moments>> lane_m(kStatsLanes, std::vector<Moments>(kv, Moments{0, 0.f, 0.f, 0.f}));
-        for (int ty = 0; ty < kStatsLanes; ++ty)
+        std::vector<std::vector<Moments>> lane_m(lanes, std::vector<Moments>(kv, Moments{0, 0.f, 0.f, 0.f}));
+        for (int ty = 0; ty < lanes; ++ty)
           for (int j = 0; j < kStatsGroups; ++j) {
             float v[kStatsGroupRows][8];
             int count = 0;
             bool prefix = true;
             for (int i = 0; i < kStatsGroupRows; ++i) {
-              const int64_t row = stats_row(block, ty, j, i);
-              EXPECT(row >= block * kStatsBlockRows && row < (block + 1) * kStatsBlockRows);
+              const int64_t row = stats_row(block, ty, j, i, lanes);
+              EXPECT(row >= block * stats_block_rows(lanes) && row < (block + 1) * stats_block_rows(lanes));
               if (live && row < rows) {
                 prefix = prefix && count == i;
                 count = i + 1;
@@ -164,11 +192,15 @@ static void check_stats(int64_t rows, int c_out, int kv, Dist dist) {
           }
         if (!live) continue;
         for (int e = 0; e < kv; ++e) {
-          Moments lanes[kStatsLanes];
-          for (int l = 0; l < kStatsLanes; ++l) lanes[l] = lane_m[l][e];
-          merge_tree(lanes);
-          EXPECT(lanes[0].count == stats_block_count(block, rows));
-          const float vals[3] = {lanes[0].pivot, lanes[0].mu, lanes[0].m2};
+          std::vector<Moments> per_lane(lanes);
+          for (int l = 0; l < lanes; ++l) per_lane[l] = lane_m[l][e];
+          const Moments got = lanes == 8 ? tree_of_trees<1>(per_lane) : lanes == 16 ? tree_of_trees<2>(per_lane)
+                                                                                    : tree_of_trees<4>(per_lane);
+          const Moments ref = lanes == 8 ? whole_tree<8>(per_lane) : lanes == 16 ? whole_tree<16>(per_lane)
+                                                                                 : whole_tree<32>(per_lane);
+          EXPECT(got.count == ref.count && got.pivot == ref.pivot && got.mu == ref.mu && got.m2 == ref.m2);
+          EXPECT(got.count == stats_block_count(block, rows, lanes));
+          const float vals[3] = {got.pivot, got.mu, got.m2};
           for (int k = 0; k < 3; ++k) {
             const int64_t off = merge_offset(block, k, c_out, co0 + e);
             EXPECT(off >= 0 && off < static_cast<int64_t>(partial.size()));
@@ -181,12 +213,12 @@ static void check_stats(int64_t rows, int c_out, int kv, Dist dist) {
   for (int r : reads) EXPECT(r == 1);
   for (int w : partial_writes) EXPECT(w == 1);
   int64_t counted = 0;
-  for (int64_t b = 0; b < blocks; ++b) counted += stats_block_count(b, rows);
+  for (int64_t b = 0; b < blocks; ++b) counted += stats_block_count(b, rows, lanes);
   EXPECT(counted == rows);
 
   // Level 3, as bn_stats_merge_kernel's passes, then the reference in double.
   const double var_tol = dist == kLargeMean ? 2e-3 : 2e-5;
-  const auto block_count = [&](int64_t t) { return stats_block_count(t, rows); };
+  const auto block_count = [&](int64_t t) { return stats_block_count(t, rows, lanes); };
   const std::vector<Moments> merged = merge_passes(partial, blocks, block_count, c_out);
   for (int co = 0; co < c_out; ++co) {
     const Moments acc = merged[co];
@@ -302,8 +334,9 @@ int main() {
   // (rows, Cout): Xception's middle flow at batch 2 (722 rows, 728 channels), odd sizes, a partial row
   // block and column block, more than 64 row blocks (a merge pass before the final one), one row, an
   // empty batch (mean 0, var 1), no output channels.
-  const std::pair<int64_t, int> shapes[] = {{722, 728}, {63, 7}, {257, 130}, {17000, 8}, {1, 3},
-                                            {0, 8},     {5, 0}, {513, 33}, {300, 16}};
+  // Cout 128 / 24 / 16 / 8 / 7 / 3: blocks of 16 or 8 channel vectors (16 or 32 lanes).
+  const std::pair<int64_t, int> shapes[] = {{722, 728}, {63, 7}, {257, 130}, {17000, 8}, {1, 3}, {0, 8},
+                                            {5, 0},     {513, 33}, {300, 16}, {2000, 128}, {1100, 24}};
   int checked = 0;
   for (const auto& [rows, c_out] : shapes)
     for (int kv : {1, 4, 8}) {

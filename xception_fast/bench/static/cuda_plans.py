@@ -404,23 +404,32 @@ def _merge_launches(unit: Unit, arch: int, partials: int) -> list[Launch]:
     return launches
 
 
-STATS_COLS, STATS_LANES, STATS_GROUPS, STATS_BLOCK_ROWS = 32, 8, 4, 256  # csrc/sepconv_elementwise.h
+STATS_THREADS, STATS_GROUPS, STATS_GROUP_ROWS = 256, 4, 8  # csrc/sepconv_elementwise.h
+
+
+def stats_shape(unit: Unit) -> tuple[int, int, int]:
+    """z_stats_partial_kernel's block shape and grid rows for this unit (sepconv_elementwise.h:
+    stats_cols): (channel vectors per block, row lanes, row blocks)."""
+    vectors = cdiv(unit.Cout, _vector(unit))
+    cols = 32 if vectors > 16 else 16 if vectors > 8 else 8
+    lanes = STATS_THREADS // cols
+    return cols, lanes, cdiv(unit.P, lanes * STATS_GROUPS * STATS_GROUP_ROWS)
 
 
 def _z_stats_launch(unit: Unit, arch: int) -> Launch:
-    """z_stats_partial_kernel<T, kV>: a 32 x 8 block per (row block of 256, 32 channel vectors); each
-    thread loads its lane's 4 groups of 8 rows (one 16-byte vector each: 8 LDG.128 per group in
-    flight), two-pass moments per channel in registers, the lanes merged through shared memory. Bytes:
-    z read once, the partials [row blocks][3][Cout] written."""
+    """z_stats_partial_kernel<T, kV, kCols>: a block of kCols channel vectors by 256 / kCols lanes per
+    (row block, column block); each thread loads its lane's 4 groups of 8 rows (one 16-byte vector
+    each: 8 loads per group in flight), two-pass moments per channel in registers, the lanes merged
+    through shared memory. Bytes: z read once, the partials [row blocks][3][Cout] written."""
     v = _vector(unit)
-    blocks = cdiv(unit.P, STATS_BLOCK_ROWS)
-    cols = cdiv(cdiv(unit.Cout, v), STATS_COLS)
+    cols, lanes, blocks = stats_shape(unit)
     loops = [LoopPlan(f"row groups of a lane ({STATS_GROUPS} x 8 rows)", STATS_GROUPS, expect=None)]
-    return Launch(kernel="z_stats_partial_kernel", config=f"32x8, {v} per thread, {blocks} row blocks of 256",
-                  threads=STATS_COLS * STATS_LANES, grid=blocks * cols, loops=loops,
+    return Launch(kernel="z_stats_partial_kernel",
+                  config=f"{cols}x{lanes}, {v} per thread, {blocks} row blocks of {lanes * 32}",
+                  threads=STATS_THREADS, grid=blocks * cdiv(cdiv(unit.Cout, v), cols), loops=loops,
                   dram_bytes=unit.y_bytes() + 12 * blocks * unit.Cout,
                   compile=_compiler("sepconv_forward.cu", "z_stats_partial_kernel", arch, unit.dtype,
-                                    tag=f"{TYPE_TAG[unit.dtype][:-1]}Li{v}EE", threads=STATS_COLS * STATS_LANES))
+                                    tag=f"{TYPE_TAG[unit.dtype][:-1]}Li{v}ELi{cols}EE", threads=STATS_THREADS))
 
 
 def _d_store_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan) -> Launch:
@@ -493,7 +502,7 @@ def train(unit: Unit, arch: int, sms: int):
     # Forward.
     kernels += _pointwise_forward(unit, arch)
     kernels.append([_z_stats_launch(unit, arch)])
-    kernels += [[launch] for launch in _merge_launches(unit, arch, cdiv(P, STATS_BLOCK_ROWS))]
+    kernels += [[launch] for launch in _merge_launches(unit, arch, stats_shape(unit)[2])]
     kernels.append([_vec_to_float(unit, arch, "sepconv_forward.cu")])
     kernels.append([_vec_to_float(unit, arch, "sepconv_forward.cu")])
     kernels.append([_elementwise(unit, arch, "sepconv_forward.cu", "bn_apply_kernel", v,
