@@ -1,25 +1,27 @@
-// Index and tiling math of the tiled forward kernel (sepconv_infer.cu: inference, and the training
-// forward's z and BatchNorm statistics), as plain C++ functions.
+// Index and tiling math of the CUDA provider's tiled depthwise machinery (sepconv_infer.cu and
+// sepconv_tiled_backward.cuh: the d store, the forwards' first step and the backward's d; the
+// backward's grad_x / grad_dw) and the BatchNorm moments the training statistics merge, as plain C++
+// functions.
 //
 // Everything here is `__host__ __device__` under nvcc and ordinary inline C++ under a host compiler:
-// tests/cpp/test_infer_tiling.cpp and test_train_stats.cpp compile this header with g++ and check it against
-// brute force (tile coverage, halo boxes, staging layout, the depthwise of a tile bit-exact against
-// a direct loop, the ldmatrix / mma.sync fragment mapping, every output written exactly once). The
-// kernel's index arithmetic is these functions and their direct composition (base + row * pitch +
-// column), which the test repeats, so those checks cover what cannot run without a GPU. No CUDA
-// headers are included here on purpose.
+// tests/cpp/test_infer_tiling.cpp, test_d_store_tiling.cpp, test_dw_backward_tiling.cpp and
+// test_train_stats.cpp compile this header with g++ and check it against brute force (tile coverage,
+// halo boxes, staging layout, the depthwise of a tile bit-exact against a direct loop, every element
+// written exactly once, the moments against double precision). The kernels' index arithmetic is these
+// functions and their direct composition (base + row * pitch + column), which the tests repeat, so
+// those checks cover what cannot run without a GPU. No CUDA headers are included here on purpose.
 //
-// The kernel, in one paragraph: one CTA of kThreads threads owns a tile of `bm` consecutive output
-// positions of one image (a "position tile": `bm` consecutive positions of the image, spanning
-// several output rows, with a 2-D halo box of full-width input rows; or, where such boxes would not
-// fit in shared memory, a segment of one output row). It computes the
-// depthwise output d of the tile for ALL input channels, chunk by chunk (kBK channels: the halo box
-// of the tile staged in shared memory, pre-ReLU applied once per staged element), into a resident
-// shared-memory tile [bm][kp] in the input dtype. Then it loops over every Cout tile (kBN wide) and
-// every K chunk (kBK), the pointwise weights streaming through a kStages-deep cp.async ring, with d
-// as the A operand of every Cout tile; the epilogue applies scale, shift, post-ReLU and residual from
-// the accumulator registers. All offsets inside an image, a tile or shared memory are int32; the
-// launcher routes geometries where they would overflow to the int64 kernel (sepconv_forward.cu).
+// The depthwise phase, in one paragraph: one CTA of kThreads threads owns a tile of `bm` consecutive
+// output positions of one image (a "position tile": `bm` consecutive positions of the image, spanning
+// several output rows, with a 2-D halo box of full-width input rows; or a segment of one output row
+// with a small box). It computes the depthwise output d of the tile, chunk by chunk (kBK channels:
+// the halo box of the tile staged in shared memory, pre-ReLU applied once per staged element), each
+// thread for its rows and channel vector. All offsets inside an image, a tile or shared memory are
+// int32; the launchers route geometries where they would overflow to the int64 kernels
+// (sepconv_backward.cu). The fused forward that kept d resident and ran an mma.sync GEMM over every
+// Cout tile is gone (sepconv_forward.cu); its shared-memory layout and tile choice (smem_layout,
+// fits_smem, tile_candidate, the packed pointwise layout the weight pack still fills) remain here,
+// host-tested, with no launcher using the first three.
 #pragma once
 
 #include <cmath>
@@ -42,7 +44,7 @@ namespace infer {
 
 constexpr int kThreads = 256;  // 8 warps
 constexpr int kBN = 128;       // Cout tile (columns of one accumulator tile)
-constexpr int kBK = 32;        // K chunk: channels per depthwise chunk and per weight-ring stage
+constexpr int kBK = 32;        // channels per depthwise chunk
 constexpr int kStages = 3;     // depth of the weight ring
 
 XF_HD int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -69,7 +71,6 @@ struct Plan {
   int cout_tiles;       // ceil(c_out / kBN)
   int cout_pad;         // cout_tiles * kBN: rows (16-bit) or columns (fp32) of the packed pw weight
   int halo_rows, halo_cols;  // upper bounds of every tile's halo box (shared-memory sizing)
-  int stats;            // 1: the training forward (z and per-tile statistics partials); 0: inference
 };
 
 // row_segments: 1 asks for row-segment tiles (a small halo box on wide images), 0 for ranges of an
@@ -177,25 +178,18 @@ XF_HD int halo_source_offset(const Plan& p, const HaloBox& b, int pixel) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Training statistics (the training forward: the tiled kernel with p.stats = 1 stores z and, per tile
-// and output channel, the moments of the tile's z rounded to T, as the reference's batch statistics
-// are those of the stored z).
+// Training statistics (the training forward: the moments of the stored z, as the reference's batch
+// statistics are those of the stored z).
 //
 // Moments of a set of values: count, a pivot K (one of the values), mu = mean(z - K) and
 // M2 = sum((z - K - mu)^2). Taking deviations from a data value keeps mu small, so the sums stay exact
 // enough for a large mean with a small spread (mean 1e4, std 1e-2 in fp32). Sets merge with Chan et
 // al.'s formula (merge_moments), in a fixed order: no atomics, deterministic.
 //
-// Three levels, all in a fixed order:
-// 1. A "part" of a tile: the rows one group of threads holds in its accumulators. mma.sync: the half
-//    of the tile one warp row owns (parts = 2; 8 lanes share a column: lane sums, then a butterfly of
-//    xor shuffles 4, 8, 16); FFMA: the rows ty + 8 i of warp ty (parts = 8; one thread per column).
-//    Pivot: the part's first row (stats_pivot_row).
-// 2. The parts of one Cout tile, through shared memory, merged in part order by thread `col`: one
-//    partial per (tile, channel) in the workspace (stats_partial_offset: pivot, mu, M2).
-// 3. The tiles of one channel, by the merge kernel (bn_stats_merge_kernel): groups of 64 tiles merged
-//    as binary trees in parallel, pass after pass (sepconv_stats_merge.h); the count of tile t is
-//    tile_range(p, t).count.
+// Two kernels, both in a fixed order: z_stats_partial_kernel (sepconv_forward.cu; its index math in
+// sepconv_elementwise.h) writes one partial per (row block, channel); bn_stats_merge_kernel merges the
+// row blocks of each channel as binary trees of 64 in parallel, pass after pass
+// (sepconv_stats_merge.h).
 
 struct Moments {
   int64_t count;
@@ -243,50 +237,6 @@ XF_HD void finalize_moments(const Moments& m, float eps, float& mean, float& var
   invstd = 1.f / sqrtf(var + eps);  // correctly rounded sqrt and division (no fast-math)
 }
 
-XF_HD int stats_parts(int elem_bytes) { return elem_bytes == 2 ? 2 : kThreads / 32; }
-XF_HD int mma_stats_part(int warp) { return warp / 4; }  // the warp's row half (warp_row0)
-XF_HD int ffma_stats_part(int tid) { return tid / 32; }  // the warp: rows ffma_row(tid, i)
-
-// Rows of part `part` that hold real positions (tile rows < count, the tile's valid rows).
-XF_HD int stats_part_rows(int bm, int count, int part, int elem_bytes) {
-  if (elem_bytes == 2) return imax(0, imin(bm / 2, count - part * (bm / 2)));
-  return count > part ? imin(bm / 8, (count - part + 7) / 8) : 0;
-}
-
-// The part's pivot: the z of its first tile row (valid whenever the part has a valid row).
-XF_HD int stats_pivot_row(int bm, int part, int elem_bytes) { return elem_bytes == 2 ? part * (bm / 2) : part; }
-
-// A thread's share of one column of its part: kRows values z[q], valid[q] whether row q is a real
-// position. The device reduces each over the part's threads (mma.sync: the butterfly; FFMA: none).
-template <int kRows>
-XF_HD float stats_lane_sum(const float (&z)[kRows], const bool (&valid)[kRows], float pivot) {
-  float s = 0.f;
-  XF_UNROLL
-  for (int q = 0; q < kRows; ++q) s += valid[q] ? z[q] - pivot : 0.f;
-  return s;
-}
-template <int kRows>
-XF_HD float stats_lane_m2(const float (&z)[kRows], const bool (&valid)[kRows], float pivot, float mu) {
-  float m2 = 0.f;
-  XF_UNROLL
-  for (int q = 0; q < kRows; ++q) {
-    const float d = (z[q] - pivot) - mu;
-    m2 = valid[q] ? fmaf(d, d, m2) : m2;
-  }
-  return m2;
-}
-XF_HD float stats_mean(float sum, int count) { return count > 0 ? sum / static_cast<float>(count) : 0.f; }
-
-// The moments area in shared memory: float (part, k, col), k = 0 pivot, 1 mu, 2 M2.
-XF_HD int stats_smem_index(int part, int k, int col) { return (part * 3 + k) * kBN + col; }
-XF_HD int stats_smem_bytes(int elem_bytes) { return stats_parts(elem_bytes) * 3 * kBN * 4; }
-
-// The partials in the workspace: float [tile][3][c_out] (k as above); int64, as tiles * 3 * c_out
-// may pass 2^31 where nothing else does.
-XF_HD int64_t stats_partial_offset(const Plan& p, int tile, int k, int co) {
-  return (static_cast<int64_t>(tile) * 3 + k) * p.c_out + co;
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Shared memory. The d tile is resident for the whole CTA; the halo buffers (phase 1) and the weight
 // ring (phase 2) share one region, since the phases never overlap (a barrier separates them).
@@ -300,8 +250,6 @@ XF_HD int64_t stats_partial_offset(const Plan& p, int tile, int k, int co) {
 // - pixel table: the halo_source_offset of every box pixel of the current tile (int32).
 // - weight ring, kStages tiles. 16-bit (mma.sync): B tile [kBN][kBK + 8] (n rows, k contiguous; odd
 //   16-byte pitch again). fp32 (FFMA): [kBK][kBN] (k rows, n contiguous).
-// - training only (p.stats): the per-part moments of one Cout tile, fp32 [parts][3][kBN] (see
-//   stats_smem_index), after both phases' regions: the epilogue writes it while the ring is in flight.
 struct SmemLayout {
   int d_ld, d_bytes;
   int region;                       // byte offset of the shared phase region
@@ -309,7 +257,7 @@ struct SmemLayout {
   int halo[2], wts[2], table;       // byte offsets (phase 1)
   int ring_ld, ring_tile_elems;     // ring tile pitch and size in elements
   int ring;                         // byte offset (phase 2)
-  int stats;                        // byte offset of the statistics area (p.stats), else == total
+  int stats;                        // byte offset of a reduction area (dx_smem_layout), else == total
   int total;                        // bytes of dynamic shared memory
 };
 
@@ -337,7 +285,7 @@ XF_HD SmemLayout smem_layout(const Plan& p, int elem_bytes) {
   s.ring = s.region;
   const int phase2_end = s.ring + kStages * s.ring_tile_elems * elem_bytes;
   s.stats = align_up(imax(phase1_end, phase2_end), 128);
-  s.total = s.stats + (p.stats ? stats_smem_bytes(elem_bytes) : 0);
+  s.total = s.stats;
   return s;
 }
 
@@ -411,51 +359,8 @@ XF_HD void depthwise_rows(const Plan& p, const HaloBox& b, const int (&base)[kPo
   }
 }
 
-// ---------------------------------------------------------------------------------------------------
-// Phase 2, 16-bit types: mma.sync.m16n8k16 with ldmatrix. 8 warps as 2 (rows) x 4 (columns); a warp
-// owns (bm / 2) x 32 of the bm x kBN accumulator tile: bm / 32 m16 fragments x 4 n8 fragments.
-
-XF_HD int warp_row0(int warp, int bm) { return (warp / 4) * (bm / 2); }
-XF_HD int warp_col0(int warp) { return (warp % 4) * 32; }
-
-// ldmatrix.x4 of an A fragment (16 rows x 16 k): lane l gives the address of row (l % 16), column
-// 8 * (l / 16) of the fragment; matrices 0..3 are then (rows 0-7, k 0-7), (rows 8-15, k 0-7),
-// (rows 0-7, k 8-15), (rows 8-15, k 8-15) = registers a0a1, a2a3, a4a5, a6a7 of mma.m16n8k16.
-XF_HD int ldsm_a_row(int lane) { return lane % 16; }
-XF_HD int ldsm_a_col(int lane) { return (lane / 16) * 8; }
-
-// ldmatrix.x4 of two B fragments (n8 tiles 2j and 2j + 1, k16) from the [n][k] ring tile: lane l
-// gives the address of n = (l % 8) + 8 * (l / 16), k = 8 * ((l / 8) % 2); registers 0, 1 are b0b1,
-// b2b3 of tile 2j, registers 2, 3 those of tile 2j + 1.
-XF_HD int ldsm_b_n(int lane) { return lane % 8 + (lane / 16) * 8; }
-XF_HD int ldsm_b_k(int lane) { return ((lane / 8) % 2) * 8; }
-
-// Accumulator register i (0..3) of an m16n8 fragment: row and column within the fragment.
-XF_HD int acc_row(int lane, int i) { return lane / 4 + 8 * (i / 2); }
-XF_HD int acc_col(int lane, int i) { return (lane % 4) * 2 + (i % 2); }
-
-// ---------------------------------------------------------------------------------------------------
-// Phase 2, fp32: FFMA on exact fp32 products. A thread owns rows ty + 8 i (i < bm / 8) and the 4
-// consecutive columns 4 tx .. 4 tx + 3 (tx = tid % 32, ty = tid / 32).
-XF_HD int ffma_row(int tid, int i) { return tid / 32 + 8 * i; }
-XF_HD int ffma_col(int tid, int j) { return (tid % 32) * 4 + j; }
-
-// ---------------------------------------------------------------------------------------------------
-// Weight ring: vector v (v = tid + k * kThreads) of a ring tile, as (row, element column) in the tile.
-// The packed weights are stored stage by stage (see packed_pw_offset), so stage `it` is one contiguous
-// block and vector v of it comes from element it * kBN * kBK + v * vec.
-XF_HD int ring_vectors(int elem_bytes) { return kBN * kBK / vec_elems(elem_bytes); }
-XF_HD int ring_vec_row(int v, int elem_bytes) {
-  return elem_bytes == 2 ? v / (kBK / 8) : v / (kBN / 4);
-}
-XF_HD int ring_vec_col(int v, int elem_bytes) {
-  return elem_bytes == 2 ? (v % (kBK / 8)) * 8 : (v % (kBN / 4)) * 4;
-}
-XF_HD int ring_vec_source(int v, int it, int elem_bytes) { return it * kBN * kBK + v * vec_elems(elem_bytes); }
-
-// Stages of the pointwise: it = cout_tile * k_chunks + k_chunk.
+// Channel chunks of the depthwise phase.
 XF_HD int k_chunks(const Plan& p) { return p.kp / kBK; }
-XF_HD int num_stages(const Plan& p) { return p.cout_tiles * k_chunks(p); }
 
 // Packed weights (workspace, written by the launcher's pack kernel, zero outside the real ones, so
 // the kernel needs no masks). pw: stage-major, stage it = (co / kBN) * k_chunks + ci / kBK holding
@@ -470,11 +375,6 @@ XF_HD int packed_pw_offset(const Plan& p, int co, int ci, int elem_bytes) {
 XF_HD int packed_pw_elems(const Plan& p) { return p.cout_pad * p.kp; }
 XF_HD int packed_dw_offset(const Plan& p, int tap, int ci) { return tap * p.kp + ci; }
 XF_HD int packed_dw_elems(const Plan& p) { return p.kh * p.kw * p.kp; }
-
-// Whether the epilogue of Cout tile nt of tile t stores whole element pairs with no masks.
-XF_HD bool full_tile(const Plan& p, const TileRange& t, int nt) {
-  return t.count == p.bm && (nt + 1) * kBN <= p.c_out;
-}
 
 // ---------------------------------------------------------------------------------------------------
 // Splits of the backward's tiled kernels over position tiles (dw_backward_tiled_kernel): a grid of

@@ -296,7 +296,7 @@ static void check_merge_passes() {
         const float pivot = v[0];
         float sum = 0.f, m2 = 0.f;
         for (float x : v) sum += x - pivot;
-        const float mu = stats_mean(sum, static_cast<int>(v.size()));
+        const float mu = sum / static_cast<float>(v.size());
         for (float x : v) m2 = std::fmaf((x - pivot) - mu, (x - pivot) - mu, m2);
         partial[merge_offset(t, 0, kC, co)] = pivot;
         partial[merge_offset(t, 1, kC, co)] = mu;

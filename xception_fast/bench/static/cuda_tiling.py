@@ -1,15 +1,13 @@
 """The tiling of the CUDA provider's tiled kernels, as their launchers compute it.
 
-A transcription of csrc/sepconv_infer_tiling.h (make_plan, tile_range, halo_box, smem_layout,
-fits_smem, tile_candidate) and of the launcher's choice in csrc/sepconv_infer.cu (`run`: the first
-tile candidate whose shared memory fits; `fits_int32`; otherwise the int64 kernel), so that the
-static model's plan launches what the host would. tests/test_static_model.py checks it against the
-header compiled with a host compiler where one is present.
-
-The training path runs the same kernel with the statistics area (`stats`: its shared memory grows by
-the per-part moments), and the backward two kernels of their own: the d store for cuBLAS's grad_pw
-(`ds_choose`: ds_smem_layout, ds_tile_candidate) and grad_x / grad_dw (`dx_choose`: dx_plan,
-dx_smem_layout, gp_choose_splits).
+A transcription of csrc/sepconv_infer_tiling.h (make_plan, tile_range, halo_box, the shared-memory
+layouts, the tile candidates) and of the launchers' choices in csrc/sepconv_infer.cu and
+sepconv_tiled_backward.cuh, so that the static model's plans launch what the host would:
+the d store, the forwards' first step and the backward's d for cuBLAS (`ds_choose`: ds_smem_layout,
+ds_tile_candidate), and grad_x / grad_dw (`dx_choose`: dx_plan, dx_smem_layout, gp_choose_splits).
+tests/test_static_model.py checks them against the header compiled with a host compiler where one
+is present. `choose` / `TiledPlan.smem_bytes` transcribe the removed fused forward's tile choice
+(smem_layout, fits_smem, tile_candidate, still in the header): no launcher uses it now.
 """
 
 from __future__ import annotations
@@ -95,21 +93,20 @@ class TiledPlan:
         table = align_up(wts1 + wts, 128)
         return table, table + self.halo_rows * self.halo_cols * 4
 
-    def smem_bytes(self, stats: bool = False) -> int:
-        """smem_layout(...).total: the dynamic shared memory of one CTA (stats: the training forward's
-        moments area, stats_smem_bytes, after both phases)."""
+    def smem_bytes(self) -> int:
+        """smem_layout(...).total: the dynamic shared memory of one CTA of the removed fused forward."""
         v = 16 // self.elem
         d_ld = self.kp + v
         region = align_up(self.bm * d_ld * self.elem, 128)
         phase1 = self._phase1_offsets(region)[1]
         ring_tile = BN * (BK + v) if self.elem == 2 else BK * BN
         phase2 = region + STAGES * ring_tile * self.elem
-        return align_up(max(phase1, phase2), 128) + (stats_smem_bytes(self.elem) if stats else 0)
+        return align_up(max(phase1, phase2), 128)
 
-    def fits(self, max_smem: int, stats: bool = False) -> bool:
+    def fits(self, max_smem: int) -> bool:
         if 2 * self.halo_rows * self.halo_cols * BK * self.elem > max_smem:
             return False
-        return self.smem_bytes(stats) <= max_smem
+        return self.smem_bytes() <= max_smem
 
     def ds_smem_bytes(self) -> int:
         """ds_smem_layout(...).total: the depthwise staging from 0, nothing else."""
@@ -123,10 +120,6 @@ class TiledPlan:
     def fits_with(self, smem: int, max_smem: int) -> bool:
         return 2 * self.halo_rows * self.halo_cols * BK * self.elem <= max_smem and smem <= max_smem
 
-
-def stats_smem_bytes(elem: int) -> int:
-    """stats_smem_bytes: per-part moments [parts][3][BN] fp32 (2 parts in 16-bit, 8 in fp32)."""
-    return (2 if elem == 2 else THREADS // 32) * 3 * BN * 4
 
 
 GP_MAX_SPLITS, GP_MAX_SMS = 16, 256  # kGpMaxSplits, kGpMaxSms
@@ -165,13 +158,13 @@ def fits_int32(n, c, h, w, c_out, k, h_out, w_out, pad) -> bool:
             and h + 2 * pad < INT32_MAX and w + 2 * pad < INT32_MAX)
 
 
-def choose(n, c, h, w, c_out, k, stride, pad, dil, elem, max_smem, stats: bool = False) -> Optional[TiledPlan]:
+def choose(n, c, h, w, c_out, k, stride, pad, dil, elem, max_smem) -> Optional[TiledPlan]:
     """The plan the launcher runs, or None where it declines (the int64 kernel runs instead)."""
     for bm, seg in tile_candidates(elem):
         p = make_plan(n, c, h, w, c_out, k, stride, pad, dil, bm, seg, elem)
         if not fits_int32(n, c, h, w, c_out, k, p.h_out, p.w_out, pad):
             return None
-        if p.fits(max_smem, stats):
+        if p.fits(max_smem):
             return p
     return None
 
