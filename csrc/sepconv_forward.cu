@@ -123,8 +123,10 @@ __global__ void __launch_bounds__(infer::kStatsThreads, kV == 1 ? 2 : 1)
       float m2 = 0.f;
 #pragma unroll
       for (int i = 0; i < kRows; ++i) {
-        const float d = (to_float(zr[i].v[e]) - pivot) - mu;
-        if (i < count) m2 = fmaf(d, d, m2);
+        if (i < count) {  // rows past count were not loaded
+          const float d = (to_float(zr[i].v[e]) - pivot) - mu;
+          m2 = fmaf(d, d, m2);
+        }
       }
       infer::merge_moments_frac(m[e], Moments{count, pivot, mu, m2}, frac);
     }
