@@ -121,18 +121,29 @@ def test_a_given_depthwise_output_gives_the_stored_ones_gradients(provider, dtyp
         backward._backward_convs(geo, xc, dwm, pwm, dw, pw, True, grad_z, d=buffer.t())
 
 
+# (kernel, stride, padding, dilation, input width): the forward's groups of outputs along a row share
+# loaded columns as the stride and dilation allow; odd output widths cut a row's last group.
+DEPTHWISE_CASES = [(5, 2, 3, 2, 7), (3, 1, 1, 1, 9), (3, 2, 1, 1, 11), (3, 1, 2, 2, 6)]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_the_forward_and_the_backward_make_the_same_depthwise_output(provider, dtype):
+def test_the_forward_and_the_backward_make_the_same_depthwise_output(provider, dtype, case):
     """d from the forward's `_depthwise_kernel` (which the inference backward hands to `_backward_convs`)
     and d stored by `_dw_weight_grad_kernel`: the same FMAs in the same tap order, so bitwise equal (a
-    NaN in x included), and handing one over instead of storing the other changes no gradient."""
+    NaN in x included), and handing one over instead of storing the other changes no gradient. The
+    forward computes several outputs of a row from one load of each input column; the backward loads
+    each tap of each output on its own."""
     from xception_fast.triton_kernels import backward
     from xception_fast.triton_kernels import depthwise_pointwise as dp
 
-    x, _, pw = _unit(19, 33, dtype)
-    dw = (torch.randn(19, 1, 5, 5, device=DEVICE) / 5).to(dtype)
+    k, stride, pad, dil, width = case
+    _, _, pw = _unit(19, 33, dtype)
+    x = torch.randn(2, 19, 6, width, dtype=dtype, device=DEVICE)
+    dw = (torch.randn(19, 1, k, k, device=DEVICE) / k).to(dtype)
     x[1, 4, 3, 3] = float("nan")
-    spec = UnitSpec((5, 5), stride=(2, 2), padding=(3, 3), dilation=(2, 2), pre_relu=True, post_relu=True)
+    spec = UnitSpec((k, k), stride=(stride, stride), padding=(pad, pad), dilation=(dil, dil), pre_relu=True,
+                    post_relu=True)
     geo, xc, dwm, _ = dp._prepare(x, dw, pw, spec)
     stored = torch.full((geo.P, geo.C), float("nan"), dtype=dtype, device=DEVICE)
     taps = dp.depthwise_taps(dwm, geo, backward.taps_pitch(geo.C))
@@ -140,6 +151,9 @@ def test_the_forward_and_the_backward_make_the_same_depthwise_output(provider, d
     d = dp.depthwise(xc, dwm, geo, True)[:geo.P, :geo.C]
     assert stored.isnan().any() and torch.equal(d.isnan(), stored.isnan())
     assert torch.equal(d.nan_to_num(), stored.nan_to_num())
+    want = torch.nn.functional.conv2d(torch.relu(x.float()), dw.float(), None, spec.stride, spec.padding,
+                                      spec.dilation, groups=19).to(dtype).permute(0, 2, 3, 1).reshape(geo.P, geo.C)
+    torch.testing.assert_close(d, want, atol=1e-5 if dtype == torch.float32 else 2e-3, rtol=1e-3, equal_nan=True)
 
 
 def test_a_wider_weight_dtype_gets_an_fp32_accumulated_weight_gradient():

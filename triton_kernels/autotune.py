@@ -110,24 +110,26 @@ def gemm_configs() -> dict:
     return dict(configs=configs, prune_configs_by={"early_config_prune": _prune_for_device})
 
 
+# The most groups (`depthwise_configs`' BLOCK_G) a depthwise tile holds: bounds its offsets' span.
+DEPTHWISE_MAX_GROUPS = 128
+
+
 def depthwise_configs() -> list[triton.Config]:
-    """`depthwise_pointwise._depthwise_kernel`: (BLOCK_P positions, BLOCK_D channels, warps). Small
-    programs, several per SM, so that enough loads are in flight. The kernel is issue-bound (about
-    45 instructions per element of d on sm_90), so the list spans the trade of elements per thread
-    (the per-tap address and mask work shared by more of them: 64 x 64 w4, 32 a thread, 176
-    registers, 2 CTAs per SM) against resident warps (16 x 32 w2, 8 a thread, 88 registers, 11
-    CTAs); the two tie in the calibrated static estimate (sm_90 model): 171 us on a middle-flow
-    unit. Pruned there: 16 x 64 w4 and 64 x 32 w4 (185-194 us), 32 x 64 w2 (219 registers, 341 us),
-    64 x 64 w8 (the code of 32 x 64 w4 at one CTA per SM). BLOCK_P divides POSITION_ALIGN and BLOCK_D
-    divides SLOT_ALIGN: the grid covers d [P_pad, K_SLOT] exactly, so the stores need no mask. The
-    interpreter: 16-channel chunks, so that a 19-channel layer spans full, partial and empty ones."""
+    """`depthwise_pointwise._depthwise_kernel`: (BLOCK_G groups of RW horizontally adjacent outputs,
+    BLOCK_D channels, RW, warps). A thread holds 8 channels (one 16-byte load) of one or more groups;
+    RW outputs side by side share the input columns their windows overlap on (loaded and converted
+    once). TODO list pruned by the calibrated static estimate (sm_90 model; benchmarks/NOTES.md,
+    "Triton depthwise kernels: instructions per element-tap"). BLOCK_D divides SLOT_ALIGN: the grid
+    covers d's columns exactly. The interpreter: 16-channel chunks, so that a 19-channel layer spans
+    full, partial and empty ones, and groups of 4, so that odd widths cut the last group of a row."""
     gpu = [
-        (64, 64, 4, 1),
-        (16, 32, 2, 1),
-        (32, 64, 4, 1),
-        (128, 64, 8, 1),
+        (16, 32, 4, 2, 1),
+        (32, 32, 4, 4, 1),
+        (16, 64, 4, 4, 1),
+        (32, 32, 2, 2, 1),
+        (64, 64, 2, 8, 1),
     ]
-    return _configs(gpu, (_PINNED_P, _PINNED_C, 4, 1), ("BLOCK_P", "BLOCK_D"))
+    return _configs(gpu, (8, _PINNED_C, 4, 4, 1), ("BLOCK_G", "BLOCK_D", "RW"))
 
 
 def device_arch(device: torch.device) -> int:

@@ -53,8 +53,8 @@ from torch import Tensor
 from xception_fast.spec import UnitSpec
 
 from . import batchnorm
-from .autotune import (POSITION_ALIGN, SLOT_ALIGN, depthwise_configs, gemm_configs, persistent_split, position_bucket,
-                       sm_count)
+from .autotune import (DEPTHWISE_MAX_GROUPS, POSITION_ALIGN, SLOT_ALIGN, depthwise_configs, gemm_configs,
+                       persistent_split, position_bucket, sm_count)
 from .mid_act import mid_transform
 from .utils import (INLINE_ASM, channel_align, check_dtype, check_positions, empty_nhwc, matrix, new_empty, nhwc,
                     vector_f32, weight_operand)
@@ -302,36 +302,113 @@ def _grad_z_epilogue(acc, p, p_mask, n0, scale_ptr, shift_ptr, gy_ptr, gz_ptr, s
 
 # --- kernels ---------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=depthwise_configs(), key=["C", "P_BUCKET", "KH", "KW"])
+@triton.jit
+def _add_to(a0, a1, a2, a3, r: tl.constexpr, xf, wv):
+    """Output r of a group (accumulator a<r>) += xf * wv: the tap's FMA, in the form of the backward's
+    `_tap`, so that both compile to the same fp32 operations (d bitwise equal)."""
+    if r == 0:
+        a0 += xf * wv[None, :]
+    elif r == 1:
+        a1 += xf * wv[None, :]
+    elif r == 2:
+        a2 += xf * wv[None, :]
+    else:
+        a3 += xf * wv[None, :]
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _store_output(d_base, d, rel, ok, ci, mid_ptr, K_SLOT, MID_BN: tl.constexpr, MID_ACT: tl.constexpr):
+    """Store one output of each group: d [BLOCK_G, BLOCK_D] fp32 (the mid variant: act(midBN(d))) at the
+    rows `rel` of d_base (int32 offsets from the program's first row), where `ok`."""
+    if MID_BN != 0 or MID_ACT != "":
+        d = mid_transform(d, mid_ptr, ci, K_SLOT, d_base, MID_BN, MID_ACT)
+    tl.store(d_base + rel[:, None] * K_SLOT + ci[None, :], d.to(d_base.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.autotune(configs=depthwise_configs(), key=["C", "P_BUCKET", "KH", "KW", "STRIDE_W", "DIL_W"])
 @triton.jit
 def _depthwise_kernel(
     x_ptr,  # [N, H, W, C] input (channels_last)
     dwt_ptr,  # [KH * KW, K_SLOT] fp32 depthwise taps (tap-major, zero past C)
     d_ptr,  # [P_pad, K_SLOT] out, input dtype: every element written, zeros past P and past C
     P, P_BUCKET, H, W, C, Ho, Wo, K_SLOT,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr, C_ALIGN: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_h, pad_h, pad_w, dil_h,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE_W: tl.constexpr, DIL_W: tl.constexpr, PRE_RELU: tl.constexpr,
+    ASM: tl.constexpr, C_ALIGN: tl.constexpr, WIDE: tl.constexpr, P_ALIGN: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, RW: tl.constexpr,
     # the mid variant (`mid_act`): [3, K_SLOT] fp32 vectors, never read when both are off
     mid_ptr=None, MID_BN: tl.constexpr = 0, MID_ACT: tl.constexpr = "",
 ):
-    # Program (position tile, channel chunk): d = dw(pre(x)) in fp32 FMAs, rounded to the input dtype
-    # (where the unfused path stores it). The grid covers d exactly (BLOCK_P divides POSITION_ALIGN,
-    # BLOCK_D divides SLOT_ALIGN), so the store needs no mask; the padding comes out as zeros because
-    # the loads there are masked to 0 and the taps are 0 past C. The mid variant stores the pointwise
-    # operand act(midBN(d)) instead (`mid_transform`; its vectors are zero past C, so those columns stay 0).
+    # Program (tile of BLOCK_G groups, channel chunk): a group is RW horizontally adjacent outputs of one
+    # output row (the last group of a row is cut at Wo), so the input columns their windows share are
+    # loaded, pre-ReLU'd and converted once and feed every tap that reads them (3x3, stride 1, RW = 4:
+    # 6 loads per kernel row for 12 taps instead of 12). Each output still sums its taps from zero in
+    # the order (i, j) in fp32 FMAs, rounded to the input dtype (where the unfused path stores it).
+    # Offsets are int32 from a per-program 64-bit base (x: the first image of the tile; d: its first
+    # output row) unless the host found a tile's span could pass 2^31 elements (WIDE). The mid variant
+    # stores act(midBN(d)) instead (`mid_transform`; its vectors are zero past C, so those columns
+    # stay 0). The grid covers K_SLOT exactly (BLOCK_D divides SLOT_ALIGN): the columns past C come out
+    # 0 (masked loads, zero taps); the rows past P are zeroed by the first tile of each chunk.
     C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
     K_SLOT = K_SLOT // SLOT_COLS * SLOT_COLS
-    p0 = tl.program_id(0) * BLOCK_P
     c0 = tl.program_id(1) * BLOCK_D
-    x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, P, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w, BLOCK_P)
-    d = _depthwise_chunk(x_rows, ih0, iw0, p_mask, dwt_ptr, c0, C, H, W, K_SLOT, dil_h, dil_w,
-                         KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_D)
-    if MID_BN != 0 or MID_ACT != "":
-        d = mid_transform(d, mid_ptr, c0 + tl.arange(0, BLOCK_D), K_SLOT, d_ptr, MID_BN, MID_ACT)
-        d = tl.where(p_mask[:, None], d, 0.0)  # act(midBN(0)) need not be 0
-    rows = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
-    tl.store(d_ptr + rows[:, None] * K_SLOT + (c0 + tl.arange(0, BLOCK_D))[None, :], d.to(d_ptr.dtype.element_ty))
+    ci = c0 + tl.arange(0, BLOCK_D)
+    c_ok = ci < C
+    groups = (Wo + RW - 1) // RW  # per output row
+    rows = P // Wo  # output rows N * Ho
+    g0 = tl.program_id(0) * BLOCK_G
+    g = g0 + tl.arange(0, BLOCK_G)
+    g_ok = g < rows * groups
+    orow = g // groups  # n * Ho + oh
+    ow0 = (g - orow * groups) * RW
+    n = orow // Ho
+    oh = orow - n * Ho
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow0 * STRIDE_W - pad_w
+    row0 = g0 // groups  # the tile's first output row, and its image
+    n0 = row0 // Ho
+    x_base = x_ptr + n0.to(tl.int64) * H * W * C
+    pos = ((n - n0) * H + ih0) * W + iw0  # of the top-left tap, from x_base
+    if WIDE:
+        pos = pos.to(tl.int64)
+    x_off = pos * C
+    a0 = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    a1, a2, a3 = a0, a0, a0
+    # The columns the group's windows read: k = r * STRIDE_W + j * DIL_W for output r, tap j. Loads of a
+    # column no output reads (stride and dilation both > 1) have no use and compile away.
+    NCOL: tl.constexpr = (RW - 1) * STRIDE_W + (KW - 1) * DIL_W + 1
+    for i in tl.static_range(KH):
+        ih = ih0 + i * dil_h
+        row_ok = g_ok & (ih >= 0) & (ih < H)
+        row_off = x_off + i * dil_h * W * C
+        for k in tl.static_range(NCOL):
+            iw = iw0 + k
+            ok = row_ok & (iw >= 0) & (iw < W)
+            xv = tl.load(x_base + (row_off + k * C)[:, None] + ci[None, :], mask=ok[:, None] & c_ok[None, :],
+                         other=0.0)
+            xf = _pre_f32(xv, PRE_RELU, ASM)
+            for r in tl.static_range(RW):
+                if k >= r * STRIDE_W and (k - r * STRIDE_W) % DIL_W == 0 and (k - r * STRIDE_W) // DIL_W < KW:
+                    # fp32 taps, zero-padded to K_SLOT: no mask
+                    wv = tl.load(dwt_ptr + (i * KW + (k - r * STRIDE_W) // DIL_W) * K_SLOT + ci)
+                    a0, a1, a2, a3 = _add_to(a0, a1, a2, a3, r, xf, wv)
+    d_base = d_ptr + (row0 * Wo).to(tl.int64) * K_SLOT
+    rel = (orow - row0) * Wo + ow0  # of the group's first output, in rows of d from d_base
+    if WIDE:
+        rel = rel.to(tl.int64)
+    _store_output(d_base, a0, rel, g_ok, ci, mid_ptr, K_SLOT, MID_BN, MID_ACT)
+    if RW > 1:
+        _store_output(d_base, a1, rel + 1, g_ok & (ow0 + 1 < Wo), ci, mid_ptr, K_SLOT, MID_BN, MID_ACT)
+    if RW > 2:
+        _store_output(d_base, a2, rel + 2, g_ok & (ow0 + 2 < Wo), ci, mid_ptr, K_SLOT, MID_BN, MID_ACT)
+    if RW > 3:
+        _store_output(d_base, a3, rel + 3, g_ok & (ow0 + 3 < Wo), ci, mid_ptr, K_SLOT, MID_BN, MID_ACT)
+    if tl.program_id(0) == 0:  # the padding rows [P, P_pad), which the GEMM reads unmasked
+        pad = P + tl.arange(0, P_ALIGN)
+        tl.store(d_ptr + pad.to(tl.int64)[:, None] * K_SLOT + ci[None, :],
+                 tl.zeros((P_ALIGN, BLOCK_D), dtype=d_ptr.dtype.element_ty),
+                 mask=(pad < (P + P_ALIGN - 1) // P_ALIGN * P_ALIGN)[:, None])
 
 
 # The GEMM kernels: the same persistent loop, three epilogues. Shared arguments: d_op [P_pad, K_SLOT]
@@ -480,6 +557,15 @@ def slot_width(channels: int) -> int:
     return triton.cdiv(channels, SLOT_ALIGN) * SLOT_ALIGN
 
 
+def _wide_offsets(geo: Geometry, k_slot: int) -> bool:
+    """Whether `_depthwise_kernel` needs int64 offsets: a tile's x offsets run from its first image over
+    at most the images its groups span (plus the top-left halo below), its d offsets over its rows."""
+    images = min(geo.N, DEPTHWISE_MAX_GROUPS // max(geo.Ho, 1) + 2)
+    x_span = (images * geo.H + geo.KH * geo.dilation[0] + geo.padding[0]) * (geo.W + geo.padding[1] + 1) * geo.C
+    d_span = (DEPTHWISE_MAX_GROUPS + 2) * geo.Wo * k_slot
+    return max(x_span, d_span) >= 2 ** 31
+
+
 def depthwise(x: Tensor, dw: Tensor, geo: Geometry, pre_relu: bool, mid: Optional[Tensor] = None, mid_bn: int = 0,
               mid_act: str = "", out: Optional[Tensor] = None) -> Tensor:
     """d [P_pad, K_SLOT] in x's dtype (P_pad: P rounded up to POSITION_ALIGN): dw(pre(x)), or for the
@@ -493,13 +579,17 @@ def depthwise(x: Tensor, dw: Tensor, geo: Geometry, pre_relu: bool, mid: Optiona
     if d.numel() == 0:
         return d
 
+    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = geo.stride, geo.padding, geo.dilation
+
     def grid(meta):
-        return (rows // meta["BLOCK_P"], k_slot // meta["BLOCK_D"])
+        return (triton.cdiv(geo.N * geo.Ho * triton.cdiv(geo.Wo, meta["RW"]), meta["BLOCK_G"]), k_slot // meta["BLOCK_D"])
 
     _depthwise_kernel[grid](x, depthwise_taps(dw, geo, k_slot), d, geo.P, position_bucket(geo.P), geo.H, geo.W, geo.C,
-                            geo.Ho, geo.Wo, k_slot, *geo.conv_args(), KH=geo.KH, KW=geo.KW, PRE_RELU=bool(pre_relu),
+                            geo.Ho, geo.Wo, k_slot, stride_h, pad_h, pad_w, dil_h, KH=geo.KH, KW=geo.KW,
+                            STRIDE_W=stride_w, DIL_W=dil_w, PRE_RELU=bool(pre_relu),
                             ASM=INLINE_ASM and x.device.type == "cuda",  # PTX: never in the interpreter
-                            C_ALIGN=channel_align(geo.C), mid_ptr=mid, MID_BN=mid_bn, MID_ACT=mid_act)
+                            C_ALIGN=channel_align(geo.C), WIDE=_wide_offsets(geo, k_slot), P_ALIGN=POSITION_ALIGN,
+                            mid_ptr=mid, MID_BN=mid_bn, MID_ACT=mid_act)
     return d
 
 

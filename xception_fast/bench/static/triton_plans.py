@@ -53,16 +53,22 @@ def _d_bytes(unit: Unit) -> int:
 
 
 def _depthwise(unit: Unit, arch: int, training: bool) -> list[Launch]:
-    """`depthwise_pointwise._depthwise_kernel`: one CTA per (position tile, channel chunk) of d, no
-    run-time loop (the taps are unrolled); reads x once, writes d once."""
+    """`depthwise_pointwise._depthwise_kernel`: one CTA per (tile of BLOCK_G groups of RW outputs,
+    channel chunk) of d, no run-time loop (the taps are unrolled); reads x once, writes d once."""
     from xception_fast.triton_kernels import depthwise_pointwise as dp
 
-    rows, k_slot = cdiv(unit.P, POSITION_ALIGN) * POSITION_ALIGN, _slot_width(unit)
-    flags = dict(KH=unit.K, KW=unit.K, PRE_RELU=unit.shape.pre_relu, C_ALIGN=_channel_align(unit.C),
-                 **_mid_flags(unit, training))
-    return _launches(dp._depthwise_kernel, unit, arch, flags, _sizes(unit, K_SLOT=k_slot),
-                     lambda m: ((rows // m["BLOCK_P"]) * (k_slot // m["BLOCK_D"]), [],
-                                unit.x_bytes() + _d_bytes(unit), _dw_ffma(unit, m["BLOCK_P"], m["BLOCK_D"], 1)))
+    k_slot = _slot_width(unit)
+    s = unit.conv_ints()
+    flags = dict(KH=unit.K, KW=unit.K, STRIDE_W=s["stride_w"], DIL_W=s["dil_w"], PRE_RELU=unit.shape.pre_relu,
+                 C_ALIGN=_channel_align(unit.C), WIDE=False, P_ALIGN=POSITION_ALIGN, **_mid_flags(unit, training))
+    ints = _sizes(unit, K_SLOT=k_slot)
+
+    def plan(m):
+        groups = cdiv(unit.batch * unit.Ho * cdiv(unit.Wo, m["RW"]), m["BLOCK_G"])
+        return (groups * (k_slot // m["BLOCK_D"]), [], unit.x_bytes() + _d_bytes(unit),
+                _dw_ffma(unit, m["BLOCK_G"] * m["RW"], m["BLOCK_D"], 1))
+
+    return _launches(dp._depthwise_kernel, unit, arch, flags, ints, plan)
 
 
 def _gemm_loops(unit: Unit, programs: int, chunk: int, m: dict, arch: int) -> list[LoopPlan]:
