@@ -75,7 +75,7 @@ def _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_p
          j: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr, STORE_D: tl.constexpr):
     """(gd * pre(x) under tap (i, j) of each position, d + that tap's term if STORE_D), [BLOCK_P,
     BLOCK_C] fp32, zero outside the image. d sums the taps from zero in the order of the forward's
-    `depthwise_pointwise._depthwise_chunk`."""
+    `depthwise_pointwise._depthwise_kernel`."""
     ih = ih0 + i * dil_h
     iw = iw0 + j * dil_w
     ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)

@@ -7,8 +7,8 @@ Design: two kernels per forward, each at the occupancy its own work wants.
 1. `_depthwise_kernel`: d = dw(pre(x)) (the mid variant: act(midBN(dw(pre(x)))), `mid_act`) in fp32
    FMAs, rounded to the input dtype (where the unfused path stores it), into a buffer d [P_pad,
    K_SLOT] (P rounded up to POSITION_ALIGN, C up to SLOT_ALIGN) with zeros in the padding. A 2-D grid
-   of small programs (a tile of positions x a chunk of channels), several CTAs per SM: it reads x
-   once and writes d once, and is meant to run at the DRAM bandwidth.
+   of small programs (a tile of groups of RW adjacent outputs of a row x a chunk of channels), several
+   CTAs per SM: it reads x once and writes d once, and is meant to run at the DRAM bandwidth.
 2. a GEMM kernel per epilogue, persistent (two programs per SM, `autotune.persistent_split`):
    program s owns the positions [s * chunk, (s + 1) * chunk); for each tile of BLOCK_P positions and
    each Cout tile a K loop over the tile's rows of d, software-pipelined (the config's num_stages),
@@ -39,7 +39,8 @@ Triton versions: everything here exists in Triton 3.6 (the GPU machines') and 3.
 `TensorDescriptor` (3.4+), `tl.range(num_stages=)`, `tl.inline_asm_elementwise`.
 
 Design limit: positions are int32 (N*H*W and N*Ho*Wo at most 2^30, checked on the host); element
-offsets of the activations and of d are int64."""
+offsets of the activations and of d are int64, or in `_depthwise_kernel` int32 from a 64-bit base per
+program where the host finds a tile's span below 2^31 elements (`_wide_offsets`)."""
 
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ def _pre_f32(xv, PRE_RELU: tl.constexpr, ASM: tl.constexpr):
 def _depthwise_chunk(x_rows, ih0, iw0, p_mask, dwt_ptr, c0, C, H, W, K_SLOT, dil_h, dil_w,
                      KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    """d for BLOCK_P positions x channels [c0, c0 + BLOCK_D) in fp32, zero past C. x_rows points at
+    """d for BLOCK_P positions x channels [c0, c0 + BLOCK_D) in fp32, zero past C (the mid variant's
+    statistics and recompute kernels, `mid_unit`; each tap loaded on its own). x_rows points at
     channel 0 of each position's top-left tap (outside the image at the border: those taps are
     masked); the other taps are one scalar offset away. Every chunk carries the channel mask: an
     unmasked loop for the full chunks plus a masked tail compiled to 40 B of spills on sm_90 (two
@@ -378,15 +380,15 @@ def _depthwise_kernel(
     # The columns the group's windows read: k = r * STRIDE_W + j * DIL_W for output r, tap j. Loads of a
     # column no output reads (stride and dilation both > 1) have no use and compile away.
     NCOL: tl.constexpr = (RW - 1) * STRIDE_W + (KW - 1) * DIL_W + 1
+    # Masks: an input row's (with the group's and the channels') once per kernel row, a column's once per
+    # column; one unsigned compare each tests both bounds (a negative index wraps above H or W).
     for i in tl.static_range(KH):
         ih = ih0 + i * dil_h
-        row_ok = g_ok & (ih >= 0) & (ih < H)
-        row_off = x_off + i * dil_h * W * C
+        row_ok = (g_ok & (ih.to(tl.uint32, bitcast=True) < H))[:, None] & c_ok[None, :]
+        row_ptrs = x_base + (x_off + i * dil_h * W * C)[:, None] + ci[None, :]
         for k in tl.static_range(NCOL):
-            iw = iw0 + k
-            ok = row_ok & (iw >= 0) & (iw < W)
-            xv = tl.load(x_base + (row_off + k * C)[:, None] + ci[None, :], mask=ok[:, None] & c_ok[None, :],
-                         other=0.0)
+            col_ok = (iw0 + k).to(tl.uint32, bitcast=True) < W
+            xv = tl.load(row_ptrs + k * C, mask=row_ok & col_ok[:, None], other=0.0)
             xf = _pre_f32(xv, PRE_RELU, ASM)
             for r in tl.static_range(RW):
                 if k >= r * STRIDE_W and (k - r * STRIDE_W) % DIL_W == 0 and (k - r * STRIDE_W) // DIL_W < KW:
