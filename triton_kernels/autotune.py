@@ -150,15 +150,20 @@ def sm_count(device: torch.device) -> int:
 
 
 def dw_input_grad_configs() -> list[triton.Config]:
-    """Transposed depthwise gather: [BLOCK_P, BLOCK_C] tiles; small per-thread tiles, because the
-    compiler hoists all k x k taps' loads and 32 elements per thread reached 250 registers."""
+    """Transposed depthwise gather (`backward._dw_input_grad_kernel`): (BLOCK_P rows, BLOCK_C channels,
+    RW, warps). With unit strides a row is a group of RW horizontally adjacent input positions that
+    share the grad_d columns their taps read (as the forward's groups); other strides take one
+    position per row. BLOCK_C divides `backward.TAPS_ALIGN` (the taps are read unmasked). Calibrated
+    static estimate (sm_90 model), middle / entry (block1.rep.0) / exit (conv4) unit, us: 16 x 32 x 4
+    w2 165 / 740 / 99, 32 x 32 x 4 w4 188 / 838 / 113 (142 registers: 3 CTAs per SM), one position
+    per row 64 x 32 w4 202 / 972 / 109 (the strided path's config). Pruned: 32 x 64 x 1 w4 (the code
+    of 64 x 32 x 1), the 8-warp tiles (one or two CTAs per SM)."""
     gpu = [
-        (32, 64, 4, 1),
-        (64, 32, 4, 1),
-        (64, 64, 8, 1),
-        (128, 32, 8, 1),
+        (16, 32, 4, 2, 1),
+        (32, 32, 4, 4, 1),
+        (64, 32, 1, 4, 1),
     ]
-    return _configs(gpu, (_PINNED_P, _PINNED_C, 4, 1), ("BLOCK_P", "BLOCK_C"))
+    return _configs(gpu, (8, _PINNED_C, 4, 4, 1), ("BLOCK_P", "BLOCK_C", "RW"))
 
 
 def elementwise_configs() -> list[triton.Config]:

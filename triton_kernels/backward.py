@@ -40,24 +40,32 @@ from xception_fast.spec import UnitSpec
 
 from . import batchnorm
 from .autotune import INTERPRET, dw_input_grad_configs, position_bucket, position_split
-from .depthwise_pointwise import Geometry, _pre_f32, _prepare, _tap_rows, depthwise_taps, recompute_grad_z
+from .depthwise_pointwise import (Geometry, _add_to, _pre_f32, _prepare, _tap_rows, depthwise_taps,
+                                  recompute_grad_z)
 from .utils import INLINE_ASM, channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
 
 
 # --- kernels --------------------------------------------------------------------------------------------
 
-# Fixed blocks (BLOCK_P, BLOCK_C) of the depthwise weight gradient (its position split must not depend on
-# an autotuned config), by STORE_D: 3 x 3 keeps 9 fp32 accumulators of a tile in registers, 10 with d.
-# With d stored, 16 x 32 compiles to 128 registers on sm_90 (four 4-warp CTAs per SM) where 16 x 64 needs
-# 172 (two); without d, 16 x 64 fits 128 (calibrated static estimate (sm_90 model): benchmarks/NOTES.md).
-DW_BLOCKS = {True: (32, 16), False: (32, 16)} if INTERPRET else {True: (16, 32), False: (16, 64)}
+# Fixed blocks (BLOCK_P, BLOCK_C, RW) of the depthwise weight gradient (its split must not depend on an
+# autotuned config), by STORE_D. 3 x 3: BLOCK_P groups of RW outputs along a row sharing their loaded input
+# columns, 9 fp32 accumulators of a tile in registers (+ RW of d). 16 x 32 x 2 compiles to 126-128 registers
+# on sm_90 (four 4-warp CTAs per SM); RW = 4 needs 168 (three), 32 x 32 x 2 178 (two); calibrated static
+# estimate (sm_90 model): benchmarks/NOTES.md, "Triton depthwise kernels: instructions per element-tap".
+# Other kernel sizes: BLOCK_P positions (RW unused).
+DW_BLOCKS = {True: (8, 16, 4), False: (8, 16, 4)} if INTERPRET else {True: (16, 32, 2), False: (16, 32, 2)}
 
 
 def taps_pitch(channels: int) -> int:
     """Row pitch of the depthwise taps the backward passes (`depthwise_taps(dw, geo, taps_pitch(C))`):
-    C rounded up to the stored-d channel block, so `_dw_weight_grad_kernel` loads them unmasked."""
-    block = DW_BLOCKS[True][1]
+    C rounded up to a multiple of every channel block of the two depthwise-gradient kernels (the
+    stored-d block here, `dw_input_grad_configs`' BLOCK_C), so that both load the taps unmasked."""
+    block = TAPS_ALIGN
     return triton.cdiv(channels, block) * block
+
+
+# A multiple of DW_BLOCKS[True][1] and of every BLOCK_C of `dw_input_grad_configs` (checked at launch).
+TAPS_ALIGN = 16 if INTERPRET else 64
 
 
 @triton.jit
@@ -71,16 +79,17 @@ def _split_channel_block(C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i: tl.constexpr,
+def _tap(gd, d, x_tile, ih0, iw0, tile_ok, ci, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i: tl.constexpr,
          j: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr, STORE_D: tl.constexpr):
     """(gd * pre(x) under tap (i, j) of each position, d + that tap's term if STORE_D), [BLOCK_P,
     BLOCK_C] fp32, zero outside the image. d sums the taps from zero in the order of the forward's
-    `depthwise_pointwise._depthwise_kernel`."""
+    `depthwise_pointwise._depthwise_kernel`. x_tile: pointers to the top-left tap of each element
+    (`_grad_tile`), the tap one scalar offset away; one unsigned compare tests both bounds of ih (iw),
+    the row's part shared by a row's taps (the compiler keeps it)."""
     ih = ih0 + i * dil_h
     iw = iw0 + j * dil_w
-    ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    xv = tl.load(x_rows[:, None] + ((i * dil_h * W + j * dil_w) * C + ci)[None, :], mask=ok[:, None] & c_ok[None, :],
-                 other=0.0)
+    ok = tile_ok & (ih.to(tl.uint32, bitcast=True) < H)[:, None] & (iw.to(tl.uint32, bitcast=True) < W)[:, None]
+    xv = tl.load(x_tile + (i * dil_h * W + j * dil_w) * C, mask=ok, other=0.0)
     xv = _pre_f32(xv, PRE_RELU, ASM)
     if STORE_D:
         d += xv * tl.load(dwt_ptr + (i * KW + j) * K_SLOT + ci)[None, :]  # zero past C: no mask
@@ -90,12 +99,13 @@ def _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_p
 @triton.jit
 def _grad_tile(x_ptr, gd_ptr, p0, p_end, ci, c_ok, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
                BLOCK_P: tl.constexpr):
-    """`_tap_rows` of positions [p0, p0 + BLOCK_P) (below p_end), then their grad_d tile [BLOCK_P, BLOCK_C] fp32."""
+    """For positions [p0, p0 + BLOCK_P) (below p_end): pointers to each element's top-left tap [BLOCK_P,
+    BLOCK_C], that tap's input row and column, the elements' mask, and their grad_d tile in fp32."""
     x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w, BLOCK_P)
     p = p0 + tl.arange(0, BLOCK_P)
-    gd = tl.load(gd_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], mask=p_mask[:, None] & c_ok[None, :],
-                 other=0.0).to(tl.float32)
-    return x_rows, ih0, iw0, p_mask, gd
+    tile_ok = p_mask[:, None] & c_ok[None, :]
+    gd = tl.load(gd_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    return x_rows[:, None] + ci[None, :], ih0, iw0, tile_ok, gd
 
 
 @triton.jit
@@ -105,31 +115,78 @@ def _put(grad_dw, taps, t: tl.constexpr, acc):
 
 
 @triton.jit
-def _tap_row(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i: tl.constexpr,
+def _tap_row(gd, d, x_tile, ih0, iw0, tile_ok, ci, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i: tl.constexpr,
              PRE_RELU: tl.constexpr, ASM: tl.constexpr, STORE_D: tl.constexpr, a0, a1, a2):
     """Row i of a 3 x 3 kernel: its three taps' products added to their register accumulators (and
     to d where it is stored)."""
-    t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i, 0, 3,
-                PRE_RELU, ASM,
+    t, d = _tap(gd, d, x_tile, ih0, iw0, tile_ok, ci, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i, 0, 3, PRE_RELU, ASM,
                 STORE_D)
     a0 += t
-    t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i, 1, 3,
-                PRE_RELU, ASM,
+    t, d = _tap(gd, d, x_tile, ih0, iw0, tile_ok, ci, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i, 1, 3, PRE_RELU, ASM,
                 STORE_D)
     a1 += t
-    t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i, 2, 3,
-                PRE_RELU, ASM,
+    t, d = _tap(gd, d, x_tile, ih0, iw0, tile_ok, ci, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i, 2, 3, PRE_RELU, ASM,
                 STORE_D)
     a2 += t
     return d, a0, a1, a2
 
 
 @triton.jit
-def _store_d(d_ptr, d, p0, p_mask, ci, c_ok, C, STORE_D: tl.constexpr, BLOCK_P: tl.constexpr):
+def _store_d(d_ptr, d, p0, tile_ok, ci, C, STORE_D: tl.constexpr, BLOCK_P: tl.constexpr):
     if STORE_D:
         p = p0 + tl.arange(0, BLOCK_P)
-        tl.store(d_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], d.to(d_ptr.dtype.element_ty),
-                 mask=p_mask[:, None] & c_ok[None, :])
+        tl.store(d_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], d.to(d_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _pick(g0, g1, g2, g3, r: tl.constexpr):
+    """Output r's tile of a group (`_add_to`'s numbering)."""
+    if r == 0:
+        t = g0
+    elif r == 1:
+        t = g1
+    elif r == 2:
+        t = g2
+    else:
+        t = g3
+    return t
+
+
+@triton.jit
+def _add_tap(a00, a01, a02, a10, a11, a12, a20, a21, a22, i: tl.constexpr, j: tl.constexpr, t):
+    """The 3 x 3 accumulator of tap (i, j) += t."""
+    if i == 0:
+        if j == 0:
+            a00 += t
+        elif j == 1:
+            a01 += t
+        else:
+            a02 += t
+    elif i == 1:
+        if j == 0:
+            a10 += t
+        elif j == 1:
+            a11 += t
+        else:
+            a12 += t
+    else:
+        if j == 0:
+            a20 += t
+        elif j == 1:
+            a21 += t
+        else:
+            a22 += t
+    return a00, a01, a02, a10, a11, a12, a20, a21, a22
+
+
+@triton.jit
+def _load_gd(gd_ptr, p, ok, ci, C):
+    return tl.load(gd_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_d_rows(d_ptr, d, p, ok, ci, C):
+    tl.store(d_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], d.to(d_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -144,9 +201,10 @@ def _dw_weight_grad_kernel(
     P, chunk, H, W, C, Ho, Wo, K_SLOT,
     # convolution
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    # meta-parameters
+    # meta-parameters (3 x 3: BLOCK_P groups of RW outputs, STRIDE_W and DIL_W the column stride and dilation)
     KH: tl.constexpr, KW: tl.constexpr, KK_PAD: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr,
     C_ALIGN: tl.constexpr, STORE_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    RW: tl.constexpr = 1, STRIDE_W: tl.constexpr = 1, DIL_W: tl.constexpr = 1,
 ):
     # grad_dw[c, tap] = sum_p grad_d[p, c] * pre(x)[tap of p, c]: a split reduction over positions
     # (deterministic: fixed splits, then `batchnorm.sum_rows`). For 3 x 3 (Xception's), one register
@@ -159,42 +217,133 @@ def _dw_weight_grad_kernel(
     taps = tl.arange(0, KK_PAD)
     grad_dw = tl.zeros((KK_PAD, BLOCK_C), dtype=tl.float32)  # row t: tap t = i * KW + j
     if KH == 3 and KW == 3:
+        # Groups of RW horizontally adjacent outputs of a row (as the forward's `_depthwise_kernel`;
+        # `chunk` and P count groups here): each input column their windows share is loaded and
+        # converted once and feeds every tap that reads it, d sums each output's taps in (i, j) order.
+        groups = (Wo + RW - 1) // RW
         a00 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         a01, a02, a10, a11, a12, a20, a21, a22 = a00, a00, a00, a00, a00, a00, a00, a00
-        for p0 in range(s * chunk, p_end, BLOCK_P):
-            x_rows, ih0, iw0, p_mask, gd = _grad_tile(x_ptr, gd_ptr, p0, p_end, ci, c_ok, H, W, C, Ho, Wo, stride_h,
-                                                      stride_w, pad_h, pad_w, BLOCK_P)
-            d = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-            d, a00, a01, a02 = _tap_row(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr,
-                                        K_SLOT, 0,
-                                        PRE_RELU, ASM, STORE_D, a00, a01, a02)
-            d, a10, a11, a12 = _tap_row(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr,
-                                        K_SLOT, 1,
-                                        PRE_RELU, ASM, STORE_D, a10, a11, a12)
-            d, a20, a21, a22 = _tap_row(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr,
-                                        K_SLOT, 2,
-                                        PRE_RELU, ASM, STORE_D, a20, a21, a22)
-            _store_d(d_ptr, d, p0, p_mask, ci, c_ok, C, STORE_D, BLOCK_P)
+        NCOL: tl.constexpr = (RW - 1) * STRIDE_W + 2 * DIL_W + 1
+        for g0 in range(s * chunk, p_end, BLOCK_P):
+            g = g0 + tl.arange(0, BLOCK_P)
+            orow = g // groups  # n * Ho + oh
+            ow0 = (g - orow * groups) * RW
+            n = orow // Ho
+            oh = orow - n * Ho
+            ih0 = oh * stride_h - pad_h
+            iw0 = ow0 * STRIDE_W - pad_w
+            tile_ok = (g < p_end)[:, None] & c_ok[None, :]
+            p = orow * Wo + ow0
+            ok1 = tile_ok & (ow0 + 1 < Wo)[:, None]
+            ok2 = tile_ok & (ow0 + 2 < Wo)[:, None]
+            ok3 = tile_ok & (ow0 + 3 < Wo)[:, None]
+            gd0 = _load_gd(gd_ptr, p, tile_ok, ci, C)
+            gd1, gd2, gd3 = gd0, gd0, gd0
+            if RW > 1:
+                gd1 = _load_gd(gd_ptr, p + 1, ok1, ci, C)
+            if RW > 2:
+                gd2 = _load_gd(gd_ptr, p + 2, ok2, ci, C)
+            if RW > 3:
+                gd3 = _load_gd(gd_ptr, p + 3, ok3, ci, C)
+            x_tile = (x_ptr + ((n.to(tl.int64) * H + ih0) * W + iw0) * C)[:, None] + ci[None, :]
+            d0 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+            d1, d2, d3 = d0, d0, d0
+            for i in tl.static_range(3):
+                row_ok = tile_ok & ((ih0 + i * dil_h).to(tl.uint32, bitcast=True) < H)[:, None]
+                for k in tl.static_range(NCOL):
+                    col_ok = (iw0 + k).to(tl.uint32, bitcast=True) < W
+                    xv = tl.load(x_tile + (i * dil_h * W + k) * C, mask=row_ok & col_ok[:, None], other=0.0)
+                    xf = _pre_f32(xv, PRE_RELU, ASM)
+                    for r in tl.static_range(RW):
+                        if k >= r * STRIDE_W and (k - r * STRIDE_W) % DIL_W == 0 and (k - r * STRIDE_W) // DIL_W < 3:
+                            j = (k - r * STRIDE_W) // DIL_W
+                            a00, a01, a02, a10, a11, a12, a20, a21, a22 = _add_tap(
+                                a00, a01, a02, a10, a11, a12, a20, a21, a22, i, j, _pick(gd0, gd1, gd2, gd3, r) * xf)
+                            if STORE_D:
+                                wv = tl.load(dwt_ptr + (i * 3 + j) * K_SLOT + ci)  # zero past C: no mask
+                                d0, d1, d2, d3 = _add_to(d0, d1, d2, d3, r, xf, wv)
+            if STORE_D:
+                _store_d_rows(d_ptr, d0, p, tile_ok, ci, C)
+                if RW > 1:
+                    _store_d_rows(d_ptr, d1, p + 1, ok1, ci, C)
+                if RW > 2:
+                    _store_d_rows(d_ptr, d2, p + 2, ok2, ci, C)
+                if RW > 3:
+                    _store_d_rows(d_ptr, d3, p + 3, ok3, ci, C)
         grad_dw = _put(_put(_put(grad_dw, taps, 0, a00), taps, 1, a01), taps, 2, a02)
         grad_dw = _put(_put(_put(grad_dw, taps, 3, a10), taps, 4, a11), taps, 5, a12)
         grad_dw = _put(_put(_put(grad_dw, taps, 6, a20), taps, 7, a21), taps, 8, a22)
     else:
         for p0 in range(s * chunk, p_end, BLOCK_P):
-            x_rows, ih0, iw0, p_mask, gd = _grad_tile(x_ptr, gd_ptr, p0, p_end, ci, c_ok, H, W, C, Ho, Wo, stride_h,
-                                                      stride_w, pad_h, pad_w, BLOCK_P)
+            x_tile, ih0, iw0, tile_ok, gd = _grad_tile(x_ptr, gd_ptr, p0, p_end, ci, c_ok, H, W, C, Ho, Wo, stride_h,
+                                                       stride_w, pad_h, pad_w, BLOCK_P)
             d = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
             for i in tl.static_range(KH):
                 for j in tl.static_range(KW):
-                    t, d = _tap(gd, d, x_rows, ih0, iw0, p_mask, ci, c_ok, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i, j,
-                                KW,
+                    t, d = _tap(gd, d, x_tile, ih0, iw0, tile_ok, ci, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i, j, KW,
                                 PRE_RELU, ASM, STORE_D)
                     grad_dw = tl.where(taps[:, None] == i * KW + j, grad_dw + tl.sum(t, axis=0)[None, :], grad_dw)
-            _store_d(d_ptr, d, p0, p_mask, ci, c_ok, C, STORE_D, BLOCK_P)
+            _store_d(d_ptr, d, p0, tile_ok, ci, C, STORE_D, BLOCK_P)
     offs = s.to(tl.int64) * C * (KH * KW) + ci[None, :] * (KH * KW) + taps[:, None]
     tl.store(part_ptr + offs, grad_dw, mask=(taps < KH * KW)[:, None] & c_ok[None, :])
 
 
-@triton.autotune(configs=dw_input_grad_configs(), key=["C", "Q_BUCKET", "KH", "KW", "STRIDE_H", "STRIDE_W"])
+@triton.jit
+def _store_grad_x(acc, q, ok, c, x_ptr, gx_ptr, C, PRE_RELU: tl.constexpr):
+    """grad_x at input positions q (where ok) = acc [BLOCK, BLOCK_C] through the pre-ReLU's mask."""
+    offs = q.to(tl.int64)[:, None] * C + c[None, :]
+    if PRE_RELU:
+        xv = tl.load(x_ptr + offs, mask=ok, other=0.0)
+        acc = tl.where(xv > 0, acc, 0.0)
+    tl.store(gx_ptr + offs, acc.to(gx_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _input_grad_groups(gd_ptr, dwt_ptr, x_ptr, gx_ptr, pid_q, c, c_mask, Q, H, W, C, Ho, Wo, K_SLOT, pad_h, pad_w, dil_h,
+                       KH: tl.constexpr, KW: tl.constexpr, DIL_W: tl.constexpr, PRE_RELU: tl.constexpr,
+                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RW: tl.constexpr):
+    """Unit strides: BLOCK_P groups of RW horizontally adjacent input positions of one input row (the
+    last group of a row cut at W). Input r of a group reads, for tap (i, j), output column
+    iw0 + r + pad_w - j * DIL_W: the group's inputs share those columns, each loaded and converted once
+    (as in the forward's `_depthwise_kernel`). Column k (from the leftmost, iw0 + pad_w - (KW - 1) *
+    DIL_W) feeds input r's tap j where k = r + (KW - 1 - j) * DIL_W; the columns run right to left, so
+    that each input sums its taps in the order (i, j) as the per-position path does."""
+    groups = (W + RW - 1) // RW
+    g = pid_q * BLOCK_P + tl.arange(0, BLOCK_P)
+    g_ok = g < Q // W * groups
+    irow = g // groups  # n * H + ih
+    iw0 = (g - irow * groups) * RW
+    n = irow // H
+    ih = irow - n * H
+    tile_ok = g_ok[:, None] & c_mask[None, :]
+    ow_b = iw0 + pad_w - (KW - 1) * DIL_W
+    g_tile = (gd_ptr + ((n.to(tl.int64) * Ho + ih + pad_h) * Wo + ow_b) * C)[:, None] + c[None, :]
+    a0 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    a1, a2, a3 = a0, a0, a0
+    NCOL: tl.constexpr = RW + (KW - 1) * DIL_W
+    for i in tl.static_range(KH):
+        oh = ih + pad_h - i * dil_h
+        ok_h = tile_ok & (oh.to(tl.uint32, bitcast=True) < Ho)[:, None]
+        for kk in tl.static_range(NCOL):
+            k = NCOL - 1 - kk
+            ok = ok_h & ((ow_b + k).to(tl.uint32, bitcast=True) < Wo)[:, None]
+            gf = tl.load(g_tile + (k - i * dil_h * Wo) * C, mask=ok, other=0.0).to(tl.float32)
+            for r in tl.static_range(RW):
+                if r + (KW - 1) * DIL_W >= k and (r + (KW - 1) * DIL_W - k) % DIL_W == 0 and k >= r:
+                    j = KW - 1 - (k - r) // DIL_W
+                    wv = tl.load(dwt_ptr + (i * KW + j) * K_SLOT + c)  # zero past C, K_SLOT a multiple of BLOCK_C
+                    a0, a1, a2, a3 = _add_to(a0, a1, a2, a3, r, gf, wv)
+    q = irow * W + iw0
+    _store_grad_x(a0, q, tile_ok, c, x_ptr, gx_ptr, C, PRE_RELU)
+    if RW > 1:
+        _store_grad_x(a1, q + 1, tile_ok & (iw0 + 1 < W)[:, None], c, x_ptr, gx_ptr, C, PRE_RELU)
+    if RW > 2:
+        _store_grad_x(a2, q + 2, tile_ok & (iw0 + 2 < W)[:, None], c, x_ptr, gx_ptr, C, PRE_RELU)
+    if RW > 3:
+        _store_grad_x(a3, q + 3, tile_ok & (iw0 + 3 < W)[:, None], c, x_ptr, gx_ptr, C, PRE_RELU)
+
+
+@triton.autotune(configs=dw_input_grad_configs(), key=["C", "Q_BUCKET", "KH", "KW", "STRIDE_H", "STRIDE_W", "DIL_W"])
 @triton.jit
 def _dw_input_grad_kernel(
     # pointers
@@ -204,11 +353,11 @@ def _dw_input_grad_kernel(
     gx_ptr,  # [N, H, W, C] out: grad of x
     # sizes
     Q, Q_BUCKET, H, W, C, Ho, Wo, K_SLOT,  # Q_BUCKET: the autotuning key only; K_SLOT: the taps' row pitch
-    # convolution (the strides are compile-time: Xception's are 1 and 2)
-    pad_h, pad_w, dil_h, dil_w,
+    # convolution (the strides and the column dilation are compile-time: Xception's strides are 1 and 2)
+    pad_h, pad_w, dil_h,
     # meta-parameters
-    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PRE_RELU: tl.constexpr,
-    C_ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_W: tl.constexpr,
+    PRE_RELU: tl.constexpr, C_ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RW: tl.constexpr,
 ):
     C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
     # Each input position gathers from the outputs whose window covers it: oh * stride - pad + i * dil
@@ -216,45 +365,37 @@ def _dw_input_grad_kernel(
     c_tiles = tl.cdiv(C, BLOCK_C)
     pid = tl.program_id(0)
     pid_q, pid_c = pid // c_tiles, pid % c_tiles
-    q = pid_q * BLOCK_P + tl.arange(0, BLOCK_P)
-    q_mask = q < Q
-    n = q // (H * W)
-    r = q - n * (H * W)
-    ih = r // W
-    iw = r - ih * W
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    # Tap (i, j) reads output row (ih + pad_h - i * dil_h) / STRIDE_H, where that divides. With unit
-    # strides, each tap is a scalar offset from one row pointer per position (as in the forward).
-    g_rows = gd_ptr + ((n.to(tl.int64) * Ho + (ih + pad_h) // STRIDE_H) * Wo + (iw + pad_w) // STRIDE_W) * C
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for i in tl.static_range(KH):
-        th = ih + pad_h - i * dil_h
-        th_c = tl.maximum(th, 0)  # non-negative before // and %, whose sign rules differ by backend
-        oh = th_c // STRIDE_H
-        ok_h = q_mask & (th >= 0) & (oh < Ho)
-        if STRIDE_H != 1:
-            ok_h = ok_h & (th_c - oh * STRIDE_H == 0)
-        for j in tl.static_range(KW):
-            tw = iw + pad_w - j * dil_w
-            tw_c = tl.maximum(tw, 0)
-            ow = tw_c // STRIDE_W
-            ok = ok_h & (tw >= 0) & (ow < Wo)
-            if STRIDE_W != 1:
-                ok = ok & (tw_c - ow * STRIDE_W == 0)
-            if STRIDE_H == 1 and STRIDE_W == 1:
-                ptrs = g_rows[:, None] + (c - (i * dil_h * Wo + j * dil_w) * C)[None, :]
-            else:
-                ptrs = gd_ptr + ((n.to(tl.int64) * Ho + oh) * Wo + ow)[:, None] * C + c[None, :]
-            g = tl.load(ptrs, mask=ok[:, None] & c_mask[None, :], other=0.0)
-            wv = tl.load(dwt_ptr + (i * KW + j) * K_SLOT + c, mask=c_mask, other=0.0)
-            acc += g.to(tl.float32) * wv[None, :]
-    offs = q.to(tl.int64)[:, None] * C + c[None, :]
-    mask = q_mask[:, None] & c_mask[None, :]
-    if PRE_RELU:
-        xv = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        acc = tl.where(xv > 0, acc, 0.0)
-    tl.store(gx_ptr + offs, acc.to(gx_ptr.dtype.element_ty), mask=mask)
+    if STRIDE_H == 1 and STRIDE_W == 1:
+        _input_grad_groups(gd_ptr, dwt_ptr, x_ptr, gx_ptr, pid_q, c, c_mask, Q, H, W, C, Ho, Wo, K_SLOT, pad_h, pad_w,
+                           dil_h, KH, KW, DIL_W, PRE_RELU, BLOCK_P, BLOCK_C, RW)
+    else:
+        # Tap (i, j) reads output row (ih + pad_h - i * dil_h) / STRIDE_H, where that divides: one input
+        # position per row of the tile (RW unused).
+        q = pid_q * BLOCK_P + tl.arange(0, BLOCK_P)
+        q_mask = q < Q
+        n = q // (H * W)
+        r = q - n * (H * W)
+        ih = r // W
+        iw = r - ih * W
+        tile_ok = q_mask[:, None] & c_mask[None, :]
+        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for i in tl.static_range(KH):
+            th = ih + pad_h - i * dil_h
+            th_c = tl.maximum(th, 0)  # non-negative before // and %, whose sign rules differ by backend
+            oh = th_c // STRIDE_H
+            ok_h = q_mask & (th >= 0) & (oh < Ho) & (th_c - oh * STRIDE_H == 0)
+            for j in tl.static_range(KW):
+                tw = iw + pad_w - j * DIL_W
+                tw_c = tl.maximum(tw, 0)
+                ow = tw_c // STRIDE_W
+                ok = ok_h & (tw >= 0) & (ow < Wo) & (tw_c - ow * STRIDE_W == 0)
+                g = tl.load(gd_ptr + ((n.to(tl.int64) * Ho + oh) * Wo + ow)[:, None] * C + c[None, :],
+                            mask=ok[:, None] & c_mask[None, :], other=0.0)
+                wv = tl.load(dwt_ptr + (i * KW + j) * K_SLOT + c)  # zero past C, K_SLOT a multiple of BLOCK_C
+                acc += g.to(tl.float32) * wv[None, :]
+        _store_grad_x(acc, q, tile_ok, c, x_ptr, gx_ptr, C, PRE_RELU)
 
 
 # --- host side ------------------------------------------------------------------------------------------
@@ -355,16 +496,20 @@ def dw_weight_grad(geo: Geometry, x: Tensor, grad_d: Tensor, dw_weight: Tensor, 
     with d [P, C] given, d = dw(pre(x)) is stored there too (dwt: `depthwise_taps(dw, geo, taps_pitch(C))`)."""
     device, c, kk = x.device, geo.C, geo.KH * geo.KW
     store_d = d is not None
-    block_p, block_c = DW_BLOCKS[store_d]
-    splits, chunk = position_split(geo.P, triton.cdiv(c, block_c), device)
+    block_p, block_c, rw = DW_BLOCKS[store_d]
+    # 3 x 3 splits groups of rw outputs along a row (the kernel's P and chunk count groups), else positions.
+    rw = rw if geo.KH == 3 and geo.KW == 3 else 1
+    rows = geo.N * geo.Ho * triton.cdiv(geo.Wo, rw) if rw > 1 else geo.P
+    splits, chunk = position_split(rows, triton.cdiv(c, block_c), device)
     part = new_empty((splits, c, kk), torch.float32, device)
     if store_d:
         assert dwt.shape[1] % block_c == 0 and dwt.shape[1] >= c, "the taps' pitch must be taps_pitch(C)"
     _dw_weight_grad_kernel[(splits * triton.cdiv(c, block_c),)](
-        x, grad_d, part, dwt if store_d else part, d if store_d else grad_d, geo.P, chunk, geo.H, geo.W, c, geo.Ho,
+        x, grad_d, part, dwt if store_d else part, d if store_d else grad_d, rows, chunk, geo.H, geo.W, c, geo.Ho,
         geo.Wo, dwt.shape[1] if store_d else c, *geo.conv_args(), KH=geo.KH, KW=geo.KW,
         KK_PAD=triton.next_power_of_2(kk), PRE_RELU=bool(pre_relu), ASM=INLINE_ASM and device.type == "cuda",
-        C_ALIGN=channel_align(c), STORE_D=store_d, BLOCK_P=block_p, BLOCK_C=block_c)
+        C_ALIGN=channel_align(c), STORE_D=store_d, BLOCK_P=block_p, BLOCK_C=block_c, RW=rw,
+        STRIDE_W=geo.stride[1], DIL_W=geo.dilation[1])
     return batchnorm.sum_rows(part.view(splits, -1), dw_weight.dtype).view(dw_weight.shape)
 
 
@@ -373,22 +518,27 @@ def dw_backward(geo: Geometry, x: Tensor, dw: Tensor, dw_weight: Tensor, grad_d:
     """(grad_x, grad_dw_weight) from grad_d [P, C] in x's dtype; x, dw as `_prepare` returns them."""
     grad_dw = dw_weight_grad(geo, x, grad_d, dw_weight, pre_relu)
     grad_x = empty_nhwc((geo.N, geo.C, geo.H, geo.W), x.dtype, x.device)
-    dw_input_grad(geo, grad_d, depthwise_taps(dw, geo, geo.C), x, grad_x, pre_relu)
+    dw_input_grad(geo, grad_d, depthwise_taps(dw, geo, taps_pitch(geo.C)), x, grad_x, pre_relu)
     return grad_x, grad_dw
 
 
 def dw_input_grad(geo: Geometry, grad_d: Tensor, dwt: Tensor, x: Tensor, grad_x: Tensor, pre_relu: bool) -> None:
     """grad_x [N, C, H, W] channels_last = the transposed depthwise of grad_d [N, Ho, Wo, C] (x's dtype),
-    through the pre-ReLU's mask; dwt: `depthwise_taps(dw, geo, width)`, any width >= C."""
+    through the pre-ReLU's mask; dwt: `depthwise_taps(dw, geo, taps_pitch(C))`."""
     q = geo.N * geo.H * geo.W
-
-    def grid_x(meta):
-        return (triton.cdiv(q, meta["BLOCK_P"]) * triton.cdiv(geo.C, meta["BLOCK_C"]),)
+    assert dwt.shape[1] % TAPS_ALIGN == 0 and dwt.shape[1] >= geo.C, "the taps' pitch must be taps_pitch(C)"
 
     (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = geo.stride, geo.padding, geo.dilation
+    unit = stride_h == 1 and stride_w == 1  # groups of RW inputs along a row; else one input per row of a tile
+
+    def grid_x(meta):
+        rows = triton.cdiv(geo.N * geo.H * triton.cdiv(geo.W, meta["RW"]) if unit else q, meta["BLOCK_P"])
+        return (rows * triton.cdiv(geo.C, meta["BLOCK_C"]),)
+
     _dw_input_grad_kernel[grid_x](grad_d, dwt, x, grad_x, q, position_bucket(q), geo.H, geo.W, geo.C, geo.Ho, geo.Wo,
-                                  dwt.shape[1], pad_h, pad_w, dil_h, dil_w, KH=geo.KH, KW=geo.KW, STRIDE_H=stride_h,
-                                  STRIDE_W=stride_w, PRE_RELU=bool(pre_relu), C_ALIGN=channel_align(geo.C))
+                                  dwt.shape[1], pad_h, pad_w, dil_h, KH=geo.KH, KW=geo.KW, STRIDE_H=stride_h,
+                                  STRIDE_W=stride_w, DIL_W=dil_w, PRE_RELU=bool(pre_relu),
+                                  C_ALIGN=channel_align(geo.C))
 
 
 def sepconv_bn_train_backward(grad_y: Tensor, x: Tensor, z: Tensor, dw_weight: Tensor, pw_weight: Tensor,

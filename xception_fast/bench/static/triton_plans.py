@@ -245,12 +245,14 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     return kernels
 
 
-# backward.DW_BLOCKS (BLOCK_P, BLOCK_C by STORE_D) and backward.taps_pitch on a GPU
-DW_BLOCKS = {True: (16, 32), False: (16, 64)}
+# backward.DW_BLOCKS (BLOCK_P, BLOCK_C, RW by STORE_D) and backward.TAPS_ALIGN on a GPU
+DW_BLOCKS = {True: (16, 32, 2), False: (16, 32, 2)}
+TAPS_ALIGN = 64
 
 
 def _taps_pitch(channels: int) -> int:
-    return cdiv(channels, DW_BLOCKS[True][1]) * DW_BLOCKS[True][1]
+    """`backward.taps_pitch`: the taps' row pitch both depthwise-gradient kernels read."""
+    return cdiv(channels, TAPS_ALIGN) * TAPS_ALIGN
 
 
 def _dw_weight_grad(unit: Unit, arch: int, sms: int, store_d: bool) -> tuple[int, list[Launch]]:
@@ -259,16 +261,21 @@ def _dw_weight_grad(unit: Unit, arch: int, sms: int, store_d: bool) -> tuple[int
     from xception_fast.triton_kernels import backward as bw
 
     P, C, kk = unit.P, unit.C, unit.K * unit.K
-    block_p, block_c = DW_BLOCKS[store_d]
-    splits, chunk = position_split(P, cdiv(C, block_c), sms)
+    block_p, block_c, rw = DW_BLOCKS[store_d]
+    rw = rw if unit.K == 3 else 1  # 3 x 3: groups of rw outputs along a row (`backward.dw_weight_grad`)
+    rows = unit.batch * unit.Ho * cdiv(unit.Wo, rw) if rw > 1 else P
+    splits, chunk = position_split(rows, cdiv(C, block_c), sms)
+    s = unit.conv_ints()
     fixed = dict(KH=unit.K, KW=unit.K, KK_PAD=1 << (kk - 1).bit_length(), PRE_RELU=unit.shape.pre_relu,
-                 C_ALIGN=_channel_align(C), STORE_D=store_d, BLOCK_P=block_p, BLOCK_C=block_c)
-    trips = unit.split_trips(splits, chunk, block_p)
+                 C_ALIGN=_channel_align(C), STORE_D=store_d, BLOCK_P=block_p, BLOCK_C=block_c, RW=rw,
+                 STRIDE_W=s["stride_w"], DIL_W=s["dil_w"])
+    trips = sum(cdiv(min(chunk, rows - k * chunk), block_p) for k in range(splits)) / splits  # over groups
     ints = _sizes(unit, chunk=chunk, K_SLOT=_taps_pitch(C) if store_d else C)
+    ints["P"] = rows
     return splits, _launches(bw._dw_weight_grad_kernel, unit, arch, fixed, ints,
                              lambda m: (splits * cdiv(C, block_c), [LoopPlan("position tiles of the split", trips)],
                                         unit.d_bytes() * (2 if store_d else 1) + unit.x_bytes() + 4 * splits * C * kk,
-                                        _dw_ffma(unit, block_p, block_c, trips) if store_d else 0.0))
+                                        _dw_ffma(unit, block_p * rw, block_c, trips) if store_d else 0.0))
 
 
 def _dw_input_grad(unit: Unit, arch: int, taps_pitch: int) -> list[Launch]:
@@ -278,14 +285,16 @@ def _dw_input_grad(unit: Unit, arch: int, taps_pitch: int) -> list[Launch]:
 
     C = unit.C
 
-    def dwi(m):
-        return (cdiv(unit.Q, m["BLOCK_P"]) * cdiv(C, m["BLOCK_C"]), [],
-                unit.d_bytes() + 2 * unit.x_bytes(), 0.0)
+    s = unit.conv_ints()
+    unit_stride = s["stride_h"] == 1 and s["stride_w"] == 1
+
+    def dwi(m):  # unit strides: rows of RW inputs along a row of x (`backward.dw_input_grad`)
+        rows = unit.batch * unit.H * cdiv(unit.W, m["RW"]) if unit_stride else unit.Q
+        return (cdiv(rows, m["BLOCK_P"]) * cdiv(C, m["BLOCK_C"]), [], unit.d_bytes() + 2 * unit.x_bytes(), 0.0)
 
     return _launches(bw._dw_input_grad_kernel, unit, arch,
-                     dict(KH=unit.K, KW=unit.K, STRIDE_H=unit.conv_ints()["stride_h"],
-                          STRIDE_W=unit.conv_ints()["stride_w"], PRE_RELU=unit.shape.pre_relu,
-                          C_ALIGN=_channel_align(C)),
+                     dict(KH=unit.K, KW=unit.K, STRIDE_H=s["stride_h"], STRIDE_W=s["stride_w"], DIL_W=s["dil_w"],
+                          PRE_RELU=unit.shape.pre_relu, C_ALIGN=_channel_align(C)),
                      dict(Q=unit.Q, H=unit.H, W=unit.W, C=C, Ho=unit.Ho, Wo=unit.Wo, K_SLOT=taps_pitch,
                           **unit.conv_ints()), dwi)
 
@@ -366,7 +375,7 @@ def _mid_backward(unit: Unit, arch: int, sms: int) -> list[list]:
     splits, dw_grad = _dw_weight_grad(unit, arch, sms, store_d=False)
     kernels.append(dw_grad)
     kernels.append(_sum_rows(unit, arch, splits, C * kk, e))
-    kernels.append(_dw_input_grad(unit, arch, C))  # `backward.dw_backward`: taps C wide
+    kernels.append(_dw_input_grad(unit, arch, _taps_pitch(C)))  # `backward.dw_backward`
     return kernels
 
 
