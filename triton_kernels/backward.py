@@ -115,23 +115,6 @@ def _put(grad_dw, taps, t: tl.constexpr, acc):
 
 
 @triton.jit
-def _tap_row(gd, d, x_tile, ih0, iw0, tile_ok, ci, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i: tl.constexpr,
-             PRE_RELU: tl.constexpr, ASM: tl.constexpr, STORE_D: tl.constexpr, a0, a1, a2):
-    """Row i of a 3 x 3 kernel: its three taps' products added to their register accumulators (and
-    to d where it is stored)."""
-    t, d = _tap(gd, d, x_tile, ih0, iw0, tile_ok, ci, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i, 0, 3, PRE_RELU, ASM,
-                STORE_D)
-    a0 += t
-    t, d = _tap(gd, d, x_tile, ih0, iw0, tile_ok, ci, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i, 1, 3, PRE_RELU, ASM,
-                STORE_D)
-    a1 += t
-    t, d = _tap(gd, d, x_tile, ih0, iw0, tile_ok, ci, H, W, C, dil_h, dil_w, dwt_ptr, K_SLOT, i, 2, 3, PRE_RELU, ASM,
-                STORE_D)
-    a2 += t
-    return d, a0, a1, a2
-
-
-@triton.jit
 def _store_d(d_ptr, d, p0, tile_ok, ci, C, STORE_D: tl.constexpr, BLOCK_P: tl.constexpr):
     if STORE_D:
         p = p0 + tl.arange(0, BLOCK_P)
@@ -197,7 +180,8 @@ def _dw_weight_grad_kernel(
     part_ptr,  # [S, C, KH * KW] fp32 out: per split, grad of the depthwise weight
     dwt_ptr,  # [KH * KW, K_SLOT] fp32 depthwise taps, zero past C (read only if STORE_D)
     d_ptr,  # [P, C] out (only if STORE_D): the depthwise output d, input dtype, for grad_pw
-    # sizes (K_SLOT: the taps' row pitch, a multiple of BLOCK_C)
+    # sizes (P and chunk count groups of RW outputs for 3 x 3, positions otherwise; K_SLOT: the taps' row
+    # pitch, a multiple of BLOCK_C)
     P, chunk, H, W, C, Ho, Wo, K_SLOT,
     # convolution
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
