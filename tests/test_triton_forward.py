@@ -156,6 +156,21 @@ def test_the_forward_and_the_backward_make_the_same_depthwise_output(provider, d
     torch.testing.assert_close(d, want, atol=1e-5 if dtype == torch.float32 else 2e-3, rtol=1e-3, equal_nan=True)
 
 
+def test_depthwise_int64_offsets_give_the_same_output(provider, monkeypatch):
+    """`_depthwise_kernel`'s int64 offsets (WIDE, where a tile's span could pass 2^31 elements: too large
+    to test) against its int32 ones from per-program bases: the same d, bitwise."""
+    from xception_fast.triton_kernels import depthwise_pointwise as dp
+
+    x, dw, pw = _unit(19, 8)
+    spec = UnitSpec((3, 3), padding=(1, 1), pre_relu=True)
+    geo, xc, dwm, _ = dp._prepare(x, dw, pw, spec)
+    outs = []
+    for wide in (False, True):
+        monkeypatch.setattr(dp, "_wide_offsets", lambda *args, wide=wide: wide)
+        outs.append(dp.depthwise(xc, dwm, geo, True))
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_a_wider_weight_dtype_gets_an_fp32_accumulated_weight_gradient():
     """grad_pw of half operands for an fp32 weight: fp32 accumulation rounded once to fp32, not the
     half-precision product widened afterwards."""
