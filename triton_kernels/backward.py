@@ -204,6 +204,7 @@ def _dw_weight_grad_kernel(
         # Groups of RW horizontally adjacent outputs of a row (as the forward's `_depthwise_kernel`;
         # `chunk` and P count groups here): each input column their windows share is loaded and
         # converted once and feeds every tap that reads it, d sums each output's taps in (i, j) order.
+        tl.static_assert(RW <= 4, "a group holds at most 4 outputs (`_add_to`)")
         groups = (Wo + RW - 1) // RW
         a00 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         a01, a02, a10, a11, a12, a20, a21, a22 = a00, a00, a00, a00, a00, a00, a00, a00
@@ -292,6 +293,7 @@ def _input_grad_groups(gd_ptr, dwt_ptr, x_ptr, gx_ptr, pid_q, c, c_mask, Q, H, W
     (as in the forward's `_depthwise_kernel`). Column k (from the leftmost, iw0 + pad_w - (KW - 1) *
     DIL_W) feeds input r's tap j where k = r + (KW - 1 - j) * DIL_W; the columns run right to left, so
     that each input sums its taps in the order (i, j) as the per-position path does."""
+    tl.static_assert(RW <= 4, "a group holds at most 4 inputs (`_add_to`)")
     groups = (W + RW - 1) // RW
     g = pid_q * BLOCK_P + tl.arange(0, BLOCK_P)
     g_ok = g < Q // W * groups

@@ -357,6 +357,7 @@ def _depthwise_kernel(
     c0 = tl.program_id(1) * BLOCK_D
     ci = c0 + tl.arange(0, BLOCK_D)
     c_ok = ci < C
+    tl.static_assert(RW <= 4, "a group holds at most 4 outputs (`_add_to`)")
     groups = (Wo + RW - 1) // RW  # per output row
     rows = P // Wo  # output rows N * Ho
     g0 = tl.program_id(0) * BLOCK_G
