@@ -27,8 +27,8 @@ two launches").
 Epilogues (one GEMM kernel each, `_pointwise_tile` and the same program split):
 - `_sepconv_infer_kernel`: y = post(z * scale + shift) + residual, stored once.
 - `_sepconv_train_kernel`: stores z and per-program, per-channel statistics (a reference value,
-  the mean's offset from it, M2; the count follows from the chunk), merged tile by tile with Chan's
-  formula in the program's own row of the buffer, then across programs by
+  the mean's offset from it, M2; the count follows from the chunk), merged tile by tile in one
+  reduction pass (`_merge_tile_statistics`) in the program's own row of the buffer, then across programs by
   `batchnorm.merge_statistics`, then normalised by `batchnorm.normalize`.
 - `_sepconv_grad_z_kernel`: inference backward, which saves nothing but x: recomputes d and z,
   applies the post-ReLU mask to grad_y, stores grad_z = g * scale and per-program sums of g and g * z.
@@ -195,36 +195,45 @@ def _pointwise_tile(d_op, p0, pw_op, n0, C, K_SLOT, Cout, A_TMA: tl.constexpr, W
 
 
 @triton.jit
+def _add_pair(a1, a2, b1, b2):
+    return a1 + b1, a2 + b2
+
+
+@triton.jit
 def _merge_tile_statistics(stats_ptr, s, S, Cout, co, co_mask, z, rows, cnt, seen):
     """Fold the statistics of one tile's z [BLOCK_P, BLOCK_N] (`cnt` valid rows `rows`) into program
-    s's row of stats [3, S, Cout]: about a reference value `ref` (the program's first tile's mean),
-    so that with |mean| >> std (1e4 vs 1e-2) the deviations stay exact in fp32; the tile's own M2 by
-    the two-pass formula about its mean, merged with the `seen` positions before it by Chan's
-    formula. Two reductions over the rows per tile (three on the first): each one crosses warps
-    through shared memory, and they dominate this epilogue. (The corrected two-pass term, the
-    squared sum of the deviations, is left out: it corrects a rounding of the tile mean that is
-    already relative to ref, so it is below fp32 resolution unless the mean drifts by ~1e3 std.)"""
+    s's row of stats [3, S, Cout]: (ref, off, M2), the running mean of the `seen` positions before
+    the tile as ref + off (ref the program's first tile's mean, kept unevaluated so that with
+    |mean| >> std, 1e4 vs 1e-2, the deviations stay exact in fp32) and their M2 about it.
+
+    One pass over the tile: the deviations e = (z - ref) - off from the running mean m, their sums
+    t1 = sum(e) and t2 = sum(e^2) in one cross-warp reduction of the pair (each reduction crosses
+    warps through shared memory, and they dominate this epilogue: the two-pass tile M2 plus Chan's
+    merge needed two). Then exactly, as Chan's formula with the tile's mean t1 / cnt and M2
+    t2 - t1^2 / cnt: off += t1 / n' and M2 += t2 - t1^2 / n', n' = seen + cnt.
+    Error: t2 - t1^2 / n' cancels where the tile's mean is far from m, but that distance is itself
+    part of the merged M2: with n = seen >= cnt (every tile after the first), the increment is
+    M2_t + t1^2 n / (cnt n') >= (t2 + t1^2 / n') * n / (n + 2 cnt) >= (t2 + t1^2 / n') / 3, so the
+    rounding of the two sums costs at most 3x their own relative error however far the mean drifts
+    (a test drifts it by 1e3 std across the batch). The first tile takes ref as its own mean (one
+    more reduction), so that |t1| is only that mean's rounding, and n = 0 costs nothing."""
     out = stats_ptr + s * Cout + co
     zf = z.to(tl.float32)
     if seen == 0:
         ref = tl.sum(tl.where(rows[:, None], zf, 0.0), axis=0) / cnt
-        mean = tl.zeros_like(ref)
+        off = tl.zeros_like(ref)
         m2 = tl.zeros_like(ref)
+        tl.store(out, ref, mask=co_mask)
     else:
         ref = tl.load(out, mask=co_mask, other=0.0)
-        mean = tl.load(out + S * Cout, mask=co_mask, other=0.0)
+        off = tl.load(out + S * Cout, mask=co_mask, other=0.0)
         m2 = tl.load(out + 2 * S * Cout, mask=co_mask, other=0.0)
-    dz = tl.where(rows[:, None], zf - ref[None, :], 0.0)
-    t_mean = tl.sum(dz, axis=0) / cnt
-    e = tl.where(rows[:, None], dz - t_mean[None, :], 0.0)
-    t_m2 = tl.sum(e * e, axis=0)
-    new_count = seen + cnt
-    delta = t_mean - mean
-    mean += delta * (cnt / new_count)
-    m2 += t_m2 + delta * delta * (seen * cnt / new_count)
-    tl.store(out, ref, mask=co_mask)
-    tl.store(out + S * Cout, mean, mask=co_mask)
-    tl.store(out + 2 * S * Cout, m2, mask=co_mask)
+    # Two roundings, each relative to its own (small) result; fl(ref + off) would be off by ulp(ref).
+    e = tl.where(rows[:, None], (zf - ref[None, :]) - off[None, :], 0.0)
+    t1, t2 = tl.reduce((e, e * e), 0, _add_pair)
+    step = t1 / (seen + cnt)
+    tl.store(out + S * Cout, off + step, mask=co_mask)
+    tl.store(out + 2 * S * Cout, m2 + (t2 - t1 * step), mask=co_mask)
 
 
 @triton.jit
