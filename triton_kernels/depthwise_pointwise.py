@@ -195,43 +195,40 @@ def _pointwise_tile(d_op, p0, pw_op, n0, C, K_SLOT, Cout, A_TMA: tl.constexpr, W
 
 
 @triton.jit
-def _add_pair(a1, a2, b1, b2):
-    return a1 + b1, a2 + b2
+def _merge_tile_statistics(z, rows, cnt, seen, n0, first_z, stats_ptr, s, S, Cout, BLOCK_N: tl.constexpr):
+    """Fold the statistics of one tile's stored z [BLOCK_P, BLOCK_N] (columns n0 + [0, BLOCK_N),
+    `cnt` valid rows `rows`) into program s's row of stats [3, S, Cout]: (ref, off, M2), the running
+    mean of the `seen` positions before the tile as ref + off, kept unevaluated so that with |mean|
+    >> std (1e4 vs 1e-2) the deviations stay exact in fp32, and their M2 about it. ref is the
+    program's first z (row `first_z`, which this program stored: a load, where the first tile's
+    mean would cost one more reduction).
 
-
-@triton.jit
-def _merge_tile_statistics(stats_ptr, s, S, Cout, co, co_mask, z, rows, cnt, seen):
-    """Fold the statistics of one tile's z [BLOCK_P, BLOCK_N] (`cnt` valid rows `rows`) into program
-    s's row of stats [3, S, Cout]: (ref, off, M2), the running mean of the `seen` positions before
-    the tile as ref + off (ref the program's first tile's mean, kept unevaluated so that with
-    |mean| >> std, 1e4 vs 1e-2, the deviations stay exact in fp32) and their M2 about it.
-
-    One pass over the tile: the deviations e = (z - ref) - off from the running mean m, their sums
-    t1 = sum(e) and t2 = sum(e^2) in one cross-warp reduction of the pair (each reduction crosses
-    warps through shared memory, and they dominate this epilogue: the two-pass tile M2 plus Chan's
-    merge needed two). Then exactly, as Chan's formula with the tile's mean t1 / cnt and M2
+    One pass over the tile: the deviations e = (z - ref) - off from the running mean m and their
+    sums t1, t2 of e and e^2 (each sum a cross-warp reduction, shuffles then shared memory: they
+    dominate this epilogue; the two-pass tile M2 plus Chan's merge needed three on a program's first
+    tile and two after). Then exactly, as Chan's formula with the tile's mean t1 / cnt and M2
     t2 - t1^2 / cnt: off += t1 / n' and M2 += t2 - t1^2 / n', n' = seen + cnt.
     Error: t2 - t1^2 / n' cancels where the tile's mean is far from m, but that distance is itself
-    part of the merged M2: with n = seen >= cnt (every tile after the first), the increment is
-    M2_t + t1^2 n / (cnt n') >= (t2 + t1^2 / n') * n / (n + 2 cnt) >= (t2 + t1^2 / n') / 3, so the
-    rounding of the two sums costs at most 3x their own relative error however far the mean drifts
-    (a test drifts it by 1e3 std across the batch). The first tile takes ref as its own mean (one
-    more reduction), so that |t1| is only that mean's rounding, and n = 0 costs nothing."""
+    part of the merged M2. After the first tile (n = seen >= cnt) the increment is
+    M2_t + t1^2 n / (cnt n') >= (t2 + t1^2 / n') n / (n + 2 cnt) >= (t2 + t1^2 / n') / 3: the two
+    sums' rounding costs at most 3x their own relative error however far the mean drifts (a test
+    drifts it by 1e3 std). On the first tile (n = 0) the shift is one sample's, (z_0 - mean)^2 <=
+    (cnt - 1) var: at most cnt x (BLOCK_P = 128, for an outlier at z_0).
+    No branch on the first tile (the loads of off and M2 masked off instead): a load under a branch
+    cost 6-9 registers on sm_90 (a 128 x 128 tile then fits one CTA per SM, not two)."""
+    co = n0 + tl.arange(0, BLOCK_N)
+    co_mask = co < Cout
     out = stats_ptr + s * Cout + co
-    zf = z.to(tl.float32)
-    if seen == 0:
-        ref = tl.sum(tl.where(rows[:, None], zf, 0.0), axis=0) / cnt
-        off = tl.zeros_like(ref)
-        m2 = tl.zeros_like(ref)
-        tl.store(out, ref, mask=co_mask)
-    else:
-        ref = tl.load(out, mask=co_mask, other=0.0)
-        off = tl.load(out + S * Cout, mask=co_mask, other=0.0)
-        m2 = tl.load(out + 2 * S * Cout, mask=co_mask, other=0.0)
+    ref = tl.load(first_z + co, mask=co_mask, other=0.0).to(tl.float32)
+    more = co < tl.where(seen > 0, Cout, 0)  # none on the first tile: nothing merged yet
+    off = tl.load(out + S * Cout, mask=more, other=0.0)
+    m2 = tl.load(out + 2 * S * Cout, mask=more, other=0.0)
     # Two roundings, each relative to its own (small) result; fl(ref + off) would be off by ulp(ref).
-    e = tl.where(rows[:, None], (zf - ref[None, :]) - off[None, :], 0.0)
-    t1, t2 = tl.reduce((e, e * e), 0, _add_pair)
+    e = tl.where(rows[:, None], (z.to(tl.float32) - ref[None, :]) - off[None, :], 0.0)
+    t1 = tl.sum(e, axis=0)
+    t2 = tl.sum(e * e, axis=0)
     step = t1 / (seen + cnt)
+    tl.store(out, ref, mask=co_mask)  # the same value every tile: cheaper than a branch
     tl.store(out + S * Cout, off + step, mask=co_mask)
     tl.store(out + 2 * S * Cout, m2 + (t2 - t1 * step), mask=co_mask)
 
@@ -276,16 +273,16 @@ def _infer_epilogue(acc, p, p_mask, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, Co
 
 
 @triton.jit
-def _train_epilogue(acc, p, p_mask, cnt, n0, z_ptr, stats_ptr, s, S, Cout, seen, BLOCK_N: tl.constexpr):
+def _train_epilogue(acc, p, p_mask, cnt, seen, n0, z_ptr, first_z, stats_ptr, s, S, Cout, BLOCK_N: tl.constexpr):
     """Store z for columns n0 + [0, BLOCK_N) and fold its statistics into program s's row. The
     program's rows of `stats` are its own, and the barrier ending each tile orders the updates."""
     co = n0 + tl.arange(0, BLOCK_N)
-    co_mask = co < Cout
     z = acc.to(z_ptr.dtype.element_ty)
-    offs = p.to(tl.int64)[:, None] * Cout + co[None, :]
-    tl.store(z_ptr + offs, z, mask=p_mask[:, None] & co_mask[None, :])
+    tl.store(z_ptr + p.to(tl.int64)[:, None] * Cout + co[None, :], z, mask=p_mask[:, None] & (co < Cout)[None, :])
+    if seen == 0:
+        tl.debug_barrier()  # first_z, stored by other threads, is read back
     # Statistics of the stored (rounded) z.
-    _merge_tile_statistics(stats_ptr, s, S, Cout, co, co_mask, z, p_mask, cnt, seen)
+    _merge_tile_statistics(z, p_mask, cnt, seen, n0, first_z, stats_ptr, s, S, Cout, BLOCK_N)
 
 
 @triton.jit
@@ -459,7 +456,7 @@ def _sepconv_infer_kernel(
                             HAS_RESIDUAL, Q)
 
 
-@triton.autotune(**gemm_configs(), key=KEY)
+@triton.autotune(**gemm_configs(training=True), key=KEY)
 @triton.jit
 def _sepconv_train_kernel(
     # pointers
@@ -473,18 +470,19 @@ def _sepconv_train_kernel(
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     C, Cout, K_SLOT, pid, p_begin, p_end = _program(P, chunk, C, Cout, K_SLOT, C_ALIGN, COUT_ALIGN)
+    first_z = z_ptr + tl.cast(p_begin, tl.int64) * Cout  # the program's first row of z: the statistics' ref
     for p0 in range(p_begin, p_end, BLOCK_P):
         p, p_mask = _tile(p0, p_end, BLOCK_P)
+        seen = (p0 - p_begin).to(tl.float32)
+        cnt = tl.minimum(p_end - p0, BLOCK_P).to(tl.float32)
         for n0 in range(0, Cout, BLOCK_N):
             acc = _pointwise_tile(d_op, p0, pw_op, n0, C, K_SLOT, Cout, A_TMA, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
             q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
             Q: tl.constexpr = BLOCK_N // 4
-            seen = (p0 - p_begin).to(tl.float32)
-            cnt = tl.minimum(p_end - p0, BLOCK_P).to(tl.float32)
-            _train_epilogue(q0, p, p_mask, cnt, n0, z_ptr, stats_ptr, pid, S, Cout, seen, Q)
-            _train_epilogue(q1, p, p_mask, cnt, n0 + Q, z_ptr, stats_ptr, pid, S, Cout, seen, Q)
-            _train_epilogue(q2, p, p_mask, cnt, n0 + 2 * Q, z_ptr, stats_ptr, pid, S, Cout, seen, Q)
-            _train_epilogue(q3, p, p_mask, cnt, n0 + 3 * Q, z_ptr, stats_ptr, pid, S, Cout, seen, Q)
+            _train_epilogue(q0, p, p_mask, cnt, seen, n0, z_ptr, first_z, stats_ptr, pid, S, Cout, Q)
+            _train_epilogue(q1, p, p_mask, cnt, seen, n0 + Q, z_ptr, first_z, stats_ptr, pid, S, Cout, Q)
+            _train_epilogue(q2, p, p_mask, cnt, seen, n0 + 2 * Q, z_ptr, first_z, stats_ptr, pid, S, Cout, Q)
+            _train_epilogue(q3, p, p_mask, cnt, seen, n0 + 3 * Q, z_ptr, first_z, stats_ptr, pid, S, Cout, Q)
         tl.debug_barrier()  # the next tile reads back this one's statistics, stored by other threads
 
 
