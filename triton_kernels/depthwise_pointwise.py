@@ -195,6 +195,11 @@ def _pointwise_tile(d_op, p0, pw_op, n0, C, K_SLOT, Cout, A_TMA: tl.constexpr, W
 
 
 @triton.jit
+def _add_pair(a1, a2, b1, b2):
+    return a1 + b1, a2 + b2
+
+
+@triton.jit
 def _merge_tile_statistics(z, rows, cnt, seen, n0, first_z, stats_ptr, s, S, Cout, BLOCK_N: tl.constexpr):
     """Fold the statistics of one tile's stored z [BLOCK_P, BLOCK_N] (columns n0 + [0, BLOCK_N),
     `cnt` valid rows `rows`) into program s's row of stats [3, S, Cout]: (ref, off, M2), the running
@@ -225,8 +230,7 @@ def _merge_tile_statistics(z, rows, cnt, seen, n0, first_z, stats_ptr, s, S, Cou
     m2 = tl.load(out + 2 * S * Cout, mask=more, other=0.0)
     # Two roundings, each relative to its own (small) result; fl(ref + off) would be off by ulp(ref).
     e = tl.where(rows[:, None], (z.to(tl.float32) - ref[None, :]) - off[None, :], 0.0)
-    t1 = tl.sum(e, axis=0)
-    t2 = tl.sum(e * e, axis=0)
+    t1, t2 = tl.reduce((e, e * e), 0, _add_pair)
     step = t1 / (seen + cnt)
     tl.store(out, ref, mask=co_mask)  # the same value every tile: cheaper than a branch
     tl.store(out + S * Cout, off + step, mask=co_mask)
