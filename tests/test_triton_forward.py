@@ -198,6 +198,37 @@ def test_nan_input_propagates_like_the_reference(provider, dtype):
     assert torch.isnan(got).sum() == 9 * 7
 
 
+# (mean, std) per dtype: fp16 holds 1e4 to 8 units, so its case keeps the std at 4 ulps of the mean.
+_LARGE_MEAN = {torch.float32: (1e4, 1e-2), torch.float16: (1e3, 2.0)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("drift", [0.0, 1e3], ids=["steady", "drifting"])
+def test_training_statistics_with_a_large_mean_and_a_drifting_one(provider, dtype, drift):
+    """The statistics epilogue (`_merge_tile_statistics`) and the merge across programs against
+    float64 statistics of the stored z, with |mean| >> std, and with the mean drifting by `drift` std
+    across the batch (linearly in the position: within every program's tiles and across programs).
+    z is x itself (1x1 depthwise weight 1, identity pointwise), so the stored values are known.
+    Several programs (the interpreter runs 3) of several tiles each, a partial last tile, 19 channels
+    (a partial channel block)."""
+    from xception_fast.testing import STATISTICS_RTOL
+
+    mean, std = _LARGE_MEAN[dtype]
+    n, c, h, w = 4, 19, 11, 11
+    gen = torch.Generator().manual_seed(7)
+    noise = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)
+    ramp = torch.linspace(0.0, 1.0, n * h * w, dtype=torch.float64).view(n, 1, h, w)
+    x = (mean + drift * std * ramp + std * noise).to(dtype).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    dw = torch.ones(c, 1, 1, 1, dtype=dtype, device=DEVICE)
+    pw = torch.eye(c, dtype=dtype, device=DEVICE).view(c, c, 1, 1)
+    _, z, got_mean, got_var = provider.sepconv_bn_train(x, dw, pw, None, None, None, UnitSpec((1, 1)), 1e-5)
+    assert torch.equal(z, x)
+    var, mu = torch.var_mean(z.double(), dim=(0, 2, 3), correction=0)
+    assert var.min() > 0.5 * std ** 2  # the data kept their spread through the rounding
+    torch.testing.assert_close(got_mean.double(), mu, atol=0, rtol=STATISTICS_RTOL["mean"])
+    torch.testing.assert_close(got_var.double(), var, atol=0, rtol=STATISTICS_RTOL["var"])
+
+
 def test_program_splits_cover_the_positions_in_whole_tiles():
     """Every position in exactly one program of the forward's GEMM kernels, chunks in whole tiles (POSITION_ALIGN)."""
     from xception_fast.triton_kernels import autotune

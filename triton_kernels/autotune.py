@@ -80,7 +80,7 @@ def _prune_for_device(configs: list[triton.Config], named_args: dict, **kwargs) 
     return kept[:1] if ONE_CONFIG else kept
 
 
-def gemm_configs(training: bool = False) -> dict:
+def gemm_configs() -> dict:
     """The GEMM kernels of the forward (depthwise_pointwise.py): (BLOCK_P positions, BLOCK_N out
     channels, BLOCK_K in channels per K-step, warps, pipeline stages), launched two programs per SM.
 
@@ -94,16 +94,10 @@ def gemm_configs(training: bool = False) -> dict:
     "Triton forward in two launches"): 128 x 256 x 32 with 4 stages (1.3x the 64-wide K step on the
     middle unit) and 4-warp 128 x 128 (1.7x). The last two rows are for fp32 (see `prune_gemm`).
     Returned as the autotune keyword arguments (configs, the TMA block pre-hook, pruning by dtype and
-    architecture).
-
-    `training` (the statistics epilogue, `_sepconv_train_kernel`): the 128 x 128 tile capped at 128
-    registers (a sixth field), which it fits without a spill; uncapped, ptxas takes 133-137 on sm_90
-    (it hoists the statistics' loads) and the tile runs one CTA per SM (calibrated static estimate,
-    sm_90 model: 550 us instead of 380 on the middle unit; benchmarks/NOTES.md, "Triton training
-    statistics epilogue")."""
+    architecture)."""
     gpu = [
         (128, 256, 64, 8, 3),
-        (128, 128, 64, 8, 3, 128) if training else (128, 128, 64, 8, 3),
+        (128, 128, 64, 8, 3),
         (128, 256, 64, 16, 3),
         (64, 64, 16, 4, 2),
         (32, 64, 32, 4, 1),
@@ -111,7 +105,7 @@ def gemm_configs(training: bool = False) -> dict:
     pinned = [(_PINNED_P, _PINNED_C, _PINNED_C, 4, 1)]
     names = ("BLOCK_P", "BLOCK_N", "BLOCK_K")
     configs = [triton.Config(dict(zip(names, row[:3])), num_warps=row[3], num_stages=row[4],
-                             maxnreg=row[5] if len(row) > 5 else None, pre_hook=_set_weight_block)
+                             pre_hook=_set_weight_block)
                for row in (pinned if INTERPRET else gpu)]
     return dict(configs=configs, prune_configs_by={"early_config_prune": _prune_for_device})
 

@@ -219,8 +219,8 @@ def _merge_tile_statistics(z, rows, cnt, seen, n0, first_z, stats_ptr, s, S, Cou
     sums' rounding costs at most 3x their own relative error however far the mean drifts (a test
     drifts it by 1e3 std). On the first tile (n = 0) the shift is one sample's, (z_0 - mean)^2 <=
     (cnt - 1) var: at most cnt x (BLOCK_P = 128, for an outlier at z_0).
-    No branch on the first tile (the loads of off and M2 masked off instead): a load under a branch
-    cost 6-9 registers on sm_90 (a 128 x 128 tile then fits one CTA per SM, not two)."""
+    No branch on the first tile (the loads of off and M2 masked off instead): on sm_90 a load under
+    a branch cost 6-9 registers."""
     co = n0 + tl.arange(0, BLOCK_N)
     co_mask = co < Cout
     out = stats_ptr + s * Cout + co
@@ -279,7 +279,9 @@ def _infer_epilogue(acc, p, p_mask, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, Co
 @triton.jit
 def _train_epilogue(acc, p, p_mask, cnt, seen, n0, z_ptr, first_z, stats_ptr, s, S, Cout, BLOCK_N: tl.constexpr):
     """Store z for columns n0 + [0, BLOCK_N) and fold its statistics into program s's row. The
-    program's rows of `stats` are its own, and the barrier ending each tile orders the updates."""
+    program's rows of `stats` are its own, and the barrier ending each tile orders the updates; on
+    the program's first tile a barrier after the store lets the statistics read its first row back
+    (`first_z`)."""
     co = n0 + tl.arange(0, BLOCK_N)
     z = acc.to(z_ptr.dtype.element_ty)
     tl.store(z_ptr + p.to(tl.int64)[:, None] * Cout + co[None, :], z, mask=p_mask[:, None] & (co < Cout)[None, :])
@@ -287,6 +289,19 @@ def _train_epilogue(acc, p, p_mask, cnt, seen, n0, z_ptr, first_z, stats_ptr, s,
         tl.debug_barrier()  # first_z, stored by other threads, is read back
     # Statistics of the stored (rounded) z.
     _merge_tile_statistics(z, p_mask, cnt, seen, n0, first_z, stats_ptr, s, S, Cout, BLOCK_N)
+
+
+@triton.jit
+def _train_quarter(acc, p, p_mask, cnt, seen, n0, z_ptr, first_z, stats_ptr, s, S, Cout, BLOCK_P: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """`_train_epilogue` on a quarter of the accumulator, an eighth of the tile at a time. A quarter's
+    per-column vectors (ref, off, M2, the two sums) took the 128 x 128 tile to 133-137 registers on
+    sm_90 (one CTA per SM); by eighths it compiles to 126-127 (two), for 1% more instructions than
+    quarters under a 128-register cap (`maxnreg`, which spills 184 B on sm_80). Calibrated static
+    estimates (sm_90 model) in benchmarks/NOTES.md, "Triton training statistics epilogue"."""
+    h0, h1 = _halves(acc, BLOCK_P, BLOCK_N)
+    _train_epilogue(h0, p, p_mask, cnt, seen, n0, z_ptr, first_z, stats_ptr, s, S, Cout, BLOCK_N // 2)
+    _train_epilogue(h1, p, p_mask, cnt, seen, n0 + BLOCK_N // 2, z_ptr, first_z, stats_ptr, s, S, Cout, BLOCK_N // 2)
 
 
 @triton.jit
@@ -460,7 +475,7 @@ def _sepconv_infer_kernel(
                             HAS_RESIDUAL, Q)
 
 
-@triton.autotune(**gemm_configs(training=True), key=KEY)
+@triton.autotune(**gemm_configs(), key=KEY)
 @triton.jit
 def _sepconv_train_kernel(
     # pointers
@@ -483,10 +498,10 @@ def _sepconv_train_kernel(
             acc = _pointwise_tile(d_op, p0, pw_op, n0, C, K_SLOT, Cout, A_TMA, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
             q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
             Q: tl.constexpr = BLOCK_N // 4
-            _train_epilogue(q0, p, p_mask, cnt, seen, n0, z_ptr, first_z, stats_ptr, pid, S, Cout, Q)
-            _train_epilogue(q1, p, p_mask, cnt, seen, n0 + Q, z_ptr, first_z, stats_ptr, pid, S, Cout, Q)
-            _train_epilogue(q2, p, p_mask, cnt, seen, n0 + 2 * Q, z_ptr, first_z, stats_ptr, pid, S, Cout, Q)
-            _train_epilogue(q3, p, p_mask, cnt, seen, n0 + 3 * Q, z_ptr, first_z, stats_ptr, pid, S, Cout, Q)
+            _train_quarter(q0, p, p_mask, cnt, seen, n0, z_ptr, first_z, stats_ptr, pid, S, Cout, BLOCK_P, Q)
+            _train_quarter(q1, p, p_mask, cnt, seen, n0 + Q, z_ptr, first_z, stats_ptr, pid, S, Cout, BLOCK_P, Q)
+            _train_quarter(q2, p, p_mask, cnt, seen, n0 + 2 * Q, z_ptr, first_z, stats_ptr, pid, S, Cout, BLOCK_P, Q)
+            _train_quarter(q3, p, p_mask, cnt, seen, n0 + 3 * Q, z_ptr, first_z, stats_ptr, pid, S, Cout, BLOCK_P, Q)
         tl.debug_barrier()  # the next tile reads back this one's statistics, stored by other threads
 
 
