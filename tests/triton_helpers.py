@@ -44,7 +44,7 @@ def kernels():
         (depthwise_pointwise._sepconv_infer_kernel, {}),
         (depthwise_pointwise._sepconv_train_kernel, {}),
         (depthwise_pointwise._sepconv_grad_z_kernel, {}),
-        (batchnorm._merge_stats_kernel, fixed),
+        (batchnorm._merge_stats_kernel, dict(BLOCK_S=batchnorm.MERGE_BLOCK_S, BLOCK_C=batchnorm.MERGE_BLOCK_C)),
         (batchnorm._bn_apply_kernel, {}),
         (batchnorm._bn_grad_z_kernel, {}),
         (batchnorm._bn_backward_reduce_kernel, {}),

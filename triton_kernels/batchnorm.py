@@ -18,8 +18,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .autotune import SUM_BLOCK_M, SUM_BLOCK_S, elementwise_configs, position_split
+from .autotune import INTERPRET, SUM_BLOCK_M, SUM_BLOCK_S, elementwise_configs, position_split
 from .utils import channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
+
+# `_merge_stats_kernel`'s blocks: narrow channel blocks, so that the few hundred partial rows of a
+# layer's 728 channels spread over 23 CTAs rather than 6 (one wave either way: its time is the
+# latency of one CTA's walk over the rows).
+MERGE_BLOCK_S, MERGE_BLOCK_C = (4, 16) if INTERPRET else (32, 32)
 
 
 # --- device helpers -------------------------------------------------------------------------------------
@@ -220,8 +225,8 @@ def merge_statistics(stats: Tensor, positions: int, chunk: int) -> tuple[Tensor,
     _, s, c = stats.shape
     mean = new_empty((c,), torch.float32, stats.device)
     var = new_empty((c,), torch.float32, stats.device)
-    _merge_stats_kernel[(triton.cdiv(c, SUM_BLOCK_M),)](stats, mean, var, s, c, positions, chunk,
-                                                        BLOCK_S=SUM_BLOCK_S, BLOCK_C=SUM_BLOCK_M)
+    _merge_stats_kernel[(triton.cdiv(c, MERGE_BLOCK_C),)](stats, mean, var, s, c, positions, chunk,
+                                                          BLOCK_S=MERGE_BLOCK_S, BLOCK_C=MERGE_BLOCK_C)
     return mean, var
 
 

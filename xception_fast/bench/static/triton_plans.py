@@ -28,6 +28,7 @@ from xception_fast.bench.static.model import Compiled, Launch, LoopPlan
 PROVIDER = "triton"
 POSITION_ALIGN = 128  # triton_kernels.autotune.POSITION_ALIGN on a GPU
 SUM_BLOCK_S, SUM_BLOCK_M = 32, 128  # triton_kernels.autotune.SUM_BLOCK_S/M on a GPU
+MERGE_BLOCK_S, MERGE_BLOCK_C = 32, 32  # triton_kernels.batchnorm.MERGE_BLOCK_S/C on a GPU
 
 
 def position_split(positions: int, other_programs: int, sms: int) -> tuple[int, int]:
@@ -302,10 +303,10 @@ def _dw_input_grad(unit: Unit, arch: int, taps_pitch: int) -> list[Launch]:
 def _merge_statistics(unit: Unit, arch: int, splits: int, channels: int, chunk: int) -> list[Launch]:
     from xception_fast.triton_kernels import batchnorm as bn
 
-    fixed = dict(BLOCK_S=SUM_BLOCK_S, BLOCK_C=SUM_BLOCK_M)
+    fixed = dict(BLOCK_S=MERGE_BLOCK_S, BLOCK_C=MERGE_BLOCK_C)
     return _launches(bn._merge_stats_kernel, unit, arch, fixed, dict(S=splits, C=channels, P=unit.P, chunk=chunk),
-                     lambda m: (cdiv(channels, SUM_BLOCK_M),
-                                [LoopPlan("splits", cdiv(splits, SUM_BLOCK_S))] if splits != 1 else [],
+                     lambda m: (cdiv(channels, MERGE_BLOCK_C),
+                                [LoopPlan("splits", cdiv(splits, MERGE_BLOCK_S))] if splits != 1 else [],
                                 12 * splits * channels + 8 * channels, 0.0))
 
 
