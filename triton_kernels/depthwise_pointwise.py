@@ -28,8 +28,8 @@ Epilogues (one GEMM kernel each, `_pointwise_tile` and the same program split):
 - `_sepconv_infer_kernel`: y = post(z * scale + shift) + residual, stored once.
 - `_sepconv_train_kernel`: stores z and per-program, per-channel statistics (a reference value,
   the mean's offset from it, M2; the count follows from the chunk), merged tile by tile in one
-  reduction pass (`_merge_tile_statistics`) in the program's own row of the buffer, then across programs by
-  `batchnorm.merge_statistics`, then normalised by `batchnorm.normalize`.
+  reduction pass (`_merge_tile_statistics`) in the program's own row of the buffer, then across
+  programs by `batchnorm.merge_statistics`, then normalised by `batchnorm.normalize`.
 - `_sepconv_grad_z_kernel`: inference backward, which saves nothing but x: recomputes d and z,
   applies the post-ReLU mask to grad_y, stores grad_z = g * scale and per-program sums of g and g * z.
 The statistics and sums are read back by the program's next tile from addresses other threads
@@ -196,6 +196,7 @@ def _pointwise_tile(d_op, p0, pw_op, n0, C, K_SLOT, Cout, A_TMA: tl.constexpr, W
 
 @triton.jit
 def _add_pair(a1, a2, b1, b2):
+    """The combine function of `tl.reduce` over a pair of sums."""
     return a1 + b1, a2 + b2
 
 
@@ -218,7 +219,8 @@ def _merge_tile_statistics(z, rows, cnt, seen, n0, first_z, stats_ptr, s, S, Cou
     M2_t + t1^2 n / (cnt n') >= (t2 + t1^2 / n') n / (n + 2 cnt) >= (t2 + t1^2 / n') / 3: the two
     sums' rounding costs at most 3x their own relative error however far the mean drifts (a test
     drifts it by 1e3 std). On the first tile (n = 0) the shift is one sample's, (z_0 - mean)^2 <=
-    (cnt - 1) var: at most cnt x (BLOCK_P = 128, for an outlier at z_0).
+    (cnt - 1) var (Samuelson), so t2 + t1^2 / cnt <= 2 cnt M2_t: at most 2 cnt x (BLOCK_P = 128,
+    for an outlier at z_0; about 3x for a typical one).
     No branch on the first tile (the loads of off and M2 masked off instead): on sm_90 a load under
     a branch cost 6-9 registers."""
     co = n0 + tl.arange(0, BLOCK_N)
