@@ -176,13 +176,17 @@ def test_a_wider_weight_dtype_gets_an_fp32_accumulated_weight_gradient():
     half-precision product widened afterwards."""
     from xception_fast.triton_kernels.backward import _weight_grad_product
 
-    gz = torch.randn(300, 24, device=DEVICE).half()
-    d = torch.randn(300, 40, device=DEVICE).half()
+    gen = torch.Generator().manual_seed(7)
+    gz = torch.randn(300, 24, generator=gen).half().to(DEVICE)
+    d = torch.randn(300, 40, generator=gen).half().to(DEVICE)
     got = _weight_grad_product(gz, d, torch.float32)
     exact = gz.double().t() @ d.double()
+    # Half x half products are exact in fp32; 300 fp32 additions err by at most 300 u sum |a b|.
+    bound = 300 * 2.0 ** -24 * (gz.double().abs().t() @ d.double().abs())
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(_weight_grad_product(gz, d, torch.float16).double(), exact, rtol=1e-5, atol=1e-5)
+    assert bool(((got.double() - exact).abs() <= bound).all())
+    widened = _weight_grad_product(gz, d, torch.float16).double()
+    assert bool(((widened - exact).abs() > bound).any())  # half rounding of the result exceeds the bound
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
