@@ -40,7 +40,7 @@ from xception_fast.spec import UnitSpec
 
 from . import batchnorm
 from .autotune import INTERPRET, dw_input_grad_configs, position_bucket, position_split
-from .depthwise_pointwise import (Geometry, _add_to, _pre_f32, _prepare, _tap_rows, depthwise_taps,
+from .depthwise_pointwise import (Geometry, _add_to, _group_origin, _pre_f32, _prepare, _tap_rows, depthwise_taps,
                                   recompute_grad_z)
 from .utils import INLINE_ASM, channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
 
@@ -211,12 +211,7 @@ def _dw_weight_grad_kernel(
         NCOL: tl.constexpr = (RW - 1) * STRIDE_W + 2 * DIL_W + 1
         for g0 in range(s * chunk, p_end, BLOCK_P):
             g = g0 + tl.arange(0, BLOCK_P)
-            orow = g // groups  # n * Ho + oh
-            ow0 = (g - orow * groups) * RW
-            n = orow // Ho
-            oh = orow - n * Ho
-            ih0 = oh * stride_h - pad_h
-            iw0 = ow0 * STRIDE_W - pad_w
+            orow, ow0, n, oh, ih0, iw0 = _group_origin(g, groups, Ho, stride_h, pad_h, pad_w, RW, STRIDE_W)
             tile_ok = (g < p_end)[:, None] & c_ok[None, :]
             p = orow * Wo + ow0
             ok1 = tile_ok & (ow0 + 1 < Wo)[:, None]

@@ -347,6 +347,17 @@ def _add_to(a0, a1, a2, a3, r: tl.constexpr, xf, wv):
 
 
 @triton.jit
+def _group_origin(g, groups, Ho, stride_h, pad_h, pad_w, RW: tl.constexpr, STRIDE_W: tl.constexpr):
+    """For group indices g (each RW adjacent outputs of one output row; `groups` per row): the output
+    row n * Ho + oh, the group's first output column, n, oh, and the top-left tap's input row and column."""
+    orow = g // groups
+    ow0 = (g - orow * groups) * RW
+    n = orow // Ho
+    oh = orow - n * Ho
+    return orow, ow0, n, oh, oh * stride_h - pad_h, ow0 * STRIDE_W - pad_w
+
+
+@triton.jit
 def _store_output(d_base, d, rel, ok, ci, mid_ptr, K_SLOT, MID_BN: tl.constexpr, MID_ACT: tl.constexpr):
     """Store one output of each group: d [BLOCK_G, BLOCK_D] fp32 (the mid variant: act(midBN(d))) at the
     rows `rel` of d_base (int32 offsets from the program's first row), where `ok`."""
@@ -390,12 +401,7 @@ def _depthwise_kernel(
     g0 = tl.program_id(0) * BLOCK_G
     g = g0 + tl.arange(0, BLOCK_G)
     g_ok = g < rows * groups
-    orow = g // groups  # n * Ho + oh
-    ow0 = (g - orow * groups) * RW
-    n = orow // Ho
-    oh = orow - n * Ho
-    ih0 = oh * stride_h - pad_h
-    iw0 = ow0 * STRIDE_W - pad_w
+    orow, ow0, n, oh, ih0, iw0 = _group_origin(g, groups, Ho, stride_h, pad_h, pad_w, RW, STRIDE_W)
     row0 = g0 // groups  # the tile's first output row, and its image
     n0 = row0 // Ho
     x_base = x_ptr + n0.to(tl.int64) * H * W * C
