@@ -141,3 +141,24 @@ def test_cli_writes_the_table(fixture, tmp_path, capsys):
     assert text.count("\n| ") == 1 + 7  # the header, seven pairs
     (tmp_path / "empty.json").write_text(json.dumps({"rows": []}))
     assert compare.main([str(tmp_path / "empty.json"), "--static", str(tmp_path / "static.json")]) == 1
+
+
+def test_a_fused_providers_cublas_gemms_pair_as_one_library_row():
+    """cuBLAS's kernels are named by algorithm, not by call: every GEMM kernel of a fused provider's unit
+    is summed against the sum of its `cublas_*` records, and that row counts as a library kernel."""
+    records = [_rec("triton", "cublas_grad_d", "train", "library (roofline)", None, 99.0, 80.0),
+               _rec("triton", "cublas_grad_pw", "train", "library (roofline)", None, 99.0, 80.0),
+               _rec("triton", "_dw_input_grad_kernel", "train", "64x32 w4 s1", 50.0, 0.0, 120.0)]
+    measured = {"rows": [{"shape": _SHAPE, "provider": "triton", "mode": "train", "dtype": "bf16", "batch": 256,
+                          "kernels": {"nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_splitK_NTN": {"calls": 1, "us": 142.0},
+                                      "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": {"calls": 1,
+                                                                                                       "us": 161.0},
+                                      "_dw_input_grad_kernel": {"calls": 1, "us": 244.0},
+                                      "Memcpy DtoD (Device -> Device)": {"calls": 2, "us": 5.0}}}]}
+    rows = {r["kernel"]: r for r in compare.pair(records, measured)}
+    assert set(rows) == {compare.LIBRARY, "_dw_input_grad_kernel"}
+    lib = rows[compare.LIBRARY]
+    assert (lib["launches"], lib["estimate_us"], lib["measured_us"]) == (2, 198.0, 303.0)
+    assert not calibration.is_fused_row(lib) and calibration.is_fused_row(rows["_dw_input_grad_kernel"])
+    # Without cublas_* records (a provider that runs no library GEMM) the same kernels are left out.
+    assert {r["kernel"] for r in compare.pair(records[2:], measured)} == {"_dw_input_grad_kernel"}

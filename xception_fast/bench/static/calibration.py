@@ -35,6 +35,12 @@ from xception_fast.bench.static.machine import machine
 FUSED = ("triton", "cuda")
 
 
+def is_fused_row(row: dict) -> bool:
+    """A row of a fused provider's own kernel (fitted with the fused constants); the rest, eager kernels
+    and a fused provider's cuBLAS GEMMs (`compare.LIBRARY`), are library kernels at their rooflines."""
+    return row["provider"] in FUSED and not row.get("library")
+
+
 @dataclass(frozen=True)
 class Calibration:
     latency_cycles: float  # clocks between one warp's issues; the raw model is 1
@@ -119,10 +125,10 @@ def fit(rows: list[dict], fitted_on: str = "the 2026-11-29 H200 run", fixed: Opt
     """Least squares on log(measured / calibrated) over the fused-provider rows: coordinate descent,
     each constant in turn over its grid, until a sweep changes nothing. `fixed`: constants held at
     a value instead of fitted (e.g. dram_eff from the run's measured copy bandwidth)."""
-    data = [r for r in rows if r["provider"] in FUSED and r["measured_us"] > 0]
+    data = [r for r in rows if is_fused_row(r) and r["measured_us"] > 0]
     if not data:
         raise ValueError("no fused-provider rows to fit on")
-    library = [r for r in rows if r["provider"] not in FUSED and r["measured_us"] > 0]
+    library = [r for r in rows if not is_fused_row(r) and r["measured_us"] > 0]
     fixed = fixed or {}
     start = {"latency_cycles": 4.0, "mma_eff": 0.8, "dram_eff": 1.0, "launch_us": 1.0}
     cal = replace(RAW, fitted_on=fitted_on, **{**start, **fixed})
@@ -159,8 +165,8 @@ def _spread(pairs) -> str:
 
 def describe(cal: Calibration, rows: list[dict], fixed: Optional[dict] = None) -> str:
     """The fitted constants against the raw model's, and how well each predicts the rows."""
-    data = [r for r in rows if r["provider"] in FUSED]
-    others = [r for r in rows if r["provider"] not in FUSED]
+    data = [r for r in rows if is_fused_row(r)]
+    others = [r for r in rows if not is_fused_row(r)]
     loo = leave_one_out(rows, fixed)
     lines = [f"Fitted on {len(data)} fused-provider kernel rows ({cal.label}):",
              f"- latency between one warp's issues: {cal.latency_cycles:.2f} clocks (raw model: 1): "

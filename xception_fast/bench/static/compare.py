@@ -37,6 +37,11 @@ _VARIANTS = {
     "sepconv_infer_tiled_kernel": [(re.compile(r", 1, 1, false>"), "grad_d GEMM"),
                                    (re.compile(r", true>"), "training")],
 }
+# A fused provider's GEMMs handed to cuBLAS (`model.library_gemm` records, named "cublas_..."): the
+# profiler names cuBLAS's kernels by algorithm, not by the call, so they are paired as one group per unit.
+LIBRARY = "cublas (every GEMM)"
+_LIBRARY_PREFIX = "cublas_"
+_LIBRARY_KERNEL = re.compile(r"nvjet|xmma_gemm|gemm|splitKreduce|cutlass")
 # Eager kernels -> the unfused model's kernel names (the first of several that the unit has).
 _EAGER = [
     (re.compile(r"batch_norm_(transform_input|collect_statistics)"), ("batchnorm",)),
@@ -157,13 +162,18 @@ def pair(records: list[dict], measured: dict) -> list[dict]:
             else:
                 short = short_name(full)
                 tag = variant_of_measured(short, full)
-            if short is None or short not in present:
+                if short not in present and _LIBRARY_KERNEL.search(full) and \
+                        any(k.startswith(_LIBRARY_PREFIX) for k in present):
+                    short, tag = LIBRARY, ""
+            if short is None or (short not in present and short != LIBRARY):
                 continue
             g = groups[(short, tag)]
             g["us"] += t["us"]
             g["calls"] += t["calls"]
         for (kernel, tag), g in groups.items():
-            launches = [r for r in mine if r["kernel"] == kernel and variant_of_record(r) == tag]
+            library = kernel == LIBRARY
+            launches = [r for r in mine if (r["kernel"].startswith(_LIBRARY_PREFIX) if library else r["kernel"] == kernel)
+                        and variant_of_record(r) == tag]
             chosen = [r for r in launches if r.get("chosen", True)]
             picked = autotuner_config(picks, kernel, key[0], key[1]) if provider == "triton" else None
             config_from = "model"
@@ -183,7 +193,7 @@ def pair(records: list[dict], measured: dict) -> list[dict]:
                          "launches": len(chosen), "calls": g["calls"], "bound": top.get("bound")
                          or ("mma" if top["mma_us"] > top["dram_us"] else "dram"),
                          "estimate_us": estimate, "measured_us": g["us"], "ratio": g["us"] / estimate
-                         if estimate else math.inf, "records": chosen})
+                         if estimate else math.inf, "records": chosen, "library": library})
     return rows
 
 
