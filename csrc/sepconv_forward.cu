@@ -375,36 +375,37 @@ size_t workspace_size(const SepConvTrainParams& params) {
   return ws.bytes();
 }
 
-cudaError_t run_sepconv_bn_infer_d(const SepConvInferParams& p, cudaStream_t stream) {
-  if (!infer_layout_ok(p)) return cudaErrorInvalidValue;
+// Each step of a forward launches from its params alone: the layout checked, the plan (the same every
+// step, a few host integer ops) re-derived over the caller's workspace and checked to fit it.
+template <typename Params, typename PlanOf, typename Run>
+cudaError_t with_plan(const Params& p, bool layout_ok, PlanOf plan_of, Run run) {
+  if (!layout_ok) return cudaErrorInvalidValue;
   Workspace ws(p.workspace);
-  const InferPlan plan = plan_infer(p.g, p.dtype, ws);
+  const auto plan = plan_of(p.g, p.dtype, ws);
   if (ws.bytes() > p.workspace_bytes) return cudaErrorInvalidValue;
-  return run_d_store(p, p.d, plan.ds, plan.ds_bytes, stream);
+  return run(plan);
+}
+
+cudaError_t run_sepconv_bn_infer_d(const SepConvInferParams& p, cudaStream_t stream) {
+  return with_plan(p, infer_layout_ok(p), plan_infer,
+                   [&](const InferPlan& plan) { return run_d_store(p, p.d, plan.ds, plan.ds_bytes, stream); });
 }
 
 cudaError_t run_sepconv_bn_infer_epilogue(const SepConvInferParams& p, cudaStream_t stream) {
-  if (!infer_layout_ok(p)) return cudaErrorInvalidValue;
-  Workspace ws(p.workspace);
-  const InferPlan plan = plan_infer(p.g, p.dtype, ws);
-  if (ws.bytes() > p.workspace_bytes) return cudaErrorInvalidValue;
-  return XF_DTYPE_SWITCH(p.dtype, T, [&] { return launch_infer_epilogue<T>(p, plan, stream); });
+  return with_plan(p, infer_layout_ok(p), plan_infer, [&](const InferPlan& plan) {
+    return XF_DTYPE_SWITCH(p.dtype, T, [&] { return launch_infer_epilogue<T>(p, plan, stream); });
+  });
 }
 
 cudaError_t run_sepconv_bn_train_d(const SepConvTrainParams& p, cudaStream_t stream) {
-  if (!train_layout_ok(p)) return cudaErrorInvalidValue;
-  Workspace ws(p.workspace);
-  const TrainPlan plan = plan_train(p.g, p.dtype, ws);
-  if (ws.bytes() > p.workspace_bytes) return cudaErrorInvalidValue;
-  return run_d_store(p, p.d, plan.ds, plan.ds_bytes, stream);
+  return with_plan(p, train_layout_ok(p), plan_train,
+                   [&](const TrainPlan& plan) { return run_d_store(p, p.d, plan.ds, plan.ds_bytes, stream); });
 }
 
 cudaError_t run_sepconv_bn_train_stats_apply(const SepConvTrainParams& p, cudaStream_t stream) {
-  if (!train_layout_ok(p)) return cudaErrorInvalidValue;
-  Workspace ws(p.workspace);
-  const TrainPlan plan = plan_train(p.g, p.dtype, ws);
-  if (ws.bytes() > p.workspace_bytes) return cudaErrorInvalidValue;
-  return XF_DTYPE_SWITCH(p.dtype, T, [&] { return launch_train_stats_apply<T>(p, plan, stream); });
+  return with_plan(p, train_layout_ok(p), plan_train, [&](const TrainPlan& plan) {
+    return XF_DTYPE_SWITCH(p.dtype, T, [&] { return launch_train_stats_apply<T>(p, plan, stream); });
+  });
 }
 
 }  // namespace xception_fast
