@@ -32,7 +32,9 @@ from xception_fast.bench.static import calibration, report
 from xception_fast.bench.static.machine import machine
 
 # Template variants of one CUDA kernel that the model plans as separate launches: (a pattern on the
-# demangled name, a substring of the model record's config).
+# demangled name, a substring of the model record's config). The kernel named here no longer exists;
+# the entry stays because `FITTED` is refitted from that kernel's rows in the 2026-11-29 run
+# (benchmarks/results/h200-20261129 with the static records of its commit).
 _VARIANTS = {
     "sepconv_infer_tiled_kernel": [(re.compile(r", 1, 1, false>"), "grad_d GEMM"),
                                    (re.compile(r", true>"), "training")],
