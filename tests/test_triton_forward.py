@@ -244,6 +244,25 @@ def test_program_splits_cover_the_positions_in_whole_tiles():
             assert chunk % align == 0 and (programs - 1) * chunk < positions <= programs * chunk
 
 
+@pytest.mark.parametrize("programs", [1, 4, 5, 9])
+def test_inference_tiles_dealt_in_runs_cover_the_output_once(provider, monkeypatch, programs):
+    """`_sepconv_infer_kernel` deals its output tiles (3 position tiles x 2 Cout tiles here, in the
+    interpreter's 32 x 16 blocks) out in equal runs, which start and end inside a row of Cout tiles
+    (4 or 5 programs), one tile each, or fewer tiles than programs (9: the grid shrinks to the tiles).
+    Every element written exactly as the reference computes it, over a NaN-poisoned output."""
+    from xception_fast.triton_kernels import depthwise_pointwise as dp
+
+    monkeypatch.setenv("XCEPTION_FAST_POISON_OUTPUTS", "1")
+    monkeypatch.setattr(dp, "program_slots", lambda sms, per_sm: programs)
+    x, dw, pw = _unit(16, 24)
+    spec = UnitSpec((3, 3), padding=(1, 1), pre_relu=True, post_relu=True)
+    scale, shift = torch.rand(24, device=DEVICE) + 0.5, torch.randn(24, device=DEVICE)
+    res = torch.randn(2, 24, 6, 7, device=DEVICE)
+    got = provider.sepconv_bn_infer(x, dw, pw, scale, shift, res, spec)
+    want = reference.sepconv_bn_infer(x, dw, pw, scale, shift, res, spec)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_exact_matmul_switches_the_cublas_flags_off_and_restores_them():
     """grad_d goes through torch.matmul: inside `exact_matmul` no TF32 for fp32 (whichever API the caller
     used: PyTorch refuses to read a flag set through the other one), fp32 accumulation for fp16/bf16;

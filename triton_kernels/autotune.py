@@ -200,6 +200,12 @@ def position_split(positions: int, other_programs: int, device: torch.device) ->
     return triton.cdiv(positions, chunk), chunk
 
 
+def program_slots(sms: int, per_sm: int) -> int:
+    """How many persistent programs the forward's GEMM kernels launch at most: `per_sm` per SM, or one
+    per `sm_count` in the interpreter (three: several programs, few of them)."""
+    return sms if INTERPRET else sms * per_sm
+
+
 def persistent_split(positions: int, sms: int, per_sm: int = 1) -> tuple[int, int]:
     """(programs, chunk) of the forward's GEMM kernels: `per_sm` persistent programs per SM (one per
     `sm_count` in the interpreter: three, so tests see several programs and tiles each), each owning `chunk`
@@ -207,7 +213,7 @@ def persistent_split(positions: int, sms: int, per_sm: int = 1) -> tuple[int, in
     256 (92,416 positions, 132 SMs, per_sm 1): 121 programs of 768 positions, 6 tiles of 128 each.
     Fixed by the shape, not by the config, so that the partial-statistics buffers have a known size;
     a config that fits fewer programs per SM than `per_sm` runs them in waves."""
-    want = sms * per_sm if not INTERPRET else sms
+    want = program_slots(sms, per_sm)
     chunk = max(triton.cdiv(triton.cdiv(positions, want), POSITION_ALIGN) * POSITION_ALIGN, POSITION_ALIGN)
     return triton.cdiv(positions, chunk), chunk
 

@@ -55,7 +55,7 @@ from xception_fast.spec import UnitSpec
 
 from . import batchnorm
 from .autotune import (DEPTHWISE_MAX_GROUPS, POSITION_ALIGN, SLOT_ALIGN, depthwise_configs, gemm_configs,
-                       persistent_split, position_bucket, sm_count)
+                       persistent_split, position_bucket, program_slots, sm_count)
 from .mid_act import mid_transform
 from .utils import (INLINE_ASM, channel_align, check_dtype, check_positions, empty_nhwc, matrix, new_empty, nhwc,
                     vector_f32, weight_operand)
@@ -461,26 +461,41 @@ def _sepconv_infer_kernel(
     res_ptr,  # [N, Ho, Wo, Cout] residual (read only if HAS_RESIDUAL)
     y_ptr,  # [N, Ho, Wo, Cout] output
     # sizes
-    P, P_BUCKET, chunk, C, Cout, K_SLOT,
+    P, P_BUCKET, C, Cout, K_SLOT,
     # meta-parameters
     POST_RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr,
     A_TMA: tl.constexpr, W_TMA: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    C, Cout, K_SLOT, pid, p_begin, p_end = _program(P, chunk, C, Cout, K_SLOT, C_ALIGN, COUT_ALIGN)
-    for p0 in range(p_begin, p_end, BLOCK_P):
-        p, p_mask = _tile(p0, p_end, BLOCK_P)
-        for n0 in range(0, Cout, BLOCK_N):
-            acc = _pointwise_tile(d_op, p0, pw_op, n0, C, K_SLOT, Cout, A_TMA, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
-            q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
-            Q: tl.constexpr = BLOCK_N // 4
-            _infer_epilogue(q0, p, p_mask, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, POST_RELU, HAS_RESIDUAL, Q)
-            _infer_epilogue(q1, p, p_mask, n0 + Q, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, POST_RELU, HAS_RESIDUAL,
-                            Q)
-            _infer_epilogue(q2, p, p_mask, n0 + 2 * Q, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, POST_RELU,
-                            HAS_RESIDUAL, Q)
-            _infer_epilogue(q3, p, p_mask, n0 + 3 * Q, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, POST_RELU,
-                            HAS_RESIDUAL, Q)
+    # No reduction here, so no position chunks: the output tiles (position tile, Cout tile), numbered
+    # position-major, are dealt out in equal contiguous runs, one per program (`Pointwise.tile_grid`).
+    # A program's run starts and ends anywhere in a row of Cout tiles; consecutive tiles share their d
+    # rows (read from L2 after the first). The busiest SM then runs at most one tile more than the
+    # average, where whole position chunks left some SMs a third of a chunk's tiles idle (the exit
+    # flow's 200 position tiles on 132 SMs: 2 against 1.5 per SM).
+    C, Cout, K_SLOT, pid, _, _ = _program(P, 0, C, Cout, K_SLOT, C_ALIGN, COUT_ALIGN)
+    n_tiles = tl.cdiv(Cout, BLOCK_N)
+    tiles = tl.cdiv(P, BLOCK_P).to(tl.int64) * n_tiles  # int64: pid * tiles may pass 2^31
+    t_begin = (pid * tiles // tl.num_programs(0)).to(tl.int32)
+    t_end = ((pid + 1) * tiles // tl.num_programs(0)).to(tl.int32)
+    pt = t_begin // n_tiles
+    p0 = pt * BLOCK_P  # the current tile, stepped along (no division per tile)
+    n0 = (t_begin - pt * n_tiles) * BLOCK_N
+    for _ in range(t_begin, t_end):
+        acc = _pointwise_tile(d_op, p0, pw_op, n0, C, K_SLOT, Cout, A_TMA, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
+        p, p_mask = _tile(p0, P, BLOCK_P)
+        q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
+        Q: tl.constexpr = BLOCK_N // 4
+        _infer_epilogue(q0, p, p_mask, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, POST_RELU, HAS_RESIDUAL, Q)
+        _infer_epilogue(q1, p, p_mask, n0 + Q, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, POST_RELU, HAS_RESIDUAL, Q)
+        _infer_epilogue(q2, p, p_mask, n0 + 2 * Q, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, POST_RELU,
+                        HAS_RESIDUAL, Q)
+        _infer_epilogue(q3, p, p_mask, n0 + 3 * Q, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, POST_RELU,
+                        HAS_RESIDUAL, Q)
+        n0 += BLOCK_N
+        wrap = n0 >= Cout
+        p0 = tl.where(wrap, p0 + BLOCK_P, p0)
+        n0 = tl.where(wrap, 0, n0)
 
 
 @triton.autotune(**gemm_configs(), key=KEY)
@@ -637,6 +652,7 @@ class Pointwise:
 
     def __init__(self, geo: Geometry, d: Tensor, pw: Tensor):
         self.programs, self.chunk = persistent_split(geo.P, sm_count(d.device), 2)
+        self.slots = program_slots(sm_count(d.device), 2)
         self.pw_op, self.w_tma = weight_operand(pw.view(geo.Cout, geo.C))
         self.d_op, self.a_tma = weight_operand(d)  # the same TMA rules; d's rows are always 16-byte aligned
         self.d, self.geo = d, geo
@@ -653,6 +669,17 @@ class Pointwise:
     def meta(self) -> dict:
         return dict(A_TMA=self.a_tma, W_TMA=self.w_tma, **self.geo.align())
 
+    def tile_grid(self, meta) -> tuple[int]:
+        """`_sepconv_infer_kernel`'s grid: as many programs as `grid`, or one per output tile where
+        there are fewer tiles; each takes an equal run of the config's tiles."""
+        tiles = triton.cdiv(self.geo.P, meta["BLOCK_P"]) * triton.cdiv(self.geo.Cout, meta["BLOCK_N"])
+        return (min(self.slots, tiles),)
+
+    def tile_args(self, *tensors: Tensor) -> tuple:
+        """`args` without the position chunk (`_sepconv_infer_kernel` splits by tiles)."""
+        geo = self.geo
+        return (self.d_op, self.pw_op, *tensors, geo.P, position_bucket(geo.P), geo.C, geo.Cout, self.d.shape[1])
+
 
 def sepconv_bn_infer(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, scale: Optional[Tensor],
                      shift: Optional[Tensor], residual: Optional[Tensor], spec: UnitSpec,
@@ -668,8 +695,8 @@ def sepconv_bn_infer(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, scale: Opt
     shift = vector_f32(shift, geo.Cout, 0.0, x.device)
     res = nhwc(residual.to(x.dtype)) if residual is not None else y  # y: never read without HAS_RESIDUAL
     run = Pointwise(geo, depthwise(x, dw, geo, spec.pre_relu, mid, mid_bn, spec.mid_act or ""), pw)
-    _sepconv_infer_kernel[run.grid](*run.args(scale, shift, res, y), POST_RELU=spec.post_relu,
-                                    HAS_RESIDUAL=residual is not None, **run.meta())
+    _sepconv_infer_kernel[run.tile_grid](*run.tile_args(scale, shift, res, y), POST_RELU=spec.post_relu,
+                                         HAS_RESIDUAL=residual is not None, **run.meta())
     return y
 
 

@@ -140,14 +140,18 @@ def infer(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     """The depthwise kernel, then the GEMM kernel with the affine epilogue (`sepconv_bn_infer`)."""
     from xception_fast.triton_kernels import depthwise_pointwise as dp
 
-    programs, chunk = persistent_split(unit.P, sms, 2)  # as `depthwise_pointwise.Pointwise` splits
-
     def plan(m):
+        tiles = cdiv(unit.P, m["BLOCK_P"]) * cdiv(unit.Cout, m["BLOCK_N"])
+        programs = min(2 * sms, tiles)  # as `depthwise_pointwise.Pointwise.tile_grid` splits
+        loops = [LoopPlan("output tiles of the program (equal runs)", tiles / programs),
+                 LoopPlan("K steps over d (tl.dot)", cdiv(unit.C, m["BLOCK_K"]), pipelined=True)]
+        if arch >= 90:
+            loops.append(LoopPlan("TMA barrier wait retries (out of line)", 0))
         nbytes = _d_bytes(unit) + unit.weight_bytes() + unit.y_bytes() * (2 if unit.shape.residual else 1)
-        return programs, _gemm_loops(unit, programs, chunk, m, arch), nbytes, 0.0
+        return programs, loops, nbytes, 0.0
 
     return [_depthwise(unit, arch, training=False),
-            _launches(dp._sepconv_infer_kernel, unit, arch, _flags(unit), _gemm_ints(unit, chunk), plan)]
+            _launches(dp._sepconv_infer_kernel, unit, arch, _flags(unit), _sizes(unit, K_SLOT=_slot_width(unit)), plan)]
 
 
 def _mid(unit: Unit):
