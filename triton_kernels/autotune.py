@@ -80,29 +80,39 @@ def _prune_for_device(configs: list[triton.Config], named_args: dict, **kwargs) 
     return kept[:1] if ONE_CONFIG else kept
 
 
+# The widest Cout tile (BLOCK_N) of `gemm_configs`: the per-channel vectors the inference epilogue reads
+# unmasked are padded to a multiple of it (`depthwise_pointwise.padded_f32`).
+MAX_BLOCK_N = 256
+
+
 def gemm_configs() -> dict:
     """The GEMM kernels of the forward (depthwise_pointwise.py): (BLOCK_P positions, BLOCK_N out
     channels, BLOCK_K in channels per K-step, warps, pipeline stages), launched two programs per SM.
 
     128-position tiles: the GEMM's M side. BLOCK_N 256 is the widest wgmma; 728 channels pad to 768
-    (3 tiles of 256, 5.5% of the MMA wasted). BLOCK_P divides POSITION_ALIGN (the programs' chunks
-    are multiples of it), BLOCK_K divides SLOT_ALIGN (d's row pitch). Without the depthwise phase's
-    registers the kernels hold the accumulator, the pipeline's addresses and an epilogue quarter:
-    every kernel gets the 256-wide tile (the training epilogue too), 128 x 128 at 128 registers (two
-    CTAs per SM) and a 16-warp 128 x 256 tile (4 warps per scheduler; it spills 176 B in the
-    training epilogue). Pruned by the calibrated static estimate (sm_90 model; benchmarks/NOTES.md,
-    "Triton forward in two launches"): 128 x 256 x 32 with 4 stages (1.3x the 64-wide K step on the
-    middle unit) and 4-warp 128 x 128 (1.7x). The last two rows are for fp32 (see `prune_gemm`).
+    (5.5% of the MMA wasted, with 128- or 256-wide tiles). BLOCK_P divides POSITION_ALIGN (the
+    programs' chunks are multiples of it), BLOCK_K divides SLOT_ALIGN (d's row pitch). The kernels
+    hold the accumulator, the pipeline's addresses and an epilogue quarter: 128 x 128 at 2 and 3
+    stages compiles to 100-128 registers and 65/97 KB of shared memory (two CTAs per SM, 4 warps per
+    scheduler), and a 16-warp 128 x 256 tile (one CTA, 4 warps per scheduler; it spills 136 B in the
+    training epilogue). Calibrated static estimates (sm_90 model; benchmarks/NOTES.md, "Triton GEMM
+    kernels: toward cuBLAS"), inference middle / exit (conv4) unit, us: 128 x 128 x 64 w8 s2 258 /
+    356, s3 263 / 361, 128 x 256 w16 269 / 368. Pruned: 128 x 256 x 64 w8 (one 8-warp CTA per SM,
+    175-236 registers: 299 / 386 inference; training ties on those two, 3.5x on the entry unit),
+    4 stages (one CTA per SM at BLOCK_K 64, 1.4x; 128 x 128 x 32 s4: 1.2x), 4-warp tiles (the grid
+    holds two programs per SM: 2 warps per scheduler, 1.4x), 128 x 128 x 128 s2 (one CTA per SM,
+    1.2x), register caps (`maxnreg` 112: 2% on the middle unit's inference only). The last two rows are for fp32 (see `prune_gemm`).
     Returned as the autotune keyword arguments (configs, the TMA block pre-hook, pruning by dtype and
-    architecture)."""
+    architecture). The first row is the one `ONE_CONFIG` runs: the model's pick on the three units."""
     gpu = [
-        (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 2),
         (128, 128, 64, 8, 3),
         (128, 256, 64, 16, 3),
         (64, 64, 16, 4, 2),
         (32, 64, 32, 4, 1),
     ]
     pinned = [(_PINNED_P, _PINNED_C, _PINNED_C, 4, 1)]
+    assert max(row[1] for row in gpu + pinned) <= MAX_BLOCK_N
     names = ("BLOCK_P", "BLOCK_N", "BLOCK_K")
     configs = [triton.Config(dict(zip(names, row[:3])), num_warps=row[3], num_stages=row[4],
                              pre_hook=_set_weight_block)

@@ -9,8 +9,10 @@ Design: two kernels per forward, each at the occupancy its own work wants.
    K_SLOT] (P rounded up to POSITION_ALIGN, C up to SLOT_ALIGN) with zeros in the padding. A 2-D grid
    of small programs (a tile of groups of RW adjacent outputs of a row x a chunk of channels), several
    CTAs per SM: it reads x once and writes d once, and is meant to run at the DRAM bandwidth.
-2. a GEMM kernel per epilogue, persistent (two programs per SM, `autotune.persistent_split`):
-   program s owns the positions [s * chunk, (s + 1) * chunk); for each tile of BLOCK_P positions and
+2. a GEMM kernel per epilogue, persistent (two programs per SM): in the training and grad_z kernels
+   program s owns the positions [s * chunk, (s + 1) * chunk) (`autotune.persistent_split`: its
+   statistics rows cover whole position chunks); the inference kernel, which reduces nothing, deals
+   the output tiles out in equal runs (`Pointwise.tile_grid`). For each tile of BLOCK_P positions and
    each Cout tile a K loop over the tile's rows of d, software-pipelined (the config's num_stages),
    d and the weight through TMA tensor descriptors where TMA applies (A_TMA, W_TMA: Hopper, rows
    16-byte aligned), then the epilogue on the accumulator's four column quarters. d is read
@@ -54,7 +56,7 @@ from torch import Tensor
 from xception_fast.spec import UnitSpec
 
 from . import batchnorm
-from .autotune import (DEPTHWISE_MAX_GROUPS, POSITION_ALIGN, SLOT_ALIGN, depthwise_configs, gemm_configs,
+from .autotune import (DEPTHWISE_MAX_GROUPS, MAX_BLOCK_N, POSITION_ALIGN, SLOT_ALIGN, depthwise_configs, gemm_configs,
                        persistent_split, position_bucket, program_slots, sm_count)
 from .mid_act import mid_transform
 from .utils import (INLINE_ASM, channel_align, check_dtype, check_positions, empty_nhwc, matrix, new_empty, nhwc,
@@ -261,12 +263,13 @@ def _infer_epilogue(acc, p, p_mask, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, Co
                     POST_RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
     """y = post(z * scale + shift) + residual for columns n0 + [0, BLOCK_N), rounding where the reference
     does: z stored in the input dtype, the affine map in fp32 and stored, the residual added to the
-    stored value."""
+    stored value. scale and shift are zero-padded to a whole number of the widest Cout tile
+    (`padded_f32`): read unmasked, without the zeroing a masked load costs (a register pair each)."""
     co = n0 + tl.arange(0, BLOCK_N)
     co_mask = co < Cout
     z = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
-    scale = tl.load(scale_ptr + co, mask=co_mask, other=0.0)
-    shift = tl.load(shift_ptr + co, mask=co_mask, other=0.0)
+    scale = tl.load(scale_ptr + co)
+    shift = tl.load(shift_ptr + co)
     y = z * scale[None, :] + shift[None, :]
     if POST_RELU:
         y = tl.where(y < 0.0, 0.0, y)  # not tl.maximum: NaN must pass, as in torch.relu
@@ -681,6 +684,14 @@ class Pointwise:
         return (self.d_op, self.pw_op, *tensors, geo.P, position_bucket(geo.P), geo.C, geo.Cout, self.d.shape[1])
 
 
+def padded_f32(v: Tensor) -> Tensor:
+    """A per-channel fp32 vector zero-padded to a multiple of MAX_BLOCK_N, the widest Cout tile: the
+    inference epilogue reads it unmasked."""
+    out = torch.zeros(triton.cdiv(v.numel(), MAX_BLOCK_N) * MAX_BLOCK_N, dtype=torch.float32, device=v.device)
+    out[:v.numel()] = v
+    return out
+
+
 def sepconv_bn_infer(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, scale: Optional[Tensor],
                      shift: Optional[Tensor], residual: Optional[Tensor], spec: UnitSpec,
                      mid: Optional[Tensor] = None, mid_bn: int = 0) -> Tensor:
@@ -691,8 +702,8 @@ def sepconv_bn_infer(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, scale: Opt
     y = empty_nhwc(geo.out_shape, x.dtype, x.device)
     if y.numel() == 0:
         return y
-    scale = vector_f32(scale, geo.Cout, 1.0, x.device)
-    shift = vector_f32(shift, geo.Cout, 0.0, x.device)
+    scale = padded_f32(vector_f32(scale, geo.Cout, 1.0, x.device))
+    shift = padded_f32(vector_f32(shift, geo.Cout, 0.0, x.device))
     res = nhwc(residual.to(x.dtype)) if residual is not None else y  # y: never read without HAS_RESIDUAL
     run = Pointwise(geo, depthwise(x, dw, geo, spec.pre_relu, mid, mid_bn, spec.mid_act or ""), pw)
     _sepconv_infer_kernel[run.tile_grid](*run.tile_args(scale, shift, res, y), POST_RELU=spec.post_relu,
