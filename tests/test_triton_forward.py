@@ -263,6 +263,25 @@ def test_inference_tiles_dealt_in_runs_cover_the_output_once(provider, monkeypat
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_training_splits_fill_the_slots_with_whole_chunks(monkeypatch):
+    """The training GEMM's grid, (position chunk, Cout tile), as a GPU sizes it: whole tiles per chunk,
+    every position in one chunk, at most two programs per SM with 128-wide Cout tiles; the static
+    plan's copy agrees (xception_fast/bench/static/triton_plans.py)."""
+    from xception_fast.bench.static import triton_plans
+    from xception_fast.triton_kernels import autotune
+
+    monkeypatch.setattr(autotune, "INTERPRET", False)
+    monkeypatch.setattr(autotune, "POSITION_ALIGN", 128)  # the GPU's (the interpreter's is smaller)
+    assert autotune.train_split(92416, 728, 132) == (43, 17 * 128)  # middle flow: 43 x 6 = 258 programs
+    assert autotune.train_split(25600, 2048, 132) == (16, 13 * 128)  # conv4: 16 x 16 = 256
+    for positions, channels in ((1, 8), (92416, 728), (25600, 2048), (5531904, 128), (1000, 40000)):
+        for sms in (132, 108):
+            splits, chunk = autotune.train_split(positions, channels, sms)
+            assert chunk % 128 == 0 and (splits - 1) * chunk < positions <= splits * chunk
+            assert splits * -(-channels // 128) <= max(2 * sms, -(-channels // 128))
+            assert triton_plans.train_split(positions, channels, sms) == (splits, chunk)
+
+
 def test_exact_matmul_switches_the_cublas_flags_off_and_restores_them():
     """grad_d goes through torch.matmul: inside `exact_matmul` no TF32 for fp32 (whichever API the caller
     used: PyTorch refuses to read a flag set through the other one), fp32 accumulation for fp16/bf16;

@@ -61,10 +61,13 @@ def prune_gemm(configs: list[triton.Config], element_size: int, arch: int) -> li
     - fp32 (an IEEE FMA product, no tensor cores: accumulator and operands all in registers) only
       the small tiles, 16-bit types only the tensor-core ones;
     - BLOCK_N = 256 only on Hopper (wgmma keeps A and B in shared memory; mma.sync spills);
-    - pipeline buffers, num_stages x (A + B tiles), within 160 KB (sm_80 has 163 KB)."""
+    - pipeline buffers, num_stages x (A + B tiles), within 160 KB (sm_80 has 163 KB);
+    - register caps (`maxnreg`) only on Hopper."""
     def fits(c):
         bp, bn, bk = c.kwargs["BLOCK_P"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         if not INTERPRET and (bp * bn <= 64 * 64) != (element_size == 4):
+            return False
+        if c.maxnreg and arch < 90:  # a cap that fits Hopper's wgmma code spills mma.sync's (208-226 uncapped)
             return False
         return (bn < 256 or arch >= 90) and c.num_stages * (bp + bn) * bk * element_size <= 160 * 1024
 
@@ -92,29 +95,31 @@ def gemm_configs() -> dict:
     128-position tiles: the GEMM's M side. BLOCK_N 256 is the widest wgmma; 728 channels pad to 768
     (5.5% of the MMA wasted, with 128- or 256-wide tiles). BLOCK_P divides POSITION_ALIGN (the
     programs' chunks are multiples of it), BLOCK_K divides SLOT_ALIGN (d's row pitch). The kernels
-    hold the accumulator, the pipeline's addresses and an epilogue quarter: 128 x 128 at 2 and 3
-    stages compiles to 100-128 registers and 65/97 KB of shared memory (two CTAs per SM, 4 warps per
-    scheduler), and a 16-warp 128 x 256 tile (one CTA, 4 warps per scheduler; it spills 136 B in the
-    training epilogue). Calibrated static estimates (sm_90 model; benchmarks/NOTES.md, "Triton GEMM
-    kernels: toward cuBLAS"), inference middle / exit (conv4) unit, us: 128 x 128 x 64 w8 s2 258 /
-    356, s3 263 / 361, 128 x 256 w16 269 / 368. Pruned: 128 x 256 x 64 w8 (one 8-warp CTA per SM,
-    175-236 registers: 299 / 386 inference; training ties on those two, 3.5x on the entry unit),
-    4 stages (one CTA per SM at BLOCK_K 64, 1.4x; 128 x 128 x 32 s4: 1.2x), 4-warp tiles (the grid
-    holds two programs per SM: 2 warps per scheduler, 1.4x), 128 x 128 x 128 s2 (one CTA per SM,
-    1.2x), register caps (`maxnreg` 112: 2% on the middle unit's inference only). The last two rows are for fp32 (see `prune_gemm`).
-    Returned as the autotune keyword arguments (configs, the TMA block pre-hook, pruning by dtype and
-    architecture). The first row is the one `ONE_CONFIG` runs: the model's pick on the three units."""
+    hold the accumulator, the pipeline's addresses and an epilogue quarter. First, the calibrated
+    static estimate's pick (sm_90 model; benchmarks/NOTES.md, "Triton GEMM kernels: toward cuBLAS")
+    on the middle, entry and exit units, inference and training: 128 x 128 x 64 w8 at 2 stages (65
+    KB of shared memory) capped at 128 registers, two CTAs per SM (4 warps per scheduler); the
+    training kernel compiles to 152-168 uncapped (one CTA per SM, 1.5x), the inference kernel to
+    110-124 under the cap. The same tile at 3 stages uncapped (sm_80's: the cap is Hopper's only,
+    see `prune_gemm`), and a 16-warp 128 x 256 tile (one CTA, 4 warps per scheduler; it spills 192
+    B in the training epilogue). Calibrated, inference middle / exit (conv4) unit, us: 258 / 356,
+    263 / 361, 269 / 368. Pruned: 128 x 256 x 64 w8 (one 8-warp CTA per SM, 175-236 registers:
+    299 / 386 inference; training tied on those two, 3.5x on the entry unit), 4 stages (one CTA
+    per SM at BLOCK_K 64, 1.4x; 128 x 128 x 32 s4: 1.2x), 4-warp tiles (the grids hold about two
+    programs per SM: 2 warps per scheduler, 1.4x), 128 x 128 x 128 s2 (one CTA per SM, 1.2x).
+    The last two rows are for fp32 (see `prune_gemm`). Returned as the autotune keyword arguments
+    (configs, the TMA block pre-hook, pruning by dtype and architecture)."""
     gpu = [
-        (128, 128, 64, 8, 2),
-        (128, 128, 64, 8, 3),
-        (128, 256, 64, 16, 3),
-        (64, 64, 16, 4, 2),
-        (32, 64, 32, 4, 1),
+        (128, 128, 64, 8, 2, 128),
+        (128, 128, 64, 8, 3, None),
+        (128, 256, 64, 16, 3, None),
+        (64, 64, 16, 4, 2, None),
+        (32, 64, 32, 4, 1, None),
     ]
-    pinned = [(_PINNED_P, _PINNED_C, _PINNED_C, 4, 1)]
+    pinned = [(_PINNED_P, _PINNED_C, _PINNED_C, 4, 1, None)]
     assert max(row[1] for row in gpu + pinned) <= MAX_BLOCK_N
     names = ("BLOCK_P", "BLOCK_N", "BLOCK_K")
-    configs = [triton.Config(dict(zip(names, row[:3])), num_warps=row[3], num_stages=row[4],
+    configs = [triton.Config(dict(zip(names, row[:3])), num_warps=row[3], num_stages=row[4], maxnreg=row[5],
                              pre_hook=_set_weight_block)
                for row in (pinned if INTERPRET else gpu)]
     return dict(configs=configs, prune_configs_by={"early_config_prune": _prune_for_device})
@@ -226,6 +231,20 @@ def persistent_split(positions: int, sms: int, per_sm: int = 1) -> tuple[int, in
     want = program_slots(sms, per_sm)
     chunk = max(triton.cdiv(triton.cdiv(positions, want), POSITION_ALIGN) * POSITION_ALIGN, POSITION_ALIGN)
     return triton.cdiv(positions, chunk), chunk
+
+
+def train_split(positions: int, channels: int, sms: int) -> tuple[int, int]:
+    """(splits, chunk) of `depthwise_pointwise._sepconv_train_kernel`, whose grid is splits x Cout
+    tiles: chunks as long as keeps about `program_slots` programs with 128-wide Cout tiles (the
+    configs' common width). Fixed by the shape, like `persistent_split`: the statistics rows [3,
+    splits, Cout] and the order they are merged in do not depend on the config. Middle-flow unit at
+    batch 256 (722 position tiles, 6 Cout tiles, 264 slots): 43 chunks of 17 tiles, 258 programs
+    (the busiest SM: 34 tile products, 36 with whole chunks of every Cout tile); conv4 (200
+    position tiles, 16 Cout tiles): 16 chunks of 13 tiles, 256 programs (26 against 32). The
+    interpreter keeps `persistent_split`'s three chunks."""
+    if INTERPRET:
+        return persistent_split(positions, sms)
+    return persistent_split(positions, max(1, program_slots(sms, 2) // triton.cdiv(channels, 128)))
 
 
 def position_bucket(positions: int) -> int:

@@ -9,11 +9,12 @@ Design: two kernels per forward, each at the occupancy its own work wants.
    K_SLOT] (P rounded up to POSITION_ALIGN, C up to SLOT_ALIGN) with zeros in the padding. A 2-D grid
    of small programs (a tile of groups of RW adjacent outputs of a row x a chunk of channels), several
    CTAs per SM: it reads x once and writes d once, and is meant to run at the DRAM bandwidth.
-2. a GEMM kernel per epilogue, persistent (two programs per SM): in the training and grad_z kernels
-   program s owns the positions [s * chunk, (s + 1) * chunk) (`autotune.persistent_split`: its
-   statistics rows cover whole position chunks); the inference kernel, which reduces nothing, deals
-   the output tiles out in equal runs (`Pointwise.tile_grid`). For each tile of BLOCK_P positions and
-   each Cout tile a K loop over the tile's rows of d, software-pipelined (the config's num_stages),
+2. a GEMM kernel per epilogue, about two programs per SM, each owning a set of output tiles: in the
+   grad_z kernel program s owns the positions [s * chunk, (s + 1) * chunk) and every Cout tile
+   (`autotune.persistent_split`), in the training kernel program (s, g) those positions and Cout tile
+   g (`autotune.train_split`: statistics rows over whole position chunks either way), and the
+   inference kernel, which reduces nothing, deals the output tiles out in equal runs
+   (`Pointwise.tile_grid`). For each tile a K loop over the tile's rows of d, software-pipelined (the config's num_stages),
    d and the weight through TMA tensor descriptors where TMA applies (A_TMA, W_TMA: Hopper, rows
    16-byte aligned), then the epilogue on the accumulator's four column quarters. d is read
    unmasked (its padding is zero).
@@ -57,7 +58,7 @@ from xception_fast.spec import UnitSpec
 
 from . import batchnorm
 from .autotune import (DEPTHWISE_MAX_GROUPS, MAX_BLOCK_N, POSITION_ALIGN, SLOT_ALIGN, depthwise_configs, gemm_configs,
-                       persistent_split, position_bucket, program_slots, sm_count)
+                       persistent_split, position_bucket, program_slots, sm_count, train_split)
 from .mid_act import mid_transform
 from .utils import (INLINE_ASM, channel_align, check_dtype, check_positions, empty_nhwc, matrix, new_empty, nhwc,
                     vector_f32, weight_operand)
@@ -514,20 +515,25 @@ def _sepconv_train_kernel(
     C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Program (s, g): position chunk s (`autotune.train_split`), Cout tile g. Its statistics go to
+    # row s, columns of tile g: the rows [3, S, Cout] and their merge are those of one program per
+    # chunk, and a column's tiles are folded in the same order. The split by Cout tile lets the
+    # chunks be longer (S x Cout tiles programs, about two per SM), so that the busiest SM runs about
+    # the average number of tiles instead of whole extra chunks of every Cout tile.
     C, Cout, K_SLOT, pid, p_begin, p_end = _program(P, chunk, C, Cout, K_SLOT, C_ALIGN, COUT_ALIGN)
+    n0 = tl.program_id(1) * BLOCK_N
     first_z = z_ptr + tl.cast(p_begin, tl.int64) * Cout  # the program's first row of z: the statistics' ref
     for p0 in range(p_begin, p_end, BLOCK_P):
         p, p_mask = _tile(p0, p_end, BLOCK_P)
         seen = (p0 - p_begin).to(tl.float32)
         cnt = tl.minimum(p_end - p0, BLOCK_P).to(tl.float32)
-        for n0 in range(0, Cout, BLOCK_N):
-            acc = _pointwise_tile(d_op, p0, pw_op, n0, C, K_SLOT, Cout, A_TMA, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
-            q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
-            Q: tl.constexpr = BLOCK_N // 4
-            _train_quarter(q0, p, p_mask, cnt, seen, n0, z_ptr, first_z, stats_ptr, pid, S, Cout, BLOCK_P, Q)
-            _train_quarter(q1, p, p_mask, cnt, seen, n0 + Q, z_ptr, first_z, stats_ptr, pid, S, Cout, BLOCK_P, Q)
-            _train_quarter(q2, p, p_mask, cnt, seen, n0 + 2 * Q, z_ptr, first_z, stats_ptr, pid, S, Cout, BLOCK_P, Q)
-            _train_quarter(q3, p, p_mask, cnt, seen, n0 + 3 * Q, z_ptr, first_z, stats_ptr, pid, S, Cout, BLOCK_P, Q)
+        acc = _pointwise_tile(d_op, p0, pw_op, n0, C, K_SLOT, Cout, A_TMA, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
+        q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
+        Q: tl.constexpr = BLOCK_N // 4
+        _train_quarter(q0, p, p_mask, cnt, seen, n0, z_ptr, first_z, stats_ptr, pid, S, Cout, BLOCK_P, Q)
+        _train_quarter(q1, p, p_mask, cnt, seen, n0 + Q, z_ptr, first_z, stats_ptr, pid, S, Cout, BLOCK_P, Q)
+        _train_quarter(q2, p, p_mask, cnt, seen, n0 + 2 * Q, z_ptr, first_z, stats_ptr, pid, S, Cout, BLOCK_P, Q)
+        _train_quarter(q3, p, p_mask, cnt, seen, n0 + 3 * Q, z_ptr, first_z, stats_ptr, pid, S, Cout, BLOCK_P, Q)
         tl.debug_barrier()  # the next tile reads back this one's statistics, stored by other threads
 
 
@@ -651,7 +657,8 @@ def depthwise(x: Tensor, dw: Tensor, geo: Geometry, pre_relu: bool, mid: Optiona
 class Pointwise:
     """The launch arguments the three GEMM kernels share: d, the persistent program split (two
     programs per SM: the 128 x 128 configs fit two where they compile to 128 registers; a wider
-    tile runs them in two waves), the operands (TMA descriptors where they apply)."""
+    tile runs them in two waves), the operands (TMA descriptors where they apply). The training
+    kernel splits its own way (`train_gemm`)."""
 
     def __init__(self, geo: Geometry, d: Tensor, pw: Tensor):
         self.programs, self.chunk = persistent_split(geo.P, sm_count(d.device), 2)
@@ -663,10 +670,11 @@ class Pointwise:
     def grid(self, meta) -> tuple[int]:
         return (self.programs,)
 
-    def args(self, *tensors: Tensor) -> tuple:
-        """(pointers..., sizes) up to K_SLOT; the kernels' own tensors go between pw_op and the sizes."""
+    def args(self, *tensors: Tensor, chunk: Optional[int] = None) -> tuple:
+        """(pointers..., sizes) up to K_SLOT; the kernels' own tensors go between pw_op and the sizes;
+        `chunk`: another split's position chunk than `persistent_split`'s."""
         geo = self.geo
-        return (self.d_op, self.pw_op, *tensors, geo.P, position_bucket(geo.P), self.chunk, geo.C, geo.Cout,
+        return (self.d_op, self.pw_op, *tensors, geo.P, position_bucket(geo.P), chunk or self.chunk, geo.C, geo.Cout,
                 self.d.shape[1])
 
     def meta(self) -> dict:
@@ -735,9 +743,14 @@ def train_gemm(geo: Geometry, d: Tensor, pw: Tensor) -> tuple[Tensor, Tensor, Te
     """(z, mean, biased var): the GEMM kernel with the statistics epilogue on d, then the merge."""
     z = empty_nhwc(geo.out_shape, d.dtype, d.device)
     run = Pointwise(geo, d, pw)
-    stats = new_empty((3, run.programs, geo.Cout), torch.float32, d.device)
-    _sepconv_train_kernel[run.grid](*run.args(z, stats), run.programs, **run.meta())
-    mean, var = batchnorm.merge_statistics(stats, geo.P, run.chunk)
+    splits, chunk = train_split(geo.P, geo.Cout, sm_count(d.device))
+    stats = new_empty((3, splits, geo.Cout), torch.float32, d.device)
+
+    def grid(meta):
+        return splits, triton.cdiv(geo.Cout, meta["BLOCK_N"])
+
+    _sepconv_train_kernel[grid](*run.args(z, stats, chunk=chunk), splits, **run.meta())
+    mean, var = batchnorm.merge_statistics(stats, geo.P, chunk)
     return z, mean, var
 
 

@@ -44,6 +44,11 @@ def persistent_split(positions: int, sms: int, per_sm: int) -> tuple[int, int]:
     return cdiv(positions, chunk), chunk
 
 
+def train_split(positions: int, channels: int, sms: int) -> tuple[int, int]:
+    """`triton_kernels.autotune.train_split` on a GPU: (splits, chunk) of the training GEMM kernel."""
+    return persistent_split(positions, max(1, 2 * sms // cdiv(channels, 128)), 1)
+
+
 def _slot_width(unit: Unit) -> int:
     return cdiv(unit.C, 64) * 64  # depthwise_pointwise.slot_width: d's row pitch K_SLOT
 
@@ -70,18 +75,6 @@ def _depthwise(unit: Unit, arch: int, training: bool) -> list[Launch]:
                 _dw_ffma(unit, m["BLOCK_G"] * m["RW"], m["BLOCK_D"], 1))
 
     return _launches(dp._depthwise_kernel, unit, arch, flags, ints, plan)
-
-
-def _gemm_loops(unit: Unit, programs: int, chunk: int, m: dict, arch: int) -> list[LoopPlan]:
-    """The forward's GEMM kernels' loops (`triton_kernels/depthwise_pointwise.py`): position tiles of
-    the program, Cout tiles, each with a pipelined K loop over d; on Hopper (the weight through TMA)
-    the out-of-line retry loop of the TMA barrier wait, counted as never retrying."""
-    loops = [LoopPlan("position tiles of the program", unit.split_trips(programs, chunk, m["BLOCK_P"])),
-             LoopPlan("output-channel tiles", cdiv(unit.Cout, m["BLOCK_N"])),
-             LoopPlan("K steps over d (tl.dot)", cdiv(unit.C, m["BLOCK_K"]), pipelined=True)]
-    if arch >= 90:
-        loops.append(LoopPlan("TMA barrier wait retries (out of line)", 0))
-    return loops
 
 
 def _channel_align(channels: int) -> int:
@@ -191,11 +184,16 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     kk = unit.K * unit.K
     kernels: list[list[Launch]] = []
 
-    # Forward: the depthwise kernel, then the GEMM kernel with the statistics epilogue (two programs per SM).
-    splits, chunk = persistent_split(P, sms, 2)
+    # Forward: the depthwise kernel, then the GEMM kernel with the statistics epilogue, a program per
+    # (position chunk, Cout tile), about two per SM.
+    splits, chunk = train_split(P, Cout, sms)
 
     def fwd(m):
-        return (splits, _gemm_loops(unit, splits, chunk, m, arch),
+        loops = [LoopPlan("position tiles of the program", unit.split_trips(splits, chunk, m["BLOCK_P"])),
+                 LoopPlan("K steps over d (tl.dot)", cdiv(unit.C, m["BLOCK_K"]), pipelined=True)]
+        if arch >= 90:
+            loops.append(LoopPlan("TMA barrier wait retries (out of line)", 0))
+        return (splits * cdiv(Cout, m["BLOCK_N"]), loops,
                 _d_bytes(unit) + unit.weight_bytes() + unit.y_bytes() + 12 * splits * Cout, 0.0)
 
     if _mid(unit).mid_norm:
