@@ -67,7 +67,7 @@ def prune_gemm(configs: list[triton.Config], element_size: int, arch: int) -> li
         bp, bn, bk = c.kwargs["BLOCK_P"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         if not INTERPRET and (bp * bn <= 64 * 64) != (element_size == 4):
             return False
-        if c.maxnreg and arch < 90:  # a cap that fits Hopper's wgmma code spills mma.sync's (208-226 uncapped)
+        if c.maxnreg and arch < 90:  # a cap that fits Hopper's wgmma code spills mma.sync's (208-233 uncapped)
             return False
         return (bn < 256 or arch >= 90) and c.num_stages * (bp + bn) * bk * element_size <= 160 * 1024
 
