@@ -540,18 +540,28 @@ XF_HD bool ds_fits_smem(const Plan& p, int elem_bytes, int max_smem) {
   return ds_smem_layout(p, elem_bytes).total <= max_smem;
 }
 
+// Warps with runs over an image of h output rows of `runs` runs each, in tiles of k rows: a warp holds
+// 32 / vectors_per_pixel consecutive slots, and only those with a run issue the math.
+XF_HD int ds_image_warps(int h, int k, int runs, int elem_bytes) {
+  const int per_warp = 32 / vectors_per_pixel(elem_bytes);
+  return h / k * ceil_div(k * runs, per_warp) + ceil_div(h % k * runs, per_warp);
+}
+
 // Candidate i of the d store's tile (the launcher takes the first whose staging fits; bm 0: none left):
-// at most dw_slots >> i runs per CTA. Rows of at most that many runs: ranges of whole output rows, as
-// many as the budget holds, spread evenly over the image's tiles (Xception's middle flow, 19 wide in
-// 16-bit: 7 runs a row, 9 rows a tile at most, so three tiles of 7, 7 and 5 rows); wider rows: row
+// at most dw_slots >> i runs per CTA. Rows of at most that many runs: ranges of k whole output rows, k
+// the one the budget holds with the fewest warps with runs per image (the last one partly idle), the
+// largest on ties (Xception's middle flow, 19 wide in 16-bit: 7 runs a row, 9 rows a tile at most; 9
+// rows: tiles of 63, 63 and 7 runs, 17 warps, where tiles of 7, 7 and 5 rows take 19); wider rows: row
 // segments of even width, a multiple of kDsRun (the entry flow's 147 in fp32: two segments of 75).
 XF_HD TileChoice ds_tile_candidate(int i, int h_out, int w_out, int elem_bytes) {
   const int budget = dw_slots(elem_bytes) >> i;
   if (budget < 1) return {0, 0};
   const int h = imax(h_out, 1), w = imax(w_out, 1), runs = ceil_div(w, kDsRun);
   if (runs <= budget) {
-    const int tiles = ceil_div(h, imin(budget / runs, h));
-    return {ceil_div(h, tiles) * w, 0};
+    int best = 1;
+    for (int k = 2; k <= imin(budget / runs, h); ++k)
+      if (ds_image_warps(h, k, runs, elem_bytes) <= ds_image_warps(h, best, runs, elem_bytes)) best = k;
+    return {best * w, 0};
   }
   return {round_up(ceil_div(w, ceil_div(runs, budget)), kDsRun), 1};
 }

@@ -39,18 +39,31 @@ static void check_layout(const Plan& p, int elem) {
 static void check_tiles(const Plan& p, int elem) {
   EXPECT(p.row_segments ? p.bm <= p.w_out && p.bm % kDsRun == 0 : p.bm % p.w_out == 0);
   EXPECT(ds_row_runs(p) * (p.row_segments ? 1 : p.bm / p.w_out) <= dw_slots(elem));
+  const int per_warp = 32 / vectors_per_pixel(elem);
+  int warps = 0;  // warps with a run, over the first image's tiles
   for (int tile = 0; tile < num_tiles(p); ++tile) {
     const TileRange t = tile_range(p, tile);
     std::vector<int> seen(t.count, 0);
+    std::vector<int> busy(dw_slots(elem) / per_warp, 0);
     for (int slot = 0; slot < dw_slots(elem); ++slot) {
       const DsRun run = ds_run(p, t, slot);
       EXPECT(run.outputs >= 0 && run.outputs <= kDsRun);
       if (run.outputs == 0) continue;
+      busy[slot / per_warp] = 1;
       const int wo = (t.q0 + run.r) % p.w_out;
       EXPECT(wo + run.outputs <= p.w_out);  // one output row
       for (int g = 0; g < run.outputs; ++g) seen.at(run.r + g)++;
     }
     for (int v : seen) EXPECT(v == 1);
+    if (t.img == 0)
+      for (int b : busy) warps += b;
+  }
+  // The count ds_tile_candidate minimises, and its choice: no k the budget holds takes fewer warps.
+  if (!p.row_segments && p.h_out > 0) {
+    const int k = p.bm / p.w_out, runs = ds_row_runs(p);
+    EXPECT(ds_image_warps(p.h_out, k, runs, elem) == warps);
+    for (int j = 1; j <= std::min(dw_slots(elem) / runs, p.h_out); ++j)
+      EXPECT(ds_image_warps(p.h_out, j, runs, elem) >= warps || p.bm != ds_tile_candidate(0, p.h_out, p.w_out, elem).bm);
   }
 }
 
@@ -226,12 +239,12 @@ int main() {
         }
       }
     }
-  // The candidates: whole rows up to one run per slot, spread evenly; wider rows in even segments.
+  // The candidates: whole rows up to one run per slot, the fewest warps with runs; wider rows in even
+  // segments. The middle flow in 16-bit: 9 rows a tile (tiles of 63, 63 and 7 runs: 17 warps).
   where = "candidates";
   const int slots2 = dw_slots(2), slots4 = dw_slots(4);  // 64 and 32
-  const int runs19 = (19 + kDsRun - 1) / kDsRun, per_tile = slots2 / runs19, tiles19 = (19 + per_tile - 1) / per_tile;
-  EXPECT(ds_tile_candidate(0, 19, 19, 2).bm == (19 + tiles19 - 1) / tiles19 * 19 &&
-         ds_tile_candidate(0, 19, 19, 2).row_segments == 0);
+  EXPECT(ds_tile_candidate(0, 19, 19, 2).bm == 9 * 19 && ds_tile_candidate(0, 19, 19, 2).row_segments == 0);
+  EXPECT(ds_image_warps(19, 9, 7, 2) == 17 && ds_image_warps(19, 7, 7, 2) == 19);
   EXPECT(ds_tile_candidate(0, 10, 10, 2).bm == 100);  // the exit flow: one tile an image
   EXPECT(ds_tile_candidate(0, 147, 147, 2).bm == (slots2 >= 49 ? 147 : 0));
   EXPECT(ds_tile_candidate(0, 147, 147, 4).row_segments == 1 && ds_tile_candidate(0, 147, 147, 4).bm % kDsRun == 0);

@@ -194,18 +194,28 @@ def choose(n, c, h, w, c_out, k, stride, pad, dil, elem, max_smem) -> Optional[T
     return None
 
 
+def ds_image_warps(h: int, k: int, runs: int, elem: int) -> int:
+    """ds_image_warps: warps with runs over an image of h rows in tiles of k rows."""
+    per_warp = 32 // (BK // (16 // elem))
+    return h // k * cdiv(k * runs, per_warp) + cdiv(h % k * runs, per_warp)
+
+
 def ds_tile_candidate(i: int, h_out: int, w_out: int, elem: int) -> tuple[int, int]:
     """(bm, row_segments) of the d store's candidate i (ds_tile_candidate): at most slots >> i runs of
-    DS_RUN outputs per CTA; whole output rows spread evenly over an image's tiles, or even row
-    segments where a row has more runs; (0, 0): none left."""
+    DS_RUN outputs per CTA; tiles of k whole output rows (the k the budget holds with the fewest warps
+    with runs per image, the largest on ties), or even row segments where a row has more runs; (0, 0):
+    none left."""
     budget = (THREADS // (BK // (16 // elem))) >> i
     if budget < 1:
         return 0, 0
     h, w = max(h_out, 1), max(w_out, 1)
     runs = cdiv(w, DS_RUN)
     if runs <= budget:
-        tiles = cdiv(h, min(budget // runs, h))
-        return cdiv(h, tiles) * w, 0
+        best = 1
+        for k in range(2, min(budget // runs, h) + 1):
+            if ds_image_warps(h, k, runs, elem) <= ds_image_warps(h, best, runs, elem):
+                best = k
+        return best * w, 0
     return align_up(cdiv(w, cdiv(runs, budget)), DS_RUN), 1
 
 
