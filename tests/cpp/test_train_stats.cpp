@@ -7,10 +7,10 @@
 // The two kernels are emulated with the headers' own functions, in the kernels' order:
 // 1. z_stats_partial_kernel (sepconv_forward.cu) over the stored z [rows, Cout]: per row block, column
 //    block and thread (kV channels: 1, 4 or 8; the block shape stats_cols picks: 32, 16 or 8 channel
-//    vectors by 8, 16 or 32 lanes), the lane's groups of 8 rows (stats_row) with exact two-pass
-//    moments about the group's first row, merged in group order (merge_moments_frac, checked bit-equal
-//    to merge_moments), then the lanes of each channel as trees of 8 and a tree over those (checked
-//    bit-equal to merge_tree over all lanes): one partial per (row block, channel) (merge_offset);
+//    vectors by 8, 16 or 32 lanes), the lane's rows (stats_row, stats_lane_count) streamed into shifted
+//    sums about its first row (stats_lane_moments), then the lanes of each channel merged depth first
+//    (merge_tree_depth_first, checked bit-equal to merge_tree over all lanes): one partial per (row
+//    block, channel) (merge_offset);
 // 2. the row blocks of a channel as bn_stats_merge_kernel's passes merge them (groups of 64 partials
 //    as binary trees, lane by lane, pass after pass), through a scratch area laid out as
 //    take_merge_scratch lays it out.
