@@ -568,17 +568,51 @@ XF_HD TileChoice ds_tile_candidate(int i, int h_out, int w_out, int elem_bytes) 
 
 // Runs per tile row: a segment's (bm positions) or a whole output row's.
 XF_HD int ds_row_runs(const Plan& p) { return ceil_div(p.row_segments ? p.bm : p.w_out, kDsRun); }
+// Output rows of a full tile: k (ranges of whole rows), or 1 (a segment).
+XF_HD int ds_tile_rows(const Plan& p) { return p.row_segments ? 1 : p.bm / imax(p.w_out, 1); }
 
-// The run of slot `slot` in tile t: its first tile row r (outputs r .. r + outputs - 1, one output row)
-// and how many of its kDsRun outputs are positions of the tile (0: the slot has no run).
-struct DsRun {
-  int r, outputs;
+// Tile `tile` of the d store's plan as tile_range and halo_box give it (t, b), from its first output
+// row ho and column wo and its output rows, with one division (two for segments) where those take four:
+// its rows start an output row. k: ds_tile_rows(p).
+struct DsTile {
+  TileRange t;
+  HaloBox b;
+  int ho, wo, rows;
 };
-XF_HD DsRun ds_run(const Plan& p, const TileRange& t, int slot) {
-  const int runs = ds_row_runs(p), row = slot / runs, first = (slot - row * runs) * kDsRun;
-  const int width = p.row_segments ? t.count : p.w_out, rows = p.row_segments ? 1 : t.count / p.w_out;
-  if (row >= rows || first >= width) return {0, 0};
-  return {row * p.w_out + first, imin(kDsRun, width - first)};
+XF_HD DsTile ds_tile(const Plan& p, int tile, int k) {
+  DsTile d;
+  d.t.img = tile / p.tiles_per_image;
+  const int rem = tile - d.t.img * p.tiles_per_image;
+  if (p.row_segments) {
+    d.ho = rem / p.segs_per_row;
+    d.wo = (rem - d.ho * p.segs_per_row) * p.bm;
+    d.rows = 1;
+    d.t.count = imin(p.bm, p.w_out - d.wo);
+  } else {
+    d.ho = rem * k;
+    d.wo = 0;
+    d.rows = imin(k, p.h_out - d.ho);
+    d.t.count = d.rows * p.w_out;
+  }
+  d.t.q0 = d.ho * p.w_out + d.wo;
+  d.b.h0 = d.ho * p.stride_h - p.pad_h;
+  d.b.rows = (d.rows - 1) * p.stride_h + (p.kh - 1) * p.dil_h + 1;
+  d.b.w0 = d.wo * p.stride_w - p.pad_w;
+  d.b.cols = (d.rows == 1 ? d.t.count - 1 : p.w_out - 1) * p.stride_w + (p.kw - 1) * p.dil_w + 1;
+  return d;
+}
+
+// The run of slot `slot` in tile d (runs: ds_row_runs): its first tile row r (outputs r .. r + outputs
+// - 1, one output row), how many of its kDsRun outputs are positions of the tile (0: the slot has no
+// run), and base, the halo pixel of its first output's tap (0, 0) (halo_base_pixel of r).
+struct DsRun {
+  int r, outputs, base;
+};
+XF_HD DsRun ds_run(const Plan& p, const DsTile& d, int runs, int slot) {
+  const int row = slot / runs, first = (slot - row * runs) * kDsRun;
+  const int width = p.row_segments ? d.t.count : p.w_out;
+  if (row >= d.rows || first >= width) return {0, 0, 0};
+  return {row * p.w_out + first, imin(kDsRun, width - first), row * p.stride_h * d.b.cols + first * p.stride_w};
 }
 
 // The depthwise of one run for one channel vector: acc[g] for outputs g = 0 .. kDsRun - 1, base the

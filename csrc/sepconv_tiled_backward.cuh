@@ -29,11 +29,12 @@ __global__ void __launch_bounds__(kThreads, XF_DS_MIN_CTAS(T))
   extern __shared__ __align__(128) unsigned char smem[];
   using V = Vec16<T>;
   constexpr int kVec = V::kVec, kSlots = kThreads / (kBK / kVec);  // one run per slot
-  const TileRange t = tile_range(p, blockIdx.x);
-  const HaloBox b = halo_box(p, t);
+  const DsTile tile = ds_tile(p, blockIdx.x, ds_tile_rows(p));
+  const TileRange& t = tile.t;
+  const HaloBox& b = tile.b;
   const int tid = threadIdx.x, cv = dw_cv(tid, sizeof(T));
-  const DsRun run = ds_run(p, t, dw_row(tid, 0, sizeof(T)));
-  const int base = halo_base_pixel(p, t, b, run.r);
+  const DsRun run = ds_run(p, tile, ds_row_runs(p), dw_row(tid, 0, sizeof(T)));
+  const int base = run.base;
   // The run's first output position in d: int32 (fits_int32: P does); its offset in int64 per chunk.
   const int pos = ds_position(p, t, run.r);
   depthwise_phase<T, kSlots, KH, KW>(p, a, L, smem, t, b, 0, k_chunks(p),

@@ -43,12 +43,19 @@ static void check_tiles(const Plan& p, int elem) {
   int warps = 0;  // warps with a run, over the first image's tiles
   for (int tile = 0; tile < num_tiles(p); ++tile) {
     const TileRange t = tile_range(p, tile);
+    const HaloBox b = halo_box(p, t);
+    // The kernel's tile and box (ds_tile) are tile_range's and halo_box's.
+    const DsTile d = ds_tile(p, tile, ds_tile_rows(p));
+    EXPECT(d.t.img == t.img && d.t.q0 == t.q0 && d.t.count == t.count);
+    EXPECT(d.b.h0 == b.h0 && d.b.w0 == b.w0 && d.b.rows == b.rows && d.b.cols == b.cols);
+    EXPECT(d.ho * p.w_out + d.wo == t.q0 && (p.row_segments ? d.rows == 1 : d.rows * p.w_out == t.count));
     std::vector<int> seen(t.count, 0);
     std::vector<int> busy(dw_slots(elem) / per_warp, 0);
     for (int slot = 0; slot < dw_slots(elem); ++slot) {
-      const DsRun run = ds_run(p, t, slot);
+      const DsRun run = ds_run(p, d, ds_row_runs(p), slot);
       EXPECT(run.outputs >= 0 && run.outputs <= kDsRun);
       if (run.outputs == 0) continue;
+      EXPECT(run.base == halo_base_pixel(p, t, b, run.r));  // the run's base without a division
       busy[slot / per_warp] = 1;
       const int wo = (t.q0 + run.r) % p.w_out;
       EXPECT(wo + run.outputs <= p.w_out);  // one output row
@@ -84,8 +91,9 @@ static void check_kernel(const Plan& p, bool pre_relu, bool unit_w) {
   std::vector<float> halo(static_cast<size_t>(ds_smem_layout(p, elem).halo_elems)), wts(static_cast<size_t>(taps) * kBK);
   EXPECT(static_cast<long>(halo.size()) == (static_cast<long>(ds_halo_rows(p)) * p.halo_cols + ds_halo_slack(p)) * kBK);
   for (int tile = 0; tile < num_tiles(p); ++tile) {
-    const TileRange t = tile_range(p, tile);
-    const HaloBox b = halo_box(p, t);
+    const DsTile dt = ds_tile(p, tile, ds_tile_rows(p));  // as the kernel derives it (check_tiles: == tile_range, halo_box)
+    const TileRange t = dt.t;
+    const HaloBox b = dt.b;
     EXPECT(b.rows <= ds_halo_rows(p) && b.cols <= p.halo_cols);  // ds_smem_layout's box
     const long img = static_cast<long>(t.img) * p.h * p.w * p.c;
     for (int ck = 0; ck < k_chunks(p); ++ck) {
@@ -100,9 +108,9 @@ static void check_kernel(const Plan& p, bool pre_relu, bool unit_w) {
         for (int ch = 0; ch < kBK; ++ch) wts[tap * kBK + ch] = c0 + ch < p.c ? dw[(c0 + ch) * taps + tap] : 0.f;
       for (int tid = 0; tid < kThreads; ++tid) {
         const int cv = dw_cv(tid, elem), c = c0 + cv * kVec;
-        const DsRun run = ds_run(p, t, dw_row(tid, 0, elem));
+        const DsRun run = ds_run(p, dt, ds_row_runs(p), dw_row(tid, 0, elem));
         if (run.outputs == 0) continue;
-        const int base = halo_base_pixel(p, t, b, run.r);
+        const int base = run.base;
         float acc[kDsRun][kVec];
         const auto load_x = [&](int pixel, float(&v)[kVec]) {
           if (pixel < 0 || pixel >= b.rows * b.cols + ds_halo_slack(p)) ++outside;  // the staged box and its slack
