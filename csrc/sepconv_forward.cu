@@ -74,89 +74,87 @@ __global__ void __launch_bounds__(256)
 // ---------------------------------------------------------------------------------------------------
 // Training: the statistics of the stored z, the normalisation
 
-// Per (row block, channel) moments of z [rows, c_out] (the order: sepconv_elementwise.h): each
-// thread kV channels (one 16-byte vector, or one element) of its lane's rows, a group of 8 rows in
-// registers at a time with exact two-pass moments about its first row, merged into the lane's moments
-// (merge_moments' arithmetic, one division for the thread's channels); then the kLanes lanes of each
-// channel merged as a binary tree through shared memory. Block: kCols channel vectors x kLanes lanes.
-// partial[(block * 3 + k) * c_out + co], k = 0 pivot, 1 mu, 2 M2 (merge_offset), for bn_stats_merge_kernel.
-// Two blocks per SM for the element-wise instances (ptxas otherwise spills them at 64 registers); the
-// vector ones need more than 128 registers (8 channels' moments) and keep one.
+// Per (row block, channel) moments of z [rows, c_out] (the order: sepconv_elementwise.h). Each thread
+// streams its lane's rows for kV channels (one 16-byte vector, or one element, per row; 4 rows' loads
+// in flight) into the shifted sums s1, s2 about the lane's first row, two adds and an fma per element;
+// the lane's moments go to shared memory, one barrier, then each thread merges one channel's kLanes
+// lanes (merge_tree<kLanes>'s merges, depth first) and writes
+// its partial[(block * 3 + k) * c_out + co], k = 0 pivot, 1 mu, 2 M2 (merge_offset), for
+// bn_stats_merge_kernel. 4 CTAs per SM (64 registers): the stream needs 3 kV accumulators and the loads
+// in flight, where the former two-pass groups of 8 rows held 8 rows of 8 channels (167 registers, one
+// CTA per SM, about 25 instructions per element against 5 now).
 template <typename T, int kV, int kCols>
-__global__ void __launch_bounds__(infer::kStatsThreads, kV == 1 ? 2 : 1)
+__global__ void __launch_bounds__(infer::kStatsThreads, 4)
     z_stats_partial_kernel(const T* __restrict__ z, int64_t rows, int64_t c_out, float* __restrict__ partial) {
   using infer::Moments;
   using E = Elems<T, kV>;
-  constexpr int kRows = infer::kStatsGroupRows, kLanes = infer::kStatsThreads / kCols;
-  __shared__ Moments lane_moments[kLanes][kCols];
+  constexpr int kLanes = infer::kStatsThreads / kCols, kChannels = kCols * kV;
+  __shared__ __align__(16) float lane_pivot[kLanes][kChannels];
+  __shared__ __align__(16) float lane_mu[kLanes][kChannels];
+  __shared__ __align__(16) float lane_m2[kLanes][kChannels];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t block = blockIdx.x;
-  const int64_t co0 = (static_cast<int64_t>(blockIdx.y) * kCols + tx) * kV;  // the thread's first channel
-  const bool live = co0 < c_out;  // the whole vector: kV divides c_out on the vector path
+  const int64_t ch0 = static_cast<int64_t>(blockIdx.y) * kChannels;  // the block's first channel
+  const int64_t co0 = ch0 + tx * kV;                                  // the thread's first channel
+  // The whole vector or nothing: kV divides c_out on the vector path.
+  const int count = co0 < c_out ? infer::stats_lane_count(block, ty, rows, kLanes) : 0;
 
-  Moments m[kV];
+  float pivot[kV], s1[kV], s2[kV];
 #pragma unroll
-  for (int e = 0; e < kV; ++e) m[e] = Moments{0, 0.f, 0.f, 0.f};
-#pragma unroll 1
-  for (int j = 0; j < infer::kStatsGroups; ++j) {
-    E zr[kRows];    // the group's rows as stored (T): unpacked channel by channel below
-    int count = 0;  // the group's valid rows: a prefix (rows grow with i)
+  for (int e = 0; e < kV; ++e) pivot[e] = 0.f, s1[e] = 0.f, s2[e] = 0.f;
+  if (count > 0) {
+    const T* src = z + infer::stats_row(block, ty, 0, kLanes) * c_out + co0;
+    const int64_t step = static_cast<int64_t>(kLanes) * c_out;  // one lane row to the next
+    const E first = E::load(src);
 #pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-      const int64_t row = infer::stats_row(block, ty, j, i, kLanes);
-      if (live && row < rows) {
-        zr[i] = E::load(z + row * c_out + co0);
-        count = i + 1;
+    for (int e = 0; e < kV; ++e) pivot[e] = to_float(first.v[e]);  // row 0 adds 0 to both sums: skipped
+#pragma unroll 4
+    for (int k = 1; k < count; ++k) {
+      src += step;
+      const E zv = E::load(src);
+#pragma unroll
+      for (int e = 0; e < kV; ++e) {
+        const float d = to_float(zv.v[e]) - pivot[e];
+        s1[e] += d;
+        s2[e] = fmaf(d, d, s2[e]);
       }
-    }
-    if (count == 0) continue;
-    // Every channel of the thread has merged the same rows: one fraction for all (merge_moments_frac).
-    const float frac = infer::merge_fraction(m[0].count, count);
-#pragma unroll
-    for (int e = 0; e < kV; ++e) {
-      const float pivot = to_float(zr[0].v[e]);
-      float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < kRows; ++i)
-        if (i < count) sum += to_float(zr[i].v[e]) - pivot;
-      const float mu = sum / static_cast<float>(count);
-      float m2 = 0.f;
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        if (i < count) {  // rows past count were not loaded
-          const float d = (to_float(zr[i].v[e]) - pivot) - mu;
-          m2 = fmaf(d, d, m2);
-        }
-      }
-      infer::merge_moments_frac(m[e], Moments{count, pivot, mu, m2}, frac);
     }
   }
-  // Unrolled: m[e] stays in registers.
+  // The lane's moments (its count is every channel's), as 16-byte stores where kV allows.
+  float mu[kV], m2[kV];
 #pragma unroll
   for (int e = 0; e < kV; ++e) {
-    lane_moments[ty][tx] = m[e];
-    __syncthreads();
-    if (ty == 0 && live) {
-      // The binary tree over the kLanes lanes as trees of 8 lanes, then a tree over those: the same
-      // merges in the same order as merge_tree<kLanes>, with 8 lanes in registers at a time.
-      constexpr int kSub = kLanes / 8;
-      Moments sub[kSub];
-#pragma unroll
-      for (int t = 0; t < kSub; ++t) {
-        Moments lanes[8];
-#pragma unroll
-        for (int l = 0; l < 8; ++l) lanes[l] = lane_moments[8 * t + l][tx];
-        infer::merge_tree(lanes);
-        sub[t] = lanes[0];
-      }
-      infer::merge_tree(sub);
-      const int64_t co = co0 + e;
-      partial[infer::merge_offset(block, 0, c_out, co)] = sub[0].pivot;
-      partial[infer::merge_offset(block, 1, c_out, co)] = sub[0].mu;
-      partial[infer::merge_offset(block, 2, c_out, co)] = sub[0].m2;
-    }
-    __syncthreads();  // lane_moments is rewritten for the next channel
+    const Moments m = infer::stats_lane_moments(count, pivot[e], s1[e], s2[e]);
+    mu[e] = m.mu, m2[e] = m.m2;
   }
+  if constexpr (kV % 4 == 0) {
+#pragma unroll
+    for (int e = 0; e < kV; e += 4) {
+      *reinterpret_cast<float4*>(&lane_pivot[ty][tx * kV + e]) = make_float4(pivot[e], pivot[e + 1], pivot[e + 2], pivot[e + 3]);
+      *reinterpret_cast<float4*>(&lane_mu[ty][tx * kV + e]) = make_float4(mu[e], mu[e + 1], mu[e + 2], mu[e + 3]);
+      *reinterpret_cast<float4*>(&lane_m2[ty][tx * kV + e]) = make_float4(m2[e], m2[e + 1], m2[e + 2], m2[e + 3]);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < kV; ++e) {
+      lane_pivot[ty][tx * kV + e] = pivot[e];
+      lane_mu[ty][tx * kV + e] = mu[e];
+      lane_m2[ty][tx * kV + e] = m2[e];
+    }
+  }
+  __syncthreads();
+
+  // One channel per thread: its lanes merged as a binary tree.
+  const int ch = ty * kCols + tx;
+  const int64_t co = ch0 + ch;
+  if (ch >= kChannels || co >= c_out) return;
+  const Moments m = infer::merge_tree_depth_first<kLanes>([&](int lane) {
+    return Moments{infer::stats_lane_count(block, lane, rows, kLanes), lane_pivot[lane][ch], lane_mu[lane][ch],
+                   lane_m2[lane][ch]};
+  });
+  partial[infer::merge_offset(block, 0, c_out, co)] = m.pivot;
+  partial[infer::merge_offset(block, 1, c_out, co)] = m.mu;
+  partial[infer::merge_offset(block, 2, c_out, co)] = m.m2;
 }
 
 // Row block t's count, for the merge's first pass.

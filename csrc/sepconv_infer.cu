@@ -194,40 +194,6 @@ __global__ void __launch_bounds__(256)
 // ---------------------------------------------------------------------------------------------------
 // Phase 1: the d tile
 
-// The depthwise of one chunk for this thread's rows (see depthwise_rows) into fp32 accumulators: src /
-// wsrc point at the thread's channel vector in the staged halo / weights.
-template <typename T, int KH, int KW, int kPos>
-__device__ __forceinline__ void depthwise_acc(const Plan& p, const HaloBox& b, const int (&base)[kPos], const T* src,
-                                              const float* wsrc, float (&acc)[kPos][Vec16<T>::kVec]) {
-  using V = Vec16<T>;
-  constexpr int kVec = V::kVec;
-#pragma unroll
-  for (int q = 0; q < kPos; ++q)
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) acc[q][e] = 0.f;
-  depthwise_rows<KH, KW, kPos, kVec>(
-      p, b, base,
-      [&](int pixel, float(&xv)[kVec]) { V::unpack(*reinterpret_cast<const uint4*>(src + pixel * kBK), xv); },
-      [&](int tap, float(&wv)[kVec]) {
-#pragma unroll
-        for (int e = 0; e < kVec / 4; ++e) {
-          const float4 w = *reinterpret_cast<const float4*>(wsrc + tap * kBK + 4 * e);
-          wv[4 * e] = w.x, wv[4 * e + 1] = w.y, wv[4 * e + 2] = w.z, wv[4 * e + 3] = w.w;
-        }
-      },
-      acc);
-}
-
-// The same, rounded to T into the shared d tile: dst at the thread's first d element, rows dst_step apart.
-template <typename T, int KH, int KW, int kPos>
-__device__ __forceinline__ void depthwise_chunk(const Plan& p, const HaloBox& b, const int (&base)[kPos], const T* src,
-                                                const float* wsrc, T* dst, int dst_step) {
-  float acc[kPos][Vec16<T>::kVec];
-  depthwise_acc<T, KH, KW, kPos>(p, b, base, src, wsrc, acc);
-#pragma unroll
-  for (int q = 0; q < kPos; ++q) *reinterpret_cast<uint4*>(dst + q * dst_step) = Vec16<T>::pack(acc[q]);
-}
-
 // The staging of chunks ck_begin .. ck_end - 1 of the tile's halo box (and their depthwise weights),
 // each handed to chunk_fn(staged channel vector, its weights, c0, base) on the threads that have rows.
 // Ends with a barrier. The forward and the backward's d store compute all chunks, the depthwise

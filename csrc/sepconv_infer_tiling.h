@@ -212,23 +212,6 @@ XF_HD void merge_moments(Moments& a, const Moments& b) {
   a.count = total;
 }
 
-// merge_moments for b.count > 0 with frac_b = b.count / (a.count + b.count) given: sets of several
-// channels with the same counts (z_stats_partial_kernel's channel vectors) share one division. The same
-// arithmetic as merge_moments.
-XF_HD float merge_fraction(int64_t a_count, int64_t b_count) {
-  return static_cast<float>(static_cast<double>(b_count) / static_cast<double>(a_count + b_count));
-}
-XF_HD void merge_moments_frac(Moments& a, const Moments& b, float frac_b) {
-  if (a.count == 0) {
-    a = b;
-    return;
-  }
-  const float delta = (b.pivot - a.pivot) + (b.mu - a.mu);
-  a.mu = a.mu + delta * frac_b;
-  a.m2 = a.m2 + b.m2 + delta * delta * (static_cast<float>(a.count) * frac_b);
-  a.count = a.count + b.count;
-}
-
 // mean, biased var and 1 / sqrt(var + eps) of merged moments; an empty batch gives mean 0, var 1 (as
 // the reference).
 XF_HD void finalize_moments(const Moments& m, float eps, float& mean, float& var, float& invstd) {
@@ -508,31 +491,189 @@ XF_HD void depthwise_backward_rows(const Plan& p, const HaloBox& b, const int (&
 // ---------------------------------------------------------------------------------------------------
 // The backward's d store (sepconv_infer.cu, d_store_kernel): d = dw(pre(x)) [P, C] in T for cuBLAS's
 // grad_pw = grad_z^T d. One CTA per position tile runs the forward's depthwise phase over every chunk
-// and each thread stores its rows' channel vector straight from the accumulators: element (row r of
-// tile t, channel c) goes to d_store_offset; rows past the tile's count and channels past C are not
-// stored (the staging zero-fills them). No d tile and no weight ring: the shared memory is the
-// depthwise staging alone, so small tiles suffice (64 and 32 rows in 16-bit, 32 in fp32).
+// (the staging alone: no d tile, no weight ring) and each thread stores its outputs' channel vector
+// straight from its accumulators: element (row r of tile t, channel c) goes to d_store_offset.
+//
+// A thread computes a "run" of kDsRun adjacent output columns of one output row (ds_run): one pass over
+// the input columns their windows read, each staged column unpacked once and fed to every output of the
+// run whose window covers it (ds_run_depthwise). Per element-tap that is one FMA and (kDsRun + kw - 1) /
+// (kDsRun * kw) of an unpack instead of one, and one weight load per kDsRun outputs. So that a run never
+// crosses an output row, a tile is whole output rows (ranges of an image with bm a multiple of w_out)
+// or a segment of one row (row segments), and each slot of the depthwise phase (dw_row(tid, 0)) owns
+// one run: ds_tile_candidate sizes tiles to at most dw_slots runs. A run's last outputs may lie past its
+// row (the row's width not a multiple of kDsRun): they are computed and not stored, from the pixels their
+// windows would read, which lie in the next row of the box or, for its last row, at most
+// ds_halo_slack pixels past the box: each halo buffer has that many pixels more (read, never stored).
+// The offsets stay compile-time immediates of one base address per row (a clamp per column held 18
+// addresses in registers and cost the third CTA per SM).
 
+constexpr int kDsRun = 3;
+
+XF_HD int ds_halo_slack(const Plan& p) { return (kDsRun - 1) * p.stride_w; }
+
+// Box rows of the d store's tiles: whole output rows span exactly bm / w_out of them (make_plan's bound
+// allows one more, for ranges that start inside a row: the entry flow's 147-wide rows would then stage 4
+// rows for 1 and fit 2 CTAs per SM instead of 3).
+XF_HD int ds_halo_rows(const Plan& p) {
+  const int w = imax(p.w_out, 1);
+  if (p.row_segments || p.bm % w != 0) return p.halo_rows;
+  return imin(p.halo_rows, (imax(imin(p.bm / w, p.h_out), 1) - 1) * p.stride_h + (p.kh - 1) * p.dil_h + 1);
+}
+
+// The depthwise staging of SmemLayout (no d tile, no weight ring, no reduction area) for boxes of
+// ds_halo_rows rows, each halo buffer ds_halo_slack pixels longer.
 XF_HD SmemLayout ds_smem_layout(const Plan& p, int elem_bytes) {
-  SmemLayout s = dx_smem_layout(p, elem_bytes);
-  s.total = s.stats;  // no reduction area
+  SmemLayout s{};
+  const int pixels = ds_halo_rows(p) * p.halo_cols;
+  s.halo_elems = (pixels + ds_halo_slack(p)) * kBK;
+  const int wts_bytes = p.kh * p.kw * kBK * 4;
+  s.halo[0] = 0;
+  s.halo[1] = align_up(s.halo_elems * elem_bytes, 128);
+  s.wts[0] = align_up(s.halo[1] + s.halo_elems * elem_bytes, 128);
+  s.wts[1] = align_up(s.wts[0] + wts_bytes, 128);
+  s.table = align_up(s.wts[1] + wts_bytes, 128);
+  s.stats = s.total = align_up(s.table + pixels * 4, 128);
   return s;
 }
 XF_HD bool ds_fits_smem(const Plan& p, int elem_bytes, int max_smem) {
-  if (2 * static_cast<int64_t>(p.halo_rows) * p.halo_cols * kBK * elem_bytes > max_smem) return false;
+  if (2 * static_cast<int64_t>(ds_halo_rows(p)) * p.halo_cols * kBK * elem_bytes > max_smem) return false;
   return ds_smem_layout(p, elem_bytes).total <= max_smem;
 }
-// Tile candidates: 16-bit 64 rows, then 32; fp32 32; row segments first (make_plan gives ranges of an
-// image where a row is narrower than the tile). With no pointwise to feed, the staging is the kernel's
-// cost: a segment stages (window rows) x (bm + window - 1) pixels for bm positions, a range of a wide
-// image about two full-width boxes (the entry flow's 147-wide rows: 4 x 149 pixels for 64 positions).
-XF_HD TileChoice ds_tile_candidate(int i, int elem_bytes) {
-  const int sizes = elem_bytes == 2 ? 2 : 1;
-  return {i < 2 * sizes ? 64 >> (i / 2 + (elem_bytes == 2 ? 0 : 1)) : 0, 1 - i % 2};
+
+// Warps with runs over an image of h output rows of `runs` runs each, in tiles of k rows: a warp holds
+// 32 / vectors_per_pixel consecutive slots, and only those with a run issue the math.
+XF_HD int ds_image_warps(int h, int k, int runs, int elem_bytes) {
+  const int per_warp = 32 / vectors_per_pixel(elem_bytes);
+  return h / k * ceil_div(k * runs, per_warp) + ceil_div(h % k * runs, per_warp);
 }
-// The element offset in d [P, C] of tile t's row r, channel c.
+
+// Candidate i of the d store's tile (the launcher takes the first whose staging fits; bm 0: none left):
+// at most dw_slots >> i runs per CTA. Rows of at most that many runs: ranges of k whole output rows, k
+// the one the budget holds with the fewest warps with runs per image (the last one partly idle), the
+// largest on ties (Xception's middle flow, 19 wide in 16-bit: 7 runs a row, 9 rows a tile at most; 9
+// rows: tiles of 63, 63 and 7 runs, 17 warps, where tiles of 7, 7 and 5 rows take 19); wider rows: row
+// segments of even width, a multiple of kDsRun (the entry flow's 147 in fp32: two segments of 75).
+XF_HD TileChoice ds_tile_candidate(int i, int h_out, int w_out, int elem_bytes) {
+  const int budget = dw_slots(elem_bytes) >> i;
+  if (budget < 1) return {0, 0};
+  const int h = imax(h_out, 1), w = imax(w_out, 1), runs = ceil_div(w, kDsRun);
+  if (runs <= budget) {
+    int best = 1;
+    for (int k = 2; k <= imin(budget / runs, h); ++k)
+      if (ds_image_warps(h, k, runs, elem_bytes) <= ds_image_warps(h, best, runs, elem_bytes)) best = k;
+    return {best * w, 0};
+  }
+  return {round_up(ceil_div(w, ceil_div(runs, budget)), kDsRun), 1};
+}
+
+// Runs per tile row: a segment's (bm positions) or a whole output row's.
+XF_HD int ds_row_runs(const Plan& p) { return ceil_div(p.row_segments ? p.bm : p.w_out, kDsRun); }
+// Output rows of a full tile: k (ranges of whole rows), or 1 (a segment).
+XF_HD int ds_tile_rows(const Plan& p) { return p.row_segments ? 1 : p.bm / imax(p.w_out, 1); }
+
+// Tile `tile` of the d store's plan as tile_range and halo_box give it (t, b), from its first output
+// row ho and column wo and its output rows, with one division (two for segments) where those take four:
+// its rows start an output row. k: ds_tile_rows(p).
+struct DsTile {
+  TileRange t;
+  HaloBox b;
+  int ho, wo, rows;
+};
+XF_HD DsTile ds_tile(const Plan& p, int tile, int k) {
+  DsTile d;
+  d.t.img = tile / p.tiles_per_image;
+  const int rem = tile - d.t.img * p.tiles_per_image;
+  if (p.row_segments) {
+    d.ho = rem / p.segs_per_row;
+    d.wo = (rem - d.ho * p.segs_per_row) * p.bm;
+    d.rows = 1;
+    d.t.count = imin(p.bm, p.w_out - d.wo);
+  } else {
+    d.ho = rem * k;
+    d.wo = 0;
+    d.rows = imin(k, p.h_out - d.ho);
+    d.t.count = d.rows * p.w_out;
+  }
+  d.t.q0 = d.ho * p.w_out + d.wo;
+  d.b.h0 = d.ho * p.stride_h - p.pad_h;
+  d.b.rows = (d.rows - 1) * p.stride_h + (p.kh - 1) * p.dil_h + 1;
+  d.b.w0 = d.wo * p.stride_w - p.pad_w;
+  d.b.cols = (d.rows == 1 ? d.t.count - 1 : p.w_out - 1) * p.stride_w + (p.kw - 1) * p.dil_w + 1;
+  return d;
+}
+
+// The run of slot `slot` in tile d (runs: ds_row_runs): its first tile row r (outputs r .. r + outputs
+// - 1, one output row), how many of its kDsRun outputs are positions of the tile (0: the slot has no
+// run), and base, the halo pixel of its first output's tap (0, 0) (halo_base_pixel of r).
+struct DsRun {
+  int r, outputs, base;
+};
+XF_HD DsRun ds_run(const Plan& p, const DsTile& d, int runs, int slot) {
+  const int row = slot / runs, first = (slot - row * runs) * kDsRun;
+  const int width = p.row_segments ? d.t.count : p.w_out;
+  if (row >= d.rows || first >= width) return {0, 0, 0};
+  return {row * p.w_out + first, imin(kDsRun, width - first), row * p.stride_h * d.b.cols + first * p.stride_w};
+}
+
+// The depthwise of one run for one channel vector: acc[g] for outputs g = 0 .. kDsRun - 1, base the
+// halo pixel of output 0's tap (0, 0), output g's tap (i, j) at base + i * dil_h * cols + g * stride_w +
+// j * dil_w. Every output sums its taps in row-major order (i outer, j inner)
+// in fp32 from zero, one fma each: depthwise_rows' order, so the same bits.
+// kUnitW (KH, KW > 0, stride_w and dil_w 1): per row i the kDsRun + KW - 1 columns in order, column u
+// feeding outputs g = u - j for the taps j its window holds (for one output, j ascending). Else the
+// run-time size and steps: each (tap, output) loads its own pixel.
+// load_x(pixel, float[vec]) reads a staged (pre-ReLU'd) vector; load_w(tap, float[vec]) the weights.
+template <int KH, int KW, bool kUnitW, int kVec, class LoadX, class LoadW>
+XF_HD void ds_run_depthwise(const Plan& p, const HaloBox& b, int base, LoadX&& load_x, LoadW&& load_w,
+                            float (&acc)[kDsRun][kVec]) {
+  XF_UNROLL
+  for (int g = 0; g < kDsRun; ++g)
+    XF_UNROLL
+    for (int e = 0; e < kVec; ++e) acc[g][e] = 0.f;
+  const int row_step = p.dil_h * b.cols;
+  if constexpr (kUnitW) {
+    static_assert(KH > 0 && KW > 0, "kUnitW: a compile-time kernel size");
+    XF_UNROLL
+    for (int i = 0; i < KH; ++i) {
+      float wv[KW][kVec];
+      XF_UNROLL
+      for (int j = 0; j < KW; ++j) load_w(i * KW + j, wv[j]);
+      const int row = base + i * row_step;
+      XF_UNROLL
+      for (int u = 0; u < kDsRun + KW - 1; ++u) {
+        float xv[kVec];
+        load_x(row + u, xv);
+        XF_UNROLL
+        for (int g = 0; g < kDsRun; ++g) {
+          const int j = u - g;
+          if (j < 0 || j >= KW) continue;
+          XF_UNROLL
+          for (int e = 0; e < kVec; ++e) acc[g][e] = fmaf(xv[e], wv[j][e], acc[g][e]);
+        }
+      }
+    }
+  } else {
+    const int kh = KH > 0 ? KH : p.kh, kw = KW > 0 ? KW : p.kw;
+    for (int i = 0; i < kh; ++i) {
+      for (int j = 0; j < kw; ++j) {
+        float wv[kVec];
+        load_w(i * kw + j, wv);
+        XF_UNROLL
+        for (int g = 0; g < kDsRun; ++g) {
+          float xv[kVec];
+          load_x(base + i * row_step + g * p.stride_w + j * p.dil_w, xv);
+          XF_UNROLL
+          for (int e = 0; e < kVec; ++e) acc[g][e] = fmaf(xv[e], wv[e], acc[g][e]);
+        }
+      }
+    }
+  }
+}
+
+// The element offset in d [P, C] of tile t's row r, channel c: ds_position's row of d.
+XF_HD int ds_position(const Plan& p, const TileRange& t, int r) { return t.img * p.h_out * p.w_out + t.q0 + r; }
 XF_HD int64_t d_store_offset(const Plan& p, const TileRange& t, int r, int c) {
-  return (static_cast<int64_t>(t.img) * p.h_out * p.w_out + t.q0 + r) * p.c + c;
+  return static_cast<int64_t>(ds_position(p, t, r)) * p.c + c;
 }
 
 }  // namespace infer

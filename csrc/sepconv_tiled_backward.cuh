@@ -8,36 +8,62 @@
 
 // ---------------------------------------------------------------------------------------------------
 // The backward's d = dw(pre(x)) [P, C] in T: see "d store" in sepconv_infer_tiling.h. One CTA per position
-// tile: the forward's depthwise phase over every chunk, each thread storing its rows' channel vector
-// from its accumulators (16-byte stores where C is a multiple of the vector and d is aligned), rounded
-// to T as the forward's d tile is.
+// tile (whole output rows or a row segment): the forward's depthwise phase over every chunk, each slot's
+// threads computing its run of kDsRun adjacent outputs (ds_run_depthwise: one pass over the staged
+// columns) and storing the valid ones from the accumulators (16-byte stores where C is a multiple of the
+// vector and d is aligned), rounded to T as the forward's d tile is. kUnitW: 3x3 with stride and
+// dilation 1 along W (Xception's units), the columns shared between the run's outputs; else the
+// run-time kernel size and steps.
 
-template <typename T, int BM, int KH, int KW>
-__global__ void __launch_bounds__(kThreads, 2) d_store_kernel(const Plan p, const Args<T> a) {
+// CTAs per SM the registers must allow: 3 (80 registers) for 16-bit types on sm_90; the sm_80 build and
+// fp32 (4 channels a thread, its loads hoisted further) spill at that bound and keep 2.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define XF_DS_MIN_CTAS(T) 2
+#else
+#define XF_DS_MIN_CTAS(T) (sizeof(T) == 2 ? 3 : 2)
+#endif
+
+template <typename T, int KH, int KW, bool kUnitW>
+__global__ void __launch_bounds__(kThreads, XF_DS_MIN_CTAS(T))
+    d_store_kernel(const Plan p, const SmemLayout L, const Args<T> a) {
   extern __shared__ __align__(128) unsigned char smem[];
   using V = Vec16<T>;
-  constexpr int kVec = V::kVec;
-  constexpr int kPos = dw_rows_per_thread(BM, sizeof(T));
-  const SmemLayout L = ds_smem_layout(p, sizeof(T));
-  const TileRange t = tile_range(p, blockIdx.x);
-  const HaloBox b = halo_box(p, t);
+  constexpr int kVec = V::kVec, kSlots = kThreads / (kBK / kVec);  // one run per slot
+  const DsTile tile = ds_tile(p, blockIdx.x, ds_tile_rows(p));
+  const TileRange& t = tile.t;
+  const HaloBox& b = tile.b;
   const int tid = threadIdx.x, cv = dw_cv(tid, sizeof(T));
-  depthwise_phase<T, BM, KH, KW>(p, a, L, smem, t, b, 0, k_chunks(p),
-                                 [&](const T* src, const float* wsrc, int c0, const int(&base)[kPos]) {
-    float acc[kPos][kVec];
-    depthwise_acc<T, KH, KW, kPos>(p, b, base, src, wsrc, acc);
-    const int c = c0 + cv * kVec;  // this thread's first channel
+  const DsRun run = ds_run(p, tile, ds_row_runs(p), dw_row(tid, 0, sizeof(T)));
+  const int base = run.base;
+  // The run's first output position in d: int32 (fits_int32: P does); its offset in int64 per chunk.
+  const int pos = ds_position(p, t, run.r);
+  depthwise_phase<T, kSlots, KH, KW>(p, a, L, smem, t, b, 0, k_chunks(p),
+                                     [&](const T* src, const float* wsrc, int c0, const int(&)[1]) {
+    if (run.outputs == 0) return;  // whole warps but the last one with runs
+    float acc[kDsRun][kVec];
+    ds_run_depthwise<KH, KW, kUnitW, kVec>(
+        p, b, base,
+        [&](int pixel, float(&xv)[kVec]) { V::unpack(*reinterpret_cast<const uint4*>(src + pixel * kBK), xv); },
+        [&](int tap, float(&wv)[kVec]) {
 #pragma unroll
-    for (int q = 0; q < kPos; ++q) {
-      const int r = dw_row(tid, q, sizeof(T));
-      if (r >= t.count || c >= p.c) continue;
-      T* dst = a.y + d_store_offset(p, t, r, c);
+          for (int e = 0; e < kVec / 4; ++e) {
+            const float4 w = *reinterpret_cast<const float4*>(wsrc + tap * kBK + 4 * e);
+            wv[4 * e] = w.x, wv[4 * e + 1] = w.y, wv[4 * e + 2] = w.z, wv[4 * e + 3] = w.w;
+          }
+        },
+        acc);
+    const int c = c0 + cv * kVec;  // this thread's first channel
+    if (c >= p.c) return;
+    T* dst = a.y + (static_cast<int64_t>(pos) * p.c + c);
+#pragma unroll
+    for (int g = 0; g < kDsRun; ++g) {
+      if (g >= run.outputs) break;
       if (a.pairs) {  // whole vectors: C % kVec == 0 and d 16-byte aligned
-        *reinterpret_cast<uint4*>(dst) = V::pack(acc[q]);
+        *reinterpret_cast<uint4*>(dst + g * p.c) = V::pack(acc[g]);
       } else {
 #pragma unroll
         for (int e = 0; e < kVec; ++e)
-          if (c + e < p.c) dst[e] = from_float<T>(acc[q][e]);
+          if (c + e < p.c) dst[g * p.c + e] = from_float<T>(acc[g][e]);
       }
     }
   });
@@ -173,8 +199,10 @@ cudaError_t run_d_store(const DStoreParams& prm, cudaStream_t stream, bool* laun
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return err;
   Plan plan{};
-  for (int i = 0; ds_tile_candidate(i, sizeof(T)).bm > 0 && plan.bm == 0; ++i) {
-    const Plan candidate = ds_plan(g, ds_tile_candidate(i, sizeof(T)));
+  for (int i = 0; plan.bm == 0; ++i) {
+    const TileChoice choice = ds_tile_candidate(i, static_cast<int>(g.h_out), static_cast<int>(g.w_out), sizeof(T));
+    if (choice.bm == 0) break;
+    const Plan candidate = ds_plan(g, choice);
     if (ds_fits_smem(candidate, sizeof(T), max_smem)) plan = candidate;
   }
   if (plan.bm == 0) return cudaSuccess;  // *launched stays false: the int64 kernel takes it
@@ -194,18 +222,18 @@ cudaError_t run_d_store(const DStoreParams& prm, cudaStream_t stream, bool* laun
   args.x_vectors = g.c % vec_elems(sizeof(T)) == 0 && aligned(args.x, 16);
   args.y = static_cast<T*>(prm.d);
   args.pairs = g.c % vec_elems(sizeof(T)) == 0 && aligned(args.y, 16);  // whole 16-byte vectors of d
-  const int smem_bytes = ds_smem_layout(plan, sizeof(T)).total;
+  // The layout goes in as a parameter: computed in the kernel, its offsets took registers (spills at 3
+  // CTAs per SM); as a parameter they are constant-bank operands.
+  const SmemLayout layout = ds_smem_layout(plan, sizeof(T));
+  const int smem_bytes = layout.total;
   const auto launch_ds = [&](auto kernel) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
     if (e != cudaSuccess) return e;
-    kernel<<<num_tiles(plan), kThreads, smem_bytes, stream>>>(plan, args);
+    kernel<<<num_tiles(plan), kThreads, smem_bytes, stream>>>(plan, layout, args);
     return cudaGetLastError();
   };
-  const bool k3 = plan.kh == 3 && plan.kw == 3;
-  if constexpr (sizeof(T) == 2) {
-    if (plan.bm == 64) return k3 ? launch_ds(d_store_kernel<T, 64, 3, 3>) : launch_ds(d_store_kernel<T, 64, 0, 0>);
-  }
-  return k3 ? launch_ds(d_store_kernel<T, 32, 3, 3>) : launch_ds(d_store_kernel<T, 32, 0, 0>);
+  const bool unit_w = plan.kh == 3 && plan.kw == 3 && plan.stride_w == 1 && plan.dil_w == 1;
+  return unit_w ? launch_ds(d_store_kernel<T, 3, 3, true>) : launch_ds(d_store_kernel<T, 0, 0, false>);
 }
 
 template <typename T>

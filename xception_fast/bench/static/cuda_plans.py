@@ -6,7 +6,7 @@ with `expect` (instructions per iteration, inner loops excluded), so a compiler 
 that alters it fails loudly instead of skewing the estimate.
 
 Modelled: both forwards as the host runs them (xception_fast_ops.cpp, three steps): the d store
-(`pack_weights_kernel`, `d_store_kernel<T, bm, 3, 3>` on the tiled depthwise phase, the tiling its
+(`pack_weights_kernel`, `d_store_kernel<T, 3, 3, true>` on the tiled depthwise phase, the tiling its
 launcher picks, see `cuda_tiling.ds_choose`), z = d pw^T on cuBLAS (a library call at its roofline,
 `model.library_gemm`, as the backward's products and the Triton plan's torch.matmul), then inference:
 the scale and shift in fp32 and `infer_epilogue_kernel` (in place over z); training: the statistics'
@@ -404,7 +404,7 @@ def _merge_launches(unit: Unit, arch: int, partials: int) -> list[Launch]:
     return launches
 
 
-STATS_THREADS, STATS_GROUPS, STATS_GROUP_ROWS = 256, 4, 8  # csrc/sepconv_elementwise.h
+STATS_THREADS, STATS_LANE_ROWS = 256, 32  # csrc/sepconv_elementwise.h
 
 
 def stats_shape(unit: Unit) -> tuple[int, int, int]:
@@ -413,19 +413,38 @@ def stats_shape(unit: Unit) -> tuple[int, int, int]:
     vectors = cdiv(unit.Cout, _vector(unit))
     cols = 32 if vectors > 16 else 16 if vectors > 8 else 8
     lanes = STATS_THREADS // cols
-    return cols, lanes, cdiv(unit.P, lanes * STATS_GROUPS * STATS_GROUP_ROWS)
+    return cols, lanes, cdiv(unit.P, lanes * STATS_LANE_ROWS)
+
+
+def _lane_count(rows: int, block: int, lane: int, lanes: int) -> int:
+    """stats_lane_count: the real rows of a lane of a row block."""
+    left = rows - (block * lanes * STATS_LANE_ROWS + lane)
+    return 0 if left <= 0 else min(cdiv(left, lanes), STATS_LANE_ROWS)
 
 
 def _z_stats_launch(unit: Unit, arch: int) -> Launch:
     """z_stats_partial_kernel<T, kV, kCols>: a block of kCols channel vectors by 256 / kCols lanes per
-    (row block, column block); each thread loads its lane's 4 groups of 8 rows (one 16-byte vector
-    each: 8 loads per group in flight), two-pass moments per channel in registers, the lanes merged
-    through shared memory. Bytes: z read once, the partials [row blocks][3][Cout] written."""
+    (row block, column block); each thread streams its lane's rows after the first (one 16-byte vector
+    each) into shifted sums, as nvcc compiled the loop: x4 (4 loads in flight), then a remainder; the
+    lanes' moments through shared memory, one barrier, one channel's lanes merged per thread. A warp
+    holds 32 / kCols lanes and runs as many trips as its longest. Bytes: z read once, the partials
+    [row blocks][3][Cout] written."""
     v = _vector(unit)
     cols, lanes, blocks = stats_shape(unit)
-    loops = [LoopPlan(f"row groups of a lane ({STATS_GROUPS} x 8 rows)", STATS_GROUPS, expect=None)]
+    per_warp = 32 // cols
+
+    def trips(block: int) -> list:  # x4 and remainder trips of the block's warps, averaged
+        warps = [max(_lane_count(unit.P, block, w * per_warp + l, lanes) for l in range(per_warp))
+                 for w in range(lanes // per_warp)]
+        rows = [unrolled(max(n - 1, 0), (4, 1)) for n in warps]
+        return [sum(r[i] for r in rows) / len(rows) for i in range(2)]
+
+    full, last = trips(0), trips(blocks - 1)
+    avg = [(full[i] * (blocks - 1) + last[i]) / blocks for i in range(2)]
+    loops = [LoopPlan("rows of a lane after its first, x4", avg[0], expect={"LDG": 4}),
+             LoopPlan("rows of a lane, remainder", avg[1], expect={"LDG": 1})]
     return Launch(kernel="z_stats_partial_kernel",
-                  config=f"{cols}x{lanes}, {v} per thread, {blocks} row blocks of {lanes * 32}",
+                  config=f"{cols}x{lanes}, {v} per thread, {blocks} row blocks of {lanes * STATS_LANE_ROWS}",
                   threads=STATS_THREADS, grid=blocks * cdiv(cdiv(unit.Cout, v), cols), loops=loops,
                   dram_bytes=unit.y_bytes() + 12 * blocks * unit.Cout,
                   compile=_compiler("sepconv_forward.cu", "z_stats_partial_kernel", arch, unit.dtype,
@@ -433,18 +452,23 @@ def _z_stats_launch(unit: Unit, arch: int) -> Launch:
 
 
 def _d_store_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan) -> Launch:
-    """d_store_kernel<T, bm, 3, 3>: one CTA per position tile, the forward's depthwise phase over every
-    32-channel chunk, each thread storing its rows' channel vector (16-byte stores) from its
-    accumulators: d [P, C] in T for cuBLAS's grad_pw. x read once, d written once."""
+    """d_store_kernel<T, 3, 3, true>: one CTA per position tile (whole output rows or a row segment), the
+    forward's depthwise phase over every 32-channel chunk, each slot's threads computing a run of
+    DS_RUN adjacent outputs from one pass over the staged columns and storing the valid ones (16-byte
+    stores): d [P, C] in T. Warps past the tile's runs skip the math. x read once, d written once."""
     loops = _depthwise_loops(p, p.k_chunks, unit.shape.pre_relu)  # nvcc's staging copies as the forward's
-    k_pos = max(1, p.bm // (cuda_tiling.THREADS // (cuda_tiling.BK // (16 // p.elem))))
-    # The chunk loop's path: the chunk's FFMA and its 16-byte stores (not the element-wise copy).
-    loops[7] = LoopPlan(f"channel chunks of 32 ({p.k_chunks} per tile)", p.k_chunks, paths=[Path.make(
-        "the chunk's depthwise and its 16-byte d stores", 1.0,
-        {"FFMA": k_pos * (16 // p.elem) * 9, "STG.E.128": k_pos, "LDG": 0})])
-    tag = f"{TYPE_TAG[unit.dtype][:-1]}Li{p.bm}ELi3ELi3EE"
-    tiles = "row segments" if p.row_segments else "image ranges"
-    return Launch(kernel="d_store_kernel", config=f"bm {p.bm} ({tiles}), t256, {p.k_chunks} chunks per tile",
+    vp = cuda_tiling.BK // (16 // p.elem)  # threads per slot (16-byte vectors per staged pixel)
+    runs = [p.ds_runs(*p.tile(rem)) for rem in range(p.tiles_per_image)]
+    active = sum(_per_warp(lambda w: float(w * 32 // vp < r)) for r in runs) / len(runs)
+    # The chunk loop's paths: the run's FFMA and its 16-byte stores (not the element-wise copy), or none.
+    loops[7] = LoopPlan(f"channel chunks of 32 ({p.k_chunks} per tile)", p.k_chunks, paths=[
+        Path.make("the run's depthwise and its 16-byte d stores", active,
+                  {"FFMA": cuda_tiling.DS_RUN * (16 // p.elem) * 9, "STG.E.128": cuda_tiling.DS_RUN, "LDG": 0}),
+        Path.make("no run (warps past the tile's runs)", 1 - active, {"FFMA": 0, "LDG": 0})])
+    tag = f"{TYPE_TAG[unit.dtype][:-1]}Li3ELi3ELb1EE"
+    tiles = "row segments" if p.row_segments else "image rows"
+    return Launch(kernel="d_store_kernel", config=f"bm {p.bm} ({tiles}), runs of {cuda_tiling.DS_RUN}, t256, "
+                                                  f"{p.k_chunks} chunks per tile",
                   threads=cuda_tiling.THREADS, grid=p.tiles, loops=loops,
                   dram_bytes=unit.x_bytes() + unit.d_bytes() + 4 * 9 * p.kp,
                   useful_ffma=p.bm * p.kp * 9,

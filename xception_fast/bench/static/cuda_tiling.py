@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 THREADS, BN, BK, STAGES = 256, 128, 32, 3  # kThreads, kBN, kBK, kStages
+DS_RUN = 3  # kDsRun: adjacent output columns per thread of the d store
 INT32_MAX = 0x7FFFFFFF
 
 
@@ -83,15 +84,17 @@ class TiledPlan:
             cols = (self.w_out - 1) * self.stride + (self.kw - 1) * self.dil + 1
         return rows * cols
 
-    def _phase1_offsets(self, base: int) -> tuple[int, int]:
-        """(table offset, end of the pixel table) of the depthwise staging laid out from `base`."""
-        halo_elems = self.halo_rows * self.halo_cols * BK
+    def _phase1_offsets(self, base: int, slack: int = 0, rows: Optional[int] = None) -> tuple[int, int]:
+        """(table offset, end of the pixel table) of the depthwise staging laid out from `base` for boxes
+        of `rows` rows (halo_rows where None), each halo buffer `slack` pixels longer."""
+        pixels = (self.halo_rows if rows is None else rows) * self.halo_cols
+        halo_elems = (pixels + slack) * BK
         wts = self.kh * self.kw * BK * 4
         halo1 = align_up(base + halo_elems * self.elem, 128)
         wts0 = align_up(halo1 + halo_elems * self.elem, 128)
         wts1 = align_up(wts0 + wts, 128)
         table = align_up(wts1 + wts, 128)
-        return table, table + self.halo_rows * self.halo_cols * 4
+        return table, table + pixels * 4
 
     def smem_bytes(self) -> int:
         """smem_layout(...).total: the dynamic shared memory of one CTA of the removed fused forward."""
@@ -108,9 +111,31 @@ class TiledPlan:
             return False
         return self.smem_bytes() <= max_smem
 
+    def ds_halo_rows(self) -> int:
+        """ds_halo_rows: box rows of the d store's tiles (whole output rows span bm / w_out exactly)."""
+        w = max(self.w_out, 1)
+        if self.row_segments or self.bm % w:
+            return self.halo_rows
+        return min(self.halo_rows, (max(min(self.bm // w, self.h_out), 1) - 1) * self.stride + (self.kh - 1) * self.dil + 1)
+
     def ds_smem_bytes(self) -> int:
-        """ds_smem_layout(...).total: the depthwise staging from 0, nothing else."""
-        return align_up(self._phase1_offsets(0)[1], 128)
+        """ds_smem_layout(...).total: the depthwise staging from 0 for boxes of ds_halo_rows rows, each halo
+        buffer ds_halo_slack pixels longer, nothing else."""
+        return align_up(self._phase1_offsets(0, (DS_RUN - 1) * self.stride, self.ds_halo_rows())[1], 128)
+
+    def ds_fits(self, max_smem: int) -> bool:
+        """ds_fits_smem."""
+        return 2 * self.ds_halo_rows() * self.halo_cols * BK * self.elem <= max_smem and self.ds_smem_bytes() <= max_smem
+
+    def ds_row_runs(self) -> int:
+        """ds_row_runs: runs of DS_RUN outputs per tile row (a segment's, or a whole output row's)."""
+        return cdiv(self.bm if self.row_segments else self.w_out, DS_RUN)
+
+    def ds_runs(self, q0: int, count: int) -> int:
+        """Slots with a run in the tile (q0, count) (ds_run: whole rows, or one segment)."""
+        if self.row_segments:
+            return cdiv(count, DS_RUN)
+        return (count // self.w_out) * self.ds_row_runs()
 
     def dx_smem_bytes(self) -> int:
         """dx_smem_layout(...).total: the depthwise staging from 0, then the warps' grad_dw partials."""
@@ -169,19 +194,47 @@ def choose(n, c, h, w, c_out, k, stride, pad, dil, elem, max_smem) -> Optional[T
     return None
 
 
+def ds_image_warps(h: int, k: int, runs: int, elem: int) -> int:
+    """ds_image_warps: warps with runs over an image of h rows in tiles of k rows."""
+    per_warp = 32 // (BK // (16 // elem))
+    return h // k * cdiv(k * runs, per_warp) + cdiv(h % k * runs, per_warp)
+
+
+def ds_tile_candidate(i: int, h_out: int, w_out: int, elem: int) -> tuple[int, int]:
+    """(bm, row_segments) of the d store's candidate i (ds_tile_candidate): at most slots >> i runs of
+    DS_RUN outputs per CTA; tiles of k whole output rows (the k the budget holds with the fewest warps
+    with runs per image, the largest on ties), or even row segments where a row has more runs; (0, 0):
+    none left."""
+    budget = (THREADS // (BK // (16 // elem))) >> i
+    if budget < 1:
+        return 0, 0
+    h, w = max(h_out, 1), max(w_out, 1)
+    runs = cdiv(w, DS_RUN)
+    if runs <= budget:
+        best = 1
+        for k in range(2, min(budget // runs, h) + 1):
+            if ds_image_warps(h, k, runs, elem) <= ds_image_warps(h, best, runs, elem):
+                best = k
+        return best * w, 0
+    return align_up(cdiv(w, cdiv(runs, budget)), DS_RUN), 1
+
+
 def ds_choose(n, c, h, w, k, stride, pad, dil, elem, max_smem) -> Optional[TiledPlan]:
-    """The backward's d store plan (run_d_store: the depthwise alone, c_out 0; 16-bit 64 then 32 rows,
-    fp32 32; row segments first, ranges where a row is narrower than the tile), or None where
-    d_store_fallback_kernel runs instead."""
-    rows = (64, 32) if elem == 2 else (32,)
-    for bm in rows:
-        for seg in (1, 0):
-            p = make_plan(n, c, h, w, 0, k, stride, pad, dil, bm, seg, elem)
-            if not fits_int32(n, c, h, w, 0, k, p.h_out, p.w_out, pad):
-                return None
-            if p.fits_with(p.ds_smem_bytes(), max_smem):
-                return p
-    return None
+    """The backward's d store plan (run_d_store: the depthwise alone, c_out 0; the first of
+    ds_tile_candidate's tiles whose staging fits), or None where d_store_fallback_kernel runs instead."""
+    h_out = (h + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    w_out = (w + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    i = 0
+    while True:
+        bm, seg = ds_tile_candidate(i, h_out, w_out, elem)
+        if bm == 0:
+            return None
+        p = make_plan(n, c, h, w, 0, k, stride, pad, dil, bm, seg, elem)
+        if not fits_int32(n, c, h, w, 0, k, p.h_out, p.w_out, pad):
+            return None
+        if p.ds_fits(max_smem):
+            return p
+        i += 1
 
 
 def gp_split_limit(units: int, sms: int) -> int:
