@@ -454,6 +454,15 @@ XF_HD bool dx_supported(int kh, int kw, int stride_h, int stride_w, int pad_h, i
 // The flipped weights: tap t of the transposed conv is tap taps - 1 - t of the forward's.
 XF_HD int dx_forward_tap(const Plan& p, int tap) { return p.kh * p.kw - 1 - tap; }
 
+// The box the kernel stages for tile t: halo_box, always p.halo_cols wide (a row segment shorter than
+// bm stages the columns past its end too: padding or pixels no row reads). The width is then the
+// plan's, a kernel parameter rather than a register through the rows.
+XF_HD HaloBox dx_box(const Plan& p, const TileRange& t) {
+  HaloBox b = halo_box(p, t);
+  b.cols = p.halo_cols;
+  return b;
+}
+
 // Walking a row-major grid `cols` wide from element `index` in steps of `step` elements: the row and
 // column of each element without a division per step (the kernel's threads visit the halo pixels and
 // the tile rows kSlots apart).
@@ -513,7 +522,7 @@ XF_HD int64_t dx_tile_cost(const Plan& p, int elem_bytes) {
   int64_t cost = 0;
   for (int tile = 0; tile < p.tiles_per_image; ++tile) {
     const TileRange t = tile_range(p, tile);
-    const HaloBox b = halo_box(p, t);
+    const HaloBox b = dx_box(p, t);
     cost += kDxTileFixed + kDxStagePixel * ceil_div(b.rows * b.cols, slots) +
             static_cast<int64_t>(row) * ceil_div(t.count, slots);
   }
@@ -534,9 +543,9 @@ XF_HD SmemLayout dx_smem_layout(const Plan& p, int elem_bytes) {
 }
 
 // dw_backward_tiled_kernel's shared memory: the halo box of one tile and chunk ([pixels][kBK] in T,
-// as the depthwise phase's) and the chunk's flipped weights (fp32 [taps][kBK], staged once per CTA:
-// a CTA has one chunk); after the last tile the warps' grad_dw partials (dx_red_index) reuse the
-// bytes from 0 (the last tile ends with a barrier, and the weights are read no more).
+// as the depthwise phase's) and the chunk's flipped weights (fp32 [taps][kBK], staged once per CTA: a
+// CTA has one chunk); after the last tile the warps' grad_dw partials (dx_red_index) reuse the bytes
+// from 0 (the last tile ends with a barrier, and the weights are read no more).
 struct DxSmem {
   int halo, wts, red, total;  // byte offsets, bytes
 };
@@ -590,19 +599,21 @@ XF_HD int64_t dx_image_offset(const Plan& p, const TileRange& t) {
 // Both gradients of kPos tile rows for one channel vector (see above), taps in the transposed conv's
 // row-major order, one gather per element-tap and two fma:
 //   gx[q][e] = fma(g, w(tap, e), gx[q][e]);  gw[tap][e] = fma(g, xr[q][e], gw[tap][e]),
-// g = grad_d(base[q] + tap offset, e). xr[q] must be 0 on rows that are not real pixels.
-template <int KH, int KW, int kPos, int kVec, class LoadG, class LoadW>
+// g = grad_d(base[q] + tap offset, e). xr[q] must be 0 on rows that are not real pixels. kUnitDil: the
+// plan's dilation is 1 (the caller checked): the column offsets are constants (immediate offsets of the
+// shared-memory loads instead of an address per tap).
+template <int KH, int KW, int kPos, int kVec, bool kUnitDil = false, class LoadG, class LoadW>
 XF_HD void depthwise_backward_rows(const Plan& p, const HaloBox& b, const int (&base)[kPos], LoadG&& load_g,
                                    LoadW&& load_w, const float (&xr)[kPos][kVec], float (&gx)[kPos][kVec],
                                    float (&gw)[KH * KW][kVec]) {
-  const int row_step = p.dil_h * b.cols;
+  const int dil_w = kUnitDil ? 1 : p.dil_w, row_step = (kUnitDil ? 1 : p.dil_h) * b.cols;
   XF_UNROLL
   for (int i = 0; i < KH; ++i) {
     XF_UNROLL
     for (int j = 0; j < KW; ++j) {
       float wv[kVec];
       load_w(i * KW + j, wv);
-      const int off = i * row_step + j * p.dil_w;  // == halo_tap_offset(p, b, i, j)
+      const int off = i * row_step + j * dil_w;  // == halo_tap_offset(p, b, i, j)
       XF_UNROLL
       for (int q = 0; q < kPos; ++q) {
         float g[kVec];

@@ -60,6 +60,7 @@ struct DxArgs {
   float* partial;       // [splits][C][taps] (dx_partial_offset)
   int splits;
   RowStep row_step;  // dx_row_step(p, kSlots): a thread's rows are kSlots apart
+  int row_stride;    // kSlots * C: their offsets' step (a parameter, not a register)
   bool pre_relu;
   bool vectors;  // C % vec == 0, grad_d, x and grad_x 16-byte aligned: the kernel instance with 16-byte
                  // copies, loads and stores (kVectors)
@@ -81,8 +82,9 @@ __device__ __forceinline__ int fresh_index() {
 
 // kVectors: 16-byte copies, loads and stores, two CTAs per SM (at most 128 registers, none spilled); the
 // element-wise instance (C not a multiple of the vector, or a misaligned tensor: no Xception layer)
-// keeps one CTA per SM, where its predicated element accesses fit without spills.
-template <typename T, bool kVectors>
+// keeps one CTA per SM, where its predicated element accesses fit without spills. kUnitDil: dilation 1
+// (Xception's), the taps' column offsets constants (depthwise_backward_rows).
+template <typename T, bool kVectors, bool kUnitDil>
 __global__ void __launch_bounds__(kThreads, kVectors ? 2 : 1) dw_backward_tiled_kernel(const Plan p, const DxArgs<T> g) {
   extern __shared__ __align__(128) unsigned char smem[];
   using V = Vec16<T>;
@@ -113,7 +115,7 @@ __global__ void __launch_bounds__(kThreads, kVectors ? 2 : 1) dw_backward_tiled_
 #pragma unroll 1
   for (int tile = span.begin; tile < span.end; ++tile) {
     const TileRange t = tile_range(p, tile);
-    const HaloBox b = halo_box(p, t);
+    const HaloBox b = dx_box(p, t);
     const int pixels = b.rows * b.cols;
     const T* gd_img = g.grad_d + static_cast<int64_t>(t.img) * p.h * p.w * p.c;
 
@@ -158,9 +160,9 @@ __global__ void __launch_bounds__(kThreads, kVectors ? 2 : 1) dw_backward_tiled_
     RowWalk rw = dx_row_walk(p, t, b, slot);
     // The rows' offsets in the image (dx_pixel_offset of rows slot, slot + kSlots, ...); the image's
     // pointers are rebuilt per row from the parameters: fewer registers live across the loop.
-    const int end = dx_pixel_offset(p, t, t.count, c), step = kSlots * p.c;
+    const int end = dx_pixel_offset(p, t, t.count, c);
 #pragma unroll 1
-    for (int off = dx_pixel_offset(p, t, slot, c); off < end; off += step) {
+    for (int off = dx_pixel_offset(p, t, slot, c); off < end; off += g.row_stride) {
       const T* x_img = g.x + dx_image_offset(p, t);
       T* gx_img = g.grad_x + dx_image_offset(p, t);
       const int base[1] = {rw.base};
@@ -178,7 +180,7 @@ __global__ void __launch_bounds__(kThreads, kVectors ? 2 : 1) dw_backward_tiled_
       }
 #pragma unroll
       for (int e = 0; e < kVec; ++e) gx[0][e] = 0.f;
-      depthwise_backward_rows<3, 3, 1, kVec>(p, b, base, load_g, load_w, xr, gx, gw);
+      depthwise_backward_rows<3, 3, 1, kVec, kUnitDil>(p, b, base, load_g, load_w, xr, gx, gw);
       // relu's gradient from pre(x): relu(x) > 0 exactly where x > 0 (NaN gives 0), so x need not stay
       // live across the taps.
 #pragma unroll
@@ -312,6 +314,7 @@ cudaError_t run_dw_backward(const DwBackwardParams& prm, cudaStream_t stream, in
                      prm.partial,
                      *splits,
                      dx_row_step(plan, dw_slots(sizeof(T))),
+                     dw_slots(sizeof(T)) * plan.c,
                      prm.pre_relu,
                      whole && aligned(prm.grad_d, 16) && aligned(prm.x, 16) && aligned(prm.grad_x, 16)};
   const int smem_bytes = dx_grad_smem_layout(plan, sizeof(T)).total;
@@ -322,5 +325,7 @@ cudaError_t run_dw_backward(const DwBackwardParams& prm, cudaStream_t stream, in
     return cudaGetLastError();
   };
   // 16-byte copies, loads and stores where every tensor allows them; element by element otherwise.
-  return dx.vectors ? launch(dw_backward_tiled_kernel<T, true>) : launch(dw_backward_tiled_kernel<T, false>);
+  if (!dx.vectors) return launch(dw_backward_tiled_kernel<T, false, false>);
+  return plan.dil_h == 1 && plan.dil_w == 1 ? launch(dw_backward_tiled_kernel<T, true, true>)
+                                            : launch(dw_backward_tiled_kernel<T, true, false>);
 }

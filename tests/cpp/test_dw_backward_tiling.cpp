@@ -27,7 +27,7 @@ static void check_gather(const Unit& u, const Plan& p) {
   EXPECT(p.h_out == u.h && p.w_out == u.w && p.h == ho && p.w == wo);
   for (int tile = 0; tile < num_tiles(p); ++tile) {
     const TileRange t = tile_range(p, tile);
-    const HaloBox b = halo_box(p, t);
+    const HaloBox b = dx_box(p, t);
     for (int r = 0; r < t.count; ++r) {
       const int q = t.q0 + r, hi = q / u.w, wi = q % u.w;
       const int base = halo_base_pixel(p, t, b, r);
@@ -41,6 +41,16 @@ static void check_gather(const Unit& u, const Plan& p) {
         EXPECT((halo_source_offset(p, b, pixel) >= 0) == exists);
       }
     }
+  }
+}
+
+// dx_box: halo_box's rows and origin, the plan's full width (every tile's box no wider than it).
+static void check_box(const Plan& p) {
+  for (int tile = 0; tile < num_tiles(p); ++tile) {
+    const TileRange t = tile_range(p, tile);
+    const HaloBox a = halo_box(p, t), b = dx_box(p, t);
+    EXPECT(a.h0 == b.h0 && a.w0 == b.w0 && a.rows == b.rows && a.cols <= b.cols && b.cols == p.halo_cols);
+    EXPECT(b.rows <= p.halo_rows);
   }
 }
 
@@ -73,7 +83,7 @@ static void check_walks(const Plan& p, int eb) {
   const RowStep step = dx_row_step(p, slots);
   for (int tile = 0; tile < num_tiles(p); ++tile) {
     const TileRange t = tile_range(p, tile);
-    const HaloBox b = halo_box(p, t);
+    const HaloBox b = dx_box(p, t);
     for (int slot = 0; slot < slots; ++slot) {
       RowWalk w = dx_row_walk(p, t, b, slot);
       for (int r = slot; r < t.count; r += slots, dx_row_advance(p, b, step, w)) {
@@ -119,7 +129,7 @@ static void check_kernel(const Unit& u, const Plan& p, int eb, bool pre_relu, in
     std::vector<float> gw(static_cast<size_t>(kThreads) * 9 * kVec, 0.f);
     for (int tile = span.begin; tile < span.end; ++tile) {
       const TileRange t = tile_range(p, tile);
-      const HaloBox b = halo_box(p, t);
+      const HaloBox b = dx_box(p, t);
       const int pixels = b.rows * b.cols;
       // The staging as the kernel's 16-byte path: thread (slot, cv) copies its channel vector of the
       // pixels slot, slot + slots, ... (grad_d's box, 0 for padding and past C).
@@ -266,6 +276,7 @@ int main() {
                 std::to_string(u.dh) + "," + std::to_string(u.dw) + " bm" + std::to_string(p.bm) +
                 (p.row_segments ? " segments " : " ranges ") + std::to_string(eb) + "B";
         check_gather(u, p);
+        check_box(p);
         check_layout(p, eb);
         check_walks(p, eb);
         for (int pre = 0; pre < 2; ++pre)
