@@ -382,7 +382,8 @@ XF_HD int packed_dw_elems(const Plan& p) { return p.kh * p.kw * p.kp; }
 // each split writes its fp32 partial and the column sums add the splits in order.
 
 constexpr int kGpMaxSplits = 16;  // splits tried on any grid (enough for the middle flow's 23 chunks)
-constexpr int kGpMaxSms = 256;    // the most SMs the workspace leaves room to fill (H100 132, B200 148)
+constexpr int kGpMaxSms = 512;    // the most CTA slots (SMs x resident CTAs) the workspace leaves room to fill
+                                  // (H100: 132 SMs x 2 CTAs of dw_backward_tiled_kernel)
 
 XF_HD int gp_chunks(const Plan& p) { return p.kp / kBK; }
 
@@ -402,7 +403,7 @@ XF_HD TileSpan gp_split_tiles(const Plan& p, int s, int splits) {
 XF_HD int gp_split_limit(int units, int sms) { return imax(kGpMaxSplits, ceil_div(sms, imax(units, 1))); }
 
 // The partials the workspace makes room for, for a grid of `units` CTAs per split (geometry only: the
-// workspace is sized before the SM count is known): the limit on a GPU with kGpMaxSms SMs.
+// workspace is sized before the SM count is known): the limit on a GPU with kGpMaxSms CTA slots.
 XF_HD int gp_max_splits(int units) { return gp_split_limit(units, kGpMaxSms); }
 
 // Splits for `sms` multiprocessors, one CTA each: the count in 1..gp_split_limit (and at most

@@ -62,8 +62,6 @@ struct DxArgs {
   RowStep row_step;  // dx_row_step(p, kSlots): a thread's rows are kSlots apart
   int row_stride;    // kSlots * C: their offsets' step (a parameter, not a register)
   bool pre_relu;
-  bool vectors;  // C % vec == 0, grad_d, x and grad_x 16-byte aligned: the kernel instance with 16-byte
-                 // copies, loads and stores (kVectors)
 };
 
 // threadIdx.x (0) or blockIdx.x (1) read again from its special register: volatile, so the compiler
@@ -297,7 +295,18 @@ cudaError_t run_dw_backward(const DwBackwardParams& prm, cudaStream_t stream, in
   const Packed<T> packed = carve<T>(plan, ws);
   if (ws.bytes() > prm.workspace_bytes) return cudaErrorInvalidValue;
   const int tiles = num_tiles(plan);
-  *splits = gp_choose_splits(gp_chunks(plan), tiles, sms, prm.max_splits);
+  const bool vectors = g.c % vec_elems(sizeof(T)) == 0 && aligned(prm.grad_d, 16) && aligned(prm.x, 16) &&
+                       aligned(prm.grad_x, 16);
+  // 16-byte copies, loads and stores where every tensor allows them; element by element otherwise.
+  const auto kernel = !vectors                              ? dw_backward_tiled_kernel<T, false, false>
+                      : plan.dil_h == 1 && plan.dil_w == 1 ? dw_backward_tiled_kernel<T, true, true>
+                                                            : dw_backward_tiled_kernel<T, true, false>;
+  const int smem_bytes = dx_grad_smem_layout(plan, sizeof(T)).total;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  int per_sm = 0;  // the splits fill the resident CTA slots (two per SM where registers and shared memory allow)
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem_bytes);
+  if (err != cudaSuccess) return err;
+  *splits = gp_choose_splits(gp_chunks(plan), tiles, sms * imax(per_sm, 1), prm.max_splits);
   if (tiles == 0 || g.c == 0) {
     *splits = 0;  // nothing to write: grad_x is empty and the column sums write zeros
     return cudaSuccess;
@@ -306,7 +315,6 @@ cudaError_t run_dw_backward(const DwBackwardParams& prm, cudaStream_t stream, in
   pack_weights_kernel<T><<<elementwise_blocks(pack_total), 256, 0, stream>>>(
       plan, static_cast<const T*>(prm.dw_weight), nullptr, Vec{}, Vec{}, PackMode::kFlipped, packed.dw, packed.pw,
       packed.scale, packed.shift);
-  const bool whole = g.c % vec_elems(sizeof(T)) == 0;
   const DxArgs<T> dx{static_cast<const T*>(prm.grad_d),
                      packed.dw,
                      static_cast<const T*>(prm.x),
@@ -315,17 +323,7 @@ cudaError_t run_dw_backward(const DwBackwardParams& prm, cudaStream_t stream, in
                      *splits,
                      dx_row_step(plan, dw_slots(sizeof(T))),
                      dw_slots(sizeof(T)) * plan.c,
-                     prm.pre_relu,
-                     whole && aligned(prm.grad_d, 16) && aligned(prm.x, 16) && aligned(prm.grad_x, 16)};
-  const int smem_bytes = dx_grad_smem_layout(plan, sizeof(T)).total;
-  const auto launch = [&](auto kernel) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-    if (e != cudaSuccess) return e;
-    kernel<<<gp_chunks(plan) * *splits, kThreads, smem_bytes, stream>>>(plan, dx);
-    return cudaGetLastError();
-  };
-  // 16-byte copies, loads and stores where every tensor allows them; element by element otherwise.
-  if (!dx.vectors) return launch(dw_backward_tiled_kernel<T, false, false>);
-  return plan.dil_h == 1 && plan.dil_w == 1 ? launch(dw_backward_tiled_kernel<T, true, true>)
-                                            : launch(dw_backward_tiled_kernel<T, true, false>);
+                     prm.pre_relu};
+  kernel<<<gp_chunks(plan) * *splits, kThreads, smem_bytes, stream>>>(plan, dx);
+  return cudaGetLastError();
 }
