@@ -48,6 +48,9 @@ SHAPES = {
     # Cout past 768 (7 Cout tiles of 128, the last partial) on few input channels: the cuBLAS products
     # of the CUDA backward on a tall-thin shape.
     "c8to776_k3": (8, 776, 3, (1, 1), (1, 1), (1, 1), 2, 5, 6),
+    # The CUDA backward's tiled grad_x / grad_dw on 16-byte vectors with dilation 2 (its instance with
+    # run-time tap offsets; Xception's dilation 1 takes constant ones) and padding 2.
+    "c16to24_k3_d2": (16, 24, 3, (1, 1), (2, 2), (2, 2), 2, 9, 8),
 }
 LARGE = {"c70to130_k3", "c24to264_w150", "c16to40_s2_w600", "c8to776_k3"}  # GPU only: an interpreter spends minutes on them
 FLAGS = {"pre_post_res": (True, True, True), "plain": (False, False, False), "pre_only": (True, False, False),
@@ -55,7 +58,7 @@ FLAGS = {"pre_post_res": (True, True, True), "plain": (False, False, False), "pr
 CASES = [("c5to7_k3", "pre_post_res"), ("c19_s21_d12_n1", "pre_only"), ("c33to19_k5_s2_d2", "post_res"),
          ("c19to33_k2x4", "plain"), ("c70to130_k3", "pre_post_res"), ("c1to5_k1_s2", "post_res"),
          ("c19_s21_d12_n1", "pre_post_res"), ("c24to264_w150", "pre_post_res"), ("c16to40_s2_w600", "pre_only"),
-         ("c16to24_k3", "pre_post_res"), ("c8to776_k3", "pre_only")]
+         ("c16to24_k3", "pre_post_res"), ("c8to776_k3", "pre_only"), ("c16to24_k3_d2", "pre_only")]
 
 
 @pytest.fixture(params=conformance_cases(), ids=lambda case: f"{case[0]}-{case[1]}")
