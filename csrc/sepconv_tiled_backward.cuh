@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kThreads, kVectors ? 2 : 1) dw_backward_tiled_
     const T* gd_img = g.grad_d + static_cast<int64_t>(t.img) * p.h * p.w * p.c;
 
     // Staging: this thread's channel vector of the box pixels slot, slot + kSlots, ...
-    if (kVectors) {
+    if constexpr (kVectors) {
       const char* gd_bytes = reinterpret_cast<const char*>(gd_img);
       uint32_t dst = smem_addr(halo + slot * kBK + cv * kVec);
       GridWalk w = grid_walk(slot, b.cols, kSlots);
