@@ -345,10 +345,11 @@ size_t packed_bytes(const Plan& p, DType dtype) {
 }  // namespace infer
 
 bool dw_backward_tiled_covers(const ConvGeometry& g) {
-  return infer::fits_int32(g) && infer::dx_supported(static_cast<int>(g.kh), static_cast<int>(g.kw),
-                                                     static_cast<int>(g.stride_h), static_cast<int>(g.stride_w),
-                                                     static_cast<int>(g.pad_h), static_cast<int>(g.pad_w),
-                                                     static_cast<int>(g.dil_h), static_cast<int>(g.dil_w));
+  // The kernel's row offsets run up to a row step (kThreads rows of C) past the image's end.
+  return infer::fits_int32(g) && g.h * g.w * g.c + infer::kThreads * g.c < infer::kInt32Max &&
+         infer::dx_supported(static_cast<int>(g.kh), static_cast<int>(g.kw), static_cast<int>(g.stride_h),
+                             static_cast<int>(g.stride_w), static_cast<int>(g.pad_h), static_cast<int>(g.pad_w),
+                             static_cast<int>(g.dil_h), static_cast<int>(g.dil_w));
 }
 
 size_t dw_backward_tiled_workspace_size(const ConvGeometry& g, DType dtype) {

@@ -365,7 +365,8 @@ XF_HD int packed_dw_elems(const Plan& p) { return p.kh * p.kw * p.kp; }
 // each split writes its fp32 partial and the column sums add the splits in order.
 
 constexpr int kGpMaxSplits = 16;  // splits tried on any grid (enough for the middle flow's 23 chunks)
-constexpr int kGpMaxSms = 256;    // the most SMs the workspace leaves room to fill (H100 132, B200 148)
+constexpr int kGpMaxSms = 512;    // the most CTA slots (SMs x resident CTAs) the workspace leaves room to fill
+                                  // (H100: 132 SMs x 2 CTAs of dw_backward_tiled_kernel)
 
 XF_HD int gp_chunks(const Plan& p) { return p.kp / kBK; }
 
@@ -385,7 +386,7 @@ XF_HD TileSpan gp_split_tiles(const Plan& p, int s, int splits) {
 XF_HD int gp_split_limit(int units, int sms) { return imax(kGpMaxSplits, ceil_div(sms, imax(units, 1))); }
 
 // The partials the workspace makes room for, for a grid of `units` CTAs per split (geometry only: the
-// workspace is sized before the SM count is known): the limit on a GPU with kGpMaxSms SMs.
+// workspace is sized before the SM count is known): the limit on a GPU with kGpMaxSms CTA slots.
 XF_HD int gp_max_splits(int units) { return gp_split_limit(units, kGpMaxSms); }
 
 // Splits for `sms` multiprocessors, one CTA each: the count in 1..gp_split_limit (and at most
@@ -404,17 +405,23 @@ XF_HD int gp_choose_splits(int units, int tiles, int sms, int max_splits) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// The backward's grad_x and grad_dw (sepconv_infer.cu, dw_backward_tiled_kernel; stride 1, 3x3).
+// The backward's grad_x and grad_dw (sepconv_tiled_backward.cuh, dw_backward_tiled_kernel; stride 1, 3x3).
 // With stride 1 the depthwise's input gradient is a forward depthwise of grad_d with the taps flipped
-// and padding (k - 1) * dil - pad (dx_plan): the tile, halo and gather machinery of the forward, on
-// grad_d [N, Ho, Wo, C] as the "image" and tiles of input pixels. A CTA owns one chunk of kBK channels
-// and a split of the pixel tiles; per tile it stages grad_d's halo box for the chunk, and each thread,
-// for its rows and channel vector, reads x once and gathers every tap's grad_d once for both
+// and padding (k - 1) * dil - pad (dx_plan): the tile and halo geometry of the forward, on grad_d
+// [N, Ho, Wo, C] as the "image" and tiles of input pixels. A CTA owns one chunk of kBK channels (its
+// flipped weights staged once) and a split of the pixel tiles; per tile it stages grad_d's halo box for
+// the chunk, and each thread, for its channel vector and its rows r = slot, slot + kSlots, ... (one
+// after the other), reads x once and gathers every tap's grad_d once for both
 //   grad_x(pix) = [pre_relu: x > 0] * sum_taps grad_d(pix + pad - tap * dil) * w(tap) and
-//   grad_dw(tap) += grad_d(pix + pad - tap * dil) * pre(x)(pix) (depthwise_backward_rows).
+//   grad_dw(tap) += grad_d(pix + pad - tap * dil) * pre(x)(pix) (depthwise_backward_rows, one row).
 // grad_dw stays in registers across the split's tiles, is summed over the lanes of the channel vector
 // (xor shuffles from dx_lane_xor_first), then over the warps in shared memory, in order, into the
 // split's partial [C][taps]; the column sums add the splits.
+//
+// One row at a time: only that row's x, pre(x) and grad_x vectors live beside the 9 x vec grad_dw
+// accumulators, so the kernel fits 128 registers (two 8-warp CTAs per SM), and a tile of many rows per
+// thread amortises its staging (the launcher picks the tile by dx_tile_cost). Halo pixels and tile
+// rows are visited by walking their grids (GridWalk): no division per pixel or per row.
 
 // The forward plan of the transposed depthwise: grad_d (ho x wo) in, the input grid (h x w) out. Valid
 // when the padding is at most the window's reach ((k - 1) * dil - pad >= 0, checked by dx_supported).
@@ -431,8 +438,83 @@ XF_HD bool dx_supported(int kh, int kw, int stride_h, int stride_w, int pad_h, i
 // The flipped weights: tap t of the transposed conv is tap taps - 1 - t of the forward's.
 XF_HD int dx_forward_tap(const Plan& p, int tap) { return p.kh * p.kw - 1 - tap; }
 
-// Shared memory: the depthwise staging of SmemLayout (no d tile), then the warps' grad_dw partials
-// fp32 [warps][taps][kBK] (dx_red_index).
+// The box the kernel stages for tile t: halo_box, always p.halo_cols wide (a row segment shorter than
+// bm stages the columns past its end too: padding or pixels no row reads). The width is then the
+// plan's, a kernel parameter rather than a register through the rows.
+XF_HD HaloBox dx_box(const Plan& p, const TileRange& t) {
+  HaloBox b = halo_box(p, t);
+  b.cols = p.halo_cols;
+  return b;
+}
+
+// Walking a row-major grid `cols` wide from element `index` in steps of `step` elements: the row and
+// column of each element without a division per step (the kernel's threads visit the halo pixels and
+// the tile rows kSlots apart).
+struct GridWalk {
+  int row, col, step_row, step_col, cols;
+};
+XF_HD GridWalk grid_walk(int index, int cols, int step) {
+  return {index / cols, index % cols, step / cols, step % cols, cols};
+}
+XF_HD void grid_advance(GridWalk& w) {
+  w.row += w.step_row, w.col += w.step_col;
+  if (w.col >= w.cols) w.col -= w.cols, ++w.row;
+}
+
+// Tile row r of tile t (stride 1), then the rows `step` positions apart: the column wo of the row's
+// position and the halo pixel of its tap (0, 0) (== halo_base_pixel for the rows of the tile), advanced
+// without a division: `step` positions are s.rows = step / w_out output rows (as many box rows) and
+// s.cols = step % w_out columns, plus one row where the column wraps. The step is the kernel's
+// (DxArgs, computed once on the host), the walk two registers.
+struct RowWalk {
+  int col, base;
+};
+struct RowStep {
+  int rows, cols;
+};
+XF_HD RowStep dx_row_step(const Plan& p, int step) { return {step / p.w_out, step % p.w_out}; }
+XF_HD RowWalk dx_row_walk(const Plan& p, const TileRange& t, const HaloBox& b, int r) {
+  const int q = t.q0 + r, ho = q / p.w_out, wo = q - ho * p.w_out;
+  return {wo, (ho - p.pad_h - b.h0) * b.cols + (wo - p.pad_w - b.w0)};
+}
+XF_HD void dx_row_advance(const Plan& p, const HaloBox& b, const RowStep& s, RowWalk& w) {
+  w.col += s.cols, w.base += s.rows * b.cols + s.cols;
+  if (w.col >= p.w_out) w.col -= p.w_out, w.base += b.cols - p.w_out;
+}
+
+// Halo pixel `pixel` of box b (walked with grid_walk(pixel, b.cols, .)): its element offset in the
+// image (NHWC, channel 0), or -1 where it is padding (== halo_source_offset).
+XF_HD int dx_source_offset(const Plan& p, const HaloBox& b, const GridWalk& w) {
+  const int hi = b.h0 + w.row, wi = b.w0 + w.col;
+  return hi < 0 || hi >= p.h || wi < 0 || wi >= p.w ? -1 : (hi * p.w + wi) * p.c;
+}
+
+// Tile candidates: 512, 256, 128, 64 rows (16-bit: up to 8, 4, 2, 1 per thread; fp32 twice that),
+// each as row segments, then as ranges of an image (make_plan gives ranges where a row is narrower
+// than the tile). bm == 0: no candidates left. The launcher takes the cheapest that fits
+// (dx_choose_tile).
+XF_HD TileChoice dx_tile_candidate(int i) { return {i < 8 ? 512 >> (i / 2) : 0, 1 - i % 2}; }
+
+// A model of one CTA's issue work on a plan, per image, in SASS instructions of its busiest thread (the
+// constants from the compiled kernel's per-iteration counts, sm_90): per tile a fixed part (tile and
+// box geometry, the walks' divisions, barriers), the 16-byte staging (one copy per slot per pixel)
+// and the rows (the 9 taps of one channel vector per row). Only its order matters: it ranks the
+// candidates.
+constexpr int kDxTileFixed = 260, kDxStagePixel = 16;
+XF_HD int64_t dx_tile_cost(const Plan& p, int elem_bytes) {
+  const int slots = dw_slots(elem_bytes), row = elem_bytes == 2 ? 290 : 160;
+  int64_t cost = 0;
+  for (int tile = 0; tile < p.tiles_per_image; ++tile) {
+    const TileRange t = tile_range(p, tile);
+    const HaloBox b = dx_box(p, t);
+    cost += kDxTileFixed + kDxStagePixel * ceil_div(b.rows * b.cols, slots) +
+            static_cast<int64_t>(row) * ceil_div(t.count, slots);
+  }
+  return cost;
+}
+
+// The depthwise staging of SmemLayout from 0 (no d tile), then the warps' grad_dw partials fp32
+// [warps][taps][kBK] (dx_red_index): the d store's layout (ds_smem_layout) builds on it.
 XF_HD SmemLayout dx_smem_layout(const Plan& p, int elem_bytes) {
   SmemLayout s = smem_layout(p, elem_bytes);
   const int shift = s.region;
@@ -443,10 +525,42 @@ XF_HD SmemLayout dx_smem_layout(const Plan& p, int elem_bytes) {
   s.total = align_up(s.stats + (kThreads / 32) * p.kh * p.kw * kBK * 4, 128);
   return s;
 }
+
+// dw_backward_tiled_kernel's shared memory: the halo box of one tile and chunk ([pixels][kBK] in T,
+// as the depthwise phase's) and the chunk's flipped weights (fp32 [taps][kBK], staged once per CTA: a
+// CTA has one chunk); after the last tile the warps' grad_dw partials (dx_red_index) reuse the bytes
+// from 0 (the last tile ends with a barrier, and the weights are read no more).
+struct DxSmem {
+  int halo, wts, red, total;  // byte offsets, bytes
+};
+XF_HD DxSmem dx_grad_smem_layout(const Plan& p, int elem_bytes) {
+  DxSmem s;
+  s.halo = 0;
+  s.wts = align_up(p.halo_rows * p.halo_cols * kBK * elem_bytes, 128);
+  s.red = 0;
+  s.total = align_up(imax(s.wts + p.kh * p.kw * kBK * 4, (kThreads / 32) * p.kh * p.kw * kBK * 4), 128);
+  return s;
+}
 XF_HD int dx_red_index(const Plan& p, int warp, int tap, int ch) { return (warp * p.kh * p.kw + tap) * kBK + ch; }
 XF_HD bool dx_fits_smem(const Plan& p, int elem_bytes, int max_smem) {
-  if (2 * static_cast<int64_t>(p.halo_rows) * p.halo_cols * kBK * elem_bytes > max_smem) return false;
-  return dx_smem_layout(p, elem_bytes).total <= max_smem;
+  if (static_cast<int64_t>(p.halo_rows) * p.halo_cols * kBK * elem_bytes > max_smem) return false;
+  return dx_grad_smem_layout(p, elem_bytes).total <= max_smem;
+}
+
+// The launcher's plan: of the candidates whose shared memory fits, the cheapest by dx_tile_cost (the
+// first on ties); bm == 0 where none fits.
+XF_HD Plan dx_choose_tile(int n, int c, int h, int w, int pad_h, int pad_w, int dil_h, int dil_w, int elem_bytes,
+                          int max_smem) {
+  Plan best{};
+  int64_t best_cost = 0;
+  for (int i = 0; dx_tile_candidate(i).bm > 0; ++i) {
+    const TileChoice t = dx_tile_candidate(i);
+    const Plan p = dx_plan(n, c, h, w, 3, 3, pad_h, pad_w, dil_h, dil_w, t.bm, t.row_segments);
+    if (!dx_fits_smem(p, elem_bytes, max_smem)) continue;
+    const int64_t cost = dx_tile_cost(p, elem_bytes);
+    if (best.bm == 0 || cost < best_cost) best = p, best_cost = cost;
+  }
+  return best;
 }
 
 // Lanes of a warp with the same channel vector differ by multiples of vectors_per_pixel: the xor
@@ -458,22 +572,32 @@ XF_HD int64_t dx_partial_offset(const Plan& p, int split, int c, int forward_tap
   return (static_cast<int64_t>(split) * p.c + c) * (p.kh * p.kw) + forward_tap;
 }
 
+// Offsets inside one image of x and grad_x (NHWC, the transposed plan's output grid is the input's):
+// tile row r, channel c. int32: the launcher runs the tiled kernel only where h * w * c fits
+// (fits_int32).
+XF_HD int dx_pixel_offset(const Plan& p, const TileRange& t, int r, int c) { return (t.q0 + r) * p.c + c; }
+XF_HD int64_t dx_image_offset(const Plan& p, const TileRange& t) {
+  return static_cast<int64_t>(t.img) * p.h_out * p.w_out * p.c;
+}
+
 // Both gradients of kPos tile rows for one channel vector (see above), taps in the transposed conv's
 // row-major order, one gather per element-tap and two fma:
 //   gx[q][e] = fma(g, w(tap, e), gx[q][e]);  gw[tap][e] = fma(g, xr[q][e], gw[tap][e]),
-// g = grad_d(base[q] + tap offset, e). xr[q] must be 0 on rows that are not real pixels.
-template <int KH, int KW, int kPos, int kVec, class LoadG, class LoadW>
+// g = grad_d(base[q] + tap offset, e). xr[q] must be 0 on rows that are not real pixels. kUnitDil: the
+// plan's dilation is 1 (the caller checked): the column offsets are constants (immediate offsets of the
+// shared-memory loads instead of an address per tap).
+template <int KH, int KW, int kPos, int kVec, bool kUnitDil = false, class LoadG, class LoadW>
 XF_HD void depthwise_backward_rows(const Plan& p, const HaloBox& b, const int (&base)[kPos], LoadG&& load_g,
                                    LoadW&& load_w, const float (&xr)[kPos][kVec], float (&gx)[kPos][kVec],
                                    float (&gw)[KH * KW][kVec]) {
-  const int row_step = p.dil_h * b.cols;
+  const int dil_w = kUnitDil ? 1 : p.dil_w, row_step = (kUnitDil ? 1 : p.dil_h) * b.cols;
   XF_UNROLL
   for (int i = 0; i < KH; ++i) {
     XF_UNROLL
     for (int j = 0; j < KW; ++j) {
       float wv[kVec];
       load_w(i * KW + j, wv);
-      const int off = i * row_step + j * p.dil_w;  // == halo_tap_offset(p, b, i, j)
+      const int off = i * row_step + j * dil_w;  // == halo_tap_offset(p, b, i, j)
       XF_UNROLL
       for (int q = 0; q < kPos; ++q) {
         float g[kVec];

@@ -51,6 +51,9 @@ SHAPES = {
     # The CUDA d store's runs of adjacent outputs (3x3, stride 1) on row segments in every dtype (400
     # outputs a row: segments of 135 in 16-bit, 81 in fp32, the last shorter and not a multiple of 3).
     "c16to24_w400": (16, 24, 3, (1, 1), (1, 1), (1, 1), 1, 3, 400),
+    # The CUDA backward's tiled grad_x / grad_dw on 16-byte vectors with dilation 2 (its instance with
+    # run-time tap offsets; Xception's dilation 1 takes constant ones) and padding 2.
+    "c16to24_k3_d2": (16, 24, 3, (1, 1), (2, 2), (2, 2), 2, 9, 8),
 }
 LARGE = {"c70to130_k3", "c24to264_w150", "c16to40_s2_w600", "c8to776_k3", "c16to24_w400"}  # GPU only: an interpreter spends minutes on them
 FLAGS = {"pre_post_res": (True, True, True), "plain": (False, False, False), "pre_only": (True, False, False),
@@ -58,7 +61,8 @@ FLAGS = {"pre_post_res": (True, True, True), "plain": (False, False, False), "pr
 CASES = [("c5to7_k3", "pre_post_res"), ("c19_s21_d12_n1", "pre_only"), ("c33to19_k5_s2_d2", "post_res"),
          ("c19to33_k2x4", "plain"), ("c70to130_k3", "pre_post_res"), ("c1to5_k1_s2", "post_res"),
          ("c19_s21_d12_n1", "pre_post_res"), ("c24to264_w150", "pre_post_res"), ("c16to40_s2_w600", "pre_only"),
-         ("c16to24_k3", "pre_post_res"), ("c8to776_k3", "pre_only"), ("c16to24_w400", "pre_post_res")]
+         ("c16to24_k3", "pre_post_res"), ("c8to776_k3", "pre_only"), ("c16to24_w400", "pre_post_res"),
+         ("c16to24_k3_d2", "pre_only")]
 
 
 @pytest.fixture(params=conformance_cases(), ids=lambda case: f"{case[0]}-{case[1]}")

@@ -477,25 +477,41 @@ def _d_store_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan) -> Launch:
 
 
 def _dx_launch(unit: Unit, arch: int, p: cuda_tiling.TiledPlan, splits: int) -> Launch:
-    """dw_backward_tiled_kernel<T, bm>: a CTA per (32-channel chunk, split of pixel tiles); per tile the
-    depthwise phase stages grad_d's halo for the chunk and each thread gathers every tap once for grad_x
-    and grad_dw (16-byte x loads and grad_x stores); then grad_dw over the lanes and warps."""
+    """dw_backward_tiled_kernel<T, vectors, unit dilation>: a CTA per (32-channel chunk, split of pixel
+    tiles), the chunk's flipped weights staged once; per tile grad_d's box (dx_box) staged with 16-byte
+    cp.async, a thread's pixels kSlots apart (a grid walk, no division), then its rows one after the
+    other (a row walk): x read, the 9 taps gathered once for grad_x and grad_dw (two FFMA per
+    element-tap), grad_x stored (16-byte loads and stores); then grad_dw over the lanes and warps. A warp
+    runs a loop while any of its lanes has an item: per tile, the most pixels / rows of its slots."""
     chunks = p.kp // cuda_tiling.BK
-    k_pos = max(1, p.bm // (cuda_tiling.THREADS // (cuda_tiling.BK // (16 // p.elem))))
-    loops = [LoopPlan("pixel tiles of the split", p.tiles / splits),
-             *_depthwise_loops(p, 1, False, copies=(4, 4)),
+    vp = cuda_tiling.BK // (16 // p.elem)  # 16-byte vectors per staged pixel
+    slots = cuda_tiling.THREADS // vp
+    tiles = [p.tile(rem) for rem in range(p.tiles_per_image)]
+
+    def per_tile(items) -> float:  # mean over tiles and warps of a warp's trips over `items(q0, count)`
+        return sum(_per_warp(lambda w: max(_strided(items(q0, count), sl, slots)
+                                           for sl in range(w * 32 // vp, (w + 1) * 32 // vp)))
+                   for q0, count in tiles) / len(tiles)
+
+    vec = 16 // p.elem
+    loops = [LoopPlan("the chunk's weights, once", _per_warp(lambda w: _strided(9 * (cuda_tiling.BK // 4), 32 * w,
+                                                                                  cuda_tiling.THREADS)),
+                      expect={"LDGSTS": 1}),
+             LoopPlan("pixel tiles of the split", p.tiles / splits),
+             LoopPlan("box staging, 16-byte cp.async", per_tile(p.dx_box_pixels), expect={"LDGSTS": 1}),
+             LoopPlan("rows of the tile, one after the other", per_tile(lambda q0, count: count),
+                      expect={"FFMA": 2 * 9 * vec, "STG": 1}),
              LoopPlan("grad_dw partial, 9 x 32 per CTA", _per_warp(lambda w: _strided(9 * 32, 32 * w, 256)),
                       expect={"STG": 2})]
-    # The chunk loop's path: the 16-byte x loads and grad_x stores (not the element-wise copies).
-    loops[6] = LoopPlan("channel chunks of 32 (1 per tile)", 1, paths=[Path.make(
-        "gradients of the chunk, 16-byte x and grad_x", 1.0,
-        {"FFMA": 2 * k_pos * (16 // p.elem) * 9, "STG.E.128": k_pos, "STG.E.U16": 0, "LDG.E.U16": 0})])
     nbytes = unit.d_bytes() + 2 * unit.x_bytes() + 4 * splits * p.c * 9
-    return Launch(kernel="dw_backward_tiled_kernel", config=f"bm {p.bm}, t256, {chunks} chunks x {splits} splits",
+    kind = "row segments" if p.row_segments else "image ranges"
+    return Launch(kernel="dw_backward_tiled_kernel",
+                  config=f"bm {p.bm} ({kind}), t256, {chunks} chunks x {splits} splits",
                   threads=cuda_tiling.THREADS, grid=chunks * splits, loops=loops, dram_bytes=nbytes,
                   useful_ffma=(p.tiles / splits) * p.bm * cuda_tiling.BK * 9 * 2,
                   compile=_compiler("sepconv_infer.cu", "dw_backward_tiled_kernel", arch, unit.dtype,
-                                    dynamic_smem=p.dx_smem_bytes(), tag=f"{TYPE_TAG[unit.dtype][:-1]}Li{p.bm}EE",
+                                    dynamic_smem=p.dx_smem_bytes(),
+                                    tag=f"{TYPE_TAG[unit.dtype][:-1]}Lb1ELb{int(p.dil == 1)}E",
                                     threads=cuda_tiling.THREADS))
 
 
@@ -573,8 +589,12 @@ def train(unit: Unit, arch: int, sms: int):
                                  unit.y_bytes() + e * C * Cout + unit.d_bytes())])
     kernels.append([library_gemm("cublas_grad_pw", gpu, Cout, C, P, unit.dtype,
                                  unit.y_bytes() + unit.d_bytes() + e * C * Cout)])
-    # grad_x and grad_dw from one staging of grad_d.
-    dx_splits = cuda_tiling.gp_choose_splits(dx.kp // cuda_tiling.BK, dx.tiles, sms)
+    # grad_x and grad_dw from one staging of grad_d; the splits fill the resident CTA slots (the launcher
+    # asks cudaOccupancyMaxActiveBlocksPerMultiprocessor: __launch_bounds__(256, 2) caps the registers at 128).
+    from xception_fast.bench.static.model import ctas_per_sm
+
+    slots = sms * max(1, ctas_per_sm(gpu, 128, cuda_tiling.THREADS, dx.dx_smem_bytes()))
+    dx_splits = cuda_tiling.gp_choose_splits(dx.kp // cuda_tiling.BK, dx.tiles, slots)
     kernels.append([_pack_launch(unit, arch, dx, scale=False)])
     kernels.append([_dx_launch(unit, arch, dx, dx_splits)])
     kernels.append(_column_sum(unit, arch, dx_splits, C * 9, e))

@@ -4,7 +4,7 @@ A transcription of csrc/sepconv_infer_tiling.h (make_plan, tile_range, halo_box,
 layouts, the tile candidates) and of the launchers' choices in csrc/sepconv_infer.cu and
 sepconv_tiled_backward.cuh, so that the static model's plans launch what the host would:
 the d store, the forwards' first step and the backward's d for cuBLAS (`ds_choose`: ds_smem_layout,
-ds_tile_candidate), and grad_x / grad_dw (`dx_choose`: dx_plan, dx_smem_layout, gp_choose_splits).
+ds_tile_candidate), and grad_x / grad_dw (`dx_choose`: dx_plan, dx_grad_smem_layout, dx_tile_cost, gp_choose_splits).
 tests/test_static_model.py checks them against the header compiled with a host compiler where one
 is present. `choose` / `TiledPlan.smem_bytes` transcribe the removed fused forward's tile choice
 (smem_layout, fits_smem, tile_candidate, still in the header): no launcher uses it now.
@@ -137,17 +137,38 @@ class TiledPlan:
             return cdiv(count, DS_RUN)
         return (count // self.w_out) * self.ds_row_runs()
 
+    def dx_box_pixels(self, q0: int, count: int) -> int:
+        """Pixels of the box dw_backward_tiled_kernel stages for a tile (dx_box: halo_box's rows, the
+        plan's full width)."""
+        first, last = q0 // self.w_out, (q0 + count - 1) // self.w_out
+        return ((last - first) * self.stride + (self.kh - 1) * self.dil + 1) * self.halo_cols
+
     def dx_smem_bytes(self) -> int:
-        """dx_smem_layout(...).total: the depthwise staging from 0, then the warps' grad_dw partials."""
-        red = align_up(self._phase1_offsets(0)[1], 128)
-        return align_up(red + (THREADS // 32) * self.kh * self.kw * BK * 4, 128)
+        """dx_grad_smem_layout(...).total: one halo box and the chunk's fp32 weights; the warps' grad_dw
+        partials over them after the last tile."""
+        wts = align_up(self.halo_rows * self.halo_cols * BK * self.elem, 128)
+        red = (THREADS // 32) * self.kh * self.kw * BK * 4
+        return align_up(max(wts + self.kh * self.kw * BK * 4, red), 128)
+
+    def dx_cost(self) -> int:
+        """dx_tile_cost: the kernel's issue work per image in instructions of its busiest thread (a
+        model that ranks the tile candidates, its constants from the compiled kernel)."""
+        slots = THREADS // (BK // (16 // self.elem))
+        row = DX_ROW[self.elem]
+        cost = 0
+        for rem in range(self.tiles_per_image):
+            q0, count = self.tile(rem)
+            cost += (DX_TILE_FIXED + DX_STAGE_PIXEL * cdiv(self.dx_box_pixels(q0, count), slots)
+                     + row * cdiv(count, slots))
+        return cost
 
     def fits_with(self, smem: int, max_smem: int) -> bool:
         return 2 * self.halo_rows * self.halo_cols * BK * self.elem <= max_smem and smem <= max_smem
 
 
 
-GP_MAX_SPLITS, GP_MAX_SMS = 16, 256  # kGpMaxSplits, kGpMaxSms
+GP_MAX_SPLITS, GP_MAX_SMS = 16, 512  # kGpMaxSplits, kGpMaxSms (CTA slots: SMs x resident CTAs)
+DX_TILE_FIXED, DX_STAGE_PIXEL, DX_ROW = 260, 16, {2: 290, 4: 160}  # dx_tile_cost's constants
 
 
 def make_plan(n, c, h, w, c_out, k, stride, pad, dil, bm, row_segments, elem) -> TiledPlan:
@@ -243,7 +264,7 @@ def gp_split_limit(units: int, sms: int) -> int:
 
 
 def gp_max_splits(units: int) -> int:
-    """gp_max_splits: the partials the workspace makes room for (the limit on kGpMaxSms SMs)."""
+    """gp_max_splits: the partials the workspace makes room for (the limit on kGpMaxSms CTA slots)."""
     return gp_split_limit(units, GP_MAX_SMS)
 
 
@@ -260,13 +281,23 @@ def gp_choose_splits(units: int, tiles: int, sms: int, max_splits: Optional[int]
     return best
 
 
+def dx_tile_candidates() -> list[tuple[int, int]]:
+    """dx_tile_candidate: (bm, row_segments), 512, 256, 128, 64 rows, row segments before ranges."""
+    return [(bm, seg) for bm in (512, 256, 128, 64) for seg in (1, 0)]
+
+
 def dx_choose(n, c, h_out, w_out, k, stride, pad, dil, elem, max_smem) -> Optional[TiledPlan]:
-    """The grad_x / grad_dw kernel's plan (dx_plan: the transposed depthwise, stride 1, 3x3, on the
-    grad_d grid h_out x w_out), or None where grad_x_kernel and grad_dw_partial_kernel run."""
+    """The grad_x / grad_dw kernel's plan (dx_choose_tile: dx_plan, the transposed depthwise, stride 1,
+    3x3, on the grad_d grid h_out x w_out; of the candidates whose shared memory fits, the cheapest by
+    dx_tile_cost, the first on ties), or None where grad_x_kernel and grad_dw_partial_kernel run."""
     if k != 3 or stride != 1 or pad > 2 * dil:
         return None
-    for bm, seg in tile_candidates(elem):
+    best, best_cost = None, 0
+    for bm, seg in dx_tile_candidates():
         p = make_plan(n, c, h_out, w_out, c, k, 1, 2 * dil - pad, dil, bm, seg, elem)
-        if p.fits_with(p.dx_smem_bytes(), max_smem):
-            return p
-    return None
+        if p.halo_rows * p.halo_cols * BK * elem > max_smem or p.dx_smem_bytes() > max_smem:
+            continue
+        cost = p.dx_cost()
+        if best is None or cost < best_cost:
+            best, best_cost = p, cost
+    return best
