@@ -167,15 +167,17 @@ def sm_count(device: torch.device) -> int:
 def dw_input_grad_configs() -> list[triton.Config]:
     """Transposed depthwise gather (`backward._dw_input_grad_kernel`): (BLOCK_P rows, BLOCK_C channels,
     RW, warps). With unit strides a row is a group of RW horizontally adjacent input positions that
-    share the grad_d columns their taps read (as the forward's groups); other strides take one
-    position per row. BLOCK_C divides `backward.TAPS_ALIGN` (the taps are read unmasked). Calibrated
-    static estimate (sm_90 model), middle / entry (block1.rep.0) / exit (conv4) unit, us: 16 x 32 x 4
-    w2 165 / 740 / 99, 32 x 32 x 4 w4 188 / 838 / 113 (142 registers: 3 CTAs per SM), one position
-    per row 64 x 32 w4 202 / 972 / 109 (the strided path's config). Pruned: 32 x 64 x 1 w4 (the code
-    of 64 x 32 x 1), the 8-warp tiles (one or two CTAs per SM)."""
+    share the grad_d columns their taps read (as the forward's groups), the kernel rows in a loop (not
+    unrolled: one row's columns and taps live at a time); other strides take one position per row.
+    BLOCK_C divides `backward.TAPS_ALIGN` (the taps are read unmasked). sm_90, bf16, middle unit:
+    16 x 32 x 4 w2 96 registers (10 CTAs per SM), 3.4 SASS instructions per element-tap; 32 x 32 x 2 w4
+    56 registers (9 CTAs), 4.6; one position per row 64 x 32 w4 (the strided path's config). Calibrated
+    static estimates (sm_90 model) in benchmarks/NOTES.md, "Triton depthwise backward: instructions per
+    element-tap". Pruned: 16 x 32 x 4 w2 capped at 80-88 registers (16-24 B of spill), 32 x 32 x 4 w4
+    (the code of 16 x 32 x 4 w2 in bigger CTAs)."""
     gpu = [
         (16, 32, 4, 2, 1),
-        (32, 32, 4, 4, 1),
+        (32, 32, 2, 4, 1),
         (64, 32, 1, 4, 1),
     ]
     return _configs(gpu, (8, _PINNED_C, 4, 4, 1), ("BLOCK_P", "BLOCK_C", "RW"))

@@ -39,7 +39,7 @@ from torch import Tensor
 from xception_fast.spec import UnitSpec
 
 from . import batchnorm
-from .autotune import INTERPRET, dw_input_grad_configs, position_bucket, position_split
+from .autotune import INTERPRET, device_arch, dw_input_grad_configs, position_bucket, position_split
 from .depthwise_pointwise import (Geometry, _add_to, _group_origin, _pre_f32, _prepare, _tap_rows, depthwise_taps,
                                   recompute_grad_z)
 from .utils import INLINE_ASM, channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
@@ -48,12 +48,15 @@ from .utils import INLINE_ASM, channel_align, check_dtype, empty_nhwc, new_empty
 # --- kernels --------------------------------------------------------------------------------------------
 
 # Fixed blocks (BLOCK_P, BLOCK_C, RW) of the depthwise weight gradient (its split must not depend on an
-# autotuned config), by STORE_D. 3 x 3: BLOCK_P groups of RW outputs along a row sharing their loaded input
-# columns, 9 fp32 accumulators of a tile in registers (+ RW of d). 16 x 32 x 2 compiles to 126-128 registers
-# on sm_90 (four 4-warp CTAs per SM); RW = 4 needs 168 (three), 32 x 32 x 2 178 (two); calibrated static
-# estimate (sm_90 model): benchmarks/NOTES.md, "Triton depthwise kernels: instructions per element-tap".
-# Other kernel sizes: BLOCK_P positions (RW unused).
+# autotuned config), by STORE_D, in 4-warp CTAs. 3 x 3: BLOCK_P groups of RW outputs along a row sharing
+# their loaded input columns, 9 fp32 accumulators of a tile in registers (+ RW of d). 16 x 32 x 2
+# compiles to 130 registers on sm_90 (three CTAs per SM), 128 under the cap DW_MAXNREG (four, no spill;
+# sm_80: 128 without it, and 8 B of spill with it, so the cap is for sm_90 and later only); RW = 4 needs
+# 168 (80 B of spill at 128), 32 x 32 x 2 181. Calibrated static estimates (sm_90 model): benchmarks/NOTES.md,
+# "Triton depthwise backward: instructions per element-tap". Other kernel sizes: BLOCK_P positions (RW unused).
 DW_BLOCKS = {True: (8, 16, 4), False: (8, 16, 4)} if INTERPRET else {True: (16, 32, 2), False: (16, 32, 2)}
+DW_WARPS = 4
+DW_MAXNREG = 128
 
 
 def taps_pitch(channels: int) -> int:
@@ -163,16 +166,6 @@ def _add_tap(a00, a01, a02, a10, a11, a12, a20, a21, a22, i: tl.constexpr, j: tl
 
 
 @triton.jit
-def _load_gd(gd_ptr, p, ok, ci, C):
-    return tl.load(gd_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], mask=ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store_d_rows(d_ptr, d, p, ok, ci, C):
-    tl.store(d_ptr + p.to(tl.int64)[:, None] * C + ci[None, :], d.to(d_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
 def _dw_weight_grad_kernel(
     # pointers
     x_ptr,  # [N, H, W, C] input (channels_last)
@@ -185,10 +178,11 @@ def _dw_weight_grad_kernel(
     P, chunk, H, W, C, Ho, Wo, K_SLOT,
     # convolution
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    # meta-parameters (3 x 3: BLOCK_P groups of RW outputs, STRIDE_W and DIL_W the column stride and dilation)
+    # meta-parameters (3 x 3: BLOCK_P groups of RW outputs, STRIDE_W and DIL_W the column stride and dilation,
+    # WIDE: int64 offsets, `_wide_weight_grad`)
     KH: tl.constexpr, KW: tl.constexpr, KK_PAD: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr,
     C_ALIGN: tl.constexpr, STORE_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    RW: tl.constexpr = 1, STRIDE_W: tl.constexpr = 1, DIL_W: tl.constexpr = 1,
+    RW: tl.constexpr = 1, STRIDE_W: tl.constexpr = 1, DIL_W: tl.constexpr = 1, WIDE: tl.constexpr = False,
 ):
     # grad_dw[c, tap] = sum_p grad_d[p, c] * pre(x)[tap of p, c]: a split reduction over positions
     # (deterministic: fixed splits, then `batchnorm.sum_rows`). For 3 x 3 (Xception's), one register
@@ -206,26 +200,52 @@ def _dw_weight_grad_kernel(
         # converted once and feeds every tap that reads it, d sums each output's taps in (i, j) order.
         tl.static_assert(RW <= 4, "a group holds at most 4 outputs (`_add_to`)")
         groups = (Wo + RW - 1) // RW
+        g_begin = s * chunk
+        # Each lane's group as (n, oh, gcol), divided once here and then stepped by BLOCK_P groups per
+        # tile without a division (two signed divisions cost about 50 SASS instructions per tile):
+        # BLOCK_P = q * groups + rem, q = qn * Ho + qr; each wrap below happens at most once.
+        g = g_begin + tl.arange(0, BLOCK_P)
+        orow = g // groups
+        gcol = g - orow * groups
+        n = orow // Ho
+        oh = orow - n * Ho
+        q = BLOCK_P // groups
+        rem = BLOCK_P - q * groups
+        qn = q // Ho
+        qr = q - qn * Ho
+        # Offsets from the program's first image (x, grad_d and d): int32 unless the host found that a
+        # program's span could pass 2^31 elements (WIDE).
+        n_first = g_begin // groups // Ho
+        x_base = x_ptr + n_first.to(tl.int64) * H * W * C
+        out_first = n_first.to(tl.int64) * Ho * Wo * C
+        gd_base = gd_ptr + out_first
+        d_base = d_ptr + out_first
         a00 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         a01, a02, a10, a11, a12, a20, a21, a22 = a00, a00, a00, a00, a00, a00, a00, a00
         NCOL: tl.constexpr = (RW - 1) * STRIDE_W + 2 * DIL_W + 1
-        for g0 in range(s * chunk, p_end, BLOCK_P):
-            g = g0 + tl.arange(0, BLOCK_P)
-            orow, ow0, n, oh, ih0, iw0 = _group_origin(g, groups, Ho, stride_h, pad_h, pad_w, RW, STRIDE_W)
-            tile_ok = (g < p_end)[:, None] & c_ok[None, :]
-            p = orow * Wo + ow0
+        for g0 in range(g_begin, p_end, BLOCK_P):
+            tile_ok = (g0 + tl.arange(0, BLOCK_P) < p_end)[:, None] & c_ok[None, :]
+            ow0 = gcol * RW
+            ih0 = oh * stride_h - pad_h
+            iw0 = ow0 * STRIDE_W - pad_w
+            x_pos = ((n - n_first) * H + ih0) * W + iw0
+            p_rel = ((n - n_first) * Ho + oh) * Wo + ow0
+            if WIDE:
+                x_pos = x_pos.to(tl.int64)
+                p_rel = p_rel.to(tl.int64)
+            gd_rows = gd_base + (p_rel * C)[:, None] + ci[None, :]
             ok1 = tile_ok & (ow0 + 1 < Wo)[:, None]
             ok2 = tile_ok & (ow0 + 2 < Wo)[:, None]
             ok3 = tile_ok & (ow0 + 3 < Wo)[:, None]
-            gd0 = _load_gd(gd_ptr, p, tile_ok, ci, C)
+            gd0 = _pre_f32(tl.load(gd_rows, mask=tile_ok, other=0.0), False, ASM)
             gd1, gd2, gd3 = gd0, gd0, gd0
             if RW > 1:
-                gd1 = _load_gd(gd_ptr, p + 1, ok1, ci, C)
+                gd1 = _pre_f32(tl.load(gd_rows + C, mask=ok1, other=0.0), False, ASM)
             if RW > 2:
-                gd2 = _load_gd(gd_ptr, p + 2, ok2, ci, C)
+                gd2 = _pre_f32(tl.load(gd_rows + 2 * C, mask=ok2, other=0.0), False, ASM)
             if RW > 3:
-                gd3 = _load_gd(gd_ptr, p + 3, ok3, ci, C)
-            x_tile = (x_ptr + ((n.to(tl.int64) * H + ih0) * W + iw0) * C)[:, None] + ci[None, :]
+                gd3 = _pre_f32(tl.load(gd_rows + 3 * C, mask=ok3, other=0.0), False, ASM)
+            x_tile = x_base + (x_pos * C)[:, None] + ci[None, :]
             d0 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
             d1, d2, d3 = d0, d0, d0
             for i in tl.static_range(3):
@@ -243,13 +263,22 @@ def _dw_weight_grad_kernel(
                                 wv = tl.load(dwt_ptr + (i * 3 + j) * K_SLOT + ci)  # zero past C: no mask
                                 d0, d1, d2, d3 = _add_to(d0, d1, d2, d3, r, xf, wv)
             if STORE_D:
-                _store_d_rows(d_ptr, d0, p, tile_ok, ci, C)
+                d_rows = d_base + (p_rel * C)[:, None] + ci[None, :]
+                tl.store(d_rows, d0.to(d_ptr.dtype.element_ty), mask=tile_ok)
                 if RW > 1:
-                    _store_d_rows(d_ptr, d1, p + 1, ok1, ci, C)
+                    tl.store(d_rows + C, d1.to(d_ptr.dtype.element_ty), mask=ok1)
                 if RW > 2:
-                    _store_d_rows(d_ptr, d2, p + 2, ok2, ci, C)
+                    tl.store(d_rows + 2 * C, d2.to(d_ptr.dtype.element_ty), mask=ok2)
                 if RW > 3:
-                    _store_d_rows(d_ptr, d3, p + 3, ok3, ci, C)
+                    tl.store(d_rows + 3 * C, d3.to(d_ptr.dtype.element_ty), mask=ok3)
+            # The next tile's groups.
+            gcol += rem
+            wrap = gcol >= groups
+            gcol = tl.where(wrap, gcol - groups, gcol)
+            oh += qr + wrap.to(tl.int32)
+            wrap = oh >= Ho
+            oh = tl.where(wrap, oh - Ho, oh)
+            n += qn + wrap.to(tl.int32)
         grad_dw = _put(_put(_put(grad_dw, taps, 0, a00), taps, 1, a01), taps, 2, a02)
         grad_dw = _put(_put(_put(grad_dw, taps, 3, a10), taps, 4, a11), taps, 5, a12)
         grad_dw = _put(_put(_put(grad_dw, taps, 6, a20), taps, 7, a21), taps, 8, a22)
@@ -279,9 +308,15 @@ def _store_grad_x(acc, q, ok, c, x_ptr, gx_ptr, C, PRE_RELU: tl.constexpr):
 
 
 @triton.jit
+def _udiv(a, b):
+    """a // b for non-negative int32 a and positive b, as an unsigned division."""
+    return (a.to(tl.uint32, bitcast=True) // b.to(tl.uint32, bitcast=True)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
 def _input_grad_groups(gd_ptr, dwt_ptr, x_ptr, gx_ptr, pid_q, c, c_mask, Q, H, W, C, Ho, Wo, K_SLOT, pad_h, pad_w, dil_h,
                        KH: tl.constexpr, KW: tl.constexpr, DIL_W: tl.constexpr, PRE_RELU: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RW: tl.constexpr):
+                       ASM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RW: tl.constexpr):
     """Unit strides: BLOCK_P groups of RW horizontally adjacent input positions of one input row (the
     last group of a row cut at W). Input r of a group reads, for tap (i, j), output column
     iw0 + r + pad_w - j * DIL_W: the group's inputs share those columns, each loaded and converted once
@@ -292,9 +327,10 @@ def _input_grad_groups(gd_ptr, dwt_ptr, x_ptr, gx_ptr, pid_q, c, c_mask, Q, H, W
     groups = (W + RW - 1) // RW
     g = pid_q * BLOCK_P + tl.arange(0, BLOCK_P)
     g_ok = g < Q // W * groups
-    irow = g // groups  # n * H + ih
+    # Unsigned divisions (every operand is non-negative): half the SASS of signed ones.
+    irow = _udiv(g, groups)  # n * H + ih
     iw0 = (g - irow * groups) * RW
-    n = irow // H
+    n = _udiv(irow, H)
     ih = irow - n * H
     tile_ok = g_ok[:, None] & c_mask[None, :]
     ow_b = iw0 + pad_w - (KW - 1) * DIL_W
@@ -302,13 +338,13 @@ def _input_grad_groups(gd_ptr, dwt_ptr, x_ptr, gx_ptr, pid_q, c, c_mask, Q, H, W
     a0 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     a1, a2, a3 = a0, a0, a0
     NCOL: tl.constexpr = RW + (KW - 1) * DIL_W
-    for i in tl.static_range(KH):
+    for i in range(KH):
         oh = ih + pad_h - i * dil_h
         ok_h = tile_ok & (oh.to(tl.uint32, bitcast=True) < Ho)[:, None]
         for kk in tl.static_range(NCOL):
             k = NCOL - 1 - kk
             ok = ok_h & ((ow_b + k).to(tl.uint32, bitcast=True) < Wo)[:, None]
-            gf = tl.load(g_tile + (k - i * dil_h * Wo) * C, mask=ok, other=0.0).to(tl.float32)
+            gf = _pre_f32(tl.load(g_tile + (k - i * dil_h * Wo) * C, mask=ok, other=0.0), False, ASM)
             for r in tl.static_range(RW):
                 if r + (KW - 1) * DIL_W >= k and (r + (KW - 1) * DIL_W - k) % DIL_W == 0 and k >= r:
                     j = KW - 1 - (k - r) // DIL_W
@@ -338,19 +374,19 @@ def _dw_input_grad_kernel(
     pad_h, pad_w, dil_h,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_W: tl.constexpr,
-    PRE_RELU: tl.constexpr, C_ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RW: tl.constexpr,
+    PRE_RELU: tl.constexpr, ASM: tl.constexpr, C_ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    RW: tl.constexpr,
 ):
     C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
     # Each input position gathers from the outputs whose window covers it: oh * stride - pad + i * dil
     # = ih, for each tap (i, j). Written as a gather so that no two programs write one element.
-    c_tiles = tl.cdiv(C, BLOCK_C)
-    pid = tl.program_id(0)
-    pid_q, pid_c = pid // c_tiles, pid % c_tiles
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    # A 2-D grid (position tiles, channel blocks): no division for the program's channel block.
+    pid_q = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     if STRIDE_H == 1 and STRIDE_W == 1:
         _input_grad_groups(gd_ptr, dwt_ptr, x_ptr, gx_ptr, pid_q, c, c_mask, Q, H, W, C, Ho, Wo, K_SLOT, pad_h, pad_w,
-                           dil_h, KH, KW, DIL_W, PRE_RELU, BLOCK_P, BLOCK_C, RW)
+                           dil_h, KH, KW, DIL_W, PRE_RELU, ASM, BLOCK_P, BLOCK_C, RW)
     else:
         # Tap (i, j) reads output row (ih + pad_h - i * dil_h) / STRIDE_H, where that divides: one input
         # position per row of the tile (RW unused).
@@ -375,7 +411,7 @@ def _dw_input_grad_kernel(
                 g = tl.load(gd_ptr + ((n.to(tl.int64) * Ho + oh) * Wo + ow)[:, None] * C + c[None, :],
                             mask=ok[:, None] & c_mask[None, :], other=0.0)
                 wv = tl.load(dwt_ptr + (i * KW + j) * K_SLOT + c)  # zero past C, K_SLOT a multiple of BLOCK_C
-                acc += g.to(tl.float32) * wv[None, :]
+                acc += _pre_f32(g, False, ASM) * wv[None, :]
         _store_grad_x(acc, q, tile_ok, c, x_ptr, gx_ptr, C, PRE_RELU)
 
 
@@ -485,13 +521,25 @@ def dw_weight_grad(geo: Geometry, x: Tensor, grad_d: Tensor, dw_weight: Tensor, 
     part = new_empty((splits, c, kk), torch.float32, device)
     if store_d:
         assert dwt.shape[1] % block_c == 0 and dwt.shape[1] >= c, "the taps' pitch must be taps_pitch(C)"
+    cap = DW_MAXNREG if device.type == "cuda" and device_arch(device) >= 90 else None
     _dw_weight_grad_kernel[(splits * triton.cdiv(c, block_c),)](
         x, grad_d, part, dwt if store_d else part, d if store_d else grad_d, rows, chunk, geo.H, geo.W, c, geo.Ho,
         geo.Wo, dwt.shape[1] if store_d else c, *geo.conv_args(), KH=geo.KH, KW=geo.KW,
         KK_PAD=triton.next_power_of_2(kk), PRE_RELU=bool(pre_relu), ASM=INLINE_ASM and device.type == "cuda",
         C_ALIGN=channel_align(c), STORE_D=store_d, BLOCK_P=block_p, BLOCK_C=block_c, RW=rw,
-        STRIDE_W=geo.stride[1], DIL_W=geo.dilation[1])
+        STRIDE_W=geo.stride[1], DIL_W=geo.dilation[1], WIDE=rw > 1 and _wide_weight_grad(geo, chunk, rw),
+        num_warps=DW_WARPS, maxnreg=cap)
     return batchnorm.sum_rows(part.view(splits, -1), dw_weight.dtype).view(dw_weight.shape)
+
+
+def _wide_weight_grad(geo: Geometry, chunk: int, rw: int) -> bool:
+    """Whether `_dw_weight_grad_kernel` (3 x 3) needs int64 offsets: a program's offsets run from its first
+    image over the images its `chunk` groups of `rw` outputs span (plus one for a last partial tile and
+    the halo), in x and in grad_d and d."""
+    images = min(geo.N, chunk // max(triton.cdiv(geo.Wo, rw) * geo.Ho, 1) + 3)
+    x_span = (images * geo.H + 2 * geo.dilation[0] + geo.padding[0] + 1) * (geo.W + geo.padding[1] + 1) * geo.C
+    out_span = images * geo.Ho * geo.Wo * geo.C
+    return max(x_span, out_span) >= 2 ** 31
 
 
 def dw_backward(geo: Geometry, x: Tensor, dw: Tensor, dw_weight: Tensor, grad_d: Tensor,
@@ -514,12 +562,12 @@ def dw_input_grad(geo: Geometry, grad_d: Tensor, dwt: Tensor, x: Tensor, grad_x:
 
     def grid_x(meta):
         rows = triton.cdiv(geo.N * geo.H * triton.cdiv(geo.W, meta["RW"]) if unit else q, meta["BLOCK_P"])
-        return (rows * triton.cdiv(geo.C, meta["BLOCK_C"]),)
+        return (rows, triton.cdiv(geo.C, meta["BLOCK_C"]))
 
     _dw_input_grad_kernel[grid_x](grad_d, dwt, x, grad_x, q, position_bucket(q), geo.H, geo.W, geo.C, geo.Ho, geo.Wo,
                                   dwt.shape[1], pad_h, pad_w, dil_h, KH=geo.KH, KW=geo.KW, STRIDE_H=stride_h,
                                   STRIDE_W=stride_w, DIL_W=dil_w, PRE_RELU=bool(pre_relu),
-                                  C_ALIGN=channel_align(geo.C))
+                                  ASM=INLINE_ASM and grad_d.device.type == "cuda", C_ALIGN=channel_align(geo.C))
 
 
 def sepconv_bn_train_backward(grad_y: Tensor, x: Tensor, z: Tensor, dw_weight: Tensor, pw_weight: Tensor,

@@ -248,8 +248,10 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     return kernels
 
 
-# backward.DW_BLOCKS (BLOCK_P, BLOCK_C, RW by STORE_D) and backward.TAPS_ALIGN on a GPU
+# backward.DW_BLOCKS (BLOCK_P, BLOCK_C, RW by STORE_D), DW_WARPS, DW_MAXNREG (sm_90 and later) and
+# backward.TAPS_ALIGN on a GPU
 DW_BLOCKS = {True: (16, 32, 2), False: (16, 32, 2)}
+DW_WARPS, DW_MAXNREG = 4, 128
 TAPS_ALIGN = 64
 
 
@@ -275,10 +277,14 @@ def _dw_weight_grad(unit: Unit, arch: int, sms: int, store_d: bool) -> tuple[int
     trips = sum(cdiv(min(chunk, rows - k * chunk), block_p) for k in range(splits)) / splits  # over groups
     ints = _sizes(unit, chunk=chunk, K_SLOT=_taps_pitch(C) if store_d else C)
     ints["P"] = rows
-    return splits, _launches(bw._dw_weight_grad_kernel, unit, arch, fixed, ints,
-                             lambda m: (splits * cdiv(C, block_c), [LoopPlan("position tiles of the split", trips)],
-                                        unit.d_bytes() * (2 if store_d else 1) + unit.x_bytes() + 4 * splits * C * kk,
-                                        _dw_ffma(unit, block_p * rw, block_c, trips) if store_d else 0.0))
+    # A plain kernel launched with its warps and (sm_90+) register cap: compiled as a config of them.
+    import triton
+    config = triton.Config({}, num_warps=DW_WARPS, num_stages=1, maxnreg=DW_MAXNREG if arch >= 90 else None)
+    return splits, [Launch(kernel=bw._dw_weight_grad_kernel.__name__, config=f"fixed{_label(config)}",
+                           compile=_compiler(bw._dw_weight_grad_kernel, config, arch, unit.dtype, fixed, ints),
+                           grid=splits * cdiv(C, block_c), loops=[LoopPlan("position tiles of the split", trips)],
+                           dram_bytes=unit.d_bytes() * (2 if store_d else 1) + unit.x_bytes() + 4 * splits * C * kk,
+                           useful_ffma=_dw_ffma(unit, block_p * rw, block_c, trips) if store_d else 0.0)]
 
 
 def _dw_input_grad(unit: Unit, arch: int, taps_pitch: int) -> list[Launch]:
@@ -293,7 +299,8 @@ def _dw_input_grad(unit: Unit, arch: int, taps_pitch: int) -> list[Launch]:
 
     def dwi(m):  # unit strides: rows of RW inputs along a row of x (`backward.dw_input_grad`)
         rows = unit.batch * unit.H * cdiv(unit.W, m["RW"]) if unit_stride else unit.Q
-        return (cdiv(rows, m["BLOCK_P"]) * cdiv(C, m["BLOCK_C"]), [], unit.d_bytes() + 2 * unit.x_bytes(), 0.0)
+        loops = [LoopPlan("kernel rows", unit.K)] if unit_stride else []  # unit strides: rows not unrolled
+        return (cdiv(rows, m["BLOCK_P"]) * cdiv(C, m["BLOCK_C"]), loops, unit.d_bytes() + 2 * unit.x_bytes(), 0.0)
 
     return _launches(bw._dw_input_grad_kernel, unit, arch,
                      dict(KH=unit.K, KW=unit.K, STRIDE_H=s["stride_h"], STRIDE_W=s["stride_w"], DIL_W=s["dil_w"],
