@@ -156,6 +156,68 @@ def test_the_forward_and_the_backward_make_the_same_depthwise_output(provider, d
     torch.testing.assert_close(d, want, atol=1e-5 if dtype == torch.float32 else 2e-3, rtol=1e-3, equal_nan=True)
 
 
+# (batch, height, width, stride, dilation) for the depthwise gradients: a program's tile of groups wraps
+# across output rows and images (`_dw_weight_grad_kernel` steps them without dividing), from a 1 x 3 image
+# (more tiles' worth of groups than an image holds) to 19-wide rows (the middle flow's, cut last groups).
+DW_GRAD_CASES = [(9, 1, 3, 1, 1), (3, 2, 5, 1, 1), (2, 5, 19, 1, 1), (3, 7, 9, 2, 1), (2, 6, 11, 1, 2)]
+
+
+@pytest.mark.parametrize("case", DW_GRAD_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_depthwise_gradients_match_autograd_across_row_and_image_wraps(provider, monkeypatch, dtype, case):
+    """`backward.dw_weight_grad` (grad_dw, and d stored into a NaN-poisoned buffer) and `dw_input_grad`
+    (into a poisoned grad_x) against torch autograd of the reference depthwise in fp64, at odd sizes
+    (19 channels: full, partial and empty channel blocks), pre-ReLU on, several programs per split."""
+    from xception_fast.triton_kernels import backward
+    from xception_fast.triton_kernels import depthwise_pointwise as dp
+    from xception_fast.triton_kernels.utils import POISON_ENV_VAR
+
+    monkeypatch.setenv(POISON_ENV_VAR, "1")
+    n, h, w, stride, dil = case
+    x = torch.randn(n, 19, h, w, dtype=dtype, device=DEVICE)
+    dw = (torch.randn(19, 1, 3, 3, device=DEVICE) / 3).to(dtype)
+    spec = UnitSpec((3, 3), stride=(stride, stride), padding=(dil, dil), dilation=(dil, dil), pre_relu=True)
+    geo, xc, dwm, _ = dp._prepare(x, dw, torch.ones(8, 19, 1, 1, dtype=dtype, device=DEVICE), spec)
+    grad_d = torch.randn(geo.P, geo.C, device=DEVICE).to(dtype)
+    stored = torch.full((geo.P, geo.C), float("nan"), dtype=dtype, device=DEVICE)
+    taps = dp.depthwise_taps(dwm, geo, backward.taps_pitch(geo.C))
+    grad_dw = backward.dw_weight_grad(geo, xc, grad_d, dw, True, taps, stored)
+    grad_x = dp.empty_nhwc((geo.N, geo.C, geo.H, geo.W), dtype, DEVICE)
+    assert grad_x.isnan().all()  # poisoned
+    backward.dw_input_grad(geo, grad_d, taps, xc, grad_x, True)
+
+    x64 = x.double().requires_grad_()
+    dw64 = dw.double().requires_grad_()
+    d64 = torch.nn.functional.conv2d(torch.relu(x64), dw64, None, spec.stride, spec.padding, spec.dilation, groups=19)
+    d64.backward(grad_d.double().view(n, geo.Ho, geo.Wo, 19).permute(0, 3, 1, 2))
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-3, rtol=3e-3)
+    torch.testing.assert_close(stored, d64.detach().to(dtype).permute(0, 2, 3, 1).reshape(geo.P, geo.C), **tol)
+    torch.testing.assert_close(grad_dw.double(), dw64.grad, atol=1e-4 * max(geo.P, 1) ** 0.5, rtol=1e-3)
+    torch.testing.assert_close(grad_x.double(), x64.grad.to(dtype).double(), **tol)
+
+
+def test_depthwise_weight_gradient_int64_offsets_give_the_same_results(provider, monkeypatch):
+    """`_dw_weight_grad_kernel`'s int64 offsets (WIDE, where a program's span could pass 2^31 elements:
+    too large to test) against its int32 ones from the program's first image: the same grad_dw and d,
+    bitwise."""
+    from xception_fast.triton_kernels import backward
+    from xception_fast.triton_kernels import depthwise_pointwise as dp
+
+    x = torch.randn(3, 19, 5, 19, device=DEVICE)
+    dw = torch.randn(19, 1, 3, 3, device=DEVICE) / 3
+    spec = UnitSpec((3, 3), padding=(1, 1), pre_relu=True)
+    geo, xc, dwm, _ = dp._prepare(x, dw, torch.ones(8, 19, 1, 1, device=DEVICE), spec)
+    grad_d = torch.randn(geo.P, geo.C, device=DEVICE)
+    taps = dp.depthwise_taps(dwm, geo, backward.taps_pitch(geo.C))
+    outs = []
+    for wide in (False, True):
+        monkeypatch.setattr(backward, "_wide_weight_grad", lambda *args, wide=wide: wide)
+        d = torch.full((geo.P, geo.C), float("nan"), device=DEVICE)
+        outs.append((backward.dw_weight_grad(geo, xc, grad_d, dw, True, taps, d), d))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert not outs[0][1].isnan().any()
+
+
 def test_depthwise_int64_offsets_give_the_same_output(provider, monkeypatch):
     """`_depthwise_kernel`'s int64 offsets (WIDE, where a tile's span could pass 2^31 elements: too large
     to test) against its int32 ones from per-program bases: the same d, bitwise."""

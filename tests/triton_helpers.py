@@ -50,10 +50,13 @@ def kernels():
         (batchnorm._bn_backward_reduce_kernel, {}),
         (batchnorm._sum_rows_kernel, fixed),
         # d stored (the base variant) or not (the mid variant, or d given); unit and 2-pixel strides.
-        (backward._dw_weight_grad_kernel, dict(zip(("BLOCK_P", "BLOCK_C", "RW"), backward.DW_BLOCKS[True]), STORE_D=True)),
-        (backward._dw_weight_grad_kernel, dict(zip(("BLOCK_P", "BLOCK_C", "RW"), backward.DW_BLOCKS[False]), STORE_D=False)),
-        (backward._dw_input_grad_kernel, dict(STRIDE_H=1, STRIDE_W=1)),
-        (backward._dw_input_grad_kernel, dict(STRIDE_H=2, STRIDE_W=2)),
+        # (C is a compile-time constant of both depthwise-gradient kernels: Xception's middle flow's here)
+        (backward._dw_weight_grad_kernel, dict(zip(("BLOCK_P", "BLOCK_C", "RW"), backward.DW_BLOCKS[True]), C=728,
+                                               STORE_D=True)),
+        (backward._dw_weight_grad_kernel, dict(zip(("BLOCK_P", "BLOCK_C", "RW"), backward.DW_BLOCKS[False]), C=728,
+                                               STORE_D=False)),
+        (backward._dw_input_grad_kernel, dict(C=728, STRIDE_H=1, STRIDE_W=1)),
+        (backward._dw_input_grad_kernel, dict(C=728, STRIDE_H=2, STRIDE_W=2)),
     ]
 
 

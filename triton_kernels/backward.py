@@ -39,24 +39,25 @@ from torch import Tensor
 from xception_fast.spec import UnitSpec
 
 from . import batchnorm
-from .autotune import INTERPRET, device_arch, dw_input_grad_configs, position_bucket, position_split
+from .autotune import INTERPRET, dw_input_grad_configs, persistent_split, position_bucket, sm_count
 from .depthwise_pointwise import (Geometry, _add_to, _group_origin, _pre_f32, _prepare, _tap_rows, depthwise_taps,
                                   recompute_grad_z)
-from .utils import INLINE_ASM, channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
+from .utils import INLINE_ASM, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
 
 
 # --- kernels --------------------------------------------------------------------------------------------
 
 # Fixed blocks (BLOCK_P, BLOCK_C, RW) of the depthwise weight gradient (its split must not depend on an
-# autotuned config), by STORE_D, in 4-warp CTAs. 3 x 3: BLOCK_P groups of RW outputs along a row sharing
-# their loaded input columns, 9 fp32 accumulators of a tile in registers (+ RW of d). 16 x 32 x 2
-# compiles to 130 registers on sm_90 (three CTAs per SM), 128 under the cap DW_MAXNREG (four, no spill;
-# sm_80: 128 without it, and 8 B of spill with it, so the cap is for sm_90 and later only); RW = 4 needs
-# 168 (80 B of spill at 128), 32 x 32 x 2 181. Calibrated static estimates (sm_90 model): benchmarks/NOTES.md,
-# "Triton depthwise backward: instructions per element-tap". Other kernel sizes: BLOCK_P positions (RW unused).
-DW_BLOCKS = {True: (8, 16, 4), False: (8, 16, 4)} if INTERPRET else {True: (16, 32, 2), False: (16, 32, 2)}
+# autotuned config), by STORE_D, in DW_WARPS-warp CTAs. 3 x 3: BLOCK_P groups of RW outputs along a row
+# sharing their loaded input columns, 9 fp32 accumulators of a tile in registers (+ RW of d). A thread
+# holds 2 channels of a group: 8 x 32 x 4 compiles to 96 registers on sm_90 and sm_80 with d (five CTAs
+# per SM, DW_CTAS_PER_SM), 64-70 without (seven or eight); 8 channels a thread (16 x 32 x 2, as before)
+# need 128-130 registers (four CTAs; RW = 4 there: 168). Calibrated static estimates (sm_90 model):
+# benchmarks/NOTES.md, "Triton depthwise backward: instructions per element-tap". Other kernel sizes:
+# BLOCK_P positions (RW unused).
+DW_BLOCKS = {True: (8, 16, 4), False: (8, 16, 4)} if INTERPRET else {True: (8, 32, 4), False: (8, 32, 4)}
 DW_WARPS = 4
-DW_MAXNREG = 128
+DW_CTAS_PER_SM = 5  # resident with d stored; the split fills them in one wave
 
 
 def taps_pitch(channels: int) -> int:
@@ -175,20 +176,21 @@ def _dw_weight_grad_kernel(
     d_ptr,  # [P, C] out (only if STORE_D): the depthwise output d, input dtype, for grad_pw
     # sizes (P and chunk count groups of RW outputs for 3 x 3, positions otherwise; K_SLOT: the taps' row
     # pitch, a multiple of BLOCK_C)
-    P, chunk, H, W, C, Ho, Wo, K_SLOT,
+    P, chunk, H, W,
+    C: tl.constexpr,  # compile-time: the taps' column offsets become load immediates (one compile per C)
+    Ho, Wo, K_SLOT,
     # convolution
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     # meta-parameters (3 x 3: BLOCK_P groups of RW outputs, STRIDE_W and DIL_W the column stride and dilation,
     # WIDE: int64 offsets, `_wide_weight_grad`)
     KH: tl.constexpr, KW: tl.constexpr, KK_PAD: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr,
-    C_ALIGN: tl.constexpr, STORE_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    RW: tl.constexpr = 1, STRIDE_W: tl.constexpr = 1, DIL_W: tl.constexpr = 1, WIDE: tl.constexpr = False,
+    STORE_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RW: tl.constexpr = 1,
+    STRIDE_W: tl.constexpr = 1, DIL_W: tl.constexpr = 1, WIDE: tl.constexpr = False,
 ):
     # grad_dw[c, tap] = sum_p grad_d[p, c] * pre(x)[tap of p, c]: a split reduction over positions
     # (deterministic: fixed splits, then `batchnorm.sum_rows`). For 3 x 3 (Xception's), one register
     # accumulator per tap and one cross-warp reduction per tap per program; other kernel sizes reduce
     # each tile's products (a reduction per tap per tile: 36 barriers per tile on sm_90).
-    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
     s, c0, ci = _split_channel_block(C, BLOCK_C)
     c_ok = ci < C
     p_end = tl.minimum(s * chunk + chunk, P)
@@ -250,9 +252,10 @@ def _dw_weight_grad_kernel(
             d1, d2, d3 = d0, d0, d0
             for i in tl.static_range(3):
                 row_ok = tile_ok & ((ih0 + i * dil_h).to(tl.uint32, bitcast=True) < H)[:, None]
+                x_row = x_tile + i * dil_h * W * C
                 for k in tl.static_range(NCOL):
                     col_ok = (iw0 + k).to(tl.uint32, bitcast=True) < W
-                    xv = tl.load(x_tile + (i * dil_h * W + k) * C, mask=row_ok & col_ok[:, None], other=0.0)
+                    xv = tl.load(x_row + k * C, mask=row_ok & col_ok[:, None], other=0.0)
                     xf = _pre_f32(xv, PRE_RELU, ASM)
                     for r in tl.static_range(RW):
                         if k >= r * STRIDE_W and (k - r * STRIDE_W) % DIL_W == 0 and (k - r * STRIDE_W) // DIL_W < 3:
@@ -369,15 +372,15 @@ def _dw_input_grad_kernel(
     x_ptr,  # [N, H, W, C] input (read only if PRE_RELU, for its mask)
     gx_ptr,  # [N, H, W, C] out: grad of x
     # sizes
-    Q, Q_BUCKET, H, W, C, Ho, Wo, K_SLOT,  # Q_BUCKET: the autotuning key only; K_SLOT: the taps' row pitch
+    Q, Q_BUCKET, H, W,  # Q_BUCKET: the autotuning key only
+    C: tl.constexpr,  # compile-time (a key of the autotuner anyway): column offsets become load immediates
+    Ho, Wo, K_SLOT,  # K_SLOT: the taps' row pitch
     # convolution (the strides and the column dilation are compile-time: Xception's strides are 1 and 2)
     pad_h, pad_w, dil_h,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_W: tl.constexpr,
-    PRE_RELU: tl.constexpr, ASM: tl.constexpr, C_ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    RW: tl.constexpr,
+    PRE_RELU: tl.constexpr, ASM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RW: tl.constexpr,
 ):
-    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
     # Each input position gathers from the outputs whose window covers it: oh * stride - pad + i * dil
     # = ih, for each tap (i, j). Written as a gather so that no two programs write one element.
     # A 2-D grid (position tiles, channel blocks): no division for the program's channel block.
@@ -517,19 +520,26 @@ def dw_weight_grad(geo: Geometry, x: Tensor, grad_d: Tensor, dw_weight: Tensor, 
     # 3 x 3 splits groups of rw outputs along a row (the kernel's P and chunk count groups), else positions.
     rw = rw if geo.KH == 3 and geo.KW == 3 else 1
     rows = geo.N * geo.Ho * triton.cdiv(geo.Wo, rw) if rw > 1 else geo.P
-    splits, chunk = position_split(rows, triton.cdiv(c, block_c), device)
+    splits, chunk = weight_grad_split(rows, triton.cdiv(c, block_c), device)
     part = new_empty((splits, c, kk), torch.float32, device)
     if store_d:
         assert dwt.shape[1] % block_c == 0 and dwt.shape[1] >= c, "the taps' pitch must be taps_pitch(C)"
-    cap = DW_MAXNREG if device.type == "cuda" and device_arch(device) >= 90 else None
     _dw_weight_grad_kernel[(splits * triton.cdiv(c, block_c),)](
         x, grad_d, part, dwt if store_d else part, d if store_d else grad_d, rows, chunk, geo.H, geo.W, c, geo.Ho,
         geo.Wo, dwt.shape[1] if store_d else c, *geo.conv_args(), KH=geo.KH, KW=geo.KW,
         KK_PAD=triton.next_power_of_2(kk), PRE_RELU=bool(pre_relu), ASM=INLINE_ASM and device.type == "cuda",
-        C_ALIGN=channel_align(c), STORE_D=store_d, BLOCK_P=block_p, BLOCK_C=block_c, RW=rw,
+        STORE_D=store_d, BLOCK_P=block_p, BLOCK_C=block_c, RW=rw,
         STRIDE_W=geo.stride[1], DIL_W=geo.dilation[1], WIDE=rw > 1 and _wide_weight_grad(geo, chunk, rw),
-        num_warps=DW_WARPS, maxnreg=cap)
+        num_warps=DW_WARPS)
     return batchnorm.sum_rows(part.view(splits, -1), dw_weight.dtype).view(dw_weight.shape)
+
+
+def weight_grad_split(rows: int, channel_blocks: int, device: torch.device) -> tuple[int, int]:
+    """(splits, chunk) of `_dw_weight_grad_kernel`: `splits` programs along the rows (groups or positions),
+    each owning `chunk` consecutive ones (a multiple of POSITION_ALIGN), times `channel_blocks`: one wave of
+    as many programs as fit resident (DW_CTAS_PER_SM per SM). Fixed by the shape, so that the partial
+    buffer has a known size and the reduction order a fixed one."""
+    return persistent_split(rows, max(1, sm_count(device) * DW_CTAS_PER_SM // max(channel_blocks, 1)))
 
 
 def _wide_weight_grad(geo: Geometry, chunk: int, rw: int) -> bool:
@@ -567,7 +577,7 @@ def dw_input_grad(geo: Geometry, grad_d: Tensor, dwt: Tensor, x: Tensor, grad_x:
     _dw_input_grad_kernel[grid_x](grad_d, dwt, x, grad_x, q, position_bucket(q), geo.H, geo.W, geo.C, geo.Ho, geo.Wo,
                                   dwt.shape[1], pad_h, pad_w, dil_h, KH=geo.KH, KW=geo.KW, STRIDE_H=stride_h,
                                   STRIDE_W=stride_w, DIL_W=dil_w, PRE_RELU=bool(pre_relu),
-                                  ASM=INLINE_ASM and grad_d.device.type == "cuda", C_ALIGN=channel_align(geo.C))
+                                  ASM=INLINE_ASM and grad_d.device.type == "cuda")
 
 
 def sepconv_bn_train_backward(grad_y: Tensor, x: Tensor, z: Tensor, dw_weight: Tensor, pw_weight: Tensor,

@@ -248,10 +248,10 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     return kernels
 
 
-# backward.DW_BLOCKS (BLOCK_P, BLOCK_C, RW by STORE_D), DW_WARPS, DW_MAXNREG (sm_90 and later) and
-# backward.TAPS_ALIGN on a GPU
-DW_BLOCKS = {True: (16, 32, 2), False: (16, 32, 2)}
-DW_WARPS, DW_MAXNREG = 4, 128
+# backward.DW_BLOCKS (BLOCK_P, BLOCK_C, RW by STORE_D), DW_WARPS, DW_CTAS_PER_SM and backward.TAPS_ALIGN
+# on a GPU
+DW_BLOCKS = {True: (8, 32, 4), False: (8, 32, 4)}
+DW_WARPS, DW_CTAS_PER_SM = 4, 5
 TAPS_ALIGN = 64
 
 
@@ -269,17 +269,18 @@ def _dw_weight_grad(unit: Unit, arch: int, sms: int, store_d: bool) -> tuple[int
     block_p, block_c, rw = DW_BLOCKS[store_d]
     rw = rw if unit.K == 3 else 1  # 3 x 3: groups of rw outputs along a row (`backward.dw_weight_grad`)
     rows = unit.batch * unit.Ho * cdiv(unit.Wo, rw) if rw > 1 else P
-    splits, chunk = position_split(rows, cdiv(C, block_c), sms)
+    # `backward.weight_grad_split`: one wave of DW_CTAS_PER_SM programs per SM
+    splits, chunk = persistent_split(rows, max(1, sms * DW_CTAS_PER_SM // cdiv(C, block_c)), 1)
     s = unit.conv_ints()
     fixed = dict(KH=unit.K, KW=unit.K, KK_PAD=1 << (kk - 1).bit_length(), PRE_RELU=unit.shape.pre_relu,
-                 C_ALIGN=_channel_align(C), STORE_D=store_d, BLOCK_P=block_p, BLOCK_C=block_c, RW=rw,
+                 C=C, STORE_D=store_d, BLOCK_P=block_p, BLOCK_C=block_c, RW=rw,
                  STRIDE_W=s["stride_w"], DIL_W=s["dil_w"])
     trips = sum(cdiv(min(chunk, rows - k * chunk), block_p) for k in range(splits)) / splits  # over groups
     ints = _sizes(unit, chunk=chunk, K_SLOT=_taps_pitch(C) if store_d else C)
     ints["P"] = rows
-    # A plain kernel launched with its warps and (sm_90+) register cap: compiled as a config of them.
+    # A plain kernel launched with its warps: compiled as a config of them.
     import triton
-    config = triton.Config({}, num_warps=DW_WARPS, num_stages=1, maxnreg=DW_MAXNREG if arch >= 90 else None)
+    config = triton.Config({}, num_warps=DW_WARPS, num_stages=1)
     return splits, [Launch(kernel=bw._dw_weight_grad_kernel.__name__, config=f"fixed{_label(config)}",
                            compile=_compiler(bw._dw_weight_grad_kernel, config, arch, unit.dtype, fixed, ints),
                            grid=splits * cdiv(C, block_c), loops=[LoopPlan("position tiles of the split", trips)],
@@ -304,7 +305,7 @@ def _dw_input_grad(unit: Unit, arch: int, taps_pitch: int) -> list[Launch]:
 
     return _launches(bw._dw_input_grad_kernel, unit, arch,
                      dict(KH=unit.K, KW=unit.K, STRIDE_H=s["stride_h"], STRIDE_W=s["stride_w"], DIL_W=s["dil_w"],
-                          PRE_RELU=unit.shape.pre_relu, C_ALIGN=_channel_align(C)),
+                          PRE_RELU=unit.shape.pre_relu, C=C),
                      dict(Q=unit.Q, H=unit.H, W=unit.W, C=C, Ho=unit.Ho, Wo=unit.Wo, K_SLOT=taps_pitch,
                           **unit.conv_ints()), dwi)
 
