@@ -169,12 +169,12 @@ def dw_input_grad_configs() -> list[triton.Config]:
     RW, warps). With unit strides a row is a group of RW horizontally adjacent input positions that
     share the grad_d columns their taps read (as the forward's groups), the kernel rows in a loop (not
     unrolled: one row's columns and taps live at a time); other strides take one position per row.
-    BLOCK_C divides `backward.TAPS_ALIGN` (the taps are read unmasked). sm_90, bf16, middle unit:
-    16 x 32 x 4 w2 96 registers (10 CTAs per SM), 3.4 SASS instructions per element-tap; 32 x 32 x 2 w4
-    56 registers (9 CTAs), 4.6; one position per row 64 x 32 w4 (the strided path's config). Calibrated
-    static estimates (sm_90 model) in benchmarks/NOTES.md, "Triton depthwise backward: instructions per
-    element-tap". Pruned: 16 x 32 x 4 w2 capped at 80-88 registers (16-24 B of spill), 32 x 32 x 4 w4
-    (the code of 16 x 32 x 4 w2 in bigger CTAs)."""
+    BLOCK_C divides `backward.TAPS_ALIGN` (the taps are read unmasked). sm_90, bf16, middle unit, SASS
+    instructions per element-tap: 16 x 32 x 4 w2 3.3 at 96 registers (10 CTAs per SM; the calibrated
+    pick on the middle, entry and exit units), 32 x 32 x 2 w4 4.3 at 62 (8), 64 x 32 x 1 w4 5.1 at 62
+    (the strided path's config). Calibrated static estimates (sm_90 model) in benchmarks/NOTES.md,
+    "Triton depthwise backward: instructions per element-tap". Pruned: 16 x 32 x 4 w2 capped at 80-88
+    registers (16-24 B of spill), 32 x 32 x 4 w4 (the code of 16 x 32 x 4 w2 in bigger CTAs)."""
     gpu = [
         (16, 32, 4, 2, 1),
         (32, 32, 2, 4, 1),
