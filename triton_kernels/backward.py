@@ -203,14 +203,13 @@ def _dw_weight_grad_kernel(
         tl.static_assert(RW <= 4, "a group holds at most 4 outputs (`_add_to`)")
         groups = (Wo + RW - 1) // RW
         g_begin = s * chunk
-        # Each lane's group as (n, oh, gcol), divided once here and then stepped by BLOCK_P groups per
-        # tile without a division (two signed divisions cost about 50 SASS instructions per tile):
-        # BLOCK_P = q * groups + rem, q = qn * Ho + qr; each wrap below happens at most once.
-        g = g_begin + tl.arange(0, BLOCK_P)
-        orow = g // groups
-        gcol = g - orow * groups
-        n = orow // Ho
-        oh = orow - n * Ho
+        # Each lane's group as (n, oh, its index gcol in the row), divided out once here (`_group_origin`,
+        # the forward's) and then stepped by BLOCK_P groups per tile without a division (two signed
+        # divisions cost about 50 SASS instructions per tile): BLOCK_P = q * groups + rem,
+        # q = qn * Ho + qr; each wrap below happens at most once.
+        _, ow0, n, oh, _, _ = _group_origin(g_begin + tl.arange(0, BLOCK_P), groups, Ho, stride_h, pad_h, pad_w, RW,
+                                            STRIDE_W)
+        gcol = ow0 // RW
         q = BLOCK_P // groups
         rem = BLOCK_P - q * groups
         qn = q // Ho
