@@ -218,6 +218,36 @@ def test_depthwise_weight_gradient_int64_offsets_give_the_same_results(provider,
     assert not outs[0][1].isnan().any()
 
 
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=str)
+def test_every_group_width_and_chunk_count_gives_the_same_depthwise_output(provider, monkeypatch, case):
+    """`_depthwise_kernel` with the group widths (RW) and channel chunks per program of the GPU's configs
+    (the interpreter pins one): the same d, bitwise, over a NaN buffer (padding rows included), as the
+    pinned config, whose d the test above matches with the backward's. Each output sums its taps in the
+    same order whichever outputs share its loads."""
+    import triton
+
+    from xception_fast.triton_kernels import autotune
+    from xception_fast.triton_kernels import depthwise_pointwise as dp
+
+    k, stride, pad, dil, width = case
+    x = torch.randn(3, 19, 5, width, device=DEVICE)
+    dw = torch.randn(19, 1, k, k, device=DEVICE) / k
+    spec = UnitSpec((k, k), stride=(stride, stride), padding=(pad, pad), dilation=(dil, dil), pre_relu=True)
+    geo, xc, dwm, _ = dp._prepare(x, dw, torch.ones(8, 19, 1, 1, device=DEVICE), spec)
+    rows = -(-geo.P // autotune.POSITION_ALIGN) * autotune.POSITION_ALIGN
+
+    def run():
+        out = torch.full((rows, dp.slot_width(geo.C)), float("nan"), device=DEVICE)
+        return dp.depthwise(xc, dwm, geo, True, out=out)
+
+    pinned = run()
+    assert not pinned.isnan().any()
+    for rw, chunks, groups in ((1, 1, 8), (2, 3, 4), (3, 1, 8), (3, 4, 16), (4, 1, 2)):
+        config = triton.Config(dict(BLOCK_G=groups, BLOCK_D=16, RW=rw, CHUNKS=chunks), num_warps=4, num_stages=1)
+        monkeypatch.setattr(dp._depthwise_kernel, "configs", [config])
+        assert torch.equal(run(), pinned), (rw, chunks, groups)
+
+
 def test_depthwise_int64_offsets_give_the_same_output(provider, monkeypatch):
     """`_depthwise_kernel`'s int64 offsets (WIDE, where a tile's span could pass 2^31 elements: too large
     to test) against its int32 ones from per-program bases: the same d, bitwise."""

@@ -131,24 +131,26 @@ DEPTHWISE_MAX_GROUPS = 128
 
 def depthwise_configs() -> list[triton.Config]:
     """`depthwise_pointwise._depthwise_kernel`: (BLOCK_G groups of RW horizontally adjacent outputs,
-    BLOCK_D channels, RW, warps). A thread holds 8 channels (one 16-byte load) of one group; RW outputs
-    side by side share the input columns their windows overlap on (loaded and converted once: 3.3
-    SASS instructions per element-tap at RW = 4 against 5.9 for one output per thread, sm_90). All
-    three compile to about 128 registers (the loads are hoisted), 4 warps per scheduler. Calibrated
-    static estimate (sm_90 model), middle / entry (block1.rep.0) / exit (conv4) unit, us: 32 x 32 x 4
-    w4 145 / 808 / 108, 16 x 32 x 4 w2 150 / 745 / 100, 32 x 32 x 2 w4 189 / 843 / 94 (RW = 2 wastes
-    no lanes on the exit flow's 10-wide rows, where RW = 4 computes 12). Pruned there: 64 x 64 x 2 w8
-    (168 registers, one CTA per SM: 304 us middle), RW = 3 (139 registers, 211), 16 x 64 x 4 w4 (the
-    code of 16 x 32 x 4 w2 in bigger CTAs), register caps (`maxnreg` 96-128: spills). BLOCK_D divides
-    SLOT_ALIGN: the grid covers d's columns exactly. The interpreter: 16-channel chunks, so that a
-    19-channel layer spans full, partial and empty ones, and groups of 4, so that odd widths cut the
-    last group of a row."""
+    BLOCK_D channels, RW, CHUNKS channel chunks per program, warps). A thread holds 8 channels (one
+    16-byte load) of one group; RW outputs side by side share the input columns their windows overlap
+    on. A program walks its CHUNKS chunks in a run-time loop (its positions' divisions and bases once
+    for them all) and each chunk's kernel rows in a run-time loop: unrolled, the compiler hoists every
+    load of a chunk and needs 128-233 registers (2-4 CTAs per SM); rolled, 80 (RW = 3), 66 (RW = 2)
+    and 104 (RW = 4) on sm_90, 6, 7 and 9 CTAs per SM. Calibrated static estimate (sm_90 model),
+    middle / entry (block1.rep.1) / exit (conv4) unit, us: 32 x 32 x 3 x 8 w4 114 / 1,010 / 65,
+    32 x 32 x 2 x 8 w4 114 / 1,102 / 59, 16 x 32 x 4 x 8 w2 120 / 1,097 / 68. Pruned there: RW = 4
+    at 4 warps (104 registers, 4 CTAs: 135 us middle), `maxnreg` 80-96 on RW = 4 (no spill at 96, 5
+    CTAs: 118; spills at 80), BLOCK_D 16 (64 registers, 3.7 instructions per element-tap: 117), more
+    chunks per program (24: 1% fewer instructions). BLOCK_D divides SLOT_ALIGN: the chunks cover d's
+    columns exactly. The interpreter: 16-channel chunks, two per program, so that a 19-channel layer
+    spans full, partial and empty ones and programs loop; groups of 4, so that odd widths cut the last
+    group of a row (the tests run RW = 2 and 3 as well)."""
     gpu = [
-        (32, 32, 4, 4, 1),
-        (16, 32, 4, 2, 1),
-        (32, 32, 2, 4, 1),
+        (32, 32, 3, 8, 4, 1),
+        (32, 32, 2, 8, 4, 1),
+        (16, 32, 4, 8, 2, 1),
     ]
-    return _configs(gpu, (8, _PINNED_C, 4, 4, 1), ("BLOCK_G", "BLOCK_D", "RW"))
+    return _configs(gpu, (8, _PINNED_C, 4, 2, 4, 1), ("BLOCK_G", "BLOCK_D", "RW", "CHUNKS"))
 
 
 def device_arch(device: torch.device) -> int:

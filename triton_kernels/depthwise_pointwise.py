@@ -362,12 +362,13 @@ def _group_origin(g, groups, Ho, stride_h, pad_h, pad_w, RW: tl.constexpr, STRID
 
 
 @triton.jit
-def _store_output(d_base, d, rel, ok, ci, mid_ptr, K_SLOT, MID_BN: tl.constexpr, MID_ACT: tl.constexpr):
-    """Store one output of each group: d [BLOCK_G, BLOCK_D] fp32 (the mid variant: act(midBN(d))) at the
-    rows `rel` of d_base (int32 offsets from the program's first row), where `ok`."""
+def _store_output(d_rows, d, r: tl.constexpr, ok, g_ok, ci, mid_ptr, K_SLOT, MID_BN: tl.constexpr,
+                  MID_ACT: tl.constexpr):
+    """Store output r of each group: d [BLOCK_G, BLOCK_D] fp32 (the mid variant: act(midBN(d)), zero in
+    the padding rows, past g_ok) at d_rows (each group's first output row of d) + r rows, where `ok`."""
     if MID_BN != 0 or MID_ACT != "":
-        d = mid_transform(d, mid_ptr, ci, K_SLOT, d_base, MID_BN, MID_ACT)
-    tl.store(d_base + rel[:, None] * K_SLOT + ci[None, :], d.to(d_base.dtype.element_ty), mask=ok[:, None])
+        d = tl.where(g_ok[:, None], mid_transform(d, mid_ptr, ci, K_SLOT, d_rows, MID_BN, MID_ACT), 0.0)
+    tl.store(d_rows[:, None] + (r * K_SLOT + ci)[None, :], d.to(d_rows.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.autotune(configs=depthwise_configs(), key=["C", "P_BUCKET", "KH", "KW", "STRIDE_W", "DIL_W"])
@@ -380,75 +381,80 @@ def _depthwise_kernel(
     stride_h, pad_h, pad_w, dil_h,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE_W: tl.constexpr, DIL_W: tl.constexpr, PRE_RELU: tl.constexpr,
     ASM: tl.constexpr, C_ALIGN: tl.constexpr, WIDE: tl.constexpr, P_ALIGN: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, RW: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, RW: tl.constexpr, CHUNKS: tl.constexpr,
     # the mid variant (`mid_act`): [3, K_SLOT] fp32 vectors, never read when both are off
     mid_ptr=None, MID_BN: tl.constexpr = 0, MID_ACT: tl.constexpr = "",
 ):
-    # Program (tile of BLOCK_G groups, channel chunk): a group is RW horizontally adjacent outputs of one
-    # output row (the last group of a row is cut at Wo), so the input columns their windows share are
-    # loaded, pre-ReLU'd and converted once and feed every tap that reads them (3x3, stride 1, RW = 4:
-    # 6 loads per kernel row for 12 taps instead of 12). Each output still sums its taps from zero in
-    # the order (i, j) in fp32 FMAs, rounded to the input dtype (where the unfused path stores it).
+    # Program (tile of BLOCK_G groups, CHUNKS channel chunks): a group is RW horizontally adjacent outputs
+    # of one output row (the last group of a row is cut at Wo), so the input columns their windows share
+    # are loaded, pre-ReLU'd and converted once and feed every tap that reads them (3x3, stride 1, RW = 3:
+    # 5 loads per kernel row for 9 taps instead of 9). Each output still sums its taps from zero in the
+    # order (i, j) in fp32 FMAs, rounded to the input dtype (where the unfused path stores it).
     # Offsets are int32 from a per-program 64-bit base (x: the first image of the tile; d: its first
     # output row) unless the host found a tile's span could pass 2^31 elements (WIDE). The mid variant
     # stores act(midBN(d)) instead (`mid_transform`; its vectors are zero past C, so those columns
-    # stay 0). The grid covers K_SLOT exactly (BLOCK_D divides SLOT_ALIGN): the columns past C come out
-    # 0 (masked loads, zero taps); the rows past P are zeroed by the first tile of each chunk.
+    # stay 0). The chunks cover K_SLOT exactly (BLOCK_D divides SLOT_ALIGN): the columns past C come out
+    # 0 (masked loads, zero taps). Both loops below are run-time loops on purpose: unrolled, the compiler
+    # hoists every load of a chunk (128-233 registers, `autotune.depthwise_configs`).
     C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
     K_SLOT = K_SLOT // SLOT_COLS * SLOT_COLS
-    c0 = tl.program_id(1) * BLOCK_D
-    ci = c0 + tl.arange(0, BLOCK_D)
-    c_ok = ci < C
     tl.static_assert(RW <= 4, "a group holds at most 4 outputs (`_add_to`)")
     groups = (Wo + RW - 1) // RW  # per output row
-    rows = P // Wo  # output rows N * Ho
     g0 = tl.program_id(0) * BLOCK_G
     g = g0 + tl.arange(0, BLOCK_G)
-    g_ok = g < rows * groups
     orow, ow0, n, oh, ih0, iw0 = _group_origin(g, groups, Ho, stride_h, pad_h, pad_w, RW, STRIDE_W)
+    g_ok = orow * Wo < P  # orow < N * Ho without a division (P = N * Ho * Wo)
     row0 = g0 // groups  # the tile's first output row, and its image
     n0 = row0 // Ho
     x_base = x_ptr + n0.to(tl.int64) * H * W * C
     pos = ((n - n0) * H + ih0) * W + iw0  # of the top-left tap, from x_base
+    rel = (orow - row0) * Wo + ow0  # of the group's first output, in rows of d from d_base
     if WIDE:
         pos = pos.to(tl.int64)
+        rel = rel.to(tl.int64)
     x_off = pos * C
-    a0 = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
-    a1, a2, a3 = a0, a0, a0
+    d_rows = d_ptr + (row0 * Wo).to(tl.int64) * K_SLOT + rel * K_SLOT
+    # The grid also covers d's padding rows [P, P_pad) (which the GEMM reads unmasked) as rows of groups
+    # past the last image: their loads are masked off (g_ok), so they store zeros.
+    p_pad = (P + P_ALIGN - 1) // P_ALIGN * P_ALIGN
+    in_d = orow * Wo + ow0  # d's row of the group's first output
+    ok0 = in_d < p_pad
+    ok1 = (in_d + 1 < p_pad) & (ow0 + 1 < Wo)
+    ok2 = (in_d + 2 < p_pad) & (ow0 + 2 < Wo)
+    ok3 = (in_d + 3 < p_pad) & (ow0 + 3 < Wo)
     # The columns the group's windows read: k = r * STRIDE_W + j * DIL_W for output r, tap j. Loads of a
     # column no output reads (stride and dilation both > 1) have no use and compile away.
     NCOL: tl.constexpr = (RW - 1) * STRIDE_W + (KW - 1) * DIL_W + 1
-    # Masks: an input row's (with the group's and the channels') once per kernel row, a column's once per
-    # column; one unsigned compare each tests both bounds (a negative index wraps above H or W).
-    for i in tl.static_range(KH):
-        ih = ih0 + i * dil_h
-        row_ok = (g_ok & (ih.to(tl.uint32, bitcast=True) < H))[:, None] & c_ok[None, :]
-        row_ptrs = x_base + (x_off + i * dil_h * W * C)[:, None] + ci[None, :]
-        for k in tl.static_range(NCOL):
-            col_ok = (iw0 + k).to(tl.uint32, bitcast=True) < W
-            xv = tl.load(row_ptrs + k * C, mask=row_ok & col_ok[:, None], other=0.0)
-            xf = _pre_f32(xv, PRE_RELU, ASM)
-            for r in tl.static_range(RW):
-                if k >= r * STRIDE_W and (k - r * STRIDE_W) % DIL_W == 0 and (k - r * STRIDE_W) // DIL_W < KW:
-                    # fp32 taps, zero-padded to K_SLOT: no mask
-                    wv = tl.load(dwt_ptr + (i * KW + (k - r * STRIDE_W) // DIL_W) * K_SLOT + ci)
-                    a0, a1, a2, a3 = _add_to(a0, a1, a2, a3, r, xf, wv)
-    d_base = d_ptr + (row0 * Wo).to(tl.int64) * K_SLOT
-    rel = (orow - row0) * Wo + ow0  # of the group's first output, in rows of d from d_base
-    if WIDE:
-        rel = rel.to(tl.int64)
-    _store_output(d_base, a0, rel, g_ok, ci, mid_ptr, K_SLOT, MID_BN, MID_ACT)
-    if RW > 1:
-        _store_output(d_base, a1, rel + 1, g_ok & (ow0 + 1 < Wo), ci, mid_ptr, K_SLOT, MID_BN, MID_ACT)
-    if RW > 2:
-        _store_output(d_base, a2, rel + 2, g_ok & (ow0 + 2 < Wo), ci, mid_ptr, K_SLOT, MID_BN, MID_ACT)
-    if RW > 3:
-        _store_output(d_base, a3, rel + 3, g_ok & (ow0 + 3 < Wo), ci, mid_ptr, K_SLOT, MID_BN, MID_ACT)
-    if tl.program_id(0) == 0:  # the padding rows [P, P_pad), which the GEMM reads unmasked
-        pad = P + tl.arange(0, P_ALIGN)
-        tl.store(d_ptr + pad.to(tl.int64)[:, None] * K_SLOT + ci[None, :],
-                 tl.zeros((P_ALIGN, BLOCK_D), dtype=d_ptr.dtype.element_ty),
-                 mask=(pad < (P + P_ALIGN - 1) // P_ALIGN * P_ALIGN)[:, None])
+    # The program's channel chunks in turn (CHUNKS of them, the last program's cut at K_SLOT): all of the
+    # above (the divisions of `_group_origin`, the bases, the masks) is computed once for them all.
+    c_first = tl.program_id(1) * (CHUNKS * BLOCK_D)
+    for c0 in tl.range(c_first, tl.minimum(c_first + CHUNKS * BLOCK_D, K_SLOT), BLOCK_D):
+        ci = c0 + tl.arange(0, BLOCK_D)
+        c_ok = ci < C
+        a0 = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+        a1, a2, a3 = a0, a0, a0
+        # Masks: an input row's (with the group's and the channels') once per kernel row, a column's once
+        # per column; one unsigned compare each tests both bounds (a negative index wraps above H or W).
+        for i in tl.range(KH):  # rolled: one kernel row's loads live at a time
+            ih = ih0 + i * dil_h
+            row_ok = (g_ok & (ih.to(tl.uint32, bitcast=True) < H))[:, None] & c_ok[None, :]
+            row_ptrs = x_base + (x_off + i * dil_h * W * C)[:, None] + ci[None, :]
+            for k in tl.static_range(NCOL):
+                col_ok = (iw0 + k).to(tl.uint32, bitcast=True) < W
+                xv = tl.load(row_ptrs + k * C, mask=row_ok & col_ok[:, None], other=0.0)
+                xf = _pre_f32(xv, PRE_RELU, ASM)
+                for r in tl.static_range(RW):
+                    if k >= r * STRIDE_W and (k - r * STRIDE_W) % DIL_W == 0 and (k - r * STRIDE_W) // DIL_W < KW:
+                        # fp32 taps, zero-padded to K_SLOT: no mask
+                        wv = tl.load(dwt_ptr + (i * KW + (k - r * STRIDE_W) // DIL_W) * K_SLOT + ci)
+                        a0, a1, a2, a3 = _add_to(a0, a1, a2, a3, r, xf, wv)
+        _store_output(d_rows, a0, 0, ok0, g_ok, ci, mid_ptr, K_SLOT, MID_BN, MID_ACT)
+        if RW > 1:
+            _store_output(d_rows, a1, 1, ok1, g_ok, ci, mid_ptr, K_SLOT, MID_BN, MID_ACT)
+        if RW > 2:
+            _store_output(d_rows, a2, 2, ok2, g_ok, ci, mid_ptr, K_SLOT, MID_BN, MID_ACT)
+        if RW > 3:
+            _store_output(d_rows, a3, 3, ok3, g_ok, ci, mid_ptr, K_SLOT, MID_BN, MID_ACT)
 
 
 # The GEMM kernels: the same persistent loop, three epilogues. Shared arguments: d_op [P_pad, K_SLOT]
@@ -643,7 +649,10 @@ def depthwise(x: Tensor, dw: Tensor, geo: Geometry, pre_relu: bool, mid: Optiona
     (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = geo.stride, geo.padding, geo.dilation
 
     def grid(meta):
-        return (triton.cdiv(geo.N * geo.Ho * triton.cdiv(geo.Wo, meta["RW"]), meta["BLOCK_G"]), k_slot // meta["BLOCK_D"])
+        # output rows through d's padding rows (`_depthwise_kernel` zeroes them), in groups
+        groups = triton.cdiv(rows, geo.Wo) * triton.cdiv(geo.Wo, meta["RW"])
+        return (triton.cdiv(groups, meta["BLOCK_G"]),
+                triton.cdiv(k_slot // meta["BLOCK_D"], meta["CHUNKS"]))
 
     _depthwise_kernel[grid](x, depthwise_taps(dw, geo, k_slot), d, geo.P, position_bucket(geo.P), geo.H, geo.W, geo.C,
                             geo.Ho, geo.Wo, k_slot, stride_h, pad_h, pad_w, dil_h, KH=geo.KH, KW=geo.KW,

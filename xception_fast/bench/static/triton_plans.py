@@ -59,8 +59,10 @@ def _d_bytes(unit: Unit) -> int:
 
 
 def _depthwise(unit: Unit, arch: int, training: bool) -> list[Launch]:
-    """`depthwise_pointwise._depthwise_kernel`: one CTA per (tile of BLOCK_G groups of RW outputs,
-    channel chunk) of d, no run-time loop (the taps are unrolled); reads x once, writes d once."""
+    """`depthwise_pointwise._depthwise_kernel`: one CTA per (tile of BLOCK_G groups of RW outputs, CHUNKS
+    channel chunks) of d, the tiles running on through d's padding rows; a run-time loop over the
+    chunks (when more than one) around one over the kernel rows (the columns and taps are unrolled);
+    reads x once, writes d once."""
     from xception_fast.triton_kernels import depthwise_pointwise as dp
 
     k_slot = _slot_width(unit)
@@ -70,9 +72,15 @@ def _depthwise(unit: Unit, arch: int, training: bool) -> list[Launch]:
     ints = _sizes(unit, K_SLOT=k_slot)
 
     def plan(m):
-        groups = cdiv(unit.batch * unit.Ho * cdiv(unit.Wo, m["RW"]), m["BLOCK_G"])
-        return (groups * (k_slot // m["BLOCK_D"]), [], unit.x_bytes() + _d_bytes(unit),
-                _dw_ffma(unit, m["BLOCK_G"] * m["RW"], m["BLOCK_D"], 1))
+        p_pad = cdiv(unit.P, POSITION_ALIGN) * POSITION_ALIGN  # the grid covers d's padding rows too
+        groups = cdiv(cdiv(p_pad, unit.Wo) * cdiv(unit.Wo, m["RW"]), m["BLOCK_G"])
+        chunks = k_slot // m["BLOCK_D"]
+        programs = cdiv(chunks, m["CHUNKS"])
+        # one chunk per program compiles to straight-line code (the loop runs at most once)
+        loops = [LoopPlan("channel chunks of the program", chunks / programs)] if m["CHUNKS"] > 1 else []
+        loops.append(LoopPlan("kernel rows", unit.K))
+        return (groups * programs, loops, unit.x_bytes() + _d_bytes(unit),
+                _dw_ffma(unit, m["BLOCK_G"] * m["RW"], m["BLOCK_D"], chunks / programs))
 
     return _launches(dp._depthwise_kernel, unit, arch, flags, ints, plan)
 
