@@ -138,13 +138,13 @@ def depthwise_configs() -> list[triton.Config]:
     load of a chunk and needs 128-233 registers (2-4 CTAs per SM); rolled, 80 (RW = 3), 66 (RW = 2)
     and 104 (RW = 4) on sm_90, 6, 7 and 9 CTAs per SM. Calibrated static estimate (sm_90 model),
     middle / entry (block1.rep.1) / exit (conv4) unit, us: 32 x 32 x 3 x 8 w4 114 / 1,010 / 65,
-    32 x 32 x 2 x 8 w4 114 / 1,102 / 59, 16 x 32 x 4 x 8 w2 120 / 1,097 / 68. Pruned there: RW = 4
+    32 x 32 x 2 x 8 w4 114 / 1,102 / 59, 16 x 32 x 4 x 8 w2 120 / 1,151 / 71. Pruned there: RW = 4
     at 4 warps (104 registers, 4 CTAs: 135 us middle), `maxnreg` 80-96 on RW = 4 (no spill at 96, 5
     CTAs: 118; spills at 80), BLOCK_D 16 (64 registers, 3.7 instructions per element-tap: 117), more
     chunks per program (24: 1% fewer instructions). BLOCK_D divides SLOT_ALIGN: the chunks cover d's
     columns exactly. The interpreter: 16-channel chunks, two per program, so that a 19-channel layer
     spans full, partial and empty ones and programs loop; groups of 4, so that odd widths cut the last
-    group of a row (the tests run RW = 2 and 3 as well)."""
+    group of a row (a test runs RW = 1 to 3 and other chunk counts as well)."""
     gpu = [
         (32, 32, 3, 8, 4, 1),
         (32, 32, 2, 8, 4, 1),
