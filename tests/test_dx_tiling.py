@@ -9,13 +9,12 @@ No GPU needed.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_infer_tiling import ROOT, _compiler  # noqa: E402
+from test_infer_tiling import header_program_lines, shape_rows  # noqa: E402
 
 _DX = r"""
 #include <cstdio>
@@ -40,19 +39,11 @@ def test_the_grad_x_plan_picks_the_launchers_tiles(tmp_path):
     from xception_fast.bench.static import cuda_tiling
     from xception_fast.bench.static.machine import A100_SXM, H100_SXM
 
-    cxx = _compiler()
-    if cxx is None:
-        pytest.skip("no host C++ compiler (c++, g++, clang++ or $CXX) to build the tiling header")
     shapes = [(4, s.in_channels, s.height, s.width, 1, 1, e, m.smem_per_block)
               for s in unit_shapes(299) for e in (2, 4) for m in (H100_SXM, A100_SXM)]
     shapes += [(2, 64, 9, 700, 1, 1, 2, H100_SXM.smem_per_block), (2, 96, 33, 35, 2, 2, 2, H100_SXM.smem_per_block),
                (1, 8, 5, 300, 0, 1, 4, A100_SXM.smem_per_block), (1, 8, 5, 3000, 1, 1, 2, 20000), (1, 8, 5, 3000, 1, 1, 2, 4000)]
-    source = tmp_path / "dx.cpp"
-    source.write_text(_DX.replace("SHAPES", ", ".join("{" + ", ".join(map(str, s)) + "}" for s in shapes)))
-    build = subprocess.run([cxx, "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(source), "-o", str(tmp_path / "d")],
-                           capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr
-    lines = subprocess.run([str(tmp_path / "d")], capture_output=True, text=True, check=True).stdout.splitlines()
+    lines = header_program_lines(tmp_path, "dx", _DX.replace("SHAPES", shape_rows(shapes)))
     kinds = set()
     for (n, c, h, w, pad, dil, e, smem), line in zip(shapes, lines, strict=True):
         # dx_choose takes the forward's output grid (stride 1: h + 2 pad - 2 dil).

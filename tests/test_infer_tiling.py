@@ -36,6 +36,25 @@ def _compiler() -> str | None:
     return None
 
 
+def shape_rows(shapes) -> str:
+    """Tuples as C++ brace rows, for a program's SHAPES placeholder."""
+    return ", ".join("{" + ", ".join(map(str, s)) + "}" for s in shapes)
+
+
+def header_program_lines(tmp_path: Path, name: str, source_text: str) -> list[str]:
+    """Build a C++ program that includes csrc/ headers (the static model's Python copies are compared
+    with its output) and return its stdout lines; skip where there is no host compiler."""
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip("no host C++ compiler (c++, g++, clang++ or $CXX) to build the csrc/ headers")
+    source, binary = tmp_path / f"{name}.cpp", tmp_path / name
+    source.write_text(source_text)
+    build = subprocess.run([cxx, "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(source), "-o", str(binary)],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    return subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout.splitlines()
+
+
 @pytest.mark.parametrize("name", SOURCES)
 def test_tiling_index_math(tmp_path, name):
     source = ROOT / "tests" / "cpp" / name

@@ -311,25 +311,17 @@ def test_the_tiled_plan_picks_the_launchers_tiles(tmp_path):
     import sys as _sys
 
     _sys.path.insert(0, HERE)
-    from test_infer_tiling import ROOT, _compiler
+    from test_infer_tiling import header_program_lines, shape_rows
 
     from xception_fast.bench.shapes import unit_shapes
     from xception_fast.bench.static import cuda_tiling
     from xception_fast.bench.static.machine import A100_SXM, H100_SXM
 
-    cxx = _compiler()
-    if cxx is None:
-        pytest.skip("no host C++ compiler (c++, g++, clang++ or $CXX) to build the tiling header")
     shapes = [(4, s.in_channels, s.height, s.width, s.out_channels, e, m.smem_per_block)
               for s in unit_shapes(299) for e in (2, 4) for m in (H100_SXM, A100_SXM)]
     shapes += [(2, 64, 9, 700, 64, 2, H100_SXM.smem_per_block), (1, 4000, 19, 19, 64, 2, H100_SXM.smem_per_block),
                (3, 1536, 10, 10, 2048, 4, H100_SXM.smem_per_block), (1, 8, 5, 300, 16, 4, A100_SXM.smem_per_block)]
-    source = tmp_path / "choice.cpp"
-    source.write_text(_CHOICE.replace("SHAPES", ", ".join("{" + ", ".join(map(str, s)) + "}" for s in shapes)))
-    build = subprocess.run([cxx, "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(source), "-o", str(tmp_path / "c")],
-                           capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr
-    lines = subprocess.run([str(tmp_path / "c")], capture_output=True, text=True, check=True).stdout.splitlines()
+    lines = header_program_lines(tmp_path, "choice", _CHOICE.replace("SHAPES", shape_rows(shapes)))
     kinds = set()
     for (n, c, h, w, c_out, e, smem), line in zip(shapes, lines, strict=True):
         p = cuda_tiling.choose(n, c, h, w, c_out, 3, 1, 1, 1, e, smem)
@@ -360,19 +352,11 @@ def test_the_split_choice_matches_the_launchers(tmp_path):
     import sys as _sys
 
     _sys.path.insert(0, HERE)
-    from test_infer_tiling import ROOT, _compiler
+    from test_infer_tiling import header_program_lines
 
     from xception_fast.bench.static import cuda_tiling
 
-    cxx = _compiler()
-    if cxx is None:
-        pytest.skip("no host C++ compiler (c++, g++, clang++ or $CXX) to build the tiling header")
-    source = tmp_path / "splits.cpp"
-    source.write_text(_SPLITS)
-    build = subprocess.run([cxx, "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(source), "-o", str(tmp_path / "s")],
-                           capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr
-    lines = subprocess.run([str(tmp_path / "s")], capture_output=True, text=True, check=True).stdout.splitlines()
+    lines = header_program_lines(tmp_path, "splits", _SPLITS)
     cases = [(u, sms, t) for u in range(1, 41) for sms in (1, 7, 108, 132, 148, 300) for t in (1, 5, 70, 86528)]
     for (units, sms, tiles), line in zip(cases, lines, strict=True):
         got = (cuda_tiling.gp_max_splits(units), cuda_tiling.gp_choose_splits(units, tiles, sms))
@@ -412,25 +396,17 @@ def test_the_d_store_plan_picks_the_launchers_tiles(tmp_path):
     import sys as _sys
 
     _sys.path.insert(0, HERE)
-    from test_infer_tiling import ROOT, _compiler
+    from test_infer_tiling import header_program_lines, shape_rows
 
     from xception_fast.bench.shapes import unit_shapes
     from xception_fast.bench.static import cuda_tiling
     from xception_fast.bench.static.machine import A100_SXM, H100_SXM
 
-    cxx = _compiler()
-    if cxx is None:
-        pytest.skip("no host C++ compiler (c++, g++, clang++ or $CXX) to build the tiling header")
     shapes = [(4, s.in_channels, s.height, s.width, 1, e, m.smem_per_block)
               for s in unit_shapes(299) for e in (2, 4) for m in (H100_SXM, A100_SXM)]
     shapes += [(2, 64, 9, 700, 1, 2, H100_SXM.smem_per_block), (2, 96, 33, 35, 2, 2, H100_SXM.smem_per_block),
                (1, 8, 5, 300, 2, 4, A100_SXM.smem_per_block), (1, 8, 5, 3000, 1, 2, 64 * 1024)]
-    source = tmp_path / "d_store.cpp"
-    source.write_text(_D_STORE.replace("SHAPES", ", ".join("{" + ", ".join(map(str, s)) + "}" for s in shapes)))
-    build = subprocess.run([cxx, "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(source), "-o", str(tmp_path / "d")],
-                           capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr
-    lines = subprocess.run([str(tmp_path / "d")], capture_output=True, text=True, check=True).stdout.splitlines()
+    lines = header_program_lines(tmp_path, "d_store", _D_STORE.replace("SHAPES", shape_rows(shapes)))
     kinds = set()
     for (n, c, h, w, stride, e, smem), line in zip(shapes, lines, strict=True):
         p = cuda_tiling.ds_choose(n, c, h, w, 3, stride, 1, 1, e, smem)
@@ -468,20 +444,12 @@ def test_the_merge_passes_match_the_launchers(tmp_path):
     import sys as _sys
 
     _sys.path.insert(0, HERE)
-    from test_infer_tiling import ROOT, _compiler
+    from test_infer_tiling import header_program_lines
 
     from xception_fast.bench.static import cuda_plans
 
-    cxx = _compiler()
-    if cxx is None:
-        pytest.skip("no host C++ compiler (c++, g++, clang++ or $CXX) to build the merge header")
     ns = [0, 1, 63, 64, 65, 768, 4096, 4097, 43264, 262145, 10**9]
-    source = tmp_path / "merge.cpp"
-    source.write_text(_MERGE.replace("NS", ", ".join(map(str, ns))))
-    build = subprocess.run([cxx, "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(source), "-o", str(tmp_path / "m")],
-                           capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr
-    lines = subprocess.run([str(tmp_path / "m")], capture_output=True, text=True, check=True).stdout.splitlines()
+    lines = header_program_lines(tmp_path, "merge", _MERGE.replace("NS", ", ".join(map(str, ns))))
     for n, line in zip(ns, lines, strict=True):
         scratch, *passes = map(int, line.split())
         assert cuda_plans.merge_passes(n) == passes and sum(passes[1:]) == scratch, (n, line)
