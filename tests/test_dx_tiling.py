@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import sys
 
-import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_infer_tiling import header_program_lines, shape_rows  # noqa: E402
