@@ -109,35 +109,9 @@ def _pre_f32(xv, PRE_RELU: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _depthwise_chunk(x_rows, ih0, iw0, p_mask, dwt_ptr, c0, C, H, W, K_SLOT, dil_h, dil_w,
-                     KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr,
-                     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    """d for BLOCK_P positions x channels [c0, c0 + BLOCK_D) in fp32, zero past C (the mid variant's
-    statistics and recompute kernels, `mid_unit`; each tap loaded on its own). x_rows points at
-    channel 0 of each position's top-left tap (outside the image at the border: those taps are
-    masked); the other taps are one scalar offset away. Every chunk carries the channel mask: an
-    unmasked loop for the full chunks plus a masked tail compiled to 40 B of spills on sm_90 (two
-    copies of the tap code live at once), for 2% fewer instructions."""
-    ci = c0 + tl.arange(0, BLOCK_D)
-    c_ok = ci < C
-    d = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
-    for i in tl.static_range(KH):
-        ih = ih0 + i * dil_h
-        row_ok = p_mask & (ih >= 0) & (ih < H)
-        for j in tl.static_range(KW):
-            iw = iw0 + j * dil_w
-            ok = row_ok & (iw >= 0) & (iw < W)
-            ptrs = x_rows[:, None] + ((i * dil_h * W + j * dil_w) * C + ci)[None, :]
-            xv = tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0)
-            wv = tl.load(dwt_ptr + (i * KW + j) * K_SLOT + ci)  # fp32, zero-padded to K_SLOT: no mask
-            d += _pre_f32(xv, PRE_RELU, ASM) * wv[None, :]
-    return d
-
-
-@triton.jit
 def _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w, BLOCK_P: tl.constexpr):
     """For positions p0 + [0, BLOCK_P) below p_end: pointers to channel 0 of each one's top-left tap
-    (int64 offsets), that tap's input row and column, and the position mask (`_depthwise_chunk`)."""
+    (int64 offsets), that tap's input row and column, and the position mask (`mid_unit._depthwise_tile`)."""
     p = p0 + tl.arange(0, BLOCK_P)
     p_mask = p < p_end
     n = p // (Ho * Wo)

@@ -32,17 +32,51 @@ from xception_fast.spec import UnitSpec
 from . import batchnorm
 from .autotune import INTERPRET, elementwise_configs, position_split
 from .backward import _as_matrix, _split_channel_block, dw_backward, exact_matmul
-from .depthwise_pointwise import (Geometry, _depthwise_chunk, _prepare, _tap_rows, depthwise, depthwise_taps,
-                                  empty_forward, recompute_grad_z, sepconv_bn_infer, slot_width, train_gemm)
+from .depthwise_pointwise import (Geometry, _pre_f32, _prepare, _tap_rows, depthwise, depthwise_taps, empty_forward,
+                                  recompute_grad_z, sepconv_bn_infer, slot_width, train_gemm)
 from .mid_act import BN_BATCH, BN_BIAS, BN_NONE, mid_act, mid_act_grad, mid_input, mid_normalize
 from .utils import INLINE_ASM, channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
 
 # Fixed blocks of the kernels whose position split must not depend on an autotuned config. The
-# statistics pass keeps two fp32 accumulators of a tile in registers: short tiles.
-STATS_BLOCK_P, STATS_BLOCK_C = (32, 16) if INTERPRET else (16, 64)
+# statistics pass keeps two fp32 accumulators of a tile in registers besides the depthwise's; with the
+# kernel rows rolled (`_depthwise_tile`) 64 x 32 (16 elements a thread: each tap's weights and a tile's
+# index arithmetic shared by two positions) fits 128 registers, 4 CTAs per SM on sm_90; 16 x 64 took
+# 66 registers but 20% more instructions, 64 x 64 240 registers (static estimate (sm_90 model),
+# benchmarks/NOTES.md).
+STATS_BLOCK_P, STATS_BLOCK_C = (32, 16) if INTERPRET else (64, 32)
 
 
 # --- kernels --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _depthwise_tile(x_rows, ih0, iw0, p_mask, dwt_ptr, c0, C, H, W, K_PAD, dil_h, dil_w,
+                    KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """d for BLOCK_P positions x channels [c0, c0 + BLOCK_C) in fp32, zero past C (the statistics and
+    recompute kernels): each output sums its taps from zero in the order (i, j) in fp32 FMAs, as the
+    unfused path and `_depthwise_kernel` do. x_rows (`_tap_rows`) points at channel 0 of each
+    position's top-left tap (outside the image at the border: those taps are masked); the taps are
+    int32 offsets from it (a window spans KH * dil_h rows of one image). The kernel-row loop is a
+    run-time loop on purpose: unrolled, the compiler hoists every tap's load and weights (168-216
+    registers on sm_90). A row's mask (positions, channels) is built once per kernel row, one unsigned
+    compare testing both bounds (a negative index wraps above H or W)."""
+    ci = c0 + tl.arange(0, BLOCK_C)
+    c_ok = (ci < C)[None, :]
+    offs = ci[None, :]
+    d = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    # A bound the compiler cannot see is KH (K_PAD >= 256 > KH, `_pad`): with a constant 3 it unrolls
+    # the short loop of a plain (no pre-ReLU) 3x3 back into the hoisted form.
+    for i in tl.range(tl.minimum(K_PAD, KH)):
+        ih = ih0 + i * dil_h
+        row_ok = (p_mask & (ih.to(tl.uint32, bitcast=True) < H))[:, None] & c_ok
+        row_offs = offs + i * dil_h * W * C
+        for j in tl.static_range(KW):
+            col_ok = ((iw0 + j * dil_w).to(tl.uint32, bitcast=True) < W)[:, None]
+            xv = tl.load(x_rows[:, None] + (row_offs + j * dil_w * C), mask=row_ok & col_ok, other=0.0)
+            wv = tl.load(dwt_ptr + (i * KW + j) * K_PAD + ci)  # fp32, zero-padded to K_PAD: no mask
+            d += _pre_f32(xv, PRE_RELU, ASM) * wv[None, :]
+    return d
+
 
 @triton.jit
 def _depthwise_stats_kernel(
@@ -64,8 +98,8 @@ def _depthwise_stats_kernel(
     p_end = tl.minimum(p_begin + chunk, P)
     x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p_begin, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
                                          BLOCK_P)
-    d = _depthwise_chunk(x_rows, ih0, iw0, p_mask, dwt_ptr, c0, C, H, W, K_PAD, dil_h, dil_w,
-                         KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_C)
+    d = _depthwise_tile(x_rows, ih0, iw0, p_mask, dwt_ptr, c0, C, H, W, K_PAD, dil_h, dil_w,
+                        KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_C)
     # Statistics of d rounded to the input dtype, as the unfused path stores it.
     d = d.to(x_ptr.dtype.element_ty).to(tl.float32)
     ref = tl.sum(tl.where(p_mask[:, None], d, 0.0), axis=0) / tl.minimum(p_end - p_begin, BLOCK_P).to(tl.float32)
@@ -74,8 +108,8 @@ def _depthwise_stats_kernel(
     for p0 in range(p_begin, p_end, BLOCK_P):
         x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, p_end, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
                                              BLOCK_P)
-        d = _depthwise_chunk(x_rows, ih0, iw0, p_mask, dwt_ptr, c0, C, H, W, K_PAD, dil_h, dil_w,
-                             KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_C)
+        d = _depthwise_tile(x_rows, ih0, iw0, p_mask, dwt_ptr, c0, C, H, W, K_PAD, dil_h, dil_w,
+                            KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_C)
         dev = tl.where(p_mask[:, None], d.to(x_ptr.dtype.element_ty).to(tl.float32) - ref[None, :], 0.0)
         s1 += dev
         s2 += dev * dev
@@ -101,15 +135,15 @@ def _mid_recompute_kernel(
     P, H, W, C, Ho, Wo, K_PAD,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, PRE_RELU: tl.constexpr, MID_BN: tl.constexpr, MID_ACT: tl.constexpr,
-    C_ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ASM: tl.constexpr, C_ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
     p0 = tl.program_id(0) * BLOCK_P
     c0 = tl.program_id(1) * BLOCK_C
     ci = c0 + tl.arange(0, BLOCK_C)
     x_rows, ih0, iw0, p_mask = _tap_rows(x_ptr, p0, P, H, W, C, Ho, Wo, stride_h, stride_w, pad_h, pad_w, BLOCK_P)
-    d = _depthwise_chunk(x_rows, ih0, iw0, p_mask, dwt_ptr, c0, C, H, W, K_PAD, dil_h, dil_w,
-                         KH, KW, PRE_RELU, False, BLOCK_P, BLOCK_C)
+    d = _depthwise_tile(x_rows, ih0, iw0, p_mask, dwt_ptr, c0, C, H, W, K_PAD, dil_h, dil_w,
+                        KH, KW, PRE_RELU, ASM, BLOCK_P, BLOCK_C)
     t = mid_input(d, mid_ptr, ci, K_PAD, t_ptr, MID_BN)
     a = mid_act(mid_normalize(t, mid_ptr, ci, K_PAD, t_ptr, MID_BN), MID_ACT)
     offs = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None] * C + ci[None, :]
@@ -208,9 +242,11 @@ def _convs_backward(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, grad_z: Te
         return (triton.cdiv(geo.P, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))
 
     width = mid.shape[1]
+    assert width >= geo.KH, "the kernel-row loop's bound is min(K_PAD, KH) (`_depthwise_tile`)"
     _mid_recompute_kernel[grid](x, depthwise_taps(dw, geo, width), mid, t, a, geo.P, geo.H, geo.W, c, geo.Ho,
                                 geo.Wo, width, *geo.conv_args(), KH=geo.KH, KW=geo.KW, PRE_RELU=spec.pre_relu,
-                                C_ALIGN=channel_align(c), **_mid_flags(spec, mid_bn))
+                                ASM=INLINE_ASM and device.type == "cuda", C_ALIGN=channel_align(c),
+                                **_mid_flags(spec, mid_bn))
     gz = _as_matrix(grad_z)
     with exact_matmul(x.dtype):
         grad_pw = torch.matmul(gz.t(), a)

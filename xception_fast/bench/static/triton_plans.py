@@ -330,7 +330,7 @@ def _merge_statistics(unit: Unit, arch: int, splits: int, channels: int, chunk: 
 
 # --- the mid variant (`triton_kernels/mid_unit.py`) -------------------------------------------------------
 # mid_unit.STATS_BLOCK_P / STATS_BLOCK_C on a GPU
-STATS_BLOCK_P, MID_BLOCK = 16, 64
+STATS_BLOCK_P, MID_BLOCK = 64, 32
 
 
 def _mid_width(unit: Unit) -> int:
@@ -338,7 +338,9 @@ def _mid_width(unit: Unit) -> int:
 
 
 def _mid_statistics(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
-    """The statistics pass over x (depthwise recomputed, nothing stored) and its merge."""
+    """The statistics pass over x (depthwise recomputed, nothing stored) and its merge: the reference
+    tile's run-time loop over the kernel rows, then the loop over the split's position tiles around
+    one over the kernel rows (the columns unrolled)."""
     from xception_fast.triton_kernels import mid_unit as mu
 
     C = unit.C
@@ -348,7 +350,9 @@ def _mid_statistics(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
                  BLOCK_P=STATS_BLOCK_P, BLOCK_C=MID_BLOCK)
     stats = _launches(mu._depthwise_stats_kernel, unit, arch, fixed,
                       _sizes(unit, chunk=chunk, K_PAD=_mid_width(unit), S=splits),
-                      lambda m: (splits * cdiv(C, MID_BLOCK), [LoopPlan("position tiles of the split", trips)],
+                      lambda m: (splits * cdiv(C, MID_BLOCK), [LoopPlan("kernel rows of the reference tile", unit.K),
+                                                               LoopPlan("position tiles of the split", trips),
+                                                               LoopPlan("kernel rows", unit.K)],
                                  unit.x_bytes() + 12 * splits * C,
                                  _dw_ffma(unit, STATS_BLOCK_P, MID_BLOCK, trips + 1)))  # + the reference tile
     return [stats, _merge_statistics(unit, arch, splits, C, chunk)]
@@ -356,7 +360,8 @@ def _mid_statistics(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
 
 def _mid_backward(unit: Unit, arch: int, sms: int) -> list[list]:
     """After g_z: the depthwise side recomputed (t and a stored), the two pointwise products in cuBLAS
-    (`model.library_gemm`), the activation's derivative, the mid BatchNorm's backward, grad_dw, grad_x."""
+    (`model.library_gemm`), the activation's derivative, the mid BatchNorm's backward, grad_dw, grad_x. The
+    recompute runs a loop over the kernel rows (the columns unrolled)."""
     from xception_fast.bench.static.machine import machine
     from xception_fast.bench.static.model import library_gemm
     from xception_fast.triton_kernels import backward as bw
@@ -372,7 +377,7 @@ def _mid_backward(unit: Unit, arch: int, sms: int) -> list[list]:
         return cdiv(P, m["BLOCK_P"]) * cdiv(C, m["BLOCK_C"])
 
     kernels = [_launches(mu._mid_recompute_kernel, unit, arch, flags, _sizes(unit, K_PAD=width),
-                         lambda m: (tiles(m), [], unit.x_bytes() + 2 * d,
+                         lambda m: (tiles(m), [LoopPlan("kernel rows", unit.K)], unit.x_bytes() + 2 * d,
                                     _dw_ffma(unit, m["BLOCK_P"], m["BLOCK_C"], 1)))]
     gpu, operand = machine(arch), "tf32" if unit.dtype == "fp32" else unit.dtype
     kernels.append([library_gemm("cublas_grad_pw", gpu, Cout, C, P, operand, y + d + 4 * Cout * C)])
