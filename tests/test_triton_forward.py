@@ -301,7 +301,7 @@ _LARGE_MEAN = {torch.float32: (1e4, 1e-2), torch.float16: (1e3, 2.0)}
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("drift", [0.0, 1e3], ids=["steady", "drifting"])
 def test_training_statistics_with_a_large_mean_and_a_drifting_one(provider, dtype, drift):
-    """The statistics epilogue (`_merge_tile_statistics`) and the merge across programs against
+    """The statistics pass (`batchnorm._stats_partial_kernel`) and the merge across splits against
     float64 statistics of the stored z, with |mean| >> std, and with the mean drifting by `drift` std
     across the batch (linearly in the position: within every program's tiles and across programs).
     z is x itself (1x1 depthwise weight 1, identity pointwise), so the stored values are known.
@@ -353,25 +353,6 @@ def test_inference_tiles_dealt_in_runs_cover_the_output_once(provider, monkeypat
     got = provider.sepconv_bn_infer(x, dw, pw, scale, shift, res, spec)
     want = reference.sepconv_bn_infer(x, dw, pw, scale, shift, res, spec)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
-def test_training_splits_fill_the_slots_with_whole_chunks(monkeypatch):
-    """The training GEMM's grid, (position chunk, Cout tile), as a GPU sizes it: whole tiles per chunk,
-    every position in one chunk, at most two programs per SM with 128-wide Cout tiles; the static
-    plan's copy agrees (xception_fast/bench/static/triton_plans.py)."""
-    from xception_fast.bench.static import triton_plans
-    from xception_fast.triton_kernels import autotune
-
-    monkeypatch.setattr(autotune, "INTERPRET", False)
-    monkeypatch.setattr(autotune, "POSITION_ALIGN", 128)  # the GPU's (the interpreter's is smaller)
-    assert autotune.train_split(92416, 728, 132) == (43, 17 * 128)  # middle flow: 43 x 6 = 258 programs
-    assert autotune.train_split(25600, 2048, 132) == (16, 13 * 128)  # conv4: 16 x 16 = 256
-    for positions, channels in ((1, 8), (92416, 728), (25600, 2048), (5531904, 128), (1000, 40000)):
-        for sms in (132, 108):
-            splits, chunk = autotune.train_split(positions, channels, sms)
-            assert chunk % 128 == 0 and (splits - 1) * chunk < positions <= splits * chunk
-            assert splits * -(-channels // 128) <= max(2 * sms, -(-channels // 128))
-            assert triton_plans.train_split(positions, channels, sms) == (splits, chunk)
 
 
 def test_exact_matmul_switches_the_cublas_flags_off_and_restores_them():

@@ -42,8 +42,9 @@ def kernels():
     return mid + [
         (depthwise_pointwise._depthwise_kernel, {}),
         (depthwise_pointwise._sepconv_infer_kernel, {}),
-        (depthwise_pointwise._sepconv_train_kernel, {}),
+        (depthwise_pointwise._sepconv_infer_kernel, dict(AFFINE=False, POST_RELU=False, HAS_RESIDUAL=False)),
         (depthwise_pointwise._sepconv_grad_z_kernel, {}),
+        (batchnorm._stats_partial_kernel, dict(BLOCK_P=batchnorm.STATS_BLOCK_P, BLOCK_C=batchnorm.STATS_BLOCK_C)),
         (batchnorm._merge_stats_kernel, dict(BLOCK_S=batchnorm.MERGE_BLOCK_S, BLOCK_C=batchnorm.MERGE_BLOCK_C)),
         (batchnorm._bn_apply_kernel, {}),
         (batchnorm._bn_grad_z_kernel, {}),

@@ -237,20 +237,6 @@ def persistent_split(positions: int, sms: int, per_sm: int = 1) -> tuple[int, in
     return triton.cdiv(positions, chunk), chunk
 
 
-def train_split(positions: int, channels: int, sms: int) -> tuple[int, int]:
-    """(splits, chunk) of `depthwise_pointwise._sepconv_train_kernel`, whose grid is splits x Cout
-    tiles: chunks as long as keeps about `program_slots` programs with 128-wide Cout tiles (the
-    configs' common width). Fixed by the shape, like `persistent_split`: the statistics rows [3,
-    splits, Cout] and the order they are merged in do not depend on the config. Middle-flow unit at
-    batch 256 (722 position tiles, 6 Cout tiles, 264 slots): 43 chunks of 17 tiles, 258 programs
-    (the busiest SM: 34 tile products, 36 with whole chunks of every Cout tile); conv4 (200
-    position tiles, 16 Cout tiles): 16 chunks of 13 tiles, 256 programs (26 against 32). The
-    interpreter keeps `persistent_split`'s three chunks."""
-    if INTERPRET:
-        return persistent_split(positions, sms)
-    return persistent_split(positions, max(1, program_slots(sms, 2) // triton.cdiv(channels, 128)))
-
-
 def position_bucket(positions: int) -> int:
     """The position count as the autotuners see it: the next power of two, so a new batch size (a last
     partial batch) re-tunes only when it crosses a power of two."""

@@ -25,6 +25,8 @@ from .utils import channel_align, check_dtype, empty_nhwc, new_empty, nhwc, vect
 # layer's 728 channels spread over 23 CTAs rather than 6 (one wave either way: its time is the
 # latency of one CTA's walk over the rows).
 MERGE_BLOCK_S, MERGE_BLOCK_C = (4, 16) if INTERPRET else (32, 32)
+# `_stats_partial_kernel`'s blocks (fixed: the split, and so the merge order, does not depend on them).
+STATS_BLOCK_P, STATS_BLOCK_C, STATS_WARPS = (16, 16, 4) if INTERPRET else (32, 64, 4)
 
 
 # --- device helpers -------------------------------------------------------------------------------------
@@ -54,6 +56,55 @@ def _affine(z_ptr, offs, mask, mean_ptr, invstd_ptr, w_ptr, b_ptr, c, c_mask):
 
 
 # --- kernels --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _stats_partial_kernel(
+    z_ptr,  # [P, C] pre-BN output (channels_last)
+    stats_ptr,  # [3, S, C] fp32 out per split: reference value, mean minus it, M2
+    P, C, chunk,
+    C_ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Program (s, channel tile): split s's positions [s * chunk, (s + 1) * chunk), in tiles of BLOCK_P
+    # rows. Each element slot of the tile (row r, channel c) sums the deviations of the values it
+    # sees (rows r, r + BLOCK_P, ...) from the first of them, its pivot: plain FMAs, no cross-thread
+    # reduction until the end, where the slots' (count, mean, M2) are merged by Chan's formula about
+    # the split's first row (the reference value, `_merge_stats_kernel`'s contract).
+    # Precision: z - pivot is exact where they are within 2x (Sterbenz: a mean of 1e4, a std of 1e-2 in
+    # fp32), so the shift costs nothing there. A slot's M2 = t2 - t1^2 / n cancels by the distance of
+    # its pivot from its mean, (pivot - mean)^2 <= (n - 1) var (Samuelson): at most n x the sums' own
+    # rounding, n = chunk / BLOCK_P values per slot, for an outlier pivot (about 2x for a typical one);
+    # the merge across slots and splits adds deviations of means and cancels nothing.
+    C = C // C_ALIGN * C_ALIGN  # a no-op (the host checked C % C_ALIGN == 0) that lets rows vectorise
+    s = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    r = tl.arange(0, BLOCK_P)
+    p_begin = s * chunk
+    n = tl.minimum(p_begin + chunk, P) - p_begin  # > 0: no split is empty
+    first = p_begin.to(tl.int64) * C
+    pivot = tl.load(z_ptr + first + (r.to(tl.int64) * C)[:, None] + c[None, :],
+                    mask=(r < n)[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+    t1 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    t2 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for r0 in range(BLOCK_P, n, BLOCK_P):  # the first tile is the pivots: deviation 0
+        rows = r0 + r
+        mask = (rows < n)[:, None] & c_mask[None, :]
+        z = tl.load(z_ptr + first + (rows.to(tl.int64) * C)[:, None] + c[None, :], mask=mask, other=0.0)
+        e = tl.where(mask, z.to(tl.float32) - pivot, 0.0)
+        t1 += e
+        t2 += e * e
+    # Slot r holds ceil((n - r) / BLOCK_P) values (0 past n).
+    cnt = tl.maximum((n - r + BLOCK_P - 1) // BLOCK_P, 0).to(tl.float32)[:, None]
+    ref = tl.load(z_ptr + first + c, mask=c_mask, other=0.0).to(tl.float32)
+    mu = tl.where(cnt > 0, (pivot - ref[None, :]) + t1 / tl.maximum(cnt, 1.0), 0.0)  # slot mean - ref
+    m2 = t2 - t1 * (t1 / tl.maximum(cnt, 1.0))
+    off = tl.sum(cnt * mu, axis=0) / n
+    dev = tl.where(cnt > 0, mu - off[None, :], 0.0)
+    out = stats_ptr + s * C + c
+    tl.store(out, ref, mask=c_mask)
+    tl.store(out + tl.num_programs(0) * C, off, mask=c_mask)
+    tl.store(out + 2 * tl.num_programs(0) * C, tl.sum(m2 + cnt * dev * dev, axis=0), mask=c_mask)
+
 
 @triton.jit
 def _merge_stats_kernel(
@@ -220,8 +271,20 @@ def sum_rows(part: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return out
 
 
+def statistics(z: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, biased var) per channel, fp32, of z [P, C] (contiguous rows, P > 0): per-split partial
+    statistics (`_stats_partial_kernel`), then their merge in a fixed order."""
+    p, c = z.shape
+    splits, chunk = position_split(p, triton.cdiv(c, STATS_BLOCK_C), z.device)
+    stats = new_empty((3, splits, c), torch.float32, z.device)
+    _stats_partial_kernel[(splits, triton.cdiv(c, STATS_BLOCK_C))](z, stats, p, c, chunk, C_ALIGN=channel_align(c),
+                                                                   BLOCK_P=STATS_BLOCK_P, BLOCK_C=STATS_BLOCK_C,
+                                                                   num_warps=STATS_WARPS)
+    return merge_statistics(stats, p, chunk)
+
+
 def merge_statistics(stats: Tensor, positions: int, chunk: int) -> tuple[Tensor, Tensor]:
-    """stats [3, S, C] from the training forward -> (mean, biased var), fp32 [C]."""
+    """stats [3, S, C] (`_stats_partial_kernel`) -> (mean, biased var), fp32 [C]."""
     _, s, c = stats.shape
     mean = new_empty((c,), torch.float32, stats.device)
     var = new_empty((c,), torch.float32, stats.device)

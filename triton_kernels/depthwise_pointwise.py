@@ -1,4 +1,4 @@
-"""Fused depthwise k x k + pointwise 1x1 convolution: the forward in two launches, three epilogues.
+"""Fused depthwise k x k + pointwise 1x1 convolution: the forward in two launches, two GEMM kernels.
 
 Layout: every activation is channels_last, addressed as a row-major [positions, channels] matrix
 (position p = (n * Ho + oh) * Wo + ow); weights as contiguous matrices.
@@ -11,10 +11,8 @@ Design: two kernels per forward, each at the occupancy its own work wants.
    CTAs per SM: it reads x once and writes d once, and is meant to run at the DRAM bandwidth.
 2. a GEMM kernel per epilogue, about two programs per SM, each owning a set of output tiles: in the
    grad_z kernel program s owns the positions [s * chunk, (s + 1) * chunk) and every Cout tile
-   (`autotune.persistent_split`), in the training kernel program (s, g) those positions and Cout tile
-   g (`autotune.train_split`: statistics rows over whole position chunks either way), and the
-   inference kernel, which reduces nothing, deals the output tiles out in equal runs
-   (`Pointwise.tile_grid`). For each tile a K loop over the tile's rows of d, software-pipelined
+   (`autotune.persistent_split`: its sums' rows over whole position chunks), and the inference
+   kernel, which reduces nothing, deals the output tiles out in equal runs (`Pointwise.tile_grid`). For each tile a K loop over the tile's rows of d, software-pipelined
    (the config's num_stages), d and the weight through TMA tensor descriptors where TMA applies
    (A_TMA, W_TMA: Hopper, rows 16-byte aligned), then the epilogue on the accumulator's four column
    quarters. d is read unmasked (its padding is zero).
@@ -27,16 +25,16 @@ write and one read of d (65 us of DRAM on the middle unit, 332 us on the entry u
 measured 4.27 TB/s) for kernels that each fill the SMs (benchmarks/NOTES.md, "Triton forward in
 two launches").
 
-Epilogues (one GEMM kernel each, `_pointwise_tile` and the same program split):
-- `_sepconv_infer_kernel`: y = post(z * scale + shift) + residual, stored once.
-- `_sepconv_train_kernel`: stores z and per-program, per-channel statistics (a reference value,
-  the mean's offset from it, M2; the count follows from the chunk), merged tile by tile in one
-  reduction pass (`_merge_tile_statistics`) in the program's own row of the buffer, then across
-  programs by `batchnorm.merge_statistics`, then normalised by `batchnorm.normalize`.
+GEMM kernels (`_pointwise_tile` each):
+- `_sepconv_infer_kernel`: y = post(z * scale + shift) + residual, stored once; in the training
+  forward (AFFINE off) z alone, whose statistics `batchnorm.statistics` computes in a pass of its
+  own over the stored z, then `batchnorm.normalize` normalises. The statistics in this kernel's
+  epilogue (one cross-warp reduction per tile and column) cost more than reading z back
+  (benchmarks/NOTES.md, "Triton training statistics in their own pass").
 - `_sepconv_grad_z_kernel`: inference backward, which saves nothing but x: recomputes d and z,
   applies the post-ReLU mask to grad_y, stores grad_z = g * scale and per-program sums of g and g * z.
-The statistics and sums are read back by the program's next tile from addresses other threads
-stored: a barrier (`tl.debug_barrier`, bar.sync) ends each tile of those two kernels.
+  The sums are read back by the program's next tile from addresses other threads stored: a barrier
+  (`tl.debug_barrier`, bar.sync) ends each tile.
 
 Triton versions: everything here exists in Triton 3.6 (the GPU machines') and 3.8: host-side
 `TensorDescriptor` (3.4+), `tl.range(num_stages=)`, `tl.inline_asm_elementwise`.
@@ -58,7 +56,7 @@ from xception_fast.spec import UnitSpec
 
 from . import batchnorm
 from .autotune import (DEPTHWISE_MAX_GROUPS, MAX_BLOCK_N, POSITION_ALIGN, SLOT_ALIGN, depthwise_configs, gemm_configs,
-                       persistent_split, position_bucket, program_slots, sm_count, train_split)
+                       persistent_split, position_bucket, program_slots, sm_count)
 from .mid_act import mid_transform
 from .utils import (INLINE_ASM, channel_align, check_dtype, check_positions, empty_nhwc, matrix, new_empty, nhwc,
                     vector_f32, weight_operand)
@@ -172,51 +170,6 @@ def _pointwise_tile(d_op, p0, pw_op, n0, C, K_SLOT, Cout, A_TMA: tl.constexpr, W
 
 
 @triton.jit
-def _add_pair(a1, a2, b1, b2):
-    """The combine function of `tl.reduce` over a pair of sums."""
-    return a1 + b1, a2 + b2
-
-
-@triton.jit
-def _merge_tile_statistics(z, rows, cnt, seen, n0, first_z, stats_ptr, s, S, Cout, BLOCK_N: tl.constexpr):
-    """Fold the statistics of one tile's stored z [BLOCK_P, BLOCK_N] (columns n0 + [0, BLOCK_N),
-    `cnt` valid rows `rows`) into program s's row of stats [3, S, Cout]: (ref, off, M2), the running
-    mean of the `seen` positions before the tile as ref + off, kept unevaluated so that with |mean|
-    >> std (1e4 vs 1e-2) the deviations stay exact in fp32, and their M2 about it. ref is the
-    program's first z (row `first_z`, which this program stored: a load, where the first tile's
-    mean would cost one more reduction).
-
-    One pass over the tile: the deviations e = (z - ref) - off from the running mean m and their
-    sums t1, t2 of e and e^2 (each sum a cross-warp reduction, shuffles then shared memory: they
-    dominate this epilogue; the two-pass tile M2 plus Chan's merge needed three on a program's first
-    tile and two after). Then exactly, as Chan's formula with the tile's mean t1 / cnt and M2
-    t2 - t1^2 / cnt: off += t1 / n' and M2 += t2 - t1^2 / n', n' = seen + cnt.
-    Error: t2 - t1^2 / n' cancels where the tile's mean is far from m, but that distance is itself
-    part of the merged M2. After the first tile (n = seen >= cnt) the increment is
-    M2_t + t1^2 n / (cnt n') >= (t2 + t1^2 / n') n / (n + 2 cnt) >= (t2 + t1^2 / n') / 3: the two
-    sums' rounding costs at most 3x their own relative error however far the mean drifts (a test
-    drifts it by 1e3 std). On the first tile (n = 0) the shift is one sample's, (z_0 - mean)^2 <=
-    (cnt - 1) var (Samuelson), so t2 + t1^2 / cnt <= 2 cnt M2_t: at most 2 cnt x (BLOCK_P = 128,
-    for an outlier at z_0; about 3x for a typical one).
-    No branch on the first tile (the loads of off and M2 masked off instead): on sm_90 a load under
-    a branch cost 6-9 registers."""
-    co = n0 + tl.arange(0, BLOCK_N)
-    co_mask = co < Cout
-    out = stats_ptr + s * Cout + co
-    ref = tl.load(first_z + co, mask=co_mask, other=0.0).to(tl.float32)
-    more = co < tl.where(seen > 0, Cout, 0)  # none on the first tile: nothing merged yet
-    off = tl.load(out + S * Cout, mask=more, other=0.0)
-    m2 = tl.load(out + 2 * S * Cout, mask=more, other=0.0)
-    # Two roundings, each relative to its own (small) result; fl(ref + off) would be off by ulp(ref).
-    e = tl.where(rows[:, None], (z.to(tl.float32) - ref[None, :]) - off[None, :], 0.0)
-    t1, t2 = tl.reduce((e, e * e), 0, _add_pair)
-    step = t1 / (seen + cnt)
-    tl.store(out, ref, mask=co_mask)  # the same value every tile: cheaper than a branch
-    tl.store(out + S * Cout, off + step, mask=co_mask)
-    tl.store(out + 2 * S * Cout, m2 + (t2 - t1 * step), mask=co_mask)
-
-
-@triton.jit
 def _halves(acc, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """acc [BLOCK_P, BLOCK_N] as its two column halves."""
     return tl.split(tl.permute(tl.reshape(acc, (BLOCK_P, 2, BLOCK_N // 2)), (0, 2, 1)))
@@ -234,7 +187,7 @@ def _quarters(acc, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _infer_epilogue(acc, p, p_mask, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout,
+def _infer_epilogue(acc, p, p_mask, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, AFFINE: tl.constexpr,
                     POST_RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
     """y = post(z * scale + shift) + residual for columns n0 + [0, BLOCK_N), rounding where the reference
     does: z stored in the input dtype, the affine map in fp32 and stored, the residual added to the
@@ -243,9 +196,12 @@ def _infer_epilogue(acc, p, p_mask, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, Co
     co = n0 + tl.arange(0, BLOCK_N)
     co_mask = co < Cout
     z = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
-    scale = tl.load(scale_ptr + co)
-    shift = tl.load(shift_ptr + co)
-    y = z * scale[None, :] + shift[None, :]
+    if AFFINE:
+        scale = tl.load(scale_ptr + co)
+        shift = tl.load(shift_ptr + co)
+        y = z * scale[None, :] + shift[None, :]
+    else:  # the training forward: z itself (its statistics in a pass of their own)
+        y = z
     if POST_RELU:
         y = tl.where(y < 0.0, 0.0, y)  # not tl.maximum: NaN must pass, as in torch.relu
     offs = p.to(tl.int64)[:, None] * Cout + co[None, :]
@@ -254,34 +210,6 @@ def _infer_epilogue(acc, p, p_mask, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, Co
         r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + r
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _train_epilogue(acc, p, p_mask, cnt, seen, n0, z_ptr, first_z, stats_ptr, s, S, Cout, BLOCK_N: tl.constexpr):
-    """Store z for columns n0 + [0, BLOCK_N) and fold its statistics into program s's row. The
-    program's rows of `stats` are its own, and the barrier ending each tile orders the updates; on
-    the program's first tile a barrier after the store lets the statistics read its first row back
-    (`first_z`)."""
-    co = n0 + tl.arange(0, BLOCK_N)
-    z = acc.to(z_ptr.dtype.element_ty)
-    tl.store(z_ptr + p.to(tl.int64)[:, None] * Cout + co[None, :], z, mask=p_mask[:, None] & (co < Cout)[None, :])
-    if seen == 0:
-        tl.debug_barrier()  # first_z, stored by other threads, is read back
-    # Statistics of the stored (rounded) z.
-    _merge_tile_statistics(z, p_mask, cnt, seen, n0, first_z, stats_ptr, s, S, Cout, BLOCK_N)
-
-
-@triton.jit
-def _train_quarter(acc, p, p_mask, cnt, seen, n0, z_ptr, first_z, stats_ptr, s, S, Cout, BLOCK_P: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
-    """`_train_epilogue` on a quarter of the accumulator, an eighth of the tile at a time. A quarter's
-    per-column vectors (ref, off, M2, the two sums) took the 128 x 128 tile to 133-137 registers on
-    sm_90 (one CTA per SM); by eighths it compiles to 126-127 (two), for 1% more instructions than
-    quarters under a 128-register cap (`maxnreg`, which spills 184 B on sm_80). Calibrated static
-    estimates (sm_90 model) in benchmarks/NOTES.md, "Triton training statistics epilogue"."""
-    h0, h1 = _halves(acc, BLOCK_P, BLOCK_N)
-    _train_epilogue(h0, p, p_mask, cnt, seen, n0, z_ptr, first_z, stats_ptr, s, S, Cout, BLOCK_N // 2)
-    _train_epilogue(h1, p, p_mask, cnt, seen, n0 + BLOCK_N // 2, z_ptr, first_z, stats_ptr, s, S, Cout, BLOCK_N // 2)
 
 
 @triton.jit
@@ -431,7 +359,7 @@ def _depthwise_kernel(
             _store_output(d_rows, a3, 3, ok3, g_ok, ci, mid_ptr, K_SLOT, MID_BN, MID_ACT)
 
 
-# The GEMM kernels: the same persistent loop, three epilogues. Shared arguments: d_op [P_pad, K_SLOT]
+# The GEMM kernels: the same persistent loop, two epilogues. Shared arguments: d_op [P_pad, K_SLOT]
 # the depthwise kernel's output in the input dtype and pw_op [Cout, C] the pointwise weight, each a
 # pointer or a TMA descriptor (A_TMA, W_TMA). P_BUCKET: the autotuning key only.
 
@@ -446,9 +374,9 @@ def _sepconv_infer_kernel(
     y_ptr,  # [N, Ho, Wo, Cout] output
     # sizes
     P, P_BUCKET, C, Cout, K_SLOT,
-    # meta-parameters
-    POST_RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr,
-    A_TMA: tl.constexpr, W_TMA: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    # meta-parameters (AFFINE off: y = z, the training forward's store; scale and shift never read)
+    AFFINE: tl.constexpr, POST_RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, C_ALIGN: tl.constexpr,
+    COUT_ALIGN: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     # No reduction here, so no position chunks: the output tiles (position tile, Cout tile), numbered
@@ -470,51 +398,18 @@ def _sepconv_infer_kernel(
         p, p_mask = _tile(p0, P, BLOCK_P)
         q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
         Q: tl.constexpr = BLOCK_N // 4
-        _infer_epilogue(q0, p, p_mask, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, POST_RELU, HAS_RESIDUAL, Q)
-        _infer_epilogue(q1, p, p_mask, n0 + Q, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, POST_RELU, HAS_RESIDUAL, Q)
-        _infer_epilogue(q2, p, p_mask, n0 + 2 * Q, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, POST_RELU,
+        _infer_epilogue(q0, p, p_mask, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, AFFINE, POST_RELU,
                         HAS_RESIDUAL, Q)
-        _infer_epilogue(q3, p, p_mask, n0 + 3 * Q, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, POST_RELU,
+        _infer_epilogue(q1, p, p_mask, n0 + Q, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, AFFINE, POST_RELU,
+                        HAS_RESIDUAL, Q)
+        _infer_epilogue(q2, p, p_mask, n0 + 2 * Q, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, AFFINE, POST_RELU,
+                        HAS_RESIDUAL, Q)
+        _infer_epilogue(q3, p, p_mask, n0 + 3 * Q, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, AFFINE, POST_RELU,
                         HAS_RESIDUAL, Q)
         n0 += BLOCK_N
         wrap = n0 >= Cout
         p0 = tl.where(wrap, p0 + BLOCK_P, p0)
         n0 = tl.where(wrap, 0, n0)
-
-
-@triton.autotune(**gemm_configs(), key=KEY)
-@triton.jit
-def _sepconv_train_kernel(
-    # pointers
-    d_op, pw_op,
-    z_ptr,  # [N, Ho, Wo, Cout] pre-BN output
-    stats_ptr,  # [3, S, Cout] fp32: per program, (reference value, mean - reference value, M2)
-    # sizes
-    P, P_BUCKET, chunk, C, Cout, K_SLOT, S,
-    # meta-parameters
-    C_ALIGN: tl.constexpr, COUT_ALIGN: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    # Program (s, g): position chunk s (`autotune.train_split`), Cout tile g. Its statistics go to
-    # row s, columns of tile g: the rows [3, S, Cout] and their merge are those of one program per
-    # chunk, and a column's tiles are folded in the same order. The split by Cout tile lets the
-    # chunks be longer (S x Cout tiles programs, about two per SM), so that the busiest SM runs about
-    # the average number of tiles instead of whole extra chunks of every Cout tile.
-    C, Cout, K_SLOT, pid, p_begin, p_end = _program(P, chunk, C, Cout, K_SLOT, C_ALIGN, COUT_ALIGN)
-    n0 = tl.program_id(1) * BLOCK_N
-    first_z = z_ptr + tl.cast(p_begin, tl.int64) * Cout  # the program's first row of z: the statistics' ref
-    for p0 in range(p_begin, p_end, BLOCK_P):
-        p, p_mask = _tile(p0, p_end, BLOCK_P)
-        seen = (p0 - p_begin).to(tl.float32)
-        cnt = tl.minimum(p_end - p0, BLOCK_P).to(tl.float32)
-        acc = _pointwise_tile(d_op, p0, pw_op, n0, C, K_SLOT, Cout, A_TMA, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
-        q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
-        Q: tl.constexpr = BLOCK_N // 4
-        _train_quarter(q0, p, p_mask, cnt, seen, n0, z_ptr, first_z, stats_ptr, pid, S, Cout, BLOCK_P, Q)
-        _train_quarter(q1, p, p_mask, cnt, seen, n0 + Q, z_ptr, first_z, stats_ptr, pid, S, Cout, BLOCK_P, Q)
-        _train_quarter(q2, p, p_mask, cnt, seen, n0 + 2 * Q, z_ptr, first_z, stats_ptr, pid, S, Cout, BLOCK_P, Q)
-        _train_quarter(q3, p, p_mask, cnt, seen, n0 + 3 * Q, z_ptr, first_z, stats_ptr, pid, S, Cout, BLOCK_P, Q)
-        tl.debug_barrier()  # the next tile reads back this one's statistics, stored by other threads
 
 
 @triton.autotune(**gemm_configs(), key=KEY)
@@ -638,10 +533,9 @@ def depthwise(x: Tensor, dw: Tensor, geo: Geometry, pre_relu: bool, mid: Optiona
 
 
 class Pointwise:
-    """The launch arguments the three GEMM kernels share: d, the persistent program split (two
+    """The launch arguments the two GEMM kernels share: d, the persistent program split (two
     programs per SM: the 128 x 128 configs fit two where they compile to 128 registers; a wider
-    tile runs them in two waves), the operands (TMA descriptors where they apply). The training
-    kernel splits its own way (`train_gemm`)."""
+    tile runs them in two waves), the operands (TMA descriptors where they apply)."""
 
     def __init__(self, geo: Geometry, d: Tensor, pw: Tensor):
         self.programs, self.chunk = persistent_split(geo.P, sm_count(d.device), 2)
@@ -697,15 +591,15 @@ def sepconv_bn_infer(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, scale: Opt
     shift = padded_f32(vector_f32(shift, geo.Cout, 0.0, x.device))
     res = nhwc(residual.to(x.dtype)) if residual is not None else y  # y: never read without HAS_RESIDUAL
     run = Pointwise(geo, depthwise(x, dw, geo, spec.pre_relu, mid, mid_bn, spec.mid_act or ""), pw)
-    _sepconv_infer_kernel[run.tile_grid](*run.tile_args(scale, shift, res, y), POST_RELU=spec.post_relu,
-                                         HAS_RESIDUAL=residual is not None, **run.meta())
+    _sepconv_infer_kernel[run.tile_grid](*run.tile_args(scale, shift, res, y), AFFINE=True,
+                                         POST_RELU=spec.post_relu, HAS_RESIDUAL=residual is not None, **run.meta())
     return y
 
 
 def sepconv_bn_train(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bn_weight: Optional[Tensor],
                      bn_bias: Optional[Tensor], residual: Optional[Tensor], spec: UnitSpec,
                      eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, z, mean, biased var): depthwise, GEMM + statistics epilogue, statistics merge, normalisation."""
+    """(y, z, mean, biased var): depthwise, GEMM storing z, its statistics, normalisation."""
     geo, x, dw, pw = _prepare(x, dw_weight, pw_weight, spec)
     if geo.P == 0 or geo.Cout == 0:  # as the reference: mean 0, var 1 for an empty batch
         return empty_forward(geo, x)
@@ -723,17 +617,15 @@ def empty_forward(geo: Geometry, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Ten
 
 
 def train_gemm(geo: Geometry, d: Tensor, pw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(z, mean, biased var): the GEMM kernel with the statistics epilogue on d, then the merge."""
+    """(z, mean, biased var): the GEMM kernel storing z (the inference kernel without its affine map),
+    then the statistics of the stored z in a pass of their own (`batchnorm.statistics`): a reduction
+    in the GEMM's epilogue cost it more than reading z back (benchmarks/NOTES.md, "Triton training
+    statistics in their own pass")."""
     z = empty_nhwc(geo.out_shape, d.dtype, d.device)
     run = Pointwise(geo, d, pw)
-    splits, chunk = train_split(geo.P, geo.Cout, sm_count(d.device))
-    stats = new_empty((3, splits, geo.Cout), torch.float32, d.device)
-
-    def grid(meta):
-        return splits, triton.cdiv(geo.Cout, meta["BLOCK_N"])
-
-    _sepconv_train_kernel[grid](*run.args(z, stats, chunk=chunk), splits, **run.meta())
-    mean, var = batchnorm.merge_statistics(stats, geo.P, chunk)
+    _sepconv_infer_kernel[run.tile_grid](*run.tile_args(z, z, z, z), AFFINE=False, POST_RELU=False,
+                                         HAS_RESIDUAL=False, **run.meta())  # z: never read as scale/shift/residual
+    mean, var = batchnorm.statistics(z.permute(0, 2, 3, 1).reshape(geo.P, geo.Cout))
     return z, mean, var
 
 

@@ -23,7 +23,7 @@ FP32_POINTERS = frozenset({"dwt_ptr", "scale_ptr", "shift_ptr", "stats_ptr", "su
 # and the depthwise output `d_op` through TMA descriptors) default to the architecture's: Hopper and later.
 # STRIDE_W, DIL_W: the depthwise kernels' column stride and dilation (1: Xception's); WIDE: int64 offsets
 # in `_depthwise_kernel` (off: a tile's span below 2^31 elements); P_ALIGN: the GPU's POSITION_ALIGN.
-DEFAULT_FLAGS = dict(KH=3, KW=3, KK_PAD=16, PRE_RELU=True, POST_RELU=True, HAS_RESIDUAL=True, ASM=True,
+DEFAULT_FLAGS = dict(KH=3, KW=3, KK_PAD=16, AFFINE=True, PRE_RELU=True, POST_RELU=True, HAS_RESIDUAL=True, ASM=True,
                      C_ALIGN=8, COUT_ALIGN=8, MID_BN=0, MID_ACT="",  # MID_*: the plain unit, no mid variant
                      STRIDE_W=1, DIL_W=1, WIDE=False, P_ALIGN=128)
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "bfloat16": "bf16", "float16": "fp16",

@@ -29,6 +29,7 @@ PROVIDER = "triton"
 POSITION_ALIGN = 128  # triton_kernels.autotune.POSITION_ALIGN on a GPU
 SUM_BLOCK_S, SUM_BLOCK_M = 32, 128  # triton_kernels.autotune.SUM_BLOCK_S/M on a GPU
 MERGE_BLOCK_S, MERGE_BLOCK_C = 32, 32  # triton_kernels.batchnorm.MERGE_BLOCK_S/C on a GPU
+Z_STATS_BLOCK_P, Z_STATS_BLOCK_C = 32, 64  # triton_kernels.batchnorm.STATS_BLOCK_P/C on a GPU (4 warps)
 
 
 def position_split(positions: int, other_programs: int, sms: int) -> tuple[int, int]:
@@ -42,11 +43,6 @@ def persistent_split(positions: int, sms: int, per_sm: int) -> tuple[int, int]:
     """`triton_kernels.autotune.persistent_split` on a GPU: (programs, chunk) of the forward's GEMM kernels."""
     chunk = max(cdiv(cdiv(positions, sms * per_sm), POSITION_ALIGN) * POSITION_ALIGN, POSITION_ALIGN)
     return cdiv(positions, chunk), chunk
-
-
-def train_split(positions: int, channels: int, sms: int) -> tuple[int, int]:
-    """`triton_kernels.autotune.train_split` on a GPU: (splits, chunk) of the training GEMM kernel."""
-    return persistent_split(positions, max(1, 2 * sms // cdiv(channels, 128)), 1)
 
 
 def _slot_width(unit: Unit) -> int:
@@ -137,9 +133,14 @@ def _dw_ffma(unit: Unit, block_p: int, block_ci: int, steps: float) -> float:
     return block_p * block_ci * unit.K * unit.K * steps
 
 
-def infer(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
-    """The depthwise kernel, then the GEMM kernel with the affine epilogue (`sepconv_bn_infer`)."""
+def _gemm(unit: Unit, arch: int, sms: int, affine: bool) -> list[Launch]:
+    """`_sepconv_infer_kernel`: with the affine epilogue (`sepconv_bn_infer`), or storing z alone
+    (`depthwise_pointwise.train_gemm`: no post-ReLU, no residual)."""
     from xception_fast.triton_kernels import depthwise_pointwise as dp
+
+    flags = _flags(unit, AFFINE=affine)
+    if not affine:
+        flags.update(POST_RELU=False, HAS_RESIDUAL=False)
 
     def plan(m):
         tiles = cdiv(unit.P, m["BLOCK_P"]) * cdiv(unit.Cout, m["BLOCK_N"])
@@ -148,11 +149,15 @@ def infer(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
                  LoopPlan("K steps over d (tl.dot)", cdiv(unit.C, m["BLOCK_K"]), pipelined=True)]
         if arch >= 90:
             loops.append(LoopPlan("TMA barrier wait retries (out of line)", 0))
-        nbytes = _d_bytes(unit) + unit.weight_bytes() + unit.y_bytes() * (2 if unit.shape.residual else 1)
+        nbytes = _d_bytes(unit) + unit.weight_bytes() + unit.y_bytes() * (2 if flags["HAS_RESIDUAL"] else 1)
         return programs, loops, nbytes, 0.0
 
-    return [_depthwise(unit, arch, training=False),
-            _launches(dp._sepconv_infer_kernel, unit, arch, _flags(unit), _sizes(unit, K_SLOT=_slot_width(unit)), plan)]
+    return _launches(dp._sepconv_infer_kernel, unit, arch, flags, _sizes(unit, K_SLOT=_slot_width(unit)), plan)
+
+
+def infer(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
+    """The depthwise kernel, then the GEMM kernel with the affine epilogue (`sepconv_bn_infer`)."""
+    return [_depthwise(unit, arch, training=False), _gemm(unit, arch, sms, affine=True)]
 
 
 def _mid(unit: Unit):
@@ -192,23 +197,20 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     kk = unit.K * unit.K
     kernels: list[list[Launch]] = []
 
-    # Forward: the depthwise kernel, then the GEMM kernel with the statistics epilogue, a program per
-    # (position chunk, Cout tile), about two per SM.
-    splits, chunk = train_split(P, Cout, sms)
-
-    def fwd(m):
-        loops = [LoopPlan("position tiles of the program", unit.split_trips(splits, chunk, m["BLOCK_P"])),
-                 LoopPlan("K steps over d (tl.dot)", cdiv(unit.C, m["BLOCK_K"]), pipelined=True)]
-        if arch >= 90:
-            loops.append(LoopPlan("TMA barrier wait retries (out of line)", 0))
-        return (splits * cdiv(Cout, m["BLOCK_N"]), loops,
-                _d_bytes(unit) + unit.weight_bytes() + unit.y_bytes() + 12 * splits * Cout, 0.0)
-
+    # Forward: the depthwise kernel, the GEMM kernel storing z, its statistics in a pass of their own
+    # (`batchnorm.statistics`: partial rows per position split, then their merge).
     if _mid(unit).mid_norm:
         kernels += _mid_statistics(unit, arch, sms)
     kernels.append(_depthwise(unit, arch, training=True))
-    kernels.append(_launches(dp._sepconv_train_kernel, unit, arch, _flags(unit), _gemm_ints(unit, chunk, S=splits),
-                             fwd))
+    kernels.append(_gemm(unit, arch, sms, affine=False))
+    splits, chunk = position_split(P, cdiv(Cout, Z_STATS_BLOCK_C), sms)
+    kernels.append(_launches(
+        bn._stats_partial_kernel, unit, arch,
+        dict(C_ALIGN=_channel_align(Cout), BLOCK_P=Z_STATS_BLOCK_P, BLOCK_C=Z_STATS_BLOCK_C),  # 4 warps: the default
+        dict(P=P, C=Cout, chunk=chunk),
+        lambda m: (splits * cdiv(Cout, Z_STATS_BLOCK_C),
+                   [LoopPlan("position tiles of the split", unit.split_trips(splits, chunk, Z_STATS_BLOCK_P) - 1)],
+                   unit.y_bytes() + 12 * splits * Cout, 0.0)))
     kernels.append(_merge_statistics(unit, arch, splits, Cout, chunk))
     kernels.append(_launches(
         bn._bn_apply_kernel, unit, arch, dict(POST_RELU=unit.shape.post_relu, HAS_RESIDUAL=unit.shape.residual,
