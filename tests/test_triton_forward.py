@@ -325,6 +325,30 @@ def test_training_statistics_with_a_large_mean_and_a_drifting_one(provider, dtyp
     torch.testing.assert_close(got_var.double(), var, atol=0, rtol=STATISTICS_RTOL["var"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("positions", [484, 389], ids=["partial-tile", "short-last-split"])
+def test_statistics_pass_merges_several_splits_of_uneven_slots(provider, dtype, positions, monkeypatch):
+    """`batchnorm.statistics` over three position splits (the last one partial: 100 rows, or 5, fewer
+    than a tile), each element slot of the tile holding a different count, with a large mean drifting
+    by 1e3 std, against float64 statistics; over a NaN-poisoned statistics buffer."""
+    from xception_fast.testing import STATISTICS_RTOL
+    from xception_fast.triton_kernels import autotune, batchnorm
+
+    if DEVICE.type != "cpu":
+        pytest.skip("the splits are sized for the interpreter's POSITION_ALIGN (32)")
+    monkeypatch.setenv("XCEPTION_FAST_POISON_OUTPUTS", "1")
+    monkeypatch.setattr(autotune, "target_programs", lambda device: 7)  # 3 splits of 19 channels' 2 blocks
+    assert autotune.position_split(positions, 2, torch.device("cpu"))[0] == 3
+    mean, std = _LARGE_MEAN[dtype]
+    gen = torch.Generator().manual_seed(11)
+    ramp = torch.linspace(0.0, 1.0, positions, dtype=torch.float64)[:, None]
+    z = (mean + 1e3 * std * ramp + std * torch.randn(positions, 19, generator=gen, dtype=torch.float64)).to(dtype)
+    got_mean, got_var = batchnorm.statistics(z)
+    var, mu = torch.var_mean(z.double(), dim=0, correction=0)
+    torch.testing.assert_close(got_mean.double(), mu, atol=0, rtol=STATISTICS_RTOL["mean"])
+    torch.testing.assert_close(got_var.double(), var, atol=0, rtol=STATISTICS_RTOL["var"])
+
+
 def test_program_splits_cover_the_positions_in_whole_tiles():
     """Every position in exactly one program of the forward's GEMM kernels, chunks in whole tiles (POSITION_ALIGN)."""
     from xception_fast.triton_kernels import autotune
