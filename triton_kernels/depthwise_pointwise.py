@@ -12,10 +12,11 @@ Design: two kernels per forward, each at the occupancy its own work wants.
 2. a GEMM kernel per epilogue, about two programs per SM, each owning a set of output tiles: in the
    grad_z kernel program s owns the positions [s * chunk, (s + 1) * chunk) and every Cout tile
    (`autotune.persistent_split`: its sums' rows over whole position chunks), and the inference
-   kernel, which reduces nothing, deals the output tiles out in equal runs (`Pointwise.tile_grid`). For each tile a K loop over the tile's rows of d, software-pipelined
-   (the config's num_stages), d and the weight through TMA tensor descriptors where TMA applies
-   (A_TMA, W_TMA: Hopper, rows 16-byte aligned), then the epilogue on the accumulator's four column
-   quarters. d is read unmasked (its padding is zero).
+   kernel, which reduces nothing, deals the output tiles out in equal runs (`Pointwise.tile_grid`).
+   For each tile a K loop over the tile's rows of d, software-pipelined (the config's num_stages),
+   d and the weight through TMA tensor descriptors where TMA applies (A_TMA, W_TMA: Hopper, rows
+   16-byte aligned), then the epilogue on the accumulator's four column quarters. d is read
+   unmasked (its padding is zero).
 Why not one kernel: the previous design ran both phases in one persistent program per SM,
 the depthwise into a per-program scratch slot in L2, a barrier, then the GEMM over the slot. On an
 H200 (bf16, batch 256) it measured 535 us for a middle-flow unit's inference (0.75 TB/s, 183
