@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import types
+import zlib
 from dataclasses import replace
 
 import pytest
@@ -220,6 +221,14 @@ def _compare(monkeypatch, device: torch.device, dtype: torch.dtype, flags: str, 
             torch.testing.assert_close(aten[name], composed[name], rtol=0, atol=0, equal_nan=True, msg=name)
 
 
+def _seed(dtype: torch.dtype, flags: str, mid: str | None) -> int:
+    """The case's seed, the same in every run. Python's hash() of a string changes per process, so each
+    run drew new data: the float32 ("post", "bn") case's grad_mid_bias, a sum whose terms cancel, then
+    exceeded ERROR_RATIO x the composed form's error on about 4% of seeds (both forms are within fp32
+    rounding of the truth; the ratio rule is not a bound where the baseline's error is small by chance)."""
+    return zlib.crc32(f"{dtype}|{flags}|{mid}".encode()) % 10_000
+
+
 CASES = [("pre_res", None), ("post", None), ("pre_post_res", None), ("pre_post_res_nan", None),
          ("pre_post_res", "bn_relu"), ("post", "bn")]
 
@@ -227,7 +236,7 @@ CASES = [("pre_res", None), ("post", None), ("pre_post_res", None), ("pre_post_r
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("flags,mid", CASES)
 def test_aten_form_matches_composed_cpu(monkeypatch, dtype, flags, mid):
-    _compare(monkeypatch, torch.device("cpu"), dtype, flags, mid, seed=hash((str(dtype), flags, mid)) % 10_000)
+    _compare(monkeypatch, torch.device("cpu"), dtype, flags, mid, seed=_seed(dtype, flags, mid))
 
 
 @pytest.mark.gpu
@@ -235,7 +244,7 @@ def test_aten_form_matches_composed_cpu(monkeypatch, dtype, flags, mid):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("flags,mid", CASES)
 def test_aten_kernels_match_composed_gpu(monkeypatch, dtype, flags, mid):
-    _compare(monkeypatch, torch.device("cuda"), dtype, flags, mid, seed=hash((str(dtype), flags, mid)) % 10_000)
+    _compare(monkeypatch, torch.device("cuda"), dtype, flags, mid, seed=_seed(dtype, flags, mid))
 
 
 def test_emulation_is_used_and_can_fail(monkeypatch):
