@@ -1,10 +1,11 @@
 """Static records -> JSON files and Markdown tables; the model beside measured GPU results.
 
 Files: `benchmarks/results/static/sm<arch>-<dtype>.json` (a JSON list of flat records, see
-`run.static_records`) and `STATIC.md` beside them. `markdown(records)` renders, per (dtype, mode),
-the unit table (roofline floor, unfused estimate, each provider's unit total, per layer and for
-the whole model) and the per-kernel table. `versus_measured(records, measured)` pairs each unit
-total with the GPU median of the same (provider, layer, mode, dtype) at the same batch.
+`run.static_records`) and `STATIC.md` beside them. `markdown(records)` renders, per dtype, the issues'
+speed targets (`targets`), then per (dtype, mode) the unit table (roofline floor, unfused estimate, each
+provider's unit total, per layer and for the whole model) and the per-kernel table.
+`versus_measured(records, measured)` pairs each unit total with the GPU median of the same (provider,
+layer, mode, dtype) at the same batch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional
 
-from xception_fast.bench.static import calibration
+from xception_fast.bench.static import calibration, targets
 from xception_fast.bench.static.machine import machine
 
 DEFAULT_DIR = Path("benchmarks") / "results" / "static"
@@ -96,6 +97,9 @@ def markdown(records: list[dict]) -> str:
                   "cost fitted on that GPU run's per-kernel times (`xception_fast.bench.static.calibration`), each kernel "
                   "in the autotune config the calibrated model picks (named where it is not the bound's pick). An "
                   "estimate, not a bound and not a measurement. " + calibration.FITTED_SUMMARY, ""]
+    for dtype in sorted({r["dtype"] for r in records}):
+        table = targets.markdown(records, dtype)
+        lines += [table] if table else []
     keys = sorted({(r["dtype"], r["mode"]) for r in records}, key=lambda k: (k[0], k[1] != "infer"))
     for dtype, mode in keys:
         rows = [r for r in records if r["dtype"] == dtype and r["mode"] == mode]
