@@ -52,3 +52,15 @@ def test_the_static_report_starts_with_the_targets():
     text = report.markdown([{**r, "arch": 90, "label": "static estimate (sm_90 model)", "machine": "H100 SXM",
                              "batch": 256} for r in _records() if r["kernel"] != "k"])
     assert text.index("### Issue targets, bf16") < text.index("### Units, inference, bf16")
+
+
+def test_fp16_is_set_against_bf16_where_both_were_modelled():
+    records = _records()
+    assert "fp16 / bf16" not in targets.markdown(records)
+    records.append({**_total("triton", "all", "infer", 1650.0, 1000.0, calibrated=2500.0, kernel="model_total"),
+                    "dtype": "fp16"})
+    assert targets.half_vs_bf16(records, "triton", "infer", "estimate_us") == (1.1, "")
+    text = targets.markdown(records)
+    assert "| fp16 / bf16, 34 units, inference | <= 1.10x | 1.10x met | 1.00x met |" in text
+    assert "fp16 / bf16, 34 units, training" not in text  # no training totals in either dtype
+    assert targets.markdown(records, "fp16").count("fp16 / bf16") == 0  # once, in the bf16 table

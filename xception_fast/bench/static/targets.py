@@ -41,6 +41,18 @@ TARGETS = (
 )
 
 
+HALF_VS_BF16 = Target("fp16 within 10% of bf16", "", 1.10)
+
+
+def half_vs_bf16(records: list[dict], provider: str, mode: str, key: str) -> Optional[tuple[float, str]]:
+    """The 34-unit total in fp16 over the one in bf16; None unless both were modelled."""
+    half = _totals(records, "fp16").get((provider, "all", mode))
+    bf16 = _totals(records, "bf16").get((provider, "all", mode))
+    if not half or not bf16 or half.get(key) is None or not bf16.get(key):
+        return None
+    return half[key] / bf16[key], ""
+
+
 def _totals(records: list[dict], dtype: str) -> dict:
     return {(r["provider"], r["layer"], r["mode"]): r for r in records
             if r["dtype"] == dtype and r["kernel"] in ("unit_total", "model_total")}
@@ -115,4 +127,9 @@ def markdown(records: list[dict], dtype: str = "bf16") -> str:
                   f"{regs[0]} regs, {regs[1]} B spilled {'met' if regs[0] <= MAX_REGS and not regs[1] else 'missed'}",
                   "(same kernels)"]
     lines.append(f"| registers, every chosen kernel | <= {MAX_REGS}, no spill | " + " | ".join(cells) + " |")
+    for mode, what in (("infer", "inference"), ("train", "training")):
+        cells = [_cell(HALF_VS_BF16, half_vs_bf16(records, p, mode, key))
+                 for p in providers for key in ("estimate_us", "calibrated_us")]
+        if any(c != "not modelled" for c in cells) and dtype == "bf16":
+            lines.append(f"| fp16 / bf16, 34 units, {what} | <= {HALF_VS_BF16.limit:.2f}x | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
