@@ -360,23 +360,48 @@ def test_program_splits_cover_the_positions_in_whole_tiles():
             assert chunk % align == 0 and (programs - 1) * chunk < positions <= programs * chunk
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("programs", [1, 4, 5, 9])
-def test_inference_tiles_dealt_in_runs_cover_the_output_once(provider, monkeypatch, programs):
+def test_inference_tiles_dealt_in_runs_cover_the_output_once(provider, monkeypatch, programs, dtype):
     """`_sepconv_infer_kernel` deals its output tiles (3 position tiles x 2 Cout tiles here, in the
     interpreter's 32 x 16 blocks) out in equal runs, which start and end inside a row of Cout tiles
     (4 or 5 programs), one tile each, or fewer tiles than programs (9: the grid shrinks to the tiles).
-    Every element written exactly as the reference computes it, over a NaN-poisoned output."""
+    The epilogue addresses each tile from a 64-bit base plus int32 offsets, masked by the rows and
+    columns left: every element written exactly once, as the reference computes it (the last position
+    tile and the last Cout tile partial), over a NaN-poisoned output."""
+    from xception_fast.testing import TOLERANCES
     from xception_fast.triton_kernels import depthwise_pointwise as dp
 
     monkeypatch.setenv("XCEPTION_FAST_POISON_OUTPUTS", "1")
     monkeypatch.setattr(dp, "program_slots", lambda sms, per_sm: programs)
-    x, dw, pw = _unit(16, 24)
+    x, dw, pw = _unit(16, 24, dtype)
     spec = UnitSpec((3, 3), padding=(1, 1), pre_relu=True, post_relu=True)
     scale, shift = torch.rand(24, device=DEVICE) + 0.5, torch.randn(24, device=DEVICE)
-    res = torch.randn(2, 24, 6, 7, device=DEVICE)
+    res = torch.randn(2, 24, 6, 7, device=DEVICE).to(dtype)
     got = provider.sepconv_bn_infer(x, dw, pw, scale, shift, res, spec)
     want = reference.sepconv_bn_infer(x, dw, pw, scale, shift, res, spec)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(got, want, atol=tol.atol, rtol=tol.rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("programs", [2, 5])
+def test_training_z_store_over_tile_runs_at_an_odd_cout(provider, monkeypatch, programs, dtype):
+    """The training forward's GEMM (`_sepconv_infer_kernel` without its affine map) stores z over runs
+    of tiles that wrap from one position tile to the next, at 19 output channels (a Cout tile of 3
+    columns, no aligned rows): z and the statistics of it as the reference's, over a poisoned z."""
+    from xception_fast.testing import TOLERANCES
+    from xception_fast.triton_kernels import depthwise_pointwise as dp
+
+    monkeypatch.setenv("XCEPTION_FAST_POISON_OUTPUTS", "1")
+    monkeypatch.setattr(dp, "program_slots", lambda sms, per_sm: programs)
+    x, dw, pw = _unit(16, 19, dtype)
+    spec = UnitSpec((3, 3), padding=(1, 1), pre_relu=True)
+    _, z, mean, _ = provider.sepconv_bn_train(x, dw, pw, None, None, None, spec, 1e-5)
+    _, z_ref, mean_ref, _ = reference.sepconv_bn_train(x, dw, pw, None, None, None, spec, 1e-5)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(z, z_ref, atol=tol.atol, rtol=tol.rtol)
+    torch.testing.assert_close(mean, mean_ref, atol=tol.atol, rtol=tol.rtol)
 
 
 def test_exact_matmul_switches_the_cublas_flags_off_and_restores_them():

@@ -188,29 +188,32 @@ def _quarters(acc, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _infer_epilogue(acc, p, p_mask, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, AFFINE: tl.constexpr,
+def _infer_epilogue(acc, y_tile, r_tile, rows, p_mask, col0, cols_left, scale_tile, shift_tile, AFFINE: tl.constexpr,
                     POST_RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y = post(z * scale + shift) + residual for columns n0 + [0, BLOCK_N), rounding where the reference
-    does: z stored in the input dtype, the affine map in fp32 and stored, the residual added to the
-    stored value. scale and shift are zero-padded to a whole number of the widest Cout tile
-    (`padded_f32`): read unmasked, without the zeroing a masked load costs (a register pair each)."""
-    co = n0 + tl.arange(0, BLOCK_N)
-    co_mask = co < Cout
-    z = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+    """y = post(z * scale + shift) + residual for the tile's columns col0 + [0, BLOCK_N), rounding where the
+    reference does: z stored in the input dtype, the affine map in fp32 and stored, the residual added to
+    the stored value. y_tile, r_tile, scale_tile, shift_tile point at the tile's first element (a 64-bit
+    base per tile); `rows` (each row's int32 offset within the tile) and col0 + column are int32: a
+    64-bit add per address, the rest uniform per tile, where 64-bit index math per quarter cost about
+    34 instructions a tile (benchmarks/NOTES.md, "Triton GEMM: instructions per tile"). cols_left:
+    Cout - n0 (the column mask). scale and shift are zero-padded to a whole number of the widest Cout
+    tile (`padded_f32`): read unmasked, without the zeroing a masked load costs (a register pair each)."""
+    cols = col0 + tl.arange(0, BLOCK_N)
+    z = acc.to(y_tile.dtype.element_ty).to(tl.float32)
     if AFFINE:
-        scale = tl.load(scale_ptr + co)
-        shift = tl.load(shift_ptr + co)
+        scale = tl.load(scale_tile + cols)
+        shift = tl.load(shift_tile + cols)
         y = z * scale[None, :] + shift[None, :]
     else:  # the training forward: z itself (its statistics in a pass of their own)
         y = z
     if POST_RELU:
-        y = tl.where(y < 0.0, 0.0, y)  # not tl.maximum: NaN must pass, as in torch.relu
-    offs = p.to(tl.int64)[:, None] * Cout + co[None, :]
-    mask = p_mask[:, None] & co_mask[None, :]
+        y = tl.where(y < 0.0, 0.0, y)  # not tl.maximum: NaN must pass and -0 stay -0, as in torch.relu
+    offs = rows[:, None] + cols[None, :]
+    mask = p_mask[:, None] & (cols < cols_left)[None, :]
     if HAS_RESIDUAL:
-        r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + r
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        r = tl.load(r_tile + offs, mask=mask, other=0.0).to(tl.float32)
+        y = y.to(y_tile.dtype.element_ty).to(tl.float32) + r
+    tl.store(y_tile + offs, y.to(y_tile.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -394,19 +397,23 @@ def _sepconv_infer_kernel(
     pt = t_begin // n_tiles
     p0 = pt * BLOCK_P  # the current tile, stepped along (no division per tile)
     n0 = (t_begin - pt * n_tiles) * BLOCK_N
+    rows = tl.arange(0, BLOCK_P) * Cout  # int32 offsets within a tile (BLOCK_P x Cout < 2^31)
+    Q: tl.constexpr = BLOCK_N // 4
     for _ in range(t_begin, t_end):
         acc = _pointwise_tile(d_op, p0, pw_op, n0, C, K_SLOT, Cout, A_TMA, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
-        p, p_mask = _tile(p0, P, BLOCK_P)
         q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
-        Q: tl.constexpr = BLOCK_N // 4
-        _infer_epilogue(q0, p, p_mask, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, AFFINE, POST_RELU,
-                        HAS_RESIDUAL, Q)
-        _infer_epilogue(q1, p, p_mask, n0 + Q, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, AFFINE, POST_RELU,
-                        HAS_RESIDUAL, Q)
-        _infer_epilogue(q2, p, p_mask, n0 + 2 * Q, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, AFFINE, POST_RELU,
-                        HAS_RESIDUAL, Q)
-        _infer_epilogue(q3, p, p_mask, n0 + 3 * Q, scale_ptr, shift_ptr, res_ptr, y_ptr, Cout, AFFINE, POST_RELU,
-                        HAS_RESIDUAL, Q)
+        base = p0.to(tl.int64) * Cout + n0  # the tile's first element: the one 64-bit offset per tile
+        y_tile, r_tile = y_ptr + base, res_ptr + base
+        p_mask = tl.arange(0, BLOCK_P) < P - p0
+        cols_left = Cout - n0
+        _infer_epilogue(q0, y_tile, r_tile, rows, p_mask, 0, cols_left, scale_ptr + n0, shift_ptr + n0, AFFINE,
+                        POST_RELU, HAS_RESIDUAL, Q)
+        _infer_epilogue(q1, y_tile, r_tile, rows, p_mask, Q, cols_left, scale_ptr + n0, shift_ptr + n0, AFFINE,
+                        POST_RELU, HAS_RESIDUAL, Q)
+        _infer_epilogue(q2, y_tile, r_tile, rows, p_mask, 2 * Q, cols_left, scale_ptr + n0, shift_ptr + n0, AFFINE,
+                        POST_RELU, HAS_RESIDUAL, Q)
+        _infer_epilogue(q3, y_tile, r_tile, rows, p_mask, 3 * Q, cols_left, scale_ptr + n0, shift_ptr + n0, AFFINE,
+                        POST_RELU, HAS_RESIDUAL, Q)
         n0 += BLOCK_N
         wrap = n0 >= Cout
         p0 = tl.where(wrap, p0 + BLOCK_P, p0)
