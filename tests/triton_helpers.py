@@ -61,13 +61,14 @@ def kernels():
     ]
 
 
-def configs_for(kernel, dtype: str, arch: int) -> list:
-    """The autotune configs of `kernel`, as its own pruning leaves them for `dtype` on `arch`."""
+def configs_for(kernel, dtype: str, arch: int, affine: bool = True) -> list:
+    """The autotune configs of `kernel`, as its own pruning leaves them for `dtype` on `arch` (and
+    `affine`: the inference GEMM's epilogue, or the training z store)."""
     from xception_fast.triton_kernels import autotune
 
     configs = getattr(kernel, "configs", [None])
     if getattr(kernel, "early_config_prune", None) is not None:
-        configs = autotune.prune_gemm(configs, 4 if dtype == "fp32" else 2, arch)
+        configs = autotune.prune_gemm(configs, 4 if dtype == "fp32" else 2, arch, affine)
     return configs
 
 
@@ -95,7 +96,7 @@ def main(argv: list[str]) -> int:
     every = len(argv) > 2 and argv[2] == "all"
     failed = 0
     for kernel, extra in kernels():
-        configs = configs_for(kernel, dtype, arch)
+        configs = configs_for(kernel, dtype, arch, extra.get("AFFINE", True))
         for config in configs if every else configs[:1]:
             start = time.time()
             compiled = compile_kernel(kernel, extra, config, arch, dtype)

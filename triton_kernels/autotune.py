@@ -55,17 +55,22 @@ def _set_weight_block(nargs: dict) -> None:
             op.block_shape = [nargs[rows], nargs["BLOCK_K"]]
 
 
-def prune_gemm(configs: list[triton.Config], element_size: int, arch: int) -> list[triton.Config]:
+def prune_gemm(configs: list[triton.Config], element_size: int, arch: int, affine: bool = True) -> list[triton.Config]:
     """The GEMM configs worth compiling for this element size and architecture (spills and shared
-    memory checked on sm_90 and sm_80 with tests/triton_helpers.py):
+    memory checked on sm_90 and sm_80 with tests/triton_helpers.py), and `affine` (the inference
+    kernel's epilogue; False: the training forward's z store):
     - fp32 (an IEEE FMA product, no tensor cores: accumulator and operands all in registers) only
       the small tiles, 16-bit types only the tensor-core ones;
     - BLOCK_N = 256 only on Hopper (wgmma keeps A and B in shared memory; mma.sync spills);
     - pipeline buffers, num_stages x (A + B tiles), within 160 KB (sm_80 has 163 KB);
-    - register caps (`maxnreg`) only on Hopper."""
+    - register caps (`maxnreg`) only on Hopper;
+    - three programs per SM (PER_SM 3, the 4-warp row) only for the z store: the affine epilogue
+      spills 128 B at the 168-register cap those three CTAs need."""
     def fits(c):
         bp, bn, bk = c.kwargs["BLOCK_P"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         if not INTERPRET and (bp * bn <= 64 * 64) != (element_size == 4):
+            return False
+        if affine and c.kwargs.get("PER_SM", 2) > 2:
             return False
         if c.maxnreg and arch < 90:  # a cap that fits Hopper's wgmma code spills mma.sync's (208-233 uncapped)
             return False
@@ -79,7 +84,7 @@ def prune_gemm(configs: list[triton.Config], element_size: int, arch: int) -> li
 def _prune_for_device(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     d = named_args["d_op"]
     d = d if isinstance(d, torch.Tensor) else d.base  # a TensorDescriptor keeps its tensor
-    kept = prune_gemm(configs, d.element_size(), device_arch(d.device))
+    kept = prune_gemm(configs, d.element_size(), device_arch(d.device), kwargs.get("AFFINE", True))
     return kept[:1] if ONE_CONFIG else kept
 
 
@@ -88,25 +93,34 @@ def _prune_for_device(configs: list[triton.Config], named_args: dict, **kwargs) 
 MAX_BLOCK_N = 256
 
 
-def gemm_configs() -> dict:
+def gemm_configs(infer: bool = False) -> dict:
     """The GEMM kernels of the forward (depthwise_pointwise.py): (BLOCK_P positions, BLOCK_N out
-    channels, BLOCK_K in channels per K-step, warps, pipeline stages), launched two programs per SM.
+    channels, BLOCK_K in channels per K-step, warps, pipeline stages, register cap), launched two
+    programs per SM. `infer`: `_sepconv_infer_kernel`'s list, whose configs also say how many programs
+    per SM its grid launches (PER_SM, `Pointwise.tile_grid`), with one more row: 128 x 128 x 64 w4 s2
+    capped at 168 registers, three programs per SM (12 warps, 3 per scheduler, against the 8-warp
+    rows' 2 x 8), for the training forward's z store only (`prune_gemm`: the affine epilogue spills
+    there). A 4-warp CTA issues each K step's pipeline code (about 84 instructions, the same as an
+    8-warp CTA's warps) once per warpgroup for 8 HGMMA instead of 4: 1,436 warp-instructions a tile
+    per warp x 4 against 1,256 x 8; calibrated static estimate (sm_90 model), training z store,
+    middle / exit (conv4) unit: 222.7 / 316.1 us against 239.3 / 342.3 (benchmarks/NOTES.md,
+    "Triton GEMM: instructions per tile").
 
     128-position tiles: the GEMM's M side. BLOCK_N 256 is the widest wgmma; 728 channels pad to 768
     (5.5% of the MMA wasted, with 128- or 256-wide tiles). BLOCK_P divides POSITION_ALIGN (the
     programs' chunks are multiples of it), BLOCK_K divides SLOT_ALIGN (d's row pitch). The kernels
     hold the accumulator, the pipeline's addresses and an epilogue quarter. First, the calibrated
     static estimate's pick (sm_90 model; benchmarks/NOTES.md, "Triton GEMM kernels: toward cuBLAS")
-    on the middle, entry and exit units, inference and training: 128 x 128 x 64 w8 at 2 stages (65
-    KB of shared memory) capped at 128 registers, two CTAs per SM (4 warps per scheduler); the
-    training kernel compiles to 152-168 uncapped (one CTA per SM, 1.5x), the inference kernel to
-    110-124 under the cap. The same tile at 3 stages uncapped (sm_80's: the cap is Hopper's only,
+    on the middle, entry and exit units, inference: 128 x 128 x 64 w8 at 2 stages (65 KB of shared
+    memory) capped at 128 registers, two CTAs per SM (4 warps per scheduler); it compiles to 122-128
+    registers with the affine epilogue, 103 for the z store. The same tile at 3 stages uncapped (sm_80's: the cap is Hopper's only,
     see `prune_gemm`), and a 16-warp 128 x 256 tile (one CTA, 4 warps per scheduler; it spills 192
     B in the training epilogue). Calibrated, inference middle / exit (conv4) unit, us: 258 / 356,
     263 / 361, 269 / 368. Pruned: 128 x 256 x 64 w8 (one 8-warp CTA per SM, 175-236 registers:
     299 / 386 inference; training tied on those two, 3.5x on the entry unit), 4 stages (one CTA
-    per SM at BLOCK_K 64, 1.4x; 128 x 128 x 32 s4: 1.2x), 4-warp tiles (the grids hold about two
-    programs per SM: 2 warps per scheduler, 1.4x), 128 x 128 x 128 s2 (one CTA per SM, 1.2x).
+    per SM at BLOCK_K 64, 1.4x; 128 x 128 x 32 s4: 1.2x), 4-warp tiles at two programs per SM (2
+    warps per scheduler, 1.4x; three: the z-store row above), 128 x 128 x 128 s2 (one CTA per SM,
+    1.2x).
     The last two rows are for fp32 (see `prune_gemm`). Returned as the autotune keyword arguments
     (configs, the TMA block pre-hook, pruning by dtype and architecture)."""
     gpu = [
@@ -118,10 +132,15 @@ def gemm_configs() -> dict:
     ]
     pinned = [(_PINNED_P, _PINNED_C, _PINNED_C, 4, 1, None)]
     assert max(row[1] for row in gpu + pinned) <= MAX_BLOCK_N
-    names = ("BLOCK_P", "BLOCK_N", "BLOCK_K")
-    configs = [triton.Config(dict(zip(names, row[:3])), num_warps=row[3], num_stages=row[4], maxnreg=row[5],
-                             pre_hook=_set_weight_block)
-               for row in (pinned if INTERPRET else gpu)]
+    rows = pinned if INTERPRET else gpu
+    if infer:  # (..., programs per SM); the 4-warp row second: XCEPTION_FAST_TRITON_ONE_CONFIG keeps the first
+        rows = [row + (2,) for row in rows]
+        if not INTERPRET:
+            rows.insert(1, (128, 128, 64, 4, 2, 168, 3))
+    names = ("BLOCK_P", "BLOCK_N", "BLOCK_K", "PER_SM")
+    configs = [triton.Config(dict(zip(names, row[:3] + row[6:])), num_warps=row[3], num_stages=row[4],
+                             maxnreg=row[5], pre_hook=_set_weight_block)
+               for row in rows]
     return dict(configs=configs, prune_configs_by={"early_config_prune": _prune_for_device})
 
 

@@ -64,6 +64,9 @@ from .utils import (INLINE_ASM, channel_align, check_dtype, check_positions, emp
 
 SLOT_COLS = tl.constexpr(SLOT_ALIGN)  # K_SLOT (d's row pitch) is a multiple of it
 KEY = ["C", "Cout", "P_BUCKET", "A_TMA", "W_TMA"]
+# `_sepconv_infer_kernel` runs both the inference epilogue and the training z store, whose configs differ
+# (`autotune.prune_gemm`): tuned apart.
+INFER_KEY = KEY + ["AFFINE", "POST_RELU", "HAS_RESIDUAL"]
 
 
 # --- device helpers -------------------------------------------------------------------------------------
@@ -199,7 +202,7 @@ def _infer_epilogue(acc, y_tile, r_tile, rows, p_mask, col0, cols_left, scale_ti
     Cout - n0 (the column mask). scale and shift are zero-padded to a whole number of the widest Cout
     tile (`padded_f32`): read unmasked, without the zeroing a masked load costs (a register pair each)."""
     cols = col0 + tl.arange(0, BLOCK_N)
-    z = acc.to(y_tile.dtype.element_ty).to(tl.float32)
+    z = acc.to(tl.float32)
     if AFFINE:
         scale = tl.load(scale_tile + cols)
         shift = tl.load(shift_tile + cols)
@@ -367,7 +370,7 @@ def _depthwise_kernel(
 # the depthwise kernel's output in the input dtype and pw_op [Cout, C] the pointwise weight, each a
 # pointer or a TMA descriptor (A_TMA, W_TMA). P_BUCKET: the autotuning key only.
 
-@triton.autotune(**gemm_configs(), key=KEY)
+@triton.autotune(**gemm_configs(infer=True), key=INFER_KEY)
 @triton.jit
 def _sepconv_infer_kernel(
     # pointers
@@ -382,6 +385,7 @@ def _sepconv_infer_kernel(
     AFFINE: tl.constexpr, POST_RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, C_ALIGN: tl.constexpr,
     COUT_ALIGN: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PER_SM: tl.constexpr,  # programs per SM of the config: read by the grid (`Pointwise.tile_grid`) only
 ):
     # No reduction here, so no position chunks: the output tiles (position tile, Cout tile), numbered
     # position-major, are dealt out in equal contiguous runs, one per program (`Pointwise.tile_grid`).
@@ -401,7 +405,9 @@ def _sepconv_infer_kernel(
     Q: tl.constexpr = BLOCK_N // 4
     for _ in range(t_begin, t_end):
         acc = _pointwise_tile(d_op, p0, pw_op, n0, C, K_SLOT, Cout, A_TMA, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
-        q0, q1, q2, q3 = _quarters(acc, BLOCK_P, BLOCK_N)
+        # z rounded to the output dtype once, the whole tile (the reference's first rounding): packed
+        # conversions, and the quarters hold 16-bit values (half the registers of fp32 ones)
+        q0, q1, q2, q3 = _quarters(acc.to(y_ptr.dtype.element_ty), BLOCK_P, BLOCK_N)
         base = p0.to(tl.int64) * Cout + n0  # the tile's first element: the one 64-bit offset per tile
         y_tile, r_tile = y_ptr + base, res_ptr + base
         p_mask = tl.arange(0, BLOCK_P) < P - p0
@@ -547,7 +553,7 @@ class Pointwise:
 
     def __init__(self, geo: Geometry, d: Tensor, pw: Tensor):
         self.programs, self.chunk = persistent_split(geo.P, sm_count(d.device), 2)
-        self.slots = program_slots(sm_count(d.device), 2)
+        self.sms = sm_count(d.device)
         self.pw_op, self.w_tma = weight_operand(pw.view(geo.Cout, geo.C))
         self.d_op, self.a_tma = weight_operand(d)  # the same TMA rules; d's rows are always 16-byte aligned
         self.d, self.geo = d, geo
@@ -566,10 +572,10 @@ class Pointwise:
         return dict(A_TMA=self.a_tma, W_TMA=self.w_tma, **self.geo.align())
 
     def tile_grid(self, meta) -> tuple[int]:
-        """`_sepconv_infer_kernel`'s grid: as many programs as `grid`, or one per output tile where
-        there are fewer tiles; each takes an equal run of the config's tiles."""
+        """`_sepconv_infer_kernel`'s grid: the config's PER_SM programs per SM, or one per output tile
+        where there are fewer tiles; each takes an equal run of the config's tiles."""
         tiles = triton.cdiv(self.geo.P, meta["BLOCK_P"]) * triton.cdiv(self.geo.Cout, meta["BLOCK_N"])
-        return (min(self.slots, tiles),)
+        return (min(program_slots(self.sms, meta["PER_SM"]), tiles),)
 
     def tile_args(self, *tensors: Tensor) -> tuple:
         """`args` without the position chunk (`_sepconv_infer_kernel` splits by tiles)."""

@@ -102,7 +102,7 @@ def _launches(kernel, unit: Unit, arch: int, constexprs: dict, ints: dict, plan)
     configs = getattr(kernel, "configs", None) or [None]
     if getattr(kernel, "early_config_prune", None) is not None:  # as the autotuner prunes on the device
         from xception_fast.triton_kernels.autotune import prune_gemm
-        configs = prune_gemm(configs, 4 if unit.dtype == "fp32" else 2, arch)
+        configs = prune_gemm(configs, 4 if unit.dtype == "fp32" else 2, arch, constexprs.get("AFFINE", True))
     out = []
     for config in configs:
         meta = dict(config.kwargs) if config is not None else dict(constexprs)
@@ -144,7 +144,7 @@ def _gemm(unit: Unit, arch: int, sms: int, affine: bool) -> list[Launch]:
 
     def plan(m):
         tiles = cdiv(unit.P, m["BLOCK_P"]) * cdiv(unit.Cout, m["BLOCK_N"])
-        programs = min(2 * sms, tiles)  # as `depthwise_pointwise.Pointwise.tile_grid` splits
+        programs = min(m["PER_SM"] * sms, tiles)  # as `depthwise_pointwise.Pointwise.tile_grid` splits
         loops = [LoopPlan("output tiles of the program (equal runs)", tiles / programs),
                  LoopPlan("K steps over d (tl.dot)", cdiv(unit.C, m["BLOCK_K"]), pipelined=True)]
         if arch >= 90:
