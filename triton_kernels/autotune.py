@@ -113,10 +113,10 @@ def gemm_configs(infer: bool = False) -> dict:
     static estimate's pick (sm_90 model; benchmarks/NOTES.md, "Triton GEMM kernels: toward cuBLAS")
     on the middle, entry and exit units, inference: 128 x 128 x 64 w8 at 2 stages (65 KB of shared
     memory) capped at 128 registers, two CTAs per SM (4 warps per scheduler); it compiles to 122-128
-    registers with the affine epilogue, 103 for the z store. The same tile at 3 stages uncapped (sm_80's: the cap is Hopper's only,
-    see `prune_gemm`), and a 16-warp 128 x 256 tile (one CTA, 4 warps per scheduler; it spills 192
-    B in the training epilogue). Calibrated, inference middle / exit (conv4) unit, us: 258 / 356,
-    263 / 361, 269 / 368. Pruned: 128 x 256 x 64 w8 (one 8-warp CTA per SM, 175-236 registers:
+    registers with the affine epilogue, 103 for the z store. The same tile at 3 stages uncapped
+    (sm_80's: the cap is Hopper's only, see `prune_gemm`), and a 16-warp 128 x 256 tile (one CTA, 4
+    warps per scheduler). Calibrated, inference middle (residual) / exit (conv4) unit, us: 257 /
+    357, 261 / 361, 261 / 365. Pruned: 128 x 256 x 64 w8 (one 8-warp CTA per SM, 175-236 registers:
     299 / 386 inference; training tied on those two, 3.5x on the entry unit), 4 stages (one CTA
     per SM at BLOCK_K 64, 1.4x; 128 x 128 x 32 s4: 1.2x), 4-warp tiles at two programs per SM (2
     warps per scheduler, 1.4x; three: the z-store row above), 128 x 128 x 128 s2 (one CTA per SM,

@@ -191,18 +191,19 @@ def _quarters(acc, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _infer_epilogue(acc, y_tile, r_tile, rows, p_mask, col0, cols_left, scale_tile, shift_tile, AFFINE: tl.constexpr,
+def _infer_epilogue(z16, y_tile, r_tile, rows, p_mask, col0, cols_left, scale_tile, shift_tile, AFFINE: tl.constexpr,
                     POST_RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
     """y = post(z * scale + shift) + residual for the tile's columns col0 + [0, BLOCK_N), rounding where the
-    reference does: z stored in the input dtype, the affine map in fp32 and stored, the residual added to
-    the stored value. y_tile, r_tile, scale_tile, shift_tile point at the tile's first element (a 64-bit
-    base per tile); `rows` (each row's int32 offset within the tile) and col0 + column are int32: a
-    64-bit add per address, the rest uniform per tile, where 64-bit index math per quarter cost about
-    34 instructions a tile (benchmarks/NOTES.md, "Triton GEMM: instructions per tile"). cols_left:
-    Cout - n0 (the column mask). scale and shift are zero-padded to a whole number of the widest Cout
-    tile (`padded_f32`): read unmasked, without the zeroing a masked load costs (a register pair each)."""
+    reference does: z16 is z already rounded to the output dtype (where the reference stores it), the
+    affine map in fp32 and stored, the residual added to the stored value. y_tile, r_tile, scale_tile
+    and shift_tile point at the tile's first element (a 64-bit base per tile); `rows` (each row's int32
+    offset within the tile) and col0 + column are int32: a 64-bit add per address, the rest uniform
+    per tile, where 64-bit index math per quarter cost about 34 instructions a tile
+    (benchmarks/NOTES.md, "Triton GEMM: instructions per tile"). cols_left: Cout - n0 (the column
+    mask). scale and shift are zero-padded to a whole number of the widest Cout tile (`padded_f32`):
+    read unmasked, without the zeroing a masked load costs (a register pair each)."""
     cols = col0 + tl.arange(0, BLOCK_N)
-    z = acc.to(tl.float32)
+    z = z16.to(tl.float32)
     if AFFINE:
         scale = tl.load(scale_tile + cols)
         shift = tl.load(shift_tile + cols)
@@ -405,8 +406,8 @@ def _sepconv_infer_kernel(
     Q: tl.constexpr = BLOCK_N // 4
     for _ in range(t_begin, t_end):
         acc = _pointwise_tile(d_op, p0, pw_op, n0, C, K_SLOT, Cout, A_TMA, W_TMA, BLOCK_P, BLOCK_N, BLOCK_K)
-        # z rounded to the output dtype once, the whole tile (the reference's first rounding): packed
-        # conversions, and the quarters hold 16-bit values (half the registers of fp32 ones)
+        # z rounded to the output dtype, the whole tile at once (the reference's first rounding): the
+        # quarters hold 16-bit values, which lets the 4-warp z-store row fit 168 registers unspilled
         q0, q1, q2, q3 = _quarters(acc.to(y_ptr.dtype.element_ty), BLOCK_P, BLOCK_N)
         base = p0.to(tl.int64) * Cout + n0  # the tile's first element: the one 64-bit offset per tile
         y_tile, r_tile = y_ptr + base, res_ptr + base
