@@ -54,15 +54,21 @@ SHAPES = {
     # The CUDA backward's tiled grad_x / grad_dw on 16-byte vectors with dilation 2 (its instance with
     # run-time tap offsets; Xception's dilation 1 takes constant ones) and padding 2.
     "c16to24_k3_d2": (16, 24, 3, (1, 1), (2, 2), (2, 2), 2, 9, 8),
+    # Valid padding (Ho < H, Wo < W: input pixels past the outputs) and padding past the dilation (Ho > H:
+    # outputs that are no input pixel), through the CUDA backward's tiled kernel and its d store.
+    "c16to24_k3_p0": (16, 24, 3, (1, 1), (0, 0), (1, 1), 2, 7, 9),
+    "c16to24_k3_p2x1": (16, 24, 3, (1, 1), (2, 1), (1, 1), 2, 6, 7),
 }
-LARGE = {"c70to130_k3", "c24to264_w150", "c16to40_s2_w600", "c8to776_k3", "c16to24_w400"}  # GPU only: an interpreter spends minutes on them
+# GPU only: an interpreter spends minutes on them, or (the last two) they exercise CUDA paths only.
+LARGE = {"c70to130_k3", "c24to264_w150", "c16to40_s2_w600", "c8to776_k3", "c16to24_w400", "c16to24_k3_p0",
+         "c16to24_k3_p2x1"}
 FLAGS = {"pre_post_res": (True, True, True), "plain": (False, False, False), "pre_only": (True, False, False),
          "post_res": (False, True, True)}
 CASES = [("c5to7_k3", "pre_post_res"), ("c19_s21_d12_n1", "pre_only"), ("c33to19_k5_s2_d2", "post_res"),
          ("c19to33_k2x4", "plain"), ("c70to130_k3", "pre_post_res"), ("c1to5_k1_s2", "post_res"),
          ("c19_s21_d12_n1", "pre_post_res"), ("c24to264_w150", "pre_post_res"), ("c16to40_s2_w600", "pre_only"),
          ("c16to24_k3", "pre_post_res"), ("c8to776_k3", "pre_only"), ("c16to24_w400", "pre_post_res"),
-         ("c16to24_k3_d2", "pre_only")]
+         ("c16to24_k3_d2", "pre_only"), ("c16to24_k3_p0", "pre_post_res"), ("c16to24_k3_p2x1", "pre_only")]
 
 
 @pytest.fixture(params=conformance_cases(), ids=lambda case: f"{case[0]}-{case[1]}")
