@@ -323,9 +323,10 @@ def _input_grad_groups(gd_ptr, dwt_ptr, x_ptr, gx_ptr, pid_q, c, c_mask, Q, H, W
     last group of a row cut at W). Input r of a group reads, for tap (i, j), output column
     iw0 + r + pad_w - j * DIL_W: the group's inputs share those columns, each loaded and converted once
     (as in the forward's `_depthwise_kernel`). Column k (from the leftmost, iw0 + pad_w - (KW - 1) *
-    DIL_W) feeds input r's tap j where k = r + (KW - 1 - j) * DIL_W; the columns run right to left, so
-    that each input sums its taps in the order (i, j) as the per-position path does. The kernel rows run
-    in a loop, not unrolled: unrolled, the compiler hoisted every row's loads and taps (130-142
+    DIL_W) feeds input r's tap j where k = r + (KW - 1 - j) * DIL_W. The rows run from the last (i =
+    KH - 1) and the columns left to right, so each input sums its taps in the order (i, j) reversed: the
+    order in which the one-pass `_dw_backward_kernel` meets them (the two agree bitwise; the strided
+    per-position path sums in the order (i, j)). The kernel rows run in a loop, not unrolled: unrolled, the compiler hoisted every row's loads and taps (130-142
     registers on sm_90, 7 CTAs of 2 warps per SM); rolled, 96 (10)."""
     tl.static_assert(RW <= 4, "a group holds at most 4 inputs (`_add_to`)")
     groups = (W + RW - 1) // RW
@@ -342,11 +343,11 @@ def _input_grad_groups(gd_ptr, dwt_ptr, x_ptr, gx_ptr, pid_q, c, c_mask, Q, H, W
     a0 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     a1, a2, a3 = a0, a0, a0
     NCOL: tl.constexpr = RW + (KW - 1) * DIL_W
-    for i in range(KH):
+    for ii in range(KH):
+        i = KH - 1 - ii
         oh = ih + pad_h - i * dil_h
         ok_h = tile_ok & (oh.to(tl.uint32, bitcast=True) < Ho)[:, None]
-        for kk in tl.static_range(NCOL):
-            k = NCOL - 1 - kk
+        for k in tl.static_range(NCOL):
             ok = ok_h & ((ow_b + k).to(tl.uint32, bitcast=True) < Wo)[:, None]
             gf = _pre_f32(tl.load(g_tile + (k - i * dil_h * Wo) * C, mask=ok, other=0.0), False, ASM)
             for r in tl.static_range(RW):
@@ -417,6 +418,155 @@ def _dw_input_grad_kernel(
                 wv = tl.load(dwt_ptr + (i * KW + j) * K_SLOT + c)  # zero past C, K_SLOT a multiple of BLOCK_C
                 acc += _pre_f32(g, False, ASM) * wv[None, :]
         _store_grad_x(acc, q, tile_ok, c, x_ptr, gx_ptr, C, PRE_RELU)
+
+
+@triton.jit
+def _dw_backward_kernel(
+    # pointers
+    x_ptr,  # [N, H, W, C] input (channels_last)
+    gd_ptr,  # [N, H, W, C] grad of the depthwise output (3 x 3, unit stride, Ho == H and Wo == W)
+    part_ptr,  # [S, C, 9] fp32 out: per split, grad of the depthwise weight
+    dwt_ptr,  # [9, K_SLOT] fp32 depthwise taps, zero past C
+    d_ptr,  # [P, C] out (only if STORE_D): the depthwise output d, input dtype, for grad_pw
+    gx_ptr,  # [N, H, W, C] out: grad of x
+    # sizes (P and chunk count groups of RW positions; K_SLOT: the taps' row pitch, a multiple of BLOCK_C)
+    P, chunk, H, W,
+    C: tl.constexpr,  # compile-time, as in `_dw_weight_grad_kernel`
+    K_SLOT, dil_h,
+    # meta-parameters (DIL_W the column dilation; the padding is the dilation: "same" output)
+    KK_PAD: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr, STORE_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RW: tl.constexpr, DIL_W: tl.constexpr, WIDE: tl.constexpr,
+):
+    # grad_dw, d and grad_x in one pass over x and grad_d. With a "same" 3 x 3 window, output position p
+    # reads x over the rows oh - dil_h .. oh + dil_h and the columns ow - DIL_W .. ow + DIL_W, and input
+    # position p gathers grad_d over exactly those rows and columns: one set of offsets and masks serves
+    # both loads, and each program writes d and grad_x at its own positions only (no atomics). The
+    # split, the groups of RW outputs along a row and the stepping without divisions are
+    # `_dw_weight_grad_kernel`'s (its grad_dw partials and d come out bitwise equal); the halo rows of
+    # grad_d and x come from L1/L2, each tensor is read from DRAM once.
+    # Loaded row ii (0..2, at oh + (ii - 1) * dil_h), column k (at ow0 - DIL_W + k) gives:
+    # - output r's tap (ii, j), j = (k - r) / DIL_W: grad_dw[ii, j] += grad_d(r) * pre(x), d(r) += pre(x) * w;
+    # - input r's tap (2 - ii, 2 - j): grad_x(r) += grad_d * w[2 - ii, 2 - j]. grad_x so sums its taps in
+    #   the order (i, j) reversed, as `_input_grad_groups` does (bitwise equal).
+    tl.static_assert(RW <= 4, "a group holds at most 4 positions (`_add_to`)")
+    s, c0, ci = _split_channel_block(C, BLOCK_C)
+    c_ok = ci < C
+    p_end = tl.minimum(s * chunk + chunk, P)
+    taps = tl.arange(0, KK_PAD)
+    groups = (W + RW - 1) // RW
+    g_begin = s * chunk
+    _, ow0, n, oh, _, _ = _group_origin(g_begin + tl.arange(0, BLOCK_P), groups, H, 1, 0, 0, RW, 1)
+    gcol = ow0 // RW
+    q = BLOCK_P // groups
+    rem = BLOCK_P - q * groups
+    qn = q // H
+    qr = q - qn * H
+    # Offsets from the program's first image, int32 unless WIDE (`_wide_weight_grad`): the four tensors
+    # share the geometry, so one offset tile addresses all of them.
+    n_first = g_begin // groups // H
+    first = n_first.to(tl.int64) * H * W * C
+    x_base = x_ptr + first
+    gd_base = gd_ptr + first
+    a00 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    a01, a02, a10, a11, a12, a20, a21, a22 = a00, a00, a00, a00, a00, a00, a00, a00
+    NCOL: tl.constexpr = RW + 2 * DIL_W
+    for g0 in range(g_begin, p_end, BLOCK_P):
+        tile_ok = (g0 + tl.arange(0, BLOCK_P) < p_end)[:, None] & c_ok[None, :]
+        ow0 = gcol * RW
+        pos = ((n - n_first) * H + oh) * W + ow0  # each group's first position
+        if WIDE:
+            pos = pos.to(tl.int64)
+        offs = (pos * C)[:, None] + ci[None, :]
+        ok1 = tile_ok & (ow0 + 1 < W)[:, None]
+        ok2 = tile_ok & (ow0 + 2 < W)[:, None]
+        ok3 = tile_ok & (ow0 + 3 < W)[:, None]
+        # grad_d at the group's own positions first: every loaded row's weight-grad taps need it.
+        gd0 = _pre_f32(tl.load(gd_base + offs, mask=tile_ok, other=0.0), False, ASM)
+        gd1, gd2, gd3 = gd0, gd0, gd0
+        if RW > 1:
+            gd1 = _pre_f32(tl.load(gd_base + offs + C, mask=ok1, other=0.0), False, ASM)
+        if RW > 2:
+            gd2 = _pre_f32(tl.load(gd_base + offs + 2 * C, mask=ok2, other=0.0), False, ASM)
+        if RW > 3:
+            gd3 = _pre_f32(tl.load(gd_base + offs + 3 * C, mask=ok3, other=0.0), False, ASM)
+        d0 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        d1, d2, d3 = d0, d0, d0
+        e0, e1, e2, e3 = d0, d0, d0, d0  # grad_x before the pre-ReLU's mask
+        xc0, xc1, xc2, xc3 = d0, d0, d0, d0  # pre(x) at the group's positions: the mask
+        for ii in tl.static_range(3):
+            row_ok = tile_ok & ((oh + (ii - 1) * dil_h).to(tl.uint32, bitcast=True) < H)[:, None]
+            row = offs + ((ii - 1) * dil_h * W - DIL_W) * C
+            for k in tl.static_range(NCOL):
+                ok = row_ok & ((ow0 + (k - DIL_W)).to(tl.uint32, bitcast=True) < W)[:, None]
+                xf = _pre_f32(tl.load(x_base + row + k * C, mask=ok, other=0.0), PRE_RELU, ASM)
+                if ii == 1 and k >= DIL_W and k < DIL_W + RW:  # a position of the group: grad_d is loaded
+                    gf = _pick(gd0, gd1, gd2, gd3, k - DIL_W)
+                    xc0, xc1, xc2, xc3 = _put_at(xc0, xc1, xc2, xc3, k - DIL_W, xf)
+                else:
+                    gf = _pre_f32(tl.load(gd_base + row + k * C, mask=ok, other=0.0), False, ASM)
+                for r in tl.static_range(RW):
+                    if k >= r and (k - r) % DIL_W == 0 and (k - r) // DIL_W < 3:
+                        j = (k - r) // DIL_W
+                        a00, a01, a02, a10, a11, a12, a20, a21, a22 = _add_tap(
+                            a00, a01, a02, a10, a11, a12, a20, a21, a22, ii, j, _pick(gd0, gd1, gd2, gd3, r) * xf)
+                        if STORE_D:
+                            wv = tl.load(dwt_ptr + (ii * 3 + j) * K_SLOT + ci)  # zero past C: no mask
+                            d0, d1, d2, d3 = _add_to(d0, d1, d2, d3, r, xf, wv)
+                        wt = tl.load(dwt_ptr + ((2 - ii) * 3 + 2 - j) * K_SLOT + ci)
+                        e0, e1, e2, e3 = _add_to(e0, e1, e2, e3, r, gf, wt)
+        gx_rows = gx_ptr + first + offs
+        _store_masked(gx_rows, e0, xc0, tile_ok, PRE_RELU)
+        if RW > 1:
+            _store_masked(gx_rows + C, e1, xc1, ok1, PRE_RELU)
+        if RW > 2:
+            _store_masked(gx_rows + 2 * C, e2, xc2, ok2, PRE_RELU)
+        if RW > 3:
+            _store_masked(gx_rows + 3 * C, e3, xc3, ok3, PRE_RELU)
+        if STORE_D:
+            d_rows = d_ptr + first + offs
+            tl.store(d_rows, d0.to(d_ptr.dtype.element_ty), mask=tile_ok)
+            if RW > 1:
+                tl.store(d_rows + C, d1.to(d_ptr.dtype.element_ty), mask=ok1)
+            if RW > 2:
+                tl.store(d_rows + 2 * C, d2.to(d_ptr.dtype.element_ty), mask=ok2)
+            if RW > 3:
+                tl.store(d_rows + 3 * C, d3.to(d_ptr.dtype.element_ty), mask=ok3)
+        # The next tile's groups (as `_dw_weight_grad_kernel`).
+        gcol += rem
+        wrap = gcol >= groups
+        gcol = tl.where(wrap, gcol - groups, gcol)
+        oh += qr + wrap.to(tl.int32)
+        wrap = oh >= H
+        oh = tl.where(wrap, oh - H, oh)
+        n += qn + wrap.to(tl.int32)
+    grad_dw = tl.zeros((KK_PAD, BLOCK_C), dtype=tl.float32)
+    grad_dw = _put(_put(_put(grad_dw, taps, 0, a00), taps, 1, a01), taps, 2, a02)
+    grad_dw = _put(_put(_put(grad_dw, taps, 3, a10), taps, 4, a11), taps, 5, a12)
+    grad_dw = _put(_put(_put(grad_dw, taps, 6, a20), taps, 7, a21), taps, 8, a22)
+    offs = s.to(tl.int64) * C * 9 + ci[None, :] * 9 + taps[:, None]
+    tl.store(part_ptr + offs, grad_dw, mask=(taps < 9)[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _put_at(t0, t1, t2, t3, r: tl.constexpr, v):
+    """(t0, t1, t2, t3) with t<r> replaced by v (`_pick`'s numbering)."""
+    if r == 0:
+        t0 = v
+    elif r == 1:
+        t1 = v
+    elif r == 2:
+        t2 = v
+    else:
+        t3 = v
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _store_masked(gx_rows, acc, pre_x, ok, PRE_RELU: tl.constexpr):
+    """grad_x = acc through the pre-ReLU's mask, from pre(x) (> 0 exactly where x > 0; NaN neither)."""
+    if PRE_RELU:
+        acc = tl.where(pre_x > 0, acc, 0.0)
+    tl.store(gx_rows, acc.to(gx_rows.dtype.element_ty), mask=ok)
 
 
 # --- host side ------------------------------------------------------------------------------------------
@@ -494,21 +644,55 @@ def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight:
         grad_d = torch.matmul(gz, pw.view(geo.Cout, geo.C))
 
     dwt = depthwise_taps(dw, geo, taps_pitch(geo.C))
+    store = None  # d, where a depthwise-gradient kernel stores it
     if d is None:
-        d = new_empty((geo.P, geo.C), x.dtype, device)
-        grad_dw = dw_weight_grad(geo, x, grad_d, dw_weight, pre_relu, dwt, d)
+        d = store = new_empty((geo.P, geo.C), x.dtype, device)
     else:
         if d.dim() != 2 or d.shape[0] < geo.P or d.shape[1] < geo.C or d.stride(1) != 1 or d.dtype != x.dtype:
             raise ValueError(f"d must be a row-major [>= {geo.P}, >= {geo.C}] {x.dtype} matrix, got "
                              f"{d.dtype} {list(d.shape)} with strides {d.stride()}")
         d = d[:geo.P, :geo.C]
-        grad_dw = dw_weight_grad(geo, x, grad_d, dw_weight, pre_relu)
+    if one_pass(geo):  # grad_x is written beside d (one more [P, C] tensor live while grad_pw runs)
+        grad_x = empty_nhwc((geo.N, geo.C, geo.H, geo.W), x.dtype, device)
+        grad_dw = dw_backward_one_pass(geo, x, grad_d, dw_weight, pre_relu, dwt, grad_x, store)
+        grad_pw = _weight_grad_product(gz, d, pw_weight.dtype).view(pw_weight.shape)
+        return grad_x, grad_dw, grad_pw
+    grad_dw = dw_weight_grad(geo, x, grad_d, dw_weight, pre_relu, dwt, store)
     grad_pw = _weight_grad_product(gz, d, pw_weight.dtype).view(pw_weight.shape)
-    del d  # a stored d is freed before grad_x is allocated
+    del d, store  # a stored d is freed before grad_x is allocated
 
     grad_x = empty_nhwc((geo.N, geo.C, geo.H, geo.W), x.dtype, device)
     dw_input_grad(geo, grad_d, dwt, x, grad_x, pre_relu)
     return grad_x, grad_dw, grad_pw
+
+
+def one_pass(geo: Geometry) -> bool:
+    """Whether `_dw_backward_kernel` computes the depthwise gradients (every Xception unit): 3 x 3, unit
+    stride, an output the size of the input (the padding equal to the dilation). Other geometries run
+    `_dw_weight_grad_kernel` and `_dw_input_grad_kernel`."""
+    return (geo.KH, geo.KW) == (3, 3) and tuple(geo.stride) == (1, 1) and (geo.Ho, geo.Wo) == (geo.H, geo.W)
+
+
+def dw_backward_one_pass(geo: Geometry, x: Tensor, grad_d: Tensor, dw_weight: Tensor, pre_relu: bool, dwt: Tensor,
+                         grad_x: Tensor, d: Optional[Tensor] = None) -> Tensor:
+    """grad of the depthwise weight (returned, shaped and typed as dw_weight) and grad_x (written into
+    grad_x [N, C, H, W] channels_last), d = dw(pre(x)) stored into d [P, C] where given, in one pass over
+    x and grad_d [P, C] (`_dw_backward_kernel`, for `one_pass` geometries). The split is
+    `dw_weight_grad`'s, so grad_dw and d are bitwise the two-kernel path's, grad_x bitwise too."""
+    assert one_pass(geo)
+    device, c = x.device, geo.C
+    store_d = d is not None
+    block_p, block_c, rw = DW_BLOCKS[store_d]
+    rows = geo.N * geo.H * triton.cdiv(geo.W, rw)
+    splits, chunk = weight_grad_split(rows, triton.cdiv(c, block_c), device)
+    part = new_empty((splits, c, 9), torch.float32, device)
+    assert dwt.shape[1] % block_c == 0 and dwt.shape[1] >= c, "the taps' pitch must be taps_pitch(C)"
+    _dw_backward_kernel[(splits * triton.cdiv(c, block_c),)](
+        x, grad_d, part, dwt, d if store_d else grad_d, grad_x, rows, chunk, geo.H, geo.W, c, dwt.shape[1],
+        geo.dilation[0], KK_PAD=16, PRE_RELU=bool(pre_relu), ASM=INLINE_ASM and device.type == "cuda",
+        STORE_D=store_d, BLOCK_P=block_p, BLOCK_C=block_c, RW=rw, DIL_W=geo.dilation[1],
+        WIDE=_wide_weight_grad(geo, chunk, rw), num_warps=DW_WARPS)
+    return batchnorm.sum_rows(part.view(splits, -1), dw_weight.dtype).view(dw_weight.shape)
 
 
 def dw_weight_grad(geo: Geometry, x: Tensor, grad_d: Tensor, dw_weight: Tensor, pre_relu: bool,
@@ -556,9 +740,12 @@ def _wide_weight_grad(geo: Geometry, chunk: int, rw: int) -> bool:
 def dw_backward(geo: Geometry, x: Tensor, dw: Tensor, dw_weight: Tensor, grad_d: Tensor,
                 pre_relu: bool) -> tuple[Tensor, Tensor]:
     """(grad_x, grad_dw_weight) from grad_d [P, C] in x's dtype; x, dw as `_prepare` returns them."""
-    grad_dw = dw_weight_grad(geo, x, grad_d, dw_weight, pre_relu)
+    dwt = depthwise_taps(dw, geo, taps_pitch(geo.C))
     grad_x = empty_nhwc((geo.N, geo.C, geo.H, geo.W), x.dtype, x.device)
-    dw_input_grad(geo, grad_d, depthwise_taps(dw, geo, taps_pitch(geo.C)), x, grad_x, pre_relu)
+    if one_pass(geo):
+        return grad_x, dw_backward_one_pass(geo, x, grad_d, dw_weight, pre_relu, dwt, grad_x)
+    grad_dw = dw_weight_grad(geo, x, grad_d, dw_weight, pre_relu)
+    dw_input_grad(geo, grad_d, dwt, x, grad_x, pre_relu)
     return grad_x, grad_dw
 
 
