@@ -58,6 +58,10 @@ from .utils import INLINE_ASM, check_dtype, empty_nhwc, new_empty, nhwc, vector_
 DW_BLOCKS = {True: (8, 16, 4), False: (8, 16, 4)} if INTERPRET else {True: (8, 32, 4), False: (8, 32, 4)}
 DW_WARPS = 4
 DW_CTAS_PER_SM = 5  # resident with d stored; the split fills them in one wave
+# `_dw_backward_kernel` (grad_dw, d and grad_x in one pass), by STORE_D: (BLOCK_P, BLOCK_C, RW, register cap
+# on a GPU), DW_WARPS warps, `weight_grad_split`'s one wave of DW_CTAS_PER_SM programs per SM.
+ONE_PASS_BLOCKS = ({True: (8, 16, 4, None), False: (8, 16, 4, None)} if INTERPRET else
+                   {True: (8, 32, 3, 96), False: (8, 32, 3, 96)})
 
 
 def taps_pitch(channels: int) -> int:
@@ -492,16 +496,18 @@ def _dw_backward_kernel(
         d0 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         d1, d2, d3 = d0, d0, d0
         e0, e1, e2, e3 = d0, d0, d0, d0  # grad_x before the pre-ReLU's mask
-        xc0, xc1, xc2, xc3 = d0, d0, d0, d0  # pre(x) at the group's positions: the mask
+        xc0 = tl.zeros((BLOCK_P, BLOCK_C), dtype=x_ptr.dtype.element_ty)  # x at the group's positions: the mask
+        xc1, xc2, xc3 = xc0, xc0, xc0  # (kept in x's dtype: 16-bit pairs take one register)
         for ii in tl.static_range(3):
             row_ok = tile_ok & ((oh + (ii - 1) * dil_h).to(tl.uint32, bitcast=True) < H)[:, None]
             row = offs + ((ii - 1) * dil_h * W - DIL_W) * C
             for k in tl.static_range(NCOL):
                 ok = row_ok & ((ow0 + (k - DIL_W)).to(tl.uint32, bitcast=True) < W)[:, None]
-                xf = _pre_f32(tl.load(x_base + row + k * C, mask=ok, other=0.0), PRE_RELU, ASM)
+                xv = tl.load(x_base + row + k * C, mask=ok, other=0.0)
+                xf = _pre_f32(xv, PRE_RELU, ASM)
                 if ii == 1 and k >= DIL_W and k < DIL_W + RW:  # a position of the group: grad_d is loaded
                     gf = _pick(gd0, gd1, gd2, gd3, k - DIL_W)
-                    xc0, xc1, xc2, xc3 = _put_at(xc0, xc1, xc2, xc3, k - DIL_W, xf)
+                    xc0, xc1, xc2, xc3 = _put_at(xc0, xc1, xc2, xc3, k - DIL_W, xv)
                 else:
                     gf = _pre_f32(tl.load(gd_base + row + k * C, mask=ok, other=0.0), False, ASM)
                 for r in tl.static_range(RW):
@@ -562,10 +568,10 @@ def _put_at(t0, t1, t2, t3, r: tl.constexpr, v):
 
 
 @triton.jit
-def _store_masked(gx_rows, acc, pre_x, ok, PRE_RELU: tl.constexpr):
-    """grad_x = acc through the pre-ReLU's mask, from pre(x) (> 0 exactly where x > 0; NaN neither)."""
+def _store_masked(gx_rows, acc, x, ok, PRE_RELU: tl.constexpr):
+    """grad_x = acc through the pre-ReLU's mask (x > 0: not where x is NaN), as `_store_grad_x`."""
     if PRE_RELU:
-        acc = tl.where(pre_x > 0, acc, 0.0)
+        acc = tl.where(x > 0, acc, 0.0)
     tl.store(gx_rows, acc.to(gx_rows.dtype.element_ty), mask=ok)
 
 
@@ -682,16 +688,17 @@ def dw_backward_one_pass(geo: Geometry, x: Tensor, grad_d: Tensor, dw_weight: Te
     assert one_pass(geo)
     device, c = x.device, geo.C
     store_d = d is not None
-    block_p, block_c, rw = DW_BLOCKS[store_d]
+    block_p, block_c, rw, maxnreg = ONE_PASS_BLOCKS[store_d]
     rows = geo.N * geo.H * triton.cdiv(geo.W, rw)
     splits, chunk = weight_grad_split(rows, triton.cdiv(c, block_c), device)
+    cap = {} if maxnreg is None or device.type != "cuda" else dict(maxnreg=maxnreg)
     part = new_empty((splits, c, 9), torch.float32, device)
     assert dwt.shape[1] % block_c == 0 and dwt.shape[1] >= c, "the taps' pitch must be taps_pitch(C)"
     _dw_backward_kernel[(splits * triton.cdiv(c, block_c),)](
         x, grad_d, part, dwt, d if store_d else grad_d, grad_x, rows, chunk, geo.H, geo.W, c, dwt.shape[1],
         geo.dilation[0], KK_PAD=16, PRE_RELU=bool(pre_relu), ASM=INLINE_ASM and device.type == "cuda",
         STORE_D=store_d, BLOCK_P=block_p, BLOCK_C=block_c, RW=rw, DIL_W=geo.dilation[1],
-        WIDE=_wide_weight_grad(geo, chunk, rw), num_warps=DW_WARPS)
+        WIDE=_wide_weight_grad(geo, chunk, rw), num_warps=DW_WARPS, **cap)
     return batchnorm.sum_rows(part.view(splits, -1), dw_weight.dtype).view(dw_weight.shape)
 
 

@@ -246,15 +246,17 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     kernels.append([library_gemm("cublas_grad_d", gpu, P, C, Cout, operand,
                                  unit.y_bytes() + e * C * Cout + unit.d_bytes())])
 
-    # grad of the depthwise weight: reads x and grad_d once, stores d for grad_pw.
-    splits, dw_grad = _dw_weight_grad(unit, arch, sms, store_d=True)
+    # "Same" 3 x 3 geometries: grad_dw, d (for grad_pw) and grad_x in one pass over x and grad_d.
+    # Others: grad_dw reading x and grad_d once and storing d, then grad_x, the transposed depthwise as a
+    # gather, after grad_pw (`backward._backward_convs`).
+    one_pass = _one_pass(unit)
+    splits, dw_grad = (_dw_backward if one_pass else _dw_weight_grad)(unit, arch, sms, store_d=True)
     kernels.append(dw_grad)
     kernels.append(_sum_rows(unit, arch, splits, C * kk, e))
     kernels.append([library_gemm("cublas_grad_pw", gpu, Cout, C, P, operand,
                                  unit.y_bytes() + unit.d_bytes() + e * Cout * C)])
-
-    # grad of the input: the transposed depthwise as a gather.
-    kernels.append(_dw_input_grad(unit, arch, _taps_pitch(C)))
+    if not one_pass:
+        kernels.append(_dw_input_grad(unit, arch, _taps_pitch(C)))
     return kernels
 
 
@@ -262,6 +264,7 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
 # on a GPU
 DW_BLOCKS = {True: (8, 32, 4), False: (8, 32, 4)}
 DW_WARPS, DW_CTAS_PER_SM = 4, 5
+ONE_PASS_BLOCKS = {True: (8, 32, 3, 96), False: (8, 32, 3, 96)}  # backward.ONE_PASS_BLOCKS on a GPU
 TAPS_ALIGN = 64
 
 
@@ -295,6 +298,34 @@ def _dw_weight_grad(unit: Unit, arch: int, sms: int, store_d: bool) -> tuple[int
                            compile=_compiler(bw._dw_weight_grad_kernel, config, arch, unit.dtype, fixed, ints),
                            grid=splits * cdiv(C, block_c), loops=[LoopPlan("position tiles of the split", trips)],
                            dram_bytes=unit.d_bytes() * (2 if store_d else 1) + unit.x_bytes() + 4 * splits * C * kk,
+                           useful_ffma=_dw_ffma(unit, block_p * rw, block_c, trips) if store_d else 0.0)]
+
+
+def _one_pass(unit: Unit) -> bool:
+    """`backward.one_pass`: 3 x 3, unit stride, the output the input's size."""
+    return unit.K == 3 and unit.conv_ints()["stride_h"] == 1 and (unit.Ho, unit.Wo) == (unit.H, unit.W)
+
+
+def _dw_backward(unit: Unit, arch: int, sms: int, store_d: bool) -> tuple[int, list[Launch]]:
+    """(splits, launches) of `backward._dw_backward_kernel` (`_one_pass` units): `_dw_weight_grad_kernel`'s
+    split and loop, x and grad_d read once (their halo rows from L2), grad_x written, d too where
+    `store_d`, fp32 partial rows out."""
+    from xception_fast.triton_kernels import backward as bw
+
+    C = unit.C
+    block_p, block_c, rw, maxnreg = ONE_PASS_BLOCKS[store_d]
+    rows = unit.batch * unit.H * cdiv(unit.W, rw)
+    splits, chunk = persistent_split(rows, max(1, sms * DW_CTAS_PER_SM // cdiv(C, block_c)), 1)
+    fixed = dict(KK_PAD=16, PRE_RELU=unit.shape.pre_relu, C=C, STORE_D=store_d, BLOCK_P=block_p, BLOCK_C=block_c,
+                 RW=rw, DIL_W=unit.conv_ints()["dil_w"])
+    trips = sum(cdiv(min(chunk, rows - k * chunk), block_p) for k in range(splits)) / splits  # over groups
+    ints = dict(P=rows, chunk=chunk, H=unit.H, W=unit.W, K_SLOT=_taps_pitch(C), dil_h=unit.conv_ints()["dil_h"])
+    import triton
+    config = triton.Config({}, num_warps=DW_WARPS, num_stages=1, maxnreg=maxnreg)
+    return splits, [Launch(kernel=bw._dw_backward_kernel.__name__, config=f"fixed{_label(config)}",
+                           compile=_compiler(bw._dw_backward_kernel, config, arch, unit.dtype, fixed, ints),
+                           grid=splits * cdiv(C, block_c), loops=[LoopPlan("position tiles of the split", trips)],
+                           dram_bytes=unit.d_bytes() * (2 if store_d else 1) + 2 * unit.x_bytes() + 4 * splits * C * 9,
                            useful_ffma=_dw_ffma(unit, block_p * rw, block_c, trips) if store_d else 0.0)]
 
 
@@ -398,10 +429,13 @@ def _mid_backward(unit: Unit, arch: int, sms: int) -> list[list]:
         kernels.append(_sum_rows(unit, arch, splits, 2 * C, 4))
         kernels.append(_launches(bn._bn_grad_z_kernel, unit, arch, plain, dict(P=P, C=C),
                                  lambda m: (tiles(m), [], 3 * d, 0.0)))
-    splits, dw_grad = _dw_weight_grad(unit, arch, sms, store_d=False)
+    # `backward.dw_backward`: one pass where `_one_pass`, else the two kernels
+    one_pass = _one_pass(unit)
+    splits, dw_grad = (_dw_backward if one_pass else _dw_weight_grad)(unit, arch, sms, store_d=False)
     kernels.append(dw_grad)
     kernels.append(_sum_rows(unit, arch, splits, C * kk, e))
-    kernels.append(_dw_input_grad(unit, arch, _taps_pitch(C)))  # `backward.dw_backward`
+    if not one_pass:
+        kernels.append(_dw_input_grad(unit, arch, _taps_pitch(C)))
     return kernels
 
 
