@@ -14,6 +14,9 @@ With g_z = grad of z [P, Cout] (positions x output channels), d = dw(pre(x)) [P,
                                   cuBLAS's wgrad of the same shape takes 142 us.)
 - grad_x  = dw^T(grad_d) * [x > 0 if pre-ReLU]   `_dw_input_grad_kernel`: the transposed depthwise
                                   conv as a gather over the taps (no atomics).
+For 3 x 3, unit stride and an output the size of the input (every Xception unit), `_dw_backward_kernel`
+computes grad_dw, d and grad_x in one pass over x and grad_d instead, where the calibrated static estimate
+says it beats the two kernels (`one_pass_width`).
 g_z is materialised once, in the input dtype, and read by both products: in training by
 `batchnorm.grad_z` (an elementwise pass over grad_y and z), in inference by the forward's two launches
 that recompute d and z (`depthwise_pointwise.recompute_grad_z`; the d it stores is handed on to grad_pw),
@@ -39,7 +42,7 @@ from torch import Tensor
 from xception_fast.spec import UnitSpec
 
 from . import batchnorm
-from .autotune import INTERPRET, dw_input_grad_configs, persistent_split, position_bucket, sm_count
+from .autotune import INTERPRET, device_arch, dw_input_grad_configs, persistent_split, position_bucket, sm_count
 from .depthwise_pointwise import (Geometry, _add_to, _group_origin, _pre_f32, _prepare, _tap_rows, depthwise_taps,
                                   recompute_grad_z)
 from .utils import INLINE_ASM, check_dtype, empty_nhwc, new_empty, nhwc, vector_f32
@@ -58,10 +61,12 @@ from .utils import INLINE_ASM, check_dtype, empty_nhwc, new_empty, nhwc, vector_
 DW_BLOCKS = {True: (8, 16, 4), False: (8, 16, 4)} if INTERPRET else {True: (8, 32, 4), False: (8, 32, 4)}
 DW_WARPS = 4
 DW_CTAS_PER_SM = 5  # resident with d stored; the split fills them in one wave
-# `_dw_backward_kernel` (grad_dw, d and grad_x in one pass), by STORE_D: (BLOCK_P, BLOCK_C, RW, register cap
-# on a GPU), DW_WARPS warps, `weight_grad_split`'s one wave of DW_CTAS_PER_SM programs per SM.
-ONE_PASS_BLOCKS = ({True: (8, 16, 4, None), False: (8, 16, 4, None)} if INTERPRET else
-                   {True: (8, 32, 3, 96), False: (8, 32, 3, 96)})
+# `_dw_backward_kernel` (grad_dw, d and grad_x in one pass): BLOCK_P groups of RW positions (`one_pass_width`)
+# x BLOCK_C channels, DW_WARPS warps, `weight_grad_split`'s one wave of DW_CTAS_PER_SM programs per SM. On sm_90
+# capped at 96 registers (five CTAs per SM; uncapped RW = 3 takes 116, four CTAs): no spill there, with d or
+# without, pre-ReLU or not; on sm_80 the cap spills (48 B at RW = 3 with d), so it stays off.
+ONE_PASS_BLOCK_P, ONE_PASS_BLOCK_C = 8, 16 if INTERPRET else 32
+ONE_PASS_MAXNREG = 96
 
 
 def taps_pitch(channels: int) -> int:
@@ -637,7 +642,7 @@ def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight:
     """(grad_x, grad_dw_weight, grad_pw_weight) from g_z [N, Cout, Ho, Wo] channels_last in x's dtype.
     `d`: the depthwise output dw(pre(x)) rounded to x's dtype, where the caller already has it: [P, C]
     row-major, or a [P_pad, K_pitch] buffer whose first P rows and C columns are d (its pitch is kept:
-    a view, no copy). Without it, `_dw_weight_grad_kernel` stores d while it has the taps loaded."""
+    a view, no copy). Without it, the depthwise-gradient kernel stores d while it has the taps loaded."""
     device = x.device
     if geo.P == 0 or geo.C == 0 or geo.Cout == 0:
         return (empty_nhwc((geo.N, geo.C, geo.H, geo.W), x.dtype, device).zero_(),
@@ -658,7 +663,7 @@ def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight:
             raise ValueError(f"d must be a row-major [>= {geo.P}, >= {geo.C}] {x.dtype} matrix, got "
                              f"{d.dtype} {list(d.shape)} with strides {d.stride()}")
         d = d[:geo.P, :geo.C]
-    if one_pass(geo):  # grad_x is written beside d (one more [P, C] tensor live while grad_pw runs)
+    if one_pass_width(geo):  # grad_x written beside d (one more [P, C] tensor live while grad_pw runs)
         grad_x = empty_nhwc((geo.N, geo.C, geo.H, geo.W), x.dtype, device)
         grad_dw = dw_backward_one_pass(geo, x, grad_d, dw_weight, pre_relu, dwt, grad_x, store)
         grad_pw = _weight_grad_product(gz, d, pw_weight.dtype).view(pw_weight.shape)
@@ -672,28 +677,49 @@ def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight:
     return grad_x, grad_dw, grad_pw
 
 
-def one_pass(geo: Geometry) -> bool:
-    """Whether `_dw_backward_kernel` computes the depthwise gradients (every Xception unit): 3 x 3, unit
-    stride, an output the size of the input (the padding equal to the dilation). Other geometries run
-    `_dw_weight_grad_kernel` and `_dw_input_grad_kernel`."""
+def _one_pass_geometry(geo: Geometry) -> bool:
     return (geo.KH, geo.KW) == (3, 3) and tuple(geo.stride) == (1, 1) and (geo.Ho, geo.Wo) == (geo.H, geo.W)
 
 
+def one_pass_width(geo: Geometry) -> int:
+    """The group width RW `_dw_backward_kernel` runs for this geometry, 0 where the two kernels
+    (`_dw_weight_grad_kernel`, `_dw_input_grad_kernel`) run instead. The kernel needs 3 x 3, unit stride
+    and an output the size of the input (the padding equal to the dilation: every Xception unit). RW = 3
+    reuses more loaded columns than 2 (7.6 SASS instructions per element-tap against 8.8, sm_90, bf16)
+    but idles the lanes past a row's end in its last group. By the calibrated static estimate (sm_90
+    model, benchmarks/NOTES.md "Triton depthwise backward in one pass"): RW = 3 beats the two kernels
+    where at most 6% of its lanes idle (rows of 147, 74 and 37: 4-12%), RW = 2 where none idle (rows of
+    10: 7-11%); rows of 19 (the middle flow: 10% idle at RW = 3, 5% at 2) lose 3-8% either way and
+    keep the two kernels (the one pass is 26% faster there by the raw estimate, 33% less DRAM traffic)."""
+    return one_pass_row_width(geo.W) if _one_pass_geometry(geo) else 0
+
+
+def one_pass_row_width(width: int) -> int:
+    """`one_pass_width` of a row `width` positions wide (the static model's plan calls it too)."""
+    for rw, idle in ((3, 0.06), (2, 0.0)):
+        lanes = triton.cdiv(width, rw) * rw
+        if lanes - width <= idle * lanes:
+            return rw
+    return 0
+
+
 def dw_backward_one_pass(geo: Geometry, x: Tensor, grad_d: Tensor, dw_weight: Tensor, pre_relu: bool, dwt: Tensor,
-                         grad_x: Tensor, d: Optional[Tensor] = None) -> Tensor:
+                         grad_x: Tensor, d: Optional[Tensor] = None, rw: Optional[int] = None) -> Tensor:
     """grad of the depthwise weight (returned, shaped and typed as dw_weight) and grad_x (written into
     grad_x [N, C, H, W] channels_last), d = dw(pre(x)) stored into d [P, C] where given, in one pass over
-    x and grad_d [P, C] (`_dw_backward_kernel`, for `one_pass` geometries). The split is
-    `dw_weight_grad`'s, so grad_dw and d are bitwise the two-kernel path's, grad_x bitwise too."""
-    assert one_pass(geo)
+    x and grad_d [P, C] (`_dw_backward_kernel`) in groups of `rw` positions (default `one_pass_width`;
+    any of 1-4 for a geometry it accepts). d and grad_x come out bitwise as the two kernels make them;
+    grad_dw is as deterministic (fixed split, `batchnorm.sum_rows`) but sums in other groups."""
+    rw = rw or one_pass_width(geo)
+    assert _one_pass_geometry(geo) and 1 <= rw <= 4, "3 x 3, unit stride, 'same' output; groups of 1-4"
     device, c = x.device, geo.C
     store_d = d is not None
-    block_p, block_c, rw, maxnreg = ONE_PASS_BLOCKS[store_d]
+    block_p, block_c = ONE_PASS_BLOCK_P, ONE_PASS_BLOCK_C
     rows = geo.N * geo.H * triton.cdiv(geo.W, rw)
     splits, chunk = weight_grad_split(rows, triton.cdiv(c, block_c), device)
-    cap = {} if maxnreg is None or device.type != "cuda" else dict(maxnreg=maxnreg)
     part = new_empty((splits, c, 9), torch.float32, device)
     assert dwt.shape[1] % block_c == 0 and dwt.shape[1] >= c, "the taps' pitch must be taps_pitch(C)"
+    cap = dict(maxnreg=ONE_PASS_MAXNREG) if device.type == "cuda" and device_arch(device) >= 90 else {}
     _dw_backward_kernel[(splits * triton.cdiv(c, block_c),)](
         x, grad_d, part, dwt, d if store_d else grad_d, grad_x, rows, chunk, geo.H, geo.W, c, dwt.shape[1],
         geo.dilation[0], KK_PAD=16, PRE_RELU=bool(pre_relu), ASM=INLINE_ASM and device.type == "cuda",
@@ -749,7 +775,7 @@ def dw_backward(geo: Geometry, x: Tensor, dw: Tensor, dw_weight: Tensor, grad_d:
     """(grad_x, grad_dw_weight) from grad_d [P, C] in x's dtype; x, dw as `_prepare` returns them."""
     dwt = depthwise_taps(dw, geo, taps_pitch(geo.C))
     grad_x = empty_nhwc((geo.N, geo.C, geo.H, geo.W), x.dtype, x.device)
-    if one_pass(geo):
+    if one_pass_width(geo):
         return grad_x, dw_backward_one_pass(geo, x, grad_d, dw_weight, pre_relu, dwt, grad_x)
     grad_dw = dw_weight_grad(geo, x, grad_d, dw_weight, pre_relu)
     dw_input_grad(geo, grad_d, dwt, x, grad_x, pre_relu)

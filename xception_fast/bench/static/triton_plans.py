@@ -264,7 +264,7 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
 # on a GPU
 DW_BLOCKS = {True: (8, 32, 4), False: (8, 32, 4)}
 DW_WARPS, DW_CTAS_PER_SM = 4, 5
-ONE_PASS_BLOCKS = {True: (8, 32, 3, 96), False: (8, 32, 3, 96)}  # backward.ONE_PASS_BLOCKS on a GPU
+ONE_PASS_BLOCK_P, ONE_PASS_BLOCK_C, ONE_PASS_MAXNREG = 8, 32, 96  # backward.ONE_PASS_* on a GPU (the cap: sm_90)
 TAPS_ALIGN = 64
 
 
@@ -301,19 +301,22 @@ def _dw_weight_grad(unit: Unit, arch: int, sms: int, store_d: bool) -> tuple[int
                            useful_ffma=_dw_ffma(unit, block_p * rw, block_c, trips) if store_d else 0.0)]
 
 
-def _one_pass(unit: Unit) -> bool:
-    """`backward.one_pass`: 3 x 3, unit stride, the output the input's size."""
-    return unit.K == 3 and unit.conv_ints()["stride_h"] == 1 and (unit.Ho, unit.Wo) == (unit.H, unit.W)
+def _one_pass(unit: Unit) -> int:
+    """`backward.one_pass_width`: the group width of `_dw_backward_kernel`, 0 where the two kernels run."""
+    from xception_fast.triton_kernels import backward as bw
+
+    same = unit.K == 3 and unit.conv_ints()["stride_h"] == 1 and (unit.Ho, unit.Wo) == (unit.H, unit.W)
+    return bw.one_pass_row_width(unit.W) if same else 0
 
 
 def _dw_backward(unit: Unit, arch: int, sms: int, store_d: bool) -> tuple[int, list[Launch]]:
-    """(splits, launches) of `backward._dw_backward_kernel` (`_one_pass` units): `_dw_weight_grad_kernel`'s
-    split and loop, x and grad_d read once (their halo rows from L2), grad_x written, d too where
-    `store_d`, fp32 partial rows out."""
+    """(splits, launches) of `backward._dw_backward_kernel` (where `_one_pass`): `_dw_weight_grad_kernel`'s
+    split and loop over groups of RW positions, x and grad_d read once (their halo rows from L2), grad_x
+    written, d too where `store_d`, fp32 partial rows out."""
     from xception_fast.triton_kernels import backward as bw
 
-    C = unit.C
-    block_p, block_c, rw, maxnreg = ONE_PASS_BLOCKS[store_d]
+    C, rw = unit.C, _one_pass(unit)
+    block_p, block_c = ONE_PASS_BLOCK_P, ONE_PASS_BLOCK_C
     rows = unit.batch * unit.H * cdiv(unit.W, rw)
     splits, chunk = persistent_split(rows, max(1, sms * DW_CTAS_PER_SM // cdiv(C, block_c)), 1)
     fixed = dict(KK_PAD=16, PRE_RELU=unit.shape.pre_relu, C=C, STORE_D=store_d, BLOCK_P=block_p, BLOCK_C=block_c,
@@ -321,7 +324,7 @@ def _dw_backward(unit: Unit, arch: int, sms: int, store_d: bool) -> tuple[int, l
     trips = sum(cdiv(min(chunk, rows - k * chunk), block_p) for k in range(splits)) / splits  # over groups
     ints = dict(P=rows, chunk=chunk, H=unit.H, W=unit.W, K_SLOT=_taps_pitch(C), dil_h=unit.conv_ints()["dil_h"])
     import triton
-    config = triton.Config({}, num_warps=DW_WARPS, num_stages=1, maxnreg=maxnreg)
+    config = triton.Config({}, num_warps=DW_WARPS, num_stages=1, maxnreg=ONE_PASS_MAXNREG if arch >= 90 else None)
     return splits, [Launch(kernel=bw._dw_backward_kernel.__name__, config=f"fixed{_label(config)}",
                            compile=_compiler(bw._dw_backward_kernel, config, arch, unit.dtype, fixed, ints),
                            grid=splits * cdiv(C, block_c), loops=[LoopPlan("position tiles of the split", trips)],
