@@ -99,9 +99,10 @@ def test_one_pass_matches_autograd(backward, dtype, case, pre_relu):
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_one_pass_is_bitwise_the_two_kernels(backward, dtype, case):
-    """d and grad_x bitwise equal to the two kernels' (the same FMAs in the same tap order), a NaN in x
-    included; grad_dw bitwise too in groups of 4 (the weight-gradient kernel's blocks and split), within
-    fp32 rounding in other groups. Without d stored, the same grad_dw and grad_x."""
+    """d bitwise equal to the two kernels' (the same FMAs in the same tap order), a NaN in x included;
+    grad_dw bitwise too in groups of 4 (the weight-gradient kernel's blocks and split), within fp32
+    rounding in other groups; grad_x (its taps summed in the reverse order) within a rounding of the
+    input dtype. Without d stored, the same grad_dw and grad_x."""
     n, h, w, dil, rw = case
     geo, xc, dw, taps, grad_d, _, _ = _case(n, h, w, dil, dtype, nan=True)
     want_dw, want_x, want_d = _two_kernels(backward, geo, xc, dw, taps, grad_d, True)
@@ -109,7 +110,8 @@ def test_one_pass_is_bitwise_the_two_kernels(backward, dtype, case):
         grad_dw, grad_x, d = _one_pass(backward, geo, xc, dw, taps, grad_d, True, group)
         assert d.isnan().any() and torch.equal(d.isnan(), want_d.isnan())
         assert torch.equal(d.nan_to_num(), want_d.nan_to_num())
-        assert not grad_x.isnan().any() and torch.equal(grad_x, want_x)  # the NaN is masked by the pre-ReLU
+        assert not grad_x.isnan().any()  # the NaN is masked by the pre-ReLU
+        torch.testing.assert_close(grad_x, want_x, atol=1e-5, rtol=1e-5 if dtype == torch.float32 else 1e-3)
         assert torch.equal(grad_dw.isnan(), want_dw.isnan()) and grad_dw.isnan().any()
         if group == 4:
             assert torch.equal(grad_dw.nan_to_num(), want_dw.nan_to_num())
@@ -123,8 +125,8 @@ def test_one_pass_is_bitwise_the_two_kernels(backward, dtype, case):
 @pytest.mark.parametrize("chunk", [8, 24, 4096], ids=["one_tile", "three_tiles", "one_split"])
 def test_every_split_count_gives_the_same_results(backward, monkeypatch, chunk):
     """The fixed split over groups (`weight_grad_split`) replaced by chunks of one tile of 8 groups, three
-    tiles (a chunk ending inside an image), or one chunk for everything: d and grad_x bitwise the two
-    kernels', grad_dw within fp32 rounding of theirs; 75 groups, so the last chunk is a partial one."""
+    tiles (a chunk ending inside an image), or one chunk for everything: d bitwise the two kernels',
+    grad_dw and grad_x within fp32 rounding of theirs; 75 groups, so the last chunk is a partial one."""
     geo, xc, dw, taps, grad_d, _, _ = _case(3, 5, 13, 1, torch.float32)  # 3 x 5 rows of 5 groups of 3
     want = _two_kernels(backward, geo, xc, dw, taps, grad_d, True)
     splits = []
@@ -132,7 +134,8 @@ def test_every_split_count_gives_the_same_results(backward, monkeypatch, chunk):
                         lambda rows, blocks, device: splits.append(-(-rows // chunk)) or (splits[-1], chunk))
     got = _one_pass(backward, geo, xc, dw, taps, grad_d, True, 3)
     assert splits == [-(-75 // chunk)]
-    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    assert torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
 
 

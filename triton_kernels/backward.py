@@ -332,10 +332,10 @@ def _input_grad_groups(gd_ptr, dwt_ptr, x_ptr, gx_ptr, pid_q, c, c_mask, Q, H, W
     last group of a row cut at W). Input r of a group reads, for tap (i, j), output column
     iw0 + r + pad_w - j * DIL_W: the group's inputs share those columns, each loaded and converted once
     (as in the forward's `_depthwise_kernel`). Column k (from the leftmost, iw0 + pad_w - (KW - 1) *
-    DIL_W) feeds input r's tap j where k = r + (KW - 1 - j) * DIL_W. The rows run from the last (i =
-    KH - 1) and the columns left to right, so each input sums its taps in the order (i, j) reversed: the
-    order in which the one-pass `_dw_backward_kernel` meets them (the two agree bitwise; the strided
-    per-position path sums in the order (i, j)). The kernel rows run in a loop, not unrolled: unrolled, the compiler hoisted every row's loads and taps (130-142
+    DIL_W) feeds input r's tap j where k = r + (KW - 1 - j) * DIL_W; the columns run right to left, so
+    that each input sums its taps in the order (i, j) as the per-position path does. (Left to right, as
+    `_dw_backward_kernel` must, took 103 registers, 9 CTAs per SM.) The kernel rows run in a loop, not
+    unrolled: unrolled, the compiler hoisted every row's loads and taps (130-142
     registers on sm_90, 7 CTAs of 2 warps per SM); rolled, 96 (10)."""
     tl.static_assert(RW <= 4, "a group holds at most 4 inputs (`_add_to`)")
     groups = (W + RW - 1) // RW
@@ -352,11 +352,11 @@ def _input_grad_groups(gd_ptr, dwt_ptr, x_ptr, gx_ptr, pid_q, c, c_mask, Q, H, W
     a0 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     a1, a2, a3 = a0, a0, a0
     NCOL: tl.constexpr = RW + (KW - 1) * DIL_W
-    for ii in range(KH):
-        i = KH - 1 - ii
+    for i in range(KH):
         oh = ih + pad_h - i * dil_h
         ok_h = tile_ok & (oh.to(tl.uint32, bitcast=True) < Ho)[:, None]
-        for k in tl.static_range(NCOL):
+        for kk in tl.static_range(NCOL):
+            k = NCOL - 1 - kk
             ok = ok_h & ((ow_b + k).to(tl.uint32, bitcast=True) < Wo)[:, None]
             gf = _pre_f32(tl.load(g_tile + (k - i * dil_h * Wo) * C, mask=ok, other=0.0), False, ASM)
             for r in tl.static_range(RW):
@@ -456,7 +456,8 @@ def _dw_backward_kernel(
     # Loaded row ii (0..2, at oh + (ii - 1) * dil_h), column k (at ow0 - DIL_W + k) gives:
     # - output r's tap (ii, j), j = (k - r) / DIL_W: grad_dw[ii, j] += grad_d(r) * pre(x), d(r) += pre(x) * w;
     # - input r's tap (2 - ii, 2 - j): grad_x(r) += grad_d * w[2 - ii, 2 - j]. grad_x so sums its taps in
-    #   the order (i, j) reversed, as `_input_grad_groups` does (bitwise equal).
+    #   the order (i, j) reversed (d must keep the forward's order): fp32 sums that can differ from
+    #   `_input_grad_groups`' in the last bit before the rounding to the input dtype.
     tl.static_assert(RW <= 4, "a group holds at most 4 positions (`_add_to`)")
     s, c0, ci = _split_channel_block(C, BLOCK_C)
     c_ok = ci < C
@@ -708,8 +709,9 @@ def dw_backward_one_pass(geo: Geometry, x: Tensor, grad_d: Tensor, dw_weight: Te
     """grad of the depthwise weight (returned, shaped and typed as dw_weight) and grad_x (written into
     grad_x [N, C, H, W] channels_last), d = dw(pre(x)) stored into d [P, C] where given, in one pass over
     x and grad_d [P, C] (`_dw_backward_kernel`) in groups of `rw` positions (default `one_pass_width`;
-    any of 1-4 for a geometry it accepts). d and grad_x come out bitwise as the two kernels make them;
-    grad_dw is as deterministic (fixed split, `batchnorm.sum_rows`) but sums in other groups."""
+    any of 1-4 for a geometry it accepts). d comes out bitwise as the two kernels store it, grad_dw too in
+    groups of 4 (their groups); grad_x sums its taps in the reverse order. As deterministic: a fixed
+    split, then `batchnorm.sum_rows`."""
     rw = rw or one_pass_width(geo)
     assert _one_pass_geometry(geo) and 1 <= rw <= 4, "3 x 3, unit stride, 'same' output; groups of 1-4"
     device, c = x.device, geo.C
