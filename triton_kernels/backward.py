@@ -430,6 +430,28 @@ def _dw_input_grad_kernel(
 
 
 @triton.jit
+def _put_at(t0, t1, t2, t3, r: tl.constexpr, v):
+    """(t0, t1, t2, t3) with t<r> replaced by v (`_pick`'s numbering)."""
+    if r == 0:
+        t0 = v
+    elif r == 1:
+        t1 = v
+    elif r == 2:
+        t2 = v
+    else:
+        t3 = v
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _store_masked(gx_rows, acc, x, ok, PRE_RELU: tl.constexpr):
+    """grad_x = acc through the pre-ReLU's mask (x > 0: not where x is NaN), as `_store_grad_x`."""
+    if PRE_RELU:
+        acc = tl.where(x > 0, acc, 0.0)
+    tl.store(gx_rows, acc.to(gx_rows.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _dw_backward_kernel(
     # pointers
     x_ptr,  # [N, H, W, C] input (channels_last)
@@ -557,28 +579,6 @@ def _dw_backward_kernel(
     grad_dw = _put(_put(_put(grad_dw, taps, 6, a20), taps, 7, a21), taps, 8, a22)
     offs = s.to(tl.int64) * C * 9 + ci[None, :] * 9 + taps[:, None]
     tl.store(part_ptr + offs, grad_dw, mask=(taps < 9)[:, None] & c_ok[None, :])
-
-
-@triton.jit
-def _put_at(t0, t1, t2, t3, r: tl.constexpr, v):
-    """(t0, t1, t2, t3) with t<r> replaced by v (`_pick`'s numbering)."""
-    if r == 0:
-        t0 = v
-    elif r == 1:
-        t1 = v
-    elif r == 2:
-        t2 = v
-    else:
-        t3 = v
-    return t0, t1, t2, t3
-
-
-@triton.jit
-def _store_masked(gx_rows, acc, x, ok, PRE_RELU: tl.constexpr):
-    """grad_x = acc through the pre-ReLU's mask (x > 0: not where x is NaN), as `_store_grad_x`."""
-    if PRE_RELU:
-        acc = tl.where(x > 0, acc, 0.0)
-    tl.store(gx_rows, acc.to(gx_rows.dtype.element_ty), mask=ok)
 
 
 # --- host side ------------------------------------------------------------------------------------------
