@@ -58,9 +58,9 @@ def kernels():
                                                STORE_D=False)),
         # the one pass (grad_dw, d, grad_x): groups of 3 storing d (the entry flow), of 2 without (the exit's mid)
         (backward._dw_backward_kernel, dict(BLOCK_P=backward.ONE_PASS_BLOCK_P, BLOCK_C=backward.ONE_PASS_BLOCK_C,
-                                            RW=3, C=728, STORE_D=True, KK_PAD=16)),
+                                            RW=3, C=728, STORE_D=True)),
         (backward._dw_backward_kernel, dict(BLOCK_P=backward.ONE_PASS_BLOCK_P, BLOCK_C=backward.ONE_PASS_BLOCK_C,
-                                            RW=2, C=1536, STORE_D=False, KK_PAD=16)),
+                                            RW=2, C=1536, STORE_D=False)),
         (backward._dw_input_grad_kernel, dict(C=728, STRIDE_H=1, STRIDE_W=1)),
         (backward._dw_input_grad_kernel, dict(C=728, STRIDE_H=2, STRIDE_W=2)),
     ]

@@ -465,8 +465,8 @@ def _dw_backward_kernel(
     C: tl.constexpr,  # compile-time, as in `_dw_weight_grad_kernel`
     K_SLOT, dil_h,
     # meta-parameters (DIL_W the column dilation; the padding is the dilation: "same" output)
-    KK_PAD: tl.constexpr, PRE_RELU: tl.constexpr, ASM: tl.constexpr, STORE_D: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RW: tl.constexpr, DIL_W: tl.constexpr, WIDE: tl.constexpr,
+    PRE_RELU: tl.constexpr, ASM: tl.constexpr, STORE_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, RW: tl.constexpr, DIL_W: tl.constexpr, WIDE: tl.constexpr,
 ):
     # grad_dw, d and grad_x in one pass over x and grad_d. With a "same" 3 x 3 window, output position p
     # reads x over the rows oh - dil_h .. oh + dil_h and the columns ow - DIL_W .. ow + DIL_W, and input
@@ -484,7 +484,7 @@ def _dw_backward_kernel(
     s, c0, ci = _split_channel_block(C, BLOCK_C)
     c_ok = ci < C
     p_end = tl.minimum(s * chunk + chunk, P)
-    taps = tl.arange(0, KK_PAD)
+    taps = tl.arange(0, 16)  # the 9 taps' rows of grad_dw, padded to a power of two
     groups = (W + RW - 1) // RW
     g_begin = s * chunk
     _, ow0, n, oh, _, _ = _group_origin(g_begin + tl.arange(0, BLOCK_P), groups, H, 1, 0, 0, RW, 1)
@@ -573,7 +573,7 @@ def _dw_backward_kernel(
         wrap = oh >= H
         oh = tl.where(wrap, oh - H, oh)
         n += qn + wrap.to(tl.int32)
-    grad_dw = tl.zeros((KK_PAD, BLOCK_C), dtype=tl.float32)
+    grad_dw = tl.zeros((16, BLOCK_C), dtype=tl.float32)
     grad_dw = _put(_put(_put(grad_dw, taps, 0, a00), taps, 1, a01), taps, 2, a02)
     grad_dw = _put(_put(_put(grad_dw, taps, 3, a10), taps, 4, a11), taps, 5, a12)
     grad_dw = _put(_put(_put(grad_dw, taps, 6, a20), taps, 7, a21), taps, 8, a22)
@@ -724,7 +724,7 @@ def dw_backward_one_pass(geo: Geometry, x: Tensor, grad_d: Tensor, dw_weight: Te
     cap = dict(maxnreg=ONE_PASS_MAXNREG) if device.type == "cuda" and device_arch(device) >= 90 else {}
     _dw_backward_kernel[(splits * triton.cdiv(c, block_c),)](
         x, grad_d, part, dwt, d if store_d else grad_d, grad_x, rows, chunk, geo.H, geo.W, c, dwt.shape[1],
-        geo.dilation[0], KK_PAD=16, PRE_RELU=bool(pre_relu), ASM=INLINE_ASM and device.type == "cuda",
+        geo.dilation[0], PRE_RELU=bool(pre_relu), ASM=INLINE_ASM and device.type == "cuda",
         STORE_D=store_d, BLOCK_P=block_p, BLOCK_C=block_c, RW=rw, DIL_W=geo.dilation[1],
         WIDE=_wide_weight_grad(geo, chunk, rw), num_warps=DW_WARPS, **cap)
     return batchnorm.sum_rows(part.view(splits, -1), dw_weight.dtype).view(dw_weight.shape)

@@ -319,7 +319,7 @@ def _dw_backward(unit: Unit, arch: int, sms: int, store_d: bool) -> tuple[int, l
     block_p, block_c = ONE_PASS_BLOCK_P, ONE_PASS_BLOCK_C
     rows = unit.batch * unit.H * cdiv(unit.W, rw)
     splits, chunk = persistent_split(rows, max(1, sms * DW_CTAS_PER_SM // cdiv(C, block_c)), 1)
-    fixed = dict(KK_PAD=16, PRE_RELU=unit.shape.pre_relu, C=C, STORE_D=store_d, BLOCK_P=block_p, BLOCK_C=block_c,
+    fixed = dict(PRE_RELU=unit.shape.pre_relu, C=C, STORE_D=store_d, BLOCK_P=block_p, BLOCK_C=block_c,
                  RW=rw, DIL_W=unit.conv_ints()["dil_w"])
     trips = sum(cdiv(min(chunk, rows - k * chunk), block_p) for k in range(splits)) / splits  # over groups
     ints = dict(P=rows, chunk=chunk, H=unit.H, W=unit.W, K_SLOT=_taps_pitch(C), dil_h=unit.conv_ints()["dil_h"])
