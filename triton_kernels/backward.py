@@ -473,8 +473,8 @@ def _dw_backward_kernel(
     # position p gathers grad_d over exactly those rows and columns: one set of offsets and masks serves
     # both loads, and each program writes d and grad_x at its own positions only (no atomics). The
     # split, the groups of RW outputs along a row and the stepping without divisions are
-    # `_dw_weight_grad_kernel`'s (its grad_dw partials and d come out bitwise equal); the halo rows of
-    # grad_d and x come from L1/L2, each tensor is read from DRAM once.
+    # `_dw_weight_grad_kernel`'s (d comes out bitwise equal, the grad_dw partials too in its groups of 4);
+    # the halo rows of grad_d and x come from L1/L2, each tensor is read from DRAM once.
     # Loaded row ii (0..2, at oh + (ii - 1) * dil_h), column k (at ow0 - DIL_W + k) gives:
     # - output r's tap (ii, j), j = (k - r) / DIL_W: grad_dw[ii, j] += grad_d(r) * pre(x), d(r) += pre(x) * w;
     # - input r's tap (2 - ii, 2 - j): grad_x(r) += grad_d * w[2 - ii, 2 - j]. grad_x so sums its taps in
