@@ -135,6 +135,32 @@ def _store_d(d_ptr, d, p0, tile_ok, ci, C, STORE_D: tl.constexpr, BLOCK_P: tl.co
 
 
 @triton.jit
+def _store_group(rows, v0, v1, v2, v3, ok0, ok1, ok2, ok3, C, RW: tl.constexpr):
+    """A group's RW outputs (rows: the first one's pointers; the next C apart), rounded to their dtype."""
+    tl.store(rows, v0.to(rows.dtype.element_ty), mask=ok0)
+    if RW > 1:
+        tl.store(rows + C, v1.to(rows.dtype.element_ty), mask=ok1)
+    if RW > 2:
+        tl.store(rows + 2 * C, v2.to(rows.dtype.element_ty), mask=ok2)
+    if RW > 3:
+        tl.store(rows + 3 * C, v3.to(rows.dtype.element_ty), mask=ok3)
+
+
+@triton.jit
+def _next_tile(gcol, oh, n, rem, qr, qn, groups, rows):
+    """Each lane's group of the next tile, stepped without a division: `rem` groups, `qr` rows and `qn`
+    images on (a tile's groups split once per program), carrying into the row and the image."""
+    gcol += rem
+    wrap = gcol >= groups
+    gcol = tl.where(wrap, gcol - groups, gcol)
+    oh += qr + wrap.to(tl.int32)
+    wrap = oh >= rows
+    oh = tl.where(wrap, oh - rows, oh)
+    n += qn + wrap.to(tl.int32)
+    return gcol, oh, n
+
+
+@triton.jit
 def _pick(g0, g1, g2, g3, r: tl.constexpr):
     """Output r's tile of a group (`_add_to`'s numbering)."""
     if r == 0:
@@ -274,22 +300,9 @@ def _dw_weight_grad_kernel(
                                 wv = tl.load(dwt_ptr + (i * 3 + j) * K_SLOT + ci)  # zero past C: no mask
                                 d0, d1, d2, d3 = _add_to(d0, d1, d2, d3, r, xf, wv)
             if STORE_D:
-                d_rows = d_base + (p_rel * C)[:, None] + ci[None, :]
-                tl.store(d_rows, d0.to(d_ptr.dtype.element_ty), mask=tile_ok)
-                if RW > 1:
-                    tl.store(d_rows + C, d1.to(d_ptr.dtype.element_ty), mask=ok1)
-                if RW > 2:
-                    tl.store(d_rows + 2 * C, d2.to(d_ptr.dtype.element_ty), mask=ok2)
-                if RW > 3:
-                    tl.store(d_rows + 3 * C, d3.to(d_ptr.dtype.element_ty), mask=ok3)
-            # The next tile's groups.
-            gcol += rem
-            wrap = gcol >= groups
-            gcol = tl.where(wrap, gcol - groups, gcol)
-            oh += qr + wrap.to(tl.int32)
-            wrap = oh >= Ho
-            oh = tl.where(wrap, oh - Ho, oh)
-            n += qn + wrap.to(tl.int32)
+                _store_group(d_base + (p_rel * C)[:, None] + ci[None, :], d0, d1, d2, d3, tile_ok, ok1, ok2, ok3, C,
+                             RW)
+            gcol, oh, n = _next_tile(gcol, oh, n, rem, qr, qn, groups, Ho)
         grad_dw = _put(_put(_put(grad_dw, taps, 0, a00), taps, 1, a01), taps, 2, a02)
         grad_dw = _put(_put(_put(grad_dw, taps, 3, a10), taps, 4, a11), taps, 5, a12)
         grad_dw = _put(_put(_put(grad_dw, taps, 6, a20), taps, 7, a21), taps, 8, a22)
@@ -557,22 +570,8 @@ def _dw_backward_kernel(
         if RW > 3:
             _store_masked(gx_rows + 3 * C, e3, xc3, ok3, PRE_RELU)
         if STORE_D:
-            d_rows = d_ptr + first + offs
-            tl.store(d_rows, d0.to(d_ptr.dtype.element_ty), mask=tile_ok)
-            if RW > 1:
-                tl.store(d_rows + C, d1.to(d_ptr.dtype.element_ty), mask=ok1)
-            if RW > 2:
-                tl.store(d_rows + 2 * C, d2.to(d_ptr.dtype.element_ty), mask=ok2)
-            if RW > 3:
-                tl.store(d_rows + 3 * C, d3.to(d_ptr.dtype.element_ty), mask=ok3)
-        # The next tile's groups (as `_dw_weight_grad_kernel`).
-        gcol += rem
-        wrap = gcol >= groups
-        gcol = tl.where(wrap, gcol - groups, gcol)
-        oh += qr + wrap.to(tl.int32)
-        wrap = oh >= H
-        oh = tl.where(wrap, oh - H, oh)
-        n += qn + wrap.to(tl.int32)
+            _store_group(d_ptr + first + offs, d0, d1, d2, d3, tile_ok, ok1, ok2, ok3, C, RW)
+        gcol, oh, n = _next_tile(gcol, oh, n, rem, qr, qn, groups, H)
     grad_dw = tl.zeros((16, BLOCK_C), dtype=tl.float32)
     grad_dw = _put(_put(_put(grad_dw, taps, 0, a00), taps, 1, a01), taps, 2, a02)
     grad_dw = _put(_put(_put(grad_dw, taps, 3, a10), taps, 4, a11), taps, 5, a12)
