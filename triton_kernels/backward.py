@@ -147,6 +147,21 @@ def _store_group(rows, v0, v1, v2, v3, ok0, ok1, ok2, ok3, C, RW: tl.constexpr):
 
 
 @triton.jit
+def _walk_start(g_begin, groups, rows, stride_h, pad_h, pad_w, RW: tl.constexpr, STRIDE_W: tl.constexpr,
+                BLOCK_P: tl.constexpr):
+    """(gcol, oh, n, rem, qr, qn, n_first): each lane's first group of a program's chunk as (its index gcol
+    in the row, its row oh, its image n), divided out once here (`_group_origin`, the forward's); then
+    stepped BLOCK_P groups per tile by `_next_tile` without a division (two signed divisions cost about
+    50 SASS instructions per tile): BLOCK_P = q * groups + rem, q = qn * rows + qr, so each wrap there
+    happens at most once. n_first: the program's first image."""
+    _, ow0, n, oh, _, _ = _group_origin(g_begin + tl.arange(0, BLOCK_P), groups, rows, stride_h, pad_h, pad_w, RW,
+                                        STRIDE_W)
+    q = BLOCK_P // groups
+    qn = q // rows
+    return ow0 // RW, oh, n, BLOCK_P - q * groups, q - qn * rows, qn, g_begin // groups // rows
+
+
+@triton.jit
 def _next_tile(gcol, oh, n, rem, qr, qn, groups, rows):
     """Each lane's group of the next tile, stepped without a division: `rem` groups, `qr` rows and `qn`
     images on (a tile's groups split once per program), carrying into the row and the image."""
@@ -238,20 +253,10 @@ def _dw_weight_grad_kernel(
         tl.static_assert(RW <= 4, "a group holds at most 4 outputs (`_add_to`)")
         groups = (Wo + RW - 1) // RW
         g_begin = s * chunk
-        # Each lane's group as (n, oh, its index gcol in the row), divided out once here (`_group_origin`,
-        # the forward's) and then stepped by BLOCK_P groups per tile without a division (two signed
-        # divisions cost about 50 SASS instructions per tile): BLOCK_P = q * groups + rem,
-        # q = qn * Ho + qr; each wrap below happens at most once.
-        _, ow0, n, oh, _, _ = _group_origin(g_begin + tl.arange(0, BLOCK_P), groups, Ho, stride_h, pad_h, pad_w, RW,
-                                            STRIDE_W)
-        gcol = ow0 // RW
-        q = BLOCK_P // groups
-        rem = BLOCK_P - q * groups
-        qn = q // Ho
-        qr = q - qn * Ho
+        gcol, oh, n, rem, qr, qn, n_first = _walk_start(g_begin, groups, Ho, stride_h, pad_h, pad_w, RW, STRIDE_W,
+                                                        BLOCK_P)
         # Offsets from the program's first image (x, grad_d and d): int32 unless the host found that a
         # program's span could pass 2^31 elements (WIDE).
-        n_first = g_begin // groups // Ho
         x_base = x_ptr + n_first.to(tl.int64) * H * W * C
         out_first = n_first.to(tl.int64) * Ho * Wo * C
         gd_base = gd_ptr + out_first
@@ -500,15 +505,9 @@ def _dw_backward_kernel(
     taps = tl.arange(0, 16)  # the 9 taps' rows of grad_dw, padded to a power of two
     groups = (W + RW - 1) // RW
     g_begin = s * chunk
-    _, ow0, n, oh, _, _ = _group_origin(g_begin + tl.arange(0, BLOCK_P), groups, H, 1, 0, 0, RW, 1)
-    gcol = ow0 // RW
-    q = BLOCK_P // groups
-    rem = BLOCK_P - q * groups
-    qn = q // H
-    qr = q - qn * H
+    gcol, oh, n, rem, qr, qn, n_first = _walk_start(g_begin, groups, H, 1, 0, 0, RW, 1, BLOCK_P)
     # Offsets from the program's first image, int32 unless WIDE (`_wide_weight_grad`): the four tensors
     # share the geometry, so one offset tile addresses all of them.
-    n_first = g_begin // groups // H
     first = n_first.to(tl.int64) * H * W * C
     x_base = x_ptr + first
     gd_base = gd_ptr + first
