@@ -131,7 +131,7 @@ def test_every_split_count_gives_the_same_results(backward, monkeypatch, chunk):
     want = _two_kernels(backward, geo, xc, dw, taps, grad_d, True)
     splits = []
     monkeypatch.setattr(backward, "weight_grad_split",
-                        lambda rows, blocks, device: splits.append(-(-rows // chunk)) or (splits[-1], chunk))
+                        lambda rows, blocks, device, ctas=0: splits.append(-(-rows // chunk)) or (splits[-1], chunk))
     got = _one_pass(backward, geo, xc, dw, taps, grad_d, True, 3)
     assert splits == [-(-75 // chunk)]
     assert torch.equal(got[2], want[2])

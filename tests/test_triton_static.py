@@ -77,3 +77,45 @@ def test_the_z_store_row_fits_three_programs_per_sm_without_spills():
     done = subprocess.run([sys.executable, "-c", _Z_STORE_CHECK, os.path.join(ROOT, "tests")], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
+
+
+_ONE_PASS_CHECK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import triton
+from triton_helpers import compile_kernel
+from xception_fast.bench.static import sass
+from xception_fast.triton_kernels import backward as bw
+
+for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+    for rw in (2, 3):
+        regs, ctas = bw.one_pass_cap(torch_dtype, rw)
+        config = triton.Config({}, num_warps=bw.DW_WARPS, num_stages=1, maxnreg=regs)
+        for pre_relu in (False, True):
+            extra = dict(BLOCK_P=bw.ONE_PASS_BLOCK_P, BLOCK_C=bw.ONE_PASS_BLOCK_C, RW=rw, C=728, STORE_D=True,
+                         PRE_RELU=pre_relu)
+            compiled = compile_kernel(bw._dw_backward_kernel, extra, config, 90, dtype)
+            found = sass.resources(compiled.asm["cubin"])[compiled.metadata.name]
+            print(dtype, rw, pre_relu, regs, ctas, found, flush=True)
+            assert found["stack"] == 0, f"{dtype} RW={rw} pre_relu={pre_relu} spills at maxnreg={regs}"
+            assert ctas * 32 * bw.DW_WARPS * found["regs"] <= 65536, "the split's programs do not fit an SM"
+"""
+
+
+def test_the_one_pass_register_cap_leaves_no_spill():
+    """`_dw_backward_kernel` at its sm_90 register cap (`backward.one_pass_cap`, by dtype and group width)
+    compiles without spills in bf16, fp16 and fp32, with d stored and with and without the pre-ReLU, and
+    the programs per SM its split counts on fit. In a fresh process without the interpreter, as above."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the conformance suite compiles the kernel for real")
+    import xception_fast
+
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(xception_fast.__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([package_parent] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    done = subprocess.run([sys.executable, "-c", _ONE_PASS_CHECK, os.path.join(ROOT, "tests")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]

@@ -62,11 +62,13 @@ DW_BLOCKS = {True: (8, 16, 4), False: (8, 16, 4)} if INTERPRET else {True: (8, 3
 DW_WARPS = 4
 DW_CTAS_PER_SM = 5  # resident with d stored; the split fills them in one wave
 # `_dw_backward_kernel` (grad_dw, d and grad_x in one pass): BLOCK_P groups of RW positions (`one_pass_width`)
-# x BLOCK_C channels, DW_WARPS warps, `weight_grad_split`'s one wave of DW_CTAS_PER_SM programs per SM. On sm_90
-# capped at 96 registers (five CTAs per SM; uncapped RW = 3 takes 116, four CTAs): no spill there, with d or
-# without, pre-ReLU or not; on sm_80 the cap spills (48 B at RW = 3 with d), so it stays off.
+# x BLOCK_C channels, DW_WARPS warps, `weight_grad_split`'s one wave of the programs that fit per SM. On sm_90
+# capped at the fewest registers that leave no spill (`one_pass_cap`, by input dtype and group width; checked
+# by tests/test_triton_static.py): 96 in bf16 (five CTAs per SM; uncapped RW = 3 takes 116, four), where fp16's
+# groups of 3 spill 64 B (112 needed) and fp32's 96 B (128). On sm_80 a cap of 96 spills (48 B at RW = 3 with
+# d), so it stays off there.
 ONE_PASS_BLOCK_P, ONE_PASS_BLOCK_C = 8, 16 if INTERPRET else 32
-ONE_PASS_MAXNREG = 96
+ONE_PASS_MAXNREG = {torch.bfloat16: (96, 96), torch.float16: (96, 112), torch.float32: (112, 128)}  # RW <= 2, RW 3
 
 
 def taps_pitch(channels: int) -> int:
@@ -716,10 +718,11 @@ def dw_backward_one_pass(geo: Geometry, x: Tensor, grad_d: Tensor, dw_weight: Te
     store_d = d is not None
     block_p, block_c = ONE_PASS_BLOCK_P, ONE_PASS_BLOCK_C
     rows = geo.N * geo.H * triton.cdiv(geo.W, rw)
-    splits, chunk = weight_grad_split(rows, triton.cdiv(c, block_c), device)
+    regs, ctas = one_pass_cap(x.dtype, rw) if device.type == "cuda" and device_arch(device) >= 90 else (0, None)
+    splits, chunk = weight_grad_split(rows, triton.cdiv(c, block_c), device, ctas or DW_CTAS_PER_SM)
     part = new_empty((splits, c, 9), torch.float32, device)
     assert dwt.shape[1] % block_c == 0 and dwt.shape[1] >= c, "the taps' pitch must be taps_pitch(C)"
-    cap = dict(maxnreg=ONE_PASS_MAXNREG) if device.type == "cuda" and device_arch(device) >= 90 else {}
+    cap = dict(maxnreg=regs) if regs else {}
     _dw_backward_kernel[(splits * triton.cdiv(c, block_c),)](
         x, grad_d, part, dwt, d if store_d else grad_d, grad_x, rows, chunk, geo.H, geo.W, c, dwt.shape[1],
         geo.dilation[0], PRE_RELU=bool(pre_relu), ASM=INLINE_ASM and device.type == "cuda",
@@ -752,12 +755,19 @@ def dw_weight_grad(geo: Geometry, x: Tensor, grad_d: Tensor, dw_weight: Tensor, 
     return batchnorm.sum_rows(part.view(splits, -1), dw_weight.dtype).view(dw_weight.shape)
 
 
-def weight_grad_split(rows: int, channel_blocks: int, device: torch.device) -> tuple[int, int]:
-    """(splits, chunk) of `_dw_weight_grad_kernel`: `splits` programs along the rows (groups or positions),
-    each owning `chunk` consecutive ones (a multiple of POSITION_ALIGN), times `channel_blocks`: one wave of
-    as many programs as fit resident (DW_CTAS_PER_SM per SM). Fixed by the shape, so that the partial
-    buffer has a known size and the reduction order a fixed one."""
-    return persistent_split(rows, max(1, sm_count(device) * DW_CTAS_PER_SM // max(channel_blocks, 1)))
+def weight_grad_split(rows: int, channel_blocks: int, device: torch.device,
+                      ctas_per_sm: int = DW_CTAS_PER_SM) -> tuple[int, int]:
+    """(splits, chunk) of `_dw_weight_grad_kernel` (and `_dw_backward_kernel`): `splits` programs along the
+    rows (groups or positions), each owning `chunk` consecutive ones (a multiple of POSITION_ALIGN), times
+    `channel_blocks`: one wave of as many programs as fit resident (`ctas_per_sm` per SM). Fixed by the
+    shape, so that the partial buffer has a known size and the reduction order a fixed one."""
+    return persistent_split(rows, max(1, sm_count(device) * ctas_per_sm // max(channel_blocks, 1)))
+
+
+def one_pass_cap(dtype: torch.dtype, rw: int) -> tuple[int, int]:
+    """(maxnreg, resident programs per SM) of `_dw_backward_kernel` on sm_90 for x's dtype and groups of rw."""
+    regs = ONE_PASS_MAXNREG[dtype][rw >= 3]
+    return regs, min(DW_CTAS_PER_SM, 65536 // (regs * 32 * DW_WARPS))
 
 
 def _wide_weight_grad(geo: Geometry, chunk: int, rw: int) -> bool:

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from xception_fast.bench.common import DTYPES
 from xception_fast.bench.static.geometry import Unit, cdiv
 from xception_fast.bench.static.model import Compiled, Launch, LoopPlan
 
@@ -264,7 +265,7 @@ def train(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
 # on a GPU
 DW_BLOCKS = {True: (8, 32, 4), False: (8, 32, 4)}
 DW_WARPS, DW_CTAS_PER_SM = 4, 5
-ONE_PASS_BLOCK_P, ONE_PASS_BLOCK_C, ONE_PASS_MAXNREG = 8, 32, 96  # backward.ONE_PASS_* on a GPU (the cap: sm_90)
+ONE_PASS_BLOCK_P, ONE_PASS_BLOCK_C = 8, 32  # backward.ONE_PASS_* on a GPU (the cap: `backward.one_pass_cap`)
 TAPS_ALIGN = 64
 
 
@@ -318,13 +319,14 @@ def _dw_backward(unit: Unit, arch: int, sms: int, store_d: bool) -> tuple[int, l
     C, rw = unit.C, _one_pass(unit)
     block_p, block_c = ONE_PASS_BLOCK_P, ONE_PASS_BLOCK_C
     rows = unit.batch * unit.H * cdiv(unit.W, rw)
-    splits, chunk = persistent_split(rows, max(1, sms * DW_CTAS_PER_SM // cdiv(C, block_c)), 1)
+    regs, ctas = bw.one_pass_cap(DTYPES[unit.dtype], rw) if arch >= 90 else (None, DW_CTAS_PER_SM)
+    splits, chunk = persistent_split(rows, max(1, sms * ctas // cdiv(C, block_c)), 1)
     fixed = dict(PRE_RELU=unit.shape.pre_relu, C=C, STORE_D=store_d, BLOCK_P=block_p, BLOCK_C=block_c,
                  RW=rw, DIL_W=unit.conv_ints()["dil_w"])
     trips = sum(cdiv(min(chunk, rows - k * chunk), block_p) for k in range(splits)) / splits  # over groups
     ints = dict(P=rows, chunk=chunk, H=unit.H, W=unit.W, K_SLOT=_taps_pitch(C), dil_h=unit.conv_ints()["dil_h"])
     import triton
-    config = triton.Config({}, num_warps=DW_WARPS, num_stages=1, maxnreg=ONE_PASS_MAXNREG if arch >= 90 else None)
+    config = triton.Config({}, num_warps=DW_WARPS, num_stages=1, maxnreg=regs)
     return splits, [Launch(kernel=bw._dw_backward_kernel.__name__, config=f"fixed{_label(config)}",
                            compile=_compiler(bw._dw_backward_kernel, config, arch, unit.dtype, fixed, ints),
                            grid=splits * cdiv(C, block_c), loops=[LoopPlan("position tiles of the split", trips)],
