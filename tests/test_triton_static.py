@@ -15,6 +15,20 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _run_fresh(args: list[str]) -> None:
+    """`python args` in a fresh process without the interpreter, importing the installed package: run from
+    tests/, since `python -c` puts the working directory first on sys.path and the repository's root holds
+    a source `xception_fast/` without `triton_kernels` (a regular install maps that in from the root)."""
+    import xception_fast
+
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(xception_fast.__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([package_parent] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    done = subprocess.run([sys.executable, *args], env=env, cwd=os.path.join(ROOT, "tests"), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
+
+
 def test_kernels_compile_for_a_gpu_without_one():
     """Every kernel compiled to an sm_90 cubin in bfloat16 (the configs' first entries), in a fresh
     process without the interpreter. See triton_helpers.py."""
@@ -27,14 +41,7 @@ def test_kernels_compile_for_a_gpu_without_one():
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     if not os.path.exists(ptxas):
         pytest.skip(f"triton's CUDA backend has no ptxas at {ptxas}")
-    import xception_fast
-
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(xception_fast.__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([package_parent] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "triton_helpers.py"), "90", "bf16"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
+    _run_fresh([os.path.join(ROOT, "tests", "triton_helpers.py"), "90", "bf16"])
 
 
 _Z_STORE_CHECK = """
@@ -69,14 +76,7 @@ def test_the_z_store_row_fits_three_programs_per_sm_without_spills():
         pytest.skip("triton is not installed")
     if torch.cuda.is_available():
         pytest.skip("with a GPU the autotuner compiles the rows for real")
-    import xception_fast
-
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(xception_fast.__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([package_parent] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    done = subprocess.run([sys.executable, "-c", _Z_STORE_CHECK, os.path.join(ROOT, "tests")], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
+    _run_fresh(["-c", _Z_STORE_CHECK, os.path.join(ROOT, "tests")])
 
 
 _ONE_PASS_CHECK = """
@@ -111,11 +111,4 @@ def test_the_one_pass_register_cap_leaves_no_spill():
         pytest.skip("triton is not installed")
     if torch.cuda.is_available():
         pytest.skip("with a GPU the conformance suite compiles the kernel for real")
-    import xception_fast
-
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(xception_fast.__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([package_parent] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    done = subprocess.run([sys.executable, "-c", _ONE_PASS_CHECK, os.path.join(ROOT, "tests")], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
+    _run_fresh(["-c", _ONE_PASS_CHECK, os.path.join(ROOT, "tests")])
