@@ -112,3 +112,34 @@ def test_the_one_pass_register_cap_leaves_no_spill():
     if torch.cuda.is_available():
         pytest.skip("with a GPU the conformance suite compiles the kernel for real")
     _run_fresh(["-c", _ONE_PASS_CHECK, os.path.join(ROOT, "tests")])
+
+
+_STATS_CHECK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import triton
+from triton_helpers import compile_kernel
+from xception_fast.bench.static import sass
+from xception_fast.triton_kernels import mid_unit as mu
+
+config = triton.Config({}, num_warps=4, num_stages=3, maxnreg=mu.STATS_MAXNREG)  # the launch's defaults + cap
+for dtype in ("bf16", "fp16"):
+    for pre_relu in (False, True):
+        extra = dict(KH=3, KW=3, PRE_RELU=pre_relu, ASM=True, C_ALIGN=8, BLOCK_P=mu.STATS_BLOCK_P,
+                     BLOCK_C=mu.STATS_BLOCK_C)
+        compiled = compile_kernel(mu._depthwise_stats_kernel, extra, config, 90, dtype)
+        found = sass.resources(compiled.asm["cubin"])[compiled.metadata.name]
+        print(dtype, pre_relu, found, flush=True)
+        assert found["stack"] == 0, f"{dtype} pre_relu={pre_relu} spills at maxnreg={mu.STATS_MAXNREG}"
+"""
+
+
+def test_the_mid_statistics_kernel_leaves_no_spill_at_its_cap():
+    """The mid variant's `_depthwise_stats_kernel` at its sm_90 register cap (`mid_unit.STATS_MAXNREG`)
+    compiles without spills in bf16 and fp16 with the inline-PTX pre-ReLU on and off (uncapped, ptxas
+    stops at 96 registers and spills in fp16). In a fresh process without the interpreter, as above."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the conformance suite compiles the kernel for real")
+    _run_fresh(["-c", _STATS_CHECK, os.path.join(ROOT, "tests")])

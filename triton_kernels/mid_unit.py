@@ -30,7 +30,7 @@ from torch import Tensor
 from xception_fast.spec import UnitSpec
 
 from . import batchnorm
-from .autotune import INTERPRET, elementwise_configs, position_split
+from .autotune import INTERPRET, device_arch, elementwise_configs, position_split
 from .backward import _as_matrix, _split_channel_block, dw_backward, exact_matmul
 from .depthwise_pointwise import (Geometry, _pre_f32, _prepare, _tap_rows, depthwise, depthwise_taps, empty_forward,
                                   recompute_grad_z, sepconv_bn_infer, slot_width, train_gemm)
@@ -44,6 +44,10 @@ from .utils import INLINE_ASM, channel_align, check_dtype, empty_nhwc, new_empty
 # 66 registers but 20% more instructions, 64 x 64 240 registers (static estimate (sm_90 model),
 # benchmarks/NOTES.md).
 STATS_BLOCK_P, STATS_BLOCK_C = (32, 16) if INTERPRET else (64, 32)
+# `_depthwise_stats_kernel`'s register cap on sm_90. Uncapped, ptxas settles on 96 registers and spills 8 B in
+# fp16 with the inline-PTX pre-ReLU; a cap makes it use what it needs (fp16 126, bf16 128: no spill, four
+# CTAs per SM either way). Checked by tests/test_triton_static.py.
+STATS_MAXNREG = 128
 
 
 # --- kernels --------------------------------------------------------------------------------------------
@@ -209,11 +213,12 @@ def depthwise_statistics(x: Tensor, dw: Tensor, geo: Geometry, pre_relu: bool) -
     stats = new_empty((3, splits, geo.C), torch.float32, x.device)
     width = _pad(geo.C)
     grid = (splits * triton.cdiv(geo.C, STATS_BLOCK_C),)
+    cap = dict(maxnreg=STATS_MAXNREG) if x.device.type == "cuda" and device_arch(x.device) >= 90 else {}
     _depthwise_stats_kernel[grid](x, depthwise_taps(dw, geo, width), stats, geo.P, chunk, geo.H, geo.W, geo.C,
                                   geo.Ho, geo.Wo, width, splits, *geo.conv_args(), KH=geo.KH, KW=geo.KW,
                                   PRE_RELU=bool(pre_relu), ASM=INLINE_ASM and x.device.type == "cuda",
                                   C_ALIGN=channel_align(geo.C),
-                                  BLOCK_P=STATS_BLOCK_P, BLOCK_C=STATS_BLOCK_C)
+                                  BLOCK_P=STATS_BLOCK_P, BLOCK_C=STATS_BLOCK_C, **cap)
     return batchnorm.merge_statistics(stats, geo.P, chunk)
 
 

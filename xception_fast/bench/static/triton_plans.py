@@ -98,19 +98,21 @@ def _label(config) -> str:
     return f"{blocks} w{config.num_warps} s{config.num_stages}{cap}"
 
 
-def _launches(kernel, unit: Unit, arch: int, constexprs: dict, ints: dict, plan) -> list[Launch]:
-    """One Launch per autotune config (or one for a plain kernel); `plan(meta)` -> (grid, loops, bytes, ffma)."""
-    configs = getattr(kernel, "configs", None) or [None]
+def _launches(kernel, unit: Unit, arch: int, constexprs: dict, ints: dict, plan, plain=None) -> list[Launch]:
+    """One Launch per autotune config (or one for a plain kernel, launched with `plain`'s warps and
+    register cap where given); `plan(meta)` -> (grid, loops, bytes, ffma)."""
+    tuned = getattr(kernel, "configs", None)
+    configs = tuned or [plain]
     if getattr(kernel, "early_config_prune", None) is not None:  # as the autotuner prunes on the device
         from xception_fast.triton_kernels.autotune import prune_gemm
         configs = prune_gemm(configs, 4 if unit.dtype == "fp32" else 2, arch, constexprs.get("AFFINE", True))
     out = []
     for config in configs:
-        meta = dict(config.kwargs) if config is not None else dict(constexprs)
+        meta = dict(config.kwargs) if tuned else dict(constexprs)
         grid, loops, nbytes, ffma = plan(meta)
-        name = (kernel.fn if config is not None else kernel).__name__
-        out.append(Launch(kernel=name, config=_label(config) if config is not None else "fixed",
-                          compile=_compiler(kernel, config, arch, unit.dtype, constexprs, ints),
+        name = (kernel.fn if tuned else kernel).__name__
+        label = _label(config) if tuned else "fixed" + (_label(config) if config is not None else "")
+        out.append(Launch(kernel=name, config=label, compile=_compiler(kernel, config, arch, unit.dtype, constexprs, ints),
                           grid=grid, loops=loops, dram_bytes=nbytes, useful_ffma=ffma))
     return out
 
@@ -386,13 +388,15 @@ def _mid_statistics(unit: Unit, arch: int, sms: int) -> list[list[Launch]]:
     trips = unit.split_trips(splits, chunk, STATS_BLOCK_P)
     fixed = dict(KH=unit.K, KW=unit.K, PRE_RELU=unit.shape.pre_relu, ASM=True, C_ALIGN=_channel_align(C),
                  BLOCK_P=STATS_BLOCK_P, BLOCK_C=MID_BLOCK)
+    import triton
+    cap = triton.Config({}, num_warps=4, num_stages=3, maxnreg=mu.STATS_MAXNREG) if arch >= 90 else None  # the launch's defaults
     stats = _launches(mu._depthwise_stats_kernel, unit, arch, fixed,
                       _sizes(unit, chunk=chunk, K_PAD=_mid_width(unit), S=splits),
                       lambda m: (splits * cdiv(C, MID_BLOCK), [LoopPlan("kernel rows of the reference tile", unit.K),
                                                                LoopPlan("position tiles of the split", trips),
                                                                LoopPlan("kernel rows", unit.K)],
                                  unit.x_bytes() + 12 * splits * C,
-                                 _dw_ffma(unit, STATS_BLOCK_P, MID_BLOCK, trips + 1)))  # + the reference tile
+                                 _dw_ffma(unit, STATS_BLOCK_P, MID_BLOCK, trips + 1)), cap)  # + the reference tile
     return [stats, _merge_statistics(unit, arch, splits, C, chunk)]
 
 
