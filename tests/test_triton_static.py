@@ -15,10 +15,15 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run_fresh(args: list[str]) -> None:
+def _run_fresh(args: list[str], with_a_gpu: str) -> None:
     """`python args` in a fresh process without the interpreter, importing the installed package: run from
     tests/, since `python -c` puts the working directory first on sys.path and the repository's root holds
-    a source `xception_fast/` without `triton_kernels` (a regular install maps that in from the root)."""
+    a source `xception_fast/` without `triton_kernels` (a regular install maps that in from the root).
+    Skipped without triton, and on a GPU machine (`with_a_gpu`: what checks it there instead)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if torch.cuda.is_available():
+        pytest.skip(f"with a GPU {with_a_gpu}")
     import xception_fast
 
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(xception_fast.__file__)))
@@ -32,16 +37,14 @@ def _run_fresh(args: list[str]) -> None:
 def test_kernels_compile_for_a_gpu_without_one():
     """Every kernel compiled to an sm_90 cubin in bfloat16 (the configs' first entries), in a fresh
     process without the interpreter. See triton_helpers.py."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    if torch.cuda.is_available():
-        pytest.skip("with a GPU the conformance suite compiles and runs the kernels for real")
-    import triton
+    if importlib.util.find_spec("triton") is not None:
+        import triton
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip(f"triton's CUDA backend has no ptxas at {ptxas}")
-    _run_fresh([os.path.join(ROOT, "tests", "triton_helpers.py"), "90", "bf16"])
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        if not os.path.exists(ptxas):
+            pytest.skip(f"triton's CUDA backend has no ptxas at {ptxas}")
+    _run_fresh([os.path.join(ROOT, "tests", "triton_helpers.py"), "90", "bf16"],
+               "the conformance suite compiles and runs the kernels for real")
 
 
 _Z_STORE_CHECK = """
@@ -72,11 +75,7 @@ def test_the_z_store_row_fits_three_programs_per_sm_without_spills():
     sm_90 in bf16 and fp16 without spills, within the registers and shared memory of three CTAs per
     SM (what its grid launches); the inference epilogue never gets it (`prune_gemm`). In a fresh
     process without the interpreter, as above."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    if torch.cuda.is_available():
-        pytest.skip("with a GPU the autotuner compiles the rows for real")
-    _run_fresh(["-c", _Z_STORE_CHECK, os.path.join(ROOT, "tests")])
+    _run_fresh(["-c", _Z_STORE_CHECK, os.path.join(ROOT, "tests")], "the autotuner compiles the rows for real")
 
 
 _ONE_PASS_CHECK = """
@@ -107,11 +106,7 @@ def test_the_one_pass_register_cap_leaves_no_spill():
     """`_dw_backward_kernel` at its sm_90 register cap (`backward.one_pass_cap`, by dtype and group width)
     compiles without spills in bf16, fp16 and fp32, with d stored and with and without the pre-ReLU, and
     the programs per SM its split counts on fit. In a fresh process without the interpreter, as above."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    if torch.cuda.is_available():
-        pytest.skip("with a GPU the conformance suite compiles the kernel for real")
-    _run_fresh(["-c", _ONE_PASS_CHECK, os.path.join(ROOT, "tests")])
+    _run_fresh(["-c", _ONE_PASS_CHECK, os.path.join(ROOT, "tests")], "the conformance suite compiles the kernel for real")
 
 
 _STATS_CHECK = """
@@ -138,8 +133,4 @@ def test_the_mid_statistics_kernel_leaves_no_spill_at_its_cap():
     """The mid variant's `_depthwise_stats_kernel` at its sm_90 register cap (`mid_unit.STATS_MAXNREG`)
     compiles without spills in bf16 and fp16 with the inline-PTX pre-ReLU on and off (uncapped, ptxas
     stops at 96 registers and spills in fp16). In a fresh process without the interpreter, as above."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    if torch.cuda.is_available():
-        pytest.skip("with a GPU the conformance suite compiles the kernel for real")
-    _run_fresh(["-c", _STATS_CHECK, os.path.join(ROOT, "tests")])
+    _run_fresh(["-c", _STATS_CHECK, os.path.join(ROOT, "tests")], "the conformance suite compiles the kernel for real")
