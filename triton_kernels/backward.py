@@ -130,6 +130,14 @@ def _put(grad_dw, taps, t: tl.constexpr, acc):
 
 
 @triton.jit
+def _put_taps(grad_dw, taps, a00, a01, a02, a10, a11, a12, a20, a21, a22):
+    """grad_dw [16, BLOCK_C] with the 3 x 3 taps' column sums in rows 0-8 (row-major)."""
+    grad_dw = _put(_put(_put(grad_dw, taps, 0, a00), taps, 1, a01), taps, 2, a02)
+    grad_dw = _put(_put(_put(grad_dw, taps, 3, a10), taps, 4, a11), taps, 5, a12)
+    return _put(_put(_put(grad_dw, taps, 6, a20), taps, 7, a21), taps, 8, a22)
+
+
+@triton.jit
 def _store_d(d_ptr, d, p0, tile_ok, ci, C, STORE_D: tl.constexpr, BLOCK_P: tl.constexpr):
     if STORE_D:
         p = p0 + tl.arange(0, BLOCK_P)
@@ -310,9 +318,7 @@ def _dw_weight_grad_kernel(
                 _store_group(d_base + (p_rel * C)[:, None] + ci[None, :], d0, d1, d2, d3, tile_ok, ok1, ok2, ok3, C,
                              RW)
             gcol, oh, n = _next_tile(gcol, oh, n, rem, qr, qn, groups, Ho)
-        grad_dw = _put(_put(_put(grad_dw, taps, 0, a00), taps, 1, a01), taps, 2, a02)
-        grad_dw = _put(_put(_put(grad_dw, taps, 3, a10), taps, 4, a11), taps, 5, a12)
-        grad_dw = _put(_put(_put(grad_dw, taps, 6, a20), taps, 7, a21), taps, 8, a22)
+        grad_dw = _put_taps(grad_dw, taps, a00, a01, a02, a10, a11, a12, a20, a21, a22)
     else:
         for p0 in range(s * chunk, p_end, BLOCK_P):
             x_tile, ih0, iw0, tile_ok, gd = _grad_tile(x_ptr, gd_ptr, p0, p_end, ci, c_ok, H, W, C, Ho, Wo, stride_h,
@@ -332,10 +338,10 @@ def _dw_weight_grad_kernel(
 def _store_grad_x(acc, q, ok, c, x_ptr, gx_ptr, C, PRE_RELU: tl.constexpr):
     """grad_x at input positions q (where ok) = acc [BLOCK, BLOCK_C] through the pre-ReLU's mask."""
     offs = q.to(tl.int64)[:, None] * C + c[None, :]
+    xv = acc  # x is read for the mask only
     if PRE_RELU:
         xv = tl.load(x_ptr + offs, mask=ok, other=0.0)
-        acc = tl.where(xv > 0, acc, 0.0)
-    tl.store(gx_ptr + offs, acc.to(gx_ptr.dtype.element_ty), mask=ok)
+    _store_masked(gx_ptr + offs, acc, xv, ok, PRE_RELU)
 
 
 @triton.jit
@@ -465,7 +471,7 @@ def _put_at(t0, t1, t2, t3, r: tl.constexpr, v):
 
 @triton.jit
 def _store_masked(gx_rows, acc, x, ok, PRE_RELU: tl.constexpr):
-    """grad_x = acc through the pre-ReLU's mask (x > 0: not where x is NaN), as `_store_grad_x`."""
+    """grad_x = acc through the pre-ReLU's mask (x > 0: not where x is NaN); x is read only with it."""
     if PRE_RELU:
         acc = tl.where(x > 0, acc, 0.0)
     tl.store(gx_rows, acc.to(gx_rows.dtype.element_ty), mask=ok)
@@ -573,10 +579,8 @@ def _dw_backward_kernel(
         if STORE_D:
             _store_group(d_ptr + first + offs, d0, d1, d2, d3, tile_ok, ok1, ok2, ok3, C, RW)
         gcol, oh, n = _next_tile(gcol, oh, n, rem, qr, qn, groups, H)
-    grad_dw = tl.zeros((16, BLOCK_C), dtype=tl.float32)
-    grad_dw = _put(_put(_put(grad_dw, taps, 0, a00), taps, 1, a01), taps, 2, a02)
-    grad_dw = _put(_put(_put(grad_dw, taps, 3, a10), taps, 4, a11), taps, 5, a12)
-    grad_dw = _put(_put(_put(grad_dw, taps, 6, a20), taps, 7, a21), taps, 8, a22)
+    grad_dw = _put_taps(tl.zeros((16, BLOCK_C), dtype=tl.float32), taps, a00, a01, a02, a10, a11, a12, a20, a21,
+                        a22)
     offs = s.to(tl.int64) * C * 9 + ci[None, :] * 9 + taps[:, None]
     tl.store(part_ptr + offs, grad_dw, mask=(taps < 9)[:, None] & c_ok[None, :])
 
@@ -678,8 +682,14 @@ def _backward_convs(geo: Geometry, x: Tensor, dw: Tensor, pw: Tensor, dw_weight:
     return grad_x, grad_dw, grad_pw
 
 
+def one_pass_fits(kernel_size, stride, out_hw, in_hw) -> bool:
+    """Whether `_dw_backward_kernel` covers the geometry: 3 x 3, unit stride, the output the input's size
+    (the static model's plan asks too)."""
+    return tuple(kernel_size) == (3, 3) and tuple(stride) == (1, 1) and tuple(out_hw) == tuple(in_hw)
+
+
 def _one_pass_geometry(geo: Geometry) -> bool:
-    return (geo.KH, geo.KW) == (3, 3) and tuple(geo.stride) == (1, 1) and (geo.Ho, geo.Wo) == (geo.H, geo.W)
+    return one_pass_fits((geo.KH, geo.KW), geo.stride, (geo.Ho, geo.Wo), (geo.H, geo.W))
 
 
 def one_pass_width(geo: Geometry) -> int:

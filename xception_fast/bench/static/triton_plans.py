@@ -308,8 +308,9 @@ def _one_pass(unit: Unit) -> int:
     """`backward.one_pass_width`: the group width of `_dw_backward_kernel`, 0 where the two kernels run."""
     from xception_fast.triton_kernels import backward as bw
 
-    same = unit.K == 3 and unit.conv_ints()["stride_h"] == 1 and (unit.Ho, unit.Wo) == (unit.H, unit.W)
-    return bw.one_pass_row_width(unit.W) if same else 0
+    s = unit.conv_ints()
+    fits = bw.one_pass_fits((unit.K, unit.K), (s["stride_h"], s["stride_w"]), (unit.Ho, unit.Wo), (unit.H, unit.W))
+    return bw.one_pass_row_width(unit.W) if fits else 0
 
 
 def _dw_backward(unit: Unit, arch: int, sms: int, store_d: bool) -> tuple[int, list[Launch]]:
